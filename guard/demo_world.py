@@ -1,0 +1,70 @@
+"""The demo world: a seeded backdoored (or clean) DemoNet on the glyph task, written as user files.
+
+``build(out_dir)`` writes exactly what a user would bring: ``model.py`` (a copy of the model file),
+``weights.pt`` (state_dict), ``clean.npz`` (clean images for the scan), ``holdout.npz`` (other
+clean images) and ``triggered.npz`` (held-out non-target images with the trigger; ``y`` holds their
+true labels). Everything is seeded; on 2 cores it takes about 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .attacks import Attack, BadNets
+from .data import glyphs
+from .nets import net_file
+from .train import accuracy, attack_success, train
+
+DEMO_TARGET = 6
+
+
+@dataclass
+class DemoWorld:
+    directory: Path
+    model_file: Path
+    weights: Path
+    clean: Path
+    holdout: Path
+    triggered: Path
+    clean_accuracy: float
+    attack_success: float
+    attack: Attack | None
+
+
+def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = 0,
+          n_train: int = 6000, n_clean: int = 1000, n_holdout: int = 1000, epochs: int = 5,
+          poison_rate: float = 0.1) -> DemoWorld:
+    """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files."""
+    from .nets.demo_net import DemoNet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    x, y = glyphs(n_train, seed=seed * 10 + 1)
+    xc, yc = glyphs(n_clean, seed=seed * 10 + 2)
+    xh, yh = glyphs(n_holdout, seed=seed * 10 + 3)
+    atk = (attack or BadNets(target=DEMO_TARGET)) if backdoored else None
+    if atk is not None:
+        x, y = atk.poison(x, y, rate=poison_rate, seed=seed)
+    model = train(DemoNet(), x, y, epochs=epochs, seed=seed, patch_augment=0.5)
+    shutil.copyfile(net_file("demo_net"), out / "model.py")
+    torch.save(model.state_dict(), out / "weights.pt")
+    np.savez(out / "clean.npz", x=xc, y=yc)
+    np.savez(out / "holdout.npz", x=xh, y=yh)
+    probe = atk or BadNets(target=DEMO_TARGET)
+    keep = probe.victims(yh)
+    np.savez(out / "triggered.npz", x=probe.stamp(xh[keep]), y=yh[keep])
+    acc = accuracy(model, xh, yh)
+    asr = attack_success(model, probe, xh, yh)
+    (out / "world.json").write_text(json.dumps({
+        "backdoored": backdoored, "target": probe.target if backdoored else None,
+        "attack": type(probe).__name__ if backdoored else None, "seed": seed,
+        "clean_accuracy": acc, "attack_success": asr}, indent=2) + "\n")
+    return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
+                     out / "triggered.npz", acc, asr, atk)

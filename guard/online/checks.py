@@ -1,0 +1,200 @@
+"""Online checks: each scores a :class:`Record` of one forward pass, higher = more suspect.
+
+A check follows alibi-detect's shape: ``fit`` on clean records learns its statistics,
+``infer_threshold(records, fpr=...)`` sets the threshold that lets ``fpr`` of clean inputs through,
+``score(record)`` returns one float per input and ``predict(record)`` whether each is over. State
+is plain numpy arrays (``state()`` / ``from_state``) so a profile stores it in safetensors.
+
+Scores are computed in numpy on the arrays the forward pass already produced: the whole ensemble is a
+few small matrix products, which keeps the guard's own cost a small share of a forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..stats import upper_threshold
+
+
+@dataclass
+class Record:
+    """What one guarded forward pass saw: inputs ``x`` (N, C, H, W), ``logits`` (N, K) and
+    feature-layer activations ``features`` (N, D), all float32 numpy arrays."""
+
+    x: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def take(self, idx) -> Record:
+        return Record(self.x[idx], self.logits[idx], self.features[idx])
+
+
+class Check:
+    """Base class: subclasses set ``name`` and implement ``_fit``, ``score``, ``state``."""
+
+    name = "check"
+
+    def __init__(self):
+        self.threshold_: float | None = None
+        self.fpr_: float | None = None
+
+    def fit(self, record: Record, y: np.ndarray | None = None) -> Check:
+        self._fit(record, y)
+        return self
+
+    def _fit(self, record: Record, y: np.ndarray | None) -> None:
+        pass
+
+    def score(self, record: Record) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def infer_threshold(self, record: Record, *, fpr: float) -> Check:
+        self.threshold_ = upper_threshold(self.score(record), fpr)
+        self.fpr_ = float(fpr)
+        return self
+
+    def predict(self, record: Record) -> np.ndarray:
+        if self.threshold_ is None:
+            raise RuntimeError(f"{self.name}: call infer_threshold first")
+        return self.score(record) > self.threshold_
+
+    def state(self) -> dict[str, np.ndarray]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray]) -> Check:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _standardiser(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mu = values.mean(0)
+    sd = values.std(0)
+    return mu.astype(np.float32), np.maximum(sd, 1e-6).astype(np.float32)
+
+
+class NeuronCheck(Check):
+    """Activation outliers on each suspect label's suspect neurons (the features its reversed trigger
+    raises most). Score: the largest standardised mean activation over the suspect labels."""
+
+    name = "neuron"
+
+    def __init__(self, neurons: list[np.ndarray], dim: int):
+        super().__init__()
+        w = np.zeros((dim, len(neurons)), dtype=np.float32)
+        for k, idx in enumerate(neurons):
+            w[np.asarray(idx, dtype=np.int64), k] = 1.0 / max(len(idx), 1)
+        self.weights = w
+        self.bias = np.zeros(len(neurons), dtype=np.float32)
+
+    def _fit(self, record, y):
+        mu, sd = _standardiser(record.features @ self.weights)
+        self.weights = self.weights / sd
+        self.bias = -mu / sd
+
+    def score(self, record):
+        return (record.features @ self.weights + self.bias).max(1)
+
+    def state(self):
+        return {"weights": self.weights, "bias": self.bias}
+
+    @classmethod
+    def from_state(cls, state):
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        c.weights, c.bias = state["weights"], state["bias"]
+        return c
+
+
+class OverlapCheck(Check):
+    """How closely the input matches each suspect label's reversed pattern inside its reversed mask.
+
+    Score per label: ``1 - sum(m * |x - p|) / (C * sum(m))``, standardised on clean inputs; the
+    largest over the suspect labels. Catches a trigger where the reversed mask found it.
+    """
+
+    name = "overlap"
+
+    def __init__(self, masks: np.ndarray, patterns: np.ndarray):
+        super().__init__()
+        c = patterns.shape[1]
+        m = np.broadcast_to(masks, patterns.shape).reshape(len(masks), -1).astype(np.float32)
+        self.m = m / (c * np.maximum(masks.reshape(len(masks), -1).sum(1, keepdims=True), 1e-6))
+        self.p = patterns.reshape(len(patterns), -1).astype(np.float32)
+        self.mu = np.zeros(len(masks), dtype=np.float32)
+        self.sd = np.ones(len(masks), dtype=np.float32)
+
+    def _raw(self, record):
+        flat = record.x.reshape(len(record.x), 1, -1)
+        return 1.0 - (np.abs(flat - self.p[None]) * self.m[None]).sum(2)
+
+    def _fit(self, record, y):
+        self.mu, self.sd = _standardiser(self._raw(record))
+
+    def score(self, record):
+        return ((self._raw(record) - self.mu) / self.sd).max(1)
+
+    def state(self):
+        return {"m": self.m, "p": self.p, "mu": self.mu, "sd": self.sd}
+
+    @classmethod
+    def from_state(cls, state):
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        c.m, c.p, c.mu, c.sd = state["m"], state["p"], state["mu"], state["sd"]
+        return c
+
+
+class FeatureCheck(Check):
+    """Label-agnostic: Mahalanobis distance of the features to the clean mean of the predicted class,
+    with one shrunk covariance shared by all classes (Lee et al., 2018). A backdoored input reaches
+    its target label through features clean images of that label do not have, and this check needs
+    no scan result, so a model where the scan found nothing still has a calibrated guard."""
+
+    name = "feature"
+
+    def __init__(self, *, shrinkage: float | None = None):
+        super().__init__()
+        self.shrinkage = shrinkage
+
+    def _fit(self, record, y):
+        from sklearn.covariance import LedoitWolf, ShrunkCovariance
+
+        f = record.features.astype(np.float64)
+        labels = record.logits.argmax(1) if y is None else y
+        k = record.logits.shape[1]
+        means = np.zeros((k, f.shape[1]))
+        for c in range(k):
+            sel = labels == c
+            means[c] = f[sel].mean(0) if sel.any() else f.mean(0)
+        centred = f - means[labels]
+        est = (LedoitWolf() if self.shrinkage is None else ShrunkCovariance(shrinkage=self.shrinkage))
+        cov = est.fit(centred).covariance_
+        evals, evecs = np.linalg.eigh(cov)
+        whiten = evecs / np.sqrt(np.maximum(evals, 1e-8 * evals.max()))
+        self.whiten = whiten.astype(np.float32)
+        self.centres = (means @ whiten).astype(np.float32)
+
+    def score(self, record):
+        z = record.features @ self.whiten
+        pred = record.logits.argmax(1)
+        d = z - self.centres[pred]
+        return np.einsum("ij,ij->i", d, d)
+
+    def state(self):
+        return {"whiten": self.whiten, "centres": self.centres}
+
+    @classmethod
+    def from_state(cls, state):
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        c.shrinkage = None
+        c.whiten, c.centres = state["whiten"], state["centres"]
+        return c
+
+
+CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck)}

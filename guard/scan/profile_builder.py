@@ -1,0 +1,119 @@
+"""Offline scan -> profile: Neural Cleanse, suspect neurons, online checks fitted and calibrated."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import split
+from ..errors import InputError
+from ..model import FeatureTap, feature_layer, fingerprint
+from ..online.checks import FeatureCheck, NeuronCheck, OverlapCheck, Record
+from ..online.policy import check_mode
+from ..profile import Profile
+from ._trigger import frozen
+from .neural_cleanse import NeuralCleanse, suspect_neurons
+
+
+def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, batch_size: int = 256) -> Record:
+    """Forward ``x`` in batches with the feature tap; one :class:`Record` for all of it."""
+    logits, feats = [], []
+    with frozen(model), torch.inference_mode(), FeatureTap(model, layer) as tap:
+        for i in range(0, len(x), batch_size):
+            logits.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).numpy())
+            feats.append(tap.features.numpy().copy())
+    return Record(x, np.concatenate(logits), np.concatenate(feats))
+
+
+def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
+                  mode: str = "enforce", layer: str | None = None, calibration_share: float = 0.5,
+                  nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
+                  progress: bool | None = None) -> tuple[Profile, dict[str, Any]]:
+    """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
+
+    Half the clean data (stratified, seeded) drives the trigger reversal and fits the checks; the
+    other half is held out to calibrate each check's threshold at ``fpr / n_checks`` so the union of
+    the checks rejects about ``fpr`` of clean traffic.
+    """
+    if not 0 < fpr < 0.5:
+        raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
+    check_mode(mode)
+    t0 = time.perf_counter()
+    model.eval()
+    layer_name, _ = feature_layer(model, layer)
+    with torch.no_grad():
+        k = int(model(torch.from_numpy(x[:1])).shape[1])
+    if y.max() >= k:
+        raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
+    x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
+    if len(x_cal) < 20 or len(x_fit) < 20:
+        raise InputError(f"need at least 40 clean images to scan and calibrate, got {len(x)}")
+    nc = nc or NeuralCleanse(seed=seed, progress=progress)
+    nc.fit(model, x_fit, num_classes=k)
+    suspects = list(nc.suspect_labels_)
+    rec_fit = records(model, x_fit, layer=layer_name)
+    rec_cal = records(model, x_cal, layer=layer_name)
+    checks = [FeatureCheck().fit(rec_fit, y_fit)]
+    neurons = {}
+    if suspects:
+        rows = [nc.labels_.index(s) for s in suspects]
+        for s, r in zip(suspects, rows):
+            neurons[s] = suspect_neurons(model, x_fit, nc.masks_[r], nc.patterns_[r], layer=layer_name)
+        checks.append(NeuronCheck([neurons[s] for s in suspects], rec_fit.features.shape[1]).fit(rec_fit))
+        checks.append(OverlapCheck(nc.masks_[rows], nc.patterns_[rows]).fit(rec_fit))
+    per_check_fpr = fpr / len(checks)
+    for c in checks:
+        c.infer_threshold(rec_cal, fpr=per_check_fpr)
+    cal_scores = np.stack([c.score(rec_cal) for c in checks], 1)
+    thresholds = np.array([c.threshold_ for c in checks])
+    realised = float((cal_scores > thresholds).any(1).mean())
+
+    tensors: dict[str, np.ndarray] = {
+        "masks": nc.masks_[[nc.labels_.index(s) for s in suspects]] if suspects else
+        np.zeros((0, 1, *x.shape[2:]), np.float32),
+        "all_masks": nc.masks_, "all_patterns": nc.patterns_,
+        "fill": x_fit.mean(axis=(0, 2, 3)).astype(np.float32),
+    }
+    for c in checks:
+        tensors.update({f"check.{c.name}.{key}": v for key, v in c.state().items()})
+    for s, idx in neurons.items():
+        tensors[f"neurons.{s}"] = idx.astype(np.int64)
+    min_l1 = min((float(nc.l1_norms_[nc.labels_.index(s)]) for s in suspects), default=None)
+    repair_pixels = int(max(9, round(1.5 * min_l1))) if min_l1 else int(max(9, 0.02 * x.shape[2] * x.shape[3]))
+    seconds = time.perf_counter() - t0
+    meta: dict[str, Any] = {
+        "model_sha256": fingerprint(model),
+        "input_shape": list(x.shape[1:]),
+        "num_classes": k,
+        "feature_layer": layer_name,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": source or {},
+        "scan": {"method": "neural_cleanse", "seed": seed, "steps": nc.steps_, "seconds": round(nc.seconds_, 2),
+                 "threshold": nc.threshold, "per_label": nc.per_label(),
+                 "samples": {"fit": len(x_fit), "calibration": len(x_cal)}},
+        "suspect_labels": suspects,
+        "suspect_neurons": {str(s): idx.tolist() for s, idx in neurons.items()},
+        "fpr": fpr,
+        "checks": {c.name: {"threshold": float(c.threshold_), "fpr": float(c.fpr_)} for c in checks},
+        "calibration": {"samples": len(x_cal), "realised_fpr": realised},
+        "policy": {"mode": mode},
+        "repair": {"pixels": repair_pixels},
+        "tensor_names": sorted(tensors),
+    }
+    summary = {
+        "suspect_labels": suspects,
+        "anomaly_index": {str(lab): round(float(a), 4) for lab, a in zip(nc.labels_, nc.anomaly_index_)},
+        "log_anomaly_index": {str(lab): round(float(a), 4) for lab, a in zip(nc.labels_, nc.log_anomaly_index_)},
+        "l1_norm": {str(lab): round(float(v), 3) for lab, v in zip(nc.labels_, nc.l1_norms_)},
+        "thresholds": meta["checks"],
+        "fpr": fpr,
+        "calibration_realised_fpr": realised,
+        "model_sha256": meta["model_sha256"],
+        "seconds": round(seconds, 2),
+    }
+    return Profile(meta=meta, tensors=tensors), summary

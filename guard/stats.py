@@ -1,0 +1,59 @@
+"""Small statistics shared by the scans and the online checks: MAD anomaly index, thresholds, ROC."""
+
+from __future__ import annotations
+
+import numpy as np
+
+MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the std under normality
+
+
+def anomaly_index(values: np.ndarray) -> np.ndarray:
+    """Neural Cleanse's anomaly index ``(median - v) / (1.4826 * MAD)`` of each value (> 0 below median)."""
+    v = np.asarray(values, dtype=np.float64)
+    med = np.median(v)
+    mad = MAD_CONSISTENCY * np.median(np.abs(v - med))
+    if mad <= 0:
+        mad = np.finfo(np.float64).eps
+    return (med - v) / mad
+
+
+def log_anomaly_index(values: np.ndarray) -> np.ndarray:
+    """The anomaly index of ``log(values)``: norms are scale quantities, so one huge mask must not
+    stretch the MAD enough to hide a trigger ten times cheaper than every other label."""
+    return anomaly_index(np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-8)))
+
+
+def upper_threshold(scores: np.ndarray, fpr: float) -> float:
+    """Smallest threshold with at most ``fpr`` of ``scores`` strictly above it (higher = more suspect)."""
+    s = np.sort(np.asarray(scores, dtype=np.float64))
+    if s.size == 0:
+        raise ValueError("no calibration scores")
+    k = int(np.floor(fpr * s.size))  # how many may exceed
+    return float(s[s.size - 1 - k]) if k < s.size else float(s[0])
+
+
+def roc_auc(neg: np.ndarray, pos: np.ndarray) -> float:
+    """Area under the ROC curve of scores where ``pos`` should be higher (ties count half)."""
+    neg = np.asarray(neg, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    if neg.size == 0 or pos.size == 0:
+        return float("nan")
+    allv = np.concatenate([neg, pos])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty_like(order, dtype=np.float64)
+    sorted_v = allv[order]
+    i = 0
+    while i < len(sorted_v):  # average ranks of ties
+        j = i
+        while j + 1 < len(sorted_v) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    r_pos = ranks[neg.size:].sum()
+    return float((r_pos - pos.size * (pos.size + 1) / 2) / (pos.size * neg.size))
+
+
+def tpr_at_fpr(neg: np.ndarray, pos: np.ndarray, fpr: float = 0.01) -> float:
+    """Share of ``pos`` above the threshold that lets ``fpr`` of ``neg`` through."""
+    thr = upper_threshold(neg, fpr)
+    return float((np.asarray(pos) > thr).mean())
