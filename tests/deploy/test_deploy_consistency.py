@@ -86,6 +86,11 @@ def test_dockerfile_copy_sources_exist(dockerfile, repo):
             args = [a for a in shlex.split(rest) if not a.startswith("--")]
             sources.extend(args[:-1])
     assert sources, "no COPY in the Dockerfile"
+    ignored = [line.strip() for line in (repo / "deploy" / "Dockerfile.dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for source in sources:
+        top = Path(source).parts[0]
+        assert top not in ignored and source not in ignored, f"{source} is excluded from the build context"
     missing = [s for s in sources if not (repo / s).exists()]
     if missing == ["README.md"]:
         pytest.xfail("README.md (pyproject's readme, needed by `pip install .`) is not written yet")
