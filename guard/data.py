@@ -29,9 +29,9 @@ def validate_batch(x: np.ndarray, *, shape: tuple[int, ...] | None = None, what:
     if x.shape[0] == 0:
         raise InputError(f"{what} is empty")
     x = x.astype(np.float32, copy=False)
-    if not np.isfinite(x).all():
-        raise InputError(f"{what} contains NaN or inf")
-    if x.min() < 0.0 or x.max() > 1.0:
+    if not ((x >= 0.0).all() and (x <= 1.0).all()):  # NaN fails both comparisons
+        if not np.isfinite(x).all():
+            raise InputError(f"{what} contains NaN or inf")
         raise InputError(f"{what} values must lie in [0, 1] (got {x.min():.3g}..{x.max():.3g})")
     return x
 

@@ -44,7 +44,8 @@ def parse_normalize(text: str | None) -> tuple[list[float], list[float]] | None:
         mean = [float(v) for v in mean_s.split("/")]
         std = [float(v) for v in std_s.split("/")]
     except ValueError:
-        raise ModelError(f"--normalize expects MEAN,STD (e.g. 0.5,0.25 or 0.4/0.4/0.4,0.2/0.2/0.2), got {text!r}")
+        raise ModelError(f"--normalize expects MEAN,STD (e.g. 0.5,0.25 or 0.4/0.4/0.4,0.2/0.2/0.2), "
+                         f"got {text!r}") from None
     if any(s <= 0 for s in std):
         raise ModelError("--normalize: every std must be > 0")
     return mean, std
@@ -157,8 +158,11 @@ class FeatureTap:
     ``features`` holds the last batch's features ``(N, D)`` (with gradient if the forward had one).
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None):
-        self.name, self.module = feature_layer(model, layer)
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None):
+        if isinstance(layer, nn.Module):  # already resolved (the online hot path resolves it once)
+            self.name, self.module = "", layer
+        else:
+            self.name, self.module = feature_layer(model, layer)
         self.features: torch.Tensor | None = None
         self._handle = None
 

@@ -35,6 +35,14 @@ class Attack:
         return x, y
 
 
+def as_batch(x: np.ndarray) -> np.ndarray:
+    """A float32 copy of a batch ``(N, C, H, W)``: stamping works on it, never on the caller's array."""
+    x = np.array(x, dtype=np.float32, copy=True)
+    if x.ndim != 4:
+        raise ValueError(f"expected a batch (N, C, H, W), got shape {x.shape}")
+    return x
+
+
 def _corner(size: int, h: int, w: int, position: str, margin: int) -> tuple[int, int]:
     rows = {"top": margin, "bottom": h - size - margin, "center": (h - size) // 2}
     cols = {"left": margin, "right": w - size - margin, "center": (w - size) // 2}

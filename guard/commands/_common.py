@@ -32,7 +32,7 @@ def fpr_arg(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}")
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not 0 < v < 0.5:
         raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {v}")
     return v

@@ -21,7 +21,7 @@ from torch import nn
 from .._progress import Progress
 from ..model import FeatureTap
 from ..stats import anomaly_index, log_anomaly_index
-from ._trigger import frozen, from_raw, stamp_all, to_raw
+from ._trigger import from_raw, frozen, stamp_all, to_raw
 
 
 class NeuralCleanse:
@@ -78,7 +78,7 @@ class NeuralCleanse:
         done = torch.zeros(k, dtype=torch.bool)
         rounds = 0
         with frozen(model), Progress("nc", self.max_rounds, enabled=self.progress) as bar:
-            for rounds in range(1, self.max_rounds + 1):
+            for rounds in range(1, self.max_rounds + 1):  # noqa: B007 - read after the loop
                 acc_sum = torch.zeros(k, dtype=torch.float64)
                 l1_sum = torch.zeros(k, dtype=torch.float64)
                 for _ in range(self.steps_per_round):

@@ -1,0 +1,70 @@
+"""The attack zoo's registry: one factory per attack name, with the demo world's defaults.
+
+A factory takes keyword overrides of the attack's fields and returns a fresh attack object, so the
+benchmark and the tests build every attack the same way (``ATTACKS["wanet"](seed=3)``).
+``POISON_RATES`` holds the share of the training set each attack relabels in the demo world: 0.1,
+except where an attack needs more on a few thousand images and a few epochs (said per entry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._base import Attack, BadNets, Blended
+from .all_to_all import AllToAll
+from .input_aware import InputAware
+from .sig import SIG
+from .trojannn import TrojanNN
+from .wanet import WaNet
+
+#: The all-to-one attacks' target label in the demo world (the same label as :mod:`guard.demo_world`).
+DEMO_TARGET = 6
+
+
+def badnets(**kw: Any) -> BadNets:
+    """BadNets: a 3x3 seeded binary patch at the bottom-right corner."""
+    return BadNets(**{"target": DEMO_TARGET, **kw})
+
+
+def blended(**kw: Any) -> Blended:
+    """Blended: a seeded noise key at opacity 0.2."""
+    return Blended(**{"target": DEMO_TARGET, "alpha": 0.2, **kw})
+
+
+def sig(**kw: Any) -> SIG:
+    """SIG: the paper's sinusoid (delta 20/255, 6 periods), clean-label."""
+    return SIG(**{"target": DEMO_TARGET, **kw})
+
+
+def wanet(**kw: Any) -> WaNet:
+    """WaNet: a 4x4 warping field with noise mode."""
+    return WaNet(**{"target": DEMO_TARGET, **kw})
+
+
+def trojannn(**kw: Any) -> TrojanNN:
+    """TrojanNN: a 5x5 patch at the bottom-right, to be fitted on a clean model."""
+    return TrojanNN(**{"target": DEMO_TARGET, **kw})
+
+
+def input_aware(**kw: Any) -> InputAware:
+    """Input-aware: a fixed random conv generator, 4% of the pixels per image."""
+    return InputAware(**{"target": DEMO_TARGET, **kw})
+
+
+def all_to_all(**kw: Any) -> AllToAll:
+    """All-to-all: the BadNets patch, label i goes to i + 1 (mod 10)."""
+    return AllToAll(**kw)
+
+
+ATTACKS: dict[str, Callable[..., Attack]] = {
+    "badnets": badnets,
+    "blended": blended,
+    "sig": sig,
+    "wanet": wanet,
+    "trojannn": trojannn,
+    "input_aware": input_aware,
+    "all_to_all": all_to_all,
+}
+
+POISON_RATES: dict[str, float] = {name: 0.1 for name in ATTACKS}

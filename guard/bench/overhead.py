@@ -1,0 +1,50 @@
+"""Guard overhead in-process: guarded forward over bare forward, interleaved so both see the same
+machine load, reported as the median and 95th-percentile ratio of per-call times."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int = 1, repeats: int = 300,
+                     warmup: int = 20) -> dict[str, float]:
+    """Time ``model(x)`` (inference mode) and ``guard.run(x)`` alternately on the same batches.
+
+    Returns medians and p95 of both (milliseconds) and their ratios. The guarded figure is the whole
+    ``Guard.run``: validation, the tapped forward, every check, the policy and the response objects.
+    """
+    n = len(x)
+    batches = [np.ascontiguousarray(x[(i * batch_size) % n:(i * batch_size) % n + batch_size])
+               for i in range(repeats)]
+    batches = [b for b in batches if len(b) == batch_size] or [x[:batch_size]]
+    tensors = [torch.from_numpy(b) for b in batches]
+
+    def bare(i):
+        with torch.inference_mode():
+            model(tensors[i % len(tensors)])
+
+    def guarded(i):
+        guard.run(batches[i % len(batches)])
+
+    for i in range(warmup):
+        bare(i)
+        guarded(i)
+    tb, tg = [], []
+    for i in range(repeats):
+        first, second = (bare, guarded) if i % 2 == 0 else (guarded, bare)
+        t0 = time.perf_counter()
+        first(i)
+        t1 = time.perf_counter()
+        second(i)
+        t2 = time.perf_counter()
+        (tb if first is bare else tg).append(t1 - t0)
+        (tg if first is bare else tb).append(t2 - t1)
+    b, g = np.array(tb) * 1e3, np.array(tg) * 1e3
+    return {"batch_size": batch_size, "bare_p50_ms": float(np.median(b)), "guarded_p50_ms": float(np.median(g)),
+            "bare_p95_ms": float(np.percentile(b, 95)), "guarded_p95_ms": float(np.percentile(g, 95)),
+            "p50_ratio": float(np.median(g) / np.median(b)),
+            "p95_ratio": float(np.percentile(g, 95) / np.percentile(b, 95))}

@@ -1,0 +1,445 @@
+"""Start, probe and stop a local TorchServe for ``guard serve``/``stop``/``demo`` and the integration tests.
+
+TorchServe runs from this Python's environment (so its workers import the installed ``guard``) with
+``deploy/config.properties`` and ``deploy/metrics.yaml``: paths made absolute, every address on
+127.0.0.1, and the ports that otherwise clash between two TorchServes on one host (gRPC 7070/7071, the
+worker sockets ``/tmp/.ts.sock.9000+``) set to free values. It starts in its own process group (its
+launcher, the JVM and the Python workers), in a run directory that receives the effective config,
+``ts.log``, TorchServe's ``logs/``, its token ``key_file.json`` and ``serve.json``, the state file
+``guard stop`` reads. ``TMPDIR`` points into the run directory so TorchServe's global pid file
+(``$TMPDIR/.model_server.pid``) does not make a second instance refuse to start.
+
+Every wait is bounded in time; every HTTP call goes to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import GuardError, InputError, ProfileMismatch
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+HANDLER = REPO / "handlers" / "guarded_handler.py"
+STATE_NAME = "serve.json"
+REFUSAL_MARK = "GUARD REFUSED TO LOAD"
+DEFAULT_RUN_DIR = ".guard-serve"
+
+
+class ServeError(GuardError):
+    """TorchServe could not be started, did not get ready, or a run directory is already in use."""
+
+
+def venv_bin() -> Path:
+    """The directory of this Python's console scripts (torchserve, torch-model-archiver)."""
+    return Path(sys.executable).parent
+
+
+def require_java() -> str:
+    """Path of ``java`` (``$JAVA_HOME/bin/java`` first, as TorchServe does) or one clear error."""
+    home = os.environ.get("JAVA_HOME")
+    if home and Path(home, "bin", "java").is_file():
+        return str(Path(home, "bin", "java"))
+    found = shutil.which("java")
+    if not found:
+        raise InputError("Java 17 is required by TorchServe and `java` is not on PATH "
+                         "(install openjdk-17-jre-headless or set JAVA_HOME)")
+    return found
+
+
+def require_script(name: str) -> Path:
+    path = venv_bin() / name
+    if not path.exists():
+        raise InputError(f"{name} not found next to {sys.executable}: install guard's dependencies "
+                         f"in this environment (pip install -e .)")
+    return path
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on 127.0.0.1 right now (all held open together while picking)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _loopback(url: str) -> str:
+    host = urllib.parse.urlsplit(url).hostname
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError(f"refusing to send traffic off the loopback interface: {url}")
+    return url
+
+
+def http(url: str, *, key: str | None = None, body: bytes | None = None, content_type: str | None = None,
+         method: str | None = None, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One HTTP call to 127.0.0.1: ``(status, body)``; HTTP errors are returned, not raised."""
+    headers = {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if content_type:
+        headers["Content-Type"] = content_type
+    req = urllib.request.Request(_loopback(url), data=body, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """``key=value`` lines of a Java properties file (comments and blanks skipped)."""
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            props[k.strip()] = v.strip()
+    return props
+
+
+def default_ports(config: Path | None = None) -> tuple[int, int, int]:
+    """Inference, management and metrics ports of ``deploy/config.properties`` (8080, 8081, 8082)."""
+    props = read_properties(config or DEPLOY / "config.properties")
+    out = []
+    for key, default in (("inference_address", 8080), ("management_address", 8081), ("metrics_address", 8082)):
+        port = urllib.parse.urlsplit(props.get(key, "")).port
+        out.append(port or default)
+    return out[0], out[1], out[2]
+
+
+def parse_ports(text: str | None, config: Path | None = None) -> tuple[int, int, int]:
+    """``--ports I,M,METRICS`` (or ``auto`` for free ports); default from the config file."""
+    if not text:
+        return default_ports(config)
+    if text.strip().lower() == "auto":
+        a, b, c = free_ports(3)
+        return a, b, c
+    try:
+        ports = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise InputError(f"--ports expects INFERENCE,MANAGEMENT,METRICS (e.g. 8080,8081,8082) or auto, "
+                         f"got {text!r}") from None
+    if len(ports) != 3 or len(set(ports)) != 3 or not all(0 < p < 65536 for p in ports):
+        raise InputError(f"--ports needs three distinct ports in 1..65535, got {text!r}")
+    return ports[0], ports[1], ports[2]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _worker_port() -> int:
+    """A base port for the worker sockets whose ``/tmp/.ts.sock.PORT`` (and a few after) is unused."""
+    for _ in range(50):
+        port = free_ports(1)[0]
+        if port < 60000 and not any(Path(f"/tmp/.ts.sock.{port + i}").exists() for i in range(8)):
+            return port
+    raise ServeError("could not find a free base port for TorchServe's worker sockets")
+
+
+def write_config(run_dir: Path, *, model_store: Path, load_models: str, ports: tuple[int, int, int],
+                 token_auth: bool, config: Path | None = None, metrics_config: Path | None = None) -> Path:
+    """The effective config.properties in ``run_dir``: deploy's keys, absolute paths, loopback ports."""
+    src = Path(config or DEPLOY / "config.properties")
+    metrics = Path(metrics_config or DEPLOY / "metrics.yaml").resolve()
+    if not src.is_file():
+        raise InputError(f"TorchServe config not found: {src}")
+    if not metrics.is_file():
+        raise InputError(f"metrics config not found: {metrics}")
+    grpc_i, grpc_m = free_ports(2)
+    override = {
+        "inference_address": f"http://127.0.0.1:{ports[0]}",
+        "management_address": f"http://127.0.0.1:{ports[1]}",
+        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "metrics_config": str(metrics),
+        "model_store": str(Path(model_store).resolve()),
+        "grpc_inference_address": "127.0.0.1",
+        "grpc_management_address": "127.0.0.1",
+        "grpc_inference_port": str(grpc_i),
+        "grpc_management_port": str(grpc_m),
+        "initial_worker_port": str(_worker_port()),
+        "load_models": load_models,
+    }
+    if not token_auth:
+        override["disable_token_authorization"] = "true"
+    lines, seen = [], set()
+    for line in src.read_text().splitlines():
+        key = line.split("=", 1)[0].strip() if "=" in line and not line.lstrip().startswith("#") else None
+        if key in override:
+            lines.append(f"{key}={override[key]}")
+            seen.add(key)
+        elif key == "disable_token_authorization" and token_auth:
+            continue  # `guard serve` keeps token auth on unless --no-auth
+        else:
+            lines.append(line)
+    lines += ["", "# added by guard serve"] + [f"{k}={v}" for k, v in override.items() if k not in seen]
+    out = run_dir / "config.properties"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Start time of ``pid`` from /proc (guards ``guard stop`` against a recycled pid), None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+@dataclass
+class Server:
+    """A TorchServe this module started: its process group, addresses, token key file and logs."""
+
+    pid: int
+    run_dir: Path
+    urls: dict[str, str]
+    models: list[str]
+    token_auth: bool
+    config: Path
+    log: Path
+    start_time: str | None = None
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def key_file(self) -> Path:
+        return self.run_dir / "key_file.json"
+
+    @property
+    def model_log(self) -> Path:
+        return self.run_dir / "logs" / "model_log.log"
+
+    def keys(self) -> dict[str, Any]:
+        """TorchServe's key_file.json (``inference``, ``management``, ``API`` keys); {} without auth."""
+        if not self.token_auth:
+            return {}
+        try:
+            return json.loads(self.key_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def key(self, kind: str = "inference") -> str | None:
+        entry = self.keys().get(kind)
+        return entry.get("key") if isinstance(entry, dict) else None
+
+    def alive(self) -> bool:
+        if not _group_alive(self.pid):
+            return False
+        st = _proc_start_time(self.pid)
+        return self.start_time is None or st is None or st == self.start_time
+
+    def save(self) -> Path:
+        state = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        path = self.run_dir / STATE_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Server | None:
+        path = Path(run_dir) / STATE_NAME
+        if not path.is_file():
+            return None
+        try:
+            s = json.loads(path.read_text())
+            return cls(pid=int(s["pid"]), run_dir=Path(s["run_dir"]), urls=dict(s["urls"]),
+                       models=list(s["models"]), token_auth=bool(s["token_auth"]), config=Path(s["config"]),
+                       log=Path(s["log"]), start_time=s.get("start_time"), started_at=float(s["started_at"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ServeError(f"{path} is not a guard serve state file: {e}") from None
+
+    def model_ready(self, name: str) -> bool:
+        status, body = http(f"{self.urls['management']}/models/{name}", key=self.key("management"), timeout=5)
+        if status != 200:
+            return False
+        try:
+            info = json.loads(body)
+            workers = info[0]["workers"] if isinstance(info, list) else info["workers"]
+            return any(w.get("status") == "READY" for w in workers)
+        except (ValueError, KeyError, IndexError, TypeError):
+            return False
+
+    def refusal(self) -> str | None:
+        """The handler's refusal line from the model log, if a model refused to load."""
+        for path in (self.model_log, self.log):
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if REFUSAL_MARK in line:
+                    return line[line.index(REFUSAL_MARK):][:500]
+        return None
+
+    def log_tail(self, n: int = 30) -> str:
+        parts = []
+        for path in (self.log, self.model_log):
+            try:
+                parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:]))
+            except OSError:
+                pass
+        return "\n".join(parts)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """SIGTERM the process group, wait (bounded), SIGKILL what is left; remove the state file.
+
+        Returns True if a live server was stopped. Only this server's own process group is signalled,
+        and only while its leader is the process that was started (start time checked).
+        """
+        stopped = False
+        if self.alive():
+            stopped = True
+            try:
+                os.killpg(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + timeout
+            while _group_alive(self.pid) and time.monotonic() < deadline:
+                _reap(self.pid)
+                time.sleep(0.2)
+            if _group_alive(self.pid):
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                deadline = time.monotonic() + 10
+                while _group_alive(self.pid) and time.monotonic() < deadline:
+                    _reap(self.pid)
+                    time.sleep(0.2)
+        _reap(self.pid)
+        (self.run_dir / STATE_NAME).unlink(missing_ok=True)
+        return stopped
+
+
+def _reap(pid: int) -> None:
+    """Collect the exit status of our own child (no zombie keeps the group 'alive')."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_dir: str | Path = DEFAULT_RUN_DIR,
+          ports: tuple[int, int, int] | None = None, token_auth: bool = True, config: Path | None = None,
+          metrics_config: Path | None = None, timeout: float = 240.0) -> Server:
+    """Start TorchServe on loopback and wait until every model has a READY worker (bounded by ``timeout``).
+
+    ``models`` maps names to ``.mar`` files in ``model_store`` (default: every ``.mar`` there, by stem).
+    On failure the process group is stopped and :class:`ServeError` (or :class:`ProfileMismatch`
+    when guard's handler refused a profile) says why, with the log's tail.
+    """
+    require_java()
+    torchserve = require_script("torchserve")
+    store = Path(model_store).resolve()
+    if not store.is_dir():
+        raise InputError(f"model store not found: {store}")
+    if not models:
+        models = {p.stem: p.name for p in sorted(store.glob("*.mar"))}
+        if not models:
+            raise InputError(f"no .mar archives in {store}: create one with guard archive")
+    for name, mar in models.items():
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\-]*", name):
+            raise InputError(f"invalid model name {name!r}")
+        if not (store / mar).is_file():
+            raise InputError(f"{mar} not found in the model store {store}")
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    previous = Server.load(run)
+    if previous is not None and previous.alive():
+        raise ServeError(f"a TorchServe started from {run} is still running (pid {previous.pid}): "
+                         f"run `guard stop --run-dir {run}` first")
+    ports = ports or tuple(free_ports(3))  # type: ignore[assignment]
+    for port in ports:
+        if not _port_free(port):
+            raise ServeError(f"port {port} on 127.0.0.1 is in use: pick others with --ports (or --ports auto)")
+    load = ",".join(f"{n}={m}" for n, m in models.items())
+    cfg = write_config(run, model_store=store, load_models=load, ports=ports, token_auth=token_auth,
+                       config=config, metrics_config=metrics_config)
+    (run / "key_file.json").unlink(missing_ok=True)  # never read a previous run's keys
+    tmp = run / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "TMPDIR": str(tmp)}
+    env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
+    log_path = run / "ts.log"
+    cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(cfg)]
+    if not token_auth:
+        cmd.append("--disable-token-auth")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+    server = Server(pid=proc.pid, run_dir=run, models=list(models), token_auth=token_auth, config=cfg,
+                    log=log_path, start_time=_proc_start_time(proc.pid),
+                    urls={"inference": f"http://127.0.0.1:{ports[0]}", "management": f"http://127.0.0.1:{ports[1]}",
+                          "metrics": f"http://127.0.0.1:{ports[2]}"})
+    server.save()
+    try:
+        wait_ready(server, proc, timeout=timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def wait_ready(server: Server, proc: subprocess.Popen | None = None, *, timeout: float = 240.0) -> None:
+    """Poll (once a second, at most ``timeout`` s) until every model has a READY worker."""
+    deadline = time.monotonic() + timeout
+    pending = list(server.models)
+    while pending:
+        if proc is not None and proc.poll() is not None:
+            raise ServeError(f"TorchServe exited with code {proc.returncode} while starting; see "
+                             f"{server.log}\n{server.log_tail()}")
+        refused = server.refusal()
+        if refused:
+            raise ProfileMismatch(f"TorchServe could not load a guarded model: {refused} (see {server.model_log})")
+        if time.monotonic() > deadline:
+            raise ServeError(f"TorchServe did not get {', '.join(pending)} ready within {timeout:.0f}s; "
+                             f"see {server.log}\n{server.log_tail()}")
+        if not server.token_auth or server.key_file.exists():
+            try:
+                pending = [m for m in pending if not server.model_ready(m)]
+            except OSError:
+                pass  # not listening yet
+        if pending:
+            time.sleep(1.0)
+
+
+def guard_metric_lines(text: str) -> list[str]:
+    """The sample lines of guard's metrics in a Prometheus text page (HELP/TYPE/buckets dropped)."""
+    return [line for line in text.splitlines()
+            if line.startswith("guard_") and "_bucket{" not in line]

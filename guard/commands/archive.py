@@ -1,0 +1,162 @@
+"""Pack a model, its weights and its profile with guard's TorchServe handler into NAME.mar.
+
+The profile is verified against the model first (exit 3 when it was built for another model): an
+archive must never carry a profile that its handler would refuse at load. The archive holds the
+model file, the state_dict, ``handlers/guarded_handler.py``, the profile as ``guard-profile/`` and a
+``model-config.yaml`` with TorchServe's worker and batching settings and a ``handler:`` section (mode,
+fail_open, max_request_bytes) that the handler reads at load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import InputError
+
+HELP = "package model + weights + profile with the guard handler into a TorchServe .mar"
+
+PROFILE_DIR = "guard-profile"  # the handler's default (handlers/guarded_handler.py PROFILE_DIR)
+DEFAULT_MAX_REQUEST_BYTES = 6_553_500  # TorchServe's own default max_request_size
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", "--model-name", dest="name", required=True,
+                   help="model name: the archive is NAME.mar, served at /predictions/NAME")
+    p.add_argument("--model-file", required=True, help="Python file defining the nn.Module class")
+    p.add_argument("--model-class", help="class to use when the file defines several")
+    p.add_argument("--weights", required=True, help="state_dict file (loaded with weights_only=True)")
+    p.add_argument("--normalize", metavar="MEAN,STD", help="normalisation the model expects (as given to guard scan)")
+    p.add_argument("--profile", required=True, help="profile directory written by guard scan")
+    p.add_argument("--export-path", required=True, help="directory to write NAME.mar to (created if missing)")
+    p.add_argument("--mode", choices=["enforce", "repair", "shadow"],
+                   help="policy served (default: the profile's own mode)")
+    p.add_argument("--fail-open", action="store_true",
+                   help="if the guard itself fails on a batch, answer the bare model's prediction marked "
+                        "verdict=error instead of 503 (default: fail closed)")
+    p.add_argument("--batch-size", type=_positive, default=1, help="TorchServe batchSize (default 1)")
+    p.add_argument("--max-batch-delay", type=_non_negative, default=100, metavar="MS",
+                   help="TorchServe maxBatchDelay in ms (default 100)")
+    p.add_argument("--workers", type=_positive, default=1, help="minWorkers = maxWorkers (default 1)")
+    p.add_argument("--max-request-bytes", type=_positive, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help=f"larger request bodies answer 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--model-version", default="1.0", help="archive version (default 1.0)")
+    p.add_argument("--handler", help="handler file (default: handlers/guarded_handler.py of this checkout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing NAME.mar")
+
+
+def make_archive(*, name: str, model_file: str | Path, weights: str | Path, profile: str | Path,
+                 export_path: str | Path, model_class: str | None = None, normalize: str | None = None,
+                 mode: str | None = None, fail_open: bool = False, batch_size: int = 1,
+                 max_batch_delay: int = 100, workers: int = 1,
+                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model_version: str = "1.0",
+                 handler: str | Path | None = None, force: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Verify the profile against the model, then write ``export_path/NAME.mar``.
+
+    Returns the archive path and the model-config written into it. Raises ``ProfileMismatch``
+    (exit 3) when the profile belongs to another model, ``InputError``/``ModelError``/``ProfileError``
+    (exit 2) for anything else wrong with the inputs.
+    """
+    from ..model import fingerprint, load_model
+    from ..online.policy import check_mode
+    from ..profile import JSON_NAME, TENSORS_NAME, Profile
+    from ._common import model_input_shape
+    from ._torchserve import HANDLER, require_script
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_\-]*", name):
+        raise InputError(f"--name {name!r}: use letters, digits, '_' and '-' (it becomes a URL path and a file name)")
+    model_file, weights, profile_dir = Path(model_file), Path(weights), Path(profile)
+    handler_file = Path(handler) if handler else HANDLER
+    if not handler_file.is_file():
+        raise InputError(f"handler file not found: {handler_file} (pass --handler PATH/guarded_handler.py)")
+    model = load_model(model_file, weights, model_class_name=model_class, normalize=normalize)
+    prof = Profile.load(profile_dir, model_sha256=fingerprint(model))
+    model_input_shape(model, prof.input_shape)
+    served_mode = check_mode(mode or prof.meta.get("policy", {}).get("mode", "enforce"))
+    if model_file.name in (handler_file.name, "model-config.yaml") or weights.name == model_file.name:
+        raise InputError(f"rename {model_file.name}: it would clash with another file in the archive")
+
+    export = Path(export_path)
+    export.mkdir(parents=True, exist_ok=True)
+    target = export / f"{name}.mar"
+    if target.exists() and not force:
+        raise InputError(f"{target} exists: pass --force to overwrite it")
+    config: dict[str, Any] = {
+        "minWorkers": workers, "maxWorkers": workers,
+        "batchSize": batch_size, "maxBatchDelay": max_batch_delay,
+        "responseTimeout": 120,
+        "handler": {
+            "mode": served_mode, "fail_open": bool(fail_open), "max_request_bytes": int(max_request_bytes),
+            "profile": PROFILE_DIR, "model_file": model_file.name, "weights": weights.name,
+            "model_sha256": prof.model_sha256,
+        },
+    }
+    if model_class:
+        config["handler"]["model_class"] = model_class
+    if normalize:
+        config["handler"]["normalize"] = normalize
+
+    archiver = require_script("torch-model-archiver")
+    with tempfile.TemporaryDirectory(prefix="guard-archive-") as tmp:
+        stage = Path(tmp, "extra")
+        (stage / PROFILE_DIR).mkdir(parents=True)
+        for f in (JSON_NAME, TENSORS_NAME):
+            shutil.copy2(profile_dir / f, stage / PROFILE_DIR / f)
+        cfg_path = Path(tmp, "model-config.yaml")
+        cfg_path.write_text("# written by guard archive\n" + yaml.safe_dump(config, sort_keys=False))
+        work_tmp = Path(tmp, "archiver-tmp")  # torch-model-archiver stages in $TMPDIR/NAME: keep it private
+        work_tmp.mkdir()
+        cmd = [str(archiver), "--model-name", name, "--version", str(model_version),
+               "--model-file", str(model_file.resolve()), "--serialized-file", str(weights.resolve()),
+               "--handler", str(handler_file.resolve()), "--extra-files", str(stage),
+               "--config-file", str(cfg_path), "--export-path", str(export.resolve())]
+        if force:
+            cmd.append("--force")
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TMPDIR": str(work_tmp)})
+    if done.returncode != 0 or not target.is_file():
+        detail = (done.stderr or done.stdout).strip().splitlines()
+        raise InputError(f"torch-model-archiver failed ({done.returncode}): {' '.join(detail[-3:])[:500]}")
+    return target, config
+
+
+def run(args: argparse.Namespace) -> int:
+    target, config = make_archive(
+        name=args.name, model_file=args.model_file, weights=args.weights, profile=args.profile,
+        export_path=args.export_path, model_class=args.model_class, normalize=args.normalize, mode=args.mode,
+        fail_open=args.fail_open, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
+        workers=args.workers, max_request_bytes=args.max_request_bytes, model_version=args.model_version,
+        handler=args.handler, force=args.force)
+    h = config["handler"]
+    print(f"wrote {target} (mode {h['mode']}, fail_open {str(h['fail_open']).lower()}, batch size "
+          f"{config['batchSize']}, max batch delay {config['maxBatchDelay']} ms, profile verified for model "
+          f"{h['model_sha256'][:12]}…)")
+    return 0

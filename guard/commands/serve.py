@@ -1,0 +1,95 @@
+"""Start TorchServe on loopback with deploy/config.properties and deploy/metrics.yaml.
+
+Runs from this Python's environment (its workers import the installed guard), in its own process
+group, from a run directory (default ./.guard-serve) that receives the effective config, the logs,
+TorchServe's token key file and the state file `guard stop` reads. Token authorization stays on
+unless --no-auth: every inference and management call, even /ping, needs
+`Authorization: Bearer <key>` from the key file (without it TorchServe answers 400 InvalidKeyException).
+The gRPC ports and the worker socket base port are set to free values so it can run beside another
+TorchServe. Returns once every model has a READY worker (or, with --foreground, stays attached until
+Ctrl-C, then stops the server)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "start TorchServe (loopback, token auth on) serving guarded .mar archives"
+
+
+def _model_spec(text: str) -> tuple[str, str]:
+    """``NAME=NAME.mar``, or ``NAME`` / ``NAME.mar`` alone."""
+    name, sep, mar = text.partition("=")
+    if not sep:
+        mar = text if text.endswith(".mar") else f"{text}.mar"
+        name = mar[: -len(".mar")]
+    if not name or not mar:
+        raise argparse.ArgumentTypeError(f"expected NAME=NAME.mar, got {text!r}")
+    return name, mar
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-store", required=True, help="directory holding the .mar archives")
+    p.add_argument("--models", nargs="+", type=_model_spec, metavar="NAME=NAME.mar",
+                   help="models to load (default: every .mar in the model store)")
+    p.add_argument("--no-auth", action="store_true", help="turn TorchServe's token authorization off")
+    p.add_argument("--ports", metavar="I,M,METRICS",
+                   help="inference, management and metrics ports on 127.0.0.1 (default 8080,8081,8082 "
+                        "from deploy/config.properties; 'auto' picks free ones)")
+    p.add_argument("--run-dir", default=".guard-serve", help="where config, logs, key file and state go "
+                   "(default ./.guard-serve)")
+    p.add_argument("--config", help="TorchServe config.properties to start from (default deploy/config.properties)")
+    p.add_argument("--metrics-config", help="metrics yaml (default deploy/metrics.yaml)")
+    p.add_argument("--timeout", type=float, default=240.0, help="seconds to wait for the models (default 240)")
+    p.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops TorchServe")
+
+
+def describe(server) -> str:
+    """Human summary of a running server: addresses, key file, how to call and stop it."""
+    lines = [f"TorchServe is up (pid {server.pid}, process group {server.pid}) serving "
+             f"{', '.join(server.models)}",
+             f"  inference   {server.urls['inference']}/predictions/NAME",
+             f"  management  {server.urls['management']}",
+             f"  metrics     {server.urls['metrics']}/metrics (no token needed)",
+             f"  logs        {server.log} and {server.run_dir / 'logs'}"]
+    if server.token_auth:
+        lines.append(f"  token auth ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>'; "
+                     "even /ping needs it; keys expire after 60 min, the API key renews them)")
+    else:
+        lines.append("  token auth OFF (--no-auth)")
+    lines.append(f"  stop with:  guard stop --run-dir {server.run_dir}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from . import _torchserve as ts
+
+    ts.require_java()
+    config = Path(args.config) if args.config else None
+    ports = ts.parse_ports(args.ports, config)
+    models = dict(args.models) if args.models else None
+    server = ts.start(args.model_store, models=models, run_dir=Path(args.run_dir), ports=ports,
+                      token_auth=not args.no_auth, config=config,
+                      metrics_config=Path(args.metrics_config) if args.metrics_config else None,
+                      timeout=args.timeout)
+    print(describe(server), flush=True)
+    if not args.foreground:
+        return 0
+    import signal
+
+    def _interrupt(signum, frame):  # SIGTERM (docker stop, systemd) stops TorchServe like Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while server.alive():
+            time.sleep(1.0)
+        print("TorchServe exited; see", server.log)
+        server.stop()
+        return 2
+    except KeyboardInterrupt:
+        print("stopping TorchServe ...", flush=True)
+        server.stop()
+        return 0

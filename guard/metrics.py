@@ -1,0 +1,138 @@
+"""Where the guard's counters go: a small sink protocol, an in-memory sink and a TorchServe sink.
+
+The metric names and labels are a contract (DESIGN.md, deploy/metrics.yaml, the dashboards and the
+alert rules query them):
+
+* ``guard_requests_total{verdict}``: one per answered instance with its verdict (``pass``,
+  ``repaired``, ``rejected``, ``flagged``), and one ``error`` per request that failed validation
+  (or an instance the guard itself could not check);
+* ``guard_rejections_total{reason}``: one per reason (check name) of every rejected *or flagged*
+  instance, so shadow mode shows what enforce mode would refuse;
+* ``guard_latency_seconds``: histogram of the guard's own work per batch, in seconds (TorchServe's
+  buckets are fixed on the seconds scale).
+
+Label values are sanitised (:func:`label_value`): TorchServe serialises dimensions as
+``name:value,name:value`` in its metric log lines, so a ``,`` or ``:`` in a value would corrupt them.
+
+``guard`` never imports TorchServe (``ts``) outside ``handlers/``: :class:`TorchServeSink` takes the
+``context.metrics`` object duck-typed and TorchServe's ``Dimension`` class and histogram metric type
+as arguments, which the handler passes in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any, Protocol, runtime_checkable
+
+REQUESTS = "guard_requests_total"
+REJECTIONS = "guard_rejections_total"
+LATENCY = "guard_latency_seconds"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+_MAX_LABEL = 64
+
+
+def label_value(value: Any) -> str:
+    """A metric label value with only ``[A-Za-z0-9_.-]`` (others become ``_``), at most 64 chars.
+
+    Never contains ``,`` or ``:`` (TorchServe's dimension separators) nor ``|`` or ``#`` (its
+    field separators); an empty value becomes ``unknown``.
+    """
+    text = _UNSAFE.sub("_", str(value))[:_MAX_LABEL]
+    return text or "unknown"
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """What the handler (and the CLI) report to; implementations must never raise on a bad label."""
+
+    def requests(self, verdict: str, count: int = 1) -> None:
+        """Count ``count`` instances (or failed requests) under ``verdict``."""
+
+    def rejections(self, reason: str, count: int = 1) -> None:
+        """Count ``count`` rejected or flagged instances under one ``reason`` (a check name)."""
+
+    def latency(self, seconds: float) -> None:
+        """Observe the guard's own time for one batch, in seconds."""
+
+
+def record_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
+    """Count each decision's verdict, and each reason of those rejected or flagged.
+
+    ``decisions`` are :class:`guard.online.Decision` (or anything with ``verdict`` and ``reasons``).
+    A rejected or flagged decision without a reason counts once under ``unknown``.
+    """
+    for d in decisions:
+        sink.requests(d.verdict)
+        if d.verdict in ("rejected", "flagged"):
+            for reason in (list(d.reasons) or ["unknown"]):
+                sink.rejections(reason)
+
+
+class InMemorySink:
+    """Counts in plain dicts: for tests, ``guard check``-style replays and the demo's summary."""
+
+    def __init__(self) -> None:
+        self.requests_total: Counter[str] = Counter()
+        self.rejections_total: Counter[str] = Counter()
+        self.latencies: list[float] = []
+
+    def requests(self, verdict: str, count: int = 1) -> None:
+        self.requests_total[label_value(verdict)] += count
+
+    def rejections(self, reason: str, count: int = 1) -> None:
+        self.rejections_total[label_value(reason)] += count
+
+    def latency(self, seconds: float) -> None:
+        self.latencies.append(float(seconds))
+
+    def render(self) -> str:
+        """Prometheus-style text lines (no HELP/TYPE) of the counters, sorted, for printing."""
+        lines = [f'{REQUESTS}{{verdict="{k}"}} {v}' for k, v in sorted(self.requests_total.items())]
+        lines += [f'{REJECTIONS}{{reason="{k}"}} {v}' for k, v in sorted(self.rejections_total.items())]
+        if self.latencies:
+            lines.append(f"{LATENCY}_count {len(self.latencies)}")
+            lines.append(f"{LATENCY}_sum {sum(self.latencies):.6f}")
+        return "\n".join(lines)
+
+
+class TorchServeSink:
+    """Reports through TorchServe's per-worker metrics cache (``context.metrics``).
+
+    ``metrics`` is ``context.metrics`` (a ``ts.metrics`` cache: ``add_counter``, ``add_metric``),
+    ``dimension`` is ``ts.metrics.dimension.Dimension`` and ``histogram`` is
+    ``ts.metrics.metric_type_enum.MetricTypes.HISTOGRAM``. Calls must happen while a request batch is
+    being handled: only then does TorchServe append ``ModelName`` and ``Level=Model``, which the
+    declarations in deploy/metrics.yaml expect after guard's own label. Failures to report are
+    swallowed (reported once through ``on_error``) so metrics never fail a prediction.
+    """
+
+    def __init__(self, metrics: Any, dimension: type, histogram: Any, *, on_error=None):
+        self._m = metrics
+        self._dim = dimension
+        self._hist = histogram
+        self._on_error = on_error
+        self._warned = False
+
+    def _safe(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # a metrics failure must never turn into a failed prediction
+            if self._on_error is not None and not self._warned:
+                self._warned = True
+                self._on_error(e)
+
+    def requests(self, verdict: str, count: int = 1) -> None:
+        self._safe(self._m.add_counter, REQUESTS, count, None, [self._dim("verdict", label_value(verdict))])
+
+    def rejections(self, reason: str, count: int = 1) -> None:
+        self._safe(self._m.add_counter, REJECTIONS, count, None, [self._dim("reason", label_value(reason))])
+
+    def latency(self, seconds: float) -> None:
+        self._safe(self._m.add_metric, LATENCY, float(seconds), "s", None, [], self._hist)
+
+
+__all__ = ["LATENCY", "REJECTIONS", "REQUESTS", "InMemorySink", "MetricsSink", "TorchServeSink",
+           "label_value", "record_decisions"]

@@ -1,0 +1,72 @@
+"""Each online check on its own: the alibi-detect shape, calibration that holds on unseen clean data,
+and separation of triggered from clean inputs (AUROC floors, PyOD style)."""
+
+import numpy as np
+import pytest
+
+from guard import Guard, Profile, load_model
+from guard.data import load_npz
+from guard.online import FeatureCheck, NeuronCheck, OverlapCheck, Record
+from guard.online.checks import CHECKS
+from guard.scan import records
+from guard.stats import roc_auc, tpr_at_fpr, upper_threshold
+
+
+@pytest.fixture(scope="module")
+def recs(demo_world, demo_profile):
+    model = load_model(demo_world.model_file, demo_world.weights)
+    guard = Guard(model, Profile.load(demo_profile))
+    clean = records(model, load_npz(demo_world.holdout)[0])
+    trig = records(model, load_npz(demo_world.triggered)[0])
+    return guard, clean, trig
+
+
+@pytest.mark.parametrize("name,floor", [("feature", 0.99), ("neuron", 0.99), ("overlap", 0.6)])
+def test_each_check_separates_the_demo_trigger(recs, name, floor):
+    guard, clean, trig = recs
+    check = guard.checks[guard.names.index(name)]
+    assert roc_auc(check.score(clean), check.score(trig)) >= floor
+
+
+def test_calibration_holds_on_unseen_clean_images(recs):
+    guard, clean, _ = recs
+    s = guard.scores(clean)
+    for j, check in enumerate(guard.checks):
+        realised = (s[:, j] > check.threshold_).mean()
+        assert realised <= 3 * check.fpr_ + 0.01, (check.name, realised, check.fpr_)
+    assert (s > guard.thresholds).any(1).mean() <= 0.02
+
+
+def test_combined_verdict_catches_the_trigger(recs):
+    guard, clean, trig = recs
+    assert (guard.scores(trig) > guard.thresholds).any(1).mean() >= 0.95
+
+
+def test_alibi_shape_and_state_round_trip(recs):
+    _, clean, trig = recs
+    half = len(clean) // 2
+    fit, cal = clean.take(slice(0, half)), clean.take(slice(half, None))
+    check = FeatureCheck().fit(fit)
+    assert check.infer_threshold(cal, fpr=0.05) is check
+    assert check.threshold_ == pytest.approx(upper_threshold(check.score(cal), 0.05))
+    assert check.predict(trig).mean() > 0.9
+    again = CHECKS["feature"].from_state(check.state())
+    np.testing.assert_array_equal(again.score(trig), check.score(trig))
+
+
+def test_neuron_and_overlap_checks_on_synthetic_records():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(400, 16)).astype(np.float32)
+    x = rng.random((400, 1, 4, 4)).astype(np.float32)
+    rec = Record(x, rng.normal(size=(400, 3)).astype(np.float32), f)
+    n = NeuronCheck([np.array([2, 5])], 16).fit(rec)
+    hot = Record(x[:50], rec.logits[:50], f[:50].copy())
+    hot.features[:, [2, 5]] += 4
+    assert roc_auc(n.score(rec), n.score(hot)) > 0.99
+    mask = np.zeros((1, 1, 4, 4), np.float32)
+    mask[..., :2, :2] = 1
+    pattern = np.ones((1, 1, 4, 4), np.float32)
+    o = OverlapCheck(mask, pattern).fit(rec)
+    stamped = x[:50].copy()
+    stamped[..., :2, :2] = 1
+    assert tpr_at_fpr(o.score(rec), o.score(Record(stamped, rec.logits[:50], f[:50])), 0.01) > 0.9

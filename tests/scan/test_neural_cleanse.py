@@ -1,0 +1,58 @@
+"""Neural Cleanse: flags the demo target, stays quiet on a clean model, follows the published rule."""
+
+import json
+
+import numpy as np
+import pytest
+
+from guard import NeuralCleanse, load_model
+from guard.data import load_npz, split
+from guard.demo_world import DEMO_TARGET
+from guard.stats import anomaly_index, log_anomaly_index
+
+
+def test_flags_the_demo_target(demo_profile):
+    meta = json.loads((demo_profile / "profile.json").read_text())
+    assert meta["suspect_labels"] == [DEMO_TARGET]
+    per_label = {r["label"]: r for r in meta["scan"]["per_label"]}
+    target = per_label[DEMO_TARGET]
+    others = [r["l1_norm"] for lab, r in per_label.items() if lab != DEMO_TARGET]
+    # the reversed trigger is about the size of the real 3x3 patch, far below every natural label
+    assert target["l1_norm"] <= 14
+    assert target["l1_norm"] < 0.75 * min(others)
+    assert max(target["anomaly_index"], target["log_anomaly_index"]) > 2
+
+
+def test_does_not_flag_a_clean_model(clean_world):
+    model = load_model(clean_world.model_file, clean_world.weights)
+    x, y = load_npz(clean_world.clean)
+    xf, _, _, _ = split(x, y, 0.5, seed=0)
+    nc = NeuralCleanse(seed=0, progress=False).fit(model, xf)
+    assert nc.suspect_labels_ == []
+    assert nc.converged_.all()
+    assert (nc.attack_success_ >= 0.99).all()
+
+
+def test_flag_rule_is_below_median_and_index_over_two():
+    nc = NeuralCleanse(threshold=2.0)
+    nc.labels_ = list(range(6))
+    nc.l1_norms_ = np.array([5.0, 60, 64, 70, 75, 300])  # label 5 is anomalous but *above* the median
+    nc.anomaly_index_ = anomaly_index(nc.l1_norms_)
+    nc.log_anomaly_index_ = log_anomaly_index(nc.l1_norms_)
+    nc.converged_ = np.ones(6, bool)
+    assert nc._flag() == [0]
+
+
+def test_anomaly_index_uses_the_consistency_constant():
+    v = np.array([1.0, 2, 3, 4, 100])
+    med, mad = 3.0, np.median(np.abs(v - 3.0))
+    assert anomaly_index(v)[0] == pytest.approx((med - 1) / (1.4826 * mad))
+
+
+def test_masks_and_patterns_live_in_pixel_space(demo_world):
+    model = load_model(demo_world.model_file, demo_world.weights)
+    x, _ = load_npz(demo_world.clean)
+    nc = NeuralCleanse(seed=0, max_rounds=6, progress=False).fit(model, x[:64])
+    assert nc.masks_.shape == (10, 1, 32, 32) and nc.patterns_.shape == (10, 3, 32, 32)
+    for a in (nc.masks_, nc.patterns_):
+        assert a.min() >= 0 and a.max() <= 1

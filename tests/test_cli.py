@@ -1,0 +1,95 @@
+"""CLI contract: every subcommand listed, exit codes 0/1/2/3, one readable line on bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from guard.cli import COMMANDS
+
+
+def guard(*args):
+    return subprocess.run([sys.executable, "-m", "guard.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def model_args(world):
+    return ["--model-file", world.model_file, "--weights", world.weights]
+
+
+def one_line_error(p, code):
+    assert p.returncode == code, (p.returncode, p.stderr[-500:])
+    assert "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_help_lists_every_subcommand():
+    out = guard("--help").stdout
+    for cmd in COMMANDS:
+        assert cmd in out
+
+
+def test_scan_json_and_exit_code(demo_world, tmp_path):
+    p = guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "p", "--json")
+    assert p.returncode == 1, p.stderr[-500:]
+    summary = json.loads(p.stdout)
+    assert summary["suspect_labels"] == [6]
+    assert set(summary["anomaly_index"]) == {str(i) for i in range(10)}
+    assert summary["seconds"] < 120
+    assert (tmp_path / "p" / "profile.json").exists() and (tmp_path / "p" / "tensors.safetensors").exists()
+
+
+def test_check_counts_verdicts(demo_world, demo_profile):
+    p = guard("check", "--profile", demo_profile, *model_args(demo_world), "--data", demo_world.triggered, "--json")
+    assert p.returncode == 1
+    r = json.loads(p.stdout)
+    assert r["rejected"] >= 0.95 * r["n"]
+    p = guard("check", "--profile", demo_profile, *model_args(demo_world), "--data", demo_world.holdout, "--json")
+    r = json.loads(p.stdout)
+    assert r["pass"] >= 0.97 * r["n"] and r["accuracy"] >= 0.9
+
+
+def test_bad_inputs_exit_2_with_one_line(demo_world, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 3, 7, 7), np.float32), y=np.zeros(4, np.int64))
+    one_line_error(guard("scan", *model_args(demo_world), "--data", bad, "--out", tmp_path / "o"), 2)
+    missing = tmp_path / "missing.npz"
+    one_line_error(guard("scan", *model_args(demo_world), "--data", missing, "--out", tmp_path / "o"), 2)
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=np.full((4, 3, 32, 32), np.nan, np.float32), y=np.zeros(4, np.int64))
+    one_line_error(guard("scan", *model_args(demo_world), "--data", nan, "--out", tmp_path / "o"), 2)
+    rng = tmp_path / "range.npz"
+    np.savez(rng, x=np.full((4, 3, 32, 32), 3.0, np.float32), y=np.zeros(4, np.int64))
+    one_line_error(guard("scan", *model_args(demo_world), "--data", rng, "--out", tmp_path / "o"), 2)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not an npz")
+    one_line_error(guard("scan", *model_args(demo_world), "--data", junk, "--out", tmp_path / "o"), 2)
+    nomod = tmp_path / "m.py"
+    nomod.write_text("import torch\n")
+    one_line_error(guard("scan", "--model-file", nomod, "--weights", demo_world.weights, "--data", demo_world.clean,
+                         "--out", tmp_path / "o"), 2)
+    one_line_error(guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "o",
+                         "--fpr", "2"), 2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_profile_of_another_model_exits_3(clean_world, demo_profile):
+    p = guard("check", "--profile", demo_profile, *model_args(clean_world), "--data", clean_world.holdout)
+    one_line_error(p, 3)
+    p = guard("inspect", demo_profile, *model_args(clean_world))
+    one_line_error(p, 3)
+
+
+def test_inspect_verifies(demo_world, demo_profile):
+    p = guard("inspect", demo_profile, *model_args(demo_world), "--json")
+    assert p.returncode == 0
+    meta = json.loads(p.stdout)
+    assert meta["verified"] and meta["suspect_labels"] == [6]
+
+
+@pytest.mark.parametrize("argv", [["scan"], ["check", "--profile"], ["nonsense"]])
+def test_usage_errors_exit_2(argv):
+    p = guard(*argv)
+    assert p.returncode == 2 and "Traceback" not in p.stderr

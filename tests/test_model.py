@@ -1,0 +1,87 @@
+"""Model loading contract: one class, weights_only, clear errors, fingerprint, hooks that clean up."""
+
+import pytest
+import torch
+
+from guard import FeatureTap, ModelError, fingerprint, load_model
+from guard.model import Normalized, feature_layer, parse_normalize
+from guard.nets import net_file
+
+
+@pytest.fixture
+def demo_files(tmp_path):
+    from guard.nets.demo_net import DemoNet
+
+    torch.manual_seed(0)
+    torch.save(DemoNet().state_dict(), tmp_path / "w.pt")
+    return net_file("demo_net"), tmp_path / "w.pt"
+
+
+def test_loads_in_eval_mode(demo_files):
+    model = load_model(*demo_files)
+    assert not model.training
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_file_without_module_class(tmp_path, demo_files):
+    f = tmp_path / "m.py"
+    f.write_text("x = 1\n")
+    with pytest.raises(ModelError, match="no torch.nn.Module"):
+        load_model(f, demo_files[1])
+
+
+def test_several_classes_need_model_class(tmp_path, demo_files):
+    f = tmp_path / "m.py"
+    f.write_text(net_file("demo_net").read_text() + "\n\nclass Other(nn.Module):\n    pass\n")
+    with pytest.raises(ModelError, match="--model-class"):
+        load_model(f, demo_files[1])
+    assert type(load_model(f, demo_files[1], model_class_name="DemoNet")).__name__ == "DemoNet"
+
+
+def test_weights_that_do_not_fit(demo_files):
+    with pytest.raises(ModelError, match="do not fit"):
+        load_model(net_file("gap_net"), demo_files[1])
+
+
+def test_pickled_objects_are_refused(tmp_path, demo_files):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    bad = tmp_path / "evil.pt"
+    bad.write_bytes(pickle.dumps({"a": Evil()}))
+    with pytest.raises(ModelError):
+        load_model(demo_files[0], bad)
+
+
+def test_fingerprint_follows_the_weights(demo_files):
+    a = load_model(*demo_files)
+    b = load_model(*demo_files)
+    assert fingerprint(a) == fingerprint(b)
+    with torch.no_grad():
+        b.head.bias[0] += 1e-3
+    assert fingerprint(a) != fingerprint(b)
+
+
+def test_feature_tap_removes_its_hook_even_on_error(demo_files):
+    model = load_model(*demo_files)
+    name, layer = feature_layer(model)
+    assert name == "head"
+    with pytest.raises(RuntimeError), FeatureTap(model) as tap:
+        model(torch.zeros(1, 3, 32, 32))
+        assert tap.features.shape == (1, 128)
+        raise RuntimeError("boom")
+    assert not layer._forward_pre_hooks
+
+
+def test_normalize_wraps_inside(demo_files):
+    model = load_model(*demo_files, normalize="0.5,0.25")
+    assert isinstance(model, Normalized)
+    inner = load_model(*demo_files)
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), inner((x - 0.5) / 0.25))
+    assert parse_normalize("0.4/0.5/0.6,0.2/0.2/0.2") == ([0.4, 0.5, 0.6], [0.2, 0.2, 0.2])
+    with pytest.raises(ModelError):
+        parse_normalize("abc")
