@@ -111,10 +111,13 @@ class NeuronCheck(Check):
 
 
 class OverlapCheck(Check):
-    """How closely the input matches each suspect label's reversed pattern inside its reversed mask.
+    """How unusually the input matches each suspect label's reversed pattern inside its reversed mask.
 
-    Score per label: ``1 - sum(m * |x - p|) / (C * sum(m))``, standardised on clean inputs; the
-    largest over the suspect labels. Catches a trigger where the reversed mask found it.
+    Per label: ``1 - sum(m * |x - p|) / (C * sum(m))``, standardised on clean inputs; the score is
+    the largest *absolute* deviation over the suspect labels. Two-sided on purpose: the reversed
+    pattern is one trigger that works, not the attacker's, and on the demo model a stamped patch
+    inside the mask sits consistently *farther* from the reversed pattern than clean pixels do
+    (one-sided AUROC 0.05, two-sided well above 0.5). Catches a trigger where the reversed mask found it.
     """
 
     name = "overlap"
@@ -136,7 +139,7 @@ class OverlapCheck(Check):
         self.mu, self.sd = _standardiser(self._raw(record))
 
     def score(self, record):
-        return ((self._raw(record) - self.mu) / self.sd).max(1)
+        return np.abs((self._raw(record) - self.mu) / self.sd).max(1)
 
     def state(self):
         return {"m": self.m, "p": self.p, "mu": self.mu, "sd": self.sd}

@@ -1,0 +1,247 @@
+"""The guarded demo model on a real TorchServe: `guard archive`, `guard serve`, HTTP, metrics, `guard stop`.
+
+TorchServe runs on free 127.0.0.1 ports with token authorization on (as deploy/config.properties
+ships it), started and stopped through the CLI; the fixture's teardown stops its process group
+whatever happened. Every wait is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from guard import Guard, Profile, load_model
+from guard.commands import _torchserve as ts
+from guard.data import load_npz
+from guard.errors import ProfileMismatch
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BIN = Path(sys.executable).parent
+NAME = "demo"
+MAX_BYTES = 500_000  # below TorchServe's own 6.5 MB bound, so guard's 413 is what answers
+
+
+def guard_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "guard"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def png(x_chw: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(np.rint(x_chw * 255).astype(np.uint8).transpose(1, 2, 0)).save(b, format="PNG")
+    return b.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(demo_world, demo_profile, tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("model-store")
+    done = guard_cli("archive", "--name", NAME, "--model-file", str(demo_world.model_file),
+                     "--weights", str(demo_world.weights), "--profile", str(demo_profile),
+                     "--export-path", str(store), "--mode", "enforce", "--batch-size", "4",
+                     "--max-batch-delay", "20", "--max-request-bytes", str(MAX_BYTES))
+    assert done.returncode == 0, done.stderr
+    assert (store / f"{NAME}.mar").is_file()
+    return store
+
+
+@pytest.fixture(scope="module")
+def server(archive, tmp_path_factory):
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs java")
+    run_dir = tmp_path_factory.mktemp("serve")
+    try:
+        done = guard_cli("serve", "--model-store", str(archive), "--models", f"{NAME}={NAME}.mar",
+                         "--ports", "auto", "--run-dir", str(run_dir), "--timeout", "300", timeout=420)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "token auth ON" in done.stdout and str(run_dir / "key_file.json") in done.stdout
+        srv = ts.Server.load(run_dir)
+        assert srv is not None and srv.alive()
+        yield srv
+        stopped = guard_cli("stop", "--run-dir", str(run_dir), timeout=120)
+        assert stopped.returncode == 0 and "stopped TorchServe" in stopped.stdout, stopped.stdout + stopped.stderr
+        assert not srv.alive()
+    finally:
+        left = ts.Server.load(run_dir)
+        if left is not None:
+            left.stop()
+
+
+@pytest.fixture(scope="module")
+def data(demo_world, demo_profile):
+    """Clean held-out images the offline guard passes and triggered ones it rejects."""
+    guard = Guard(load_model(demo_world.model_file, demo_world.weights), Profile.load(demo_profile))
+    xh, yh = load_npz(demo_world.holdout)
+    xt, _ = load_npz(demo_world.triggered)
+    keep_h = [d.verdict == "pass" for d in guard.predict(xh[:40])]
+    keep_t = [d.verdict == "rejected" for d in guard.predict(xt[:40])]
+    return {"clean": xh[:40][keep_h], "clean_y": yh[:40][keep_h], "triggered": xt[:40][keep_t]}
+
+
+def post(srv: ts.Server, body: bytes, ctype: str | None = "application/json", key: str | None = "inference"):
+    status, raw = ts.http(f"{srv.urls['inference']}/predictions/{NAME}", body=body, content_type=ctype,
+                          key=srv.key(key) if key else None, timeout=60)
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def instances(x: np.ndarray) -> bytes:
+    return json.dumps({"instances": x.tolist()}).encode()
+
+
+@pytest.fixture(scope="module")
+def traffic(server, data):
+    """Everything the tests check, sent once (metrics are cumulative): answers plus expected counts."""
+    c, t = data["clean"], data["triggered"]
+    out = {
+        "no_token": post(server, instances(c[:1]), key=None),
+        "no_token_ping": ts.http(f"{server.urls['inference']}/ping"),
+        "ping": ts.http(f"{server.urls['inference']}/ping", key=server.key()),
+        "clean": post(server, instances(c[:6])),
+        "triggered_single": post(server, instances(t[:1])),
+        "triggered_batch": post(server, instances(t[1:4])),
+        "png_clean": post(server, png(c[6]), "image/png"),
+        "png_triggered": post(server, png(t[4]), "image/png"),
+        "malformed": post(server, b'{"instances": [[0.1, 0.2]]}'),
+        "not_json": post(server, b"{nope", "application/json"),
+        "wrong_size_png": post(server, png(np.zeros((3, 16, 16), np.float32)), "image/png"),
+        "too_large": post(server, instances(np.zeros((40, 3, 32, 32), np.float32) + 0.25)),
+    }
+    return out
+
+
+def test_requests_without_the_token_are_refused_with_400_invalid_key(traffic):
+    status, body = traffic["no_token"]
+    assert status == 400 and "InvalidKeyException" in json.dumps(body)  # TorchServe 0.12: 400, not 401
+    assert traffic["no_token_ping"][0] == 400
+    assert traffic["ping"][0] == 200
+
+
+def test_clean_json_batch_passes_with_correct_labels(traffic, data):
+    status, body = traffic["clean"]
+    assert status == 200
+    preds = body["predictions"]
+    assert [p["verdict"] for p in preds] == ["pass"] * 6
+    assert [p["label"] for p in preds] == data["clean_y"][:6].tolist()
+    assert all(set(p) == {"label", "probabilities", "verdict", "reasons", "scores"} for p in preds)
+    assert all(abs(sum(p["probabilities"]) - 1) < 1e-3 for p in preds)
+
+
+def test_triggered_single_request_is_refused_403_without_the_hijacked_label(traffic):
+    status, body = traffic["triggered_single"]
+    assert status == 403
+    (p,) = body["predictions"]
+    assert p["verdict"] == "rejected" and p["label"] is None and p["probabilities"] is None and p["reasons"]
+
+
+def test_triggered_batch_answers_200_with_per_instance_verdicts(traffic):
+    status, body = traffic["triggered_batch"]
+    assert status == 200 and [p["verdict"] for p in body["predictions"]] == ["rejected"] * 3
+
+
+def test_png_bodies_are_guarded_too(traffic):
+    status, body = traffic["png_clean"]
+    assert status == 200 and body["predictions"][0]["verdict"] == "pass"
+    status, body = traffic["png_triggered"]
+    assert status == 403 and body["predictions"][0]["verdict"] == "rejected"
+
+
+def test_malformed_requests_answer_400_with_an_error_message(traffic):
+    for key, words in (("malformed", "3x32x32"), ("not_json", "not valid JSON"), ("wrong_size_png", "32x32")):
+        status, body = traffic[key]
+        assert status == 400, (key, body)
+        assert set(body) == {"error"} and words in body["error"], (key, body)
+
+
+def test_oversized_request_answers_413(traffic):
+    status, body = traffic["too_large"]
+    assert status == 413 and str(MAX_BYTES) in body["error"]
+
+
+def _samples(text: str, name: str, label: str) -> dict[str, float]:
+    pat = re.compile(rf'^{name}\{{{label}="([^"]*)",ModelName="{NAME}",Level="Model",Hostname="[^"]+",\}} (\S+)$',
+                     re.M)
+    return {m.group(1): float(m.group(2)) for m in pat.finditer(text)}
+
+
+def test_metrics_port_serves_guard_counters_and_latency(server, traffic):
+    expected_requests = {"pass": 6 + 1, "rejected": 1 + 3 + 1, "error": 4}
+    refused = ("triggered_single", "triggered_batch", "png_triggered")
+    rejected = [p for k in refused for p in traffic[k][1]["predictions"]]
+    expected_reasons: dict[str, float] = {}
+    for p in rejected:
+        for r in p["reasons"]:
+            expected_reasons[r] = expected_reasons.get(r, 0) + 1
+    text, requests = "", {}
+    deadline = time.monotonic() + 30
+    for _ in range(60):  # the frontend picks metric lines up from the worker log asynchronously
+        status, raw = ts.http(f"{server.urls['metrics']}/metrics")  # no token needed on the metrics port
+        assert status == 200
+        text = raw.decode()
+        requests = _samples(text, "guard_requests_total", "verdict")
+        if requests == expected_requests or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert requests == expected_requests, text
+    assert _samples(text, "guard_rejections_total", "reason") == expected_reasons
+    assert "# TYPE guard_latency_seconds histogram" in text
+    count = re.search(rf'^guard_latency_seconds_count\{{ModelName="{NAME}",Level="Model",Hostname="[^"]+",\}} (\S+)$',
+                      text, re.M)
+    assert count and float(count.group(1)) >= 1
+    for line in ts.guard_metric_lines(text):
+        for value in re.findall(r'="([^"]*)"', line):
+            assert "," not in value and ":" not in value
+
+
+def test_a_second_serve_from_the_same_run_dir_is_refused(server, archive):
+    done = guard_cli("serve", "--model-store", str(archive), "--ports", "auto", "--run-dir", str(server.run_dir),
+                     timeout=60)
+    assert done.returncode == 2 and "still running" in done.stderr
+    assert server.alive()
+
+
+def test_torchserve_refuses_to_serve_a_model_whose_profile_does_not_match(archive, tmp_path):
+    """A tampered archive (weights swapped after archiving): the worker never serves it, serve exits 3."""
+    store = tmp_path / "store"
+    store.mkdir()
+    src = zipfile.ZipFile(archive / f"{NAME}.mar")
+    with zipfile.ZipFile(store / "tampered.mar", "w") as dst:
+        for item in src.infolist():
+            payload = src.read(item)
+            if item.filename == "weights.pt":
+                state = torch.load(io.BytesIO(payload), weights_only=True)
+                first = next(iter(state))
+                state[first] = state[first] * 1.01
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                payload = buf.getvalue()
+            dst.writestr(item, payload)
+    run_dir = tmp_path / "run"
+    with pytest.raises(ProfileMismatch, match="GUARD REFUSED TO LOAD"):
+        ts.start(store, models={"tampered": "tampered.mar"}, run_dir=run_dir, timeout=240)
+    assert ts.Server.load(run_dir) is None  # start() stopped what it started and removed the state
+
+
+def test_serve_without_java_is_one_clear_line_and_exit_2(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAVA_HOME"}
+    env["PATH"] = str(BIN)
+    if shutil.which("java", path=env["PATH"]):
+        pytest.skip("java is in the venv's bin directory")
+    done = subprocess.run([str(BIN / "guard"), "serve", "--model-store", str(tmp_path), "--run-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "Java 17" in done.stderr
