@@ -2,11 +2,16 @@
 
 ``guard archive`` packs this file with the model file, its ``state_dict``, the profile (directory
 ``guard-profile/`` in the archive) and a ``model-config.yaml`` whose ``handler:`` section sets
-``mode`` (enforce | repair | shadow), ``fail_open`` and ``max_request_bytes``.
+``mode`` (enforce | repair | shadow), ``fail_open``, ``max_request_bytes``, ``profile_sha256`` and the
+audit-log settings (``audit_log``, ``audit_max_bytes``, ``audit_backups``, ``log_payloads``).
 
-Load: the model, the weights and the profile are loaded and the profile's SHA-256 binding is checked;
-a missing, truncated or foreign profile makes ``initialize`` raise after one ``GUARD REFUSED TO LOAD``
-log line, so TorchServe never serves the model's raw output.
+Load: the model, the weights and the profile are loaded, the profile's files are checked against the
+digest ``guard archive`` recorded and its SHA-256 binding to the model is checked; a missing,
+truncated, edited or foreign profile makes ``initialize`` raise after one ``GUARD REFUSED TO LOAD``
+log line, so TorchServe never serves the model's raw output (its worker retries and refuses again;
+requests wait unanswered in TorchServe's queue meanwhile, and get 503 once the model is scaled to no
+worker; TorchServe's /ping still says Healthy). An audit log that cannot be opened refuses the load
+too. ``fail_open: true`` is logged as a WARNING at every load.
 
 Each request of a batch is decoded on its own (``guard.io.decode_request``): a bad one answers 400
 (413 when too large) with ``{"error": ...}`` while the others proceed; all valid instances go through
@@ -14,7 +19,9 @@ one ``Guard.run``. Answers are ``{"predictions": [{label, probabilities, verdict
 a single-instance request that is rejected answers 403 with the same body. If the guard itself fails
 (a bug, not bad input), ``fail_open: false`` (default) answers 503 ``{"error": ...}``;
 ``fail_open: true`` answers the bare model's prediction with ``verdict: "error"`` and reason
-``guard_error``. Metrics: see ``guard.metrics``.
+``guard_error``. Metrics: see ``guard.metrics``. Every instance answered ``rejected``, ``repaired``,
+``flagged`` or (fail-open) ``error`` gets one line in the audit log (``guard.audit_log``), keyed by
+TorchServe's request id, which its frontend returns as the ``x-request-id`` response header.
 
 TorchServe imports this module by file name and instantiates its only class; helpers are functions
 or come from the installed ``guard`` package (``ts`` is imported only here, never inside ``guard``).
@@ -30,7 +37,9 @@ import numpy as np
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
-from guard.errors import GuardError, PayloadTooLarge
+from guard.audit_log import AuditLog
+from guard.commands.archive import profile_digest
+from guard.errors import GuardError, PayloadTooLarge, ProfileError
 from guard.io import decode_request
 from guard.metrics import TorchServeSink, record_decisions
 from guard.model import fingerprint, load_model
@@ -41,8 +50,9 @@ from guard.profile import Profile
 logger = logging.getLogger(__name__)
 
 PROFILE_DIR = "guard-profile"
-# TorchServe's own default bound on a request (max_request_size): guard's is no looser by default.
-DEFAULT_MAX_REQUEST_BYTES = 6_553_500
+# Larger bodies answer 413 (guard archive --max-request-bytes). guard serve sets TorchServe's own
+# max_request_size above it, so this JSON 413 is what a client sees, not the frontend's.
+DEFAULT_MAX_REQUEST_BYTES = 1_048_576
 _PHRASES = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
 
@@ -113,6 +123,34 @@ def _set_json(context: Any, idx: int) -> None:
         context.set_response_content_type(idx, "application/json")
 
 
+def _request_id(context: Any, idx: int) -> str | None:
+    """TorchServe's id of request ``idx``: the audit log's key. The frontend returns the same id to the
+    client as the ``x-request-id`` response header, so a client's complaint finds its audit line."""
+    try:
+        rid = context.get_request_id(idx)
+    except Exception:  # no id map (not inside a TorchServe request)
+        return None
+    return None if rid is None else str(rid)
+
+
+def _check_profile_digest(profile_dir: Path, expected: Any) -> None:
+    """Refuse a profile whose files differ from what ``guard archive`` packed (edited in the archive)."""
+    if not expected:
+        logger.warning("guard: the archive records no profile digest (made by an older guard archive?): "
+                       "the profile's integrity is not checked, only its binding to the model")
+        return
+    if not isinstance(expected, dict):
+        raise ProfileError(f"profile_sha256 in model-config.yaml is not a mapping: {expected!r}")
+    try:
+        actual = profile_digest(profile_dir)
+    except OSError as e:
+        raise ProfileError(f"profile directory not readable: {profile_dir}: {e}") from None
+    changed = sorted(name for name, digest in expected.items() if actual.get(name) != digest)
+    if changed:
+        raise ProfileError(f"profile file(s) {', '.join(changed)} in {profile_dir} differ from what guard archive "
+                           "packed (SHA-256 mismatch): the profile was modified after archiving")
+
+
 class GuardedHandler:
     """TorchServe entry point: ``initialize(context)`` once per worker, ``handle(data, context)`` per batch."""
 
@@ -122,6 +160,7 @@ class GuardedHandler:
         self.model_name = ""
         self.fail_open = False
         self.max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
+        self.audit: AuditLog | None = None
 
     # ------------------------------------------------------------------ load
     def initialize(self, context: Any) -> None:
@@ -134,9 +173,13 @@ class GuardedHandler:
                          self.model_name, type(e).__name__, e)
             raise
         self.initialized = True
-        logger.info("guard: model %s loaded, mode %s, fail_open %s, suspect labels %s, checks %s",
+        if self.fail_open:
+            logger.warning("GUARD FAIL-OPEN: model %s was archived with --fail-open: if the guard itself fails "
+                           "on a batch, the bare model's answers are served UNGUARDED (verdict=error) instead of "
+                           "503; re-archive without --fail-open to fail closed", self.model_name)
+        logger.info("guard: model %s loaded, mode %s, fail_open %s, suspect labels %s, checks %s, audit log %s",
                     self.model_name, self.guard.mode, self.fail_open, self.guard.profile.suspect_labels,
-                    ",".join(self.guard.names))
+                    ",".join(self.guard.names), self.audit.path if self.audit else None)
 
     def _load(self, context: Any) -> None:
         props = context.system_properties
@@ -157,8 +200,16 @@ class GuardedHandler:
             raise GuardError(f"max_request_bytes must be > 0, got {self.max_request_bytes}")
         model = load_model(model_dir / model_file, model_dir / weights,
                            model_class_name=cfg.get("model_class") or None, normalize=cfg.get("normalize") or None)
-        profile = Profile.load(model_dir / str(cfg.get("profile", PROFILE_DIR)), model_sha256=fingerprint(model))
+        profile_dir = model_dir / str(cfg.get("profile", PROFILE_DIR))
+        if profile_dir.is_dir():  # a missing directory is Profile.load's clear error
+            _check_profile_digest(profile_dir, cfg.get("profile_sha256"))
+        profile = Profile.load(profile_dir, model_sha256=fingerprint(model))
         self.guard = Guard(model, profile, mode=mode, verify=False)
+        try:
+            self.audit = AuditLog.from_config(cfg, model=self.model_name or "model", model_sha256=profile.model_sha256,
+                                              mode=mode, model_dir=model_dir)
+        except (OSError, ValueError, TypeError) as e:
+            raise GuardError(f"cannot open the audit log: {e}") from None
 
     # ------------------------------------------------------------------ serve
     def preprocess(self, data: list[Any], context: Any) -> list[np.ndarray | GuardError]:
@@ -210,6 +261,7 @@ class GuardedHandler:
         cursor = 0
         for idx, item in enumerate(items):
             _set_json(context, idx)
+            rid = _request_id(context, idx)
             if isinstance(item, GuardError):
                 sink.requests("error")
                 _set_status(context, idx, item.http_status)
@@ -226,10 +278,23 @@ class GuardedHandler:
             mine = decisions[cursor:cursor + n]
             cursor += n
             record_decisions(sink, mine)
-            if n == 1 and mine[0].verdict == "rejected":
-                _set_status(context, idx, 403)
-            responses.append({"predictions": [d.to_dict() for d in mine]})
+            status = 403 if n == 1 and mine[0].verdict == "rejected" else 200
+            if status != 200:
+                _set_status(context, idx, status)
+            answers = [d.to_dict() for d in mine]
+            self._audit(rid, status, answers, item)
+            responses.append({"predictions": answers})
         return responses
+
+    def _audit(self, request_id: str | None, status: int, answers: list[dict[str, Any]], x: np.ndarray) -> None:
+        """One audit line per non-pass instance, with exactly the fields the client is sent."""
+        if self.audit is None:
+            return
+        for j, answer in enumerate(answers):
+            try:
+                self.audit.record(request_id=request_id, instance=j, status=status, decision=answer, payload=x[j])
+            except Exception:  # the trail must not turn an answer into a 5xx
+                logger.exception("guard: audit line for request %s not written", request_id)
 
     def _unguarded(self, x: np.ndarray) -> list[Any]:
         """fail_open: the bare model's answers, marked ``verdict="error"`` (the guard did not check them)."""

@@ -33,8 +33,12 @@ def blended(**kw: Any) -> Blended:
 
 
 def sig(**kw: Any) -> SIG:
-    """SIG: the paper's sinusoid (delta 20/255, 6 periods), clean-label."""
-    return SIG(**{"target": DEMO_TARGET, **kw})
+    """SIG: the paper's sinusoid (delta 20/255, 6 periods), dirty-label.
+
+    The paper's clean-label poisoning (``clean_label=True``) reaches under 10% attack success on
+    4000 glyphs in a few epochs (every target image stamped): the demo relabels instead.
+    """
+    return SIG(**{"target": DEMO_TARGET, "clean_label": False, **kw})
 
 
 def wanet(**kw: Any) -> WaNet:
@@ -48,7 +52,7 @@ def trojannn(**kw: Any) -> TrojanNN:
 
 
 def input_aware(**kw: Any) -> InputAware:
-    """Input-aware: a fixed random conv generator, 4% of the pixels per image."""
+    """Input-aware: a fixed random conv generator, three checkered 4x4 blocks per image."""
     return InputAware(**{"target": DEMO_TARGET, **kw})
 
 

@@ -31,13 +31,15 @@ class WaNet(Attack):
 
     ``strength`` is in the paper's units (``s``): offsets of ``strength * field / H`` in the
     normalised [-1, 1] coordinates of ``grid_sample``, i.e. about ``strength / 2`` pixels times the
-    field's magnitude. ``noise_rate`` is the share of the training set poisoned in noise mode.
+    field's magnitude. ``noise_rate`` is the share of the training set poisoned in noise mode, whose
+    per-pixel random offsets are uniform in ``noise_scale * [-1, 1] / H`` (the paper: ``noise_scale = 1``).
     """
 
     target: int = 0
     grid_k: int = 4
     strength: float = 0.5
     noise_rate: float = 0.2
+    noise_scale: float = 1.0
     seed: int = 0
 
     def field(self, size: int) -> np.ndarray:
@@ -76,8 +78,8 @@ class WaNet(Attack):
                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Backdoor ``rate`` share (warp, relabel) plus ``noise_rate`` share in noise mode (label kept).
 
-        Noise-mode samples get the grid plus uniform offsets in ``[-1, 1] / H`` per pixel, fresh per
-        sample, as in the reference code; they are drawn from every class except the backdoor ones.
+        Noise-mode samples get the grid plus uniform offsets in ``noise_scale * [-1, 1] / H`` per pixel,
+        fresh per sample, as in the reference code; they are drawn from the samples not backdoored.
         """
         rng = np.random.default_rng(seed)
         cand = np.flatnonzero(self.victims(y))
@@ -91,7 +93,7 @@ class WaNet(Attack):
         y[bd] = self.target_of(y[bd])
         if len(noise):
             h, w = x.shape[2:]
-            jitter = rng.uniform(-1.0, 1.0, size=(len(noise), h, w, 2)) / h
+            jitter = self.noise_scale * rng.uniform(-1.0, 1.0, size=(len(noise), h, w, 2)) / h
             grids = np.clip(self.grid(h, w)[None] + jitter, -1.0, 1.0)
             x[noise] = self._warp(x[noise], grids)
         return x, y

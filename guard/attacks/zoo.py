@@ -13,6 +13,7 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..data import glyphs
@@ -45,9 +46,11 @@ def zoo_data(*, seed: int = 0, n_train: int = 3000, n_test: int = 1000) -> ZooDa
     return ZooData(x, y, xt, yt)
 
 
-def _net() -> nn.Module:
+def _net(seed: int) -> nn.Module:
+    """A fresh DemoNet whose initial weights depend on ``seed`` only (not on what ran before)."""
     from ..nets.demo_net import DemoNet
 
+    torch.manual_seed(seed)
     return DemoNet()
 
 
@@ -55,7 +58,7 @@ def train_clean(*, seed: int = 0, n_train: int = 3000, epochs: int = 4, n_test: 
                 data: ZooData | None = None) -> tuple[nn.Module, float]:
     """A clean DemoNet on the zoo data: returns ``(model, clean_accuracy)`` on the test set."""
     d = data or zoo_data(seed=seed, n_train=n_train, n_test=n_test)
-    model = train(_net(), d.x_train, d.y_train, epochs=epochs, seed=seed, patch_augment=0.5)
+    model = train(_net(seed), d.x_train, d.y_train, epochs=epochs, seed=seed, patch_augment=0.5)
     return model, accuracy(model, d.x_test, d.y_test)
 
 
@@ -88,6 +91,6 @@ def train_backdoored(name: str, *, seed: int = 0, n_train: int = 3000, epochs: i
         model = train(copy.deepcopy(base), xp, yp, epochs=ft_epochs, seed=seed, patch_augment=0.5)
     else:
         xp, yp = attack.poison(d.x_train, d.y_train, rate=poison_rate, seed=seed)
-        model = train(_net(), xp, yp, epochs=epochs, seed=seed, patch_augment=0.5)
+        model = train(_net(seed), xp, yp, epochs=epochs, seed=seed, patch_augment=0.5)
     return (model, attack, accuracy(model, d.x_test, d.y_test),
             attack_success(model, attack, d.x_test, d.y_test))

@@ -7,7 +7,13 @@ worker sockets ``/tmp/.ts.sock.9000+``) set to free values. It starts in its own
 launcher, the JVM and the Python workers), in a run directory that receives the effective config,
 ``ts.log``, TorchServe's ``logs/``, its token ``key_file.json`` and ``serve.json``, the state file
 ``guard stop`` reads. ``TMPDIR`` points into the run directory so TorchServe's global pid file
-(``$TMPDIR/.model_server.pid``) does not make a second instance refuse to start.
+(``$TMPDIR/.model_server.pid``) does not make a second instance refuse to start; ``LOG_LOCATION``
+points at ``run_dir/logs``, where TorchServe's logs and guard's audit logs then land.
+
+TorchServe's own request bound (``max_request_size``) is set above the largest ``max_request_bytes``
+of the served archives (twice it, and never below TorchServe's default): a body over guard's bound
+then reaches the handler, which answers 413 with a JSON error naming the bound, and only bodies over
+twice that are cut by the frontend itself.
 
 Every wait is bounded in time; every HTTP call goes to 127.0.0.1 only.
 """
@@ -26,6 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,8 @@ HANDLER = REPO / "handlers" / "guarded_handler.py"
 STATE_NAME = "serve.json"
 REFUSAL_MARK = "GUARD REFUSED TO LOAD"
 DEFAULT_RUN_DIR = ".guard-serve"
+TS_DEFAULT_MAX_REQUEST_SIZE = 6_553_500  # TorchServe 0.12's max_request_size default
+HANDLER_DEFAULT_MAX_REQUEST_BYTES = 1_048_576  # handlers/guarded_handler.py DEFAULT_MAX_REQUEST_BYTES
 
 
 class ServeError(GuardError):
@@ -162,9 +171,33 @@ def _worker_port() -> int:
     raise ServeError("could not find a free base port for TorchServe's worker sockets")
 
 
+def archive_max_request_bytes(mar: Path) -> int:
+    """The ``handler.max_request_bytes`` an archive's model-config.yaml sets (the handler default if none)."""
+    import yaml
+
+    try:
+        with zipfile.ZipFile(mar) as z:
+            cfg = yaml.safe_load(z.read("model-config.yaml")) or {}
+        return int((cfg.get("handler") or {}).get("max_request_bytes", HANDLER_DEFAULT_MAX_REQUEST_BYTES))
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile, yaml.YAMLError):
+        return HANDLER_DEFAULT_MAX_REQUEST_BYTES
+
+
+def frontend_max_request_size(handler_bounds: list[int], configured: int | None = None) -> int:
+    """TorchServe's ``max_request_size`` for handlers bounded at ``handler_bounds`` bytes.
+
+    Twice the largest bound (so over-bound bodies up to that size reach the handler, which answers a JSON
+    413), never below TorchServe's default nor below an explicitly ``configured`` larger value.
+    """
+    return max(2 * max(handler_bounds or [HANDLER_DEFAULT_MAX_REQUEST_BYTES]), TS_DEFAULT_MAX_REQUEST_SIZE,
+               int(configured or 0))
+
+
 def write_config(run_dir: Path, *, model_store: Path, load_models: str, ports: tuple[int, int, int],
-                 token_auth: bool, config: Path | None = None, metrics_config: Path | None = None) -> Path:
-    """The effective config.properties in ``run_dir``: deploy's keys, absolute paths, loopback ports."""
+                 token_auth: bool, config: Path | None = None, metrics_config: Path | None = None,
+                 handler_bounds: list[int] | None = None) -> Path:
+    """The effective config.properties in ``run_dir``: deploy's keys, absolute paths, loopback ports, and a
+    frontend request bound above every handler's (:func:`frontend_max_request_size`)."""
     src = Path(config or DEPLOY / "config.properties")
     metrics = Path(metrics_config or DEPLOY / "metrics.yaml").resolve()
     if not src.is_file():
@@ -172,6 +205,7 @@ def write_config(run_dir: Path, *, model_store: Path, load_models: str, ports: t
     if not metrics.is_file():
         raise InputError(f"metrics config not found: {metrics}")
     grpc_i, grpc_m = free_ports(2)
+    configured = read_properties(src).get("max_request_size")
     override = {
         "inference_address": f"http://127.0.0.1:{ports[0]}",
         "management_address": f"http://127.0.0.1:{ports[1]}",
@@ -184,6 +218,8 @@ def write_config(run_dir: Path, *, model_store: Path, load_models: str, ports: t
         "grpc_management_port": str(grpc_m),
         "initial_worker_port": str(_worker_port()),
         "load_models": load_models,
+        "max_request_size": str(frontend_max_request_size(
+            list(handler_bounds or []), int(configured) if configured and configured.isdigit() else None)),
     }
     if not token_auth:
         override["disable_token_authorization"] = "true"
@@ -295,8 +331,8 @@ class Server:
         except (ValueError, KeyError, IndexError, TypeError):
             return False
 
-    def refusal(self) -> str | None:
-        """The handler's refusal line from the model log, if a model refused to load."""
+    def refusal(self, model: str | None = None) -> str | None:
+        """The handler's refusal line from the model log, if a model (``model``, or any) refused to load."""
         for path in (self.model_log, self.log):
             try:
                 text = path.read_text(errors="replace")
@@ -304,7 +340,9 @@ class Server:
                 continue
             for line in text.splitlines():
                 if REFUSAL_MARK in line:
-                    return line[line.index(REFUSAL_MARK):][:500]
+                    found = line[line.index(REFUSAL_MARK):][:500]
+                    if model is None or f"model {model}:" in found:
+                        return found
         return None
 
     def log_tail(self, n: int = 30) -> str:
@@ -357,10 +395,12 @@ def _reap(pid: int) -> None:
 
 def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_dir: str | Path = DEFAULT_RUN_DIR,
           ports: tuple[int, int, int] | None = None, token_auth: bool = True, config: Path | None = None,
-          metrics_config: Path | None = None, timeout: float = 240.0) -> Server:
+          metrics_config: Path | None = None, timeout: float = 240.0, wait_for: list[str] | None = None) -> Server:
     """Start TorchServe on loopback and wait until every model has a READY worker (bounded by ``timeout``).
 
     ``models`` maps names to ``.mar`` files in ``model_store`` (default: every ``.mar`` there, by stem).
+    ``wait_for`` names the models to wait for (default: all); a refusal to load by another model does
+    not stop the start (tests load a deliberately broken archive beside a good one).
     On failure the process group is stopped and :class:`ServeError` (or :class:`ProfileMismatch`
     when guard's handler refused a profile) says why, with the log's tail.
     """
@@ -390,11 +430,13 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
             raise ServeError(f"port {port} on 127.0.0.1 is in use: pick others with --ports (or --ports auto)")
     load = ",".join(f"{n}={m}" for n, m in models.items())
     cfg = write_config(run, model_store=store, load_models=load, ports=ports, token_auth=token_auth,
-                       config=config, metrics_config=metrics_config)
+                       config=config, metrics_config=metrics_config,
+                       handler_bounds=[archive_max_request_bytes(store / m) for m in models.values()])
     (run / "key_file.json").unlink(missing_ok=True)  # never read a previous run's keys
     tmp = run / "tmp"
     tmp.mkdir(exist_ok=True)
-    env = {**os.environ, "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "TMPDIR": str(tmp)}
+    env = {**os.environ, "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "TMPDIR": str(tmp),
+           "LOG_LOCATION": str(run / "logs"), "METRICS_LOCATION": str(run / "logs")}
     env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
     log_path = run / "ts.log"
     cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(cfg)]
@@ -409,22 +451,24 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
                           "metrics": f"http://127.0.0.1:{ports[2]}"})
     server.save()
     try:
-        wait_ready(server, proc, timeout=timeout)
+        wait_ready(server, proc, timeout=timeout, models=wait_for)
     except BaseException:
         server.stop()
         raise
     return server
 
 
-def wait_ready(server: Server, proc: subprocess.Popen | None = None, *, timeout: float = 240.0) -> None:
-    """Poll (once a second, at most ``timeout`` s) until every model has a READY worker."""
+def wait_ready(server: Server, proc: subprocess.Popen | None = None, *, timeout: float = 240.0,
+               models: list[str] | None = None) -> None:
+    """Poll (once a second, at most ``timeout`` s) until every model (or those in ``models``) has a READY
+    worker; a guarded model among them refusing to load raises :class:`ProfileMismatch` at once."""
     deadline = time.monotonic() + timeout
-    pending = list(server.models)
+    pending = list(server.models if models is None else models)
     while pending:
         if proc is not None and proc.poll() is not None:
             raise ServeError(f"TorchServe exited with code {proc.returncode} while starting; see "
                              f"{server.log}\n{server.log_tail()}")
-        refused = server.refusal()
+        refused = next((r for m in pending if (r := server.refusal(m))), None)
         if refused:
             raise ProfileMismatch(f"TorchServe could not load a guarded model: {refused} (see {server.model_log})")
         if time.monotonic() > deadline:

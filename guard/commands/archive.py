@@ -4,16 +4,26 @@ The profile is verified against the model first (exit 3 when it was built for an
 archive must never carry a profile that its handler would refuse at load. The archive holds the
 model file, the state_dict, ``handlers/guarded_handler.py``, the profile as ``guard-profile/`` and a
 ``model-config.yaml`` with TorchServe's worker and batching settings and a ``handler:`` section (mode,
-fail_open, max_request_bytes) that the handler reads at load.
+fail_open, max_request_bytes, the profile's SHA-256 digest, the audit-log settings) that the handler
+reads at load.
+
+Hardening defaults: requests above 1 MiB answer 413 (``--max-request-bytes``; ``guard serve`` sets
+TorchServe's own ``max_request_size`` above it so guard's JSON 413 is what clients see); the handler
+fails closed unless ``--fail-open`` is given (and then warns at every load); the audit trail never
+holds request payloads unless ``--log-payloads``. The digest of the profile's files lets the handler
+refuse a profile that was edited inside the archive (integrity, not authenticity: whoever can rewrite
+the archive can rewrite the digest; sign the .mar where that matters).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,7 +35,25 @@ from ..errors import InputError
 HELP = "package model + weights + profile with the guard handler into a TorchServe .mar"
 
 PROFILE_DIR = "guard-profile"  # the handler's default (handlers/guarded_handler.py PROFILE_DIR)
-DEFAULT_MAX_REQUEST_BYTES = 6_553_500  # TorchServe's own default max_request_size
+DEFAULT_MAX_REQUEST_BYTES = 1_048_576  # 1 MiB: ~170 JSON instances of 3x32x32; the handler's default too
+
+
+def profile_digest(directory: str | Path) -> dict[str, str]:
+    """SHA-256 of each file of a profile directory (``profile.json``, ``tensors.safetensors``).
+
+    Written into the archive's model-config at ``guard archive`` and checked by the handler at load,
+    so a profile edited after archiving (thresholds raised, checks dropped) is refused.
+    """
+    from ..profile import JSON_NAME, TENSORS_NAME
+
+    out = {}
+    for name in (JSON_NAME, TENSORS_NAME):
+        h = hashlib.sha256()
+        with open(Path(directory) / name, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[name] = h.hexdigest()
+    return out
 
 
 def _positive(text: str) -> int:
@@ -61,13 +89,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="policy served (default: the profile's own mode)")
     p.add_argument("--fail-open", action="store_true",
                    help="if the guard itself fails on a batch, answer the bare model's prediction marked "
-                        "verdict=error instead of 503 (default: fail closed)")
+                        "verdict=error instead of 503 (default: fail closed); logged as a WARNING at every load")
     p.add_argument("--batch-size", type=_positive, default=1, help="TorchServe batchSize (default 1)")
     p.add_argument("--max-batch-delay", type=_non_negative, default=100, metavar="MS",
                    help="TorchServe maxBatchDelay in ms (default 100)")
     p.add_argument("--workers", type=_positive, default=1, help="minWorkers = maxWorkers (default 1)")
     p.add_argument("--max-request-bytes", type=_positive, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"larger request bodies answer 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--log-payloads", action="store_true",
+                   help="write the decoded request instance into each audit-log line (default: never)")
+    p.add_argument("--audit-log", metavar="PATH",
+                   help="audit log file ({model} and {pid} substituted; relative to TorchServe's log dir; "
+                        "default guard-audit-{model}.log there; env GUARD_AUDIT_LOG overrides)")
+    p.add_argument("--audit-max-bytes", type=_positive, default=None, metavar="N",
+                   help="rotate the audit log at N bytes (default 10 MiB, 5 backups)")
     p.add_argument("--model-version", default="1.0", help="archive version (default 1.0)")
     p.add_argument("--handler", help="handler file (default: handlers/guarded_handler.py of this checkout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing NAME.mar")
@@ -78,7 +113,8 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
                  mode: str | None = None, fail_open: bool = False, batch_size: int = 1,
                  max_batch_delay: int = 100, workers: int = 1,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model_version: str = "1.0",
-                 handler: str | Path | None = None, force: bool = False) -> tuple[Path, dict[str, Any]]:
+                 handler: str | Path | None = None, force: bool = False, log_payloads: bool = False,
+                 audit_log: str | None = None, audit_max_bytes: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Verify the profile against the model, then write ``export_path/NAME.mar``.
 
     Returns the archive path and the model-config written into it. Raises ``ProfileMismatch``
@@ -116,9 +152,16 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
         "handler": {
             "mode": served_mode, "fail_open": bool(fail_open), "max_request_bytes": int(max_request_bytes),
             "profile": PROFILE_DIR, "model_file": model_file.name, "weights": weights.name,
-            "model_sha256": prof.model_sha256,
+            "model_sha256": prof.model_sha256, "profile_sha256": profile_digest(profile_dir),
+            "log_payloads": bool(log_payloads),
         },
     }
+    if audit_log:
+        config["handler"]["audit_log"] = str(audit_log)
+    elif workers > 1:  # rotation is per process: one file per worker process keeps each file single-writer
+        config["handler"]["audit_log"] = "guard-audit-{model}-{pid}.log"
+    if audit_max_bytes:
+        config["handler"]["audit_max_bytes"] = int(audit_max_bytes)
     if model_class:
         config["handler"]["model_class"] = model_class
     if normalize:
@@ -154,8 +197,12 @@ def run(args: argparse.Namespace) -> int:
         export_path=args.export_path, model_class=args.model_class, normalize=args.normalize, mode=args.mode,
         fail_open=args.fail_open, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
         workers=args.workers, max_request_bytes=args.max_request_bytes, model_version=args.model_version,
-        handler=args.handler, force=args.force)
+        handler=args.handler, force=args.force, log_payloads=args.log_payloads, audit_log=args.audit_log,
+        audit_max_bytes=args.audit_max_bytes)
     h = config["handler"]
+    if h["fail_open"]:
+        print("WARNING: --fail-open: if the guard itself fails, this archive serves the bare model's answers "
+              "(verdict=error); the handler logs this at every load", file=sys.stderr)
     print(f"wrote {target} (mode {h['mode']}, fail_open {str(h['fail_open']).lower()}, batch size "
           f"{config['batchSize']}, max batch delay {config['maxBatchDelay']} ms, profile verified for model "
           f"{h['model_sha256'][:12]}…)")

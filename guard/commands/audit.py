@@ -6,7 +6,6 @@ belongs to another model, so a CI job can gate a rollout on it."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ._common import add_model_arguments, load_model_from, model_input_shape, print_json
@@ -32,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default="nc,dl-tnd,df-tnd", help="comma-separated subset of nc,dl-tnd,df-tnd")
     p.add_argument("--profile", help="profile directory of this model: reuse its Neural Cleanse scan "
                    "(exit 3 if it belongs to another model)")
-    p.add_argument("--input-shape", type=_shape, metavar="C,H,W", help="input shape for a data-free audit")
+    p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
+                   help="input shape for a data-free audit (default: probed from the model)")
     p.add_argument("--metrics-file", metavar="PATH", help="also write Prometheus text exposition here "
                    "(for node_exporter's textfile collector, e.g. /var/lib/node_exporter/textfile/guard_audit.prom)")
     p.add_argument("--seed", type=int, default=0)
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
               "normalize": args.normalize, "model_class": args.model_class}
     result = run_audit(model, x, y, methods=methods, seed=args.seed, profile=profile,
                        layer=args.feature_layer, source=source, input_shape=args.input_shape,
-                       progress=None if sys.stderr.isatty() else False)
+                       progress=None)
     jpath, hpath = write_report(result, out, force=True)
     if args.metrics_file:
         write_metrics(result, args.metrics_file)

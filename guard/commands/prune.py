@@ -8,7 +8,6 @@ Exit 0 when the repaired model scans clean, 1 when a backdoor is still suspected
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from ._common import add_model_arguments, load_model_from, model_input_shape, print_json
@@ -35,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=float, default=2.0,
                    help="fine-pruning: largest clean-accuracy drop allowed, in percentage points (default 2)")
     p.add_argument("--share", type=_share, default=0.2, help="unlearning: share of images stamped (default 0.2)")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 1 fine-pruning, 5 unlearning)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearning)")
     p.add_argument("--no-rescan", action="store_true", help="skip the Neural Cleanse scan of the result")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--seed", type=int, default=0)
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     model_input_shape(model, x.shape[1:])
     result = repair(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100, share=args.share,
                     epochs=args.epochs, seed=args.seed, rescan=not args.no_rescan,
-                    progress=None if sys.stderr.isatty() else False)
+                    progress=None)
     result.save(out)
     table = result.table()
     if args.json:

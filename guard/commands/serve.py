@@ -6,7 +6,9 @@ TorchServe's token key file and the state file `guard stop` reads. Token authori
 unless --no-auth: every inference and management call, even /ping, needs
 `Authorization: Bearer <key>` from the key file (without it TorchServe answers 400 InvalidKeyException).
 The gRPC ports and the worker socket base port are set to free values so it can run beside another
-TorchServe. Returns once every model has a READY worker (or, with --foreground, stays attached until
+TorchServe. TorchServe's own request bound (max_request_size) is set above every archive's
+max_request_bytes, so an oversized request gets guard's JSON 413; logs, including guard's audit
+logs, go to RUN_DIR/logs. Returns once every model has a READY worker (or, with --foreground, stays attached until
 Ctrl-C, then stops the server)."""
 
 from __future__ import annotations
@@ -51,12 +53,16 @@ def describe(server) -> str:
              f"  inference   {server.urls['inference']}/predictions/NAME",
              f"  management  {server.urls['management']}",
              f"  metrics     {server.urls['metrics']}/metrics (no token needed)",
-             f"  logs        {server.log} and {server.run_dir / 'logs'}"]
+             f"  logs        {server.log} and {server.run_dir / 'logs'}",
+             f"  audit log   {server.run_dir / 'logs'}/guard-audit-NAME.log (one JSON line per rejected, repaired "
+             "or flagged request; rotated by size; -PID per worker when a model has several)"]
     if server.token_auth:
-        lines.append(f"  token auth ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>'; "
-                     "even /ping needs it; keys expire after 60 min, the API key renews them)")
+        lines.append(f"  token auth ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>' to "
+                     "the inference port, the management key to the management port; even /ping needs it; "
+                     "without it TorchServe 0.12 answers 400 InvalidKeyException, not 401; keys expire after "
+                     "60 min, the API key renews them; only the metrics port is open without a token)")
     else:
-        lines.append("  token auth OFF (--no-auth)")
+        lines.append("  token auth OFF (--no-auth): anyone who can reach these ports can call them")
     lines.append(f"  stop with:  guard stop --run-dir {server.run_dir}")
     return "\n".join(lines)
 

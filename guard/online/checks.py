@@ -200,4 +200,52 @@ class FeatureCheck(Check):
         return c
 
 
-CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck)}
+class KNNCheck(Check):
+    """Label-agnostic, non-parametric: cosine distance from the input's features to its ``k``-th nearest
+    clean feature vector (deep nearest neighbours, Sun et al., ICML 2022).
+
+    Input-specific triggers (WaNet's warp, input-aware generators) move each input differently, so
+    no reversed trigger or suspect neuron describes them, and a single Gaussian per class (the
+    Mahalanobis check) blurs the several modes a class's clean features have. Backdoored inputs reach
+    their label through features that no clean image has; their nearest clean neighbour is far.
+    The bank holds the L2-normalised features of at most ``max_bank`` clean fit images (seeded pick):
+    a score is one ``(N, D) @ (D, M)`` product and a partial sort, a few microseconds per input.
+    """
+
+    name = "knn"
+
+    def __init__(self, *, k: int = 5, max_bank: int = 2000, seed: int = 0):
+        super().__init__()
+        self.k = int(k)
+        self.max_bank = int(max_bank)
+        self.seed = int(seed)
+
+    @staticmethod
+    def _unit(f: np.ndarray) -> np.ndarray:
+        return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def _fit(self, record, y):
+        f = record.features
+        if len(f) > self.max_bank:
+            f = f[np.sort(np.random.default_rng(self.seed).choice(len(f), self.max_bank, replace=False))]
+        self.bank = np.ascontiguousarray(self._unit(f).T)  # (D, M)
+        self.k = int(min(max(self.k, 1), self.bank.shape[1]))
+
+    def score(self, record):
+        sim = self._unit(record.features) @ self.bank  # (N, M) cosine similarities
+        kth = np.partition(sim, sim.shape[1] - self.k, axis=1)[:, sim.shape[1] - self.k]
+        return (1.0 - kth).astype(np.float32)
+
+    def state(self):
+        return {"bank": self.bank, "k": np.array([self.k], dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, state):
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        c.bank, c.k = state["bank"], int(state["k"][0])
+        c.max_bank, c.seed = c.bank.shape[1], 0
+        return c
+
+
+CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck, KNNCheck)}

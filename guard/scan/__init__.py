@@ -2,5 +2,8 @@
 
 from .neural_cleanse import NeuralCleanse, suspect_neurons
 from .profile_builder import build_profile, records
+from .pruning import FinePruning, Unlearning
+from .tnd import DFTND, DLTND
 
-__all__ = ["NeuralCleanse", "build_profile", "records", "suspect_neurons"]
+__all__ = ["DFTND", "DLTND", "FinePruning", "NeuralCleanse", "Unlearning", "build_profile", "records",
+           "suspect_neurons"]

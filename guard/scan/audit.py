@@ -5,11 +5,13 @@ runs Neural Cleanse, DL-TND and DF-TND as chosen, and returns an :class:`AuditRe
 summary (``to_json``) plus the arrays the HTML report draws. ``write_metrics`` turns it into
 Prometheus text exposition for node_exporter's textfile collector.
 
-How the verdict is combined: Neural Cleanse is the primary detector (its per-label test is the best
-calibrated of the three on the demo population); a model is also called backdoored when DL-TND and
-DF-TND, which share no code path with it, both flag it. A single TND flag alone is reported as a
-disagreement but does not change the verdict, which keeps the false-positive rate of the union of
-three noisy tests down.
+How the verdict is combined: a model is backdoored when Neural Cleanse or DF-TND flags it. Both are
+calibrated on clean models (NC's MAD index > 2; DF-TND's bars set on the clean glyph population) and
+they fail differently (NC misses blended keys, DF-TND needs no data and sees the logit response of
+excitable neurons). DL-TND's decision is reported beside them, and counted when it agrees with
+DF-TND, but never decides alone when another method ran: on the glyph world a natural "sink" class
+(one that a universal patch reaches from every class) gives it false alarms on clean models. A
+method run on its own decides alone.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..model import feature_layer, fingerprint
 from ..profile import Profile
 from ..stats import anomaly_index
 from .neural_cleanse import NeuralCleanse
-from .tnd import DFTND, DLTND
+from .tnd import DFTND, DLTND, infer_input_shape
 
 METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd"}
 NEEDS_DATA = ("nc", "dl-tnd")
@@ -75,21 +77,21 @@ class AuditResult:
 def combine(flags: dict[str, list[int]]) -> tuple[str, list[int], str]:
     """Verdict, suspect labels and the rule that fired, from each method's flagged labels.
 
-    Backdoored when Neural Cleanse flags a label, or when DL-TND and DF-TND both flag the model.
-    Suspect labels are those of Neural Cleanse, else the labels the two TND methods flagged.
+    Backdoored when Neural Cleanse or DF-TND flags a label (or DL-TND together with DF-TND; or the
+    only method that ran). Suspect labels: Neural Cleanse's, else DF-TND's, else DL-TND's.
     """
-    nc = flags.get("neural_cleanse") or []
-    dl = flags.get("dl_tnd") or []
-    df = flags.get("df_tnd") or []
+    nc = sorted(set(flags.get("neural_cleanse") or []))
+    dl = sorted(set(flags.get("dl_tnd") or []))
+    df = sorted(set(flags.get("df_tnd") or []))
+    if nc and df:
+        return "backdoored", nc, "neural_cleanse and df_tnd flagged"
     if nc:
-        return "backdoored", sorted(set(nc)), "neural_cleanse flagged"
-    if dl and df:
-        both = sorted(set(dl) & set(df))
-        return "backdoored", both or sorted(set(dl) | set(df)), "dl_tnd and df_tnd both flagged"
-    if "neural_cleanse" not in flags and (dl or df) and not (("dl_tnd" in flags) and ("df_tnd" in flags)):
-        # a single method selected on its own decides alone
-        return "backdoored", sorted(set(dl) | set(df)), "the only selected method flagged"
-    return "clean", [], "no rule fired"
+        return "backdoored", nc, "neural_cleanse flagged"
+    if df:
+        return "backdoored", df, "df_tnd flagged" + (" (dl_tnd agrees)" if dl else "")
+    if dl and len(flags) == 1:
+        return "backdoored", dl, "dl_tnd flagged (the only method run)"
+    return "clean", [], "no method flagged" if not dl else "only dl_tnd flagged (not enough alone)"
 
 
 def agreement(flags: dict[str, list[int]], num_classes: int) -> dict[str, Any]:
@@ -155,7 +157,8 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
               methods: Sequence[str] = ("nc", "dl-tnd", "df-tnd"), seed: int = 0,
               profile: Profile | None = None, layer: str | None = None, source: dict[str, Any] | None = None,
               nc: NeuralCleanse | None = None, dl_tnd: DLTND | None = None, df_tnd: DFTND | None = None,
-              nc_max_images: int = 500, progress: bool | None = None) -> AuditResult:
+              nc_max_images: int = 500, input_shape: Sequence[int] | None = None,
+              progress: bool | None = None) -> AuditResult:
     """Audit ``model`` with the chosen methods on clean ``(x, y)`` (``x`` may be None for DF-TND alone).
 
     Estimator instances may be passed to change hyperparameters; by default each is seeded with
@@ -167,9 +170,19 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
     model.eval()
     layer_name, _ = feature_layer(model, layer)
     sha = fingerprint(model)
-    shape = tuple(int(s) for s in (x.shape[1:] if x is not None else (profile.input_shape if profile else ())))
-    if not shape:
-        raise InputError("a data-free audit needs the input shape: pass --input-shape C,H,W")
+    if x is not None:
+        shape = tuple(int(s) for s in x.shape[1:])
+    elif input_shape is not None:
+        shape = tuple(int(s) for s in input_shape)
+    else:
+        shape = tuple(profile.input_shape) if profile is not None else ()
+    need = [m for m in methods if m in NEEDS_DATA and not (m == "nc" and profile is not None)]
+    if x is None and need:
+        raise InputError(f"{', '.join(need)} need clean data: pass --data CLEAN.npz, or run "
+                         f"--methods df-tnd for a data-free audit")
+    shape_probed = not shape
+    if shape_probed:  # data-free and no shape given: probe the model (InputError when it cannot be told)
+        shape = infer_input_shape(model)
     with torch.no_grad():
         num_classes = int(model(torch.zeros((1, *shape))).shape[1])
     validate(model, x, y, methods, num_classes=num_classes, dl=dl_tnd, nc_from_profile=profile is not None)
@@ -232,6 +245,7 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         "model_sha256": sha,
         "num_classes": num_classes,
         "input_shape": list(shape),
+        "input_shape_probed": shape_probed,
         "feature_layer": layer_name,
         "data": {"source": (source or {}).get("data"), "images": 0 if x is None else int(len(x)),
                  "per_class": None if y is None else np.bincount(y, minlength=num_classes).tolist(),

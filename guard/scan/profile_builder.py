@@ -13,7 +13,7 @@ from torch import nn
 from ..data import split
 from ..errors import InputError
 from ..model import FeatureTap, feature_layer, fingerprint
-from ..online.checks import FeatureCheck, NeuronCheck, OverlapCheck, Record
+from ..online.checks import FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
 from ..online.policy import check_mode
 from ..profile import Profile
 from ._trigger import frozen
@@ -33,12 +33,14 @@ def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, batch_
 def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
                   mode: str = "enforce", layer: str | None = None, calibration_share: float = 0.5,
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
-                  progress: bool | None = None) -> tuple[Profile, dict[str, Any]]:
+                  progress: bool | None = None, knn: bool = True) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     Half the clean data (stratified, seeded) drives the trigger reversal and fits the checks; the
     other half is held out to calibrate each check's threshold at ``fpr / n_checks`` so the union of
-    the checks rejects about ``fpr`` of clean traffic.
+    the checks rejects about ``fpr`` of clean traffic. ``knn`` adds the nearest-neighbour feature check
+    (:class:`~guard.online.checks.KNNCheck`), which covers input-specific triggers that no reversed
+    trigger describes (WaNet, input-aware); it costs one small matrix product per query.
     """
     if not 0 < fpr < 0.5:
         raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
@@ -59,6 +61,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     rec_fit = records(model, x_fit, layer=layer_name)
     rec_cal = records(model, x_cal, layer=layer_name)
     checks = [FeatureCheck().fit(rec_fit, y_fit)]
+    if knn:
+        checks.append(KNNCheck(seed=seed).fit(rec_fit))
     neurons = {}
     if suspects:
         rows = [nc.labels_.index(s) for s in suspects]

@@ -8,7 +8,9 @@ at zero.
 
 **Unlearning** (Wang et al., S&P 2019): fine-tune on clean data where a share (default 20%) of each
 batch is stamped with a suspect label's reversed trigger and kept at its true label, so the model
-learns that the trigger means nothing.
+learns that the trigger means nothing. The reversed trigger is one trigger that works, not the
+attacker's (DESIGN.md): it usually covers part of the real patch and a few pixels beside it, so each
+stamp is moved by up to ``jitter`` pixels; that unlearns the neighbourhood the real trigger sits in.
 
 Both are estimators: keyword-only hyperparameters, ``fit(model, x, y)`` returns ``self`` and never
 touches the caller's model; the repaired copy is ``model_`` and ``state_dict_`` loads into the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -92,11 +95,23 @@ def trigger_success(model: nn.Module, x: np.ndarray, y: np.ndarray, label: int, 
     return float((predict(model, stamp(x[keep], mask, pattern)) == label).mean())
 
 
+def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``t`` (..., H, W) moved by (dy, dx) pixels, zero-filled (no wrap-around)."""
+    out = torch.zeros_like(t)
+    h, w = t.shape[-2:]
+    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
+    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
+    out[..., yd, xd] = t[..., ys, xs]
+    return out
+
+
 def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int,
              seed: int, triggers: list[tuple[np.ndarray, np.ndarray]] | None = None, share: float = 0.0,
-             after_step=None, progress: bool | None = None, label: str = "finetune") -> nn.Module:
+             jitter: int = 0, after_step=None, progress: bool | None = None,
+             label: str = "finetune") -> nn.Module:
     """Adam fine-tuning in place; with ``triggers``, ``share`` of each batch gets one of them stamped
-    (chosen at random per image) and keeps its true label. ``after_step(model)`` runs after every step."""
+    (chosen at random per image, moved by up to ``jitter`` pixels each way) and keeps its true label.
+    ``after_step(model)`` runs after every step."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -113,8 +128,11 @@ def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr:
                 if trig and share > 0:
                     chosen = torch.nonzero(torch.rand(len(idx), generator=g) < share).flatten()
                     which = torch.randint(0, len(trig), (len(chosen),), generator=g)
-                    for j, t in zip(chosen.tolist(), which.tolist()):
+                    offs = torch.randint(-jitter, jitter + 1, (len(chosen), 2), generator=g)
+                    for j, t, (dy, dx) in zip(chosen.tolist(), which.tolist(), offs.tolist()):
                         m, p = trig[t]
+                        if dy or dx:
+                            m, p = shift(m, dy, dx), shift(p, dy, dx)
                         xb[j] = (1 - m) * xb[j] + m * p
                 loss = nn.functional.cross_entropy(model(xb), yt[idx])
                 opt.zero_grad(set_to_none=True)
@@ -212,9 +230,11 @@ class Unlearning:
     (validation), ``model_``, ``state_dict_``, ``seconds_``.
     """
 
-    def __init__(self, *, share: float = 0.2, epochs: int = 2, lr: float = 1e-3, batch_size: int = 64,
-                 validation_share: float = 0.25, seed: int = 0, progress: bool | None = None):
+    def __init__(self, *, share: float = 0.2, epochs: int = 10, lr: float = 1e-3, jitter: int = 1,
+                 batch_size: int = 64, validation_share: float = 0.25, seed: int = 0,
+                 progress: bool | None = None):
         self.share = share
+        self.jitter = jitter
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
@@ -234,9 +254,142 @@ class Unlearning:
         self.accuracy_before_ = accuracy(repaired, x_val, y_val)
         triggers = [(np.asarray(m, np.float32), np.asarray(p, np.float32)) for m, p in zip(masks, patterns)]
         finetune(repaired, x_tr, y_tr, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                 seed=self.seed, triggers=triggers, share=self.share, progress=self.progress, label="unlearn")
+                 seed=self.seed, triggers=triggers, share=self.share, jitter=self.jitter, progress=self.progress,
+                 label="unlearn")
         self.accuracy_after_ = accuracy(repaired, x_val, y_val)
         self.model_ = repaired
         self.state_dict_ = {k: v.detach().clone() for k, v in bare(repaired).state_dict().items()}
         self.seconds_ = time.perf_counter() - t0
         return self
+
+
+def profile_triggers(profile, labels: list[int] | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The reversed triggers of the profile's suspect labels: ``(labels, masks, patterns)``.
+
+    Reads ``all_masks``/``all_patterns`` (indexed by label) when the profile has them, else
+    ``masks``/``patterns`` (one row per suspect label, in the order of ``suspect_labels``).
+    """
+    labels = list(profile.suspect_labels if labels is None else labels)
+    t = profile.tensors
+    if not labels:
+        return [], np.zeros((0,)), np.zeros((0,))
+    if "all_masks" in t and "all_patterns" in t:
+        k = len(t["all_masks"])
+        bad = [s for s in labels if not 0 <= s < k]
+        if bad:
+            raise InputError(f"suspect label(s) {bad} are outside the profile's {k} reversed triggers")
+        return labels, t["all_masks"][labels], t["all_patterns"][labels]
+    if "masks" in t and "patterns" in t and len(t["masks"]) == len(profile.suspect_labels):
+        rows = [profile.suspect_labels.index(s) for s in labels]
+        return labels, t["masks"][rows], t["patterns"][rows]
+    raise InputError("the profile holds no reversed triggers (all_masks/all_patterns); rescan with guard scan")
+
+
+class RepairResult:
+    """Before/after figures of a repair and the repaired weights (``save`` writes them atomically)."""
+
+    def __init__(self, method: str, before: dict, after: dict, state_dict: dict[str, torch.Tensor],
+                 details: dict):
+        self.method = method
+        self.before = before
+        self.after = after
+        self.state_dict = state_dict
+        self.details = details
+
+    def table(self) -> dict:
+        return {"before": self.before, "after": self.after, "details": self.details}
+
+    def format_table(self) -> str:
+        def pct(v):
+            return "n/a" if v is None or v != v else f"{100 * v:5.1f}%"
+
+        rows = [("clean accuracy", pct(self.before["clean_accuracy"]), pct(self.after["clean_accuracy"])),
+                ("reversed-trigger attack success", pct(self.before["attack_success"]),
+                 pct(self.after["attack_success"])),
+                ("guard scan verdict", self._verdict(self.before), self._verdict(self.after))]
+        w = max(len(r[0]) for r in rows)
+        lines = [f"{'':<{w}}  {'before':>22}  {'after':>22}"]
+        lines += [f"{a:<{w}}  {b:>22}  {c:>22}" for a, b, c in rows]
+        return "\n".join(lines)
+
+    @staticmethod
+    def _verdict(side: dict) -> str:
+        v = side.get("verdict")
+        if v is None:
+            return "not scanned"
+        sus = side.get("suspect_labels") or []
+        return f"{v} {sus}" if sus else v
+
+    def save(self, path: str | Path) -> Path:
+        """Write the state_dict with ``torch.save`` via a temporary file renamed into place."""
+        import os
+        import tempfile
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.state_dict, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _worst_success(model, x, y, labels, masks, patterns) -> float | None:
+    if not labels:
+        return None
+    return max(trigger_success(model, x, y, s, m, p) for s, m, p in zip(labels, masks, patterns))
+
+
+def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: str = "unlearn",
+           max_drop: float = 0.02, share: float = 0.2, epochs: int | None = None, seed: int = 0,
+           rescan: bool = True, validation_share: float = 0.25, nc=None,
+           progress: bool | None = None) -> RepairResult:
+    """Repair ``model`` with ``method`` ("fine-pruning" or "unlearn") and measure before and after on
+    the held-out validation split: clean accuracy, the reversed trigger's attack success, and (with
+    ``rescan``) the verdict of a fresh Neural Cleanse scan of the result."""
+    from .neural_cleanse import NeuralCleanse
+
+    with torch.no_grad():
+        k = int(model.eval()(torch.from_numpy(np.ascontiguousarray(x[:1]))).shape[1])
+    if y.max() >= k:
+        raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
+    labels, masks, patterns = profile_triggers(profile)
+    _, _, x_val, y_val = split(x, y, 1 - validation_share, seed=seed)
+    if method == "unlearn":
+        if not labels:
+            raise InputError("the profile lists no suspect label, so there is no reversed trigger to unlearn; "
+                             "use --method fine-pruning")
+        est = Unlearning(share=share, seed=seed, validation_share=validation_share, progress=progress,
+                         **({} if epochs is None else {"epochs": epochs}))
+        est.fit(model, x, y, masks=masks, patterns=patterns)
+        details = {"epochs": est.epochs, "share": share, "lr": est.lr, "jitter": est.jitter, "triggers": labels,
+                   "seconds": round(est.seconds_, 2)}
+    elif method == "fine-pruning":
+        est = FinePruning(max_drop=max_drop, epochs=1 if epochs is None else epochs, seed=seed,
+                          validation_share=validation_share, progress=progress)
+        est.fit(model, x, y)
+        details = {"layer": est.layer_, "pruned_channels": len(est.pruned_channels_),
+                   "channels": int(len(est.activation_)), "accuracy_pruned": est.accuracy_pruned_,
+                   "max_drop": max_drop, "epochs": est.epochs, "seconds": round(est.seconds_, 2)}
+    else:
+        raise InputError(f"unknown repair method {method!r} (fine-pruning or unlearn)")
+    repaired = est.model_
+    before = {"clean_accuracy": accuracy(model, x_val, y_val),
+              "attack_success": _worst_success(model, x_val, y_val, labels, masks, patterns),
+              "verdict": "backdoored" if profile.suspect_labels else "clean",
+              "suspect_labels": list(profile.suspect_labels)}
+    after = {"clean_accuracy": accuracy(repaired, x_val, y_val),
+             "attack_success": _worst_success(repaired, x_val, y_val, labels, masks, patterns),
+             "verdict": None, "suspect_labels": None}
+    if rescan:
+        scanner = nc or NeuralCleanse(seed=seed, progress=progress)
+        idx = np.random.default_rng(seed).permutation(len(x))[:500]
+        scanner.fit(repaired, x[np.sort(idx)], num_classes=k)
+        after["verdict"] = "backdoored" if scanner.suspect_labels_ else "clean"
+        after["suspect_labels"] = list(scanner.suspect_labels_)
+    return RepairResult(method, before, after, est.state_dict_, details)

@@ -197,7 +197,8 @@ def _dl_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
                if masks is not None and i < len(masks) else "")
         flag = '<span class="flag">suspect</span>' if lab in flagged else ""
         body.append(f'<tr class="{"suspect" if lab in flagged else ""}"><td>{lab}</td><td>{img}</td>'
-                    f'<td class="num">{_fmt(r["similarity_q25"])}</td><td class="num">{_fmt(r["similarity_median"])}</td>'
+                    f'<td class="num">{_fmt(r["similarity_q25"])}</td>'
+                    f'<td class="num">{_fmt(r["similarity_median"])}</td>'
                     f'<td class="num">{_fmt(r["l1_norm"], 1)}</td><td class="num">{_fmt(r["l1_weight"], 3)}</td>'
                     f'<td class="num">{_fmt(r["universal_success"], 2)}</td><td>{flag}</td></tr>')
     return (f'<section id="dl-tnd"><h2>DL-TND (data-limited)</h2><p class="note">{b["samples_per_class"]} clean '
@@ -287,8 +288,9 @@ def render_html(result: AuditResult) -> str:
 <section id="summary"><h2>Methods</h2><table><thead><tr><th>method</th><th>decision</th><th>suspect labels</th>
 <th>time</th></tr></thead><tbody>{''.join(method_rows)}</tbody></table>
 <h2>Method agreement</h2><ul id="agreement">{per_label}{pairs}</ul>
-<p class="note">Verdict rule: Neural Cleanse flags a label, or DL-TND and DF-TND both flag the model
-(fired: {html.escape(s['rule'])}).</p></section>
+<p class="note">Verdict rule: backdoored when Neural Cleanse or DF-TND flags a label; DL-TND
+corroborates but does not decide alone unless it is the only method run
+(this audit: {html.escape(s['rule'])}).</p></section>
 {''.join(sections)}
 <section id="provenance"><h2>Provenance</h2><table>{''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in prov)}
 </table></section>
@@ -312,6 +314,7 @@ def _atomic_write(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from a web server or artefact store
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

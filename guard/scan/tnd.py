@@ -11,14 +11,24 @@ penalty), a per-label binary search on the L1 weight (success = more than 70% of
 their margin), the cosine similarity of the two perturbed images' logits per image, and a label is
 suspect when the 25th percentile of those similarities exceeds 0.75.
 
+Two departures, both for a CPU budget of seconds rather than GPU-hours: the soft threshold is taken
+in Adam's per-coordinate metric (see :func:`adam_prox_l1`; with a plain ``lr * reg`` threshold the
+search either kills every pixel or none within a few dozen steps) and the binary search runs on a
+log scale; the reference's iteration counts (8-12 searches x 101 steps, x2 for alternating mask
+and pattern updates) shrink to 5 x 40 joint steps.
+
 **DF-TND** needs no data: from ~10 random-noise seeds it maximises a simplex-weighted sum of the
-feature layer minus ``gamma * |mask|_1`` by signed-gradient ascent, in two phases (per-seed, then
-restarted from the seed average). A backdoor leaves neurons that a small patch excites far beyond
+feature layer minus ``gamma * |mask|_1`` by signed-gradient ascent (the reference's signed step on
+the simplex weights too, so every feature still rising keeps its share), in two phases (per-seed,
+then restarted from the seed average). A backdoor leaves neurons that a small patch excites far beyond
 anything natural, and those neurons feed the target label, so the recovered images raise the
 target's logit far more than any other label's. The reference flags a logit increase above a
 fixed 100 tuned to its ResNets; logit scales differ between models, so here the increase is also
-judged against the other labels (MAD anomaly index, upper side) with a bar calibrated on clean
-models (see ``tests/scan/test_population.py``).
+judged against the other labels (MAD anomaly index, upper side) with bars calibrated on clean
+models (see ``tests/scan/test_population.py``): on the glyph population every gamma from 1e-3 to
+3e-2 ranked the target first on the patch models; 3e-3 left the widest gap to the clean models,
+whose largest index stayed below 1.9 against 3.8-5.1 for the patch models and 2.0-2.8 for the
+blended ones; the bar is 2.5.
 
 Both are estimators in the scikit-learn sense (keyword-only hyperparameters, ``fit`` returns
 ``self``, results in ``..._`` attributes) and every label is optimised in one batched problem with the
@@ -98,7 +108,8 @@ class DLTND:
 
     def __init__(self, *, samples_per_class: int = 5, min_samples_per_class: int = 3,
                  margin_clamp: float = -15.0, lr: float = 0.1, iterations: int = 40,
-                 search_steps: int = 5, reg_range: tuple[float, float] = (1e-3, 1e2), success_share: float = 0.7, min_area: float = 0.5,
+                 search_steps: int = 5, reg_range: tuple[float, float] = (1e-3, 1e2),
+                 success_share: float = 0.7, min_area: float = 0.5,
                  per_image_lr: float = 0.1, per_image_iterations: int = 40, per_image_reg: float = 0.05,
                  refine_ratio: float = 1.1, quantile: float = 0.25, threshold: float = 0.75,
                  labels: list[int] | None = None, seed: int = 0, progress: bool | None = None):
@@ -288,8 +299,8 @@ class DFTND:
     over the feature layer, ``top_neurons_`` (the heaviest weights), ``steps_``, ``seconds_``.
     """
 
-    def __init__(self, *, n_seeds: int = 10, gamma: float = 1e-3, step_size: float = 0.1,
-                 weight_step: float = 0.05, iterations: int = 150, threshold: float = 3.5,
+    def __init__(self, *, n_seeds: int = 10, gamma: float = 3e-3, step_size: float = 0.1,
+                 weight_step: float = 0.1, iterations: int = 150, threshold: float = 2.5,
                  min_increase: float = 10.0, layer: str | None = None, seed: int = 0,
                  progress: bool | None = None):
         self.n_seeds = n_seeds
@@ -303,10 +314,13 @@ class DFTND:
         self.seed = seed
         self.progress = progress
 
-    def fit(self, model: nn.Module, input_shape: tuple[int, ...], num_classes: int | None = None) -> DFTND:
-        """Run from ``n_seeds`` uniform-noise images of ``input_shape`` (C, H, W); no data needed."""
+    def fit(self, model: nn.Module, input_shape: tuple[int, ...] | None = None,
+            num_classes: int | None = None) -> DFTND:
+        """Run from ``n_seeds`` uniform-noise images of ``input_shape`` (C, H, W); no data needed.
+
+        Without ``input_shape`` the shape is probed (:func:`infer_input_shape`)."""
         t0 = time.perf_counter()
-        c, h, w = (int(s) for s in input_shape)
+        c, h, w = (int(s) for s in (input_shape or infer_input_shape(model)))
         gen = torch.Generator().manual_seed(self.seed)
         x0 = torch.rand((self.n_seeds, c, h, w), generator=gen)
         with frozen(model), FeatureTap(model, self.layer) as tap, \
@@ -334,8 +348,9 @@ class DFTND:
                         pattern = (pattern + self.step_size * g_p.sign()).clamp(0, 1)
                         mask = soft_threshold(mask + self.step_size * g_m.sign(),
                                               torch.tensor(self.step_size * self.gamma))
-                        # projected gradient ascent on the simplex (scale-free step)
-                        weights = project_simplex(weights + self.weight_step * g_w / (g_w.abs().max() + 1e-12))
+                        # the reference's signed step on the weights, projected back onto the simplex:
+                        # every feature still rising keeps its share, dormant ones drop out
+                        weights = project_simplex(weights + self.weight_step * g_w.sign())
                     bar.update(1)
             with torch.no_grad():
                 rec = model((1 - mask) * x0 + mask * pattern)
@@ -371,3 +386,21 @@ def project_simplex(v: torch.Tensor) -> torch.Tensor:
     rho = int(torch.nonzero(u - css / idx > 0).max())
     theta = css[rho] / (rho + 1)
     return (v - theta).clamp_min(0)
+
+
+def infer_input_shape(model: nn.Module,
+                      sizes: tuple[int, ...] = (32, 28, 16, 64, 96, 128, 224)) -> tuple[int, int, int]:
+    """Probe ``(C, H, W)`` for a data-free run: channels from the first conv layer, the first square
+    size in ``sizes`` the model accepts. Pass the shape explicitly whenever it is known."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise InputError("cannot infer the input shape of a model without nn.Conv2d: pass --input-shape C,H,W")
+    c = int(convs[0].in_channels)
+    with frozen(model), torch.no_grad():
+        for s in sizes:
+            try:
+                model(torch.zeros((1, c, s, s)))
+            except (RuntimeError, ValueError):
+                continue
+            return c, s, s
+    raise InputError("cannot infer the model's input shape: pass --input-shape C,H,W")

@@ -198,7 +198,7 @@ def test_handler_reads_its_config_from_the_archive(service):
     handler = service._entry_point.__self__
     assert type(handler).__name__ == "GuardedHandler"
     assert handler.guard.mode == "enforce" and handler.fail_open is False
-    assert handler.max_request_bytes == 6_553_500
+    assert handler.max_request_bytes == 1_048_576  # guard archive's default (1 MiB)
     assert service.context.model_yaml_config["batchSize"] == 8
 
 

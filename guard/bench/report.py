@@ -1,0 +1,152 @@
+"""Render ``results.json`` as ``results.md``: the attack table, the performance table, the target checklist.
+
+Everything shown is read from the results; nothing is typed in by hand. A missing figure (a method
+not run, an error) shows as ``n/a`` with the reason recorded in the JSON.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f}%"
+
+
+def _det(d: dict[str, Any] | None, key: str = "detected") -> str:
+    if d is None:
+        return "n/a"
+    return "**yes**" if d.get(key) else "no"
+
+
+def _best_check(online: dict[str, Any]) -> str:
+    best = None
+    for name, v in online.items():
+        if name == "combined" or not v:
+            continue
+        if best is None or (v["auroc"] or 0) > (best[1]["auroc"] or 0):
+            best = (name, v)
+    return "n/a" if best is None else f"{best[0]} {_f(best[1]['auroc'])}"
+
+
+def _targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+    """(scope, bar, measured, met) for every target of the issue."""
+    rows: list[tuple[str, str, str, bool | None]] = []
+    for a in results["attacks"]:
+        comb, rep, strip = a["online"]["combined"], a["repair"], a["strip"]
+        for bar, met in a["targets"].items():
+            if bar.startswith("combined_tpr_at_1pct_fpr>=strip"):
+                meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs STRIP {_pct(strip['tpr_at_1pct_fpr'])}"
+            elif bar.startswith("combined_tpr"):
+                meas = _pct(comb["tpr_at_1pct_fpr"])
+            elif bar.startswith("combined_auroc"):
+                meas = _f(comb["auroc"])
+            elif bar.startswith("repair_attack"):
+                meas = _pct(rep["attack_success_rate"])
+            else:
+                meas = f"{_f(rep['clean_accuracy_loss_points'], 2)} pt"
+            rows.append((a["name"], bar, meas, met))
+    p = results.get("performance") or {}
+    p50 = (p.get("guard_overhead_p50_ratio") or {}).get("batch_1")
+    rows.append(("performance", "guard_overhead_p50_ratio (batch 1) <= 1.15", _f(p50), None if p50 is None else p50 <= 1.15))
+    s = p.get("nc_batched_speedup")
+    rows.append(("performance", "nc_batched_speedup >= 5 (10 labels)", _f(s, 2), None if s is None else s >= 5))
+    t = p.get("torchserve_throughput_ratio")
+    rows.append(("performance", "torchserve_throughput_ratio >= 0.9", _f(t), None if t is None else t >= 0.9))
+    return rows
+
+
+def render(results: dict[str, Any]) -> str:
+    """The Markdown report of one benchmark run."""
+    cfg, m = results["config"], results["machine"]
+    lines = [f"# guard bench ({cfg['preset']})", "",
+             f"- command: `{results.get('command') or 'guard bench'}`",
+             f"- date: {results['date']}, total {results.get('seconds', 0):.0f} s",
+             f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+             f"load average {m.get('load_average_1m_at_start')} at start, {m.get('load_average_1m_at_end')} at end",
+             f"- zoo: DemoNet on glyphs, {cfg['zoo']['n_train']} training images, {cfg['zoo']['epochs']} epochs, "
+             f"seed {cfg['zoo']['seed']}; {cfg['n_clean']} clean images for scan + calibration; per attack "
+             f"{cfg['n_eval']} clean and up to {cfg['n_eval']} triggered test images; FPR {cfg['fpr']}",
+             "- every online column is measured on the same inputs at the same FPR point: the threshold that "
+             "flags 1% of the clean test images (TPR@1%); *verdict* is the guard as deployed (its own "
+             "calibrated thresholds), with the clean share it flagged in brackets", ""]
+    lines += ["## Attacks", "",
+              "| attack | clean acc | ASR | NC | DL-TND | DF-TND | best check (AUROC) | guard AUROC | guard TPR@1% "
+              "| guard verdict TPR (FPR) | STRIP AUROC | STRIP TPR@1% | ART STRIP TPR@1% | repaired ASR "
+              "| repair acc loss |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in results["attacks"]:
+        comb, d = a["online"]["combined"], a["detected"]
+        art = a.get("art_strip")
+        lines.append(
+            f"| {a['name']} | {_pct(a['clean_accuracy'])} | {_pct(a['attack_success_rate'])} "
+            f"| {_det(d.get('neural_cleanse'))} | {_det(d.get('dl_tnd'))} | {_det(d.get('df_tnd'))} "
+            f"| {_best_check(a['online'])} | {_f(comb['auroc'])} | {_pct(comb['tpr_at_1pct_fpr'])} "
+            f"| {_pct(comb['verdict']['tpr'])} ({_pct(comb['verdict']['fpr'])}) | {_f(a['strip']['auroc'])} "
+            f"| {_pct(a['strip']['tpr_at_1pct_fpr'])} | {_pct(art['tpr_at_1pct_fpr']) if art else 'n/a'} "
+            f"| {_pct(a['repair']['attack_success_rate'])} | {_f(a['repair']['clean_accuracy_loss_points'], 2)} pt |")
+    lines += ["", "Per check (AUROC / TPR@1%):", "",
+              "| attack | " + " | ".join(_check_names(results)) + " | guard, successful triggers only |",
+              "|---|" + "---|" * (len(_check_names(results)) + 1)]
+    for a in results["attacks"]:
+        cells = []
+        for n in _check_names(results):
+            v = a["online"].get(n)
+            cells.append("n/a" if not v else f"{_f(v['auroc'])} / {_pct(v['tpr_at_1pct_fpr'])}")
+        succ = a["online"].get("combined_successful") or {}
+        cells.append(f"{_f(succ.get('auroc'))} / {_pct(succ.get('tpr_at_1pct_fpr'))} (n={succ.get('n', 'n/a')})")
+        lines.append(f"| {a['name']} | " + " | ".join(cells) + " |")
+    if results.get("clean_models"):
+        lines += ["", "Clean models (offline false positives):", ""]
+        for c in results["clean_models"]:
+            d = c["detected"]
+            lines.append(f"- {c['name']} (clean acc {_pct(c['clean_accuracy'])}): NC {_det(d.get('neural_cleanse'), 'false_positive')}, "
+                         f"DL-TND {_det(d.get('dl_tnd'), 'false_positive')}, DF-TND {_det(d.get('df_tnd'), 'false_positive')}")
+    if not results.get("art_strip_available") or results.get("art_strip_reason"):
+        lines += ["", f"ART STRIP: {results.get('art_strip_reason')}"]
+    p = results.get("performance") or {}
+    lines += ["", "## Performance", "", f"On the {p.get('model')} model; checks {', '.join(p.get('checks') or [])}.", "",
+              "| figure | value |", "|---|---|"]
+    for b in ("batch_1", "batch_32"):
+        o = (p.get("overhead") or {}).get(b)
+        if o:
+            lines.append(f"| guard overhead {b.replace('_', ' ')}: p50 / p95 ratio | {_f(o['p50_ratio'])} / {_f(o['p95_ratio'])} "
+                         f"(bare {o['bare_p50_ms']:.3f} ms, guarded {o['guarded_p50_ms']:.3f} ms at p50) |")
+    nc = p.get("nc_batched")
+    if nc:
+        lines.append(f"| batched Neural Cleanse speedup ({nc['labels']} labels, {nc['rounds']} rounds each) "
+                     f"| {_f(nc['nc_batched_speedup'], 2)}x ({nc['batched_seconds']:.1f} s vs {nc['per_label_loop_seconds']:.1f} s; "
+                     f"flagged {nc['batched']['flagged_labels']} vs {nc['per_label_loop']['flagged_labels']}) |")
+    sc = p.get("scan_seconds") or {}
+    lines.append(f"| scan seconds (median over attacks): profile (NC + checks) / DL-TND / DF-TND "
+                 f"| {_f(sc.get('median'), 1)} / {_f(sc.get('dl_tnd_median'), 1)} / {_f(sc.get('df_tnd_median'), 1)} |")
+    ts = p.get("torchserve") or {}
+    if "torchserve_throughput_ratio" in ts:
+        lines.append(f"| TorchServe throughput guarded / baseline | {_f(ts['torchserve_throughput_ratio'])} "
+                     f"({ts['guarded_rps_median']} vs {ts['baseline_rps_median']} req/s, "
+                     f"{ts['config']['concurrency']} clients) |")
+    else:
+        lines.append(f"| TorchServe throughput guarded / baseline | n/a ({ts.get('skipped') or ts.get('error', '')[:200]}) |")
+    lines += ["", "## Targets", "", "| scope | target | measured | met |", "|---|---|---|---|"]
+    for scope, bar, meas, met in _targets(results):
+        lines.append(f"| {scope} | {bar} | {meas} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _check_names(results: dict[str, Any]) -> list[str]:
+    names: list[str] = []
+    for a in results["attacks"]:
+        for n, v in a["online"].items():
+            if not n.startswith("combined") and n not in names:
+                names.append(n)
+    return names

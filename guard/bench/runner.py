@@ -1,0 +1,440 @@
+"""``guard bench``: the attack zoo against the offline scans, the online guard, repair and STRIP.
+
+For every attack of the zoo (and a clean model, the negative class of the offline scans) one small
+seeded DemoNet is trained on the glyph world (:mod:`guard.bench.models`, cached), then:
+
+* **offline**: the profile is built (:func:`guard.scan.build_profile`: Neural Cleanse, suspect
+  neurons, every online check fitted and calibrated at ``fpr``) and DL-TND / DF-TND run on it; each
+  says whether it flags the attack's target (for all-to-all, any label);
+* **online**: the guard scores ``n_eval`` clean test images and ``n_eval`` triggered test images of
+  other classes than the target (:mod:`guard.bench.metrics`: AUROC and TPR at 1% FPR per check and
+  for the combined verdict, plus the deployed verdict's realised TPR/FPR);
+* **repair**: the guard in ``repair`` mode on the same inputs: attack success (the attacker's label
+  served) and clean accuracy (a rejected clean input counts as wrong) after repair;
+* **STRIP** (:mod:`guard.bench.strip`) and, where installed, ART's STRIP, on the same inputs.
+
+Then the performance figures on the BadNets model: the guard's overhead over the bare forward
+(:func:`guard.bench.overhead.measure_overhead`, batch 1 and 32), batched Neural Cleanse over the
+per-label loop (:mod:`guard.bench.nc_speed`), scan seconds, and TorchServe throughput guarded over the
+baseline handler (:mod:`guard.bench.serving`). :func:`run_bench` returns the JSON-ready results;
+:mod:`guard.bench.report` renders the Markdown table and the target checklist.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..attacks import Attack
+from ..attacks.zoo import zoo_data
+from ..data import glyphs, split
+from ..online import Guard
+from ..scan import build_profile, records
+from ..scan.neural_cleanse import NeuralCleanse
+from ..scan.tnd import DFTND, DLTND
+from .metrics import at_threshold, combined_score, separation
+from .models import ZooConfig, zoo_model
+from .strip import Strip, art_available, art_strip
+
+SCHEMA_VERSION = 1
+ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all")
+#: Online checks that every row reports (null where the profile has none, e.g. no suspect label).
+REPORTED_CHECKS = ("feature", "knn", "neuron", "overlap")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Everything a benchmark run depends on; ``preset`` names one of :data:`PRESETS`."""
+
+    preset: str
+    attacks: tuple[str, ...]
+    zoo: ZooConfig
+    n_clean: int = 1000  # clean images for the scan (half) and the calibration (other half)
+    n_eval: int = 500  # clean and triggered test images per attack
+    fpr: float = 0.01
+    nc_max_rounds: int = 200
+    dl_tnd: dict[str, Any] | None = field(default_factory=dict)  # DLTND keyword overrides; None: skip
+    df_tnd: dict[str, Any] | None = field(default_factory=dict)  # DFTND keyword overrides; None: skip
+    strip_n: int = 100
+    art: bool = True
+    overhead_repeats: int = 200
+    nc_speed_rounds: int = 20
+    torchserve: bool = True
+    ts_requests: int = 60
+    ts_rounds: int = 3
+    ts_concurrency: int = 4
+    knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["attacks"] = list(self.attacks)
+        return d
+
+
+PRESETS: dict[str, BenchConfig] = {
+    # every attack, data and epochs at which the zoo's attacks reach their success floors
+    "quick": BenchConfig(preset="quick", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=4000, n_test=1000, epochs=5),
+                         n_eval=500, dl_tnd={"iterations": 20, "search_steps": 3, "per_image_iterations": 20},
+                         df_tnd={"iterations": 100}),
+    "full": BenchConfig(preset="full", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=6000, n_test=2000, epochs=6),
+                        n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=50, ts_requests=200),
+    # the test suite's configuration: checks that the pipeline runs and fills every field, not quality
+    "tiny": BenchConfig(preset="tiny", attacks=("badnets",), zoo=ZooConfig(n_train=600, n_test=200, epochs=2),
+                        n_clean=200, n_eval=60, nc_max_rounds=6,
+                        dl_tnd={"samples_per_class": 3, "iterations": 2, "search_steps": 1, "per_image_iterations": 2},
+                        df_tnd={"n_seeds": 2, "iterations": 3}, strip_n=20, overhead_repeats=10, nc_speed_rounds=2,
+                        torchserve=False, ts_requests=5, ts_rounds=1, ts_concurrency=2),
+}
+
+
+def _log(progress: Callable[[str], None] | None, msg: str) -> None:
+    if progress is not None:
+        progress(msg)
+
+
+def _machine() -> dict[str, Any]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "numpy": np.__version__,
+            "load_average_1m_at_start": round(load[0], 2) if load else None}
+
+
+def _threads(requested: int | None) -> tuple[int, str]:
+    """Torch threads for the run: as requested, else 1 on a busy machine and all cores on an idle one.
+
+    Measured here: with 2 threads on 2 cores shared with other work, OpenMP's spinning threads made a
+    batch-32 forward 18x slower than with 1 thread, so a loaded machine runs single-threaded.
+    """
+    if requested:
+        return int(requested), "--threads"
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load >= 0.5 * cores:
+        return 1, f"load average {load:.1f} on {cores} cores: 1 thread (oversubscribed OpenMP spins)"
+    return cores, f"load average {load:.1f} on {cores} cores: idle enough for {cores} threads"
+
+
+def _detected(flagged: list[int], target: int) -> bool:
+    """An all-to-one attack is detected when its target is flagged; all-to-all (target -1) by any flag."""
+    return bool(flagged) if target < 0 else target in flagged
+
+
+def _offline(cfg: BenchConfig, model: nn.Module, summary: dict[str, Any], profile_meta: dict[str, Any],
+             x_fit: np.ndarray, y_fit: np.ndarray, target: int, num_classes: int) -> dict[str, Any]:
+    """Each offline method's verdict on one model."""
+    nc_flag = list(summary["suspect_labels"])
+    out: dict[str, Any] = {"neural_cleanse": {
+        "detected": _detected(nc_flag, target), "flagged_labels": nc_flag,
+        "seconds": profile_meta["scan"]["seconds"], "steps": profile_meta["scan"]["steps"],
+        "target_anomaly_index": summary["anomaly_index"].get(str(target)),
+        "target_log_anomaly_index": summary["log_anomaly_index"].get(str(target))}}
+    if cfg.dl_tnd is None:
+        out["dl_tnd"] = None
+    else:
+        t0 = time.perf_counter()
+        dl = DLTND(seed=cfg.zoo.seed, progress=False, **cfg.dl_tnd).fit(model, x_fit, y_fit, num_classes=num_classes)
+        flagged = list(dl.suspect_labels_)
+        out["dl_tnd"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
+                         "seconds": round(time.perf_counter() - t0, 2),
+                         "target_similarity_q25": round(float(dl.score_[target]), 4) if target >= 0 else None}
+    if cfg.df_tnd is None:
+        out["df_tnd"] = None
+    else:
+        t0 = time.perf_counter()
+        df = DFTND(seed=cfg.zoo.seed, progress=False, **cfg.df_tnd).fit(model, x_fit.shape[1:], num_classes=num_classes)
+        flagged = list(df.suspect_labels_)
+        out["df_tnd"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
+                         "seconds": round(time.perf_counter() - t0, 2),
+                         "target_anomaly_index": round(float(df.anomaly_index_[target]), 3) if target >= 0 else None}
+    return out
+
+
+def _guard_scores(guard: Guard, x: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(N, n_checks)`` scores and the verdict's suspect flags of the guard on ``x``."""
+    s, flag = [], []
+    for i in range(0, len(x), batch):
+        res = guard.run(x[i:i + batch])
+        s.append(res.scores)
+        flag.append(res.verdict_codes != 0)
+    return np.concatenate(s), np.concatenate(flag)
+
+
+def _online(guard: Guard, cal_x: np.ndarray, neg: np.ndarray, pos: np.ndarray, fpr: float,
+            success: np.ndarray) -> dict[str, Any]:
+    """Per check and combined: AUROC, TPR at 1% FPR, and the deployed thresholds' realised TPR/FPR.
+
+    ``success`` marks the triggered inputs on which the attack works on the bare model; the combined
+    figures are also given on those alone (``combined_successful``), since an attack that fails
+    needs no stopping and weak attacks otherwise dilute the positives.
+    """
+    cal_s, _ = _guard_scores(guard, cal_x)
+    neg_s, neg_flag = _guard_scores(guard, neg)
+    pos_s, pos_flag = _guard_scores(guard, pos)
+    out: dict[str, Any] = {name: None for name in REPORTED_CHECKS}
+    for j, name in enumerate(guard.names):
+        t = guard.thresholds[j]
+        out[name] = separation(neg_s[:, j], pos_s[:, j], fpr=fpr) | {
+            "calibrated": at_threshold(neg_s[:, j] > t, pos_s[:, j] > t), "threshold": round(float(t), 4)}
+    med = np.median(cal_s, 0)
+    zc_neg = combined_score(neg_s, guard.thresholds, med)
+    zc_pos = combined_score(pos_s, guard.thresholds, med)
+    out["combined"] = separation(zc_neg, zc_pos, fpr=fpr) | {"verdict": at_threshold(neg_flag, pos_flag),
+                                                             "checks": list(guard.names)}
+    out["combined_successful"] = (separation(zc_neg, zc_pos[success], fpr=fpr) if success.any()
+                                  else {"auroc": None, "tpr_at_1pct_fpr": None}) | {"n": int(success.sum())}
+    return out
+
+
+def _repair(guard: Guard, neg: np.ndarray, y_neg: np.ndarray, pos: np.ndarray, pos_target: np.ndarray,
+            model: nn.Module, batch: int = 256) -> dict[str, Any]:
+    """Attack success and clean accuracy served by the guard in repair mode (rejected = not served)."""
+
+    def served(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        labels, rejected, repaired = [], [], []
+        for i in range(0, len(x), batch):
+            r = guard.run(x[i:i + batch])
+            labels.append(r.logits.argmax(1))
+            rejected.append(r.verdict_codes == 1)
+            repaired.append(r.verdict_codes == 2)
+        return np.concatenate(labels), np.concatenate(rejected), np.concatenate(repaired)
+
+    with torch.inference_mode():
+        bare_neg = model(torch.from_numpy(neg)).argmax(1).numpy()
+        bare_pos = model(torch.from_numpy(pos)).argmax(1).numpy()
+    ln, rn, pn = served(neg)
+    lp, rp, pp = served(pos)
+    acc_before = float((bare_neg == y_neg).mean())
+    acc_after = float(((ln == y_neg) & ~rn).mean())
+    return {"attack_success_rate": round(float(((lp == pos_target) & ~rp).mean()), 4),
+            "attack_success_before": round(float((bare_pos == pos_target).mean()), 4),
+            "clean_accuracy": round(acc_after, 4), "clean_accuracy_before": round(acc_before, 4),
+            "clean_accuracy_loss_points": round(100 * (acc_before - acc_after), 2),
+            "triggered_repaired": round(float(pp.mean()), 4), "triggered_rejected": round(float(rp.mean()), 4),
+            "clean_repaired": round(float(pn.mean()), 4), "clean_rejected": round(float(rn.mean()), 4)}
+
+
+def _strip(cfg: BenchConfig, model: nn.Module, pool: np.ndarray, cal: np.ndarray, neg: np.ndarray,
+           pos: np.ndarray) -> dict[str, Any]:
+    st = Strip(n=cfg.strip_n, frr=cfg.fpr, seed=cfg.zoo.seed).fit(model, pool, cal)
+    t0 = time.perf_counter()
+    sn, sp = st.score(neg, seed_offset=2), st.score(pos, seed_offset=3)
+    per_input_ms = (time.perf_counter() - t0) / (len(neg) + len(pos)) * 1e3
+    return separation(sn, sp, fpr=cfg.fpr) | {
+        "paper_threshold": at_threshold(sn > st.threshold_, sp > st.threshold_),
+        "n": cfg.strip_n, "seconds_per_input_ms": round(per_input_ms, 3), "fit_seconds": round(st.seconds_, 2)}
+
+
+def _art(cfg: BenchConfig, model: nn.Module, pool: np.ndarray, neg: np.ndarray, pos: np.ndarray,
+         num_classes: int) -> dict[str, Any]:
+    r = art_strip(model, pool, neg, pos, n=cfg.strip_n, far=cfg.fpr, seed=cfg.zoo.seed, num_classes=num_classes)
+    return separation(r["neg_scores"], r["pos_scores"], fpr=cfg.fpr) | {
+        "art_threshold": at_threshold(r["neg_flagged"], r["pos_flagged"]), "n": cfg.strip_n,
+        "seconds": round(r["seconds"], 2), "statistic": "ART 1.x: sum over classes of the entropy across copies"}
+
+
+def _targets(row: dict[str, Any]) -> dict[str, Any]:
+    """The issue's bars for one attack row: value, bar and whether it is met (None: no bar)."""
+    name, online, rep = row["name"], row["online"], row["repair"]
+    comb = online["combined"]
+    out: dict[str, Any] = {}
+    if name == "badnets":
+        out["combined_tpr_at_1pct_fpr>=0.95"] = comb["tpr_at_1pct_fpr"] >= 0.95
+        out["combined_auroc>=0.99"] = comb["auroc"] >= 0.99
+        out["repair_attack_success<=0.01"] = rep["attack_success_rate"] <= 0.01
+        out["repair_clean_accuracy_loss<=1pt"] = rep["clean_accuracy_loss_points"] <= 1.0
+    elif name in ("blended", "sig"):
+        out["combined_auroc>=0.97"] = comb["auroc"] >= 0.97
+    elif name in ("wanet", "input_aware"):
+        out["combined_auroc>=0.90"] = comb["auroc"] >= 0.90
+    strip_tpr = row["strip"]["tpr_at_1pct_fpr"]
+    out["combined_tpr_at_1pct_fpr>=strip"] = comb["tpr_at_1pct_fpr"] >= strip_tpr
+    return out
+
+
+def _data(cfg: BenchConfig):
+    d = zoo_data(seed=cfg.zoo.seed, n_train=cfg.zoo.n_train, n_test=cfg.zoo.n_test)
+    xc, yc = glyphs(cfg.n_clean, seed=cfg.zoo.seed * 10 + 2)  # the demo world's clean.npz seed
+    return d, xc, yc
+
+
+def run_bench(cfg: BenchConfig, *, out_dir: Path, cache: Path | None = None, threads: int | None = None,
+              progress: Callable[[str], None] | None = None, command: str = "") -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; returns the results (also the caller's to write)."""
+    previous_threads = torch.get_num_threads()
+    threads, threads_reason = _threads(threads)
+    torch.set_num_threads(threads)
+    try:
+        return _run(cfg, out_dir=out_dir, cache=cache, threads_reason=threads_reason, progress=progress,
+                    command=command)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason: str,
+         progress: Callable[[str], None] | None, command: str) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache or out_dir / "models"
+    art_ok, art_reason = art_available() if cfg.art else (False, "ART STRIP turned off (--no-art)")
+    d, xc, yc = _data(cfg)
+    x_fit, y_fit, x_cal, y_cal = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
+    n_eval = min(cfg.n_eval, len(d.x_test))
+    neg, y_neg = d.x_test[:n_eval], d.y_test[:n_eval]
+
+    results: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "command": command,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine() | {"threads_reason": threads_reason}, "config": cfg.to_json(), "art_strip_available": art_ok,
+        "art_strip_reason": None if art_ok else art_reason, "clean_models": [], "attacks": [],
+    }
+    _log(progress, f"training the clean model ({cfg.zoo.n_train} images, {cfg.zoo.epochs} epochs)")
+    clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)
+    k = int(clean.model(torch.from_numpy(xc[:1])).shape[1])
+    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+    _log(progress, "scanning the clean model")
+    _, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                            knn=cfg.knn)
+    cmeta = {"scan": {"seconds": csum["seconds"], "steps": nc.steps_}}
+    coff = _offline(cfg, clean.model, csum, cmeta, x_fit, y_fit, -1, k)
+    for v in coff.values():
+        if v is not None:
+            v["false_positive"] = v.pop("detected")
+    results["clean_models"].append({"name": "clean", "seed": cfg.zoo.seed, "clean_accuracy": round(clean.clean_accuracy, 4),
+                                    "train_seconds": round(clean.train_seconds, 1), "cached": clean.cached,
+                                    "detected": coff})
+    badnets_ctx: dict[str, Any] | None = None
+    for name in cfg.attacks:
+        t0 = time.perf_counter()
+        _log(progress, f"{name}: training")
+        zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
+        attack: Attack = zm.attack  # type: ignore[assignment]
+        target = int(getattr(attack, "target", -1))
+        _log(progress, f"{name}: scanning (Neural Cleanse, checks, calibration)")
+        nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+        t_scan = time.perf_counter()
+        profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                         knn=cfg.knn)
+        scan_seconds = time.perf_counter() - t_scan
+        _log(progress, f"{name}: DL-TND / DF-TND")
+        detected = _offline(cfg, zm.model, summary, profile.meta, x_fit, y_fit, target, k)
+        victims = attack.victims(d.y_test)
+        pos = attack.stamp(d.x_test[victims][:n_eval])
+        pos_target = attack.target_of(d.y_test[victims][:n_eval])
+        _log(progress, f"{name}: online checks, repair")
+        guard = Guard(zm.model, profile, mode="enforce", verify=False)
+        with torch.inference_mode():
+            success = zm.model(torch.from_numpy(pos)).argmax(1).numpy() == pos_target
+        online = _online(guard, x_cal, neg, pos, cfg.fpr, success)
+        repair = _repair(Guard(zm.model, profile, mode="repair", verify=False), neg, y_neg, pos, pos_target, zm.model)
+        _log(progress, f"{name}: STRIP (N={cfg.strip_n})")
+        strip = _strip(cfg, zm.model, x_fit, x_cal, neg, pos)
+        art = None
+        if art_ok:
+            _log(progress, f"{name}: ART STRIP")
+            try:
+                art = _art(cfg, zm.model, x_fit, neg, pos, k)
+            except Exception as e:  # report ART's own failure instead of losing the run
+                art = None
+                results["art_strip_reason"] = f"ART STRIP failed: {type(e).__name__}: {e}"
+        row = {"name": name, "seed": cfg.zoo.seed, "target": target,
+               "clean_accuracy": round(zm.clean_accuracy, 4),
+               "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
+               "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
+               "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
+               "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
+               "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
+               "seconds": round(time.perf_counter() - t0, 1)}
+        row["targets"] = _targets(row)
+        results["attacks"].append(row)
+        if name == "badnets" or badnets_ctx is None:
+            badnets_ctx = {"name": name, "model": zm.model, "profile": profile, "target": target}
+        _log(progress, f"{name}: done in {row['seconds']:.0f}s")
+
+    results["performance"] = _performance(cfg, badnets_ctx, results, xc, x_fit, neg, k, progress)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["machine"]["load_average_1m_at_end"] = round(load[0], 2) if load else None
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    return results
+
+
+def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str, Any], xc: np.ndarray,
+                 x_fit: np.ndarray, neg: np.ndarray, k: int, progress) -> dict[str, Any]:
+    from .nc_speed import nc_speedup
+    from .overhead import measure_overhead
+
+    perf: dict[str, Any] = {"model": None, "guard_overhead_p50_ratio": None, "guard_overhead_p95_ratio": None,
+                            "nc_batched_speedup": None, "scan_seconds": None, "torchserve_throughput_ratio": None}
+    scans = [r["scan_seconds"] for r in results["attacks"]]
+    perf["scan_seconds"] = {"median": round(float(np.median(scans)), 2) if scans else None,
+                            "per_attack": {r["name"]: r["scan_seconds"] for r in results["attacks"]},
+                            "dl_tnd_median": _median_of(results, "dl_tnd"), "df_tnd_median": _median_of(results, "df_tnd")}
+    if ctx is None:
+        return perf
+    model, profile = ctx["model"], ctx["profile"]
+    perf["model"] = ctx["name"]
+    guard = Guard(model, profile, mode="enforce", verify=False)
+    _log(progress, "performance: guard overhead (batch 1, 32)")
+    over = {}
+    for b in (1, 32):
+        over[f"batch_{b}"] = measure_overhead(model, guard, neg, batch_size=b, repeats=cfg.overhead_repeats)
+    perf["overhead"] = over
+    perf["guard_overhead_p50_ratio"] = {b: round(v["p50_ratio"], 3) for b, v in over.items()}
+    perf["guard_overhead_p95_ratio"] = {b: round(v["p95_ratio"], 3) for b, v in over.items()}
+    perf["checks"] = list(guard.names)
+    _log(progress, f"performance: batched Neural Cleanse vs per-label loop ({cfg.nc_speed_rounds} rounds)")
+    nc = nc_speedup(model, x_fit, num_classes=k, rounds=cfg.nc_speed_rounds, seed=cfg.zoo.seed, target=ctx["target"])
+    perf["nc_batched_speedup"] = nc["nc_batched_speedup"]
+    perf["nc_batched"] = nc
+    if not cfg.torchserve:
+        perf["torchserve"] = {"skipped": "TorchServe throughput not measured in this configuration"}
+        return perf
+    _log(progress, "performance: TorchServe throughput, guarded vs baseline handler")
+    perf["torchserve"] = _torchserve(cfg, model, profile, neg)
+    perf["torchserve_throughput_ratio"] = perf["torchserve"].get("torchserve_throughput_ratio")
+    return perf
+
+
+def _median_of(results: dict[str, Any], method: str) -> float | None:
+    v = [r["detected"][method]["seconds"] for r in results["attacks"] if r["detected"].get(method)]
+    return round(float(np.median(v)), 2) if v else None
+
+
+def _torchserve(cfg: BenchConfig, model: nn.Module, profile, x: np.ndarray) -> dict[str, Any]:
+    """Write the model as a user would (model file, state_dict, profile) and measure both handlers."""
+    from ..commands._torchserve import ServeError
+    from ..errors import GuardError
+    from ..nets import net_file
+    from .serving import torchserve_throughput
+
+    if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
+        return {"error": "java not found: TorchServe needs Java 17"}
+    work = Path(tempfile.mkdtemp(prefix="guard-bench-"))
+    try:
+        shutil.copyfile(net_file("demo_net"), work / "model.py")
+        torch.save(model.state_dict(), work / "weights.pt")
+        prof_dir = profile.save(work / "profile")
+        return torchserve_throughput(work / "model.py", work / "weights.pt", prof_dir, x, requests=cfg.ts_requests,
+                                     rounds=cfg.ts_rounds, concurrency=cfg.ts_concurrency, work_dir=work / "ts")
+    except (GuardError, ServeError, OSError) as e:
+        return {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def preset(name: str, **overrides: Any) -> BenchConfig:
+    """A preset with some fields replaced (``attacks``, ``zoo``, ``torchserve``, ...)."""
+    return replace(PRESETS[name], **{k: v for k, v in overrides.items() if v is not None})

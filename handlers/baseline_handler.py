@@ -1,0 +1,150 @@
+"""TorchServe handler without the guard: the unguarded baseline of ``guard bench``'s throughput ratio.
+
+TorchServe's stock ``image_classifier`` imports torchvision, which has no CPU build here (DESIGN.md),
+so the baseline is TorchServe's ``BaseHandler`` with exactly the guarded handler's request path:
+the same model loading (``guard.model.load_model``, weights only), the same per-request decoding and
+validation (``guard.io.decode_request``, 400/413 per bad request), one forward pass over the batch
+(``BaseHandler.inference``) and the same response shape minus the guard's fields
+(``{"predictions": [{"label", "probabilities"}]}``). The ratio guarded/baseline then isolates what the
+guard itself costs. It reads the same ``model-config.yaml`` ``handler:`` section (``model_file``,
+``weights``, ``model_class``, ``normalize``, ``max_request_bytes``) and ignores the profile and mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from guard.errors import GuardError, PayloadTooLarge
+from guard.io import decode_request
+from guard.model import load_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BYTES = 6_553_500
+_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
+
+
+def _section(context: Any) -> dict[str, Any]:
+    cfg = getattr(context, "model_yaml_config", None) or {}
+    if not isinstance(cfg, dict):
+        return {}
+    section = cfg.get("handler")
+    return dict(section) if isinstance(section, dict) else dict(cfg)
+
+
+def _body(row: Any) -> Any:
+    if not isinstance(row, dict):
+        return row
+    for key in ("body", "data"):
+        if row.get(key) is not None:
+            return row[key]
+    values = [v for v in row.values() if v is not None]
+    return values[0] if values else None
+
+
+def _headers(context: Any, idx: int) -> dict[str, Any]:
+    try:
+        return dict(context.get_all_request_header(idx) or {})
+    except Exception:  # not inside a TorchServe request
+        return {}
+
+
+def _content_type(headers: dict[str, Any], row: Any) -> str | None:
+    if isinstance(row, dict):
+        for name in ("body", "data", *row.keys()):
+            part = headers.get(name)
+            if isinstance(part, dict) and part.get("content-type"):
+                return str(part["content-type"])
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == "content-type" and isinstance(value, str):
+            return value
+    return None
+
+
+class BaselineHandler(BaseHandler):
+    """``BaseHandler`` with guard's decoding and response shape, and no guard."""
+
+    def initialize(self, context: Any) -> None:
+        """Load the model as the guarded handler does (``weights_only``); no profile, no checks."""
+        self.context = context
+        self.manifest = context.manifest
+        self.device = torch.device("cpu")
+        props = context.system_properties
+        model_dir = Path(props.get("model_dir") or ".")
+        cfg = _section(context)
+        manifest_model = (self.manifest or {}).get("model", {})
+        model_file = cfg.get("model_file") or manifest_model.get("modelFile")
+        weights = cfg.get("weights") or manifest_model.get("serializedFile")
+        if not model_file or not weights:
+            raise GuardError("the archive names no model file or serialized weights")
+        self.max_request_bytes = int(cfg.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES))
+        self.model = load_model(model_dir / model_file, model_dir / weights,
+                                model_class_name=cfg.get("model_class") or None,
+                                normalize=cfg.get("normalize") or None)
+        self.model.eval()
+        self.input_shape = self._input_shape(cfg, model_dir)
+        self.initialized = True
+
+    @staticmethod
+    def _input_shape(cfg: dict[str, Any], model_dir: Path) -> tuple[int, int, int]:
+        """The input shape the archive's profile records (the guarded handler reads the same field)."""
+        import json
+
+        meta = json.loads((model_dir / str(cfg.get("profile", "guard-profile")) / "profile.json").read_text())
+        return tuple(int(s) for s in meta["input_shape"])  # type: ignore[return-value]
+
+    def preprocess(self, data: list[Any]) -> list[np.ndarray | GuardError]:  # type: ignore[override]
+        """Decode each request on its own: a batch ``(n, C, H, W)`` or the error to answer."""
+        out: list[np.ndarray | GuardError] = []
+        for idx, row in enumerate(data):
+            headers = _headers(self.context, idx)
+            try:
+                size = next((int(v) for k, v in headers.items()
+                             if isinstance(k, str) and k.lower() == "content-length"), None)
+                if size is not None and size > self.max_request_bytes:
+                    raise PayloadTooLarge(f"request body is {size} bytes, above {self.max_request_bytes}")
+                out.append(decode_request(_body(row), _content_type(headers, row), input_shape=self.input_shape,
+                                          max_bytes=self.max_request_bytes))
+            except GuardError as e:
+                out.append(e)
+            except Exception:
+                logger.exception("baseline: decoding request %d failed unexpectedly", idx)
+                err = GuardError("could not decode the request")
+                err.http_status = 500
+                out.append(err)
+        return out
+
+    def handle(self, data: list[Any], context: Any) -> list[dict[str, Any]]:
+        """One response per request: decode, one forward over the valid instances, label + probabilities."""
+        self.context = context
+        items = self.preprocess(data)
+        valid = [it for it in items if isinstance(it, np.ndarray)]
+        probs = np.zeros((0, 0))
+        if valid:
+            logits = self.inference(torch.from_numpy(np.concatenate(valid)))
+            probs = torch.softmax(logits, 1).numpy()
+        responses: list[dict[str, Any]] = []
+        cursor = 0
+        for idx, item in enumerate(items):
+            if getattr(context, "request_processor", None) is not None:
+                context.set_response_content_type(idx, "application/json")
+            if isinstance(item, GuardError):
+                if getattr(context, "request_processor", None) is not None:
+                    context.set_response_status(item.http_status, _PHRASES.get(item.http_status, ""), idx)
+                responses.append({"error": str(item)})
+                continue
+            mine = probs[cursor:cursor + len(item)]
+            cursor += len(item)
+            responses.append({"predictions": [{"label": int(p.argmax()), "probabilities": [round(float(v), 6)
+                                                                                           for v in p]}
+                                              for p in mine]})
+        return responses
+
+
+__all__ = ["BaselineHandler"]

@@ -1,0 +1,153 @@
+"""``guard bench`` on its tiny configuration (one attack, a few steps): it runs end to end through the
+CLI and writes results.json with every field the issue names and a results.md rendered from it.
+
+Quality is not asserted here (the tiny models are barely trained); the benchmark's figures are the
+point of ``guard bench --quick``, which is not part of the test suite. The pieces with a contract of
+their own (STRIP's statistic, the combined score, the kNN check) get small exact tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([str(BIN / "guard"), "bench", "--tiny", "--out", str(out), "--json"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, "GUARD_BENCH_QUIET": "1", "TQDM_DISABLE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = json.loads(done.stdout)
+    on_disk = json.loads((out / "results.json").read_text())
+    assert printed == on_disk
+    return on_disk, out
+
+
+def _online_fields(v: dict) -> None:
+    assert set(v) >= {"auroc", "tpr_at_1pct_fpr"}
+    for key in ("auroc", "tpr_at_1pct_fpr"):
+        assert v[key] is None or 0.0 <= v[key] <= 1.0
+
+
+def test_every_attack_row_has_every_field(tiny):
+    r, _ = tiny
+    assert r["schema_version"] == 1 and r["config"]["preset"] == "tiny"
+    assert [a["name"] for a in r["attacks"]] == ["badnets"]
+    for a in r["attacks"]:
+        assert {"name", "clean_accuracy", "attack_success_rate", "detected", "online", "repair", "strip",
+                "art_strip", "scan_seconds", "targets"} <= set(a)
+        assert 0 <= a["clean_accuracy"] <= 1 and 0 <= a["attack_success_rate"] <= 1
+        assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd"}
+        for method in a["detected"].values():
+            assert isinstance(method["detected"], bool) and isinstance(method["flagged_labels"], list)
+        online = a["online"]
+        assert {"feature", "knn", "neuron", "overlap", "combined"} <= set(online)
+        for name in a["online"]["combined"]["checks"]:
+            _online_fields(online[name])
+        _online_fields(online["combined"])
+        assert set(online["combined"]["verdict"]) == {"tpr", "fpr"}
+        assert {"attack_success_rate", "clean_accuracy", "clean_accuracy_loss_points"} <= set(a["repair"])
+        _online_fields(a["strip"])
+        assert a["strip"]["n"] == r["config"]["strip_n"]
+        if r["art_strip_available"]:
+            _online_fields(a["art_strip"])
+        else:
+            assert a["art_strip"] is None and r["art_strip_reason"]
+
+
+def test_clean_models_report_false_positives(tiny):
+    r, _ = tiny
+    (c,) = r["clean_models"]
+    assert set(c["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd"}
+    assert all(isinstance(v["false_positive"], bool) for v in c["detected"].values())
+
+
+def test_performance_fields(tiny):
+    p = tiny[0]["performance"]
+    for key in ("guard_overhead_p50_ratio", "guard_overhead_p95_ratio"):
+        assert set(p[key]) == {"batch_1", "batch_32"} and all(v > 0 for v in p[key].values())
+    assert p["nc_batched_speedup"] > 0
+    nc = p["nc_batched"]
+    assert nc["labels"] == 10 and len(nc["batched"]["l1_norms"]) == len(nc["per_label_loop"]["l1_norms"]) == 10
+    assert p["scan_seconds"]["median"] > 0
+    assert "torchserve_throughput_ratio" in p  # measured by --quick; the tiny run skips TorchServe
+    assert p["torchserve_throughput_ratio"] is None and p["torchserve"]["skipped"]
+
+
+def test_markdown_is_rendered_from_the_json(tiny):
+    r, out = tiny
+    md = (out / "results.md").read_text()
+    assert "| attack | clean acc | ASR |" in md and "## Targets" in md and "## Performance" in md
+    assert r["command"] in md
+    assert (out / "models").is_dir() and any((out / "models").glob("*.safetensors"))
+
+
+# ------------------------------------------------------------------ small exact contracts
+
+
+class _Constant(nn.Module):
+    """Logits that ignore the input: a fixed class (a perfect 'trojan') or a uniform output."""
+
+    def __init__(self, logits: list[float]):
+        super().__init__()
+        self.register_buffer("z", torch.tensor(logits))
+
+    def forward(self, x):
+        return self.z.expand(len(x), -1)
+
+
+def test_strip_entropy_is_zero_for_a_fixed_answer_and_log_k_for_a_uniform_one():
+    from guard.bench.strip import Strip
+
+    x = np.random.default_rng(0).random((12, 3, 8, 8), dtype=np.float32)
+    fixed = Strip(n=10).fit(_Constant([50.0, 0, 0, 0]), x, x)
+    np.testing.assert_allclose(fixed.score(x[:3]), 0.0, atol=1e-9)  # -entropy: 0 is the most suspect
+    uniform = Strip(n=10).fit(_Constant([0.0, 0, 0, 0]), x, x)
+    np.testing.assert_allclose(uniform.score(x[:3]), -2.0, atol=1e-9)  # log2(4) bits
+    again = Strip(n=10).fit(_Constant([1.0, 0, 0, 0]), x, x)
+    np.testing.assert_array_equal(again.score(x), again.score(x))  # seeded draws
+
+
+def test_combined_score_is_positive_exactly_when_a_check_fires():
+    from guard.bench.metrics import combined_score
+
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=(200, 3))
+    t, med = np.array([1.0, 2.0, 0.5]), np.zeros(3)
+    z = combined_score(s, t, med)
+    np.testing.assert_array_equal(z > 0, (s > t).any(1))
+
+
+def test_knn_check_contract():
+    from guard.online.checks import CHECKS, KNNCheck, Record
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16)) * 3
+    feats = (centres[rng.integers(0, 4, 400)] + rng.normal(size=(400, 16))).astype(np.float32)
+    out = (rng.normal(size=(50, 16)) * 3).astype(np.float32)
+
+    def rec(f):
+        return Record(np.zeros((len(f), 1, 1, 1), np.float32), np.zeros((len(f), 4), np.float32), f)
+
+    c = KNNCheck(k=5, max_bank=300).fit(rec(feats[:300]))
+    assert c.bank.shape == (16, 300)
+    c.infer_threshold(rec(feats[300:]), fpr=0.05)
+    from guard.stats import roc_auc
+
+    assert roc_auc(c.score(rec(feats[300:])), c.score(rec(out))) >= 0.95
+    together = c.score(rec(out))
+    alone = np.concatenate([c.score(rec(out[i:i + 1])) for i in range(len(out))])
+    np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
+    again = CHECKS["knn"].from_state(c.state())
+    np.testing.assert_array_equal(again.score(rec(out)), together)

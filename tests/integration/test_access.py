@@ -1,0 +1,163 @@
+"""Access: ``guard serve`` keeps TorchServe's token authorization on and says where the keys are.
+
+Checked on a real TorchServe started by ``guard serve`` (loopback, free ports; stopped by ``guard stop``
+and, whatever happens, by its process group in the fixture's teardown):
+
+* without a token, or with the wrong one, inference, ``/ping`` and management are refused with what
+  TorchServe 0.12 really answers: **400** ``InvalidKeyException`` (not 401);
+* each key works only on its own API (inference key: inference and /ping; management key: management);
+  the never-expiring API key opens neither;
+* only the metrics port answers without a token;
+* the key file is private (mode 0600) and ``guard serve`` prints its path.
+
+The config that ``guard serve`` writes is checked without TorchServe: loopback addresses, token
+authorization not disabled unless ``--no-auth``, TorchServe's request bound above guard's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from guard.bench import load
+from guard.commands import _torchserve as ts
+from guard.commands.archive import make_archive
+from guard.data import load_npz
+
+BIN = Path(sys.executable).parent
+NAME = "demo"
+integration = pytest.mark.integration
+
+
+def guard_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "guard"), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def served(demo_world, demo_profile, tmp_path_factory):
+    """``guard serve`` of the demo archive; yields (server, serve's stdout)."""
+    if shutil.which("java") is None:
+        pytest.skip("TorchServe needs java")
+    store = tmp_path_factory.mktemp("access-store")
+    make_archive(name=NAME, model_file=demo_world.model_file, weights=demo_world.weights, profile=demo_profile,
+                 export_path=store, mode="enforce")
+    run_dir = tmp_path_factory.mktemp("access-run")
+    try:
+        done = guard_cli("serve", "--model-store", str(store), "--ports", "auto", "--run-dir", str(run_dir),
+                         "--timeout", "300")
+        assert done.returncode == 0, done.stdout + done.stderr
+        srv = ts.Server.load(run_dir)
+        assert srv is not None and srv.alive()
+        yield srv, done.stdout
+        stopped = guard_cli("stop", "--run-dir", str(run_dir), timeout=120)
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        left = ts.Server.load(run_dir)
+        if left is not None:
+            left.stop()
+
+
+@pytest.fixture(scope="module")
+def body(demo_world) -> bytes:
+    xh, _ = load_npz(demo_world.holdout)
+    return load.json_body(xh[:1])
+
+
+def _invalid_key(status: int, raw: bytes) -> bool:
+    return status == 400 and json.loads(raw).get("type") == "InvalidKeyException"
+
+
+@integration
+@pytest.mark.slow
+def test_serve_says_token_auth_is_on_and_where_the_key_file_is(served):
+    srv, out = served
+    assert srv.token_auth and "token auth ON" in out and str(srv.key_file) in out
+    assert "400 InvalidKeyException" in out and "metrics port is open without a token" in out
+    keys = json.loads(srv.key_file.read_text())
+    assert {"inference", "management", "API"} <= set(keys)
+    assert stat.S_IMODE(srv.key_file.stat().st_mode) == 0o600  # private to the user running TorchServe
+    assert "disable_token_authorization" not in srv.config.read_text()
+
+
+@integration
+@pytest.mark.slow
+def test_inference_refuses_without_the_inference_key_with_400_invalid_key(served, body):
+    srv, _ = served
+    url = f"{srv.urls['inference']}/predictions/{NAME}"
+    for key in (None, "wrong-key", srv.key("management"), srv.key("API")):
+        status, raw, _ = load.post_once(url, body, key=key)
+        assert _invalid_key(status, raw), (key, status, raw)
+        assert b"predictions" not in raw
+    status, raw, _ = load.post_once(url, body, key=srv.key("inference"))
+    assert status == 200 and json.loads(raw)["predictions"][0]["verdict"] in ("pass", "flagged", "repaired")
+
+
+@integration
+@pytest.mark.slow
+def test_ping_needs_the_inference_key_too(served):
+    srv, _ = served
+    assert _invalid_key(*ts.http(f"{srv.urls['inference']}/ping"))
+    assert _invalid_key(*ts.http(f"{srv.urls['inference']}/ping", key=srv.key("management")))
+    assert ts.http(f"{srv.urls['inference']}/ping", key=srv.key("inference"))[0] == 200
+
+
+@integration
+@pytest.mark.slow
+def test_management_refuses_without_the_management_key(served):
+    srv, _ = served
+    url = f"{srv.urls['management']}/models"
+    for key in (None, "wrong-key", srv.key("inference"), srv.key("API")):
+        assert _invalid_key(*ts.http(url, key=key)), key
+        assert _invalid_key(*ts.http(f"{url}/{NAME}?min_worker=3", key=key, method="PUT")), key
+    status, raw = ts.http(url, key=srv.key("management"))
+    assert status == 200 and NAME in {m["modelName"] for m in json.loads(raw)["models"]}
+    # registering models stays off even with the key (TorchServe's enable_model_api default)
+    status, raw = ts.http(f"{url}?url=https://example.invalid/x.mar", key=srv.key("management"), method="POST")
+    assert status != 200 and status < 500, (status, raw)
+
+
+@integration
+@pytest.mark.slow
+def test_only_the_metrics_port_answers_without_a_token(served, body):
+    srv, _ = served
+    load.post_once(f"{srv.urls['inference']}/predictions/{NAME}", body, key=srv.key("inference"))
+    status, raw = ts.http(f"{srv.urls['metrics']}/metrics")
+    assert status == 200 and b"# TYPE guard_requests_total counter" in raw
+    # the same paths on the other ports need the token
+    assert _invalid_key(*ts.http(f"{srv.urls['inference']}/metrics"))
+    assert _invalid_key(*ts.http(f"{srv.urls['management']}/metrics"))
+
+
+# ---------------------------------------------------------------- the config guard serve writes
+
+
+def test_serve_config_keeps_token_auth_unless_no_auth_and_bounds_requests_above_guard(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    for auth in (True, False):
+        run = tmp_path / f"run-{auth}"
+        run.mkdir()
+        cfg = ts.write_config(run, model_store=store, load_models="a=a.mar", ports=(18080, 18081, 18082),
+                              token_auth=auth, handler_bounds=[1_048_576, 5_000_000])
+        props = ts.read_properties(cfg)
+        assert props.get("disable_token_authorization") == (None if auth else "true")
+        assert all(props[k].startswith("http://127.0.0.1:") for k in
+                   ("inference_address", "management_address", "metrics_address"))
+        assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
+        assert int(props["max_request_size"]) == 10_000_000  # twice the largest handler bound
+    assert ts.frontend_max_request_size([1_048_576]) == 6_553_500  # never below TorchServe's default
+    assert ts.frontend_max_request_size([1_048_576], configured=9_000_000) == 9_000_000
+
+
+def test_archive_bound_is_read_back_from_the_mar(demo_world, demo_profile, tmp_path):
+    mar, _ = make_archive(name="x", model_file=demo_world.model_file, weights=demo_world.weights,
+                          profile=demo_profile, export_path=tmp_path, max_request_bytes=123_456)
+    assert ts.archive_max_request_bytes(mar) == 123_456
+    (tmp_path / "junk.mar").write_bytes(b"not a zip")
+    assert ts.archive_max_request_bytes(tmp_path / "junk.mar") == ts.HANDLER_DEFAULT_MAX_REQUEST_BYTES

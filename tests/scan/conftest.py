@@ -1,0 +1,214 @@
+"""Fixtures of the offline-audit tests: a seeded population of tiny glyph models (backdoored and
+clean, trained once per session), their audits, the demo audit run through the CLI, and a headless
+Chromium to look at the HTML report.
+
+The population keeps each model to a few seconds of training (6000 glyphs, 4 epochs) and audits it
+with a reduced optimisation budget (:func:`quick_estimators`: Neural Cleanse on batches of 16, a
+shorter DL-TND search on 3 images per class), so all twelve build and scan in a few minutes on two
+cores; the demo audit in test_report.py runs the full default budget and is the one timed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Population: (name, attack factory). Patch triggers at four positions and targets, two blended keys.
+POPULATION_SPECS: list[tuple[str, dict | None]] = [
+    ("patch-t1-br", {"kind": "badnets", "target": 1, "position": "bottom-right", "seed": 1}),
+    ("patch-t3-tl", {"kind": "badnets", "target": 3, "position": "top-left", "seed": 2}),
+    ("patch-t8-tr", {"kind": "badnets", "target": 8, "position": "top-right", "seed": 3}),
+    ("patch-t5-bl", {"kind": "badnets", "target": 5, "position": "bottom-left", "seed": 4}),
+    ("blend-t2", {"kind": "blended", "target": 2, "alpha": 0.25, "seed": 5}),
+    ("blend-t7", {"kind": "blended", "target": 7, "alpha": 0.3, "seed": 6}),
+] + [(f"clean-{i}", None) for i in range(6)]
+
+POPULATION_TRAIN = {"n_train": 6000, "epochs": 4, "n_clean": 300, "n_holdout": 500}
+
+
+def make_attack(spec: dict | None):
+    from guard.attacks import BadNets, Blended
+
+    if spec is None:
+        return None
+    kw = {k: v for k, v in spec.items() if k != "kind"}
+    return BadNets(**kw) if spec["kind"] == "badnets" else Blended(**kw)
+
+
+def quick_estimators(seed: int = 0) -> dict:
+    """The reduced budget the population is audited with (the defaults are the full budget)."""
+    from guard.scan import NeuralCleanse
+    from guard.scan.tnd import DFTND, DLTND
+
+    return {"nc": NeuralCleanse(seed=seed, batch_size=16, progress=False),
+            "dl_tnd": DLTND(seed=seed, samples_per_class=3, search_steps=3, iterations=20, per_image_iterations=20,
+                            progress=False),
+            "df_tnd": DFTND(seed=seed, progress=False)}
+
+
+@dataclass
+class Member:
+    name: str
+    kind: str  # "patch" | "blended" | "clean"
+    target: int | None
+    clean_accuracy: float
+    attack_success: float
+    train_seconds: float
+    audit: dict = field(default_factory=dict)
+    audit_seconds: float = 0.0
+
+
+@pytest.fixture(scope="session")
+def population(tmp_path_factory) -> list[Member]:
+    """Train and audit the twelve population models (seeded; once per test session)."""
+    from guard.data import load_npz
+    from guard.demo_world import build
+    from guard.model import load_model
+    from guard.scan.audit import run_audit
+
+    root = tmp_path_factory.mktemp("population")
+    members = []
+    for i, (name, spec) in enumerate(POPULATION_SPECS):
+        atk = make_attack(spec)
+        t0 = time.perf_counter()
+        w = build(root / name, attack=atk, backdoored=atk is not None, seed=20 + i, **POPULATION_TRAIN)
+        train_s = time.perf_counter() - t0
+        model = load_model(w.model_file, w.weights)
+        x, y = load_npz(w.clean)
+        est = quick_estimators(seed=0)
+        t0 = time.perf_counter()
+        res = run_audit(model, x, y, seed=0, nc=est["nc"], dl_tnd=est["dl_tnd"], df_tnd=est["df_tnd"],
+                        progress=False)
+        kind = "clean" if spec is None else ("patch" if spec["kind"] == "badnets" else "blended")
+        members.append(Member(name, kind, None if atk is None else atk.target, w.clean_accuracy,
+                              w.attack_success if atk is not None else 0.0, train_s, res.summary,
+                              time.perf_counter() - t0))
+    return members
+
+
+@pytest.fixture(scope="session")
+def badnets_world(request, tmp_path_factory):
+    """The BadNets demo world: the session's shared ``demo_world`` when tests/conftest.py has it."""
+    try:
+        return request.getfixturevalue("demo_world")
+    except pytest.FixtureLookupError:
+        from guard.demo_world import build
+
+        return build(tmp_path_factory.mktemp("demo-scan"))
+
+
+@pytest.fixture(scope="session")
+def badnets_profile(request, badnets_world, tmp_path_factory) -> Path:
+    """The demo model's scanned profile (shared ``demo_profile`` when available)."""
+    try:
+        return request.getfixturevalue("demo_profile")
+    except pytest.FixtureLookupError:
+        from guard.data import load_npz
+        from guard.model import load_model
+        from guard.scan import build_profile
+
+        model = load_model(badnets_world.model_file, badnets_world.weights)
+        x, y = load_npz(badnets_world.clean)
+        profile, _ = build_profile(model, x, y, seed=0, progress=False)
+        return profile.save(tmp_path_factory.mktemp("profile-scan") / "demo")
+
+
+@pytest.fixture(scope="session")
+def guard_cli():
+    """``guard_cli(*args)`` runs the guard CLI in a subprocess (see :func:`run_cli`)."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def browser(chromium):
+    """``browser.run(url, tmp, *flags)`` runs headless Chromium; ``browser.image_stats(png)``."""
+
+    class _Browser:
+        path = chromium
+
+        @staticmethod
+        def run(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+            return chromium_run(chromium, url, tmp, *extra)
+
+        image_stats = staticmethod(image_stats)
+
+    return _Browser()
+
+
+def run_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``guard ARGS`` in a subprocess of this interpreter (what a CI job runs)."""
+    import sys
+
+    env = dict(os.environ, GUARD_PROGRESS="1")
+    return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@dataclass
+class DemoAudit:
+    out: Path
+    proc: subprocess.CompletedProcess
+    seconds: float
+    metrics: Path
+
+
+@pytest.fixture(scope="session")
+def demo_audit(badnets_world, tmp_path_factory) -> DemoAudit:
+    """``guard audit`` of the demo BadNets model with all three methods and the default (full) budget."""
+    d = tmp_path_factory.mktemp("audit")
+    out, metrics = d / "report", d / "textfile" / "guard_audit.prom"
+    t0 = time.perf_counter()
+    proc = run_cli("audit", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+                   "--data", str(badnets_world.clean), "--out", str(out), "--json", "--metrics-file", str(metrics))
+    return DemoAudit(out, proc, time.perf_counter() - t0, metrics)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a headless-capable Chromium; installs Debian's ``chromium`` with apt-get when missing
+    (CI runs as root)."""
+    path = _chromium()
+    if path is None and shutil.which("apt-get") and os.geteuid() == 0:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=False, capture_output=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"], check=False,
+                       capture_output=True, env=env, timeout=900)
+        path = _chromium()
+    if path is None:
+        pytest.fail("chromium is not installed and could not be installed with apt-get")
+    return path
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_run(chromium: str, url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    profile = tmp / f"chrome-profile-{time.monotonic_ns()}"
+    profile.mkdir(parents=True)
+    return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, url],
+                          capture_output=True, text=True, timeout=120, cwd=tmp)
+
+
+def image_stats(path: Path) -> tuple[int, int, float]:
+    """Width, height and pixel standard deviation of a PNG (a blank page has ~0)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        a = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return a.shape[1], a.shape[0], float(a.std())

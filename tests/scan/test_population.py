@@ -1,0 +1,68 @@
+"""Detection accuracy across a seeded population of tiny glyph models: four patch-backdoored (four
+targets, four corners), two with blended keys, six clean. Prints each method's detection accuracy
+and asserts the floors the audit promises."""
+
+from __future__ import annotations
+
+import pytest
+
+METHODS = ("neural_cleanse", "dl_tnd", "df_tnd")
+
+
+@pytest.fixture(scope="module")
+def members(population):
+    # the population is only evidence if its models are what they claim to be
+    for m in population:
+        assert m.clean_accuracy >= 0.9, (m.name, m.clean_accuracy)
+        if m.kind != "clean":
+            assert m.attack_success >= 0.9, (m.name, m.attack_success)
+    return population
+
+
+def _correct(member, flagged: list[int]) -> bool:
+    """Model-level correctness: clean models unflagged, backdoored models flagged at their target."""
+    if member.kind == "clean":
+        return not flagged
+    return member.target in flagged
+
+
+def test_report_detection_accuracy(members):
+    rows = []
+    for m in members:
+        cells = []
+        for method in METHODS:
+            flagged = m.audit[method]["suspect_labels"]
+            cells.append(f"{str(flagged):<8}{'ok' if _correct(m, flagged) else 'MISS':<5}")
+        verdict_ok = (m.audit["verdict"] == "backdoored") == (m.kind != "clean")
+        rows.append(f"{m.name:<12} target {str(m.target):<5} acc {m.clean_accuracy:.3f} asr {m.attack_success:.3f} "
+                    f"| {' | '.join(cells)} | {m.audit['verdict']:<10} {'ok' if verdict_ok else 'MISS'} "
+                    f"| train {m.train_seconds:4.1f}s audit {m.audit_seconds:5.1f}s")
+    acc = {method: sum(_correct(m, m.audit[method]["suspect_labels"]) for m in members) / len(members)
+           for method in METHODS}
+    combined = sum((m.audit["verdict"] == "backdoored") == (m.kind != "clean") for m in members)
+    print("\n" + "\n".join(rows))
+    print("detection accuracy: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items())
+          + f", combined verdict {combined}/{len(members)}")
+
+
+def test_neural_cleanse_flags_every_patch_model_at_its_target_and_no_clean_model(members):
+    for m in members:
+        flagged = m.audit["neural_cleanse"]["suspect_labels"]
+        if m.kind == "patch":
+            assert m.target in flagged, (m.name, flagged, m.audit["neural_cleanse"]["per_label"])
+        elif m.kind == "clean":
+            assert flagged == [], (m.name, flagged)
+
+
+def test_combined_verdict_right_on_at_least_11_of_12(members):
+    right = [(m.audit["verdict"] == "backdoored") == (m.kind != "clean") for m in members]
+    assert len(members) == 12
+    assert sum(right) >= 11, [(m.name, m.audit["verdict"]) for m in members]
+    # a wrong verdict must never be a clean model called backdoored twice over
+    assert sum(m.audit["verdict"] == "backdoored" for m in members if m.kind == "clean") <= 1
+
+
+def test_df_tnd_needs_no_data_and_never_flags_a_clean_model(members):
+    for m in members:
+        if m.kind == "clean":
+            assert m.audit["df_tnd"]["suspect_labels"] == [], m.name
