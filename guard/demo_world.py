@@ -38,7 +38,7 @@ class DemoWorld:
 
 
 def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = 0,
-          n_train: int = 6000, n_clean: int = 1000, n_holdout: int = 1000, epochs: int = 5,
+          n_train: int = 6000, n_clean: int = 2000, n_holdout: int = 1000, epochs: int = 5,
           poison_rate: float = 0.1) -> DemoWorld:
     """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files."""
     from .nets.demo_net import DemoNet

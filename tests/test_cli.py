@@ -37,7 +37,6 @@ def test_scan_json_and_exit_code(demo_world, tmp_path):
     summary = json.loads(p.stdout)
     assert summary["suspect_labels"] == [6]
     assert set(summary["anomaly_index"]) == {str(i) for i in range(10)}
-    assert summary["seconds"] < 120
     assert (tmp_path / "p" / "profile.json").exists() and (tmp_path / "p" / "tensors.safetensors").exists()
 
 

@@ -8,12 +8,12 @@ demo zoo (one model per entry of ``ATTACKS``, plus clean models as the negative 
 """
 
 from ._base import Attack, BadNets, Blended
-from ._registry import ATTACKS, DEMO_TARGET, POISON_RATES
+from ._registry import ATTACKS, DEMO_TARGET, EPOCH_SCALES, POISON_RATES
 from .all_to_all import AllToAll
 from .input_aware import InputAware
 from .sig import SIG
 from .trojannn import TrojanNN
 from .wanet import WaNet
 
-__all__ = ["ATTACKS", "DEMO_TARGET", "POISON_RATES", "AllToAll", "Attack", "BadNets", "Blended",
-           "InputAware", "SIG", "TrojanNN", "WaNet"]
+__all__ = ["ATTACKS", "DEMO_TARGET", "EPOCH_SCALES", "POISON_RATES", "AllToAll", "Attack", "BadNets",
+           "Blended", "InputAware", "SIG", "TrojanNN", "WaNet"]

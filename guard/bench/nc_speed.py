@@ -50,6 +50,7 @@ def nc_speedup(model: nn.Module, x: np.ndarray, *, num_classes: int, rounds: int
         "nc_batched_speedup": round(t_loop / max(t_batched, 1e-9), 3),
         "labels": num_classes, "rounds": rounds, "steps_per_label": batched.steps_,
         "batched_seconds": round(t_batched, 3), "per_label_loop_seconds": round(t_loop, 3),
-        "batched": quality(batched.l1_norms_) | {"attack_success": [round(float(v), 3) for v in batched.attack_success_]},
+        "batched": quality(batched.l1_norms_) | {"attack_success": [round(float(v), 3)
+                                                                     for v in batched.attack_success_]},
         "per_label_loop": quality(loop_l1_arr) | {"attack_success": [round(v, 3) for v in loop_success]},
     }

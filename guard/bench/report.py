@@ -32,14 +32,14 @@ def _det(d: dict[str, Any] | None, key: str = "detected") -> str:
 def _best_check(online: dict[str, Any]) -> str:
     best = None
     for name, v in online.items():
-        if name == "combined" or not v:
+        if name.startswith("combined") or not v:
             continue
         if best is None or (v["auroc"] or 0) > (best[1]["auroc"] or 0):
             best = (name, v)
     return "n/a" if best is None else f"{best[0]} {_f(best[1]['auroc'])}"
 
 
-def _targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
+def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     """(scope, bar, measured, met) for every target of the issue."""
     rows: list[tuple[str, str, str, bool | None]] = []
     for a in results["attacks"]:
@@ -58,7 +58,8 @@ def _targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]
             rows.append((a["name"], bar, meas, met))
     p = results.get("performance") or {}
     p50 = (p.get("guard_overhead_p50_ratio") or {}).get("batch_1")
-    rows.append(("performance", "guard_overhead_p50_ratio (batch 1) <= 1.15", _f(p50), None if p50 is None else p50 <= 1.15))
+    rows.append(("performance", "guard_overhead_p50_ratio (batch 1) <= 1.15", _f(p50),
+                 None if p50 is None else p50 <= 1.15))
     s = p.get("nc_batched_speedup")
     rows.append(("performance", "nc_batched_speedup >= 5 (10 labels)", _f(s, 2), None if s is None else s >= 5))
     t = p.get("torchserve_throughput_ratio")
@@ -72,9 +73,11 @@ def render(results: dict[str, Any]) -> str:
     lines = [f"# guard bench ({cfg['preset']})", "",
              f"- command: `{results.get('command') or 'guard bench'}`",
              f"- date: {results['date']}, total {results.get('seconds', 0):.0f} s",
-             f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-             f"load average {m.get('load_average_1m_at_start')} at start, {m.get('load_average_1m_at_end')} at end",
-             f"- zoo: DemoNet on glyphs, {cfg['zoo']['n_train']} training images, {cfg['zoo']['epochs']} epochs, "
+             f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
+             f"(torch threads: {m['torch_threads']}), "
+             f"load average {m.get('load_average_1m_at_start')} at start, {m.get('load_average_1m_at_end')} at end "
+             f"({m.get('threads_reason', '')})",
+             f"- zoo: DemoNet on glyphs, {cfg['zoo']['n_train']} training images, epochs: {cfg['zoo']['epochs']}, "
              f"seed {cfg['zoo']['seed']}; {cfg['n_clean']} clean images for scan + calibration; per attack "
              f"{cfg['n_eval']} clean and up to {cfg['n_eval']} triggered test images; FPR {cfg['fpr']}",
              "- every online column is measured on the same inputs at the same FPR point: the threshold that "
@@ -110,35 +113,41 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "Clean models (offline false positives):", ""]
         for c in results["clean_models"]:
             d = c["detected"]
-            lines.append(f"- {c['name']} (clean acc {_pct(c['clean_accuracy'])}): NC {_det(d.get('neural_cleanse'), 'false_positive')}, "
-                         f"DL-TND {_det(d.get('dl_tnd'), 'false_positive')}, DF-TND {_det(d.get('df_tnd'), 'false_positive')}")
+            fp = {k: _det(d.get(k), "false_positive") for k in ("neural_cleanse", "dl_tnd", "df_tnd")}
+            lines.append(f"- {c['name']} (clean acc {_pct(c['clean_accuracy'])}): flagged by "
+                         f"NC {fp['neural_cleanse']}, DL-TND {fp['dl_tnd']}, DF-TND {fp['df_tnd']}")
     if not results.get("art_strip_available") or results.get("art_strip_reason"):
         lines += ["", f"ART STRIP: {results.get('art_strip_reason')}"]
     p = results.get("performance") or {}
-    lines += ["", "## Performance", "", f"On the {p.get('model')} model; checks {', '.join(p.get('checks') or [])}.", "",
+    lines += ["", "## Performance", "",
+              f"On the {p.get('model')} model; checks {', '.join(p.get('checks') or [])}.", "",
               "| figure | value |", "|---|---|"]
     for b in ("batch_1", "batch_32"):
         o = (p.get("overhead") or {}).get(b)
         if o:
-            lines.append(f"| guard overhead {b.replace('_', ' ')}: p50 / p95 ratio | {_f(o['p50_ratio'])} / {_f(o['p95_ratio'])} "
+            lines.append(f"| guard overhead {b.replace('_', ' ')}: p50 / p95 ratio "
+                         f"| {_f(o['p50_ratio'])} / {_f(o['p95_ratio'])} "
                          f"(bare {o['bare_p50_ms']:.3f} ms, guarded {o['guarded_p50_ms']:.3f} ms at p50) |")
     nc = p.get("nc_batched")
     if nc:
         lines.append(f"| batched Neural Cleanse speedup ({nc['labels']} labels, {nc['rounds']} rounds each) "
-                     f"| {_f(nc['nc_batched_speedup'], 2)}x ({nc['batched_seconds']:.1f} s vs {nc['per_label_loop_seconds']:.1f} s; "
+                     f"| {_f(nc['nc_batched_speedup'], 2)}x ({nc['batched_seconds']:.1f} s vs "
+                     f"{nc['per_label_loop_seconds']:.1f} s; "
                      f"flagged {nc['batched']['flagged_labels']} vs {nc['per_label_loop']['flagged_labels']}) |")
-    sc = p.get("scan_seconds") or {}
+    sc = p.get("scan") or {}
     lines.append(f"| scan seconds (median over attacks): profile (NC + checks) / DL-TND / DF-TND "
-                 f"| {_f(sc.get('median'), 1)} / {_f(sc.get('dl_tnd_median'), 1)} / {_f(sc.get('df_tnd_median'), 1)} |")
+                 f"| {_f(p.get('scan_seconds'), 1)} / {_f(sc.get('dl_tnd_median'), 1)} / "
+                 f"{_f(sc.get('df_tnd_median'), 1)} |")
     ts = p.get("torchserve") or {}
     if "torchserve_throughput_ratio" in ts:
         lines.append(f"| TorchServe throughput guarded / baseline | {_f(ts['torchserve_throughput_ratio'])} "
                      f"({ts['guarded_rps_median']} vs {ts['baseline_rps_median']} req/s, "
                      f"{ts['config']['concurrency']} clients) |")
     else:
-        lines.append(f"| TorchServe throughput guarded / baseline | n/a ({ts.get('skipped') or ts.get('error', '')[:200]}) |")
+        why = ts.get("skipped") or ts.get("error", "")[:200]
+        lines.append(f"| TorchServe throughput guarded / baseline | n/a ({why}) |")
     lines += ["", "## Targets", "", "| scope | target | measured | met |", "|---|---|---|---|"]
-    for scope, bar, meas, met in _targets(results):
+    for scope, bar, meas, met in targets(results):
         lines.append(f"| {scope} | {bar} | {meas} | {'n/a' if met is None else ('yes' if met else '**no**')} |")
     return "\n".join(lines) + "\n"
 
@@ -146,7 +155,7 @@ def render(results: dict[str, Any]) -> str:
 def _check_names(results: dict[str, Any]) -> list[str]:
     names: list[str] = []
     for a in results["attacks"]:
-        for n, v in a["online"].items():
+        for n in a["online"]:
             if not n.startswith("combined") and n not in names:
                 names.append(n)
     return names

@@ -19,6 +19,8 @@ poisoning.STRIP``) on the same model and inputs when the ``[bench]`` extra is in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import time
 from typing import Any
 
@@ -131,7 +133,8 @@ def art_strip(model: nn.Module, pool: np.ndarray, x_neg: np.ndarray, x_pos: np.n
     np.random.seed(seed)
     classifier = _art_classifier(model, pool.shape[1:], num_classes)
     defended = STRIP(classifier)(num_samples=n, false_acceptance_rate=far)
-    defended.mitigate(np.ascontiguousarray(pool, dtype=np.float32))
+    with contextlib.redirect_stderr(io.StringIO()):  # mitigate() draws a tqdm bar
+        defended.mitigate(np.ascontiguousarray(pool, dtype=np.float32))
     original = art_strip_module.entropy
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

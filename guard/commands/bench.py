@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-torchserve", action="store_true", help="skip the TorchServe throughput measurement")
     p.add_argument("--no-art", action="store_true", help="skip ART's STRIP even where it is installed")
     p.add_argument("--cache", metavar="DIR", help="trained-model cache (default DIR/models)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores on an idle machine, 1 on a busy one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: all cores on an idle machine, 1 on a busy one)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
 
 

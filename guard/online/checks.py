@@ -232,9 +232,12 @@ class KNNCheck(Check):
         self.k = int(min(max(self.k, 1), self.bank.shape[1]))
 
     def score(self, record):
-        sim = self._unit(record.features) @ self.bank  # (N, M) cosine similarities
-        kth = np.partition(sim, sim.shape[1] - self.k, axis=1)[:, sim.shape[1] - self.k]
-        return (1.0 - kth).astype(np.float32)
+        f = record.features
+        sim = f @ self.bank  # (N, M): cosine similarity times |f|; the query's norm does not change the order
+        m = sim.shape[1]
+        kth = np.partition(sim, m - self.k, axis=1)[:, m - self.k]
+        norm = np.sqrt(np.einsum("ij,ij->i", f, f))
+        return (1.0 - kth / np.maximum(norm, 1e-12)).astype(np.float32)
 
     def state(self):
         return {"bank": self.bank, "k": np.array([self.k], dtype=np.int64)}

@@ -30,8 +30,8 @@ from guard.attacks import (
 from guard.attacks.zoo import KINDS, ZooData, train_backdoored, train_clean, zoo_data
 from guard.data import glyphs
 
-N_TRAIN = 4000
-EPOCHS = 5
+N_TRAIN = 3000
+EPOCHS = 6
 ASR_FLOOR = {name: 0.90 for name in ATTACKS} | {"all_to_all": 0.80}
 MAX_ACC_DROP = 0.03
 

@@ -80,9 +80,17 @@ def test_performance_fields(tiny):
     assert p["nc_batched_speedup"] > 0
     nc = p["nc_batched"]
     assert nc["labels"] == 10 and len(nc["batched"]["l1_norms"]) == len(nc["per_label_loop"]["l1_norms"]) == 10
-    assert p["scan_seconds"]["median"] > 0
+    assert p["scan_seconds"] > 0 and p["scan"]["per_attack"]["badnets"] > 0
     assert "torchserve_throughput_ratio" in p  # measured by --quick; the tiny run skips TorchServe
     assert p["torchserve_throughput_ratio"] is None and p["torchserve"]["skipped"]
+
+
+def test_targets_are_listed_with_their_verdicts(tiny):
+    t = tiny[0]["targets"]
+    scopes = {row["scope"] for row in t}
+    assert {"badnets", "performance"} <= scopes
+    assert all(row["met"] in (True, False, None) and row["target"] and row["measured"] for row in t)
+    assert any("torchserve_throughput_ratio" in row["target"] and row["met"] is None for row in t)
 
 
 def test_markdown_is_rendered_from_the_json(tiny):
