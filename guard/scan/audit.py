@@ -5,13 +5,13 @@ runs Neural Cleanse, DL-TND and DF-TND as chosen, and returns an :class:`AuditRe
 summary (``to_json``) plus the arrays the HTML report draws. ``write_metrics`` turns it into
 Prometheus text exposition for node_exporter's textfile collector.
 
-How the verdict is combined: a model is backdoored when Neural Cleanse or DF-TND flags it. Both are
-calibrated on clean models (NC's MAD index > 2; DF-TND's bars set on the clean glyph population) and
-they fail differently (NC misses blended keys, DF-TND needs no data and sees the logit response of
-excitable neurons). DL-TND's decision is reported beside them, and counted when it agrees with
-DF-TND, but never decides alone when another method ran: on the glyph world a natural "sink" class
-(one that a universal patch reaches from every class) gives it false alarms on clean models. A
-method run on its own decides alone.
+How the verdict is combined: a model is backdoored when DF-TND flags it (its bars are calibrated on
+clean models), or when Neural Cleanse flags a label that another method corroborates (DF-TND ranks
+it first by logit increase, or DL-TND flags it too). An uncorroborated Neural Cleanse flag is
+reported as a disagreement: on the glyph world some clean models have a natural cheap class (a small
+"plus" reaches it from everywhere) that NC's MAD test flags, while on every patch model seen DF-TND
+ranked the attacker's target first. DL-TND never decides alone when another method ran (a natural
+"sink" class gives it false alarms on clean models). A method run on its own decides alone.
 """
 
 from __future__ import annotations
@@ -74,24 +74,33 @@ class AuditResult:
         return self.summary
 
 
-def combine(flags: dict[str, list[int]]) -> tuple[str, list[int], str]:
+def combine(flags: dict[str, list[int]], df_top: int | None = None) -> tuple[str, list[int], str]:
     """Verdict, suspect labels and the rule that fired, from each method's flagged labels.
 
-    Backdoored when Neural Cleanse or DF-TND flags a label (or DL-TND together with DF-TND; or the
-    only method that ran). Suspect labels: Neural Cleanse's, else DF-TND's, else DL-TND's.
+    ``df_top`` is the label DF-TND ranks first (largest logit increase), when DF-TND ran.
     """
     nc = sorted(set(flags.get("neural_cleanse") or []))
     dl = sorted(set(flags.get("dl_tnd") or []))
     df = sorted(set(flags.get("df_tnd") or []))
-    if nc and df:
-        return "backdoored", nc, "neural_cleanse and df_tnd flagged"
-    if nc:
-        return "backdoored", nc, "neural_cleanse flagged"
+    if len(flags) == 1:
+        (name, labels), = flags.items()
+        return ("backdoored", sorted(set(labels)), f"{name} flagged (the only method run)") if labels else \
+            ("clean", [], f"{name} flagged nothing (the only method run)")
+    corroborated = [lab for lab in nc if lab in dl or lab in df or lab == df_top]
+    if df and corroborated:
+        return "backdoored", sorted(set(df) | set(corroborated)), "df_tnd flagged; neural_cleanse agrees"
     if df:
-        return "backdoored", df, "df_tnd flagged" + (" (dl_tnd agrees)" if dl else "")
-    if dl and len(flags) == 1:
-        return "backdoored", dl, "dl_tnd flagged (the only method run)"
-    return "clean", [], "no method flagged" if not dl else "only dl_tnd flagged (not enough alone)"
+        return "backdoored", df, "df_tnd flagged" + (" (dl_tnd agrees)" if set(dl) & set(df) else "")
+    if corroborated:
+        return "backdoored", corroborated, "neural_cleanse flagged, corroborated by " + (
+            "dl_tnd" if set(corroborated) & set(dl) else "df_tnd's top-ranked label")
+    if "df_tnd" not in flags and nc:  # without DF-TND there is no calibrated second opinion
+        return "backdoored", nc, "neural_cleanse flagged (df_tnd not run)"
+    if nc:
+        return "clean", [], f"neural_cleanse flagged {nc} without corroboration (reported, not decisive)"
+    if dl:
+        return "clean", [], f"only dl_tnd flagged {dl} (not decisive alone)"
+    return "clean", [], "no method flagged"
 
 
 def agreement(flags: dict[str, list[int]], num_classes: int) -> dict[str, Any]:
@@ -235,7 +244,9 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         arrays["df_tnd.mask"], arrays["df_tnd.pattern"] = df.mask_, df.pattern_
         flags["df_tnd"] = list(df.suspect_labels_)
         timings["df_tnd"] = round(time.perf_counter() - t, 2)
-    verdict, suspects, rule = combine(flags)
+    df_top = int(np.argmax([r["logit_increase"] for r in blocks["df_tnd"]["per_label"]])) \
+        if "df_tnd" in blocks else None
+    verdict, suspects, rule = combine(flags, df_top)
     timings["total"] = round(time.perf_counter() - t0, 2)
     summary: dict[str, Any] = {
         "verdict": verdict,

@@ -288,8 +288,8 @@ def render_html(result: AuditResult) -> str:
 <section id="summary"><h2>Methods</h2><table><thead><tr><th>method</th><th>decision</th><th>suspect labels</th>
 <th>time</th></tr></thead><tbody>{''.join(method_rows)}</tbody></table>
 <h2>Method agreement</h2><ul id="agreement">{per_label}{pairs}</ul>
-<p class="note">Verdict rule: backdoored when Neural Cleanse or DF-TND flags a label; DL-TND
-corroborates but does not decide alone unless it is the only method run
+<p class="note">Verdict rule: backdoored when DF-TND flags a label, or Neural Cleanse flags one that
+DF-TND ranks first or DL-TND also flags; a method run alone decides alone
 (this audit: {html.escape(s['rule'])}).</p></section>
 {''.join(sections)}
 <section id="provenance"><h2>Provenance</h2><table>{''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in prov)}
