@@ -92,8 +92,6 @@ def test_dockerfile_copy_sources_exist(dockerfile, repo):
         top = Path(source).parts[0]
         assert top not in ignored and source not in ignored, f"{source} is excluded from the build context"
     missing = [s for s in sources if not (repo / s).exists()]
-    if missing == ["README.md"]:
-        pytest.xfail("README.md (pyproject's readme, needed by `pip install .`) is not written yet")
     assert missing == [], f"Dockerfile copies files that are not in the repo: {missing}"
 
 
