@@ -48,3 +48,38 @@ def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int 
             "bare_p95_ms": float(np.percentile(b, 95)), "guarded_p95_ms": float(np.percentile(g, 95)),
             "p50_ratio": float(np.median(g) / np.median(b)),
             "p95_ratio": float(np.percentile(g, 95) / np.percentile(b, 95))}
+
+
+def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str, float]:
+    """Where the guard's batch-1 time goes: median microseconds of each part of ``Guard.run``.
+
+    ``bare_forward`` (the model alone), ``tapped_forward`` (with the feature hook and the copy to
+    numpy), ``validate`` (input checks), ``check.NAME`` (each check's score), ``run`` (everything:
+    validation, tapped forward, checks, policy, result). ``run - bare_forward`` is the guard's cost.
+    """
+    from ..data import validate_batch
+
+    xb = np.ascontiguousarray(x[:1])
+    xt = torch.from_numpy(xb)
+    rec = guard._forward(xb)
+
+    def median_us(fn) -> float:
+        for _ in range(min(20, repeats)):
+            fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return round(float(np.median(ts)) * 1e6, 2)
+
+    def bare():
+        with torch.inference_mode():
+            guard.model(xt)
+
+    out = {"bare_forward": median_us(bare), "tapped_forward": median_us(lambda: guard._forward(xb)),
+           "validate": median_us(lambda: validate_batch(xb, shape=guard.input_shape, what="input"))}
+    for c in guard.checks:
+        out[f"check.{c.name}"] = median_us(lambda c=c: c.score(rec))
+    out["run"] = median_us(lambda: guard.run(xb))
+    return out

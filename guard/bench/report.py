@@ -32,7 +32,7 @@ def _det(d: dict[str, Any] | None, key: str = "detected") -> str:
 def _best_check(online: dict[str, Any]) -> str:
     best = None
     for name, v in online.items():
-        if name.startswith("combined") or not v:
+        if name.startswith("combined") or name == "opt_in" or not v:
             continue
         if best is None or (v["auroc"] or 0) > (best[1]["auroc"] or 0):
             best = (name, v)
@@ -99,8 +99,9 @@ def render(results: dict[str, Any]) -> str:
             f"| {_pct(a['strip']['tpr_at_1pct_fpr'])} | {_pct(art['tpr_at_1pct_fpr']) if art else 'n/a'} "
             f"| {_pct(a['repair']['attack_success_rate'])} | {_f(a['repair']['clean_accuracy_loss_points'], 2)} pt |")
     lines += ["", "Per check (AUROC / TPR@1%):", "",
-              "| attack | " + " | ".join(_check_names(results)) + " | guard, successful triggers only |",
-              "|---|" + "---|" * (len(_check_names(results)) + 1)]
+              "| attack | " + " | ".join(_check_names(results)) + " | guard, successful triggers only "
+              "| opt-in flip check | guard + flip |",
+              "|---|" + "---|" * (len(_check_names(results)) + 3)]
     for a in results["attacks"]:
         cells = []
         for n in _check_names(results):
@@ -108,6 +109,10 @@ def render(results: dict[str, Any]) -> str:
             cells.append("n/a" if not v else f"{_f(v['auroc'])} / {_pct(v['tpr_at_1pct_fpr'])}")
         succ = a["online"].get("combined_successful") or {}
         cells.append(f"{_f(succ.get('auroc'))} / {_pct(succ.get('tpr_at_1pct_fpr'))} (n={succ.get('n', 'n/a')})")
+        opt = a["online"].get("opt_in") or {}
+        for key in ("flip", "combined_with_flip"):
+            v = opt.get(key) or {}
+            cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
         lines.append(f"| {a['name']} | " + " | ".join(cells) + " |")
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
@@ -134,6 +139,13 @@ def render(results: dict[str, Any]) -> str:
                      f"| {_f(nc['nc_batched_speedup'], 2)}x ({nc['batched_seconds']:.1f} s vs "
                      f"{nc['per_label_loop_seconds']:.1f} s; "
                      f"flagged {nc['batched']['flagged_labels']} vs {nc['per_label_loop']['flagged_labels']}) |")
+    fc = p.get("flip_check_cost_batch_1")
+    if fc:
+        lines.append(f"| opt-in flip check, batch 1: forward + mirrored forward over bare | {_f(fc['ratio'])} |")
+    bd = p.get("overhead_breakdown_batch_1_us")
+    if bd:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in bd.items())
+        lines.append(f"| guard batch-1 breakdown (median µs) | {parts} |")
     sc = p.get("scan") or {}
     lines.append(f"| scan seconds (median over attacks): profile (NC + checks) / DL-TND / DF-TND "
                  f"| {_f(p.get('scan_seconds'), 1)} / {_f(sc.get('dl_tnd_median'), 1)} / "
@@ -156,6 +168,6 @@ def _check_names(results: dict[str, Any]) -> list[str]:
     names: list[str] = []
     for a in results["attacks"]:
         for n in a["online"]:
-            if not n.startswith("combined") and n not in names:
+            if not n.startswith("combined") and n != "opt_in" and n not in names:
                 names.append(n)
     return names

@@ -76,10 +76,11 @@ class BenchConfig:
     overhead_repeats: int = 200
     nc_speed_rounds: int = 20
     torchserve: bool = True
-    ts_requests: int = 25
-    ts_rounds: int = 6
+    ts_requests: int = 50
+    ts_rounds: int = 10
     ts_concurrency: int = 4
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
+    flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -90,12 +91,12 @@ class BenchConfig:
 PRESETS: dict[str, BenchConfig] = {
     # every attack, data and epochs at which the zoo's attacks reach their success floors
     "quick": BenchConfig(preset="quick", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=4000, n_test=1000, epochs=5),
-                         n_eval=400, nc_max_rounds=100, strip_calibration=250, art_pool=250,
+                         n_eval=400, nc_max_rounds=100, strip_calibration=250, art_pool=250, nc_speed_rounds=50,
                          dl_tnd={"iterations": 20, "search_steps": 3, "per_image_iterations": 20},
                          df_tnd={"iterations": 100}),
     "full": BenchConfig(preset="full", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=6000, n_test=2000, epochs=6),
-                        n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=50, ts_requests=50,
-                        ts_rounds=10),
+                        n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=100, ts_requests=100,
+                        ts_rounds=16),
     # the test suite's configuration: checks that the pipeline runs and fills every field, not quality
     "tiny": BenchConfig(preset="tiny", attacks=("badnets",), zoo=ZooConfig(n_train=400, n_test=200, epochs=1),
                         n_clean=120, n_eval=40, nc_max_rounds=3, strip_n=10, strip_calibration=60, art_pool=40,
@@ -179,7 +180,7 @@ def _guard_scores(guard: Guard, x: np.ndarray, batch: int = 256) -> tuple[np.nda
 
 
 def _online(guard: Guard, cal_x: np.ndarray, neg: np.ndarray, pos: np.ndarray, fpr: float,
-            success: np.ndarray) -> dict[str, Any]:
+            success: np.ndarray, flip_check: bool = True) -> dict[str, Any]:
     """Per check and combined: AUROC, TPR at 1% FPR, and the deployed thresholds' realised TPR/FPR.
 
     ``success`` marks the triggered inputs on which the attack works on the bare model; the combined
@@ -201,6 +202,10 @@ def _online(guard: Guard, cal_x: np.ndarray, neg: np.ndarray, pos: np.ndarray, f
                                                              "checks": list(guard.names)}
     out["combined_successful"] = (separation(zc_neg, zc_pos[success], fpr=fpr) if success.any()
                                   else {"auroc": None, "tpr_at_1pct_fpr": None}) | {"n": int(success.sum())}
+    if flip_check:  # opt-in, not in the guard: see guard.bench.consistency
+        from .consistency import evaluate
+
+        out["opt_in"] = evaluate(guard.model, cal_x, neg, pos, cal_s, neg_s, pos_s, fpr=fpr)
     return out
 
 
@@ -346,7 +351,7 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         guard = Guard(zm.model, profile, mode="enforce", verify=False)
         with torch.inference_mode():
             success = zm.model(torch.from_numpy(pos)).argmax(1).numpy() == pos_target
-        online = _online(guard, x_cal, neg, pos, cfg.fpr, success)
+        online = _online(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
         repair = _repair(Guard(zm.model, profile, mode="repair", verify=False), neg, y_neg, pos, pos_target, zm.model)
         _log(progress, f"{name}: STRIP (N={cfg.strip_n})")
         strip = _strip(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
@@ -384,7 +389,7 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
 def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str, Any], xc: np.ndarray,
                  x_fit: np.ndarray, neg: np.ndarray, k: int, progress) -> dict[str, Any]:
     from .nc_speed import nc_speedup
-    from .overhead import measure_overhead
+    from .overhead import measure_overhead, overhead_breakdown
 
     perf: dict[str, Any] = {"model": None, "guard_overhead_p50_ratio": None, "guard_overhead_p95_ratio": None,
                             "nc_batched_speedup": None, "scan_seconds": None, "torchserve_throughput_ratio": None}
@@ -405,6 +410,11 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
     for b in (1, 32):
         over[f"batch_{b}"] = measure_overhead(model, guard, neg, batch_size=b, repeats=cfg.overhead_repeats)
     perf["overhead"] = over
+    perf["overhead_breakdown_batch_1_us"] = overhead_breakdown(guard, neg, repeats=cfg.overhead_repeats)
+    if cfg.flip_check:
+        from .consistency import flip_cost
+
+        perf["flip_check_cost_batch_1"] = flip_cost(model, neg, repeats=cfg.overhead_repeats)
     perf["guard_overhead_p50_ratio"] = {b: round(v["p50_ratio"], 3) for b, v in over.items()}
     perf["guard_overhead_p95_ratio"] = {b: round(v["p95_ratio"], 3) for b, v in over.items()}
     perf["checks"] = list(guard.names)
@@ -441,7 +451,8 @@ def _torchserve(cfg: BenchConfig, model: nn.Module, profile, x: np.ndarray) -> d
         torch.save(model.state_dict(), work / "weights.pt")
         prof_dir = profile.save(work / "profile")
         return torchserve_throughput(work / "model.py", work / "weights.pt", prof_dir, x, requests=cfg.ts_requests,
-                                     rounds=cfg.ts_rounds, concurrency=cfg.ts_concurrency, work_dir=work / "ts")
+                                     rounds=cfg.ts_rounds, concurrency=cfg.ts_concurrency, work_dir=work / "ts",
+                                     threads=torch.get_num_threads())
     except (GuardError, ServeError, OSError) as e:
         return {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     finally:

@@ -14,6 +14,7 @@ TorchServe is started in its own process group and stopped in ``finally``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -71,8 +72,13 @@ def _load(url: str, key: str | None, bodies: list[bytes], *, requests: int, conc
 def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x: np.ndarray, *,
                           requests: int = 100, rounds: int = 3, concurrency: int = 4, batch_size: int = 1,
                           max_batch_delay: int = 5, work_dir: Path | None = None,
-                          start_timeout: float = 300.0) -> dict[str, Any]:
-    """Guarded over baseline TorchServe throughput for the model; ``x`` supplies the request images."""
+                          start_timeout: float = 300.0, threads: int | None = None) -> dict[str, Any]:
+    """Guarded over baseline TorchServe throughput for the model; ``x`` supplies the request images.
+
+    ``threads`` sets ``OMP_NUM_THREADS`` for TorchServe's workers (both models alike); TorchServe
+    leaves torch at one thread per core, whose spinning made single requests 10x slower on a
+    machine shared with other work.
+    """
     own_tmp = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="guard-bench-ts-")) if own_tmp else Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -85,8 +91,17 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
         make_archive(name="baseline", handler=BASELINE_HANDLER, **common)
         bodies = [json.dumps({"instances": [np.round(x[i], 4).tolist()]}).encode() for i in range(min(len(x), 32))]
         t0 = time.perf_counter()
-        server = ts.start(store, models={"guarded": "guarded.mar", "baseline": "baseline.mar"}, run_dir=work / "run",
-                          token_auth=True, timeout=start_timeout)
+        saved = os.environ.get("OMP_NUM_THREADS")
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(int(threads))  # ts.start copies os.environ for TorchServe
+        try:
+            server = ts.start(store, models={"guarded": "guarded.mar", "baseline": "baseline.mar"},
+                              run_dir=work / "run", token_auth=True, timeout=start_timeout)
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = saved
         start_seconds = time.perf_counter() - t0
         key = server.key("inference")
         urls = {m: f"{server.urls['inference']}/predictions/{m}" for m in ("guarded", "baseline")}
@@ -106,6 +121,7 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
                 "baseline_rps_median": round(med["baseline"], 2), "rounds": runs,
                 "config": {"requests_per_thread": requests, "concurrency": concurrency, "rounds": rounds,
                            "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "workers": 1,
+                           "worker_omp_threads": threads,
                            "token_auth": True, "body": "JSON, one 3x32x32 instance"},
                 "start_seconds": round(start_seconds, 1)}
     finally:

@@ -57,6 +57,9 @@ def test_every_attack_row_has_every_field(tiny):
             _online_fields(online[name])
         _online_fields(online["combined"])
         assert set(online["combined"]["verdict"]) == {"tpr", "fpr"}
+        _online_fields(online["combined_successful"])
+        _online_fields(online["opt_in"]["flip"])
+        _online_fields(online["opt_in"]["combined_with_flip"])
         assert {"attack_success_rate", "clean_accuracy", "clean_accuracy_loss_points"} <= set(a["repair"])
         _online_fields(a["strip"])
         assert a["strip"]["n"] == r["config"]["strip_n"]
@@ -81,6 +84,9 @@ def test_performance_fields(tiny):
     nc = p["nc_batched"]
     assert nc["labels"] == 10 and len(nc["batched"]["l1_norms"]) == len(nc["per_label_loop"]["l1_norms"]) == 10
     assert p["scan_seconds"] > 0 and p["scan"]["per_attack"]["badnets"] > 0
+    bd = p["overhead_breakdown_batch_1_us"]
+    assert {"bare_forward", "tapped_forward", "validate", "run", "check.feature", "check.knn"} <= set(bd)
+    assert p["flip_check_cost_batch_1"]["ratio"] > 1
     assert "torchserve_throughput_ratio" in p  # measured by --quick; the tiny run skips TorchServe
     assert p["torchserve_throughput_ratio"] is None and p["torchserve"]["skipped"]
 
