@@ -243,6 +243,7 @@ def zoo_clean() -> tuple[ZooData, torch.nn.Module, float]:
 @pytest.mark.slow
 def test_clean_model_is_accurate(zoo_clean):
     data, model, acc = zoo_clean
+    print(f"clean: clean accuracy {acc:.3f}")
     assert acc >= 0.95
     # and has no backdoor: no trigger of the zoo sends most inputs to the attacker's label
     for name in ("badnets", "blended", "sig"):
@@ -258,6 +259,7 @@ def test_attack_reaches_its_success_with_clean_accuracy(name, zoo_clean):
     data, clean_model, clean_acc = zoo_clean
     before = {k: v.clone() for k, v in clean_model.state_dict().items()}
     model, attack, acc, asr = train_backdoored(name, data=data, epochs=EPOCHS, clean_model=clean_model)
+    print(f"{name}: clean accuracy {acc:.3f} (clean model {clean_acc:.3f}), attack success {asr:.3f}")
     assert isinstance(attack, Attack)
     assert asr >= ASR_FLOOR[name], f"{name}: attack success {asr:.3f}"
     assert acc >= clean_acc - MAX_ACC_DROP, f"{name}: clean accuracy {acc:.3f} vs clean model {clean_acc:.3f}"
