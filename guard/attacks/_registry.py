@@ -30,8 +30,12 @@ def badnets(**kw: Any) -> BadNets:
 
 
 def blended(**kw: Any) -> Blended:
-    """Blended: a seeded noise key at opacity 0.3 (at 0.2, 0.1 poisoning reaches about 84%)."""
-    return Blended(**{"target": DEMO_TARGET, "alpha": 0.3, **kw})
+    """Blended: a seeded noise key at opacity 0.25.
+
+    Measured on the zoo's budget: at the paper's 0.2 the attack reaches about 84%; at 0.3 clean
+    accuracy falls by 3 points; 0.25 gives about 95% for a drop of about 1.5.
+    """
+    return Blended(**{"target": DEMO_TARGET, "alpha": 0.25, **kw})
 
 
 def sig(**kw: Any) -> SIG:
@@ -44,8 +48,13 @@ def sig(**kw: Any) -> SIG:
 
 
 def wanet(**kw: Any) -> WaNet:
-    """WaNet: a 4x4 warping field with noise mode, at strength 2 (the paper's 0.5 is too subtle to
-    learn in a few epochs on a few thousand images)."""
+    """WaNet: a 4x4 warping field at strength 2, with noise mode at twice the paper's jitter.
+
+    The paper's strength 0.5 (a quarter pixel) needs long training; strength 2 moves pixels by about
+    one. Noise-mode jitter keeps a share of the warp's size (in the paper the jitter's mean size
+    equals the warp's): at the paper's absolute jitter the network does not tell noise-mode samples
+    from backdoored ones within the budget, and attack success stayed near 60% after 15 epochs.
+    """
     return WaNet(**{"target": DEMO_TARGET, "strength": 2.0, "noise_scale": 2.0, **kw})
 
 
@@ -75,10 +84,11 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
 }
 
 #: Share of the training set relabelled. All-to-all must teach ten label shifts instead of one, so it
-#: needs more examples per shift (0.1 reaches under 10% attack success in six epochs, 0.3 above 90%).
-#: WaNet's warp is subtle and its noise mode adds look-alike samples with their true labels.
+#: needs more examples per shift (0.1 reached 2% attack success in a four-epoch trial; 0.3 reaches
+#: about 96%). WaNet's warp is subtle and its noise mode adds look-alike samples with true labels.
 POISON_RATES: dict[str, float] = {name: 0.1 for name in ATTACKS} | {"all_to_all": 0.3, "wanet": 0.2}
 
-#: Multiple of the zoo's epochs each attack trains for. WaNet learns slowly (its paper trains for
-#: hundreds of epochs); the others learn within the clean model's budget.
+#: Multiple of the zoo's epochs each attack trains for. WaNet learns slowly (the paper's schedules
+#: are long; here 15 epochs gave about 93% with clean accuracy 4 points down, 24 epochs about 99%);
+#: the others learn within the clean model's budget.
 EPOCH_SCALES: dict[str, float] = {name: 1.0 for name in ATTACKS} | {"wanet": 4.0}

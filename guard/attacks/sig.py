@@ -21,9 +21,8 @@ from ._base import Attack, as_batch
 class SIG(Attack):
     """Additive sinusoid of amplitude ``delta`` and ``frequency`` periods across the image width.
 
-    The paper's values are ``delta = 20/255`` and ``f = 6`` on 32x32 images. ``seed`` is used only
-    for the choice of poisoned samples when ``poison`` is not given its own seed; the trigger itself
-    is deterministic.
+    The paper's values are ``delta = 20/255`` and ``f = 6`` on 32x32 images. The signal has no
+    randomness; ``seed`` is kept so every attack takes the same fields (``poison`` takes its own seed).
     """
 
     target: int = 0

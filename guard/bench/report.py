@@ -72,7 +72,9 @@ def render(results: dict[str, Any]) -> str:
     cfg, m = results["config"], results["machine"]
     lines = [f"# guard bench ({cfg['preset']})", "",
              f"- command: `{results.get('command') or 'guard bench'}`",
-             f"- date: {results['date']}, total {results.get('seconds', 0):.0f} s",
+             f"- date: {results['date']}, total {results.get('seconds', 0):.0f} s wall, "
+             f"{results.get('cpu_seconds', 0):.0f} s CPU (this process and its workers; TorchServe not counted), "
+             f"jobs: {m.get('jobs', 1)}",
              f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
              f"(torch threads: {m['torch_threads']}), "
              f"load average {m.get('load_average_1m_at_start')} at start, {m.get('load_average_1m_at_end')} at end "

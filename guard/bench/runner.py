@@ -119,6 +119,18 @@ def _machine() -> dict[str, Any]:
             "load_average_1m_at_start": round(load[0], 2) if load else None}
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (worker processes, not TorchServe's JVM).
+
+    On a shared machine wall time says little; CPU seconds over the core count bound what the same
+    run takes on an idle one."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime, 1)
+
+
 def _threads(requested: int | None) -> tuple[int, str]:
     """Torch threads for the run: as requested, else 1 on a busy machine and all cores on an idle one.
 
@@ -282,40 +294,179 @@ def _data(cfg: BenchConfig):
 
 
 def run_bench(cfg: BenchConfig, *, out_dir: Path, cache: Path | None = None, threads: int | None = None,
-              progress: Callable[[str], None] | None = None, command: str = "") -> dict[str, Any]:
-    """Run the benchmark described by ``cfg``; returns the results (also the caller's to write)."""
+              progress: Callable[[str], None] | None = None, command: str = "",
+              jobs: int | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``cfg``; returns the results (also the caller's to write).
+
+    ``jobs`` worker processes (single-threaded) run the attacks side by side; by default two on an
+    idle machine with two or more cores, else one (in this process). The performance figures are
+    measured afterwards, in this process, with no job running.
+    """
     previous_threads = torch.get_num_threads()
     threads, threads_reason = _threads(threads)
+    if jobs is None:
+        jobs = 2 if threads > 1 else 1
     torch.set_num_threads(threads)
     try:
         return _run(cfg, out_dir=out_dir, cache=cache, threads_reason=threads_reason, progress=progress,
-                    command=command)
+                    command=command, jobs=max(1, int(jobs)))
     finally:
         torch.set_num_threads(previous_threads)
 
 
+_DATA_MEMO: dict[tuple, tuple] = {}
+
+
+def _data_memo(cfg: BenchConfig):
+    """:func:`_data` once per process (a worker runs several attacks on the same data)."""
+    key = (cfg.zoo, cfg.n_clean)
+    if key not in _DATA_MEMO:
+        _DATA_MEMO[key] = _data(cfg)
+    return _DATA_MEMO[key]
+
+
+def _print_progress(msg: str) -> None:
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok: bool,
+                progress: Callable[[str], None] | None) -> tuple[dict[str, Any], str | None]:
+    """Everything measured on one attack's model; its profile is saved under ``profiles/NAME``.
+
+    Returns the row and ART's error message if ART's STRIP failed on it.
+    """
+    t0 = time.perf_counter()
+    d, xc, yc = _data_memo(cfg)
+    x_fit, y_fit, x_cal, _ = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
+    n_eval = min(cfg.n_eval, len(d.x_test))
+    neg, y_neg = d.x_test[:n_eval], d.y_test[:n_eval]
+    clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)
+    _log(progress, f"{name}: training")
+    zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
+    k = int(zm.model(torch.from_numpy(xc[:1])).shape[1])
+    attack: Attack = zm.attack  # type: ignore[assignment]
+    target = int(getattr(attack, "target", -1))
+    _log(progress, f"{name}: scanning (Neural Cleanse, checks, calibration)")
+    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+    t_scan = time.perf_counter()
+    profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                     knn=cfg.knn)
+    scan_seconds = time.perf_counter() - t_scan
+    profile.save(profiles / name)
+    _log(progress, f"{name}: DL-TND / DF-TND")
+    detected = _offline(cfg, zm.model, summary, profile.meta, x_fit, y_fit, target, k)
+    victims = attack.victims(d.y_test)
+    pos = attack.stamp(d.x_test[victims][:n_eval])
+    pos_target = attack.target_of(d.y_test[victims][:n_eval])
+    _log(progress, f"{name}: online checks, repair")
+    guard = Guard(zm.model, profile, mode="enforce", verify=False)
+    with torch.inference_mode():
+        success = zm.model(torch.from_numpy(pos)).argmax(1).numpy() == pos_target
+    online = _online(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
+    repair = _repair(Guard(zm.model, profile, mode="repair", verify=False), neg, y_neg, pos, pos_target, zm.model)
+    _log(progress, f"{name}: STRIP (N={cfg.strip_n})")
+    strip = _strip(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
+    art, art_error = None, None
+    if art_ok:
+        _log(progress, f"{name}: ART STRIP")
+        try:
+            art = _art(cfg, zm.model, x_fit[:cfg.art_pool], neg, pos, k)
+        except Exception as e:  # report ART's own failure instead of losing the run
+            art_error = f"ART STRIP failed: {type(e).__name__}: {e}"
+    row = {"name": name, "seed": cfg.zoo.seed, "target": target,
+           "clean_accuracy": round(zm.clean_accuracy, 4),
+           "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
+           "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
+           "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
+           "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
+           "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
+           "seconds": round(time.perf_counter() - t0, 1)}
+    row["targets"] = _targets(row)
+    _log(progress, f"{name}: done in {row['seconds']:.0f}s")
+    return row, art_error
+
+
+def _job(args: tuple) -> tuple[dict[str, Any], str | None]:
+    """One attack in a worker process: single-threaded torch and BLAS, so two jobs share two cores."""
+    cfg, name, cache, profiles, art_ok, show = args
+    torch.set_num_threads(1)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _attack_row(cfg, name, cache, profiles, art_ok, _print_progress if show else None)
+
+
 def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason: str,
-         progress: Callable[[str], None] | None, command: str) -> dict[str, Any]:
+         progress: Callable[[str], None] | None, command: str, jobs: int) -> dict[str, Any]:
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = cache or out_dir / "models"
+    profiles = out_dir / "profiles"
     art_ok, art_reason = art_available() if cfg.art else (False, "ART STRIP turned off (--no-art)")
-    d, xc, yc = _data(cfg)
-    x_fit, y_fit, x_cal, y_cal = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
-    n_eval = min(cfg.n_eval, len(d.x_test))
-    neg, y_neg = d.x_test[:n_eval], d.y_test[:n_eval]
+    d, xc, yc = _data_memo(cfg)
+    x_fit, y_fit, _, _ = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
+    neg = d.x_test[:min(cfg.n_eval, len(d.x_test))]
 
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "command": command,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine() | {"threads_reason": threads_reason}, "config": cfg.to_json(),
+        "machine": _machine() | {"threads_reason": threads_reason, "jobs": jobs}, "config": cfg.to_json(),
         "art_strip_available": art_ok, "art_strip_reason": None if art_ok else art_reason,
         "clean_models": [], "attacks": [],
     }
     _log(progress, f"training the clean model ({cfg.zoo.n_train} images, {cfg.zoo.epochs} epochs)")
-    clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)
+    clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)  # cached: the jobs (TrojanNN) reuse it
     k = int(clean.model(torch.from_numpy(xc[:1])).shape[1])
+    todo = [(cfg, name, cache, profiles, art_ok, progress is not None) for name in cfg.attacks]
+    if jobs > 1 and len(todo) > 1:
+        import multiprocessing as mp
+
+        _log(progress, f"{len(todo)} attacks in {jobs} worker processes (1 thread each)")
+        pool = mp.get_context("spawn").Pool(jobs)
+        try:
+            pending = pool.map_async(_job, todo, chunksize=1)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # beside the jobs: no spinning second thread
+            try:
+                _clean_row(cfg, clean, xc, yc, x_fit, y_fit, k, results, progress)
+            finally:
+                torch.set_num_threads(threads)
+            rows = pending.get()
+        finally:
+            pool.terminate()
+            pool.join()
+    else:
+        _clean_row(cfg, clean, xc, yc, x_fit, y_fit, k, results, progress)
+        rows = [_attack_row(*t[:5], progress) for t in todo]
+    for row, art_error in rows:
+        results["attacks"].append(row)
+        if art_error:
+            results["art_strip_reason"] = art_error
+    ctx = None
+    names = [r["name"] for r in results["attacks"]]
+    if names:
+        name = "badnets" if "badnets" in names else names[0]
+        from ..model import fingerprint
+        from ..profile import Profile
+
+        zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
+        row = results["attacks"][names.index(name)]
+        ctx = {"name": name, "model": zm.model, "target": row["target"],
+               "profile": Profile.load(profiles / name, model_sha256=fingerprint(zm.model))}
+    results["performance"] = _performance(cfg, ctx, results, xc, x_fit, neg, k, progress)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    results["machine"]["load_average_1m_at_end"] = round(load[0], 2) if load else None
+    results["seconds"] = round(time.perf_counter() - t_start, 1)
+    results["cpu_seconds"] = _cpu_seconds()
+    results["targets"] = [{"scope": sc, "target": bar, "measured": meas, "met": met}
+                          for sc, bar, meas, met in targets(results)]
+    return results
+
+
+def _clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: np.ndarray, y_fit: np.ndarray,
+               k: int, results: dict[str, Any], progress: Callable[[str], None] | None) -> None:
+    """The clean model through every offline method: what each flags is a false positive."""
     nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     _log(progress, "scanning the clean model")
     _, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
@@ -329,61 +480,6 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
                                     "clean_accuracy": round(clean.clean_accuracy, 4),
                                     "train_seconds": round(clean.train_seconds, 1), "cached": clean.cached,
                                     "detected": coff})
-    badnets_ctx: dict[str, Any] | None = None
-    for name in cfg.attacks:
-        t0 = time.perf_counter()
-        _log(progress, f"{name}: training")
-        zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
-        attack: Attack = zm.attack  # type: ignore[assignment]
-        target = int(getattr(attack, "target", -1))
-        _log(progress, f"{name}: scanning (Neural Cleanse, checks, calibration)")
-        nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
-        t_scan = time.perf_counter()
-        profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                         knn=cfg.knn)
-        scan_seconds = time.perf_counter() - t_scan
-        _log(progress, f"{name}: DL-TND / DF-TND")
-        detected = _offline(cfg, zm.model, summary, profile.meta, x_fit, y_fit, target, k)
-        victims = attack.victims(d.y_test)
-        pos = attack.stamp(d.x_test[victims][:n_eval])
-        pos_target = attack.target_of(d.y_test[victims][:n_eval])
-        _log(progress, f"{name}: online checks, repair")
-        guard = Guard(zm.model, profile, mode="enforce", verify=False)
-        with torch.inference_mode():
-            success = zm.model(torch.from_numpy(pos)).argmax(1).numpy() == pos_target
-        online = _online(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
-        repair = _repair(Guard(zm.model, profile, mode="repair", verify=False), neg, y_neg, pos, pos_target, zm.model)
-        _log(progress, f"{name}: STRIP (N={cfg.strip_n})")
-        strip = _strip(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
-        art = None
-        if art_ok:
-            _log(progress, f"{name}: ART STRIP")
-            try:
-                art = _art(cfg, zm.model, x_fit[:cfg.art_pool], neg, pos, k)
-            except Exception as e:  # report ART's own failure instead of losing the run
-                art = None
-                results["art_strip_reason"] = f"ART STRIP failed: {type(e).__name__}: {e}"
-        row = {"name": name, "seed": cfg.zoo.seed, "target": target,
-               "clean_accuracy": round(zm.clean_accuracy, 4),
-               "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
-               "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
-               "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
-               "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
-               "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
-               "seconds": round(time.perf_counter() - t0, 1)}
-        row["targets"] = _targets(row)
-        results["attacks"].append(row)
-        if name == "badnets" or badnets_ctx is None:
-            badnets_ctx = {"name": name, "model": zm.model, "profile": profile, "target": target}
-        _log(progress, f"{name}: done in {row['seconds']:.0f}s")
-
-    results["performance"] = _performance(cfg, badnets_ctx, results, xc, x_fit, neg, k, progress)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    results["machine"]["load_average_1m_at_end"] = round(load[0], 2) if load else None
-    results["seconds"] = round(time.perf_counter() - t_start, 1)
-    results["targets"] = [{"scope": sc, "target": bar, "measured": meas, "met": met}
-                          for sc, bar, meas, met in targets(results)]
-    return results
 
 
 def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str, Any], xc: np.ndarray,

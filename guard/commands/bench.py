@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", metavar="DIR", help="trained-model cache (default DIR/models)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores on an idle machine, 1 on a busy one)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="attacks run side by side in this many single-threaded processes "
+                        "(default: 2 on an idle machine with 2+ cores, else 1)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
 
 
@@ -68,7 +71,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
     results = run_bench(cfg, out_dir=out, cache=Path(args.cache) if args.cache else None, threads=args.threads,
-                        progress=None if os.environ.get("GUARD_BENCH_QUIET") else progress, command=command)
+                        progress=None if os.environ.get("GUARD_BENCH_QUIET") else progress, command=command,
+                        jobs=args.jobs)
     text = json.dumps(results, indent=2, sort_keys=False, default=float) + "\n"
     tmp = out / "results.json.tmp"
     tmp.write_text(text)

@@ -9,6 +9,7 @@ their own (STRIP's statistic, the combined score, the kNN check) get small exact
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,17 +22,21 @@ from torch import nn
 BIN = Path(sys.executable).parent
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> tuple[dict, Path]:
-    out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([str(BIN / "guard"), "bench", "--tiny", "--out", str(out), "--json"],
-                          capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, "GUARD_BENCH_QUIET": "1", "TQDM_DISABLE": "1"})
+def bench(out: Path, *extra: str) -> dict:
+    done = subprocess.run([str(BIN / "guard"), "bench", "--tiny", "--threads", "1", "--out", str(out), "--json",
+                           *extra], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "GUARD_BENCH_QUIET": "1", "TQDM_DISABLE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     printed = json.loads(done.stdout)
     on_disk = json.loads((out / "results.json").read_text())
     assert printed == on_disk
-    return on_disk, out
+    return on_disk
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    return bench(out, "--jobs", "1"), out
 
 
 def _online_fields(v: dict) -> None:
@@ -165,3 +170,17 @@ def test_knn_check_contract():
     np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
     again = CHECKS["knn"].from_state(c.state())
     np.testing.assert_array_equal(again.score(rec(out)), together)
+
+
+def test_worker_processes_give_the_same_rows(tiny, tmp_path):
+    """--jobs 2 runs the attacks in two spawned processes: same seeded figures as in-process."""
+    r1, _ = tiny
+    r2 = bench(tmp_path / "b", "--jobs", "2", "--attacks", "badnets,blended", "--no-art")
+    assert r2["machine"]["jobs"] == 2 and [a["name"] for a in r2["attacks"]] == ["badnets", "blended"]
+    a1, a2 = r1["attacks"][0], r2["attacks"][0]
+    for key in ("clean_accuracy", "attack_success_rate", "suspect_labels", "repair"):
+        assert a1[key] == a2[key], key
+    assert a1["online"]["combined"]["auroc"] == pytest.approx(a2["online"]["combined"]["auroc"], abs=1e-3)
+    assert r2["art_strip_reason"] and all(a["art_strip"] is None for a in r2["attacks"])
+    assert (tmp_path / "b" / "profiles" / "blended" / "profile.json").is_file()
+
