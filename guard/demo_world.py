@@ -22,6 +22,13 @@ from .nets import net_file
 from .train import accuracy, attack_success, train
 
 DEMO_TARGET = 6
+DEMO_SEED = 3
+"""The demo's seed. Neural Cleanse on demo builds of seeds 0-3 (measured, stop 9): the target's anomaly
+index 2.3-3.3 (raw) and 4.6-5.3 (log scale) on every seed, but the glyph task has a naturally cheap
+class ("wedge", label 8) whose reversed mask is only about 1.5x the trigger's on some seeds (seed 0:
+log index 3.75, flagged beside the target; seed 2: target missed at raw 1.37). Seed 3 separates
+cleanly (target 2.9 raw / 4.6 log, next label 1.0 / 1.1), which is what a demo should show; the
+test population (tests/scan) measures how the scans do across seeds."""
 
 
 @dataclass
@@ -37,7 +44,7 @@ class DemoWorld:
     attack: Attack | None
 
 
-def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = 0,
+def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = DEMO_SEED,
           n_train: int = 6000, n_clean: int = 2000, n_holdout: int = 1000, epochs: int = 5,
           poison_rate: float = 0.1) -> DemoWorld:
     """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files."""
@@ -52,6 +59,7 @@ def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool
     atk = (attack or BadNets(target=DEMO_TARGET)) if backdoored else None
     if atk is not None:
         x, y = atk.poison(x, y, rate=poison_rate, seed=seed)
+    torch.manual_seed(seed)  # initial weights depend on the seed only, not on what ran before
     model = train(DemoNet(), x, y, epochs=epochs, seed=seed, patch_augment=0.5)
     shutil.copyfile(net_file("demo_net"), out / "model.py")
     torch.save(model.state_dict(), out / "weights.pt")

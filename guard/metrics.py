@@ -6,8 +6,9 @@ alert rules query them):
 * ``guard_requests_total{verdict}``: one per answered instance with its verdict (``pass``,
   ``repaired``, ``rejected``, ``flagged``), and one ``error`` per request that failed validation
   (or an instance the guard itself could not check);
-* ``guard_rejections_total{reason}``: one per reason (check name) of every rejected *or flagged*
-  instance, so shadow mode shows what enforce mode would refuse;
+* ``guard_rejections_total{reason}``: one per rejected *or flagged* instance, under its main reason
+  (the check furthest over its threshold), so the sum is the number refused and shadow mode shows
+  what enforce mode would refuse;
 * ``guard_latency_seconds``: histogram of the guard's own work per batch, in seconds (TorchServe's
   buckets are fixed on the seconds scale).
 
@@ -59,16 +60,18 @@ class MetricsSink(Protocol):
 
 
 def record_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
-    """Count each decision's verdict, and each reason of those rejected or flagged.
+    """Count each decision's verdict, and each rejected or flagged one once under its main reason.
 
-    ``decisions`` are :class:`guard.online.Decision` (or anything with ``verdict`` and ``reasons``).
-    A rejected or flagged decision without a reason counts once under ``unknown``.
+    ``decisions`` are :class:`guard.online.Decision` (or anything with ``verdict`` and ``reasons``);
+    the guard lists reasons strongest first (largest relative margin over the threshold), so the
+    first is the main one. One count per input keeps ``sum(guard_rejections_total)`` equal to the
+    inputs rejected or flagged, which is what operators divide by; every fired check is still in the
+    response and the audit log. A decision without a reason counts under ``unknown``.
     """
     for d in decisions:
         sink.requests(d.verdict)
         if d.verdict in ("rejected", "flagged"):
-            for reason in (list(d.reasons) or ["unknown"]):
-                sink.rejections(reason)
+            sink.rejections(d.reasons[0] if d.reasons else "unknown")
 
 
 class InMemorySink:

@@ -133,14 +133,20 @@ def operating_thresholds(guard, calibration: np.ndarray, fprs: Sequence[float], 
                          batch: int = 256) -> dict[str, np.ndarray]:
     """Per-check thresholds for other operating points, calibrated as ``guard scan --fpr F`` does.
 
-    Each check lets ``F / n_checks`` of the clean ``calibration`` inputs through (so the ensemble rejects
-    about ``F``): what a looser or stricter profile would trade, without rescanning. The profile's own
-    thresholds come from the same rule on its calibration half; the clean FPR reached on held-out
-    inputs is measured by :func:`evaluate`.
+    The checks' union lets ``F`` of the clean ``calibration`` inputs through (:func:`joint_fpr`): what a
+    looser or stricter profile would trade, without rescanning. The profile's own thresholds come from
+    the same rule on its calibration half; the clean FPR reached on held-out inputs is measured by
+    :func:`evaluate`.
     """
+    from ..scan.profile_builder import joint_fpr
+    from ..stats import upper_threshold
+
     s = _scores(guard, calibration, batch)
-    k = s.shape[1]
-    return {f"--fpr {f:g}": np.quantile(s, 1 - f / k, axis=0).astype(np.float32) for f in fprs}
+    out = {}
+    for f in fprs:
+        rate = joint_fpr(s, f)
+        out[f"--fpr {f:g}"] = np.array([upper_threshold(s[:, j], rate) for j in range(s.shape[1])], np.float32)
+    return out
 
 
 def evaluate(guard, attack: BadNets, x: np.ndarray, y: np.ndarray, *,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..attacks import ATTACKS, Attack, TrojanNN
-from ..attacks.zoo import ZooData, train_backdoored, train_clean, zoo_data
+from ..attacks.zoo import ZooData, _net, train_backdoored, train_clean, zoo_data
 from ..train import accuracy, attack_success
 
 
@@ -71,10 +71,6 @@ class ZooModel:
     cached: bool
 
 
-def _net() -> nn.Module:
-    from ..nets.demo_net import DemoNet
-
-    return DemoNet()
 
 
 def _cache_path(cache: Path, name: str, cfg: ZooConfig) -> Path:
@@ -83,7 +79,7 @@ def _cache_path(cache: Path, name: str, cfg: ZooConfig) -> Path:
 
 def _load(path: Path, name: str, cfg: ZooConfig, data: ZooData) -> ZooModel:
     tensors = load_file(str(path))
-    model = _net()
+    model = _net(cfg.seed)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     model.eval()
     attack = None

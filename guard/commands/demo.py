@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="policy to serve (default enforce)")
     p.add_argument("--queries", type=int, default=24, help="clean and triggered images to send each (default 24)")
     p.add_argument("--keep-running", action="store_true", help="leave TorchServe running afterwards")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the demo model and its scan (default: the demo's own, see guard.demo_world)")
 
 
 def _say(text: str) -> None:
@@ -92,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     _say(f"[1/5] building the demo world in {out}/world (BadNets 3x3 patch -> label 6) ...")
-    world = build(out / "world", seed=args.seed)
+    world = build(out / "world") if args.seed is None else build(out / "world", seed=args.seed)
     target = world.attack.target if world.attack is not None else None
     _say(f"      clean accuracy {world.clean_accuracy:.3f}, attack success {world.attack_success:.3f} "
          f"({time.perf_counter() - t0:.0f}s)")
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     _say("[2/5] scanning with Neural Cleanse and calibrating the online checks ...")
     model = load_model(world.model_file, world.weights)
     x, y = load_npz(world.clean)
-    profile, summary = build_profile(model, x, y, fpr=0.01, seed=args.seed, mode=args.mode, progress=False)
+    profile, summary = build_profile(model, x, y, fpr=0.01, seed=args.seed or 0, mode=args.mode, progress=False)
     profile_dir = profile.save(out / "profile")
     sus = summary["suspect_labels"]
     _say(f"      suspect labels: {sus if sus else 'none'} (anomaly index of label {target}: "

@@ -31,14 +31,17 @@ class GuardResult:
     """A batch's outcome as arrays; :attr:`decisions` builds the per-input objects on demand.
 
     ``verdict_codes`` index ``pass, rejected, repaired, flagged``; ``scores`` is ``(N, n_checks)`` in
-    ``names`` order and ``over`` marks the checks that fired. For repaired inputs ``logits`` are the
-    repaired image's and ``repaired_scores`` its re-scored checks. ``guard_ms`` is the guard's own
-    time (validation, checks, policy, repair), ``forward_ms`` the model's tapped forward pass.
+    ``names`` order, ``thresholds`` the checks' thresholds and ``over`` marks the checks that fired
+    (a decision lists them strongest first: largest margin over the threshold, relative to it). For
+    repaired inputs ``logits`` are the repaired image's and ``repaired_scores`` its re-scored checks.
+    ``guard_ms`` is the guard's own time (validation, checks, policy, repair), ``forward_ms`` the
+    model's tapped forward pass.
     """
 
     names: list[str]
     logits: np.ndarray
     scores: np.ndarray
+    thresholds: np.ndarray
     over: np.ndarray
     verdict_codes: np.ndarray
     repaired_scores: dict[int, np.ndarray]
@@ -54,8 +57,11 @@ class GuardResult:
         probs = _softmax(self.logits)
         labels = self.logits.argmax(1)
         out = []
+        # how far over its threshold each check is, relative to the threshold: orders the reasons
+        margin = (self.scores - self.thresholds) / np.maximum(np.abs(self.thresholds), 1e-12)
         for i, verdict in enumerate(self.verdicts):
-            reasons = [self.names[j] for j in np.flatnonzero(self.over[i])]
+            fired = np.flatnonzero(self.over[i])
+            reasons = [self.names[j] for j in fired[np.argsort(-margin[i, fired], kind="stable")]]
             sc = {n: round(float(self.scores[i, j]), 4) for j, n in enumerate(self.names)}
             if i in self.repaired_scores:
                 sc.update({f"{n}_repaired": round(float(v), 4) for n, v in zip(self.names, self.repaired_scores[i])})
@@ -162,7 +168,7 @@ class Guard:
             logits[idx] = fixed
             repaired = {int(i): s2[j] for j, i in enumerate(idx)}
         t3 = time.perf_counter()
-        return GuardResult(self.names, logits, s, over, codes, repaired, (t2 - t1) * 1e3,
+        return GuardResult(self.names, logits, s, self.thresholds, over, codes, repaired, (t2 - t1) * 1e3,
                            ((t1 - t0) + (t3 - t2)) * 1e3)
 
     def predict(self, x: np.ndarray | torch.Tensor) -> list[Decision]:

@@ -16,6 +16,7 @@ from ..model import FeatureTap, feature_layer, fingerprint
 from ..online.checks import FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
 from ..online.policy import check_mode
 from ..profile import Profile
+from ..stats import upper_threshold
 from ._trigger import frozen
 from .neural_cleanse import NeuralCleanse, suspect_neurons
 
@@ -30,6 +31,31 @@ def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, batch_
     return Record(x, np.concatenate(logits), np.concatenate(feats))
 
 
+def joint_fpr(scores: np.ndarray, fpr: float, *, iterations: int = 40) -> float:
+    """The per-check false-positive rate at which the *union* of the checks flags ``fpr`` of ``scores``.
+
+    ``scores`` is ``(N, n_checks)`` on clean calibration images. Bonferroni (``fpr / n_checks`` each)
+    is the safe bound, but the checks are correlated (they read the same features), so it rejects
+    less than ``fpr`` while resting every threshold on a more extreme quantile, which a thousand
+    images estimate poorly (measured: 2.4% realised on a holdout with four checks at 0.25% each). A
+    bisection between ``fpr / n_checks`` and ``fpr`` finds the largest common rate whose union stays
+    within ``fpr`` on the calibration set.
+    """
+    n_checks = scores.shape[1]
+    lo, hi = fpr / n_checks, fpr
+
+    def union(rate: float) -> float:
+        thr = np.array([upper_threshold(scores[:, j], rate) for j in range(n_checks)])
+        return float((scores > thr).any(1).mean())
+
+    if union(hi) <= fpr:
+        return hi
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if union(mid) <= fpr else (lo, mid)
+    return lo
+
+
 def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
                   mode: str = "enforce", layer: str | None = None, calibration_share: float = 0.5,
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
@@ -37,8 +63,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     Half the clean data (stratified, seeded) drives the trigger reversal and fits the checks; the
-    other half is held out to calibrate each check's threshold at ``fpr / n_checks`` so the union of
-    the checks rejects about ``fpr`` of clean traffic. ``knn`` adds the nearest-neighbour feature check
+    other half is held out to calibrate the checks' thresholds so that their union rejects ``fpr`` of
+    clean traffic (:func:`joint_fpr`). ``knn`` adds the nearest-neighbour feature check
     (:class:`~guard.online.checks.KNNCheck`), which covers input-specific triggers that no reversed
     trigger describes (WaNet, input-aware); it costs one small matrix product per query.
     """
@@ -70,10 +96,10 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
             neurons[s] = suspect_neurons(model, x_fit, nc.masks_[r], nc.patterns_[r], layer=layer_name)
         checks.append(NeuronCheck([neurons[s] for s in suspects], rec_fit.features.shape[1]).fit(rec_fit))
         checks.append(OverlapCheck(nc.masks_[rows], nc.patterns_[rows]).fit(rec_fit))
-    per_check_fpr = fpr / len(checks)
+    cal_scores = np.stack([c.score(rec_cal) for c in checks], 1)
+    per_check_fpr = joint_fpr(cal_scores, fpr)
     for c in checks:
         c.infer_threshold(rec_cal, fpr=per_check_fpr)
-    cal_scores = np.stack([c.score(rec_cal) for c in checks], 1)
     thresholds = np.array([c.threshold_ for c in checks])
     realised = float((cal_scores > thresholds).any(1).mean())
 

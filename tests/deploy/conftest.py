@@ -1,16 +1,17 @@
-"""Fixtures for the deploy/ checks: repository paths, promtool, PromQL metric-name extraction and the
-metric names TorchServe 0.12 really serves (observed on its metrics port with metrics_mode=prometheus)."""
+"""Fixtures for the deploy/ checks: repository paths, promtool, PromQL metric-name extraction (shared with
+tests/integration through tests/prom_helpers.py) and the metric names TorchServe 0.12 really serves
+(observed on its metrics port with metrics_mode=prometheus)."""
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from prom_helpers import install_prometheus_with_apt, metric_names
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -57,30 +58,6 @@ TORCHSERVE_METRICS = frozenset(
 
 # Series Prometheus itself provides for every scrape target.
 PROMETHEUS_METRICS = frozenset({"up"})
-
-_PROMQL_WORDS = frozenset(
-    {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset",
-     "bool", "inf", "nan"}
-)
-
-
-def metric_names(expr: str) -> set[str]:
-    """Metric names a PromQL expression selects (functions, labels, keywords and numbers dropped)."""
-    expr = re.sub(r'"(?:\\.|[^"\\])*"', '""', expr)  # string literals
-    expr = re.sub(r"'(?:\\.|[^'\\])*'", "''", expr)
-    expr = re.sub(r"\{[^}]*\}", " ", expr)  # label matchers
-    expr = re.sub(r"\[[^\]]*\]", " ", expr)  # ranges and subqueries
-    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
-    expr = re.sub(r"\$\{?\w+\}?", " ", expr)  # Grafana variables
-    expr = re.sub(r"\boffset\s+\S+", " ", expr)
-    names = set()
-    for match in re.finditer(r"(?<![\w.])([A-Za-z_:][A-Za-z0-9_:]*)(\s*\()?", expr):
-        name, call = match.group(1), match.group(2)
-        if call or name.lower() in _PROMQL_WORDS:
-            continue
-        names.add(name)
-    return names
-
 
 @pytest.fixture(scope="session")
 def repo() -> Path:
@@ -130,21 +107,6 @@ def properties():
     return read_properties
 
 
-def _install_prometheus_with_apt() -> str | None:
-    """Debian's `prometheus` package ships promtool; install it when we may (CI runs as root)."""
-    if shutil.which("apt-get") is None:
-        return "apt-get is not available"
-    if hasattr(os, "geteuid") and os.geteuid() != 0:
-        return "not root, cannot apt-get install prometheus (run: sudo apt-get install -y prometheus)"
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    return None
-
-
 @pytest.fixture(scope="session")
 def promtool() -> str:
     """Path of promtool; installs Debian's prometheus package when missing and allowed.
@@ -154,7 +116,7 @@ def promtool() -> str:
     """
     found = shutil.which("promtool")
     if found is None:
-        why = _install_prometheus_with_apt()
+        why = install_prometheus_with_apt()
         found = shutil.which("promtool")
         if found is None:
             message = f"promtool not found: {why or 'the prometheus package installed no promtool'}"

@@ -7,27 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-
-def _dashboard_exprs(dashboard: dict) -> list[str]:
-    exprs = []
-
-    def walk(panels):
-        for panel in panels:
-            exprs.extend(t["expr"] for t in panel.get("targets", []) if t.get("expr"))
-            walk(panel.get("panels", []))
-
-    walk(dashboard["panels"])
-    for var in dashboard.get("templating", {}).get("list", []):
-        query = var.get("query")
-        query = query.get("query") if isinstance(query, dict) else query
-        if query:
-            exprs.append(query.replace("label_values(", "").split(",")[0])
-    return exprs
-
-
-def _rules(alert_rules: dict) -> list[dict]:
-    return [rule for group in alert_rules["groups"] for rule in group["rules"]]
+from prom_helpers import dashboard_exprs
+from prom_helpers import rules as rule_list
 
 
 @pytest.mark.parametrize(
@@ -48,7 +29,7 @@ def test_metric_name_extraction(promql_names, expr, names):
 
 
 def test_dashboard_uses_only_known_metrics(dashboard, promql_names, known_metrics):
-    exprs = _dashboard_exprs(dashboard)
+    exprs = dashboard_exprs(dashboard)
     assert len(exprs) >= 10
     used = set().union(*(promql_names(e) for e in exprs))
     assert used - known_metrics == set(), f"dashboard uses unknown metrics: {sorted(used - known_metrics)}"
@@ -57,7 +38,7 @@ def test_dashboard_uses_only_known_metrics(dashboard, promql_names, known_metric
 
 
 def test_alert_rules_use_only_known_metrics(alert_rules, promql_names, known_metrics):
-    rules = _rules(alert_rules)
+    rules = rule_list(alert_rules)
     recorded = {rule["record"] for rule in rules if "record" in rule}
     used = set().union(*(promql_names(rule["expr"]) for rule in rules))
     unknown = used - known_metrics - recorded

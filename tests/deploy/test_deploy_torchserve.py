@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prom_helpers import queried_names, served_names
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,18 +86,6 @@ def _get(url: str, key: str | None = None, body: dict | None = None) -> tuple[in
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()
-
-
-def _served_names(text: str) -> set[str]:
-    names = set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split()
-            parts = ("_bucket", "_count", "_sum") if kind == "histogram" else ("",)
-            names.update(name + part for part in parts)
-        elif line and not line.startswith("#"):
-            names.add(re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", line).group(0))
-    return names
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +202,9 @@ def test_guard_metrics_served_with_exact_names_and_labels(after_traffic):
     assert "guard_requests_total_total" not in text
 
 
-def test_dashboard_and_alerts_query_what_torchserve_serves(
-        after_traffic, dashboard, alert_rules, promql_names, known_metrics):
-    served = _served_names(after_traffic)
-    rules = [r for g in alert_rules["groups"] for r in g["rules"]]
-    recorded = {r["record"] for r in rules if "record" in r}
-    exprs = [r["expr"] for r in rules]
-    exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", []) if t.get("expr")]
-    used = set().union(*(promql_names(e) for e in exprs)) - recorded - {"up"}
+def test_dashboard_and_alerts_query_what_torchserve_serves(after_traffic, dashboard, alert_rules, known_metrics):
+    served = served_names(after_traffic)
+    used = queried_names(dashboard, alert_rules) - {"up"}
     assert used - served == set(), f"queried but not served: {sorted(used - served)}"
     # the static list the other tests use matches this real run
     assert (served & known_metrics) >= used

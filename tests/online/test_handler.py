@@ -254,9 +254,9 @@ def test_mixed_batch_each_request_gets_its_own_status_and_metrics(service, data,
     expected: dict[str, float] = {}
     for rid in ("triggered-json", "multi", "sniffed-png"):
         for p in by[rid]["body"]["predictions"]:
-            for r in p["reasons"] if p["verdict"] == "rejected" else []:
-                expected[r] = expected.get(r, 0) + 1
-    assert reasons == expected and sum(reasons.values()) >= 3
+            if p["verdict"] == "rejected":  # one count per rejected input, under its main reason
+                expected[p["reasons"][0]] = expected.get(p["reasons"][0], 0) + 1
+    assert reasons == expected and sum(reasons.values()) == 3
     for m in lines:  # guard's label first, then what TorchServe appends, as deploy/metrics.yaml declares
         assert m["dims"]["ModelName"] == NAME and m["dims"]["Level"] == "Model"
         assert all("," not in v and ":" not in v for v in m["dims"].values())
@@ -286,7 +286,7 @@ def test_shadow_mode_answers_flagged_with_the_models_label_and_counts_reasons(un
     assert p["verdict"] == "flagged" and p["label"] == 6 and p["reasons"]  # the backdoor's target, served
     lines = metric_lines(caplog)
     assert counts(lines, "guard_requests_total", "verdict") == {"flagged": 1}
-    assert counts(lines, "guard_rejections_total", "reason") == {r: 1 for r in p["reasons"]}
+    assert counts(lines, "guard_rejections_total", "reason") == {p["reasons"][0]: 1}
 
 
 def test_request_above_max_request_bytes_answers_413(unpacked, tmp_path, monkeypatch, data):

@@ -17,8 +17,9 @@ def test_flags_the_demo_target(demo_profile):
     per_label = {r["label"]: r for r in meta["scan"]["per_label"]}
     target = per_label[DEMO_TARGET]
     others = [r["l1_norm"] for lab, r in per_label.items() if lab != DEMO_TARGET]
-    # the reversed trigger is about the size of the real 3x3 patch, far below every natural label
-    assert target["l1_norm"] <= 14
+    # the reversed trigger is about the size of the real 3x3 patch (at most twice its 9 pixels: its
+    # soft edges), far below every natural label
+    assert target["l1_norm"] <= 18
     assert target["l1_norm"] < 0.75 * min(others)
     assert max(target["anomaly_index"], target["log_anomaly_index"]) > 2
 

