@@ -21,50 +21,21 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from guard.errors import GuardError, PayloadTooLarge
+from guard.handler_context import (
+    content_length,
+    content_type,
+    handler_config,
+    request_body,
+    request_headers,
+    set_json,
+    set_status,
+)
 from guard.io import decode_request
 from guard.model import load_model
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 6_553_500
-_PHRASES = {400: "Bad Request", 413: "Payload Too Large", 500: "Internal Server Error"}
-
-
-def _section(context: Any) -> dict[str, Any]:
-    cfg = getattr(context, "model_yaml_config", None) or {}
-    if not isinstance(cfg, dict):
-        return {}
-    section = cfg.get("handler")
-    return dict(section) if isinstance(section, dict) else dict(cfg)
-
-
-def _body(row: Any) -> Any:
-    if not isinstance(row, dict):
-        return row
-    for key in ("body", "data"):
-        if row.get(key) is not None:
-            return row[key]
-    values = [v for v in row.values() if v is not None]
-    return values[0] if values else None
-
-
-def _headers(context: Any, idx: int) -> dict[str, Any]:
-    try:
-        return dict(context.get_all_request_header(idx) or {})
-    except Exception:  # not inside a TorchServe request
-        return {}
-
-
-def _content_type(headers: dict[str, Any], row: Any) -> str | None:
-    if isinstance(row, dict):
-        for name in ("body", "data", *row.keys()):
-            part = headers.get(name)
-            if isinstance(part, dict) and part.get("content-type"):
-                return str(part["content-type"])
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == "content-type" and isinstance(value, str):
-            return value
-    return None
 
 
 class BaselineHandler(BaseHandler):
@@ -77,7 +48,7 @@ class BaselineHandler(BaseHandler):
         self.device = torch.device("cpu")
         props = context.system_properties
         model_dir = Path(props.get("model_dir") or ".")
-        cfg = _section(context)
+        cfg = handler_config(context)
         manifest_model = (self.manifest or {}).get("model", {})
         model_file = cfg.get("model_file") or manifest_model.get("modelFile")
         weights = cfg.get("weights") or manifest_model.get("serializedFile")
@@ -103,13 +74,12 @@ class BaselineHandler(BaseHandler):
         """Decode each request on its own: a batch ``(n, C, H, W)`` or the error to answer."""
         out: list[np.ndarray | GuardError] = []
         for idx, row in enumerate(data):
-            headers = _headers(self.context, idx)
+            headers = request_headers(self.context, idx)
             try:
-                size = next((int(v) for k, v in headers.items()
-                             if isinstance(k, str) and k.lower() == "content-length"), None)
+                size = content_length(headers)
                 if size is not None and size > self.max_request_bytes:
                     raise PayloadTooLarge(f"request body is {size} bytes, above {self.max_request_bytes}")
-                out.append(decode_request(_body(row), _content_type(headers, row), input_shape=self.input_shape,
+                out.append(decode_request(request_body(row), content_type(headers, row), input_shape=self.input_shape,
                                           max_bytes=self.max_request_bytes))
             except GuardError as e:
                 out.append(e)
@@ -132,11 +102,9 @@ class BaselineHandler(BaseHandler):
         responses: list[dict[str, Any]] = []
         cursor = 0
         for idx, item in enumerate(items):
-            if getattr(context, "request_processor", None) is not None:
-                context.set_response_content_type(idx, "application/json")
+            set_json(context, idx)
             if isinstance(item, GuardError):
-                if getattr(context, "request_processor", None) is not None:
-                    context.set_response_status(item.http_status, _PHRASES.get(item.http_status, ""), idx)
+                set_status(context, idx, item.http_status)
                 responses.append({"error": str(item)})
                 continue
             mine = probs[cursor:cursor + len(item)]

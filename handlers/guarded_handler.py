@@ -40,6 +40,16 @@ from ts.metrics.metric_type_enum import MetricTypes
 from guard.audit_log import AuditLog
 from guard.commands.archive import profile_digest
 from guard.errors import GuardError, PayloadTooLarge, ProfileError
+from guard.handler_context import (
+    content_length,
+    content_type,
+    handler_config,
+    request_body,
+    request_headers,
+    request_id,
+    set_json,
+    set_status,
+)
 from guard.io import decode_request
 from guard.metrics import TorchServeSink, record_decisions
 from guard.model import fingerprint, load_model
@@ -53,84 +63,12 @@ PROFILE_DIR = "guard-profile"
 # Larger bodies answer 413 (guard archive --max-request-bytes). guard serve sets TorchServe's own
 # max_request_size above it, so this JSON 413 is what a client sees, not the frontend's.
 DEFAULT_MAX_REQUEST_BYTES = 1_048_576
-_PHRASES = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large", 500: "Internal Server Error",
-            503: "Service Unavailable"}
-
-
-def handler_config(context: Any) -> dict[str, Any]:
-    """The ``handler:`` section of the archive's model-config.yaml (top-level keys as a fallback)."""
-    cfg = getattr(context, "model_yaml_config", None) or {}
-    if not isinstance(cfg, dict):
-        return {}
-    section = cfg.get("handler")
-    return dict(section) if isinstance(section, dict) else dict(cfg)
 
 
 def _as_bool(value: Any) -> bool:
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes", "on")
     return bool(value)
-
-
-def _request_body(row: Any) -> Any:
-    """The payload of one request: TorchServe names a raw body ``body`` (form fields keep their names)."""
-    if not isinstance(row, dict):
-        return row
-    for key in ("body", "data"):
-        if row.get(key) is not None:
-            return row[key]
-    values = [v for v in row.values() if v is not None]
-    return values[0] if values else None
-
-
-def _request_headers(context: Any, idx: int) -> dict[str, Any]:
-    try:
-        return dict(context.get_all_request_header(idx) or {})
-    except Exception:  # no request processor (not inside a TorchServe request)
-        return {}
-
-
-def _content_type(headers: dict[str, Any], row: Any) -> str | None:
-    """The body parameter's content type if TorchServe recorded one, else the HTTP header."""
-    if isinstance(row, dict):
-        for name in ("body", "data", *row.keys()):
-            part = headers.get(name)
-            if isinstance(part, dict) and part.get("content-type"):
-                return str(part["content-type"])
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == "content-type" and isinstance(value, str):
-            return value
-    return None
-
-
-def _content_length(headers: dict[str, Any]) -> int | None:
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == "content-length":
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-def _set_status(context: Any, idx: int, code: int) -> None:
-    if getattr(context, "request_processor", None) is not None:
-        context.set_response_status(code, _PHRASES.get(code, ""), idx)
-
-
-def _set_json(context: Any, idx: int) -> None:
-    if getattr(context, "request_processor", None) is not None:
-        context.set_response_content_type(idx, "application/json")
-
-
-def _request_id(context: Any, idx: int) -> str | None:
-    """TorchServe's id of request ``idx``: the audit log's key. The frontend returns the same id to the
-    client as the ``x-request-id`` response header, so a client's complaint finds its audit line."""
-    try:
-        rid = context.get_request_id(idx)
-    except Exception:  # no id map (not inside a TorchServe request)
-        return None
-    return None if rid is None else str(rid)
 
 
 def _check_profile_digest(profile_dir: Path, expected: Any) -> None:
@@ -216,13 +154,13 @@ class GuardedHandler:
         """Decode each request of the batch on its own: a batch ``(n, C, H, W)`` or the error to answer."""
         out: list[np.ndarray | GuardError] = []
         for idx, row in enumerate(data):
-            headers = _request_headers(context, idx)
+            headers = request_headers(context, idx)
             try:
-                size = _content_length(headers)
+                size = content_length(headers)
                 if size is not None and size > self.max_request_bytes:
                     raise PayloadTooLarge(f"request body is {size} bytes, above the limit of "
                                           f"{self.max_request_bytes} bytes")
-                out.append(decode_request(_request_body(row), _content_type(headers, row),
+                out.append(decode_request(request_body(row), content_type(headers, row),
                                           input_shape=self.guard.input_shape, max_bytes=self.max_request_bytes))
             except GuardError as e:
                 out.append(e)
@@ -260,17 +198,17 @@ class GuardedHandler:
         responses: list[dict[str, Any]] = []
         cursor = 0
         for idx, item in enumerate(items):
-            _set_json(context, idx)
-            rid = _request_id(context, idx)
+            set_json(context, idx)
+            rid = request_id(context, idx)
             if isinstance(item, GuardError):
                 sink.requests("error")
-                _set_status(context, idx, item.http_status)
+                set_status(context, idx, item.http_status)
                 responses.append({"error": str(item)})
                 continue
             n = len(item)
             if not decisions:  # fail closed
                 sink.requests("error", n)
-                _set_status(context, idx, 503)
+                set_status(context, idx, 503)
                 responses.append({"error": f"the guard could not check this request ({failure}); "
                                            "not answering unguarded"})
                 cursor += n
@@ -280,7 +218,7 @@ class GuardedHandler:
             record_decisions(sink, mine)
             status = 403 if n == 1 and mine[0].verdict == "rejected" else 200
             if status != 200:
-                _set_status(context, idx, status)
+                set_status(context, idx, status)
             answers = [d.to_dict() for d in mine]
             self._audit(rid, status, answers, item)
             responses.append({"predictions": answers})

@@ -141,18 +141,24 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return html.escape(str(v))
 
 
+def _label_chart(block: dict[str, Any], key: str, threshold: float, title: str, y_label: str,
+                 chart_id: str) -> str:
+    """One bar per label of ``block["per_label"][*][key]`` with the decision line, flagged labels highlighted."""
+    rows = block["per_label"]
+    flagged = set(block["suspect_labels"])
+    return bar_chart_svg([r.get(key, 0.0) for r in rows], threshold=threshold, labels=[str(r["label"]) for r in rows],
+                         highlight={i for i, r in enumerate(rows) if r["label"] in flagged}, title=title,
+                         y_label=y_label, chart_id=chart_id)
+
+
 def _nc_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     b = s["neural_cleanse"]
     rows = b["per_label"]
     flagged = set(b["suspect_labels"])
-    labels = [str(r["label"]) for r in rows]
-    hl = {i for i, r in enumerate(rows) if r["label"] in flagged}
-    chart = bar_chart_svg([r["anomaly_index"] for r in rows], threshold=b["threshold"], labels=labels,
-                          highlight=hl, title="Neural Cleanse anomaly index (raw L1 norms)",
-                          y_label="anomaly index", chart_id="chart-nc")
-    chart_log = bar_chart_svg([r.get("log_anomaly_index", 0.0) for r in rows], threshold=b["threshold"],
-                              labels=labels, highlight=hl, title="Neural Cleanse anomaly index (log-scale L1 norms)",
-                              y_label="anomaly index", chart_id="chart-nc-log")
+    chart = _label_chart(b, "anomaly_index", b["threshold"], "Neural Cleanse anomaly index (raw L1 norms)",
+                         "anomaly index", "chart-nc")
+    chart_log = _label_chart(b, "log_anomaly_index", b["threshold"],
+                             "Neural Cleanse anomaly index (log-scale L1 norms)", "anomaly index", "chart-nc-log")
     masks, patterns = arrays.get("neural_cleanse.masks"), arrays.get("neural_cleanse.patterns")
     body = []
     for i, r in enumerate(rows):
@@ -184,11 +190,8 @@ def _dl_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     b = s["dl_tnd"]
     rows = b["per_label"]
     flagged = set(b["suspect_labels"])
-    labels = [str(r["label"]) for r in rows]
-    hl = {i for i, r in enumerate(rows) if r["label"] in flagged}
-    chart = bar_chart_svg([r["similarity_q25"] for r in rows], threshold=b["threshold"], labels=labels,
-                          highlight=hl, title=f"DL-TND: {b['quantile']:.0%} quantile of cosine similarity",
-                          y_label="similarity", chart_id="chart-dl-tnd")
+    chart = _label_chart(b, "similarity_q25", b["threshold"],
+                         f"DL-TND: {b['quantile']:.0%} quantile of cosine similarity", "similarity", "chart-dl-tnd")
     masks = arrays.get("dl_tnd.masks")
     body = []
     for i, r in enumerate(rows):
@@ -215,14 +218,10 @@ def _df_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     b = s["df_tnd"]
     rows = b["per_label"]
     flagged = set(b["suspect_labels"])
-    labels = [str(r["label"]) for r in rows]
-    hl = {i for i, r in enumerate(rows) if r["label"] in flagged}
-    chart = bar_chart_svg([r["anomaly_index"] for r in rows], threshold=b["threshold"], labels=labels,
-                          highlight=hl, title="DF-TND: anomaly index of the logit increase",
-                          y_label="anomaly index", chart_id="chart-df-tnd")
-    chart_inc = bar_chart_svg([r["logit_increase"] for r in rows], threshold=b["min_increase"], labels=labels,
-                              highlight=hl, title="DF-TND: mean logit increase", y_label="logit increase",
-                              chart_id="chart-df-tnd-increase")
+    chart = _label_chart(b, "anomaly_index", b["threshold"], "DF-TND: anomaly index of the logit increase",
+                         "anomaly index", "chart-df-tnd")
+    chart_inc = _label_chart(b, "logit_increase", b["min_increase"], "DF-TND: mean logit increase", "logit increase",
+                             "chart-df-tnd-increase")
     imgs = ""
     if "df_tnd.mask" in arrays:
         m, p = arrays["df_tnd.mask"], arrays["df_tnd.pattern"]

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 
 import pytest
 from prom_helpers import queried_names, served_names
+
+from guard.commands._torchserve import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -61,19 +62,6 @@ class ProbeHandler:
 '''
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _get(url: str, key: str | None = None, body: dict | None = None) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     data = None
@@ -103,7 +91,7 @@ def torchserve(tmp_path_factory, deploy, properties):
 
     # deploy/config.properties as `guard serve` uses it: same keys, free ports, absolute paths.
     # The extra keys keep parallel TorchServes apart (gRPC ports, worker socket /tmp/.ts.sock.PORT).
-    inference, management, metrics, grpc_i, grpc_m, worker = _free_ports(6)
+    inference, management, metrics, grpc_i, grpc_m, worker = free_ports(6)
     text = (deploy / "config.properties").read_text()
     for old, new in ((":8080", f":{inference}"), (":8081", f":{management}"), (":8082", f":{metrics}")):
         assert old in text

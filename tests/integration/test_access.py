@@ -19,24 +19,18 @@ from __future__ import annotations
 import json
 import shutil
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from serve_helpers import guard_serve
 
 from guard.bench import load
 from guard.commands import _torchserve as ts
 from guard.commands.archive import make_archive
 from guard.data import load_npz
 
-BIN = Path(sys.executable).parent
 NAME = "demo"
 integration = pytest.mark.integration
 
-
-def guard_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "guard"), *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +42,8 @@ def served(demo_world, demo_profile, tmp_path_factory):
     make_archive(name=NAME, model_file=demo_world.model_file, weights=demo_world.weights, profile=demo_profile,
                  export_path=store, mode="enforce")
     run_dir = tmp_path_factory.mktemp("access-run")
-    try:
-        done = guard_cli("serve", "--model-store", str(store), "--ports", "auto", "--run-dir", str(run_dir),
-                         "--timeout", "300")
-        assert done.returncode == 0, done.stdout + done.stderr
-        srv = ts.Server.load(run_dir)
-        assert srv is not None and srv.alive()
-        yield srv, done.stdout
-        stopped = guard_cli("stop", "--run-dir", str(run_dir), timeout=120)
-        assert stopped.returncode == 0, stopped.stderr
-    finally:
-        left = ts.Server.load(run_dir)
-        if left is not None:
-            left.stop()
+    with guard_serve(store, run_dir) as served_:
+        yield served_
 
 
 @pytest.fixture(scope="module")

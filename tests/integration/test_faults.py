@@ -36,12 +36,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from serve_helpers import decided_inputs
 
-from guard import Guard, Profile, load_model
 from guard.bench import load
 from guard.commands import _torchserve as ts
 from guard.commands.archive import make_archive
-from guard.data import load_npz
 from guard.errors import ProfileError
 
 GOOD, TAMPERED = "demo", "tampered"
@@ -76,14 +75,9 @@ def store(demo_world, demo_profile, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def data(demo_world, demo_profile) -> dict:
-    guard = Guard(load_model(demo_world.model_file, demo_world.weights), Profile.load(demo_profile))
-    xh, _ = load_npz(demo_world.holdout)
-    xt, _ = load_npz(demo_world.triggered)
-    xh, xt = np.round(xh[:32], 4).astype(np.float32), np.round(xt[:24], 4).astype(np.float32)
-    clean = xh[[d.verdict == "pass" for d in guard.predict(xh)]]
-    trig = xt[[d.verdict == "rejected" for d in guard.predict(xt)]]
-    assert len(clean) >= 16 and len(trig) >= 12
-    return {"clean": clean, "triggered": trig}
+    out = decided_inputs(demo_world, demo_profile, 32, 24)
+    assert len(out["clean"]) >= 16 and len(out["triggered"]) >= 12
+    return out
 
 
 @pytest.fixture(scope="module")

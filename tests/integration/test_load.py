@@ -34,13 +34,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from serve_helpers import decided_inputs
 
-from guard import Guard, Profile, load_model
 from guard.audit_log import read_lines
 from guard.bench import load
 from guard.commands import _torchserve as ts
 from guard.commands.archive import make_archive
-from guard.data import load_npz
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -55,14 +54,9 @@ DURATION_S = 45.0
 @pytest.fixture(scope="module")
 def data(demo_world, demo_profile) -> dict:
     """Clean inputs the offline guard passes and triggered ones it rejects, at the 4 decimals sent."""
-    guard = Guard(load_model(demo_world.model_file, demo_world.weights), Profile.load(demo_profile))
-    xh, _ = load_npz(demo_world.holdout)
-    xt, _ = load_npz(demo_world.triggered)
-    xh, xt = np.round(xh[:48], 4).astype(np.float32), np.round(xt[:32], 4).astype(np.float32)
-    clean = xh[[d.verdict == "pass" for d in guard.predict(xh)]]
-    trig = xt[[d.verdict == "rejected" for d in guard.predict(xt)]]
-    assert len(clean) >= 30 and len(trig) >= 20
-    return {"clean": clean, "triggered": trig}
+    out = decided_inputs(demo_world, demo_profile, 48, 32)
+    assert len(out["clean"]) >= 30 and len(out["triggered"]) >= 20
+    return out
 
 
 @pytest.fixture(scope="module")

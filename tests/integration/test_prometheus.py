@@ -30,7 +30,6 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.parse
 from collections import Counter
@@ -42,6 +41,7 @@ from typing import Any
 import pytest
 import yaml
 from prom_helpers import install_prometheus_with_apt, queried_names, served_names
+from serve_helpers import guard_cli, guard_serve
 
 from guard.bench import load
 from guard.commands import _torchserve as ts
@@ -50,7 +50,6 @@ from guard.metrics import label_value
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 PROM_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "guard.json"
@@ -60,9 +59,6 @@ SHIPPED_TARGET = "torchserve:8082"
 GUARD_SERIES = ("guard_requests_total", "guard_rejections_total", "guard_latency_seconds_bucket",
                 "guard_latency_seconds_count", "guard_latency_seconds_sum")
 
-
-def guard_cli(*args: str, timeout: float = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "guard"), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], *, seconds: float, interval: float = 0.5) -> Any:
@@ -164,20 +160,8 @@ def server(demo_world, demo_profile, tmp_path_factory):
                      "--export-path", str(store), "--mode", "enforce", "--batch-size", "1")
     assert done.returncode == 0, done.stderr
     run_dir = tmp_path_factory.mktemp("prom-serve")
-    try:
-        done = guard_cli("serve", "--model-store", str(store), "--models", f"{NAME}={NAME}.mar",
-                         "--ports", "auto", "--run-dir", str(run_dir), "--timeout", "300")
-        assert done.returncode == 0, done.stdout + done.stderr
-        srv = ts.Server.load(run_dir)
-        assert srv is not None and srv.alive()
+    with guard_serve(store, run_dir, "--models", f"{NAME}={NAME}.mar") as (srv, _):
         yield srv
-        stopped = guard_cli("stop", "--run-dir", str(run_dir), timeout=120)
-        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
-        assert not srv.alive()
-    finally:
-        left = ts.Server.load(run_dir)
-        if left is not None:
-            left.stop()
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from serve_helpers import guard_cli, guard_serve
 
 from guard import Guard, Profile, load_model
 from guard.commands import _torchserve as ts
@@ -34,9 +35,6 @@ BIN = Path(sys.executable).parent
 NAME = "demo"
 MAX_BYTES = 500_000  # below TorchServe's own 6.5 MB bound, so guard's 413 is what answers
 
-
-def guard_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "guard"), *args], capture_output=True, text=True, timeout=timeout)
 
 
 def png(x_chw: np.ndarray) -> bytes:
@@ -62,21 +60,9 @@ def server(archive, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
     run_dir = tmp_path_factory.mktemp("serve")
-    try:
-        done = guard_cli("serve", "--model-store", str(archive), "--models", f"{NAME}={NAME}.mar",
-                         "--ports", "auto", "--run-dir", str(run_dir), "--timeout", "300", timeout=420)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert "token auth ON" in done.stdout and str(run_dir / "key_file.json") in done.stdout
-        srv = ts.Server.load(run_dir)
-        assert srv is not None and srv.alive()
+    with guard_serve(archive, run_dir, "--models", f"{NAME}={NAME}.mar") as (srv, out):
+        assert "token auth ON" in out and str(run_dir / "key_file.json") in out
         yield srv
-        stopped = guard_cli("stop", "--run-dir", str(run_dir), timeout=120)
-        assert stopped.returncode == 0 and "stopped TorchServe" in stopped.stdout, stopped.stdout + stopped.stderr
-        assert not srv.alive()
-    finally:
-        left = ts.Server.load(run_dir)
-        if left is not None:
-            left.stop()
 
 
 @pytest.fixture(scope="module")
