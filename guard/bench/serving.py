@@ -9,6 +9,10 @@ token authorization on, as deployed. The load is bounded: ``concurrency`` client
 which goes first), so both see the same machine load; the ratio is the median over the pairs of
 adjacent rounds of guarded over baseline throughput (robust to load that drifts between pairs).
 TorchServe is started in its own process group and stopped in ``finally``.
+
+Both go through guard's gateway, as ``guard serve`` deploys them. A third series sends the guarded
+model's requests to TorchServe's private port, past the gateway, in the same rounds:
+``gateway_throughput_ratio`` (through the gateway over direct) is what the gateway costs.
 """
 
 from __future__ import annotations
@@ -105,24 +109,30 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
         start_seconds = time.perf_counter() - t0
         key = server.key("inference")
         urls = {m: f"{server.urls['inference']}/predictions/{m}" for m in ("guarded", "baseline")}
-        for m in urls:  # warm both workers
+        if server.gateway:
+            urls["guarded_direct"] = f"{server.upstream['inference']}/predictions/guarded"
+        for m in ("guarded", "baseline"):  # warm both workers
             _load(urls[m], key, bodies, requests=max(2, requests // 10), concurrency=concurrency)
-        runs: dict[str, list[dict[str, Any]]] = {"guarded": [], "baseline": []}
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
+        names = list(urls)
         for r in range(rounds):
-            order = ("guarded", "baseline") if r % 2 == 0 else ("baseline", "guarded")
+            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
             for m in order:
                 runs[m].append(_load(urls[m], key, bodies, requests=requests, concurrency=concurrency))
         med = {m: float(np.median([v["rps"] for v in runs[m]])) for m in runs}
-        # one ratio per adjacent pair of rounds (the two saw the same machine load), then their median
+        # one ratio per round (the series of a round saw the same machine load), then their median
         pairs = [g["rps"] / b["rps"] for g, b in zip(runs["guarded"], runs["baseline"]) if b["rps"] > 0]
         ratio = float(np.median(pairs)) if pairs else float("nan")
+        via = [g["rps"] / d["rps"] for g, d in zip(runs["guarded"], runs.get("guarded_direct", [])) if d["rps"] > 0]
         return {"torchserve_throughput_ratio": round(ratio, 3), "pair_ratios": [round(v, 3) for v in pairs],
+                "gateway_throughput_ratio": round(float(np.median(via)), 3) if via else None,
+                "gateway_pair_ratios": [round(v, 3) for v in via],
                 "guarded_rps_median": round(med["guarded"], 2),
                 "baseline_rps_median": round(med["baseline"], 2), "rounds": runs,
                 "config": {"requests_per_thread": requests, "concurrency": concurrency, "rounds": rounds,
                            "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "workers": 1,
                            "worker_omp_threads": threads,
-                           "token_auth": True, "body": "JSON, one 3x32x32 instance"},
+                           "token_auth": True, "gateway": server.gateway, "body": "JSON, one 3x32x32 instance"},
                 "start_seconds": round(start_seconds, 1)}
     finally:
         if server is not None:

@@ -10,10 +10,13 @@ launcher, the JVM and the Python workers), in a run directory that receives the 
 (``$TMPDIR/.model_server.pid``) does not make a second instance refuse to start; ``LOG_LOCATION``
 points at ``run_dir/logs``, where TorchServe's logs and guard's audit logs then land.
 
-TorchServe's own request bound (``max_request_size``) is set above the largest ``max_request_bytes``
-of the served archives (twice it, and never below TorchServe's default): a body over guard's bound
-then reaches the handler, which answers 413 with a JSON error naming the bound, and only bodies over
-twice that are cut by the frontend itself.
+By default clients reach the inference and management APIs through :mod:`guard.gateway`, which
+leads the process group and runs TorchServe as its child on private loopback ports: it answers an
+body over TorchServe's bound, an undecodable form and a missing token with JSON 413/400/401 where
+TorchServe's frontend would answer an empty 413, a 500 and a 400. TorchServe's own request bound
+(``max_request_size``) is set above the largest ``max_request_bytes`` of the served archives (twice
+it, and never below TorchServe's default), so a body over guard's bound reaches the handler's JSON
+413 (counted in guard's metrics) up to that size; above it the gateway answers.
 
 Every wait is bounded in time; every HTTP call goes to 127.0.0.1 only.
 """
@@ -154,7 +157,10 @@ def parse_ports(text: str | None, config: Path | None = None) -> tuple[int, int,
 
 
 def _port_free(port: int) -> bool:
+    """Nothing listens on ``port`` (connections left in TIME_WAIT by a stopped server do not count, as
+    TorchServe and the gateway bind with SO_REUSEADDR)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
@@ -271,6 +277,12 @@ class Server:
     log: Path
     start_time: str | None = None
     started_at: float = field(default_factory=time.time)
+    upstream: dict[str, str] = field(default_factory=dict)  # TorchServe's own ports behind the gateway
+
+    @property
+    def gateway(self) -> bool:
+        """True when clients reach TorchServe through guard's gateway (:mod:`guard.gateway`)."""
+        return bool(self.upstream) and self.upstream != self.urls
 
     @property
     def key_file(self) -> Path:
@@ -316,7 +328,8 @@ class Server:
             s = json.loads(path.read_text())
             return cls(pid=int(s["pid"]), run_dir=Path(s["run_dir"]), urls=dict(s["urls"]),
                        models=list(s["models"]), token_auth=bool(s["token_auth"]), config=Path(s["config"]),
-                       log=Path(s["log"]), start_time=s.get("start_time"), started_at=float(s["started_at"]))
+                       log=Path(s["log"]), start_time=s.get("start_time"), started_at=float(s["started_at"]),
+                       upstream=dict(s.get("upstream") or {}))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ServeError(f"{path} is not a guard serve state file: {e}") from None
 
@@ -347,7 +360,7 @@ class Server:
 
     def log_tail(self, n: int = 30) -> str:
         parts = []
-        for path in (self.log, self.model_log):
+        for path in (self.run_dir / "gateway.log", self.log, self.model_log):
             try:
                 parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:]))
             except OSError:
@@ -395,8 +408,14 @@ def _reap(pid: int) -> None:
 
 def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_dir: str | Path = DEFAULT_RUN_DIR,
           ports: tuple[int, int, int] | None = None, token_auth: bool = True, config: Path | None = None,
-          metrics_config: Path | None = None, timeout: float = 240.0, wait_for: list[str] | None = None) -> Server:
+          metrics_config: Path | None = None, timeout: float = 240.0, wait_for: list[str] | None = None,
+          gateway: bool = True) -> Server:
     """Start TorchServe on loopback and wait until every model has a READY worker (bounded by ``timeout``).
+
+    With ``gateway`` (the default) clients reach the inference and management APIs through
+    :mod:`guard.gateway` on ``ports[0]``/``ports[1]`` and TorchServe itself listens on free private
+    loopback ports (``Server.upstream``); the metrics port is TorchServe's own. Without it TorchServe
+    listens on ``ports`` directly, with its frontend's answers to bad bodies and missing tokens.
 
     ``models`` maps names to ``.mar`` files in ``model_store`` (default: every ``.mar`` there, by stem).
     ``wait_for`` names the models to wait for (default: all); a refusal to load by another model does
@@ -429,7 +448,8 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
         if not _port_free(port):
             raise ServeError(f"port {port} on 127.0.0.1 is in use: pick others with --ports (or --ports auto)")
     load = ",".join(f"{n}={m}" for n, m in models.items())
-    cfg = write_config(run, model_store=store, load_models=load, ports=ports, token_auth=token_auth,
+    ts_ports = (*free_ports(2), ports[2]) if gateway else ports
+    cfg = write_config(run, model_store=store, load_models=load, ports=ts_ports, token_auth=token_auth,
                        config=config, metrics_config=metrics_config,
                        handler_bounds=[archive_max_request_bytes(store / m) for m in models.values()])
     (run / "key_file.json").unlink(missing_ok=True)  # never read a previous run's keys
@@ -442,13 +462,19 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
     cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(cfg)]
     if not token_auth:
         cmd.append("--disable-token-auth")
-    with open(log_path, "w") as log:
+    urls = {"inference": f"http://127.0.0.1:{ports[0]}", "management": f"http://127.0.0.1:{ports[1]}",
+            "metrics": f"http://127.0.0.1:{ports[2]}"}
+    server = Server(pid=0, run_dir=run, models=list(models), token_auth=token_auth, config=cfg, log=log_path,
+                    urls=urls, upstream={"inference": f"http://127.0.0.1:{ts_ports[0]}",
+                                         "management": f"http://127.0.0.1:{ts_ports[1]}", "metrics": urls["metrics"]})
+    if gateway:
+        cmd, out = _gateway_command(server, ports, cmd), run / "gateway.log"
+    else:
+        out = log_path
+    with open(out, "w") as log:
         proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
-    server = Server(pid=proc.pid, run_dir=run, models=list(models), token_auth=token_auth, config=cfg,
-                    log=log_path, start_time=_proc_start_time(proc.pid),
-                    urls={"inference": f"http://127.0.0.1:{ports[0]}", "management": f"http://127.0.0.1:{ports[1]}",
-                          "metrics": f"http://127.0.0.1:{ports[2]}"})
+    server.pid, server.start_time = proc.pid, _proc_start_time(proc.pid)
     server.save()
     try:
         wait_ready(server, proc, timeout=timeout, models=wait_for)
@@ -456,6 +482,22 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
         server.stop()
         raise
     return server
+
+
+def _gateway_command(server: Server, ports: tuple[int, int, int], cmd: list[str]) -> list[str]:
+    """The command that starts :mod:`guard.gateway` on the public inference and management ports, forwarding
+    to TorchServe's private ones, with TorchServe (``cmd``) as its child in the same process group. Its
+    body bound is TorchServe's ``max_request_size`` (twice the handlers' bounds, see
+    :func:`frontend_max_request_size`): what the handler can answer with its JSON 413, and count, reaches it."""
+    from ..gateway import Route, Spec
+
+    spec = Spec(routes=[Route(name=kind, host="127.0.0.1", port=port, upstream=server.upstream[kind])
+                        for kind, port in (("inference", ports[0]), ("management", ports[1]))],
+                max_body=int(read_properties(server.config)["max_request_size"]),
+                key_hint=str(server.key_file) if server.token_auth else "")
+    path = server.run_dir / "gateway.json"
+    path.write_text(spec.to_json() + "\n")
+    return [sys.executable, "-m", "guard.gateway", str(path), "--child-log", str(server.log), "--", *cmd]
 
 
 def wait_ready(server: Server, proc: subprocess.Popen | None = None, *, timeout: float = 240.0,

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         _say(f"[5/5] querying ({args.queries} clean and {args.queries} triggered held-out images) ...")
         url = f"{server.urls['inference']}/predictions/{MODEL_NAME}"
         status, _ = ts.http(url, body=b'{"instances": []}', content_type="application/json")
-        _say(f"      without the token TorchServe answers {status} (InvalidKeyException)")
+        _say(f"      without the token the endpoint answers {status} (InvalidKeyException)")
         xh, yh = load_npz(world.holdout)
         xt, yt = load_npz(world.triggered)
         n = max(1, min(args.queries, len(xh), len(xt)))

@@ -2,9 +2,12 @@
 
 Runs from this Python's environment (its workers import the installed guard), in its own process
 group, from a run directory (default ./.guard-serve) that receives the effective config, the logs,
-TorchServe's token key file and the state file `guard stop` reads. Token authorization stays on
-unless --no-auth: every inference and management call, even /ping, needs
-`Authorization: Bearer <key>` from the key file (without it TorchServe answers 400 InvalidKeyException).
+TorchServe's token key file and the state file `guard stop` reads. Clients reach the inference and
+management APIs through guard's gateway (guard/gateway.py: bounded bodies with a JSON 413, no
+form decoding by TorchServe's frontend, 401 for a missing or wrong token); TorchServe itself listens
+on private loopback ports; --no-gateway exposes it directly. Token authorization stays on unless
+--no-auth: every inference and management call, even /ping, needs `Authorization: Bearer <key>`
+from the key file.
 The gRPC ports and the worker socket base port are set to free values so it can run beside another
 TorchServe. TorchServe's own request bound (max_request_size) is set above every archive's
 max_request_bytes, so an oversized request gets guard's JSON 413; logs, including guard's audit
@@ -35,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", type=_model_spec, metavar="NAME=NAME.mar",
                    help="models to load (default: every .mar in the model store)")
     p.add_argument("--no-auth", action="store_true", help="turn TorchServe's token authorization off")
+    p.add_argument("--no-gateway", action="store_true",
+                   help="let clients reach TorchServe's ports directly, without guard's gateway (then TorchServe "
+                        "0.12 answers 500 to undecodable form bodies, an empty 413 above max_request_size and "
+                        "400 for a missing token)")
     p.add_argument("--ports", metavar="I,M,METRICS",
                    help="inference, management and metrics ports on 127.0.0.1 (default 8080,8081,8082 "
                         "from deploy/config.properties; 'auto' picks free ones)")
@@ -54,13 +61,18 @@ def describe(server) -> str:
              f"  management  {server.urls['management']}",
              f"  metrics     {server.urls['metrics']}/metrics (no token needed)",
              f"  logs        {server.log} and {server.run_dir / 'logs'}",
+             (f"  gateway     on the inference and management ports (log {server.run_dir / 'gateway.log'}); "
+              f"TorchServe itself on {server.upstream['inference']} and {server.upstream['management']}"
+              if server.gateway else "  gateway     off (--no-gateway): clients reach TorchServe directly"),
              f"  audit log   {server.run_dir / 'logs'}/guard-audit-NAME.log (one JSON line per rejected, repaired "
              "or flagged request; rotated by size; -PID per worker when a model has several)"]
     if server.token_auth:
         lines.append(f"  token auth ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>' to "
                      "the inference port, the management key to the management port; even /ping needs it; "
-                     "without it TorchServe 0.12 answers 400 InvalidKeyException, not 401; keys expire after "
-                     "60 min, the API key renews them; only the metrics port is open without a token)")
+                     + ("without it the answer is 401; " if server.gateway else
+                        "without it TorchServe 0.12 answers 400 InvalidKeyException, not 401; ")
+                     + "keys expire after 60 min, the API key renews them; only the metrics port is open "
+                     "without a token)")
     else:
         lines.append("  token auth OFF (--no-auth): anyone who can reach these ports can call them")
     lines.append(f"  stop with:  guard stop --run-dir {server.run_dir}")
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     ports = ts.parse_ports(args.ports, config)
     models = dict(args.models) if args.models else None
     server = ts.start(args.model_store, models=models, run_dir=Path(args.run_dir), ports=ports,
-                      token_auth=not args.no_auth, config=config,
+                      token_auth=not args.no_auth, config=config, gateway=not args.no_gateway,
                       metrics_config=Path(args.metrics_config) if args.metrics_config else None,
                       timeout=args.timeout)
     print(describe(server), flush=True)

@@ -30,13 +30,18 @@ class NeuralCleanse:
     Learned attributes: ``masks_`` (K, 1, H, W), ``patterns_`` (K, C, H, W), ``l1_norms_``,
     ``attack_success_``, ``anomaly_index_``, ``log_anomaly_index_``, ``suspect_labels_``,
     ``steps_``, ``seconds_``.
+
+    ``device`` runs the optimisation there (``"cuda"`` on a GPU machine: the batched problem is one
+    large forward/backward per step, which is where batching the labels pays); the model is moved there
+    for the fit and back afterwards, and the random draws stay on the CPU generator, so a seed gives
+    the same initial triggers and batches on every device.
     """
 
     def __init__(self, *, lr: float = 0.1, batch_size: int = 32, init_cost: float = 1e-3,
                  attack_succ_threshold: float = 0.99, patience: int = 5, early_stop_patience: int = 25,
                  steps_per_round: int = 2, max_rounds: int = 200, cost_multiplier: float = 1.5,
                  threshold: float = 2.0, labels: list[int] | None = None, seed: int = 0,
-                 progress: bool | None = None):
+                 progress: bool | None = None, device: str = "cpu"):
         self.lr = lr
         self.batch_size = batch_size
         self.init_cost = init_cost
@@ -50,39 +55,49 @@ class NeuralCleanse:
         self.labels = labels
         self.seed = seed
         self.progress = progress
+        self.device = device
 
     def fit(self, model: nn.Module, x: np.ndarray, num_classes: int | None = None) -> NeuralCleanse:
         """Optimise all labels' triggers on clean images ``x`` (N, C, H, W) in [0, 1]."""
+        dev = torch.device(self.device)
+        home = next(iter(model.parameters()), torch.empty(0)).device
+        model.to(dev)
+        try:
+            return self._fit(model, x, num_classes, dev)
+        finally:
+            model.to(home)
+
+    def _fit(self, model: nn.Module, x: np.ndarray, num_classes: int | None, dev: torch.device) -> NeuralCleanse:
         t0 = time.perf_counter()
-        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
         gen = torch.Generator().manual_seed(self.seed)
         with frozen(model), torch.no_grad():
             k_all = num_classes or int(model(xt[:1]).shape[1])
         labels = list(range(k_all)) if self.labels is None else list(self.labels)
         k = len(labels)
         _, c, h, w = xt.shape
-        target = torch.tensor(labels).repeat_interleave(self.batch_size)
-        mask_raw = to_raw(torch.rand((k, 1, h, w), generator=gen)).requires_grad_(True)
-        pattern_raw = to_raw(torch.rand((k, c, h, w), generator=gen)).requires_grad_(True)
+        target = torch.tensor(labels, device=dev).repeat_interleave(self.batch_size)
+        mask_raw = to_raw(torch.rand((k, 1, h, w), generator=gen)).to(dev).requires_grad_(True)
+        pattern_raw = to_raw(torch.rand((k, c, h, w), generator=gen)).to(dev).requires_grad_(True)
         opt = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
 
-        cost = torch.zeros(k, dtype=torch.float64)
-        cost_set = torch.zeros(k, dtype=torch.long)
-        up = torch.zeros(k, dtype=torch.long)
-        down = torch.zeros(k, dtype=torch.long)
-        best_l1 = torch.full((k,), math.inf, dtype=torch.float64)
-        best_mask = torch.zeros((k, 1, h, w))
-        best_pattern = torch.zeros((k, c, h, w))
-        best_acc = torch.zeros(k, dtype=torch.float64)
-        since_best = torch.zeros(k, dtype=torch.long)
-        done = torch.zeros(k, dtype=torch.bool)
+        cost = torch.zeros(k, dtype=torch.float64, device=dev)
+        cost_set = torch.zeros(k, dtype=torch.long, device=dev)
+        up = torch.zeros(k, dtype=torch.long, device=dev)
+        down = torch.zeros(k, dtype=torch.long, device=dev)
+        best_l1 = torch.full((k,), math.inf, dtype=torch.float64, device=dev)
+        best_mask = torch.zeros((k, 1, h, w), device=dev)
+        best_pattern = torch.zeros((k, c, h, w), device=dev)
+        best_acc = torch.zeros(k, dtype=torch.float64, device=dev)
+        since_best = torch.zeros(k, dtype=torch.long, device=dev)
+        done = torch.zeros(k, dtype=torch.bool, device=dev)
         rounds = 0
         with frozen(model), Progress("nc", self.max_rounds, enabled=self.progress) as bar:
             for rounds in range(1, self.max_rounds + 1):  # noqa: B007 - read after the loop
-                acc_sum = torch.zeros(k, dtype=torch.float64)
-                l1_sum = torch.zeros(k, dtype=torch.float64)
+                acc_sum = torch.zeros(k, dtype=torch.float64, device=dev)
+                l1_sum = torch.zeros(k, dtype=torch.float64, device=dev)
                 for _ in range(self.steps_per_round):
-                    idx = torch.randint(0, len(xt), (self.batch_size,), generator=gen)
+                    idx = torch.randint(0, len(xt), (self.batch_size,), generator=gen).to(dev)
                     masks, patterns = from_raw(mask_raw), from_raw(pattern_raw)
                     logits = model(stamp_all(xt[idx], masks, patterns))
                     ce = nn.functional.cross_entropy(logits, target, reduction="none").view(k, -1).mean(1)
@@ -134,11 +149,11 @@ class NeuralCleanse:
                 best_pattern[never] = from_raw(pattern_raw)[never]
                 best_l1[never] = best_mask[never].sum(dim=(1, 2, 3)).double()
         self.labels_ = labels
-        self.masks_ = best_mask.numpy()
-        self.patterns_ = best_pattern.numpy()
-        self.l1_norms_ = best_l1.numpy()
-        self.attack_success_ = best_acc.numpy()
-        self.converged_ = (~never).numpy()
+        self.masks_ = best_mask.cpu().numpy()
+        self.patterns_ = best_pattern.cpu().numpy()
+        self.l1_norms_ = best_l1.cpu().numpy()
+        self.attack_success_ = best_acc.cpu().numpy()
+        self.converged_ = (~never).cpu().numpy()
         self.anomaly_index_ = anomaly_index(self.l1_norms_)
         self.log_anomaly_index_ = log_anomaly_index(self.l1_norms_)
         self.suspect_labels_ = self._flag()

@@ -55,6 +55,8 @@ def test_guarded_and_baseline_handlers_both_serve_and_are_compared(tiny_world, t
     finally:
         serving._load = original
     assert r["torchserve_throughput_ratio"] > 0 and len(r["pair_ratios"]) == 2
+    assert r["gateway_throughput_ratio"] > 0 and len(r["gateway_pair_ratios"]) == 2 and r["config"]["gateway"]
+    assert all(run["answered"] == run["requests"] == 6 for run in r["rounds"]["guarded_direct"])
     for name in ("guarded", "baseline"):
         for run in r["rounds"][name]:
             assert run["answered"] == run["requests"] == 6, run

@@ -3,8 +3,9 @@
 Checked on a real TorchServe started by ``guard serve`` (loopback, free ports; stopped by ``guard stop``
 and, whatever happens, by its process group in the fixture's teardown):
 
-* without a token, or with the wrong one, inference, ``/ping`` and management are refused with what
-  TorchServe 0.12 really answers: **400** ``InvalidKeyException`` (not 401);
+* without a token, or with the wrong one, inference, ``/ping`` and management are refused with
+  **401** (``WWW-Authenticate: Bearer``) by guard's gateway, which turns TorchServe 0.12's own
+  400 ``InvalidKeyException`` (still what TorchServe's private port answers) into the status clients expect;
 * each key works only on its own API (inference key: inference and /ping; management key: management);
   the never-expiring API key opens neither;
 * only the metrics port answers without a token;
@@ -19,6 +20,8 @@ from __future__ import annotations
 import json
 import shutil
 import stat
+import urllib.error
+import urllib.request
 
 import pytest
 from serve_helpers import guard_serve
@@ -53,7 +56,7 @@ def body(demo_world) -> bytes:
 
 
 def _invalid_key(status: int, raw: bytes) -> bool:
-    return status == 400 and json.loads(raw).get("type") == "InvalidKeyException"
+    return status == 401 and json.loads(raw).get("type") == "InvalidKeyException"
 
 
 @integration
@@ -61,7 +64,8 @@ def _invalid_key(status: int, raw: bytes) -> bool:
 def test_serve_says_token_auth_is_on_and_where_the_key_file_is(served):
     srv, out = served
     assert srv.token_auth and "token auth ON" in out and str(srv.key_file) in out
-    assert "400 InvalidKeyException" in out and "metrics port is open without a token" in out
+    assert "without it the answer is 401" in out and "metrics port is open without a token" in out
+    assert srv.gateway and "gateway     on the inference and management ports" in out
     keys = json.loads(srv.key_file.read_text())
     assert {"inference", "management", "API"} <= set(keys)
     assert stat.S_IMODE(srv.key_file.stat().st_mode) == 0o600  # private to the user running TorchServe
@@ -79,6 +83,23 @@ def test_inference_refuses_without_the_inference_key_with_400_invalid_key(served
         assert b"predictions" not in raw
     status, raw, _ = load.post_once(url, body, key=srv.key("inference"))
     assert status == 200 and json.loads(raw)["predictions"][0]["verdict"] in ("pass", "flagged", "repaired")
+
+
+@integration
+@pytest.mark.slow
+def test_401_carries_www_authenticate_and_torchserves_own_port_still_answers_400(served, body):
+    srv, _ = served
+    req = urllib.request.Request(f"{srv.urls['inference']}/predictions/{NAME}", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    assert e.value.code == 401 and e.value.headers["WWW-Authenticate"] == "Bearer"
+    assert str(srv.key_file) in json.loads(e.value.read())["error"]  # says where the keys are
+    # behind the gateway TorchServe still checks the token itself (and answers what 0.12 answers)
+    status, raw, _ = load.post_once(f"{srv.upstream['inference']}/predictions/{NAME}", body)
+    assert status == 400 and json.loads(raw)["type"] == "InvalidKeyException"
+    status, raw, _ = load.post_once(f"{srv.upstream['inference']}/predictions/{NAME}", body, key=srv.key("inference"))
+    assert status == 200
 
 
 @integration

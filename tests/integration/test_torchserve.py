@@ -110,10 +110,10 @@ def traffic(server, data):
     return out
 
 
-def test_requests_without_the_token_are_refused_with_400_invalid_key(traffic):
+def test_requests_without_the_token_are_refused_with_401(traffic):
     status, body = traffic["no_token"]
-    assert status == 400 and "InvalidKeyException" in json.dumps(body)  # TorchServe 0.12: 400, not 401
-    assert traffic["no_token_ping"][0] == 400
+    assert status == 401 and "InvalidKeyException" in json.dumps(body)  # the gateway's 401, not TorchServe's 400
+    assert traffic["no_token_ping"][0] == 401
     assert traffic["ping"][0] == 200
 
 

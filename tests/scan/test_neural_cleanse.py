@@ -57,3 +57,23 @@ def test_masks_and_patterns_live_in_pixel_space(demo_world):
     assert nc.masks_.shape == (10, 1, 32, 32) and nc.patterns_.shape == (10, 3, 32, 32)
     for a in (nc.masks_, nc.patterns_):
         assert a.min() >= 0 and a.max() <= 1
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_flags_the_demo_target_and_returns_the_model_to_the_cpu(demo_world):
+    model = load_model(demo_world.model_file, demo_world.weights)
+    x, y = load_npz(demo_world.clean)
+    xf, _, _, _ = split(x, y, 0.5, seed=0)
+    nc = NeuralCleanse(seed=0, progress=False, device="cuda").fit(model, xf)
+    assert nc.suspect_labels_ == [DEMO_TARGET]
+    assert nc.l1_norms_[DEMO_TARGET] <= 18 and nc.masks_.shape == (10, 1, 32, 32)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_device_cpu_is_the_default_and_changes_nothing(demo_world):
+    model = load_model(demo_world.model_file, demo_world.weights)
+    x, _ = load_npz(demo_world.clean)
+    a = NeuralCleanse(seed=0, max_rounds=3, progress=False).fit(model, x[:64])
+    b = NeuralCleanse(seed=0, max_rounds=3, progress=False, device="cpu").fit(model, x[:64])
+    np.testing.assert_array_equal(a.masks_, b.masks_)
+    assert a.device == "cpu"
