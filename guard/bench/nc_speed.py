@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m guard.bench.nc_speed", description=main.__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=50, help="rounds for each scan (steps = 2 x rounds; 50 as in guard bench --quick)")
+    p.add_argument("--rounds", type=int, default=50,
+                   help="rounds for each scan (steps = 2 x rounds; 50 as in guard bench --quick)")
     p.add_argument("--samples", type=int, default=1000, help="clean images the scans draw batches from")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="guard-nc-speed-") as tmp:

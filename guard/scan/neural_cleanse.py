@@ -77,8 +77,14 @@ class NeuralCleanse:
         k = len(labels)
         _, c, h, w = xt.shape
         target = torch.tensor(labels, device=dev).repeat_interleave(self.batch_size)
-        mask_raw = to_raw(torch.rand((k, 1, h, w), generator=gen)).to(dev).requires_grad_(True)
-        pattern_raw = to_raw(torch.rand((k, c, h, w), generator=gen)).to(dev).requires_grad_(True)
+        # each label's initial trigger comes from its own generator (seed, label): a label starts from the
+        # same trigger whether it is optimised alone or with the others, so the batched problem and a
+        # per-label loop follow the same path (batches come from the shared generator in both)
+        inits = [torch.Generator().manual_seed(self.seed * 1_000_003 + int(lab)) for lab in labels]
+        mask_raw = to_raw(torch.cat([torch.rand((1, 1, h, w), generator=g) for g in inits]))
+        pattern_raw = to_raw(torch.cat([torch.rand((1, c, h, w), generator=g) for g in inits]))
+        mask_raw = mask_raw.to(dev).requires_grad_(True)
+        pattern_raw = pattern_raw.to(dev).requires_grad_(True)
         opt = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
 
         cost = torch.zeros(k, dtype=torch.float64, device=dev)
