@@ -40,6 +40,17 @@ def test_scan_json_and_exit_code(demo_world, tmp_path):
     assert (tmp_path / "p" / "profile.json").exists() and (tmp_path / "p" / "tensors.safetensors").exists()
 
 
+def test_scan_device_is_checked_before_any_work(demo_world, tmp_path):
+    import torch
+
+    for dev in ("tpu", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
+        p = guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "p",
+                  "--device", dev)
+        one_line_error(p, 2)
+        assert "--device" in p.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_check_counts_verdicts(demo_world, demo_profile):
     p = guard("check", "--profile", demo_profile, *model_args(demo_world), "--data", demo_world.triggered, "--json")
     assert p.returncode == 1

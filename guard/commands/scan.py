@@ -21,21 +21,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=["enforce", "repair", "shadow"], default="enforce",
                    help="default policy stored in the profile")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
+                   "cuda[:N]; on a GPU the batched all-label problem runs about 10x faster than a per-label loop")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def _device(text: str) -> str:
+    """``cpu`` or an available ``cuda[:N]``, else one clear InputError (exit 2)."""
+    import torch
+
+    from ..errors import InputError
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text}: this torch build ({torch.__version__}) sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_data
-    from ..scan import build_profile
+    from ..scan import NeuralCleanse, build_profile
 
+    device = _device(args.device)
     model = load_model_from(args)
     x, y = load_data(args.data)
     model_input_shape(model, x.shape[1:])
+    progress = None if not args.json else sys.stderr.isatty()
     source = {"model_file": str(Path(args.model_file).name), "weights": str(Path(args.weights).name),
               "data": str(args.data), "normalize": args.normalize, "model_class": args.model_class}
     profile, summary = build_profile(model, x, y, fpr=args.fpr, seed=args.seed, mode=args.mode,
-                                     layer=args.feature_layer, source=source,
-                                     progress=None if not args.json else sys.stderr.isatty())
+                                     layer=args.feature_layer, source=source, progress=progress,
+                                     nc=NeuralCleanse(seed=args.seed, progress=progress, device=device))
     profile.save(args.out)
     summary["profile"] = str(args.out)
     if args.json:
