@@ -27,7 +27,10 @@ The gateway listens on the public ports and forwards to TorchServe on private lo
   TorchServe still checks every token itself: the gateway keeps no keys;
 * every other answer (status, headers such as ``x-request-id``, body) is relayed unchanged, and a
   TorchServe that does not answer gives a JSON 502/504; errors of the gateway's own HTTP parsing (bad
-  request line, unknown method, headers too large) are JSON 4xx as well.
+  request line, unknown method, headers too large) are JSON 4xx as well;
+* the answers it gives itself never reach guard's handler, so they are not in ``guard_requests_total``;
+  they are counted in ``guard_gateway_responses_total{api, code}``, which the gateway appends to
+  TorchServe's Prometheus page when it also fronts the metrics port (as ``guard serve`` does).
 
 ``guard serve`` runs it as ``python -m guard.gateway SPEC.json --child-log ts.log -- torchserve ...``:
 the gateway leads a new process group and starts TorchServe inside it, so ``guard stop`` (which signals
@@ -181,6 +184,27 @@ def _read_chunked(rfile, bound: int) -> bytes:
         rfile.readline(3)
 
 
+class GatewayMetrics:
+    """``guard_gateway_responses_total{api, code}``: the answers the gateway gave itself (401s included),
+    in a registry of its own whose text exposition is appended to TorchServe's metrics page."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry()
+        self.responses = Counter("guard_gateway_responses", "Answers guard's gateway gave itself, without "
+                                 "guard's handler (401, 413 over TorchServe's bound, unreadable forms, 5xx "
+                                 "when TorchServe does not answer)", ["api", "code"], registry=self.registry)
+
+    def count(self, api: str, code: int) -> None:
+        self.responses.labels(api=api, code=str(code)).inc()
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
 class _ClientGone(Exception):
     """The client closed or stalled while sending its body."""
 
@@ -191,8 +215,10 @@ class _Upstream(threading.local):
     conn: http.client.HTTPConnection | None = None
 
 
-def make_handler(spec: Spec, route: Route, slots: threading.BoundedSemaphore) -> type[BaseHTTPRequestHandler]:
-    """The request handler class of one listener (``route``)."""
+def make_handler(spec: Spec, route: Route, slots: threading.BoundedSemaphore,
+                 metrics: GatewayMetrics | None = None) -> type[BaseHTTPRequestHandler]:
+    """The request handler class of one listener (``route``); ``metrics`` counts the gateway's own answers
+    and, on the ``metrics`` route, is appended to TorchServe's ``/metrics`` page."""
     target = urllib.parse.urlsplit(route.upstream)
     upstream = _Upstream()
 
@@ -214,6 +240,8 @@ def make_handler(spec: Spec, route: Route, slots: threading.BoundedSemaphore) ->
         def _json(self, status: int, message: str, *, close: bool = False, extra: dict[str, str] | None = None,
                   payload: dict[str, Any] | None = None) -> None:
             body = json.dumps(payload or {"code": status, "error": message}).encode()
+            if metrics is not None:
+                metrics.count(route.name, status)
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -340,6 +368,9 @@ def make_handler(spec: Spec, route: Route, slots: threading.BoundedSemaphore) ->
                                     "error": f"missing or invalid token: send 'Authorization: Bearer "
                                              f"<{route.name} key>'{hint}"})
                 return
+            if (metrics is not None and route.name == "metrics" and status == 200
+                    and urllib.parse.urlsplit(self.path).path == "/metrics"):
+                data = data.rstrip(b"\n") + b"\n" + metrics.exposition()
             self._relay(status, headers, data)
 
         def _drain(self, n: int) -> None:
@@ -386,7 +417,8 @@ def serve(spec: Spec, *, ready: Callable[[list[_Server]], None] | None = None,
     """Run one listener per route until SIGTERM/SIGINT, ``shutdown()`` of every listener, or the end of
     ``child`` (TorchServe), whose exit code is returned."""
     slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-    servers = [_Server((r.host, r.port), make_handler(spec, r, slots)) for r in spec.routes]
+    metrics = GatewayMetrics()
+    servers = [_Server((r.host, r.port), make_handler(spec, r, slots, metrics)) for r in spec.routes]
     threads = [threading.Thread(target=s.serve_forever, name=f"gateway-{r.name}", daemon=True)
                for s, r in zip(servers, spec.routes)]
     for t in threads:

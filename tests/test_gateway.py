@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 import threading
 import time
@@ -90,7 +91,8 @@ def _running(spec_for) -> Iterator[dict[str, int]]:
 
 
 def _spec(upstream: str) -> Spec:
-    return Spec(routes=[Route("inference", "127.0.0.1", 0, upstream), Route("management", "127.0.0.1", 0, upstream)],
+    return Spec(routes=[Route("inference", "127.0.0.1", 0, upstream), Route("management", "127.0.0.1", 0, upstream),
+                        Route("metrics", "127.0.0.1", 0, upstream)],
                 max_body=BOUND, upstream_timeout=1.0, key_hint="/run/key_file.json")
 
 
@@ -287,3 +289,28 @@ def test_any_body_and_content_type_end_in_a_json_answer_the_contract_allows(gw, 
                                                          "application/octet-stream")
     else:
         assert "error" in out
+
+
+def _gateway_counts(port: int) -> dict[tuple[str, str], float]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    assert resp.status == 200 and text.startswith('{"predictions"')  # TorchServe's page comes first, unchanged
+    pat = re.compile(r'^guard_gateway_responses_total\{api="([^"]+)",code="(\d+)"\} (\S+)$', re.M)
+    return {(api, code): float(v) for api, code, v in pat.findall(text)}
+
+
+def test_the_gateways_own_answers_are_counted_on_the_metrics_page():
+    with _running(_spec) as ports:
+        assert _gateway_counts(ports["metrics"]) == {}
+        call(ports["inference"], "GET", "/ping", key=None)  # 401
+        call(ports["inference"], "GET", "/ping", key="wrong")  # 401
+        call(ports["management"], "GET", "/models", key=None)  # 401
+        call(ports["inference"], "POST", "/predictions/m", b"x" * (BOUND + 1))  # 413
+        call(ports["inference"], "POST", "/predictions/m", b"{}")  # forwarded: not the gateway's answer
+        assert _gateway_counts(ports["metrics"]) == {("inference", "401"): 2, ("management", "401"): 1,
+                                                     ("inference", "413"): 1}

@@ -412,9 +412,9 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
           gateway: bool = True) -> Server:
     """Start TorchServe on loopback and wait until every model has a READY worker (bounded by ``timeout``).
 
-    With ``gateway`` (the default) clients reach the inference and management APIs through
-    :mod:`guard.gateway` on ``ports[0]``/``ports[1]`` and TorchServe itself listens on free private
-    loopback ports (``Server.upstream``); the metrics port is TorchServe's own. Without it TorchServe
+    With ``gateway`` (the default) clients reach the inference, management and metrics ports through
+    :mod:`guard.gateway` on ``ports`` and TorchServe itself listens on free private loopback ports
+    (``Server.upstream``); the gateway appends its own counters to the metrics page. Without it TorchServe
     listens on ``ports`` directly, with its frontend's answers to bad bodies and missing tokens.
 
     ``models`` maps names to ``.mar`` files in ``model_store`` (default: every ``.mar`` there, by stem).
@@ -448,7 +448,7 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
         if not _port_free(port):
             raise ServeError(f"port {port} on 127.0.0.1 is in use: pick others with --ports (or --ports auto)")
     load = ",".join(f"{n}={m}" for n, m in models.items())
-    ts_ports = (*free_ports(2), ports[2]) if gateway else ports
+    ts_ports = tuple(free_ports(3)) if gateway else ports
     cfg = write_config(run, model_store=store, load_models=load, ports=ts_ports, token_auth=token_auth,
                        config=config, metrics_config=metrics_config,
                        handler_bounds=[archive_max_request_bytes(store / m) for m in models.values()])
@@ -466,7 +466,8 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
             "metrics": f"http://127.0.0.1:{ports[2]}"}
     server = Server(pid=0, run_dir=run, models=list(models), token_auth=token_auth, config=cfg, log=log_path,
                     urls=urls, upstream={"inference": f"http://127.0.0.1:{ts_ports[0]}",
-                                         "management": f"http://127.0.0.1:{ts_ports[1]}", "metrics": urls["metrics"]})
+                                         "management": f"http://127.0.0.1:{ts_ports[1]}",
+                                         "metrics": f"http://127.0.0.1:{ts_ports[2]}"})
     if gateway:
         cmd, out = _gateway_command(server, ports, cmd), run / "gateway.log"
     else:
@@ -485,14 +486,14 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
 
 
 def _gateway_command(server: Server, ports: tuple[int, int, int], cmd: list[str]) -> list[str]:
-    """The command that starts :mod:`guard.gateway` on the public inference and management ports, forwarding
-    to TorchServe's private ones, with TorchServe (``cmd``) as its child in the same process group. Its
+    """The command that starts :mod:`guard.gateway` on the public inference, management and metrics ports,
+    forwarding to TorchServe's private ones, with TorchServe (``cmd``) as its child in the same process group. Its
     body bound is TorchServe's ``max_request_size`` (twice the handlers' bounds, see
     :func:`frontend_max_request_size`): what the handler can answer with its JSON 413, and count, reaches it."""
     from ..gateway import Route, Spec
 
     spec = Spec(routes=[Route(name=kind, host="127.0.0.1", port=port, upstream=server.upstream[kind])
-                        for kind, port in (("inference", ports[0]), ("management", ports[1]))],
+                        for kind, port in (("inference", ports[0]), ("management", ports[1]), ("metrics", ports[2]))],
                 max_body=int(read_properties(server.config)["max_request_size"]),
                 key_hint=str(server.key_file) if server.token_auth else "")
     path = server.run_dir / "gateway.json"

@@ -61,7 +61,7 @@ def describe(server) -> str:
              f"  management  {server.urls['management']}",
              f"  metrics     {server.urls['metrics']}/metrics (no token needed)",
              f"  logs        {server.log} and {server.run_dir / 'logs'}",
-             (f"  gateway     on the inference and management ports (log {server.run_dir / 'gateway.log'}); "
+             (f"  gateway     on these three ports (log {server.run_dir / 'gateway.log'}); "
               f"TorchServe itself on {server.upstream['inference']} and {server.upstream['management']}"
               if server.gateway else "  gateway     off (--no-gateway): clients reach TorchServe directly"),
              f"  audit log   {server.run_dir / 'logs'}/guard-audit-NAME.log (one JSON line per rejected, repaired "

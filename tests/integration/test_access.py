@@ -65,7 +65,7 @@ def test_serve_says_token_auth_is_on_and_where_the_key_file_is(served):
     srv, out = served
     assert srv.token_auth and "token auth ON" in out and str(srv.key_file) in out
     assert "without it the answer is 401" in out and "metrics port is open without a token" in out
-    assert srv.gateway and "gateway     on the inference and management ports" in out
+    assert srv.gateway and "gateway     on these three ports" in out
     keys = json.loads(srv.key_file.read_text())
     assert {"inference", "management", "API"} <= set(keys)
     assert stat.S_IMODE(srv.key_file.stat().st_mode) == 0o600  # private to the user running TorchServe

@@ -183,6 +183,8 @@ def test_metrics_port_serves_guard_counters_and_latency(server, traffic):
         time.sleep(0.5)
     assert requests == expected_requests, text
     assert _samples(text, "guard_rejections_total", "reason") == expected_reasons
+    # the two requests without a token were answered 401 by the gateway, and counted there
+    assert re.search(r'^guard_gateway_responses_total\{api="inference",code="401"\} 2\.0$', text, re.M), text
     assert "# TYPE guard_latency_seconds histogram" in text
     count = re.search(rf'^guard_latency_seconds_count\{{ModelName="{NAME}",Level="Model",Hostname="[^"]+",\}} (\S+)$',
                       text, re.M)

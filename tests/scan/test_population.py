@@ -45,10 +45,12 @@ def test_report_detection_accuracy(members):
           + f", combined verdict {combined}/{len(members)}")
 
 
-# Measured with seeded models (stop 9): NC (quick budget) missed patch-t1 and flagged labels on clean-1
-# and clean-5; DL-TND 3/12 right; DF-TND right on 5 of 6 backdoored models but flagged clean-0 and
-# clean-1; combined verdict 9/12. The issue's floors do not hold yet: issue #4 stays open on them.
-@pytest.mark.xfail(strict=False, reason="open (issue #4): measured NC misses patch-t1, flags clean-1 and clean-5")
+# Measured with seeded models (stop 10, after each label's initial trigger got its own generator): NC
+# flags all four patch models at their target and no clean model (10/12: it misses both blended
+# models, whose triggers are not small patches); with the earlier shared-generator init it missed
+# patch-t1 and flagged clean-1 and clean-5, so this floor is sensitive to NC's random start. DL-TND 3/12
+# right; DF-TND right on 5 of 6 backdoored models but flags clean-0 and clean-1; combined verdict 9/12.
+# The combined and DF-TND floors do not hold yet: issue #4 stays open on them.
 def test_neural_cleanse_flags_every_patch_model_at_its_target_and_no_clean_model(members):
     for m in members:
         flagged = m.audit["neural_cleanse"]["suspect_labels"]
