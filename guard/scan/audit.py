@@ -235,7 +235,8 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         df = df_tnd or DFTND(seed=seed, layer=layer_name, progress=progress)
         df.fit(model, shape, num_classes=num_classes)
         blocks["df_tnd"] = {"method": "DF-TND", "statistic": "mean logit increase of the recovered images "
-                            "over their noise seeds; MAD anomaly index (upper side)",
+                            "over their noise seeds; the top label's dominance (its increase over the "
+                            "runner-up's) against the threshold; MAD anomaly index reported",
                             "threshold": df.threshold, "min_increase": df.min_increase,
                             "per_label": df.per_label(), "suspect_labels": list(df.suspect_labels_),
                             "decision": "backdoored" if df.suspect_labels_ else "clean", "seeds": df.n_seeds,

@@ -218,8 +218,8 @@ def _df_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     b = s["df_tnd"]
     rows = b["per_label"]
     flagged = set(b["suspect_labels"])
-    chart = _label_chart(b, "anomaly_index", b["threshold"], "DF-TND: anomaly index of the logit increase",
-                         "anomaly index", "chart-df-tnd")
+    chart = _label_chart(b, "dominance", b["threshold"], "DF-TND: logit increase over the runner-up's",
+                         "dominance", "chart-df-tnd")
     chart_inc = _label_chart(b, "logit_increase", b["min_increase"], "DF-TND: mean logit increase", "logit increase",
                              "chart-df-tnd-increase")
     imgs = ""
@@ -229,15 +229,17 @@ def _df_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
                 f'{_img(png_data_uri(p, scale=3), "df-pattern", -1, "DF-TND recovered pattern")} '
                 f'{_img(png_data_uri(m * p, scale=3), "df-trigger", -1, "DF-TND mask × pattern")}</p>')
     body = "".join(f'<tr class="{"suspect" if r["label"] in flagged else ""}"><td>{r["label"]}</td>'
-                   f'<td class="num">{_fmt(r["logit_increase"], 2)}</td><td class="num">{_fmt(r["anomaly_index"], 2)}'
-                   f'</td><td>{"<span class=flag>suspect</span>" if r["label"] in flagged else ""}</td></tr>'
+                   f'<td class="num">{_fmt(r["logit_increase"], 2)}</td><td class="num">{_fmt(r.get("dominance"), 2)}'
+                   f'</td><td class="num">{_fmt(r["anomaly_index"], 2)}</td>'
+                   f'<td>{"<span class=flag>suspect</span>" if r["label"] in flagged else ""}</td></tr>'
                    for r in rows)
     return (f'<section id="df-tnd"><h2>DF-TND (data-free)</h2><p class="note">{b["seeds"]} random-noise seeds; '
-            f'the label whose logit rises most is suspect when its anomaly index exceeds {b["threshold"]:g} and '
-            f'the increase exceeds {b["min_increase"]:g} (bars calibrated on clean models). Decision: '
+            f'the label whose logit rises most is suspect when its increase is at least {b["threshold"]:g} times '
+            f"the runner-up's and exceeds {b['min_increase']:g} (bars set on a calibration population of clean "
+            f'and backdoored models). Decision: '
             f'<b>{b["decision"]}</b>; suspect labels: {b["suspect_labels"] or "none"}.</p>{chart}{chart_inc}'
-            f'{imgs}<table id="df-table"><thead><tr><th>label</th><th>logit increase</th><th>anomaly index</th>'
-            f'<th></th></tr></thead><tbody>{body}</tbody></table></section>')
+            f'{imgs}<table id="df-table"><thead><tr><th>label</th><th>logit increase</th><th>dominance</th>'
+            f'<th>anomaly index</th><th></th></tr></thead><tbody>{body}</tbody></table></section>')
 
 
 def render_html(result: AuditResult) -> str:

@@ -293,14 +293,25 @@ class DLTND:
 class DFTND:
     """Data-free TrojanNet detector: recover trigger-like inputs from noise, read the logit increase.
 
+    Decision: the label whose logit rises most is suspect when its increase is over ``min_increase``
+    and at least ``threshold`` times the runner-up's (its *dominance*; the runner-up floored at
+    ``DOMINANCE_FLOOR`` logits). A backdoor target is one label that noise plus a small trigger reaches
+    far more easily than any other; a clean model's easiest labels rise together. The bar, 2.2, was set
+    on a calibration population disjoint from the test population (glyph world, seeds 60-73 and 80-101;
+    ``tests/scan/dftnd_calibration.py`` reproduces it): the top label's dominance was 1.00-3.18 on 24
+    clean models (23 of them at most 2.14), 2.31-14.7 on 8 patch-backdoored and 1.57-3.69 on 4 blended
+    ones, whose target was the top label every time. The MAD anomaly index of the increases (the earlier
+    rule, bar 2.5) flagged 3 of those clean models and missed 2 patch ones; it is still reported.
+
     Learned attributes: ``logit_increase_`` (K,) mean over seeds of recovered minus seed logits,
-    ``anomaly_index_`` (K,) its MAD index on the upper side, ``suspect_labels_``, ``mask_``
+    ``dominance_`` (K,) each label's increase over the largest other one, ``anomaly_index_`` (K,)
+    the increases' MAD index on the upper side, ``suspect_labels_``, ``mask_``
     (1, H, W) and ``pattern_`` (C, H, W) averaged over seeds, ``weights_`` (D,) the simplex weights
     over the feature layer, ``top_neurons_`` (the heaviest weights), ``steps_``, ``seconds_``.
     """
 
     def __init__(self, *, n_seeds: int = 10, gamma: float = 3e-3, step_size: float = 0.1,
-                 weight_step: float = 0.1, iterations: int = 150, threshold: float = 2.5,
+                 weight_step: float = 0.1, iterations: int = 150, threshold: float = 2.2,
                  min_increase: float = 10.0, layer: str | None = None, seed: int = 0,
                  progress: bool | None = None):
         self.n_seeds = n_seeds
@@ -357,6 +368,7 @@ class DFTND:
         inc = (rec - base).mean(0).double().numpy()[:k]
         self.logit_increase_ = inc
         self.anomaly_index_ = -anomaly_index(inc)  # upper side: > 0 above the median
+        self.dominance_ = dominance(inc)
         self.mask_ = mask.mean(0).numpy()
         self.pattern_ = pattern.mean(0).numpy()
         self.weights_ = weights.detach().numpy()
@@ -367,15 +379,30 @@ class DFTND:
         return self
 
     def _flag(self) -> list[int]:
-        """The label with the largest increase, when its anomaly index and its increase clear the bars."""
+        """The label with the largest increase, when its dominance and its increase clear the bars."""
         j = int(np.argmax(self.logit_increase_))
-        hot = self.anomaly_index_[j] > self.threshold and self.logit_increase_[j] > self.min_increase
+        hot = self.dominance_[j] >= self.threshold and self.logit_increase_[j] > self.min_increase
         return [j] if hot else []
 
     def per_label(self) -> list[dict]:
         """One JSON-ready record per label."""
-        return [{"label": i, "logit_increase": float(v), "anomaly_index": float(self.anomaly_index_[i]),
-                 "suspect": i in self.suspect_labels_} for i, v in enumerate(self.logit_increase_)]
+        return [{"label": i, "logit_increase": float(v), "dominance": float(self.dominance_[i]),
+                 "anomaly_index": float(self.anomaly_index_[i]), "suspect": i in self.suspect_labels_}
+                for i, v in enumerate(self.logit_increase_)]
+
+
+DOMINANCE_FLOOR = 1.0
+"""Logits: a runner-up increase below this counts as this, so the ratio stays finite and meaningful."""
+
+
+def dominance(increase: np.ndarray) -> np.ndarray:
+    """Each label's logit increase over the largest increase of the *other* labels (floored at
+    :data:`DOMINANCE_FLOOR`); above 1 for the top label only."""
+    inc = np.asarray(increase, dtype=np.float64)
+    order = np.argsort(-inc)
+    first, second = inc[order[0]], inc[order[1]] if len(inc) > 1 else -np.inf
+    others = np.where(np.arange(len(inc)) == order[0], second, first)
+    return inc / np.maximum(others, DOMINANCE_FLOOR)
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:

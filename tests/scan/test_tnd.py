@@ -88,3 +88,18 @@ def test_dl_tnd_refuses_too_few_samples_and_foreign_labels(demo):
         DLTND(progress=False).fit(model, x, y2)
     xs, ys = per_class_subset(x, y, 10, 5, minimum=3, seed=0)
     assert np.bincount(ys).tolist() == [5] * 10 and len(xs) == 50
+
+
+def test_df_tnd_flags_the_top_label_only_when_it_dominates_the_runner_up():
+    from guard.scan.tnd import dominance
+
+    np.testing.assert_allclose(dominance(np.array([1.0, 10.0, 5.0])), [0.1, 2.0, 0.5])
+    np.testing.assert_allclose(dominance(np.array([5.0, -3.0, 0.2])), [5.0, -0.6, 0.04])  # runner-up floored at 1
+    est = DFTND(threshold=1.5, min_increase=10.0)
+    for inc, flagged in (([40.0, 20.0, 5.0], [0]),    # twice the runner-up: a backdoor's shape
+                         ([30.0, 25.0, 5.0], []),     # the easiest labels rise together: a clean model's
+                         ([8.0, 1.0, 0.0], []),       # dominant but under min_increase
+                         ([-2.0, 15.0, 9.0], [1])):
+        est.logit_increase_ = np.array(inc)
+        est.dominance_ = dominance(est.logit_increase_)
+        assert est._flag() == flagged, inc
