@@ -1,7 +1,9 @@
 """Container health check for a token-protected TorchServe (used by deploy/Dockerfile HEALTHCHECK).
 
 TorchServe 0.12 checks tokens even on /ping: it needs `Authorization: Bearer <inference key>` from
-key_file.json (written to TorchServe's working directory). The inference key expires (60 minutes by
+key_file.json (written to TorchServe's working directory: /home/guard/run, the run directory of
+`guard serve` in the image). It pings through guard's gateway, which answers 401 where TorchServe
+would answer 400; either way only 200 is healthy. The inference key expires (60 minutes by
 default, `token_expiration_min`); once /ping refuses it, this script asks the management API for a new
 one with the non-expiring API key (GET /token?type=inference), which rewrites key_file.json, and pings
 again. Without a key file (token auth turned off) it pings without a header. Exit 0 healthy, 1 not.
@@ -15,7 +17,7 @@ import urllib.request
 from urllib.parse import urlsplit
 
 CONFIG = os.environ.get("GUARD_TS_CONFIG", "/home/guard/config.properties")
-KEY_FILE = os.environ.get("GUARD_TS_KEY_FILE", "/home/guard/key_file.json")
+KEY_FILE = os.environ.get("GUARD_TS_KEY_FILE", "/home/guard/run/key_file.json")
 
 
 def local_url(address: str) -> str:

@@ -156,13 +156,13 @@ def parse_ports(text: str | None, config: Path | None = None) -> tuple[int, int,
     return ports[0], ports[1], ports[2]
 
 
-def _port_free(port: int) -> bool:
-    """Nothing listens on ``port`` (connections left in TIME_WAIT by a stopped server do not count, as
-    TorchServe and the gateway bind with SO_REUSEADDR)."""
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens on ``host:port`` (connections left in TIME_WAIT by a stopped server do not count,
+    as TorchServe and the gateway bind with SO_REUSEADDR)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host, port))
             return True
         except OSError:
             return False
@@ -278,6 +278,7 @@ class Server:
     start_time: str | None = None
     started_at: float = field(default_factory=time.time)
     upstream: dict[str, str] = field(default_factory=dict)  # TorchServe's own ports behind the gateway
+    host: str = "127.0.0.1"  # where the public ports listen (``urls`` always name 127.0.0.1, for local calls)
 
     @property
     def gateway(self) -> bool:
@@ -329,7 +330,7 @@ class Server:
             return cls(pid=int(s["pid"]), run_dir=Path(s["run_dir"]), urls=dict(s["urls"]),
                        models=list(s["models"]), token_auth=bool(s["token_auth"]), config=Path(s["config"]),
                        log=Path(s["log"]), start_time=s.get("start_time"), started_at=float(s["started_at"]),
-                       upstream=dict(s.get("upstream") or {}))
+                       upstream=dict(s.get("upstream") or {}), host=str(s.get("host", "127.0.0.1")))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ServeError(f"{path} is not a guard serve state file: {e}") from None
 
@@ -409,13 +410,15 @@ def _reap(pid: int) -> None:
 def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_dir: str | Path = DEFAULT_RUN_DIR,
           ports: tuple[int, int, int] | None = None, token_auth: bool = True, config: Path | None = None,
           metrics_config: Path | None = None, timeout: float = 240.0, wait_for: list[str] | None = None,
-          gateway: bool = True) -> Server:
+          gateway: bool = True, host: str = "127.0.0.1") -> Server:
     """Start TorchServe on loopback and wait until every model has a READY worker (bounded by ``timeout``).
 
     With ``gateway`` (the default) clients reach the inference, management and metrics ports through
     :mod:`guard.gateway` on ``ports`` and TorchServe itself listens on free private loopback ports
     (``Server.upstream``); the gateway appends its own counters to the metrics page. Without it TorchServe
     listens on ``ports`` directly, with its frontend's answers to bad bodies and missing tokens.
+    ``host`` is the address the gateway's three listeners bind to (``0.0.0.0`` in the container image);
+    TorchServe itself always stays on 127.0.0.1, and without the gateway only 127.0.0.1 is allowed.
 
     ``models`` maps names to ``.mar`` files in ``model_store`` (default: every ``.mar`` there, by stem).
     ``wait_for`` names the models to wait for (default: all); a refusal to load by another model does
@@ -437,6 +440,9 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
             raise InputError(f"invalid model name {name!r}")
         if not (store / mar).is_file():
             raise InputError(f"{mar} not found in the model store {store}")
+    if not gateway and host != "127.0.0.1":
+        raise InputError("TorchServe is only exposed on 127.0.0.1 without the gateway: drop --no-gateway to "
+                         f"listen on {host}")
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     previous = Server.load(run)
@@ -445,8 +451,8 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
                          f"run `guard stop --run-dir {run}` first")
     ports = ports or tuple(free_ports(3))  # type: ignore[assignment]
     for port in ports:
-        if not _port_free(port):
-            raise ServeError(f"port {port} on 127.0.0.1 is in use: pick others with --ports (or --ports auto)")
+        if not _port_free(port, host):
+            raise ServeError(f"port {port} on {host} is in use: pick others with --ports (or --ports auto)")
     load = ",".join(f"{n}={m}" for n, m in models.items())
     ts_ports = tuple(free_ports(3)) if gateway else ports
     cfg = write_config(run, model_store=store, load_models=load, ports=ts_ports, token_auth=token_auth,
@@ -465,11 +471,11 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
     urls = {"inference": f"http://127.0.0.1:{ports[0]}", "management": f"http://127.0.0.1:{ports[1]}",
             "metrics": f"http://127.0.0.1:{ports[2]}"}
     server = Server(pid=0, run_dir=run, models=list(models), token_auth=token_auth, config=cfg, log=log_path,
-                    urls=urls, upstream={"inference": f"http://127.0.0.1:{ts_ports[0]}",
+                    urls=urls, host=host, upstream={"inference": f"http://127.0.0.1:{ts_ports[0]}",
                                          "management": f"http://127.0.0.1:{ts_ports[1]}",
                                          "metrics": f"http://127.0.0.1:{ts_ports[2]}"})
     if gateway:
-        cmd, out = _gateway_command(server, ports, cmd), run / "gateway.log"
+        cmd, out = _gateway_command(server, ports, cmd, host), run / "gateway.log"
     else:
         out = log_path
     with open(out, "w") as log:
@@ -485,14 +491,14 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
     return server
 
 
-def _gateway_command(server: Server, ports: tuple[int, int, int], cmd: list[str]) -> list[str]:
+def _gateway_command(server: Server, ports: tuple[int, int, int], cmd: list[str], host: str) -> list[str]:
     """The command that starts :mod:`guard.gateway` on the public inference, management and metrics ports,
     forwarding to TorchServe's private ones, with TorchServe (``cmd``) as its child in the same process group. Its
     body bound is TorchServe's ``max_request_size`` (twice the handlers' bounds, see
     :func:`frontend_max_request_size`): what the handler can answer with its JSON 413, and count, reaches it."""
     from ..gateway import Route, Spec
 
-    spec = Spec(routes=[Route(name=kind, host="127.0.0.1", port=port, upstream=server.upstream[kind])
+    spec = Spec(routes=[Route(name=kind, host=host, port=port, upstream=server.upstream[kind])
                         for kind, port in (("inference", ports[0]), ("management", ports[1]), ("metrics", ports[2]))],
                 max_body=int(read_properties(server.config)["max_request_size"]),
                 key_hint=str(server.key_file) if server.token_auth else "")

@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ports", metavar="I,M,METRICS",
                    help="inference, management and metrics ports on 127.0.0.1 (default 8080,8081,8082 "
                         "from deploy/config.properties; 'auto' picks free ones)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the inference, management and metrics ports listen on (default 127.0.0.1; the "
+                        "container image uses 0.0.0.0); TorchServe itself stays on 127.0.0.1 behind the gateway")
     p.add_argument("--run-dir", default=".guard-serve", help="where config, logs, key file and state go "
                    "(default ./.guard-serve)")
     p.add_argument("--config", help="TorchServe config.properties to start from (default deploy/config.properties)")
@@ -56,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def describe(server) -> str:
     """Human summary of a running server: addresses, key file, how to call and stop it."""
     lines = [f"TorchServe is up (pid {server.pid}, process group {server.pid}) serving "
-             f"{', '.join(server.models)}",
+             f"{', '.join(server.models)}"
+             + (f"; its ports listen on {server.host}" if server.host != "127.0.0.1" else ""),
              f"  inference   {server.urls['inference']}/predictions/NAME",
              f"  management  {server.urls['management']}",
              f"  metrics     {server.urls['metrics']}/metrics (no token needed)",
@@ -89,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     ports = ts.parse_ports(args.ports, config)
     models = dict(args.models) if args.models else None
     server = ts.start(args.model_store, models=models, run_dir=Path(args.run_dir), ports=ports,
-                      token_auth=not args.no_auth, config=config, gateway=not args.no_gateway,
+                      token_auth=not args.no_auth, config=config, gateway=not args.no_gateway, host=args.host,
                       metrics_config=Path(args.metrics_config) if args.metrics_config else None,
                       timeout=args.timeout)
     print(describe(server), flush=True)

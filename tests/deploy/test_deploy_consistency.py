@@ -118,9 +118,12 @@ def test_dockerfile_ports_healthcheck_and_command_agree(dockerfile, host_config,
     script = re.search(r"(/\S+healthcheck\.py)", health[0]).group(1)
     assert script in made, f"HEALTHCHECK runs {script}, which the image does not contain"
     cmd = " ".join(rest for word, rest in dockerfile if word == "CMD")
-    ts_config = re.search(r'"--ts-config",\s*"([^"]+)"', cmd).group(1)
+    assert cmd.startswith('["guard", "serve", "--foreground"'), cmd  # behind guard's gateway, attached
+    ts_config = re.search(r'"--config",\s*"([^"]+)"', cmd).group(1)
+    metrics = re.search(r'"--metrics-config",\s*"([^"]+)"', cmd).group(1)
     model_store = re.search(r'"--model-store",\s*"([^"]+)"', cmd).group(1)
-    assert ts_config in made and model_store in made
+    assert ts_config in made and model_store in made and metrics in made
+    assert '"--host", "0.0.0.0"' in cmd and "--no-gateway" not in cmd and "--no-auth" not in cmd
     volumes = " ".join(rest for word, rest in dockerfile if word == "VOLUME")
     assert model_store in volumes
     # the sed in the Dockerfile rewrites the host config for the container
@@ -136,8 +139,10 @@ def test_healthcheck_reads_the_files_the_image_has(deploy, dockerfile):
     config = re.search(r'"GUARD_TS_CONFIG", "([^"]+)"', text).group(1)
     key_file = re.search(r'"GUARD_TS_KEY_FILE", "([^"]+)"', text).group(1)
     assert config in made
-    workdir = [rest for word, rest in dockerfile if word == "WORKDIR"][-1]
-    assert Path(key_file).parent == Path(workdir), "TorchServe writes key_file.json to its working directory"
+    cmd = " ".join(rest for word, rest in dockerfile if word == "CMD")
+    run_dir = re.search(r'"--run-dir",\s*"([^"]+)"', cmd).group(1)
+    # guard serve runs TorchServe in its run directory, where TorchServe writes key_file.json
+    assert Path(key_file).parent == Path(run_dir)
 
 
 def test_compose_wiring_and_ports(compose, deploy, host_config):
