@@ -200,9 +200,11 @@ class GatewayMetrics:
         self.responses.labels(api=api, code=str(code)).inc()
 
     def exposition(self) -> bytes:
+        """The counter's text exposition (without prometheus-client's ``_created`` timestamps)."""
         from prometheus_client import generate_latest
 
-        return generate_latest(self.registry)
+        lines = generate_latest(self.registry).splitlines(keepends=True)
+        return b"".join(ln for ln in lines if not ln.startswith(b"guard_gateway_responses_created"))
 
 
 class _ClientGone(Exception):
