@@ -29,6 +29,7 @@ or come from the installed ``guard`` package (``ts`` is imported only here, neve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class GuardedHandler:
         self.fail_open = False
         self.max_request_bytes = DEFAULT_MAX_REQUEST_BYTES
         self.audit: AuditLog | None = None
+        self._session = contextlib.ExitStack()  # the guard's feature hook, held for the worker's life
 
     # ------------------------------------------------------------------ load
     def initialize(self, context: Any) -> None:
@@ -143,6 +145,8 @@ class GuardedHandler:
             _check_profile_digest(profile_dir, cfg.get("profile_sha256"))
         profile = Profile.load(profile_dir, model_sha256=fingerprint(model))
         self.guard = Guard(model, profile, mode=mode, verify=False)
+        self._session.close()
+        self._session.enter_context(self.guard.session())  # one hook per worker, not one per batch
         try:
             self.audit = AuditLog.from_config(cfg, model=self.model_name or "model", model_sha256=profile.model_sha256,
                                               mode=mode, model_dir=model_dir)

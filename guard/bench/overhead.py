@@ -15,7 +15,9 @@ def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int 
     """Time ``model(x)`` (inference mode) and ``guard.run(x)`` alternately on the same batches.
 
     Returns medians and p95 of both (milliseconds) and their ratios. The guarded figure is the whole
-    ``Guard.run``: validation, the tapped forward, every check, the policy and the response objects.
+    ``Guard.run``: validation, the tapped forward, every check, the policy and the result, inside a
+    ``Guard.session()`` as the TorchServe handler runs it (the feature hook held for the worker's life;
+    ``per_call_hook_p50_ratio`` is the same without the session: hook registered and removed per call).
     """
     n = len(x)
     batches = [np.ascontiguousarray(x[(i * batch_size) % n:(i * batch_size) % n + batch_size])
@@ -30,32 +32,46 @@ def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int 
     def guarded(i):
         guard.run(batches[i % len(batches)])
 
-    for i in range(warmup):
-        bare(i)
-        guarded(i)
-    tb, tg = [], []
-    for i in range(repeats):
-        first, second = (bare, guarded) if i % 2 == 0 else (guarded, bare)
-        t0 = time.perf_counter()
-        first(i)
-        t1 = time.perf_counter()
-        second(i)
-        t2 = time.perf_counter()
-        (tb if first is bare else tg).append(t1 - t0)
-        (tg if first is bare else tb).append(t2 - t1)
-    b, g = np.array(tb) * 1e3, np.array(tg) * 1e3
+    def interleaved() -> tuple[np.ndarray, np.ndarray]:
+        for i in range(warmup):
+            bare(i)
+            guarded(i)
+        tb, tg = [], []
+        for i in range(repeats):
+            first, second = (bare, guarded) if i % 2 == 0 else (guarded, bare)
+            t0 = time.perf_counter()
+            first(i)
+            t1 = time.perf_counter()
+            second(i)
+            t2 = time.perf_counter()
+            (tb if first is bare else tg).append(t1 - t0)
+            (tg if first is bare else tb).append(t2 - t1)
+        return np.array(tb) * 1e3, np.array(tg) * 1e3
+
+    session = getattr(guard, "session", None)
+    per_call = None
+    if session is not None:
+        b0, g0 = interleaved()  # hook registered and removed on every call
+        per_call = float(np.median(g0) / np.median(b0))
+        with session():
+            b, g = interleaved()
+    else:
+        b, g = interleaved()
     return {"batch_size": batch_size, "bare_p50_ms": float(np.median(b)), "guarded_p50_ms": float(np.median(g)),
             "bare_p95_ms": float(np.percentile(b, 95)), "guarded_p95_ms": float(np.percentile(g, 95)),
             "p50_ratio": float(np.median(g) / np.median(b)),
-            "p95_ratio": float(np.percentile(g, 95) / np.percentile(b, 95))}
+            "p95_ratio": float(np.percentile(g, 95) / np.percentile(b, 95)),
+            "per_call_hook_p50_ratio": per_call}
 
 
 def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str, float]:
     """Where the guard's batch-1 time goes: median microseconds of each part of ``Guard.run``.
 
     ``bare_forward`` (the model alone), ``tapped_forward`` (with the feature hook and the copy to
-    numpy), ``validate`` (input checks), ``check.NAME`` (each check's score), ``run`` (everything:
-    validation, tapped forward, checks, policy, result). ``run - bare_forward`` is the guard's cost.
+    numpy), ``validate`` (input checks), ``check.NAME`` (each check's score alone), ``checks_fused``
+    (all of them on the batch-1 fused path), ``run`` (everything: validation, tapped forward, checks,
+    policy, result) and ``run_in_session`` (the same with the hook held, as the handler runs it).
+    ``run_in_session - bare_forward`` is the guard's cost in serving.
     """
     from ..data import validate_batch
 
@@ -81,5 +97,10 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
            "validate": median_us(lambda: validate_batch(xb, shape=guard.input_shape, what="input"))}
     for c in guard.checks:
         out[f"check.{c.name}"] = median_us(lambda c=c: c.score(rec))
+    if getattr(guard, "_fused", None) is not None:
+        out["checks_fused"] = median_us(lambda: guard.scores(rec))
     out["run"] = median_us(lambda: guard.run(xb))
+    if hasattr(guard, "session"):
+        with guard.session():
+            out["run_in_session"] = median_us(lambda: guard.run(xb))
     return out

@@ -89,3 +89,50 @@ def test_clean_model_still_gets_a_calibrated_guard(clean_world, tmp_path):
     xh, yh = load_npz(clean_world.holdout)
     c = evaluate(Guard(model, profile), xh, yh)
     assert c["rejected"] / c["n"] <= 0.02
+
+
+def _checks_one_by_one(guard, x):
+    rec = guard._forward(x)
+    return np.stack([c.score(rec) for c in guard.checks], axis=1)
+
+
+def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
+    model, profile, (xc, _), (xt, _) = setup
+    guard = Guard(model, profile)
+    assert guard.names == ["feature", "knn", "neuron", "overlap"]
+    for x in list(xc[:20]) + list(xt[:20]):
+        one = x[None]
+        np.testing.assert_allclose(guard.scores(guard._forward(one)), _checks_one_by_one(guard, one),
+                                   rtol=2e-5, atol=2e-5)
+    # the fused batch-1 path and the batched path agree on decisions too
+    batch = np.concatenate([xc[:16], xt[:16]])
+    together = guard.run(batch)
+    alone = [guard.run(x[None]) for x in batch]
+    assert [r.verdicts[0] for r in alone] == together.verdicts
+    # a clean model's profile (no neuron or overlap check) takes the same path
+    from guard.scan import build_profile
+
+    cm = load_model(clean_world.model_file, clean_world.weights)
+    x, y = load_npz(clean_world.clean)
+    cp, _ = build_profile(cm, x[:600], y[:600], fpr=0.01, progress=False)
+    cg = Guard(cm, cp)
+    assert cg.names == ["feature", "knn"]
+    np.testing.assert_allclose(cg.scores(cg._forward(x[:1])), _checks_one_by_one(cg, x[:1]), rtol=2e-5, atol=2e-5)
+
+
+def test_a_session_holds_one_hook_and_always_removes_it(setup):
+    model, profile, (xc, _), _ = setup
+    guard = Guard(model, profile)
+    layer = guard._layer_module
+    before = len(layer._forward_pre_hooks)
+    outside = guard.run(xc[:4]).scores
+    with guard.session():
+        assert len(layer._forward_pre_hooks) == before + 1
+        with guard.session():  # nested: shares the hook
+            assert len(layer._forward_pre_hooks) == before + 1
+        np.testing.assert_array_equal(guard.run(xc[:4]).scores, outside)
+        assert len(layer._forward_pre_hooks) == before + 1  # run() adds none inside a session
+    assert len(layer._forward_pre_hooks) == before
+    with pytest.raises(RuntimeError), guard.session():
+        raise RuntimeError("boom")
+    assert len(layer._forward_pre_hooks) == before and guard._tap is None
