@@ -134,7 +134,8 @@ def render(results: dict[str, Any]) -> str:
         if o:
             lines.append(f"| guard overhead {b.replace('_', ' ')}: p50 / p95 ratio "
                          f"| {_f(o['p50_ratio'])} / {_f(o['p95_ratio'])} "
-                         f"(bare {o['bare_p50_ms']:.3f} ms, guarded {o['guarded_p50_ms']:.3f} ms at p50) |")
+                         f"(bare {o['bare_p50_ms']:.3f} ms, guarded {o['guarded_p50_ms']:.3f} ms at p50; hook held "
+                         f"as in serving; registered per call: {_f(o.get('per_call_hook_p50_ratio'))}) |")
     nc = p.get("nc_batched")
     if nc:
         lines.append(f"| batched Neural Cleanse speedup ({nc['labels']} labels, {nc['rounds']} rounds each) "
