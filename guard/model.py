@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -151,32 +152,91 @@ def feature_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Mo
     return linears[-1]
 
 
+def inner_layer(model: nn.Module, x: torch.Tensor, name: str | None = None) -> str | None:
+    """The module whose output the ``consistency`` check reads: the last spatial block before the features.
+
+    Found by one probe forward of ``x``: the last leaf module (in execution order) whose output is
+    ``(N, C, H, W)`` with ``H * W > 1`` (for a CNN, the last convolutional block after its activation
+    and pooling; global pooling and later layers are excluded). ``name`` overrides the choice. Returns
+    ``None`` for a model with no such layer (an MLP): the check is then left out.
+    """
+    modules = dict(model.named_modules())
+    if name:
+        if name not in modules:
+            raise ModelError(f"--inner-layer {name!r} is not a module of the model")
+        return name
+    seen: list[str] = []
+    handles = []
+
+    def hook(module_name):
+        def record(module, args, out):
+            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
+                seen.append(module_name)
+        return record
+
+    try:
+        for n, m in modules.items():
+            if n and not any(True for _ in m.children()):
+                handles.append(m.register_forward_hook(hook(n)))
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen[-1] if seen else None
+
+
+def pool_inner(a: torch.Tensor) -> np.ndarray:
+    """``(N, C, H, W)`` activations to ``(N, 2C)`` float32: each channel's spatial mean, then its spatial max.
+
+    One input is pooled in numpy (a few microseconds; torch's per-op dispatch costs more at that
+    size), a batch in torch (numpy's reductions over a short last axis are 3x slower there).
+    """
+    if a.shape[0] == 1:
+        r = a.numpy().reshape(1, a.shape[1], -1)
+        return np.concatenate((r @ np.full(r.shape[2], 1.0 / r.shape[2], np.float32), r.max(2)), 1)
+    f = a.reshape(a.shape[0], a.shape[1], -1)
+    return torch.cat((f.mean(2), f.amax(2)), 1).numpy()
+
+
 class FeatureTap:
     """Context manager that records the flattened input of the feature layer on every forward.
 
     The hook is registered on ``__enter__`` and always removed on ``__exit__``, exceptions included.
     ``features`` holds the last batch's features ``(N, D)`` (with gradient if the forward had one).
+    With ``inner`` (a module, see :func:`inner_layer`) a second hook keeps that module's output of
+    the last batch in ``inner``, an unpooled tensor (``(N, C, H, W)``; :func:`pool_inner` pools it).
     """
 
-    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None):
+    def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, inner: nn.Module | None = None):
         if isinstance(layer, nn.Module):  # already resolved (the online hot path resolves it once)
             self.name, self.module = "", layer
         else:
             self.name, self.module = feature_layer(model, layer)
         self.features: torch.Tensor | None = None
-        self._handle = None
+        self.inner: torch.Tensor | None = None
+        self._inner_module = inner
+        self._handles: list = []
 
     def _hook(self, module, args):
         self.features = args[0].flatten(1)
 
+    def _inner_hook(self, module, args, out):
+        self.inner = out
+
     def __enter__(self) -> FeatureTap:
-        self._handle = self.module.register_forward_pre_hook(self._hook)
+        try:
+            self._handles.append(self.module.register_forward_pre_hook(self._hook))
+            if self._inner_module is not None:
+                self._handles.append(self._inner_module.register_forward_hook(self._inner_hook))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        while self._handles:
+            self._handles.pop().remove()
 
 
 def input_shape(x: torch.Tensor) -> tuple[int, int, int]:

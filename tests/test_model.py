@@ -1,10 +1,11 @@
 """Model loading contract: one class, weights_only, clear errors, fingerprint, hooks that clean up."""
 
+import numpy as np
 import pytest
 import torch
 
 from guard import FeatureTap, ModelError, fingerprint, load_model
-from guard.model import Normalized, feature_layer, parse_normalize
+from guard.model import Normalized, feature_layer, inner_layer, parse_normalize, pool_inner
 from guard.nets import net_file
 
 
@@ -74,6 +75,32 @@ def test_feature_tap_removes_its_hook_even_on_error(demo_files):
         assert tap.features.shape == (1, 128)
         raise RuntimeError("boom")
     assert not layer._forward_pre_hooks
+
+
+def test_inner_layer_is_the_last_spatial_block_and_its_tap_cleans_up(demo_files):
+    from guard.nets.gap_net import GapNet
+
+    model = load_model(*demo_files)
+    assert inner_layer(model, torch.zeros(1, 3, 32, 32)) == "features.8"  # the last max-pool, 64x4x4
+    gap = GapNet().eval()
+    assert inner_layer(gap, torch.zeros(1, 1, 16, 16)) == "body.9"  # the ReLU before global pooling
+    assert not any(m._forward_hooks for m in gap.modules())  # the probe's hooks are gone
+    assert inner_layer(model, torch.zeros(1, 3, 32, 32), "features.5") == "features.5"
+    with pytest.raises(ModelError, match="inner-layer"):
+        inner_layer(model, torch.zeros(1, 3, 32, 32), "nope")
+    inner = dict(model.named_modules())["features.8"]
+    with pytest.raises(RuntimeError), FeatureTap(model, inner=inner) as tap:
+        model(torch.zeros(2, 3, 32, 32))
+        assert tuple(tap.inner.shape) == (2, 64, 4, 4)
+        raise RuntimeError("boom")
+    assert not inner._forward_hooks and not feature_layer(model)[1]._forward_pre_hooks
+
+
+def test_pool_inner_is_the_same_for_one_input_and_a_batch():
+    a = torch.rand(5, 6, 3, 4)
+    want = np.concatenate([a.numpy().mean((2, 3)), a.numpy().max((2, 3))], 1)
+    np.testing.assert_allclose(pool_inner(a), want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(pool_inner(a[2:3]), want[2:3], rtol=1e-6, atol=1e-6)
 
 
 def test_normalize_wraps_inside(demo_files):

@@ -130,49 +130,45 @@ def _scores(guard, x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def operating_thresholds(guard, calibration: np.ndarray, fprs: Sequence[float], *,
-                         batch: int = 256) -> dict[str, np.ndarray]:
-    """Per-check thresholds for other operating points, calibrated as ``guard scan --fpr F`` does.
+                         batch: int = 256) -> dict[str, float]:
+    """The ensemble's threshold at other operating points, calibrated as ``guard scan --fpr F`` does.
 
-    The checks' union lets ``F`` of the clean ``calibration`` inputs through (:func:`joint_fpr`): what a
-    looser or stricter profile would trade, without rescanning. The profile's own thresholds come from
-    the same rule on its calibration half; the clean FPR reached on held-out inputs is measured by
-    :func:`evaluate`.
+    The threshold on the guard's decision statistic that lets ``F`` of the clean ``calibration``
+    inputs through: what a looser or stricter profile would trade, without rescanning. The clean FPR
+    reached on held-out inputs is measured by :func:`evaluate`.
     """
-    from ..scan.profile_builder import joint_fpr
+    stat = guard.statistic(_scores(guard, calibration, batch))
     from ..stats import upper_threshold
 
-    s = _scores(guard, calibration, batch)
-    out = {}
-    for f in fprs:
-        rate = joint_fpr(s, f)
-        out[f"--fpr {f:g}"] = np.array([upper_threshold(s[:, j], rate) for j in range(s.shape[1])], np.float32)
-    return out
+    return {f"--fpr {f:g}": upper_threshold(stat, f) for f in fprs}
 
 
 def evaluate(guard, attack: BadNets, x: np.ndarray, y: np.ndarray, *,
              variant_list: Sequence[Variant] | None = None, batch: int = 256,
-             extra_thresholds: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """TPRs of ``guard`` (a :class:`guard.online.Guard`, thresholds as calibrated) per trigger variant.
+             extra_thresholds: dict[str, float] | None = None) -> dict[str, Any]:
+    """TPRs of ``guard`` (a :class:`guard.online.Guard`, as calibrated) per trigger variant.
 
     ``x, y`` are clean inputs and their true labels; the victims (true label not the target) are
-    stamped with each variant. An input is flagged when any check's score is over its threshold (what
-    ``Guard.run`` does: rejected in enforce mode, flagged in shadow). Returns JSON-ready figures:
-    ``clean_fpr``, ``n_victims`` and one row per variant (see the module docstring);
-    ``extra_thresholds`` (name -> per-check thresholds, e.g. from :func:`operating_thresholds`) adds
-    each variant's ``tpr_effective`` and the clean FPR at those operating points.
+    stamped with each variant. An input is flagged when the guard's ensemble statistic is over its
+    threshold (what ``Guard.run`` does: rejected in enforce mode, flagged in shadow); each check's
+    TPR is at its own threshold. Returns JSON-ready figures: ``clean_fpr``, ``n_victims`` and one row
+    per variant (see the module docstring); ``extra_thresholds`` (name -> ensemble threshold, e.g.
+    from :func:`operating_thresholds`) adds each variant's ``tpr_effective`` and the clean FPR at
+    those operating points.
     """
     keep = attack.victims(y)
     xv = np.ascontiguousarray(x[keep], dtype=np.float32)
     names = list(guard.names)
-    points = {"calibrated": np.asarray(guard.thresholds, dtype=np.float32), **(extra_thresholds or {})}
-    clean_scores = _scores(guard, x, batch)
+    points = {"calibrated": float(guard.ensemble.threshold_), **(extra_thresholds or {})}
+    clean_stat = guard.statistic(_scores(guard, x, batch))
     rows = []
     for v in variant_list or variants(attack, tuple(x.shape[1:])):
         xs = np.clip(v.stamp(xv), 0, 1).astype(np.float32)
         hijacked = _predict_labels(guard.model, xs) == attack.target
         sc = _scores(guard, xs, batch)
-        over = sc > points["calibrated"]
-        flagged = over.any(1)
+        stat = guard.statistic(sc)
+        over = sc > guard.thresholds
+        flagged = stat > points["calibrated"]
         eff = flagged[hijacked].mean() if hijacked.any() else float("nan")
         row = {
             "variant": v.name, "family": v.family, "param": v.param,
@@ -183,13 +179,14 @@ def evaluate(guard, attack: BadNets, x: np.ndarray, y: np.ndarray, *,
         }
         if extra_thresholds:
             row["tpr_effective_at"] = {
-                k: (round(float((sc[hijacked] > t).any(1).mean()), 4) if hijacked.any() else None)
+                k: (round(float((stat[hijacked] > t).mean()), 4) if hijacked.any() else None)
                 for k, t in extra_thresholds.items()}
         rows.append(row)
     return {"n_victims": int(keep.sum()), "n_clean": int(len(x)),
-            "clean_fpr": round(float((clean_scores > points["calibrated"]).any(1).mean()), 4),
-            "clean_fpr_at": {k: round(float((clean_scores > t).any(1).mean()), 4) for k, t in points.items()},
-            "mode": guard.mode, "thresholds": {n: float(t) for n, t in zip(names, guard.thresholds)},
+            "clean_fpr": round(float((clean_stat > points["calibrated"]).mean()), 4),
+            "clean_fpr_at": {k: round(float((clean_stat > t).mean()), 4) for k, t in points.items()},
+            "mode": guard.mode,
+            "thresholds": {n: float(t) for n, t in zip(names, guard.thresholds)} | {"ensemble": points["calibrated"]},
             "variants": rows}
 
 
@@ -216,7 +213,7 @@ def run_demo(world_dir: str | Path, profile_dir: str | Path, *, limit: int | Non
 
 def to_markdown(results: dict[str, Any]) -> str:
     """The figures as a markdown table (one row per variant)."""
-    names = list(results["thresholds"])
+    names = [n for n in results["thresholds"] if n != "ensemble"]
     extra = [k for k in results.get("clean_fpr_at", {}) if k != "calibrated"]
 
     def f3(v: float | None) -> str:

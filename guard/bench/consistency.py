@@ -10,8 +10,9 @@ which is why it is not part of the guard's hot path (the batch-1 overhead bar is
 forward; this check alone costs about 2x). The guard's checks score a record of one forward pass;
 wiring this one in needs the Guard to run the second pass, a change to ``guard/online/guard.py``.
 
-Here it is calibrated like the guard's checks (on the held-out clean half, at ``fpr / (n + 1)`` each
-for ``n`` guard checks plus this one) and reported alone and in the union with the guard's checks.
+Here it is calibrated like the guard's checks (on the held-out clean half) and reported alone and
+joined to the guard's checks in one ensemble (:class:`guard.online.ensemble.FisherEnsemble` over the
+guard's checks plus this one, threshold at ``fpr``), as the guard would run it if it were wired in.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..stats import upper_threshold
-from .metrics import at_threshold, combined_score, separation
+from ..online.ensemble import FisherEnsemble
+from .metrics import at_threshold, separation
 
 
 def flip_scores(model: nn.Module, x: np.ndarray, *, batch: int = 512) -> np.ndarray:
@@ -41,18 +42,15 @@ def flip_scores(model: nn.Module, x: np.ndarray, *, batch: int = 512) -> np.ndar
 
 def evaluate(model: nn.Module, cal: np.ndarray, neg: np.ndarray, pos: np.ndarray, guard_cal: np.ndarray,
              guard_neg: np.ndarray, guard_pos: np.ndarray, *, fpr: float) -> dict[str, Any]:
-    """The flip check alone and the union ``guard checks + flip``, all recalibrated at ``fpr / (n + 1)``."""
+    """The flip check alone and in one calibrated ensemble with the guard's checks (threshold at ``fpr``)."""
     fc, fn_, fp = flip_scores(model, cal), flip_scores(model, neg), flip_scores(model, pos)
     cal_all = np.column_stack([guard_cal, fc])
-    neg_all = np.column_stack([guard_neg, fn_])
-    pos_all = np.column_stack([guard_pos, fp])
-    per = fpr / cal_all.shape[1]
-    thr = np.array([upper_threshold(cal_all[:, j], per) for j in range(cal_all.shape[1])])
-    med = np.median(cal_all, 0)
-    zn, zp = combined_score(neg_all, thr, med), combined_score(pos_all, thr, med)
+    ens = FisherEnsemble().fit(cal_all).infer_threshold(cal_all, fpr=fpr)
+    zn = ens.statistic(np.column_stack([guard_neg, fn_]))
+    zp = ens.statistic(np.column_stack([guard_pos, fp]))
     return {"flip": separation(fn_, fp, fpr=fpr),
             "combined_with_flip": separation(zn, zp, fpr=fpr) | {
-                "verdict": at_threshold((neg_all > thr).any(1), (pos_all > thr).any(1))}}
+                "verdict": at_threshold(zn > ens.threshold_, zp > ens.threshold_)}}
 
 
 def flip_cost(model: nn.Module, x: np.ndarray, *, repeats: int = 200) -> dict[str, float]:

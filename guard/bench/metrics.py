@@ -29,15 +29,3 @@ def separation(neg: np.ndarray, pos: np.ndarray, *, fpr: float = 0.01) -> dict[s
 def at_threshold(neg_flag: np.ndarray, pos_flag: np.ndarray) -> dict[str, float | None]:
     """Realised TPR and FPR of binary decisions."""
     return {"tpr": _r(np.mean(pos_flag)), "fpr": _r(np.mean(neg_flag))}
-
-
-def combined_score(scores: np.ndarray, thresholds: np.ndarray, medians: np.ndarray) -> np.ndarray:
-    """One continuous score for the guard's union verdict: ``max_j (s_j - t_j) / (t_j - median_j)``.
-
-    Each check's margin over its calibrated threshold, in units of the distance from the clean median
-    to that threshold (a robust, per-check scale). It is > 0 exactly when some check fires, so its
-    ROC passes through the deployed verdict's operating point, and it ranks inputs beyond every
-    threshold instead of tying them.
-    """
-    scale = np.maximum(thresholds - medians, 1e-6)
-    return ((scores - thresholds[None]) / scale[None]).max(1)

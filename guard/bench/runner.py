@@ -45,7 +45,7 @@ from ..online import Guard
 from ..scan import build_profile
 from ..scan.neural_cleanse import NeuralCleanse
 from ..scan.tnd import DFTND, DLTND
-from .metrics import at_threshold, combined_score, separation
+from .metrics import at_threshold, separation
 from .models import ZooConfig, zoo_model
 from .report import targets
 from .strip import Strip, art_available, art_strip
@@ -53,7 +53,7 @@ from .strip import Strip, art_available, art_strip
 SCHEMA_VERSION = 1
 ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all")
 #: Online checks that every row reports (null where the profile has none, e.g. no suspect label).
-REPORTED_CHECKS = ("feature", "knn", "neuron", "overlap")
+REPORTED_CHECKS = ("feature", "knn", "consistency", "neuron", "overlap")
 
 
 @dataclass(frozen=True)
@@ -207,11 +207,11 @@ def _online(guard: Guard, cal_x: np.ndarray, neg: np.ndarray, pos: np.ndarray, f
         t = guard.thresholds[j]
         out[name] = separation(neg_s[:, j], pos_s[:, j], fpr=fpr) | {
             "calibrated": at_threshold(neg_s[:, j] > t, pos_s[:, j] > t), "threshold": round(float(t), 4)}
-    med = np.median(cal_s, 0)
-    zc_neg = combined_score(neg_s, guard.thresholds, med)
-    zc_pos = combined_score(pos_s, guard.thresholds, med)
+    # the guard's own decision statistic (its calibrated ensemble), so the ROC passes through the verdict
+    zc_neg, zc_pos = guard.statistic(neg_s), guard.statistic(pos_s)
     out["combined"] = separation(zc_neg, zc_pos, fpr=fpr) | {"verdict": at_threshold(neg_flag, pos_flag),
-                                                             "checks": list(guard.names)}
+                                                             "checks": list(guard.names),
+                                                             "rule": guard.ensemble.method}
     out["combined_successful"] = (separation(zc_neg, zc_pos[success], fpr=fpr) if success.any()
                                   else {"auroc": None, "tpr_at_1pct_fpr": None}) | {"n": int(success.sum())}
     if flip_check:  # opt-in, not in the guard: see guard.bench.consistency

@@ -39,10 +39,17 @@ def run(args: argparse.Namespace) -> int:
         print_json(meta)
         return 0
     print(f"profile {args.profile}: model {profile.model_sha256[:16]}…, input {profile.input_shape}, "
-          f"{meta['num_classes']} classes, feature layer {meta['feature_layer']}")
+          f"{meta['num_classes']} classes, feature layer {meta['feature_layer']}, "
+          f"inner layer {meta.get('inner_layer') or 'none'}")
     print(f"suspect labels: {profile.suspect_labels or 'none'}; mode {meta['policy']['mode']}; fpr {meta['fpr']}")
+    ens = meta.get("ensemble")
+    if ens:
+        print(f"  decision: {ens['method']} ensemble of {', '.join(ens['checks'])}, threshold {ens['threshold']:.4g} "
+              f"(fpr {ens['fpr']:.4g}); each check's own threshold names the reasons")
+    else:
+        print("  decision: any check over its threshold (a profile from before the ensemble)")
     for name, c in meta["checks"].items():
-        print(f"  check {name:<8} threshold {c['threshold']:.4g} (fpr {c['fpr']:.4g})")
+        print(f"  check {name:<11} threshold {c['threshold']:.4g} (fpr {c['fpr']:.4g})")
     for r in meta["scan"]["per_label"]:
         flag = "  <- suspect" if r["suspect"] else ""
         print(f"  label {r['label']:>3}: L1 {r['l1_norm']:8.2f}  index {r['anomaly_index']:6.2f} "

@@ -20,6 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fpr", type=fpr_arg, default=0.01, help="false-positive rate the checks are calibrated for")
     p.add_argument("--mode", choices=["enforce", "repair", "shadow"], default="enforce",
                    help="default policy stored in the profile")
+    p.add_argument("--inner-layer", metavar="NAME",
+                   help="module whose output the consistency check reads (default: the last spatial block, "
+                   "found by a probe forward); --no-consistency leaves the check out")
+    p.add_argument("--no-consistency", action="store_true", help="do not add the inner-layer consistency check")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
                    "cuda[:N]; on a GPU the batched all-label problem runs about 10x faster than a per-label loop")
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
               "data": str(args.data), "normalize": args.normalize, "model_class": args.model_class}
     profile, summary = build_profile(model, x, y, fpr=args.fpr, seed=args.seed, mode=args.mode,
                                      layer=args.feature_layer, source=source, progress=progress,
+                                     consistency=not args.no_consistency, inner=args.inner_layer,
                                      nc=NeuralCleanse(seed=args.seed, progress=progress, device=device))
     profile.save(args.out)
     summary["profile"] = str(args.out)

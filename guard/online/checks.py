@@ -20,18 +20,21 @@ from ..stats import upper_threshold
 
 @dataclass
 class Record:
-    """What one guarded forward pass saw: inputs ``x`` (N, C, H, W), ``logits`` (N, K) and
-    feature-layer activations ``features`` (N, D), all float32 numpy arrays."""
+    """What one guarded forward pass saw: inputs ``x`` (N, C, H, W), ``logits`` (N, K),
+    feature-layer activations ``features`` (N, D) and, where the profile has an inner layer, its
+    pooled activations ``inner`` (N, 2C; :func:`guard.model.pool_inner`), all float32 numpy arrays."""
 
     x: np.ndarray
     logits: np.ndarray
     features: np.ndarray
+    inner: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.logits)
 
     def take(self, idx) -> Record:
-        return Record(self.x[idx], self.logits[idx], self.features[idx])
+        return Record(self.x[idx], self.logits[idx], self.features[idx],
+                      None if self.inner is None else self.inner[idx])
 
 
 class Check:
@@ -291,4 +294,54 @@ class KNNCheck(Check):
         return c
 
 
-CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck, KNNCheck)}
+class ConsistencyCheck(Check):
+    """Label-agnostic, one block earlier: does the last convolutional block agree with the model's label?
+
+    A linear discriminant (class means, one shrunk covariance, as in :class:`FeatureCheck`) on the
+    pooled activations of the inner layer (each channel's spatial mean and max) scores every class;
+    the check's score is how much further, in squared Mahalanobis distance, the model's label is than
+    the discriminant's best class (0 when they agree). A trigger has to carry the input to its target
+    by the last layers; a block earlier the input still looks like its true class, most of all for
+    triggers that change the whole image mildly (Blended, SIG), which the last layer's distances see
+    least (the layer-wise consistency idea of deep k-NN, Papernot and McDaniel, 2018). Because the
+    squared norm of the input's own projection cancels, a score is one ``(2C, K)`` product.
+    """
+
+    name = "consistency"
+
+    def _fit(self, record, y):
+        from sklearn.covariance import LedoitWolf
+
+        if record.inner is None:
+            raise ValueError("the consistency check needs the inner layer's activations (Record.inner)")
+        f = record.inner.astype(np.float64)
+        labels = record.logits.argmax(1) if y is None else y
+        k = record.logits.shape[1]
+        means = np.stack([f[labels == c].mean(0) if (labels == c).any() else f.mean(0) for c in range(k)])
+        cov = LedoitWolf().fit(f - means[labels]).covariance_
+        evals, evecs = np.linalg.eigh(cov)
+        whiten = evecs / np.sqrt(np.maximum(evals, 1e-8 * evals.max()))
+        centres = means @ whiten
+        # |z - c_k|^2 = |z|^2 - 2 z.c_k + |c_k|^2 with z = f @ whiten: the |z|^2 term is the same for
+        # every class, so d_pred - min_k d_k only needs f @ (-2 whiten @ centres.T) + |c_k|^2
+        self.proj = (-2.0 * whiten @ centres.T).astype(np.float32)
+        self.offset = (centres ** 2).sum(1).astype(np.float32)
+
+    def score(self, record):
+        g = record.inner @ self.proj + self.offset
+        pred = record.logits.argmax(1)
+        return (g[np.arange(len(g)), pred] - g.min(1)).astype(np.float32)
+
+    def state(self):
+        return {"proj": self.proj, "offset": self.offset}
+
+    @classmethod
+    def from_state(cls, state):
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        c.proj, c.offset = state["proj"], state["offset"]
+        return c
+
+
+CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck, KNNCheck,
+                                                       ConsistencyCheck)}

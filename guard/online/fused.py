@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import Check, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck
+from .checks import Check, ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck
 
 
 class FusedScorer:
@@ -23,8 +23,9 @@ class FusedScorer:
     def __init__(self, checks: list[Check]):
         self.names = [c.name for c in checks]
         by_type = {type(c): c for c in checks}
-        if len(by_type) != len(checks) or not set(by_type) <= {FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck}:
-            raise TypeError("FusedScorer covers one each of the feature, knn, neuron and overlap checks")
+        known = {FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, ConsistencyCheck}
+        if len(by_type) != len(checks) or not set(by_type) <= known:
+            raise TypeError("FusedScorer covers one each of the feature, knn, neuron, overlap and consistency checks")
         mats = []
         self._feature = by_type.get(FeatureCheck)
         self._dim = 0
@@ -56,11 +57,16 @@ class FusedScorer:
             self._m = overlap._m_s
             self._c0 = (1.0 - overlap.mu).astype(np.float32)
             self._inv = (1.0 / overlap.sd).astype(np.float32)
+        cons = by_type.get(ConsistencyCheck)
+        self._cons = cons is not None
+        if cons is not None:
+            self._cproj, self._coffset = cons.proj, cons.offset
         self._slot = {n: i for i, n in enumerate(self.names)}
 
-    def score(self, x: np.ndarray, logits: np.ndarray, features: np.ndarray) -> np.ndarray:
+    def score(self, x: np.ndarray, logits: np.ndarray, features: np.ndarray,
+              inner: np.ndarray | None = None) -> np.ndarray:
         """``(1, n_checks)`` float32 scores of one input: ``x`` (1, C, H, W), ``logits`` (1, K),
-        ``features`` (1, D)."""
+        ``features`` (1, D), ``inner`` (1, 2C') for the consistency check."""
         out = np.empty((1, len(self.names)), dtype=np.float32)
         f = features[0]
         pred = int(logits[0].argmax())
@@ -77,6 +83,9 @@ class FusedScorer:
             m = sim.shape[0]
             kth = np.partition(sim, m - self._k)[m - self._k]
             out[0, slot["knn"]] = 1.0 - kth / max(float(np.sqrt(f @ f)), 1e-12)
+        if self._cons:
+            g = inner[0] @ self._cproj + self._coffset
+            out[0, slot["consistency"]] = g[pred] - g.min()
         if self._overlap:
             raw = (np.abs(x.reshape(-1).take(self._idx) - self._p) * self._m).sum(1)
             out[0, slot["overlap"]] = np.abs((self._c0 - raw) * self._inv).max()

@@ -13,10 +13,11 @@ from torch import nn
 
 from ..data import validate_batch
 from ..errors import ModelError
-from ..model import FeatureTap, feature_layer, fingerprint
+from ..model import FeatureTap, feature_layer, fingerprint, pool_inner
 from ..profile import Profile
 from . import repair as _repair
 from .checks import CHECKS, Check, Record
+from .ensemble import FisherEnsemble, UnionRule
 from .fused import FusedScorer
 from .policy import Decision, check_mode
 
@@ -34,8 +35,10 @@ class GuardResult:
     """A batch's outcome as arrays; :attr:`decisions` builds the per-input objects on demand.
 
     ``verdict_codes`` index ``pass, rejected, repaired, flagged``; ``scores`` is ``(N, n_checks)`` in
-    ``names`` order, ``thresholds`` the checks' thresholds and ``over`` marks the checks that fired
-    (a decision lists them strongest first: largest margin over the threshold, relative to it). For
+    ``names`` order, ``thresholds`` the checks' own thresholds, ``statistic`` the ensemble's combined
+    score (suspect when over ``ensemble_threshold``) and ``over`` marks, on suspect inputs, the checks
+    that give the reasons: those over their own threshold, else the one contributing most.
+    ``strength`` orders them (each check's contribution to the statistic, strongest first). For
     repaired inputs ``logits`` are the repaired image's and ``repaired_scores`` its re-scored checks.
     ``guard_ms`` is the guard's own time (validation, checks, policy, repair), ``forward_ms`` the
     model's tapped forward pass.
@@ -50,6 +53,9 @@ class GuardResult:
     repaired_scores: dict[int, np.ndarray]
     forward_ms: float
     guard_ms: float
+    statistic: np.ndarray
+    ensemble_threshold: float
+    strength: np.ndarray
 
     @property
     def verdicts(self) -> list[str]:
@@ -60,12 +66,11 @@ class GuardResult:
         probs = _softmax(self.logits)
         labels = self.logits.argmax(1)
         out = []
-        # how far over its threshold each check is, relative to the threshold: orders the reasons
-        margin = (self.scores - self.thresholds) / np.maximum(np.abs(self.thresholds), 1e-12)
         for i, verdict in enumerate(self.verdicts):
             fired = np.flatnonzero(self.over[i])
-            reasons = [self.names[j] for j in fired[np.argsort(-margin[i, fired], kind="stable")]]
+            reasons = [self.names[j] for j in fired[np.argsort(-self.strength[i, fired], kind="stable")]]
             sc = {n: round(float(self.scores[i, j]), 4) for j, n in enumerate(self.names)}
+            sc["ensemble"] = round(float(self.statistic[i]), 4)
             if i in self.repaired_scores:
                 sc.update({f"{n}_repaired": round(float(v), 4) for n, v in zip(self.names, self.repaired_scores[i])})
             if verdict == "rejected":
@@ -92,7 +97,8 @@ class Guard:
 
     ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints
     the located trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as
-    the model did and flags. The model's fingerprint must match the profile's unless
+    the model did and flags. An input is suspect when the checks' calibrated ensemble
+    (:mod:`guard.online.ensemble`) is over its threshold. The model's fingerprint must match the profile's unless
     ``verify=False`` (the caller already checked it). ``single_thread_blas`` pins numpy's BLAS to one
     thread for the process (see :func:`_pin_numpy_blas`).
     """
@@ -111,9 +117,18 @@ class Guard:
         self.input_shape = profile.input_shape
         self.layer = profile.meta.get("feature_layer")
         self._layer_module = feature_layer(model, self.layer)[1]
+        self.inner = profile.meta.get("inner_layer")
+        if self.inner is not None and self.inner not in dict(model.named_modules()):
+            raise ModelError(f"the profile's inner layer {self.inner!r} is not a module of the model")
+        self._inner_module = dict(model.named_modules())[self.inner] if self.inner else None
         self.checks: list[Check] = []
         thresholds = []
-        for name, info in profile.meta["checks"].items():
+        # the ensemble's tail statistics are stored in its own check order (profile.json sorts keys)
+        order = list(profile.meta.get("ensemble", {}).get("checks") or profile.meta["checks"])
+        if sorted(order) != sorted(profile.meta["checks"]):
+            raise ModelError("the profile's ensemble does not cover its checks: rescan the model")
+        for name in order:
+            info = profile.meta["checks"][name]
             prefix = f"check.{name}."
             state = {k[len(prefix):]: v for k, v in profile.tensors.items() if k.startswith(prefix)}
             check = CHECKS[name].from_state(state)
@@ -124,6 +139,13 @@ class Guard:
             raise ModelError("the profile has no calibrated checks")
         self.thresholds = np.asarray(thresholds)
         self.names = [c.name for c in self.checks]
+        if "ensemble" in profile.meta:
+            state = {k[len("ensemble."):]: v for k, v in profile.tensors.items() if k.startswith("ensemble.")}
+            self.ensemble: FisherEnsemble | UnionRule = FisherEnsemble.from_state(state, profile.meta["ensemble"])
+            if self.ensemble.refs_.shape[0] != len(self.checks):
+                raise ModelError("the profile's ensemble does not match its checks: rescan the model")
+        else:  # a profile from before the ensemble: any check over its own threshold
+            self.ensemble = UnionRule(self.thresholds)
         self.fill = profile.tensors["fill"].astype(np.float32)
         self.repair_pixels = int(profile.meta.get("repair", {}).get("pixels", 16))
         neuron = next((c for c in self.checks if c.name == "neuron"), None)
@@ -140,7 +162,7 @@ class Guard:
         if self._tap is not None:
             yield self
             return
-        with FeatureTap(self.model, self._layer_module) as tap:
+        with FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
             self._tap = tap
             try:
                 yield self
@@ -149,19 +171,23 @@ class Guard:
 
     # ------------------------------------------------------------------ core
     def _forward(self, x: np.ndarray) -> Record:
-        if self._tap is not None:  # inside session(): the hook is already there
+        if self._tap is not None:  # inside session(): the hooks are already there
             with torch.inference_mode():
                 logits = self.model(torch.from_numpy(x))
-            return Record(x, logits.numpy(), self._tap.features.numpy())
-        with torch.inference_mode(), FeatureTap(self.model, self._layer_module) as tap:
+            return self._record(x, logits, self._tap)
+        with torch.inference_mode(), FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
             logits = self.model(torch.from_numpy(x))
-            return Record(x, logits.numpy(), tap.features.numpy())
+            return self._record(x, logits, tap)
+
+    def _record(self, x: np.ndarray, logits: torch.Tensor, tap: FeatureTap) -> Record:
+        inner = pool_inner(tap.inner) if self._inner_module is not None else None
+        return Record(x, logits.numpy(), tap.features.numpy(), inner)
 
     def scores(self, record: Record) -> np.ndarray:
         """``(N, n_checks)`` scores of a record, columns in ``self.names`` order (one input: the fused
         path of :class:`~guard.online.fused.FusedScorer`, same numbers)."""
         if len(record) == 1:
-            return self._fused.score(record.x, record.logits, record.features)
+            return self._fused.score(record.x, record.logits, record.features, record.inner)
         out = np.empty((len(record), len(self.checks)), dtype=np.float32)
         for j, c in enumerate(self.checks):
             out[:, j] = c.score(record)
@@ -182,21 +208,36 @@ class Guard:
         rec = self._forward(x)
         t2 = time.perf_counter()
         s = self.scores(rec)
-        over = s > self.thresholds
-        suspect = over.any(1)
+        strength = self.ensemble.contributions(s)
+        stat = self.ensemble.reduce(strength)
+        suspect = stat > self.ensemble.threshold_
+        if suspect.any():  # every suspect input names a reason: its own-threshold checks, else the strongest
+            over = (s > self.thresholds) & suspect[:, None]
+            none = suspect & ~over.any(1)
+            over[none, strength[none].argmax(1)] = True
+        else:
+            over = np.zeros(s.shape, dtype=bool)
         codes = suspect * _SUSPECT_CODE[self.mode]
         logits, repaired = rec.logits, {}
         if self.mode == "repair" and suspect.any():
             logits = logits.copy()
             idx = np.flatnonzero(suspect)
             fixed, s2 = self._repair(x[idx])
-            still = (s2 > self.thresholds).any(1)
+            still = self.suspect(s2)
             codes[idx[still]] = 1  # still suspect after repair: reject
             logits[idx] = fixed
             repaired = {int(i): s2[j] for j, i in enumerate(idx)}
         t3 = time.perf_counter()
         return GuardResult(self.names, logits, s, self.thresholds, over, codes, repaired, (t2 - t1) * 1e3,
-                           ((t1 - t0) + (t3 - t2)) * 1e3)
+                           ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength)
+
+    def statistic(self, scores: np.ndarray) -> np.ndarray:
+        """``(N,)`` the ensemble's combined score of ``(N, n_checks)`` check scores (higher = more suspect)."""
+        return self.ensemble.statistic(scores)
+
+    def suspect(self, scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """``(N,)`` whether the ensemble finds each input suspect (at ``threshold``, default the profile's)."""
+        return self.ensemble.statistic(scores) > (self.ensemble.threshold_ if threshold is None else threshold)
 
     def predict(self, x: np.ndarray | torch.Tensor) -> list[Decision]:
         """Decisions for a batch ``(N, C, H, W)`` in [0, 1]; raises InputError on bad input."""

@@ -12,61 +12,45 @@ from torch import nn
 
 from ..data import split
 from ..errors import InputError
-from ..model import FeatureTap, feature_layer, fingerprint
-from ..online.checks import FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
+from ..model import FeatureTap, feature_layer, fingerprint, inner_layer, pool_inner
+from ..online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
+from ..online.ensemble import FisherEnsemble
 from ..online.policy import check_mode
 from ..profile import Profile
-from ..stats import upper_threshold
 from ._trigger import frozen
 from .neural_cleanse import NeuralCleanse, suspect_neurons
 
 
-def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, batch_size: int = 256) -> Record:
-    """Forward ``x`` in batches with the feature tap; one :class:`Record` for all of it."""
-    logits, feats = [], []
-    with frozen(model), torch.inference_mode(), FeatureTap(model, layer) as tap:
+def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner: str | None = None,
+            batch_size: int = 256) -> Record:
+    """Forward ``x`` in batches with the feature tap (and the inner layer's, pooled); one :class:`Record`."""
+    logits, feats, inners = [], [], []
+    inner_module = dict(model.named_modules())[inner] if inner else None
+    with frozen(model), torch.inference_mode(), FeatureTap(model, layer, inner=inner_module) as tap:
         for i in range(0, len(x), batch_size):
             logits.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).numpy())
             feats.append(tap.features.numpy().copy())
-    return Record(x, np.concatenate(logits), np.concatenate(feats))
-
-
-def joint_fpr(scores: np.ndarray, fpr: float, *, iterations: int = 40) -> float:
-    """The per-check false-positive rate at which the *union* of the checks flags ``fpr`` of ``scores``.
-
-    ``scores`` is ``(N, n_checks)`` on clean calibration images. Bonferroni (``fpr / n_checks`` each)
-    is the safe bound, but the checks are correlated (they read the same features), so it rejects
-    less than ``fpr`` while resting every threshold on a more extreme quantile, which a thousand
-    images estimate poorly (measured: 2.4% realised on a holdout with four checks at 0.25% each). A
-    bisection between ``fpr / n_checks`` and ``fpr`` finds the largest common rate whose union stays
-    within ``fpr`` on the calibration set.
-    """
-    n_checks = scores.shape[1]
-    lo, hi = fpr / n_checks, fpr
-
-    def union(rate: float) -> float:
-        thr = np.array([upper_threshold(scores[:, j], rate) for j in range(n_checks)])
-        return float((scores > thr).any(1).mean())
-
-    if union(hi) <= fpr:
-        return hi
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if union(mid) <= fpr else (lo, mid)
-    return lo
+            if inner_module is not None:
+                inners.append(pool_inner(tap.inner))
+    return Record(x, np.concatenate(logits), np.concatenate(feats), np.concatenate(inners) if inners else None)
 
 
 def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float = 0.01, seed: int = 0,
                   mode: str = "enforce", layer: str | None = None, calibration_share: float = 0.5,
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
-                  progress: bool | None = None, knn: bool = True) -> tuple[Profile, dict[str, Any]]:
+                  progress: bool | None = None, knn: bool = True, consistency: bool = True,
+                  inner: str | None = None) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     Half the clean data (stratified, seeded) drives the trigger reversal and fits the checks; the
-    other half is held out to calibrate the checks' thresholds so that their union rejects ``fpr`` of
-    clean traffic (:func:`joint_fpr`). ``knn`` adds the nearest-neighbour feature check
-    (:class:`~guard.online.checks.KNNCheck`), which covers input-specific triggers that no reversed
-    trigger describes (WaNet, input-aware); it costs one small matrix product per query.
+    other half is held out to calibrate them: each check's own threshold at ``fpr`` (they name the
+    reasons of a verdict) and the ensemble that decides (:class:`~guard.online.ensemble.FisherEnsemble`,
+    one threshold that lets ``fpr`` of the clean calibration images through). ``knn`` adds the
+    nearest-neighbour feature check (:class:`~guard.online.checks.KNNCheck`), which covers
+    input-specific triggers that no reversed trigger describes (WaNet, input-aware); ``consistency``
+    the inner-layer check (:class:`~guard.online.checks.ConsistencyCheck`, on the layer ``inner`` or
+    the one :func:`~guard.model.inner_layer` finds), which covers mild whole-image triggers (Blended).
+    Each costs one small matrix product per query.
     """
     if not 0 < fpr < 0.5:
         raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
@@ -76,6 +60,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     layer_name, _ = feature_layer(model, layer)
     with torch.no_grad():
         k = int(model(torch.from_numpy(x[:1])).shape[1])
+    inner_name = inner_layer(model, torch.from_numpy(x[:1]), inner) if consistency else None
     if y.max() >= k:
         raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
@@ -84,11 +69,13 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     nc = nc or NeuralCleanse(seed=seed, progress=progress)
     nc.fit(model, x_fit, num_classes=k)
     suspects = list(nc.suspect_labels_)
-    rec_fit = records(model, x_fit, layer=layer_name)
-    rec_cal = records(model, x_cal, layer=layer_name)
+    rec_fit = records(model, x_fit, layer=layer_name, inner=inner_name)
+    rec_cal = records(model, x_cal, layer=layer_name, inner=inner_name)
     checks = [FeatureCheck().fit(rec_fit, y_fit)]
     if knn:
         checks.append(KNNCheck(seed=seed).fit(rec_fit))
+    if inner_name is not None:
+        checks.append(ConsistencyCheck().fit(rec_fit, y_fit))
     neurons = {}
     if suspects:
         rows = [nc.labels_.index(s) for s in suspects]
@@ -97,11 +84,10 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         checks.append(NeuronCheck([neurons[s] for s in suspects], rec_fit.features.shape[1]).fit(rec_fit))
         checks.append(OverlapCheck(nc.masks_[rows], nc.patterns_[rows]).fit(rec_fit))
     cal_scores = np.stack([c.score(rec_cal) for c in checks], 1)
-    per_check_fpr = joint_fpr(cal_scores, fpr)
     for c in checks:
-        c.infer_threshold(rec_cal, fpr=per_check_fpr)
-    thresholds = np.array([c.threshold_ for c in checks])
-    realised = float((cal_scores > thresholds).any(1).mean())
+        c.infer_threshold(rec_cal, fpr=fpr)
+    ensemble = FisherEnsemble().fit(cal_scores).infer_threshold(cal_scores, fpr=fpr)
+    realised = float((ensemble.statistic(cal_scores) > ensemble.threshold_).mean())
 
     tensors: dict[str, np.ndarray] = {
         "masks": nc.masks_[[nc.labels_.index(s) for s in suspects]] if suspects else
@@ -111,6 +97,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     }
     for c in checks:
         tensors.update({f"check.{c.name}.{key}": v for key, v in c.state().items()})
+    tensors.update({f"ensemble.{key}": v for key, v in ensemble.state().items()})
     for s, idx in neurons.items():
         tensors[f"neurons.{s}"] = idx.astype(np.int64)
     min_l1 = min((float(nc.l1_norms_[nc.labels_.index(s)]) for s in suspects), default=None)
@@ -123,6 +110,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "input_shape": list(x.shape[1:]),
         "num_classes": k,
         "feature_layer": layer_name,
+        "inner_layer": inner_name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": source or {},
         "scan": {"method": "neural_cleanse", "seed": seed, "steps": nc.steps_, "seconds": round(nc.seconds_, 2),
@@ -132,6 +120,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "suspect_neurons": {str(s): idx.tolist() for s, idx in neurons.items()},
         "fpr": fpr,
         "checks": {c.name: {"threshold": float(c.threshold_), "fpr": float(c.fpr_)} for c in checks},
+        "ensemble": ensemble.meta() | {"checks": [c.name for c in checks]},
         "calibration": {"samples": len(x_cal), "realised_fpr": realised},
         "policy": {"mode": mode},
         "repair": {"pixels": repair_pixels},
@@ -143,6 +132,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "log_anomaly_index": {str(lab): round(float(a), 4) for lab, a in zip(nc.labels_, nc.log_anomaly_index_)},
         "l1_norm": {str(lab): round(float(v), 3) for lab, v in zip(nc.labels_, nc.l1_norms_)},
         "thresholds": meta["checks"],
+        "ensemble": meta["ensemble"],
         "fpr": fpr,
         "calibration_realised_fpr": realised,
         "model_sha256": meta["model_sha256"],

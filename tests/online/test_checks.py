@@ -7,7 +7,7 @@ import pytest
 from guard import Guard, Profile, load_model
 from guard.data import load_npz
 from guard.online import FeatureCheck, NeuronCheck, OverlapCheck, Record
-from guard.online.checks import CHECKS
+from guard.online.checks import CHECKS, ConsistencyCheck
 from guard.scan import records
 from guard.stats import roc_auc, tpr_at_fpr, upper_threshold
 
@@ -16,12 +16,13 @@ from guard.stats import roc_auc, tpr_at_fpr, upper_threshold
 def recs(demo_world, demo_profile):
     model = load_model(demo_world.model_file, demo_world.weights)
     guard = Guard(model, Profile.load(demo_profile))
-    clean = records(model, load_npz(demo_world.holdout)[0])
-    trig = records(model, load_npz(demo_world.triggered)[0])
+    clean = records(model, load_npz(demo_world.holdout)[0], inner=guard.inner)
+    trig = records(model, load_npz(demo_world.triggered)[0], inner=guard.inner)
     return guard, clean, trig
 
 
-@pytest.mark.parametrize("name,floor", [("feature", 0.99), ("knn", 0.95), ("neuron", 0.95)])
+@pytest.mark.parametrize("name,floor", [("feature", 0.99), ("knn", 0.95), ("neuron", 0.95),
+                                        ("consistency", 0.95)])
 def test_each_check_separates_the_demo_trigger(recs, name, floor):
     guard, clean, trig = recs
     check = guard.checks[guard.names.index(name)]
@@ -47,12 +48,12 @@ def test_calibration_holds_on_unseen_clean_images(recs):
     for j, check in enumerate(guard.checks):
         realised = (s[:, j] > check.threshold_).mean()
         assert realised <= 3 * check.fpr_ + 0.01, (check.name, realised, check.fpr_)
-    assert (s > guard.thresholds).any(1).mean() <= 0.02
+    assert guard.suspect(s).mean() <= 0.02  # the ensemble, calibrated at 1%
 
 
 def test_combined_verdict_catches_the_trigger(recs):
     guard, clean, trig = recs
-    assert (guard.scores(trig) > guard.thresholds).any(1).mean() >= 0.95
+    assert guard.suspect(guard.scores(trig)).mean() >= 0.95
 
 
 def test_alibi_shape_and_state_round_trip(recs):
@@ -83,3 +84,23 @@ def test_neuron_and_overlap_checks_on_synthetic_records():
     stamped = x[:50].copy()
     stamped[..., :2, :2] = 1
     assert tpr_at_fpr(o.score(rec), o.score(Record(stamped, rec.logits[:50], f[:50])), 0.01) > 0.9
+
+
+def test_consistency_check_scores_disagreement_between_the_inner_layer_and_the_label():
+    """Zero where the inner layer's discriminant agrees with the model's label; positive, and growing
+    with the distance, where the inner layer says another class."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=4.0, size=(3, 8))
+    y = np.repeat(np.arange(3), 100)
+    inner = (centres[y] + rng.normal(size=(300, 8))).astype(np.float32)
+    logits = np.eye(3, dtype=np.float32)[y]
+    rec = Record(np.zeros((300, 1, 2, 2), np.float32), logits, np.zeros((300, 4), np.float32), inner)
+    check = ConsistencyCheck().fit(rec, y)
+    agree = check.score(rec)
+    assert np.median(agree) == 0.0 and (agree >= 0).all()
+    flipped = Record(rec.x, np.roll(logits, 1, axis=1), rec.features, inner)  # labels that the layer disputes
+    assert roc_auc(agree, check.score(flipped)) > 0.99
+    again = CHECKS["consistency"].from_state(check.state())
+    np.testing.assert_array_equal(again.score(flipped), check.score(flipped))
+    with pytest.raises(ValueError, match="inner layer"):
+        ConsistencyCheck().fit(Record(rec.x, logits, rec.features), y)

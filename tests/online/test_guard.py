@@ -85,7 +85,7 @@ def test_clean_model_still_gets_a_calibrated_guard(clean_world, tmp_path):
     x, y = load_npz(clean_world.clean)
     profile, summary = build_profile(model, x, y, fpr=0.01, progress=False)
     assert summary["suspect_labels"] == []
-    assert set(profile.meta["checks"]) == {"feature", "knn"}  # label-agnostic checks only
+    assert set(profile.meta["checks"]) == {"feature", "knn", "consistency"}  # label-agnostic checks only
     xh, yh = load_npz(clean_world.holdout)
     c = evaluate(Guard(model, profile), xh, yh)
     assert c["rejected"] / c["n"] <= 0.02
@@ -99,7 +99,7 @@ def _checks_one_by_one(guard, x):
 def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
     model, profile, (xc, _), (xt, _) = setup
     guard = Guard(model, profile)
-    assert guard.names == ["feature", "knn", "neuron", "overlap"]
+    assert guard.names == ["feature", "knn", "consistency", "neuron", "overlap"]
     for x in list(xc[:20]) + list(xt[:20]):
         one = x[None]
         np.testing.assert_allclose(guard.scores(guard._forward(one)), _checks_one_by_one(guard, one),
@@ -116,18 +116,19 @@ def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
     x, y = load_npz(clean_world.clean)
     cp, _ = build_profile(cm, x[:600], y[:600], fpr=0.01, progress=False)
     cg = Guard(cm, cp)
-    assert cg.names == ["feature", "knn"]
+    assert cg.names == ["feature", "knn", "consistency"]
     np.testing.assert_allclose(cg.scores(cg._forward(x[:1])), _checks_one_by_one(cg, x[:1]), rtol=2e-5, atol=2e-5)
 
 
 def test_a_session_holds_one_hook_and_always_removes_it(setup):
     model, profile, (xc, _), _ = setup
     guard = Guard(model, profile)
-    layer = guard._layer_module
-    before = len(layer._forward_pre_hooks)
+    layer, inner = guard._layer_module, guard._inner_module
+    before, inner_before = len(layer._forward_pre_hooks), len(inner._forward_hooks)
     outside = guard.run(xc[:4]).scores
     with guard.session():
         assert len(layer._forward_pre_hooks) == before + 1
+        assert len(inner._forward_hooks) == inner_before + 1
         with guard.session():  # nested: shares the hook
             assert len(layer._forward_pre_hooks) == before + 1
         np.testing.assert_array_equal(guard.run(xc[:4]).scores, outside)
@@ -136,3 +137,30 @@ def test_a_session_holds_one_hook_and_always_removes_it(setup):
     with pytest.raises(RuntimeError), guard.session():
         raise RuntimeError("boom")
     assert len(layer._forward_pre_hooks) == before and guard._tap is None
+    assert len(inner._forward_hooks) == inner_before
+
+
+def test_suspect_inputs_always_name_a_reason_and_the_ensemble_decides(setup):
+    model, profile, (xc, _), (xt, _) = setup
+    guard = Guard(model, profile)
+    assert guard.ensemble.method == "fisher"
+    res = guard.run(np.concatenate([xc[:64], xt[:64]]))
+    suspect = res.statistic > res.ensemble_threshold
+    np.testing.assert_array_equal(res.verdict_codes != 0, suspect)
+    np.testing.assert_array_equal(res.over.any(1), suspect)  # a reason for each suspect input, none for a pass
+    for d, stat in zip(res.decisions, res.statistic):
+        assert d.scores["ensemble"] == pytest.approx(float(stat), abs=1e-3)
+
+
+def test_a_profile_from_before_the_ensemble_keeps_the_union_rule(setup):
+    """Profiles written before the ensemble (no ``ensemble`` entry) still load and decide as they did:
+    suspect when any check is over its own threshold."""
+    model, profile, (xc, _), (xt, _) = setup
+    old = Profile(meta={k: v for k, v in profile.meta.items() if k != "ensemble"},
+                  tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
+    guard = Guard(model, old)
+    assert guard.ensemble.method == "union"
+    x = np.concatenate([xc[:64], xt[:64]])
+    res = guard.run(x)
+    np.testing.assert_array_equal(res.verdict_codes != 0, (res.scores > guard.thresholds).any(1))
+    np.testing.assert_array_equal(res.over, res.scores > guard.thresholds)

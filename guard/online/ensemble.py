@@ -1,0 +1,141 @@
+"""How the checks' scores become one verdict: a calibrated ensemble.
+
+Each check sees some triggers well and others not at all (neuron activations catch patches and miss
+blended keys; the overlap check is blind to anything but the reversed trigger). A union of per-check
+thresholds spends the false-positive budget on every check, including the ones that say nothing about
+the input at hand, and never adds up evidence that two checks see at once. :class:`FisherEnsemble`
+turns every score into its tail probability on clean calibration traffic and combines them with
+Fisher's method, ``-sum_j log p_j``; one threshold on that statistic, calibrated on the same clean
+images, lets ``fpr`` of them through. Measured on the benchmark zoo: the Blended row's AUROC went
+from 0.89 (union) to about 0.98 with the same checks plus the consistency one.
+
+Tail probabilities are empirical inside the calibration sample and, beyond its top ``tail_share``,
+an exponential tail fitted to the excesses (peaks over threshold), so scores past every calibration
+image keep ranking instead of tying at ``1 / (n + 1)``. :class:`UnionRule` reproduces the earlier
+rule (any check over its own threshold) for profiles written before the ensemble.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..stats import upper_threshold
+
+
+class FisherEnsemble:
+    """Fisher's method over the checks' clean tail probabilities, with one calibrated threshold.
+
+    ``fit(scores)`` learns each check's clean score distribution from ``(N, n_checks)`` calibration
+    scores, ``infer_threshold(scores, fpr=...)`` sets ``threshold_``, ``statistic(scores)`` is the
+    combined score (higher = more suspect) and ``contributions(scores)`` each check's share of it
+    (its ``-log p``), which orders the reasons a verdict gives.
+    """
+
+    method = "fisher"
+
+    def __init__(self, *, tail_share: float = 0.1):
+        if not 0 < tail_share < 1:
+            raise ValueError(f"tail_share must be in (0, 1), got {tail_share}")
+        self.tail_share = float(tail_share)
+        self.threshold_: float | None = None
+        self.fpr_: float | None = None
+
+    def fit(self, scores: np.ndarray) -> FisherEnsemble:
+        s = np.asarray(scores, dtype=np.float64)
+        if s.ndim != 2 or len(s) < 20:
+            raise ValueError(f"need (N >= 20, n_checks) calibration scores, got shape {s.shape}")
+        n = len(s)
+        self.refs_ = np.sort(s, axis=0).T.astype(np.float32)  # (n_checks, n), ascending
+        m = max(2, int(round(self.tail_share * n)))  # the top m samples fit the exponential tail
+        self.t0_ = self.refs_[:, n - m - 1].astype(np.float64)
+        excess = self.refs_[:, n - m:].astype(np.float64) - self.t0_[:, None]
+        spread = (self.refs_[:, -1] - self.refs_[:, 0]).astype(np.float64)
+        self.beta_ = np.maximum(excess.mean(1), np.maximum(1e-3 * spread, 1e-12))
+        self._prepare()
+        return self
+
+    def _prepare(self) -> None:
+        n = self.refs_.shape[1]
+        m = max(2, int(round(self.tail_share * n)))
+        log_p0 = math.log((m + 1) / (n + 1))  # tail probability just above t0
+        # -log p inside the sample, indexed by how many calibration scores are at least as high
+        self._lut = (-np.log((np.arange(n + 1) + 1.0) / (n + 1.0))).astype(np.float32)
+        self._t0_32 = self.t0_.astype(np.float32)
+        self._inv_beta = (1.0 / self.beta_).astype(np.float32)
+        self._shift = (self.t0_ / self.beta_ + log_p0).astype(np.float32)  # beyond t0: s / beta - shift
+
+    def contributions(self, scores: np.ndarray) -> np.ndarray:
+        """``(N, n_checks)``: ``-log`` of each score's clean tail probability."""
+        s = np.asarray(scores, dtype=np.float32)
+        if len(s) == 1:  # one comparison pass beats a binary search per check at batch 1
+            count = (self.refs_ >= s[0][:, None]).sum(1)[None]  # calibration scores at least as high
+        else:
+            n = self.refs_.shape[1]
+            count = np.stack([n - np.searchsorted(r, s[:, j], side="left") for j, r in enumerate(self.refs_)], 1)
+        return np.where(s > self._t0_32, s * self._inv_beta - self._shift, self._lut[count])
+
+    @staticmethod
+    def reduce(contributions: np.ndarray) -> np.ndarray:
+        """The statistic from :meth:`contributions`: their sum."""
+        return contributions.sum(1)
+
+    def statistic(self, scores: np.ndarray) -> np.ndarray:
+        """``(N,)`` Fisher's statistic ``-sum_j log p_j``."""
+        return self.contributions(scores).sum(1)
+
+    def infer_threshold(self, scores: np.ndarray, *, fpr: float) -> FisherEnsemble:
+        """Set ``threshold_`` so that at most ``fpr`` of ``scores`` (clean) are over it."""
+        self.threshold_ = upper_threshold(self.statistic(scores), fpr)
+        self.fpr_ = float(fpr)
+        return self
+
+    def threshold_at(self, scores: np.ndarray, fpr: float) -> float:
+        """The threshold another operating point would use, on clean ``scores``."""
+        return upper_threshold(self.statistic(scores), fpr)
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64)}
+
+    def meta(self) -> dict[str, float | str]:
+        return {"method": self.method, "tail_share": self.tail_share, "threshold": float(self.threshold_),
+                "fpr": float(self.fpr_)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, np.ndarray], meta: dict) -> FisherEnsemble:
+        e = cls(tail_share=float(meta["tail_share"]))
+        e.refs_ = np.ascontiguousarray(state["refs"], dtype=np.float32)
+        e.t0_ = np.asarray(state["t0"], dtype=np.float64)
+        e.beta_ = np.asarray(state["beta"], dtype=np.float64)
+        e.threshold_, e.fpr_ = float(meta["threshold"]), float(meta["fpr"])
+        e._prepare()
+        return e
+
+
+class UnionRule:
+    """The rule of profiles written before the ensemble: suspect when any check is over its threshold.
+
+    ``statistic`` is the largest margin over a threshold relative to it, so ``threshold_ = 0`` gives
+    exactly the union's decisions.
+    """
+
+    method = "union"
+
+    def __init__(self, thresholds: np.ndarray):
+        self.thresholds = np.asarray(thresholds, dtype=np.float64)
+        self._scale = np.maximum(np.abs(self.thresholds), 1e-12)
+        self.threshold_ = 0.0
+
+    def contributions(self, scores: np.ndarray) -> np.ndarray:
+        return (np.asarray(scores, dtype=np.float64) - self.thresholds) / self._scale
+
+    @staticmethod
+    def reduce(contributions: np.ndarray) -> np.ndarray:
+        return contributions.max(1)
+
+    def statistic(self, scores: np.ndarray) -> np.ndarray:
+        return self.contributions(scores).max(1)
+
+    def threshold_at(self, scores: np.ndarray, fpr: float) -> float:
+        return upper_threshold(self.statistic(scores), fpr)
