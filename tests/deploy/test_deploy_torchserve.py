@@ -164,9 +164,12 @@ def after_traffic(torchserve):
         status, text = _get(url, key, body)
         assert status == 200, text
     deadline = time.monotonic() + 30
-    while True:  # the frontend picks the worker's metric lines up from its log asynchronously
+    # the frontend picks the worker's metric lines up from its log asynchronously, one line at a time:
+    # wait for the last of the four requests' lines (its latency observation), not just the first
+    done = re.compile(r'^guard_latency_seconds_count\{[^}]*\} 4\.0$', re.M)
+    while True:
         text = _get(f"{torchserve['urls']['metrics']}/metrics")[1]
-        if "guard_latency_seconds_count{" in text and 'reason="strip"' in text or time.monotonic() > deadline:
+        if (done.search(text) and 'reason="strip"' in text) or time.monotonic() > deadline:
             return text
         time.sleep(0.5)
 
