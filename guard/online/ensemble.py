@@ -17,6 +17,7 @@ rule (any check over its own threshold) for profiles written before the ensemble
 
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -65,16 +66,25 @@ class FisherEnsemble:
         self._t0_32 = self.t0_.astype(np.float32)
         self._inv_beta = (1.0 / self.beta_).astype(np.float32)
         self._shift = (self.t0_ / self.beta_ + log_p0).astype(np.float32)  # beyond t0: s / beta - shift
+        # the same as Python lists: one input's five numbers cost less in Python than in numpy calls
+        self._py = (self.refs_.tolist(), self._lut.tolist(), self._t0_32.tolist(), self._inv_beta.tolist(),
+                    self._shift.tolist(), n)
 
     def contributions(self, scores: np.ndarray) -> np.ndarray:
         """``(N, n_checks)``: ``-log`` of each score's clean tail probability."""
         s = np.asarray(scores, dtype=np.float32)
-        if len(s) == 1:  # one comparison pass beats a binary search per check at batch 1
-            count = (self.refs_ >= s[0][:, None]).sum(1)[None]  # calibration scores at least as high
-        else:
-            n = self.refs_.shape[1]
-            count = np.stack([n - np.searchsorted(r, s[:, j], side="left") for j, r in enumerate(self.refs_)], 1)
+        if len(s) == 1:
+            return np.array([self._one(s[0].tolist())], dtype=np.float32)
+        n = self.refs_.shape[1]
+        # calibration scores at least as high as each score
+        count = np.stack([n - np.searchsorted(r, s[:, j], side="left") for j, r in enumerate(self.refs_)], 1)
         return np.where(s > self._t0_32, s * self._inv_beta - self._shift, self._lut[count])
+
+    def _one(self, scores: list[float]) -> list[float]:
+        """:meth:`contributions` of one input in plain Python (the batch-1 hot path; same numbers)."""
+        refs, lut, t0, inv_beta, shift, n = self._py
+        return [v * inv_beta[j] - shift[j] if v > t0[j] else lut[n - bisect.bisect_left(refs[j], v)]
+                for j, v in enumerate(scores)]
 
     @staticmethod
     def reduce(contributions: np.ndarray) -> np.ndarray:

@@ -211,15 +211,17 @@ class Guard:
         strength = self.ensemble.contributions(s)
         stat = self.ensemble.reduce(strength)
         suspect = stat > self.ensemble.threshold_
-        if suspect.any():  # every suspect input names a reason: its own-threshold checks, else the strongest
+        any_suspect = bool(suspect[0]) if len(suspect) == 1 else bool(suspect.any())
+        if any_suspect:  # every suspect input names a reason: its own-threshold checks, else the strongest
             over = (s > self.thresholds) & suspect[:, None]
             none = suspect & ~over.any(1)
             over[none, strength[none].argmax(1)] = True
+            codes = suspect * _SUSPECT_CODE[self.mode]
         else:
             over = np.zeros(s.shape, dtype=bool)
-        codes = suspect * _SUSPECT_CODE[self.mode]
+            codes = np.zeros(len(s), dtype=np.int64)
         logits, repaired = rec.logits, {}
-        if self.mode == "repair" and suspect.any():
+        if self.mode == "repair" and any_suspect:
             logits = logits.copy()
             idx = np.flatnonzero(suspect)
             fixed, s2 = self._repair(x[idx])

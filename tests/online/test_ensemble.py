@@ -62,3 +62,12 @@ def test_union_rule_reproduces_any_check_over_its_threshold():
     t = np.quantile(s, 0.99, axis=0)
     u = UnionRule(t)
     np.testing.assert_array_equal(u.statistic(s) > u.threshold_, (s > t).any(1))
+
+
+def test_one_input_path_gives_the_batch_numbers():
+    cal = _clean(500, 0)
+    e = FisherEnsemble().fit(cal)
+    x = np.concatenate([_clean(40, 6), cal[:10], cal.max(0, keepdims=True) + 3])  # inside, on, beyond the sample
+    batch = e.contributions(x)
+    one = np.concatenate([e.contributions(row[None]) for row in x])
+    np.testing.assert_allclose(one, batch, rtol=1e-5, atol=1e-5)
