@@ -66,12 +66,24 @@ class Check:
             raise RuntimeError(f"{self.name}: call infer_threshold first")
         return self.score(record) > self.threshold_
 
-    def state(self) -> dict[str, np.ndarray]:  # pragma: no cover - interface
-        raise NotImplementedError
+    STATE: tuple[str, ...] = ()
+    """The fitted attributes a profile stores, as plain arrays; a check with more to restore overrides
+    :meth:`_restore` (derived attributes) or both :meth:`state` and :meth:`from_state`."""
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.STATE}
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> Check:  # pragma: no cover - interface
-        raise NotImplementedError
+    def from_state(cls, state: dict[str, np.ndarray]) -> Check:
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        for k in cls.STATE:
+            setattr(c, k, state[k])
+        c._restore()
+        return c
+
+    def _restore(self) -> None:
+        """Rebuild what :meth:`from_state` does not read from the profile (nothing by default)."""
 
 
 def _standardiser(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,6 +97,7 @@ class NeuronCheck(Check):
     raises most). Score: the largest standardised mean activation over the suspect labels."""
 
     name = "neuron"
+    STATE = ("weights", "bias")
 
     def __init__(self, neurons: list[np.ndarray], dim: int):
         super().__init__()
@@ -102,15 +115,6 @@ class NeuronCheck(Check):
     def score(self, record):
         return (record.features @ self.weights + self.bias).max(1)
 
-    def state(self):
-        return {"weights": self.weights, "bias": self.bias}
-
-    @classmethod
-    def from_state(cls, state):
-        c = cls.__new__(cls)
-        Check.__init__(c)
-        c.weights, c.bias = state["weights"], state["bias"]
-        return c
 
 
 class OverlapCheck(Check):
@@ -124,6 +128,7 @@ class OverlapCheck(Check):
     """
 
     name = "overlap"
+    STATE = ("m", "p", "mu", "sd")
 
     SUPPORT = 1e-3
     """Mask weights below this share of the largest are dropped: a reversed mask is a few dozen pixels
@@ -155,16 +160,8 @@ class OverlapCheck(Check):
     def score(self, record):
         return np.abs((self._raw(record) - self.mu) / self.sd).max(1)
 
-    def state(self):
-        return {"m": self.m, "p": self.p, "mu": self.mu, "sd": self.sd}
-
-    @classmethod
-    def from_state(cls, state):
-        c = cls.__new__(cls)
-        Check.__init__(c)
-        c.m, c.p, c.mu, c.sd = state["m"], state["p"], state["mu"], state["sd"]
-        c._support()
-        return c
+    def _restore(self):
+        self._support()
 
 
 class FeatureCheck(Check):
@@ -174,6 +171,7 @@ class FeatureCheck(Check):
     no scan result, so a model where the scan found nothing still has a calibrated guard."""
 
     name = "feature"
+    STATE = ("whiten", "centres")
 
     def __init__(self, *, shrinkage: float | None = None):
         super().__init__()
@@ -203,16 +201,8 @@ class FeatureCheck(Check):
         d = z - self.centres[pred]
         return np.einsum("ij,ij->i", d, d)
 
-    def state(self):
-        return {"whiten": self.whiten, "centres": self.centres}
-
-    @classmethod
-    def from_state(cls, state):
-        c = cls.__new__(cls)
-        Check.__init__(c)
-        c.shrinkage = None
-        c.whiten, c.centres = state["whiten"], state["centres"]
-        return c
+    def _restore(self):
+        self.shrinkage = None
 
 
 class KNNCheck(Check):
@@ -308,6 +298,7 @@ class ConsistencyCheck(Check):
     """
 
     name = "consistency"
+    STATE = ("proj", "offset")
 
     def _fit(self, record, y):
         from sklearn.covariance import LedoitWolf
@@ -332,15 +323,6 @@ class ConsistencyCheck(Check):
         pred = record.logits.argmax(1)
         return (g[np.arange(len(g)), pred] - g.min(1)).astype(np.float32)
 
-    def state(self):
-        return {"proj": self.proj, "offset": self.offset}
-
-    @classmethod
-    def from_state(cls, state):
-        c = cls.__new__(cls)
-        Check.__init__(c)
-        c.proj, c.offset = state["proj"], state["offset"]
-        return c
 
 
 CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck, KNNCheck,
