@@ -137,10 +137,8 @@ def operating_thresholds(guard, calibration: np.ndarray, fprs: Sequence[float], 
     inputs through: what a looser or stricter profile would trade, without rescanning. The clean FPR
     reached on held-out inputs is measured by :func:`evaluate`.
     """
-    stat = guard.statistic(_scores(guard, calibration, batch))
-    from ..stats import upper_threshold
-
-    return {f"--fpr {f:g}": upper_threshold(stat, f) for f in fprs}
+    s = _scores(guard, calibration, batch)
+    return {f"--fpr {f:g}": guard.ensemble.threshold_at(s, f) for f in fprs}
 
 
 def evaluate(guard, attack: BadNets, x: np.ndarray, y: np.ndarray, *,

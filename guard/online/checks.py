@@ -86,6 +86,26 @@ class Check:
         """Rebuild what :meth:`from_state` does not read from the profile (nothing by default)."""
 
 
+def _class_whitening(f: np.ndarray, record: Record, y: np.ndarray | None, *,
+                     shrinkage: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Whitening matrix ``(D, D)`` and whitened class centres ``(K, D)`` of activations ``f``.
+
+    Class means (the labels ``y``, else the model's predictions; a class with no image gets the overall
+    mean) and one covariance of the centred activations shared by all classes, shrunk (Ledoit-Wolf, or
+    ``shrinkage`` if given), so that squared Euclidean distance after whitening is the Mahalanobis one.
+    """
+    from sklearn.covariance import LedoitWolf, ShrunkCovariance
+
+    f = f.astype(np.float64)
+    labels = record.logits.argmax(1) if y is None else y
+    k = record.logits.shape[1]
+    means = np.stack([f[labels == c].mean(0) if (labels == c).any() else f.mean(0) for c in range(k)])
+    est = LedoitWolf() if shrinkage is None else ShrunkCovariance(shrinkage=shrinkage)
+    evals, evecs = np.linalg.eigh(est.fit(f - means[labels]).covariance_)
+    whiten = evecs / np.sqrt(np.maximum(evals, 1e-8 * evals.max()))
+    return whiten, means @ whiten
+
+
 def _standardiser(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mu = values.mean(0)
     sd = values.std(0)
@@ -114,7 +134,6 @@ class NeuronCheck(Check):
 
     def score(self, record):
         return (record.features @ self.weights + self.bias).max(1)
-
 
 
 class OverlapCheck(Check):
@@ -178,22 +197,9 @@ class FeatureCheck(Check):
         self.shrinkage = shrinkage
 
     def _fit(self, record, y):
-        from sklearn.covariance import LedoitWolf, ShrunkCovariance
-
-        f = record.features.astype(np.float64)
-        labels = record.logits.argmax(1) if y is None else y
-        k = record.logits.shape[1]
-        means = np.zeros((k, f.shape[1]))
-        for c in range(k):
-            sel = labels == c
-            means[c] = f[sel].mean(0) if sel.any() else f.mean(0)
-        centred = f - means[labels]
-        est = (LedoitWolf() if self.shrinkage is None else ShrunkCovariance(shrinkage=self.shrinkage))
-        cov = est.fit(centred).covariance_
-        evals, evecs = np.linalg.eigh(cov)
-        whiten = evecs / np.sqrt(np.maximum(evals, 1e-8 * evals.max()))
+        whiten, centres = _class_whitening(record.features, record, y, shrinkage=self.shrinkage)
         self.whiten = whiten.astype(np.float32)
-        self.centres = (means @ whiten).astype(np.float32)
+        self.centres = centres.astype(np.float32)
 
     def score(self, record):
         z = record.features @ self.whiten
@@ -301,18 +307,9 @@ class ConsistencyCheck(Check):
     STATE = ("proj", "offset")
 
     def _fit(self, record, y):
-        from sklearn.covariance import LedoitWolf
-
         if record.inner is None:
             raise ValueError("the consistency check needs the inner layer's activations (Record.inner)")
-        f = record.inner.astype(np.float64)
-        labels = record.logits.argmax(1) if y is None else y
-        k = record.logits.shape[1]
-        means = np.stack([f[labels == c].mean(0) if (labels == c).any() else f.mean(0) for c in range(k)])
-        cov = LedoitWolf().fit(f - means[labels]).covariance_
-        evals, evecs = np.linalg.eigh(cov)
-        whiten = evecs / np.sqrt(np.maximum(evals, 1e-8 * evals.max()))
-        centres = means @ whiten
+        whiten, centres = _class_whitening(record.inner, record, y)
         # |z - c_k|^2 = |z|^2 - 2 z.c_k + |c_k|^2 with z = f @ whiten: the |z|^2 term is the same for
         # every class, so d_pred - min_k d_k only needs f @ (-2 whiten @ centres.T) + |c_k|^2
         self.proj = (-2.0 * whiten @ centres.T).astype(np.float32)
@@ -322,7 +319,6 @@ class ConsistencyCheck(Check):
         g = record.inner @ self.proj + self.offset
         pred = record.logits.argmax(1)
         return (g[np.arange(len(g)), pred] - g.min(1)).astype(np.float32)
-
 
 
 CHECKS: dict[str, type[Check]] = {c.name: c for c in (NeuronCheck, OverlapCheck, FeatureCheck, KNNCheck,

@@ -25,7 +25,26 @@ import numpy as np
 from ..stats import upper_threshold
 
 
-class FisherEnsemble:
+class _Rule:
+    """What both rules share: ``statistic = reduce(contributions)`` and thresholds on it."""
+
+    def contributions(self, scores: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @staticmethod
+    def reduce(contributions: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def statistic(self, scores: np.ndarray) -> np.ndarray:
+        """``(N,)`` the combined score of ``(N, n_checks)`` check scores (higher = more suspect)."""
+        return self.reduce(self.contributions(scores))
+
+    def threshold_at(self, scores: np.ndarray, fpr: float) -> float:
+        """The threshold on :meth:`statistic` that lets ``fpr`` of the clean ``scores`` through."""
+        return upper_threshold(self.statistic(scores), fpr)
+
+
+class FisherEnsemble(_Rule):
     """Fisher's method over the checks' clean tail probabilities, with one calibrated threshold.
 
     ``fit(scores)`` learns each check's clean score distribution from ``(N, n_checks)`` calibration
@@ -49,7 +68,7 @@ class FisherEnsemble:
             raise ValueError(f"need (N >= 20, n_checks) calibration scores, got shape {s.shape}")
         n = len(s)
         self.refs_ = np.sort(s, axis=0).T.astype(np.float32)  # (n_checks, n), ascending
-        m = max(2, int(round(self.tail_share * n)))  # the top m samples fit the exponential tail
+        m = self._tail_count(n)
         self.t0_ = self.refs_[:, n - m - 1].astype(np.float64)
         excess = self.refs_[:, n - m:].astype(np.float64) - self.t0_[:, None]
         spread = (self.refs_[:, -1] - self.refs_[:, 0]).astype(np.float64)
@@ -57,9 +76,13 @@ class FisherEnsemble:
         self._prepare()
         return self
 
+    def _tail_count(self, n: int) -> int:
+        """How many of ``n`` calibration scores (the top ones) fit the exponential tail."""
+        return max(2, int(round(self.tail_share * n)))
+
     def _prepare(self) -> None:
         n = self.refs_.shape[1]
-        m = max(2, int(round(self.tail_share * n)))
+        m = self._tail_count(n)
         log_p0 = math.log((m + 1) / (n + 1))  # tail probability just above t0
         # -log p inside the sample, indexed by how many calibration scores are at least as high
         self._lut = (-np.log((np.arange(n + 1) + 1.0) / (n + 1.0))).astype(np.float32)
@@ -88,22 +111,14 @@ class FisherEnsemble:
 
     @staticmethod
     def reduce(contributions: np.ndarray) -> np.ndarray:
-        """The statistic from :meth:`contributions`: their sum."""
+        """Fisher's statistic from :meth:`contributions`: ``-sum_j log p_j``."""
         return contributions.sum(1)
-
-    def statistic(self, scores: np.ndarray) -> np.ndarray:
-        """``(N,)`` Fisher's statistic ``-sum_j log p_j``."""
-        return self.contributions(scores).sum(1)
 
     def infer_threshold(self, scores: np.ndarray, *, fpr: float) -> FisherEnsemble:
         """Set ``threshold_`` so that at most ``fpr`` of ``scores`` (clean) are over it."""
-        self.threshold_ = upper_threshold(self.statistic(scores), fpr)
+        self.threshold_ = self.threshold_at(scores, fpr)
         self.fpr_ = float(fpr)
         return self
-
-    def threshold_at(self, scores: np.ndarray, fpr: float) -> float:
-        """The threshold another operating point would use, on clean ``scores``."""
-        return upper_threshold(self.statistic(scores), fpr)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64)}
@@ -123,7 +138,7 @@ class FisherEnsemble:
         return e
 
 
-class UnionRule:
+class UnionRule(_Rule):
     """The rule of profiles written before the ensemble: suspect when any check is over its threshold.
 
     ``statistic`` is the largest margin over a threshold relative to it, so ``threshold_ = 0`` gives
@@ -143,9 +158,3 @@ class UnionRule:
     @staticmethod
     def reduce(contributions: np.ndarray) -> np.ndarray:
         return contributions.max(1)
-
-    def statistic(self, scores: np.ndarray) -> np.ndarray:
-        return self.contributions(scores).max(1)
-
-    def threshold_at(self, scores: np.ndarray, fpr: float) -> float:
-        return upper_threshold(self.statistic(scores), fpr)

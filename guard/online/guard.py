@@ -80,6 +80,11 @@ class GuardResult:
         return out
 
 
+def _tensors_under(profile: Profile, prefix: str) -> dict[str, np.ndarray]:
+    """The profile's tensors named ``prefix + key``, keyed by ``key`` (a check's or the ensemble's state)."""
+    return {k[len(prefix):]: v for k, v in profile.tensors.items() if k.startswith(prefix)}
+
+
 def _pin_numpy_blas() -> None:
     """Run numpy's BLAS single-threaded (process-wide).
 
@@ -118,9 +123,10 @@ class Guard:
         self.layer = profile.meta.get("feature_layer")
         self._layer_module = feature_layer(model, self.layer)[1]
         self.inner = profile.meta.get("inner_layer")
-        if self.inner is not None and self.inner not in dict(model.named_modules()):
+        modules = dict(model.named_modules())
+        if self.inner is not None and self.inner not in modules:
             raise ModelError(f"the profile's inner layer {self.inner!r} is not a module of the model")
-        self._inner_module = dict(model.named_modules())[self.inner] if self.inner else None
+        self._inner_module = modules[self.inner] if self.inner else None
         self.checks: list[Check] = []
         thresholds = []
         # the ensemble's tail statistics are stored in its own check order (profile.json sorts keys)
@@ -129,9 +135,7 @@ class Guard:
             raise ModelError("the profile's ensemble does not cover its checks: rescan the model")
         for name in order:
             info = profile.meta["checks"][name]
-            prefix = f"check.{name}."
-            state = {k[len(prefix):]: v for k, v in profile.tensors.items() if k.startswith(prefix)}
-            check = CHECKS[name].from_state(state)
+            check = CHECKS[name].from_state(_tensors_under(profile, f"check.{name}."))
             check.threshold_, check.fpr_ = float(info["threshold"]), float(info["fpr"])
             self.checks.append(check)
             thresholds.append(check.threshold_)
@@ -140,8 +144,8 @@ class Guard:
         self.thresholds = np.asarray(thresholds)
         self.names = [c.name for c in self.checks]
         if "ensemble" in profile.meta:
-            state = {k[len("ensemble."):]: v for k, v in profile.tensors.items() if k.startswith("ensemble.")}
-            self.ensemble: FisherEnsemble | UnionRule = FisherEnsemble.from_state(state, profile.meta["ensemble"])
+            self.ensemble: FisherEnsemble | UnionRule = FisherEnsemble.from_state(
+                _tensors_under(profile, "ensemble."), profile.meta["ensemble"])
             if self.ensemble.refs_.shape[0] != len(self.checks):
                 raise ModelError("the profile's ensemble does not match its checks: rescan the model")
         else:  # a profile from before the ensemble: any check over its own threshold
