@@ -48,14 +48,9 @@ def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int 
             (tg if first is bare else tb).append(t2 - t1)
         return np.array(tb) * 1e3, np.array(tg) * 1e3
 
-    session = getattr(guard, "session", None)
-    per_call = None
-    if session is not None:
-        b0, g0 = interleaved()  # hook registered and removed on every call
-        per_call = float(np.median(g0) / np.median(b0))
-        with session():
-            b, g = interleaved()
-    else:
+    b0, g0 = interleaved()  # hook registered and removed on every call
+    per_call = float(np.median(g0) / np.median(b0))
+    with guard.session():
         b, g = interleaved()
     return {"batch_size": batch_size, "bare_p50_ms": float(np.median(b)), "guarded_p50_ms": float(np.median(g)),
             "bare_p95_ms": float(np.percentile(b, 95)), "guarded_p95_ms": float(np.percentile(g, 95)),
@@ -97,10 +92,8 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
            "validate": median_us(lambda: validate_batch(xb, shape=guard.input_shape, what="input"))}
     for c in guard.checks:
         out[f"check.{c.name}"] = median_us(lambda c=c: c.score(rec))
-    if getattr(guard, "_fused", None) is not None:
-        out["checks_fused"] = median_us(lambda: guard.scores(rec))
+    out["checks_fused"] = median_us(lambda: guard.scores(rec))
     out["run"] = median_us(lambda: guard.run(xb))
-    if hasattr(guard, "session"):
-        with guard.session():
-            out["run_in_session"] = median_us(lambda: guard.run(xb))
+    with guard.session():
+        out["run_in_session"] = median_us(lambda: guard.run(xb))
     return out

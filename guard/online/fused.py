@@ -1,7 +1,7 @@
 """Every check's score for a single input in a handful of numpy calls: the batch-1 hot path.
 
 At batch 1 the checks' arithmetic is tiny (a few hundred multiply-adds each) and their cost is numpy's
-per-call overhead: about 40 calls through the four ``Check.score`` methods. This scorer precomputes
+per-call overhead: about 45 calls through the five ``Check.score`` methods. This scorer precomputes
 what they share: one matrix product gives both the Mahalanobis projection and the suspect-neuron sums,
 each class's knn bank is stored transposed and contiguous, and the overlap check's constants are
 folded (``(1 - mu) - S`` times ``1 / sd``). The numbers are the checks' own (same operations in
@@ -18,7 +18,7 @@ from .checks import Check, ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck
 
 
 class FusedScorer:
-    """Scores of one input for ``checks`` (in their order): ``score(x, logits, features)``."""
+    """Scores of one input for ``checks`` (in their order): ``score(x, logits, features, inner)``."""
 
     def __init__(self, checks: list[Check]):
         self.names = [c.name for c in checks]
