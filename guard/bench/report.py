@@ -86,16 +86,18 @@ def render(results: dict[str, Any]) -> str:
              "flags 1% of the clean test images (TPR@1%); *verdict* is the guard as deployed (its own "
              "calibrated thresholds), with the clean share it flagged in brackets", ""]
     lines += ["## Attacks", "",
-              "| attack | clean acc | ASR | NC | DL-TND | DF-TND | best check (AUROC) | guard AUROC | guard TPR@1% "
+              "| attack | clean acc | ASR | NC | DL-TND | DF-TND | blend | best check (AUROC) | guard AUROC "
+              "| guard TPR@1% "
               "| guard verdict TPR (FPR) | STRIP AUROC | STRIP TPR@1% | ART STRIP TPR@1% | repaired ASR "
               "| repair acc loss |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in results["attacks"]:
         comb, d = a["online"]["combined"], a["detected"]
         art = a.get("art_strip")
         lines.append(
             f"| {a['name']} | {_pct(a['clean_accuracy'])} | {_pct(a['attack_success_rate'])} "
             f"| {_det(d.get('neural_cleanse'))} | {_det(d.get('dl_tnd'))} | {_det(d.get('df_tnd'))} "
+            f"| {_det(d.get('blend'))} "
             f"| {_best_check(a['online'])} | {_f(comb['auroc'])} | {_pct(comb['tpr_at_1pct_fpr'])} "
             f"| {_pct(comb['verdict']['tpr'])} ({_pct(comb['verdict']['fpr'])}) | {_f(a['strip']['auroc'])} "
             f"| {_pct(a['strip']['tpr_at_1pct_fpr'])} | {_pct(art['tpr_at_1pct_fpr']) if art else 'n/a'} "
@@ -120,9 +122,10 @@ def render(results: dict[str, Any]) -> str:
         lines += ["", "Clean models (offline false positives):", ""]
         for c in results["clean_models"]:
             d = c["detected"]
-            fp = {k: _det(d.get(k), "false_positive") for k in ("neural_cleanse", "dl_tnd", "df_tnd")}
+            fp = {k: _det(d.get(k), "false_positive") for k in ("neural_cleanse", "dl_tnd", "df_tnd", "blend")}
             lines.append(f"- {c['name']} (clean acc {_pct(c['clean_accuracy'])}): flagged by "
-                         f"NC {fp['neural_cleanse']}, DL-TND {fp['dl_tnd']}, DF-TND {fp['df_tnd']}")
+                         f"NC {fp['neural_cleanse']}, DL-TND {fp['dl_tnd']}, DF-TND {fp['df_tnd']}, "
+                         f"blend {fp['blend']}")
     if not results.get("art_strip_available") or results.get("art_strip_reason"):
         lines += ["", f"ART STRIP: {results.get('art_strip_reason')}"]
     p = results.get("performance") or {}

@@ -43,6 +43,7 @@ from ..attacks.zoo import zoo_data
 from ..data import glyphs, split
 from ..online import Guard
 from ..scan import build_profile
+from ..scan.blend import BlendReversal
 from ..scan.neural_cleanse import NeuralCleanse
 from ..scan.tnd import DFTND, DLTND
 from .metrics import at_threshold, separation
@@ -69,6 +70,7 @@ class BenchConfig:
     nc_max_rounds: int = 200
     dl_tnd: dict[str, Any] | None = field(default_factory=dict)  # DLTND keyword overrides; None: skip
     df_tnd: dict[str, Any] | None = field(default_factory=dict)  # DFTND keyword overrides; None: skip
+    blend: dict[str, Any] | None = field(default_factory=dict)  # BlendReversal keyword overrides; None: skip
     strip_n: int = 100
     strip_calibration: int = 500  # clean held-out images that set STRIP's boundary (pool: the scan half)
     art: bool = True
@@ -101,7 +103,9 @@ PRESETS: dict[str, BenchConfig] = {
     "tiny": BenchConfig(preset="tiny", attacks=("badnets",), zoo=ZooConfig(n_train=400, n_test=200, epochs=1),
                         n_clean=120, n_eval=40, nc_max_rounds=3, strip_n=10, strip_calibration=60, art_pool=40,
                         dl_tnd={"samples_per_class": 3, "iterations": 2, "search_steps": 1, "per_image_iterations": 2},
-                        df_tnd={"n_seeds": 2, "iterations": 3}, overhead_repeats=10, nc_speed_rounds=1,
+                        df_tnd={"n_seeds": 2, "iterations": 3}, blend={"alphas": (0.1, 0.2), "steps": 2,
+                                                                     "refine_steps": 1, "n_eval": 40},
+                        overhead_repeats=10, nc_speed_rounds=1,
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }
 
@@ -178,6 +182,16 @@ def _offline(cfg: BenchConfig, model: nn.Module, summary: dict[str, Any], profil
         out["df_tnd"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
                          "seconds": round(time.perf_counter() - t0, 2),
                          "target_anomaly_index": round(float(df.anomaly_index_[target]), 3) if target >= 0 else None}
+    if cfg.blend is None:
+        out["blend"] = None
+    else:
+        t0 = time.perf_counter()
+        bl = BlendReversal(seed=cfg.zoo.seed, progress=False, **cfg.blend).fit(model, x_fit, y_fit,
+                                                                                 num_classes=num_classes)
+        flagged = list(bl.suspect_labels_)
+        out["blend"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
+                        "seconds": round(time.perf_counter() - t0, 2),
+                        "target_lead": round(float(bl.lead_[target]), 4) if target >= 0 else None}
     return out
 
 

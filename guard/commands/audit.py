@@ -26,9 +26,10 @@ def _shape(text: str) -> tuple[int, int, int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--data", help="clean images: .npz (x, y) or a folder of class subfolders "
-                   "(needed by nc and dl-tnd; df-tnd runs without)")
+                   "(needed by nc, dl-tnd and blend; df-tnd runs without)")
     p.add_argument("--out", required=True, help="report directory (must not exist or be empty, unless --force)")
-    p.add_argument("--methods", default="nc,dl-tnd,df-tnd", help="comma-separated subset of nc,dl-tnd,df-tnd")
+    p.add_argument("--methods", default="nc,dl-tnd,df-tnd,blend",
+                   help="comma-separated subset of nc,dl-tnd,df-tnd,blend")
     p.add_argument("--profile", help="profile directory of this model: reuse its Neural Cleanse scan "
                    "(exit 3 if it belongs to another model)")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",
@@ -73,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"verdict: {s['verdict']}" + (f" (suspect labels {s['suspect_labels']}; {s['rule']})"
                                             if s["suspect_labels"] else ""))
-        for key in ("neural_cleanse", "dl_tnd", "df_tnd"):
+        for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend"):
             if key in s:
                 print(f"  {s[key]['method']:<15} {s[key]['decision']:<10} suspect {s[key]['suspect_labels'] or '-'}"
                       f"  {s['timings'][key]:.1f}s")

@@ -1,17 +1,18 @@
 """The offline audit: run the selected detectors, combine their decisions, and export the result.
 
 ``run_audit`` validates its input once (so a bad data file fails in a second, not after a scan),
-runs Neural Cleanse, DL-TND and DF-TND as chosen, and returns an :class:`AuditResult`: a JSON-ready
+runs Neural Cleanse, DL-TND, DF-TND and the blend reversal as chosen, and returns an :class:`AuditResult`: a JSON-ready
 summary (``to_json``) plus the arrays the HTML report draws. ``write_metrics`` turns it into
 Prometheus text exposition for node_exporter's textfile collector.
 
-How the verdict is combined: a model is backdoored when DF-TND flags it (its bars are calibrated on
-clean models), or when Neural Cleanse flags a label that another method corroborates (DF-TND ranks
-it first by logit increase, or DL-TND flags it too). An uncorroborated Neural Cleanse flag is
-reported as a disagreement: on the glyph world some clean models have a natural cheap class (a small
-"plus" reaches it from everywhere) that NC's MAD test flags, while on every patch model seen DF-TND
-ranked the attacker's target first. DL-TND never decides alone when another method ran (a natural
-"sink" class gives it false alarms on clean models). A method run on its own decides alone.
+How the verdict is combined: a model is backdoored when DF-TND or the blend reversal flags it. Their
+bars were set on a calibration population of clean and backdoored glyph models (see
+``tests/scan/blend_calibration.py``), where this rule was right on 35 of 36 models. Neural Cleanse's
+and DL-TND's flags are reported (agreement in the rule and the report) but decide only when no
+calibrated method ran: on that population Neural Cleanse's MAD test flagged 4 of the 24 clean models
+(a natural cheap class that a small "plus" reaches from everywhere), and letting DL-TND or DF-TND's
+top-ranked label corroborate it called two clean models backdoored (33 of 36) while catching no
+backdoor the calibrated methods missed. A method run on its own decides alone.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from ..errors import InputError
 from ..model import feature_layer, fingerprint
 from ..profile import Profile
 from ..stats import anomaly_index
+from .blend import BlendReversal
 from .neural_cleanse import NeuralCleanse
 from .tnd import DFTND, DLTND, infer_input_shape
 
-METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd"}
-NEEDS_DATA = ("nc", "dl-tnd")
+METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd", "blend": "blend"}
+NEEDS_DATA = ("nc", "dl-tnd", "blend")
+DECISIVE = ("df_tnd", "blend")  # calibrated on clean models: their flag alone decides
 NC_MIN_IMAGES = 20
 
 
@@ -74,32 +77,31 @@ class AuditResult:
         return self.summary
 
 
-def combine(flags: dict[str, list[int]], df_top: int | None = None) -> tuple[str, list[int], str]:
+def combine(flags: dict[str, list[int]]) -> tuple[str, list[int], str]:
     """Verdict, suspect labels and the rule that fired, from each method's flagged labels.
 
-    ``df_top`` is the label DF-TND ranks first (largest logit increase), when DF-TND ran.
+    The calibrated methods (:data:`DECISIVE`: DF-TND and the blend reversal, whose bars were set on
+    clean and backdoored models) decide; Neural Cleanse decides only when neither ran, and DL-TND
+    only alone. Their flags are otherwise reported as agreement or disagreement.
     """
-    nc = sorted(set(flags.get("neural_cleanse") or []))
-    dl = sorted(set(flags.get("dl_tnd") or []))
-    df = sorted(set(flags.get("df_tnd") or []))
     if len(flags) == 1:
         (name, labels), = flags.items()
         return ("backdoored", sorted(set(labels)), f"{name} flagged (the only method run)") if labels else \
             ("clean", [], f"{name} flagged nothing (the only method run)")
-    corroborated = [lab for lab in nc if lab in dl or lab in df or lab == df_top]
-    if df and corroborated:
-        return "backdoored", sorted(set(df) | set(corroborated)), "df_tnd flagged; neural_cleanse agrees"
-    if df:
-        return "backdoored", df, "df_tnd flagged" + (" (dl_tnd agrees)" if set(dl) & set(df) else "")
-    if corroborated:
-        return "backdoored", corroborated, "neural_cleanse flagged, corroborated by " + (
-            "dl_tnd" if set(corroborated) & set(dl) else "df_tnd's top-ranked label")
-    if "df_tnd" not in flags and nc:  # without DF-TND there is no calibrated second opinion
-        return "backdoored", nc, "neural_cleanse flagged (df_tnd not run)"
-    if nc:
-        return "clean", [], f"neural_cleanse flagged {nc} without corroboration (reported, not decisive)"
-    if dl:
-        return "clean", [], f"only dl_tnd flagged {dl} (not decisive alone)"
+    nc = sorted(set(flags.get("neural_cleanse") or []))
+    dl = sorted(set(flags.get("dl_tnd") or []))
+    calibrated = [m for m in DECISIVE if m in flags]
+    decisive = [m for m in calibrated if flags[m]]
+    if decisive:
+        labels = sorted(set().union(*(flags[m] for m in decisive)))
+        agree = [m for m in ("neural_cleanse", "dl_tnd") if set(flags.get(m) or []) & set(labels)]
+        return "backdoored", labels, " and ".join(f"{m} flagged" for m in decisive) + (
+            f" ({' and '.join(agree)} agree{'s' if len(agree) == 1 else ''})" if agree else "")
+    if not calibrated and nc:  # nothing calibrated ran: Neural Cleanse's own test decides
+        return "backdoored", nc, "neural_cleanse flagged (neither df_tnd nor blend run)"
+    lone = [f"{m} {labs}" for m, labs in (("neural_cleanse", nc), ("dl_tnd", dl)) if labs]
+    if lone:
+        return "clean", [], f"only {' and '.join(lone)} flagged, without a calibrated method (reported, not decisive)"
     return "clean", [], "no method flagged"
 
 
@@ -163,9 +165,10 @@ def _nc_from_profile(profile: Profile) -> tuple[dict[str, Any], np.ndarray, np.n
 
 
 def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | None = None, *,
-              methods: Sequence[str] = ("nc", "dl-tnd", "df-tnd"), seed: int = 0,
+              methods: Sequence[str] = tuple(METHODS), seed: int = 0,
               profile: Profile | None = None, layer: str | None = None, source: dict[str, Any] | None = None,
               nc: NeuralCleanse | None = None, dl_tnd: DLTND | None = None, df_tnd: DFTND | None = None,
+              blend: BlendReversal | None = None,
               nc_max_images: int = 500, input_shape: Sequence[int] | None = None,
               progress: bool | None = None) -> AuditResult:
     """Audit ``model`` with the chosen methods on clean ``(x, y)`` (``x`` may be None for DF-TND alone).
@@ -245,9 +248,21 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         arrays["df_tnd.mask"], arrays["df_tnd.pattern"] = df.mask_, df.pattern_
         flags["df_tnd"] = list(df.suspect_labels_)
         timings["df_tnd"] = round(time.perf_counter() - t, 2)
-    df_top = int(np.argmax([r["logit_increase"] for r in blocks["df_tnd"]["per_label"]])) \
-        if "df_tnd" in blocks else None
-    verdict, suspects, rule = combine(flags, df_top)
+    if "blend" in methods:
+        t = time.perf_counter()
+        bl = blend or BlendReversal(seed=seed, progress=progress)
+        bl.fit(model, x, y, num_classes=num_classes)
+        blocks["blend"] = {"method": "Blend reversal", "statistic": "each label's lead: 1 - the opacity its "
+                           f"reversed whole-image pattern needs for {bl.success:.0%} attack success over the "
+                           "opacity the easiest other label needs", "threshold": bl.threshold,
+                           "per_label": bl.per_label(), "suspect_labels": list(bl.suspect_labels_),
+                           "decision": "backdoored" if bl.suspect_labels_ else "clean",
+                           "alphas": [float(a) for a in bl.alphas], "steps": bl.steps_,
+                           "seconds": round(bl.seconds_, 2)}
+        arrays["blend.patterns"] = bl.patterns_
+        flags["blend"] = list(bl.suspect_labels_)
+        timings["blend"] = round(time.perf_counter() - t, 2)
+    verdict, suspects, rule = combine(flags)
     timings["total"] = round(time.perf_counter() - t0, 2)
     summary: dict[str, Any] = {
         "verdict": verdict,
@@ -276,7 +291,8 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
 
 def anomaly_indices(summary: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
     """Per method, ``(label, anomaly index)``: NC's MAD index of L1 norms (the larger of raw and log
-    scale), DL-TND's upper MAD index of the similarity score, DF-TND's of the logit increase."""
+    scale), DL-TND's upper MAD index of the similarity score, DF-TND's of the logit increase (the blend
+    reversal has none: its statistic is the lead)."""
     out: dict[str, list[tuple[int, float]]] = {}
     if "neural_cleanse" in summary:
         out["neural_cleanse"] = [(int(r["label"]), float(max(r["anomaly_index"], r.get("log_anomaly_index",
@@ -293,7 +309,8 @@ def write_metrics(result: AuditResult, path: str | Path) -> Path:
     """Write the audit as Prometheus text exposition for node_exporter's textfile collector.
 
     Series: ``guard_audit_verdict`` (1 backdoored, 0 clean), ``guard_audit_anomaly_index{method,label}``,
-    ``guard_audit_suspect{method,label}``, ``guard_audit_duration_seconds`` (whole audit) and
+    ``guard_audit_suspect{method,label}``, ``guard_audit_blend_lead{label}`` (the blend reversal's
+    statistic), ``guard_audit_duration_seconds`` (whole audit) and
     ``guard_audit_method_duration_seconds{method}``, ``guard_audit_last_run_timestamp_seconds``; every
     series carries ``model`` (the first 16 hex digits of the model's SHA-256). The write is atomic
     (``write_to_textfile`` renames a temporary file), so the collector never reads half a file.
@@ -312,10 +329,18 @@ def write_metrics(result: AuditResult, path: str | Path) -> Path:
     sus = Gauge("guard_audit_suspect", "1 where the method flagged the label", ["model", "method", "label"],
                 registry=reg)
     for method, rows in anomaly_indices(s).items():
-        flagged = set(s[method]["suspect_labels"])
         for label, value in rows:
             ai.labels(model, method, str(label)).set(value)
-            sus.labels(model, method, str(label)).set(1 if label in flagged else 0)
+    for method in METHODS.values():
+        if method in s:
+            flagged = set(s[method]["suspect_labels"])
+            for r in s[method]["per_label"]:
+                sus.labels(model, method, str(r["label"])).set(1 if r["label"] in flagged else 0)
+    if "blend" in s:
+        lead = Gauge("guard_audit_blend_lead", "Blend reversal: share of opacity a label's whole-image trigger "
+                     "saves over the easiest other label's (higher = more suspect)", ["model", "label"], registry=reg)
+        for r in s["blend"]["per_label"]:
+            lead.labels(model, str(r["label"])).set(r["lead"])
     Gauge("guard_audit_duration_seconds", "Wall-clock seconds of the whole audit", ["model"],
           registry=reg).labels(model).set(s["timings"]["total"])
     md = Gauge("guard_audit_method_duration_seconds", "Wall-clock seconds per audit method", ["model", "method"],

@@ -242,6 +242,34 @@ def _df_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
             f'<th>anomaly index</th><th></th></tr></thead><tbody>{body}</tbody></table></section>')
 
 
+def _blend_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    b = s["blend"]
+    flagged = set(b["suspect_labels"])
+    chart = _label_chart(b, "lead", b["threshold"], "Blend reversal: lead over the easiest other label",
+                         "lead", "chart-blend")
+    patterns = arrays.get("blend.patterns")
+    alphas = [f"{a:g}" for a in b["alphas"]]
+    body = []
+    for i, r in enumerate(b["per_label"]):
+        lab = int(r["label"])
+        img = (_img(png_data_uri(patterns[i], scale=3), "blend-pattern", lab, f"label {lab} blended pattern")
+               if patterns is not None and i < len(patterns) else "")
+        curve = " ".join(f"{r['attack_success'].get(a, 0):.2f}" for a in alphas)
+        flag = '<span class="flag">suspect</span>' if lab in flagged else ""
+        body.append(f'<tr class="{"suspect" if lab in flagged else ""}"><td>{lab}</td><td>{img}</td>'
+                    f'<td class="num">{_fmt(r["alpha"], 3)}</td><td class="num">{_fmt(r["lead"], 3)}</td>'
+                    f'<td class="num">{curve}</td><td>{flag}</td></tr>')
+    return (f'<section id="blend"><h2>Blend reversal (whole-image triggers)</h2><p class="note">Per label, a '
+            f'whole-image pattern blended into clean images at the opacities {", ".join(alphas)}; the opacity it '
+            f'needs for half the images of other classes to go to the label, against the easiest other label. '
+            f'Suspect when the label needs at least {b["threshold"]:.0%} less opacity than every other label '
+            f'(bar set on a calibration population of clean and backdoored models). Decision: '
+            f'<b>{b["decision"]}</b>; suspect labels: {b["suspect_labels"] or "none"}.</p>{chart}'
+            '<table id="blend-table"><thead><tr><th>label</th><th>pattern</th><th>opacity needed</th>'
+            f'<th>lead</th><th>success at {", ".join(alphas)}</th><th></th></tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></section>')
+
+
 def render_html(result: AuditResult) -> str:
     """The whole report page as one string (no external references)."""
     s, arrays = result.summary, result.arrays
@@ -250,7 +278,7 @@ def render_html(result: AuditResult) -> str:
     sub = (f"suspect label(s): {', '.join(map(str, s['suspect_labels']))} — {s['rule']}" if bad
            else f"methods run: {', '.join(s['methods'])}")
     method_rows = []
-    for key in ("neural_cleanse", "dl_tnd", "df_tnd"):
+    for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend"):
         if key in s:
             b = s[key]
             method_rows.append(f'<tr><td>{b["method"]}</td><td class="{"flag" if b["suspect_labels"] else ""}">'
@@ -278,6 +306,8 @@ def render_html(result: AuditResult) -> str:
         sections.append(_dl_section(s, arrays))
     if "df_tnd" in s:
         sections.append(_df_section(s, arrays))
+    if "blend" in s:
+        sections.append(_blend_section(s, arrays))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
@@ -289,8 +319,9 @@ def render_html(result: AuditResult) -> str:
 <section id="summary"><h2>Methods</h2><table><thead><tr><th>method</th><th>decision</th><th>suspect labels</th>
 <th>time</th></tr></thead><tbody>{''.join(method_rows)}</tbody></table>
 <h2>Method agreement</h2><ul id="agreement">{per_label}{pairs}</ul>
-<p class="note">Verdict rule: backdoored when DF-TND flags a label, or Neural Cleanse flags one that
-DF-TND ranks first or DL-TND also flags; a method run alone decides alone
+<p class="note">Verdict rule: backdoored when DF-TND or the blend reversal (the methods calibrated on
+clean and backdoored models) flags a label; Neural Cleanse decides when neither ran, DL-TND only
+alone, and otherwise their flags are reported here as agreement
 (this audit: {html.escape(s['rule'])}).</p></section>
 {''.join(sections)}
 <section id="provenance"><h2>Provenance</h2><table>{''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in prov)}

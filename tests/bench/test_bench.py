@@ -53,7 +53,7 @@ def test_every_attack_row_has_every_field(tiny):
         assert {"name", "clean_accuracy", "attack_success_rate", "detected", "online", "repair", "strip",
                 "art_strip", "scan_seconds", "targets"} <= set(a)
         assert 0 <= a["clean_accuracy"] <= 1 and 0 <= a["attack_success_rate"] <= 1
-        assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd"}
+        assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
         for method in a["detected"].values():
             assert isinstance(method["detected"], bool) and isinstance(method["flagged_labels"], list)
         online = a["online"]
@@ -78,7 +78,7 @@ def test_every_attack_row_has_every_field(tiny):
 def test_clean_models_report_false_positives(tiny):
     r, _ = tiny
     (c,) = r["clean_models"]
-    assert set(c["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd"}
+    assert set(c["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
     assert all(isinstance(v["false_positive"], bool) for v in c["detected"].values())
 
 

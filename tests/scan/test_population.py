@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-METHODS = ("neural_cleanse", "dl_tnd", "df_tnd")
+METHODS = ("neural_cleanse", "dl_tnd", "df_tnd", "blend")
 
 
 @pytest.fixture(scope="module")
@@ -45,14 +45,26 @@ def test_report_detection_accuracy(members):
           + f", combined verdict {combined}/{len(members)}")
 
 
-# Measured with seeded models (stop 10). NC, after each label's initial trigger got its own generator,
+# Measured with seeded models. NC (stop 10, after each label's initial trigger got its own generator)
 # flags all four patch models at their target and no clean model (10/12: it misses both blended
 # models, whose triggers are not small patches); with the earlier shared-generator init it missed
 # patch-t1 and flagged clean-1 and clean-5, so this floor is sensitive to NC's random start. DF-TND,
 # deciding by the top label's dominance (bar 2.2, set on the disjoint calibration population of
-# tests/scan/dftnd_calibration.py, then evaluated here once): 10/12, misses blend-t2 and flags clean-1
-# (the earlier anomaly-index rule: 9/12). DL-TND 3/12. Combined verdict 10/12 (was 9/12): blend-t2 and
-# clean-1 wrong. The combined and DF-TND floors do not hold yet: issue #4 stays open on them.
+# tests/scan/dftnd_calibration.py, then evaluated here once): 10/12, misses blend-t2 and flags clean-1.
+# The blend reversal (stop 12; bar 0.175 set on tests/scan/blend_calibration.py's population, then
+# evaluated here once): both blended models at their target, no clean model, no patch model (8/12 by
+# the model-level count, which charges it the patch models it leaves to NC and DF-TND). DL-TND 3/12.
+# Combined verdict (DF-TND or blend decide; rule chosen on the calibration population): 11/12, only
+# clean-1 wrong (DF-TND's false alarm). Before the blend reversal: 10/12 (blend-t2 missed too).
+def test_blend_reversal_flags_every_blended_model_at_its_target_and_no_clean_model(members):
+    for m in members:
+        flagged = m.audit["blend"]["suspect_labels"]
+        if m.kind == "blended":
+            assert flagged == [m.target], (m.name, flagged, m.audit["blend"]["per_label"])
+        elif m.kind == "clean":
+            assert flagged == [], (m.name, flagged)
+
+
 def test_neural_cleanse_flags_every_patch_model_at_its_target_and_no_clean_model(members):
     for m in members:
         flagged = m.audit["neural_cleanse"]["suspect_labels"]
@@ -62,8 +74,6 @@ def test_neural_cleanse_flags_every_patch_model_at_its_target_and_no_clean_model
             assert flagged == [], (m.name, flagged)
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue #4): measured combined verdict 10/12 (blend-t2 missed, "
-                   "DF-TND false alarm on clean-1)")
 def test_combined_verdict_right_on_at_least_11_of_12(members):
     right = [(m.audit["verdict"] == "backdoored") == (m.kind != "clean") for m in members]
     assert len(members) == 12
@@ -72,8 +82,8 @@ def test_combined_verdict_right_on_at_least_11_of_12(members):
     assert sum(m.audit["verdict"] == "backdoored" for m in members if m.kind == "clean") <= 1
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue #4): measured DF-TND flags clean-1 [2] at the 2.2 "
-                   "dominance bar")
+@pytest.mark.xfail(strict=False, reason="known limit of DF-TND's bar: it flags clean-1 [2] at dominance 2.2 "
+                   "(and 1 of the 24 clean calibration models); the combined floor absorbs it")
 def test_df_tnd_needs_no_data_and_never_flags_a_clean_model(members):
     for m in members:
         if m.kind == "clean":

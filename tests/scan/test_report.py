@@ -16,7 +16,7 @@ def test_demo_audit_flags_the_target_within_three_minutes(demo_audit, badnets_wo
     summary = json.loads(proc.stdout)  # --json: stdout is exactly the report, progress went to stderr
     assert summary["verdict"] == "backdoored"
     assert summary["suspect_labels"] == [6]
-    for key in ("neural_cleanse", "dl_tnd", "df_tnd"):
+    for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend"):
         block = summary[key]
         assert len(block["per_label"]) == 10 and block["decision"] in ("clean", "backdoored")
     assert summary["neural_cleanse"]["suspect_labels"] == [6]
@@ -30,12 +30,14 @@ def test_demo_audit_flags_the_target_within_three_minutes(demo_audit, badnets_wo
 def test_report_html_is_self_contained(demo_audit):
     html = (demo_audit.out / "report.html").read_text()
     assert 'id="verdict"' in html and "Backdoor suspected" in html
+    for section in ("neural-cleanse", "dl-tnd", "df-tnd", "blend"):
+        assert f'<section id="{section}">' in html
     # no network: no external URL anywhere, images inline, a CSP that forbids fetches
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", html)
     assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", html)
     assert "default-src 'none'" in html
     imgs = re.findall(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)
-    assert len(imgs) >= 30  # mask, pattern and their product for each of 10 labels, plus TND images
+    assert len(imgs) >= 40  # NC's mask, pattern and product per label, the blend patterns, TND images
     assert html.count("<svg") >= 3 and 'class="threshold"' in html
     assert demo_audit.out.joinpath("report.json").is_file()
     sha = json.loads((demo_audit.out / "report.json").read_text())["model_sha256"]
@@ -75,6 +77,11 @@ def test_metrics_textfile(demo_audit):
     methods = {s.labels["method"] for s in ai}
     assert methods == {"neural_cleanse", "dl_tnd", "df_tnd"}
     assert len(ai) == 30
+    sus = fams["guard_audit_suspect"].samples
+    assert {s.labels["method"] for s in sus} == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"} and len(sus) == 40
+    assert [s.labels["label"] for s in sus if s.labels["method"] == "neural_cleanse" and s.value == 1] == ["6"]
+    lead = fams["guard_audit_blend_lead"].samples
+    assert len(lead) == 10 and all(-1.5 < s.value < 1 for s in lead)
     nc6 = [s.value for s in ai if s.labels["method"] == "neural_cleanse" and s.labels["label"] == "6"][0]
     assert nc6 > 2
     assert fams["guard_audit_duration_seconds"].samples[0].value > 0

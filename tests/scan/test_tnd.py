@@ -34,7 +34,7 @@ def test_dl_tnd_in_the_audit_uses_at_most_five_images_per_class(demo_audit):
     assert block["suspect_labels"] == [i for i, v in enumerate(scores) if v > 0.75]
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue #4): DL-TND does not rank the target reliably on the glyph "
+@pytest.mark.xfail(strict=False, reason="known limit: DL-TND does not rank the target reliably on the glyph "
                    "world; measured target q25 0.88, 0.73, -0.26 and 0.71 (3rd) on four demo builds")
 def test_dl_tnd_ranks_the_demo_target_high(demo_audit):
     """The paper's claim on the demo BadNets model: the target's similarity is high and ranks first or
