@@ -12,9 +12,31 @@ from pathlib import Path
 
 import numpy as np
 
+from . import _numba
 from .errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def _numpy_in_unit_range(x: np.ndarray) -> bool:
+    return bool((x >= 0.0).all() and (x <= 1.0).all())  # NaN fails both comparisons
+
+
+if _numba.njit is not None:
+
+    @_numba.njit(cache=True, nogil=True)
+    def _unit_range_kernel(flat):  # pragma: no cover - compiled
+        for i in range(flat.shape[0]):
+            v = flat[i]
+            if not (v >= 0.0 and v <= 1.0):  # NaN fails both comparisons
+                return False
+        return True
+
+    def _in_unit_range(x: np.ndarray) -> bool:
+        """Every value in [0, 1] (NaN and inf are not): one compiled pass instead of four numpy calls."""
+        return _unit_range_kernel(x.reshape(-1)) if x.flags.c_contiguous else _numpy_in_unit_range(x)
+else:  # pragma: no cover - without numba
+    _in_unit_range = _numpy_in_unit_range
 
 
 def validate_batch(x: np.ndarray, *, shape: tuple[int, ...] | None = None, what: str = "x") -> np.ndarray:
@@ -29,7 +51,7 @@ def validate_batch(x: np.ndarray, *, shape: tuple[int, ...] | None = None, what:
     if x.shape[0] == 0:
         raise InputError(f"{what} is empty")
     x = x.astype(np.float32, copy=False)
-    if not ((x >= 0.0).all() and (x <= 1.0).all()):  # NaN fails both comparisons
+    if not _in_unit_range(x):
         if not np.isfinite(x).all():
             raise InputError(f"{what} contains NaN or inf")
         raise InputError(f"{what} values must lie in [0, 1] (got {x.min():.3g}..{x.max():.3g})")

@@ -147,6 +147,7 @@ class GuardedHandler:
         self.guard = Guard(model, profile, mode=mode, verify=False)
         self._session.close()
         self._session.enter_context(self.guard.session())  # one hook per worker, not one per batch
+        self.guard.warmup()  # compile/load the batch-1 kernel now, not on the first client's request
         try:
             self.audit = AuditLog.from_config(cfg, model=self.model_name or "model", model_sha256=profile.model_sha256,
                                               mode=mode, model_dir=model_dir)

@@ -150,7 +150,7 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| opt-in flip check, batch 1: forward + mirrored forward over bare | {_f(fc['ratio'])} |")
     bd = p.get("overhead_breakdown_batch_1_us")
     if bd:
-        parts = ", ".join(f"{k} {v:.1f}" for k, v in bd.items())
+        parts = ", ".join(f"{k} {('yes' if v else 'no') if isinstance(v, bool) else f'{v:.1f}'}" for k, v in bd.items())
         lines.append(f"| guard batch-1 breakdown (median µs) | {parts} |")
     sc = p.get("scan") or {}
     lines.append(f"| scan seconds (median over attacks): profile (NC + checks) / DL-TND / DF-TND "

@@ -16,6 +16,7 @@ from ..errors import ModelError
 from ..model import FeatureTap, feature_layer, fingerprint, pool_inner
 from ..profile import Profile
 from . import repair as _repair
+from ._jit import CompiledScorer
 from .checks import CHECKS, Check, Record
 from .ensemble import FisherEnsemble, UnionRule
 from .fused import FusedScorer
@@ -156,7 +157,20 @@ class Guard:
         self._neuron = (neuron.weights, neuron.bias) if neuron is not None else (None, None)
         self._masks = profile.tensors.get("masks")
         self._fused = FusedScorer(self.checks)
+        self._compiled = self._compile()
         self._tap: FeatureTap | None = None  # held open by session()
+
+    def _compile(self) -> CompiledScorer | None:
+        """The compiled batch-1 path (:mod:`guard.online._jit`) where numba is there and the profile's
+        decision rule is the ensemble; None otherwise (the numpy path decides the same)."""
+        from .._numba import available
+
+        if not available() or not isinstance(self.ensemble, FisherEnsemble):
+            return None
+        try:
+            return CompiledScorer(self.checks, self.ensemble)
+        except TypeError:  # a check layout the kernel does not cover (an old profile): numpy path
+            return None
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Guard]:
@@ -173,19 +187,29 @@ class Guard:
             finally:
                 self._tap = None
 
+    def warmup(self) -> Guard:
+        """Run one neutral input through the whole path (batch 1 and 2), so a serving worker's first
+        request does not pay for compiling or loading the compiled kernels (:mod:`guard.online._jit`)."""
+        x = np.full((2, *self.input_shape), 0.5, dtype=np.float32)
+        self.run(x[:1])
+        self.run(x)
+        return self
+
     # ------------------------------------------------------------------ core
-    def _forward(self, x: np.ndarray) -> Record:
+    def _tapped(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+        """One forward pass with the taps: logits and features (numpy), the inner layer's raw output."""
         if self._tap is not None:  # inside session(): the hooks are already there
             with torch.inference_mode():
                 logits = self.model(torch.from_numpy(x))
-            return self._record(x, logits, self._tap)
-        with torch.inference_mode(), FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
-            logits = self.model(torch.from_numpy(x))
-            return self._record(x, logits, tap)
+            tap = self._tap
+        else:
+            with torch.inference_mode(), FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
+                logits = self.model(torch.from_numpy(x))
+        return logits.numpy(), tap.features.numpy(), tap.inner if self._inner_module is not None else None
 
-    def _record(self, x: np.ndarray, logits: torch.Tensor, tap: FeatureTap) -> Record:
-        inner = pool_inner(tap.inner) if self._inner_module is not None else None
-        return Record(x, logits.numpy(), tap.features.numpy(), inner)
+    def _forward(self, x: np.ndarray) -> Record:
+        logits, features, inner = self._tapped(x)
+        return Record(x, logits, features, None if inner is None else pool_inner(inner))
 
     def scores(self, record: Record) -> np.ndarray:
         """``(N, n_checks)`` scores of a record, columns in ``self.names`` order (one input: the fused
@@ -209,11 +233,17 @@ class Guard:
             x = x.detach().cpu().numpy()
         x = validate_batch(x, shape=self.input_shape, what="input")
         t1 = time.perf_counter()
-        rec = self._forward(x)
-        t2 = time.perf_counter()
-        s = self.scores(rec)
-        strength = self.ensemble.contributions(s)
-        stat = self.ensemble.reduce(strength)
+        if len(x) == 1 and self._compiled is not None:  # the hot path: one compiled call after the forward
+            logits, features, inner = self._tapped(x)
+            t2 = time.perf_counter()
+            s, strength, stat = self._compiled.run(x, logits, features, None if inner is None else inner.numpy())
+        else:
+            rec = self._forward(x)
+            logits = rec.logits
+            t2 = time.perf_counter()
+            s = self.scores(rec)
+            strength = self.ensemble.contributions(s)
+            stat = self.ensemble.reduce(strength)
         suspect = stat > self.ensemble.threshold_
         any_suspect = bool(suspect[0]) if len(suspect) == 1 else bool(suspect.any())
         if any_suspect:  # every suspect input names a reason: its own-threshold checks, else the strongest
@@ -224,7 +254,7 @@ class Guard:
         else:
             over = np.zeros(s.shape, dtype=bool)
             codes = np.zeros(len(s), dtype=np.int64)
-        logits, repaired = rec.logits, {}
+        repaired = {}
         if self.mode == "repair" and any_suspect:
             logits = logits.copy()
             idx = np.flatnonzero(suspect)

@@ -1,0 +1,114 @@
+"""The compiled batch-1 path (guard/online/_jit.py, guard/data.py's range kernel): same numbers and
+decisions as the numpy path, used where it applies, and a clean fallback without numba."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from guard import Guard, InputError, Profile, _numba, load_model
+from guard.data import _in_unit_range, _numpy_in_unit_range, load_npz, validate_batch
+
+needs_numba = pytest.mark.skipif(not _numba.available(), reason="numba not installed or GUARD_JIT=0")
+
+
+@pytest.fixture(scope="module")
+def setup(demo_world, demo_profile):
+    model = load_model(demo_world.model_file, demo_world.weights)
+    profile = Profile.load(demo_profile)
+    return model, profile, load_npz(demo_world.holdout)[0], load_npz(demo_world.triggered)[0]
+
+
+def _per_check(guard: Guard, x: np.ndarray) -> np.ndarray:
+    rec = guard._forward(x)
+    return np.stack([c.score(rec) for c in guard.checks], axis=1)
+
+
+@needs_numba
+def test_compiled_scores_contributions_and_statistic_are_the_numpy_paths(setup):
+    model, profile, xc, xt = setup
+    guard = Guard(model, profile)
+    assert guard._compiled is not None and guard.names == ["feature", "knn", "consistency", "neuron", "overlap"]
+    with guard.session():
+        for x in list(xc[:40]) + list(xt[:40]):
+            one = np.ascontiguousarray(x[None])
+            logits, features, inner = guard._tapped(one)
+            s, contrib, stat = guard._compiled.run(one, logits, features, inner.numpy())
+            ref = _per_check(guard, one)
+            np.testing.assert_allclose(s, ref, rtol=1e-3, atol=1e-4)
+            ref_c = guard.ensemble.contributions(ref)
+            # inside the calibration sample a contribution is a step function of the score's rank:
+            # a rounding difference can move it one step (log((r + 1) / r), r >= 100 there)
+            np.testing.assert_allclose(contrib, ref_c, atol=0.02)
+            assert stat.shape == (1,) and float(stat[0]) == pytest.approx(float(contrib.sum()), abs=1e-4)
+            assert float(stat[0]) == pytest.approx(float(ref_c.sum()), abs=0.05)
+
+
+@needs_numba
+def test_batch_1_runs_take_the_compiled_path_and_decide_as_the_numpy_path(setup, monkeypatch):
+    model, profile, xc, xt = setup
+    guard = Guard(model, profile)
+    batch = np.concatenate([xc[:32], xt[:32]])
+    calls = []
+    real = guard._compiled.run
+    monkeypatch.setattr(guard._compiled, "run", lambda *a: calls.append(1) or real(*a))
+    compiled = [guard.run(x[None]) for x in batch]
+    assert len(calls) == len(batch)
+    numpy_path = Guard(model, profile)
+    numpy_path._compiled = None
+    plain = [numpy_path.run(x[None]) for x in batch]
+    assert [r.verdicts for r in compiled] == [r.verdicts for r in plain] == [[v] for v in guard.run(batch).verdicts]
+    for a, b in zip(compiled, plain):
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-4)
+        assert [d.reasons for d in a.decisions] == [d.reasons for d in b.decisions]
+    assert sum(r.verdicts[0] == "rejected" for r in compiled[32:]) >= 30  # the triggered half is stopped
+
+
+def test_a_union_rule_profile_stays_on_the_numpy_path(setup):
+    model, profile, xc, _ = setup
+    old = Profile(meta={k: v for k, v in profile.meta.items() if k != "ensemble"},
+                  tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
+    guard = Guard(model, old)
+    assert guard._compiled is None and guard.run(xc[:1]).verdicts == ["pass"]
+
+
+def test_guard_jit_0_disables_numba_and_the_guard_still_decides(setup, demo_world, demo_profile):
+    code = ("import numpy as np, sys\n"
+            "from guard import _numba, Guard, Profile, load_model\n"
+            "from guard.data import load_npz\n"
+            "assert not _numba.available()\n"
+            f"m = load_model({str(demo_world.model_file)!r}, {str(demo_world.weights)!r})\n"
+            f"g = Guard(m, Profile.load({str(demo_profile)!r}))\n"
+            "assert g._compiled is None\n"
+            f"x = load_npz({str(demo_world.triggered)!r})[0][:5]\n"
+            "print(','.join(g.run(x[i:i + 1]).verdicts[0] for i in range(5)))\n")
+    env = dict(os.environ, GUARD_JIT="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().split(",") == ["rejected"] * 5
+
+
+@pytest.mark.parametrize("value,message", [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"), (-np.inf, "NaN or inf"),
+                                           (-0.01, "must lie in"), (1.01, "must lie in")])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_the_range_check_refuses_every_bad_value(value, message, contiguous):
+    x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float32)
+    x[1, 2, 7, 7] = value
+    if not contiguous:
+        x = np.asfortranarray(x)
+    with pytest.raises(InputError, match=message):
+        validate_batch(x)
+
+
+def test_the_range_check_agrees_with_numpy():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        x = rng.random((1, 3, 4, 4)).astype(np.float32)
+        if rng.random() < 0.5:
+            x.reshape(-1)[rng.integers(48)] = rng.choice([np.nan, np.inf, -1e-7, 1.0000001, 0.0, 1.0])
+        assert _in_unit_range(x) == _numpy_in_unit_range(x)
+    assert _in_unit_range(np.zeros((1, 1, 2, 2), np.float32)) and _in_unit_range(np.ones((1, 1, 2, 2), np.float32))
