@@ -9,12 +9,14 @@ import torch
 
 from guard import Guard, Profile, load_model
 from guard.data import load_npz
-from guard.scan import NeuralCleanse, build_profile
+from guard.scan import BlendReversal, NeuralCleanse, build_profile
 
 
 def _detectors():
     found = [("neural_cleanse", lambda seed: NeuralCleanse(seed=seed, max_rounds=8, progress=False),
-              lambda est, m, x, y: est.fit(m, x))]
+              lambda est, m, x, y: est.fit(m, x)),
+             ("blend", lambda seed: BlendReversal(seed=seed, steps=10, refine_steps=4, progress=False),
+              lambda est, m, x, y: est.fit(m, x, y))]
     try:
         from guard.scan.tnd import DFTND, DLTND
 
