@@ -164,34 +164,26 @@ def _offline(cfg: BenchConfig, model: nn.Module, summary: dict[str, Any], profil
         "seconds": profile_meta["scan"]["seconds"], "steps": profile_meta["scan"]["steps"],
         "target_anomaly_index": summary["anomaly_index"].get(str(target)),
         "target_log_anomaly_index": summary["log_anomaly_index"].get(str(target))}}
-    if cfg.dl_tnd is None:
-        out["dl_tnd"] = None
-    else:
+    seed = cfg.zoo.seed
+    # name: (overrides, fit, (target statistic's key, its value for the fitted estimator, digits))
+    methods = {
+        "dl_tnd": (cfg.dl_tnd, lambda kw: DLTND(seed=seed, progress=False, **kw).fit(
+            model, x_fit, y_fit, num_classes=num_classes), ("target_similarity_q25", lambda e: e.score_, 4)),
+        "df_tnd": (cfg.df_tnd, lambda kw: DFTND(seed=seed, progress=False, **kw).fit(
+            model, x_fit.shape[1:], num_classes=num_classes), ("target_anomaly_index", lambda e: e.anomaly_index_, 3)),
+        "blend": (cfg.blend, lambda kw: BlendReversal(seed=seed, progress=False, **kw).fit(
+            model, x_fit, y_fit, num_classes=num_classes), ("target_lead", lambda e: e.lead_, 4)),
+    }
+    for name, (overrides, fit, (key, stat, digits)) in methods.items():
+        if overrides is None:  # skipped in this configuration
+            out[name] = None
+            continue
         t0 = time.perf_counter()
-        dl = DLTND(seed=cfg.zoo.seed, progress=False, **cfg.dl_tnd).fit(model, x_fit, y_fit, num_classes=num_classes)
-        flagged = list(dl.suspect_labels_)
-        out["dl_tnd"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
-                         "seconds": round(time.perf_counter() - t0, 2),
-                         "target_similarity_q25": round(float(dl.score_[target]), 4) if target >= 0 else None}
-    if cfg.df_tnd is None:
-        out["df_tnd"] = None
-    else:
-        t0 = time.perf_counter()
-        df = DFTND(seed=cfg.zoo.seed, progress=False, **cfg.df_tnd).fit(model, x_fit.shape[1:], num_classes=num_classes)
-        flagged = list(df.suspect_labels_)
-        out["df_tnd"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
-                         "seconds": round(time.perf_counter() - t0, 2),
-                         "target_anomaly_index": round(float(df.anomaly_index_[target]), 3) if target >= 0 else None}
-    if cfg.blend is None:
-        out["blend"] = None
-    else:
-        t0 = time.perf_counter()
-        bl = BlendReversal(seed=cfg.zoo.seed, progress=False, **cfg.blend).fit(model, x_fit, y_fit,
-                                                                                 num_classes=num_classes)
-        flagged = list(bl.suspect_labels_)
-        out["blend"] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
-                        "seconds": round(time.perf_counter() - t0, 2),
-                        "target_lead": round(float(bl.lead_[target]), 4) if target >= 0 else None}
+        est = fit(overrides)
+        flagged = list(est.suspect_labels_)
+        out[name] = {"detected": _detected(flagged, target), "flagged_labels": flagged,
+                     "seconds": round(time.perf_counter() - t0, 2),
+                     key: round(float(stat(est)[target]), digits) if target >= 0 else None}
     return out
 
 
