@@ -112,3 +112,25 @@ def test_the_range_check_agrees_with_numpy():
             x.reshape(-1)[rng.integers(48)] = rng.choice([np.nan, np.inf, -1e-7, 1.0000001, 0.0, 1.0])
         assert _in_unit_range(x) == _numpy_in_unit_range(x)
     assert _in_unit_range(np.zeros((1, 1, 2, 2), np.float32)) and _in_unit_range(np.ones((1, 1, 2, 2), np.float32))
+
+
+@needs_numba
+@pytest.mark.parametrize("knn,consistency", [(True, True), (False, False)])
+def test_compiled_path_covers_profiles_with_fewer_checks(clean_world, knn, consistency):
+    """Profiles without the knn and consistency checks (and, when the short scan flags nothing, without
+    the neuron and overlap ones): the kernel skips what is absent and still matches the per-check path."""
+    from guard.scan import NeuralCleanse, build_profile
+
+    model = load_model(clean_world.model_file, clean_world.weights)
+    x, y = load_npz(clean_world.clean)
+    profile, _ = build_profile(model, x[:400], y[:400], fpr=0.01, knn=knn, consistency=consistency,
+                               nc=NeuralCleanse(seed=0, max_rounds=10, progress=False), progress=False)
+    guard = Guard(model, profile)
+    assert guard._compiled is not None
+    assert guard.names[0] == "feature" and ("knn" in guard.names) == knn
+    assert ("consistency" in guard.names) == consistency
+    for i in range(10):
+        one = np.ascontiguousarray(x[400 + i:401 + i])
+        res = guard.run(one)
+        np.testing.assert_allclose(res.scores, _per_check(guard, one), rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(res.statistic, guard.ensemble.statistic(_per_check(guard, one)), atol=0.05)
