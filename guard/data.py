@@ -24,7 +24,7 @@ def _numpy_in_unit_range(x: np.ndarray) -> bool:
 
 if _numba.njit is not None:
 
-    @_numba.njit(cache=True, nogil=True)
+    @_numba.compiled(nogil=True)
     def _unit_range_kernel(flat):  # pragma: no cover - compiled
         for i in range(flat.shape[0]):
             v = flat[i]

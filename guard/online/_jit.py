@@ -10,14 +10,15 @@ ensemble. One compiled function does the same arithmetic in one pass. The number
 
 numba is optional (:mod:`guard._numba`): without it (or with ``GUARD_JIT=0`` in the environment) the
 guard uses the numpy fused path, the same decisions a few tens of microseconds slower. Compiled code
-is cached on disk (``cache=True``), so a serving worker compiles once per machine, not per load.
+is cached on disk where it can be (:func:`guard._numba.compiled`), so a serving worker compiles once
+per machine, not per load.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from .._numba import njit
+from .._numba import compiled, njit
 
 SLOTS = ("feature", "neuron", "knn", "consistency", "overlap")
 """The kernel's fixed order of checks; ``slot[i]`` maps each to its column in the guard's order (-1: absent)."""
@@ -26,7 +27,7 @@ SLOTS = ("feature", "neuron", "knn", "consistency", "overlap")
 if njit is not None:
 
     # reassociation lets LLVM vectorise the dot products; no nnan/ninf: the code compares with inf
-    @njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+    @compiled(nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
     def score_one(x, logits, f, inner, slot, proj, dim, centres, bias, bank, starts, stops, k,
                   cproj, coffset, idx, p_s, m_s, c0, inv, refs, lut, t0, inv_beta, shift,
                   scores, contrib):  # pragma: no cover - compiled

@@ -134,3 +134,23 @@ def test_compiled_path_covers_profiles_with_fewer_checks(clean_world, knn, consi
         res = guard.run(one)
         np.testing.assert_allclose(res.scores, _per_check(guard, one), rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(res.statistic, guard.ensemble.statistic(_per_check(guard, one)), atol=0.05)
+
+
+@needs_numba
+def test_without_a_writable_cache_the_kernels_compile_per_process(monkeypatch):
+    """numba raises at decoration time when no cache location is writable (a read-only install run by
+    a user without a home); guard must still import and compile in memory."""
+    real = _numba.njit
+    asked = []
+
+    def njit(**options):
+        asked.append(options.get("cache"))
+        if options.get("cache"):
+            def refuse(fn):
+                raise RuntimeError(f"cannot cache function {fn.__name__!r}: no locator available for file 'x'")
+            return refuse
+        return real(**options)
+
+    monkeypatch.setattr(_numba, "njit", njit)
+    add_one = _numba.compiled(nogil=True)(lambda a: a + 1)
+    assert asked == [True, False] and add_one(1) == 2
