@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import compiled, njit
+from .ensemble import FisherEnsemble
+from .fused import FusedScorer
 
 SLOTS = ("feature", "neuron", "knn", "consistency", "overlap")
 """The kernel's fixed order of checks; ``slot[i]`` maps each to its column in the guard's order (-1: absent)."""
@@ -132,60 +134,39 @@ if njit is not None:
 class CompiledScorer:
     """One input's scores, ensemble contributions and statistic in one compiled call.
 
-    Built from the guard's checks (in its order) and its :class:`FisherEnsemble`; ``run(x, logits,
-    features, inner)`` takes the forward pass's arrays for one input (``inner`` the unpooled
-    ``(1, C, H, W)`` inner-layer activations, or None) and returns ``(scores, contributions,
-    statistic)`` with the shapes of the numpy path: ``(1, n_checks)``, ``(1, n_checks)``, ``(1,)``.
+    Built on the arrays the numpy batch-1 path (:class:`~guard.online.fused.FusedScorer`) prepares
+    from the guard's checks, and on its :class:`FisherEnsemble`; ``run(x, logits, features, inner)``
+    takes the forward pass's arrays for one input (``inner`` the unpooled ``(1, C, H, W)``
+    inner-layer activations, or None) and returns ``(scores, contributions, statistic)`` with the
+    shapes of the numpy path: ``(1, n_checks)``, ``(1, n_checks)``, ``(1,)``.
     """
 
-    def __init__(self, checks, ensemble):
-        from .checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck
-
+    def __init__(self, fused: FusedScorer, ensemble: FisherEnsemble):
         if njit is None:
             raise RuntimeError("numba is not available")
-        by_type = {type(c): c for c in checks}
-        if len(by_type) != len(checks):
-            raise TypeError("CompiledScorer covers one check of each kind")
-        f32 = np.float32
-        order = [c.name for c in checks]
-        self.n = len(order)
-        self._slot = np.array([order.index(n) if n in order else -1 for n in SLOTS], dtype=np.int64)
-        empty2, empty1 = np.zeros((1, 1), f32), np.zeros(1, f32)
-        feature, neuron = by_type.get(FeatureCheck), by_type.get(NeuronCheck)
-        mats = ([feature.whiten] if feature is not None else []) + ([neuron.weights] if neuron is not None else [])
-        self._proj = np.ascontiguousarray(np.hstack(mats), dtype=f32) if mats else empty2
-        self._dim = int(feature.whiten.shape[1]) if feature is not None else 0
-        self._centres = np.ascontiguousarray(feature.centres, dtype=f32) if feature is not None else empty2
-        self._bias = np.ascontiguousarray(neuron.bias, dtype=f32) if neuron is not None else empty1
-        knn = by_type.get(KNNCheck)
-        if knn is not None:
-            if knn.starts is None:  # a profile from before the class-conditional bank (and the ensemble)
-                raise TypeError("CompiledScorer needs the class-conditional knn bank")
-            self._bank = np.ascontiguousarray(knn.bank, dtype=f32)
-            self._starts = np.ascontiguousarray(knn.starts, dtype=np.int64)
-            self._stops = np.ascontiguousarray(knn.stops, dtype=np.int64)
-            self._k = int(knn.k)
-        else:
-            self._bank, self._starts, self._stops, self._k = empty2, np.zeros(1, np.int64), np.zeros(1, np.int64), 1
-        cons = by_type.get(ConsistencyCheck)
-        self._cproj = np.ascontiguousarray(cons.proj, dtype=f32) if cons is not None else empty2
-        self._coffset = np.ascontiguousarray(cons.offset, dtype=f32) if cons is not None else empty1
-        overlap = by_type.get(OverlapCheck)
-        if overlap is not None:
-            self._idx = np.ascontiguousarray(overlap._idx, dtype=np.int64)
-            self._p_s = np.ascontiguousarray(overlap._p_s, dtype=f32)
-            self._m_s = np.ascontiguousarray(overlap._m_s, dtype=f32)
-            self._c0 = np.ascontiguousarray(1.0 - overlap.mu, dtype=f32)
-            self._inv = np.ascontiguousarray(1.0 / overlap.sd, dtype=f32)
-        else:
-            self._idx, self._p_s, self._m_s = np.zeros(0, np.int64), empty2, empty2
-            self._c0 = self._inv = empty1
-        self._refs = np.ascontiguousarray(ensemble.refs_, dtype=f32)
-        self._lut = np.ascontiguousarray(ensemble._lut, dtype=f32)
-        self._t0 = np.ascontiguousarray(ensemble._t0_32, dtype=f32)
-        self._inv_beta = np.ascontiguousarray(ensemble._inv_beta, dtype=f32)
-        self._shift = np.ascontiguousarray(ensemble._shift, dtype=f32)
-        self._no_inner = np.zeros((1, 1), f32)
+        knn = fused.knn_check
+        if knn is not None and knn.starts is None:  # a profile from before the class-conditional bank
+            raise TypeError("CompiledScorer needs the class-conditional knn bank")
+
+        def f32(a, shape=(1,)):  # the kernel takes an array in every slot: a placeholder where absent
+            return np.zeros(shape, np.float32) if a is None else np.ascontiguousarray(a, dtype=np.float32)
+
+        self.n = len(fused.names)
+        self._slot = np.array([fused.names.index(n) if n in fused.names else -1 for n in SLOTS], dtype=np.int64)
+        self._proj, self._dim = f32(fused._proj, (1, 1)), int(fused._dim)
+        self._centres, self._bias = f32(fused._centres, (1, 1)), f32(fused._bias)
+        self._bank = f32(None if knn is None else knn.bank, (1, 1))
+        self._starts = np.zeros(1, np.int64) if knn is None else np.ascontiguousarray(knn.starts, dtype=np.int64)
+        self._stops = np.zeros(1, np.int64) if knn is None else np.ascontiguousarray(knn.stops, dtype=np.int64)
+        self._k = 1 if knn is None else fused._k
+        self._cproj, self._coffset = f32(fused._cproj, (1, 1)), f32(fused._coffset)
+        self._idx = np.zeros(0, np.int64) if fused._idx is None else np.ascontiguousarray(fused._idx, dtype=np.int64)
+        self._p_s, self._m_s = f32(fused._p, (1, 1)), f32(fused._m, (1, 1))
+        self._c0, self._inv = f32(fused._c0), f32(fused._inv)
+        self._refs = f32(ensemble.refs_)
+        self._lut, self._t0 = f32(ensemble._lut), f32(ensemble._t0_32)
+        self._inv_beta, self._shift = f32(ensemble._inv_beta), f32(ensemble._shift)
+        self._no_inner = np.zeros((1, 1), np.float32)
 
     def run(self, x: np.ndarray, logits: np.ndarray, features: np.ndarray,
             inner: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

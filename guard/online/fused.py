@@ -26,31 +26,27 @@ class FusedScorer:
         known = {FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, ConsistencyCheck}
         if len(by_type) != len(checks) or not set(by_type) <= known:
             raise TypeError("FusedScorer covers one each of the feature, knn, neuron, overlap and consistency checks")
-        mats = []
+        # every prepared array exists (None where its check is absent): CompiledScorer reads them too
         self._feature = by_type.get(FeatureCheck)
-        self._dim = 0
-        if self._feature is not None:
-            self._dim = self._feature.whiten.shape[1]
-            self._centres = self._feature.centres
-            mats.append(self._feature.whiten)
         neuron = by_type.get(NeuronCheck)
         self._neuron = neuron is not None
-        if neuron is not None:
-            mats.append(neuron.weights)
-            self._bias = neuron.bias
+        mats = [c.whiten if c is self._feature else c.weights for c in (self._feature, neuron) if c is not None]
         self._proj = np.ascontiguousarray(np.hstack(mats), dtype=np.float32) if mats else None
-        knn = by_type.get(KNNCheck)
+        self._dim = self._feature.whiten.shape[1] if self._feature is not None else 0
+        self._centres = self._feature.centres if self._feature is not None else None
+        self._bias = neuron.bias if neuron is not None else None
+        knn = self.knn_check = by_type.get(KNNCheck)
         self._knn = knn is not None
+        self._banks = self._whole = None
         if knn is not None:
             if knn.starts is None:  # a profile from before the class-conditional bank
-                whole = np.ascontiguousarray(knn.bank.T)
-                self._banks = None
-                self._whole = whole
+                self._whole = np.ascontiguousarray(knn.bank.T)
             else:
                 self._banks = [np.ascontiguousarray(knn.bank[a:b].T) for a, b in zip(knn.starts, knn.stops)]
             self._k = int(knn.k)
         overlap = by_type.get(OverlapCheck)
         self._overlap = overlap is not None
+        self._idx = self._p = self._m = self._c0 = self._inv = None
         if overlap is not None:
             self._idx = overlap._idx
             self._p = overlap._p_s
@@ -59,8 +55,7 @@ class FusedScorer:
             self._inv = (1.0 / overlap.sd).astype(np.float32)
         cons = by_type.get(ConsistencyCheck)
         self._cons = cons is not None
-        if cons is not None:
-            self._cproj, self._coffset = cons.proj, cons.offset
+        self._cproj, self._coffset = (cons.proj, cons.offset) if cons is not None else (None, None)
         self._slot = {n: i for i, n in enumerate(self.names)}
 
     def score(self, x: np.ndarray, logits: np.ndarray, features: np.ndarray,

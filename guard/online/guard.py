@@ -168,7 +168,7 @@ class Guard:
         if not available() or not isinstance(self.ensemble, FisherEnsemble):
             return None
         try:
-            return CompiledScorer(self.checks, self.ensemble)
+            return CompiledScorer(self._fused, self.ensemble)
         except TypeError:  # a check layout the kernel does not cover (an old profile): numpy path
             return None
 
