@@ -23,6 +23,19 @@ def log_anomaly_index(values: np.ndarray) -> np.ndarray:
     return anomaly_index(np.log(np.maximum(np.asarray(values, dtype=np.float64), 1e-8)))
 
 
+def largest_other(values: np.ndarray) -> np.ndarray:
+    """``(K,)``: for each label, the largest value among the *other* labels (``-inf`` when there is none).
+
+    What "leading the pack" is measured against: DF-TND's dominance (a label's logit increase over
+    the runner-up's) and the blend reversal's lead (the opacity it needs against the easiest other
+    label's, through ``-largest_other(-needed)``).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    order = np.argsort(-v, kind="stable")
+    first, second = v[order[0]], v[order[1]] if len(v) > 1 else -np.inf
+    return np.where(np.arange(len(v)) == order[0], second, first)
+
+
 def upper_threshold(scores: np.ndarray, fpr: float) -> float:
     """Smallest threshold with at most ``fpr`` of ``scores`` strictly above it (higher = more suspect)."""
     s = np.sort(np.asarray(scores, dtype=np.float64))

@@ -30,6 +30,7 @@ from torch import nn
 
 from .._progress import Progress
 from ..errors import InputError
+from ..stats import largest_other
 from ._trigger import from_raw, frozen, stamp_all
 
 
@@ -125,8 +126,11 @@ class BlendReversal:
     def _decide(self) -> None:
         """``lead_`` and ``suspect_labels_`` from ``alpha_needed_``: a label's lead is the share of opacity
         it saves over the easiest *other* label (about 0 for the pack, > 0 for a label ahead of it)."""
-        easiest_other = -_best_other(-self.alpha_needed_[None])[0]
-        self.lead_ = 1.0 - self.alpha_needed_ / np.maximum(easiest_other, 1e-9)
+        needed = self.alpha_needed_
+        if len(needed) < 2:  # one label has no other to lead
+            self.lead_ = np.zeros(len(needed))
+        else:
+            self.lead_ = 1.0 - needed / np.maximum(-largest_other(-needed), 1e-9)
         self.suspect_labels_ = [int(j) for j in np.flatnonzero(self.lead_ > self.threshold)]
 
     def _total_steps(self, n_alphas: int) -> int:
@@ -138,15 +142,6 @@ class BlendReversal:
                  "attack_success": {f"{a:g}": round(float(self.attack_success_[i, j]), 4)
                                     for i, a in enumerate(self.alphas)},
                  "suspect": j in self.suspect_labels_} for j in range(len(self.lead_))]
-
-
-def _best_other(values: np.ndarray) -> np.ndarray:
-    """``(A, K)``: for each row and label, the largest value among the row's other labels."""
-    if values.shape[1] < 2:
-        return np.zeros_like(values)
-    top2 = np.sort(values, axis=1)[:, -2:]
-    is_top = np.arange(values.shape[1])[None] == values.argmax(1)[:, None]
-    return np.where(is_top, top2[:, :1], top2[:, 1:])
 
 
 def crossing(alphas: np.ndarray, success: np.ndarray, level: float) -> np.ndarray:

@@ -46,7 +46,7 @@ from torch import nn
 from .._progress import Progress
 from ..errors import InputError
 from ..model import FeatureTap
-from ..stats import anomaly_index
+from ..stats import anomaly_index, largest_other
 from ._trigger import from_raw, frozen, stamp_all, to_raw
 
 
@@ -399,10 +399,7 @@ def dominance(increase: np.ndarray) -> np.ndarray:
     """Each label's logit increase over the largest increase of the *other* labels (floored at
     :data:`DOMINANCE_FLOOR`); above 1 for the top label only."""
     inc = np.asarray(increase, dtype=np.float64)
-    order = np.argsort(-inc)
-    first, second = inc[order[0]], inc[order[1]] if len(inc) > 1 else -np.inf
-    others = np.where(np.arange(len(inc)) == order[0], second, first)
-    return inc / np.maximum(others, DOMINANCE_FLOOR)
+    return inc / np.maximum(largest_other(inc), DOMINANCE_FLOOR)
 
 
 def project_simplex(v: torch.Tensor) -> torch.Tensor:

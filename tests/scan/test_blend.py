@@ -13,7 +13,8 @@ from guard.data import load_npz
 from guard.errors import InputError
 from guard.model import load_model
 from guard.scan.audit import combine
-from guard.scan.blend import BlendReversal, _best_other, crossing
+from guard.scan.blend import BlendReversal, crossing
+from guard.stats import largest_other
 
 
 def test_crossing_interpolates_between_opacities_and_censors_at_the_last():
@@ -24,9 +25,9 @@ def test_crossing_interpolates_between_opacities_and_censors_at_the_last():
     np.testing.assert_allclose(crossing(alphas, success, 0.5), [0.225, 0.1, 0.3, 0.2])
 
 
-def test_best_other_is_the_largest_of_the_other_labels():
-    v = np.array([[0.1, 0.7, 0.3], [0.5, 0.5, 0.2]])
-    np.testing.assert_allclose(_best_other(v), [[0.7, 0.3, 0.7], [0.5, 0.5, 0.5]])
+def test_largest_other_is_the_largest_of_the_other_labels():
+    np.testing.assert_allclose(largest_other(np.array([0.1, 0.7, 0.3])), [0.7, 0.3, 0.7])
+    np.testing.assert_allclose(largest_other(np.array([0.5, 0.5, 0.2])), [0.5, 0.5, 0.5])
 
 
 def test_lead_flags_a_label_that_needs_far_less_opacity():
