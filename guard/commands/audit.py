@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import load_data
     from ..model import fingerprint
     from ..profile import Profile
-    from ..scan.audit import parse_methods, run_audit, write_metrics
+    from ..scan.audit import METHODS, parse_methods, run_audit, write_metrics
     from ..scan.report import prepare_out_dir, write_report
 
     methods = parse_methods(args.methods)
@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         s = result.summary
         print(f"verdict: {s['verdict']}" + (f" (suspect labels {s['suspect_labels']}; {s['rule']})"
                                             if s["suspect_labels"] else ""))
-        for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend"):
+        for key in METHODS.values():
             if key in s:
                 print(f"  {s[key]['method']:<15} {s[key]['decision']:<10} suspect {s[key]['suspect_labels'] or '-'}"
                       f"  {s['timings'][key]:.1f}s")

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from .audit import AuditResult
+from .audit import METHODS, AuditResult
 
 _CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
         "connect-src 'none'; font-src 'none'; form-action 'none'; base-uri 'none'")
@@ -262,7 +262,7 @@ def _blend_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     return (f'<section id="blend"><h2>Blend reversal (whole-image triggers)</h2><p class="note">Per label, a '
             f'whole-image pattern blended into clean images at the opacities {", ".join(alphas)}; the opacity it '
             f'needs for half the images of other classes to go to the label, against the easiest other label. '
-            f'Suspect when the label needs at least {b["threshold"]:.0%} less opacity than every other label '
+            f'Suspect when the label needs at least {b["threshold"]:.1%} less opacity than every other label '
             f'(bar set on a calibration population of clean and backdoored models). Decision: '
             f'<b>{b["decision"]}</b>; suspect labels: {b["suspect_labels"] or "none"}.</p>{chart}'
             '<table id="blend-table"><thead><tr><th>label</th><th>pattern</th><th>opacity needed</th>'
@@ -278,7 +278,7 @@ def render_html(result: AuditResult) -> str:
     sub = (f"suspect label(s): {', '.join(map(str, s['suspect_labels']))} — {s['rule']}" if bad
            else f"methods run: {', '.join(s['methods'])}")
     method_rows = []
-    for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend"):
+    for key in METHODS.values():
         if key in s:
             b = s[key]
             method_rows.append(f'<tr><td>{b["method"]}</td><td class="{"flag" if b["suspect_labels"] else ""}">'
