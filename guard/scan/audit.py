@@ -121,13 +121,20 @@ def _labels_check(y: np.ndarray | None, k: int) -> None:
         raise InputError(f"data labels go up to {int(y.max())} but the model has {k} classes (0..{k - 1})")
 
 
-def validate(model: nn.Module, x: np.ndarray | None, y: np.ndarray | None, methods: list[str], *,
-             num_classes: int, dl: DLTND | None = None, nc_from_profile: bool = False) -> None:
-    """Refuse input the selected methods cannot use, before any optimisation starts."""
+def _require_data(methods: Sequence[str], x: np.ndarray | None, *, nc_from_profile: bool) -> list[str]:
+    """The methods that need clean data (Neural Cleanse not, when its scan comes from the profile);
+    an input error when they have none."""
     need = [m for m in methods if m in NEEDS_DATA and not (m == "nc" and nc_from_profile)]
     if x is None and need:
         raise InputError(f"{', '.join(need)} need clean data: pass --data CLEAN.npz, or run "
                          f"--methods df-tnd for a data-free audit")
+    return need
+
+
+def validate(model: nn.Module, x: np.ndarray | None, y: np.ndarray | None, methods: list[str], *,
+             num_classes: int, dl: DLTND | None = None, nc_from_profile: bool = False) -> None:
+    """Refuse input the selected methods cannot use, before any optimisation starts."""
+    need = _require_data(methods, x, nc_from_profile=nc_from_profile)
     _labels_check(y, num_classes)
     if x is not None and "nc" in need and len(x) < NC_MIN_IMAGES:
         raise InputError(f"Neural Cleanse needs at least {NC_MIN_IMAGES} clean images, got {len(x)}")
@@ -188,10 +195,7 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         shape = tuple(int(s) for s in input_shape)
     else:
         shape = tuple(profile.input_shape) if profile is not None else ()
-    need = [m for m in methods if m in NEEDS_DATA and not (m == "nc" and profile is not None)]
-    if x is None and need:
-        raise InputError(f"{', '.join(need)} need clean data: pass --data CLEAN.npz, or run "
-                         f"--methods df-tnd for a data-free audit")
+    _require_data(methods, x, nc_from_profile=profile is not None)  # before probing the model's shape
     shape_probed = not shape
     if shape_probed:  # data-free and no shape given: probe the model (InputError when it cannot be told)
         shape = infer_input_shape(model)
