@@ -8,6 +8,7 @@ with no arguments, plus a ``state_dict`` file loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ModelError
+from guard.errors import ModelError
 
 
 class Normalized(nn.Module):
@@ -242,3 +243,37 @@ class FeatureTap:
 def input_shape(x: torch.Tensor) -> tuple[int, int, int]:
     """``(C, H, W)`` of a batch."""
     return tuple(int(s) for s in x.shape[1:])  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
+    """Predicted labels of ``x`` in eval mode, batched."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).argmax(1))
+    return torch.cat(out).numpy()
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    """Share of ``x`` the model labels ``y``."""
+    return float((predict(model, x) == y).mean())
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module):
+    """Eval mode and no parameter gradients for the duration; restores both on exit.
+
+    Scans optimise inputs, never weights: BatchNorm statistics and dropout must not move, and the
+    caller's ``requires_grad`` flags and train/eval mode come back exactly as they were.
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from .errors import ProfileError, ProfileMismatch
+from guard.errors import ProfileError, ProfileMismatch
 
 SCHEMA_VERSION = 1
 JSON_NAME = "profile.json"

@@ -3,7 +3,7 @@
 TorchServe's stock ``image_classifier`` imports torchvision, which has no CPU build here (DESIGN.md),
 so the baseline is TorchServe's ``BaseHandler`` with exactly the guarded handler's request path:
 the same model loading (``guard.model.load_model``, weights only), the same per-request decoding and
-validation (``guard.io.decode_request``, 400/413 per bad request), one forward pass over the batch
+validation (``guard.serving.decode.decode_request``, 400/413 per bad request), one forward pass over the batch
 (``BaseHandler.inference``) and the same response shape minus the guard's fields
 (``{"predictions": [{"label", "probabilities"}]}``). The ratio guarded/baseline then isolates what the
 guard itself costs. It reads the same ``model-config.yaml`` ``handler:`` section (``model_file``,
@@ -21,7 +21,9 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from guard.errors import GuardError, PayloadTooLarge
-from guard.handler_context import (
+from guard.model import load_model
+from guard.serving.decode import decode_request
+from guard.torchserve.context import (
     content_length,
     content_type,
     handler_config,
@@ -30,8 +32,6 @@ from guard.handler_context import (
     set_json,
     set_status,
 )
-from guard.io import decode_request
-from guard.model import load_model
 
 logger = logging.getLogger(__name__)
 

@@ -13,14 +13,14 @@ requests wait unanswered in TorchServe's queue meanwhile, and get 503 once the m
 worker; TorchServe's /ping still says Healthy). An audit log that cannot be opened refuses the load
 too. ``fail_open: true`` is logged as a WARNING at every load.
 
-Each request of a batch is decoded on its own (``guard.io.decode_request``): a bad one answers 400
+Each request of a batch is decoded on its own (``guard.serving.decode.decode_request``): a bad one answers 400
 (413 when too large) with ``{"error": ...}`` while the others proceed; all valid instances go through
 one ``Guard.run``. Answers are ``{"predictions": [{label, probabilities, verdict, reasons, scores}]}``;
 a single-instance request that is rejected answers 403 with the same body. If the guard itself fails
 (a bug, not bad input), ``fail_open: false`` (default) answers 503 ``{"error": ...}``;
 ``fail_open: true`` answers the bare model's prediction with ``verdict: "error"`` and reason
-``guard_error``. Metrics: see ``guard.metrics``. Every instance answered ``rejected``, ``repaired``,
-``flagged`` or (fail-open) ``error`` gets one line in the audit log (``guard.audit_log``), keyed by
+``guard_error``. Metrics: see ``guard.serving.metrics``. Every instance answered ``rejected``, ``repaired``,
+``flagged`` or (fail-open) ``error`` gets one line in the audit log (``guard.serving.trail``), keyed by
 TorchServe's request id, which its frontend returns as the ``x-request-id`` response header.
 
 TorchServe imports this module by file name and instantiates its only class; helpers are functions
@@ -38,10 +38,16 @@ import numpy as np
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
-from guard.audit_log import AuditLog
-from guard.commands.archive import profile_digest
+from guard.cli.archive import profile_digest
 from guard.errors import GuardError, PayloadTooLarge, ProfileError
-from guard.handler_context import (
+from guard.model import fingerprint, load_model
+from guard.online import Guard
+from guard.online.policy import check_mode
+from guard.profile import Profile
+from guard.serving.decode import decode_request
+from guard.serving.metrics import TorchServeSink, record_decisions
+from guard.serving.trail import AuditLog
+from guard.torchserve.context import (
     content_length,
     content_type,
     handler_config,
@@ -51,12 +57,6 @@ from guard.handler_context import (
     set_json,
     set_status,
 )
-from guard.io import decode_request
-from guard.metrics import TorchServeSink, record_decisions
-from guard.model import fingerprint, load_model
-from guard.online import Guard
-from guard.online.policy import check_mode
-from guard.profile import Profile
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
-    from guard.demo_world import build
+    from guard.demo.world import build
 
     return build(tmp_path_factory.mktemp("demo"))
 
@@ -39,7 +39,7 @@ def demo_profile(demo_world, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def clean_world(tmp_path_factory):
-    from guard.demo_world import build
+    from guard.demo.world import build
 
     return build(tmp_path_factory.mktemp("clean"), backdoored=False)
 
@@ -62,11 +62,12 @@ def gap_world(tmp_path_factory) -> GapWorld:
     """GapNet on 16x16 digits with a 3x3 BadNets patch at the top-left sending everything to 3."""
     import shutil
 
-    from guard.attacks import BadNets
-    from guard.data import digits, split
-    from guard.nets import net_file
-    from guard.nets.gap_net import GapNet
-    from guard.train import train
+    from guard.data import split
+    from guard.demo.attacks import BadNets
+    from guard.demo.glyphs import digits
+    from guard.demo.nets import net_file
+    from guard.demo.nets.gap_net import GapNet
+    from guard.demo.train import train
 
     x, y = digits(size=16)
     xtr, ytr, xte, yte = split(x, y, 0.7, seed=0)

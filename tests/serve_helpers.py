@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from guard.commands import _torchserve as ts
+from guard.torchserve import server as ts
 
 BIN = Path(sys.executable).parent
 

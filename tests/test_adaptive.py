@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from guard import Guard, Profile, load_model
-from guard.attacks import BadNets
 from guard.bench.adaptive import evaluate, operating_thresholds, to_markdown, variants
 from guard.data import load_npz
+from guard.demo.attacks import BadNets
 
 # variant -> (floor on TPR among hijacked inputs, floor on attack success so the floor is not vacuous)
 FLOORS = {

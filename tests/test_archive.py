@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from guard.cli import main
-from guard.commands import _torchserve as ts
+from guard.torchserve import server as ts
 
 
 def archive_args(world, profile, export, *extra: str) -> list[str]:

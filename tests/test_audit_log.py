@@ -1,4 +1,4 @@
-"""guard.audit_log without TorchServe: which verdicts are written, what a line holds (and never holds),
+"""guard.serving.trail without TorchServe: which verdicts are written, what a line holds (and never holds),
 where the file goes, and that it rotates by size."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from guard.audit_log import (
+from guard.online.policy import Decision
+from guard.serving.trail import (
     AUDITED_VERDICTS,
     ENV_PATH,
     AuditLog,
@@ -17,7 +18,6 @@ from guard.audit_log import (
     read_lines,
     resolve_path,
 )
-from guard.online.policy import Decision
 
 SHA = "ab" * 32
 
@@ -137,9 +137,9 @@ def test_handler_writes_one_line_per_non_pass_instance_matching_the_reply(demo_w
     from ts.model_loader import TsModelLoader
 
     from guard import Guard, Profile, load_model
-    from guard.commands import _torchserve as ts
-    from guard.commands.archive import make_archive
+    from guard.cli.archive import make_archive
     from guard.data import load_npz
+    from guard.torchserve import server as ts
 
     mar, _ = make_archive(name="demo", model_file=demo_world.model_file, weights=demo_world.weights,
                           profile=demo_profile, export_path=tmp_path / "mar", log_payloads=True,

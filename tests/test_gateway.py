@@ -1,4 +1,4 @@
-"""guard.gateway in process, against a recording stand-in for TorchServe (no Java needed).
+"""guard.torchserve.gateway in process, against a recording stand-in for TorchServe (no Java needed).
 
 The stand-in answers like TorchServe's frontend where it matters: 400 ``InvalidKeyException`` without
 the right token, ``x-request-id`` on every answer, and what it received (method, path, content type,
@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard.gateway import Route, Spec, inference_body, serve
+from guard.torchserve.gateway import Route, Spec, inference_body, serve
 
 KEY = "good-key"
 BOUND = 4096

@@ -1,4 +1,4 @@
-"""guard.io.decode_request: what a client may send, what it gets back, and that nothing else escapes.
+"""guard.serving.decode.decode_request: what a client may send, what it gets back, and that nothing else escapes.
 
 The property tests feed arbitrary bytes, arbitrary JSON (raw and pre-parsed, as TorchServe hands it
 over for application/json), near-valid instances and damaged images: the decoder either returns a
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from guard.errors import InputError, PayloadTooLarge
-from guard.io import decode_request
+from guard.serving.decode import decode_request
 
 SHAPE = (3, 8, 8)
 BIG = 10_000_000

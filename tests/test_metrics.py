@@ -1,13 +1,13 @@
-"""guard.metrics without TorchServe: what each decision adds to the counters, and the reasons' order."""
+"""guard.serving.metrics without TorchServe: what each decision adds to the counters, and the reasons' order."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from guard.metrics import InMemorySink, record_decisions
+from guard.online.engine import GuardResult
 from guard.online.ensemble import UnionRule
-from guard.online.guard import GuardResult
 from guard.online.policy import Decision
+from guard.serving.metrics import InMemorySink, record_decisions
 
 
 def test_each_refused_input_counts_once_under_its_main_reason():

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from guard import FeatureTap, ModelError, fingerprint, load_model
+from guard.demo.nets import net_file
 from guard.model import Normalized, feature_layer, inner_layer, parse_normalize, pool_inner
-from guard.nets import net_file
 
 
 @pytest.fixture
 def demo_files(tmp_path):
-    from guard.nets.demo_net import DemoNet
+    from guard.demo.nets.demo_net import DemoNet
 
     torch.manual_seed(0)
     torch.save(DemoNet().state_dict(), tmp_path / "w.pt")
@@ -78,7 +78,7 @@ def test_feature_tap_removes_its_hook_even_on_error(demo_files):
 
 
 def test_inner_layer_is_the_last_spatial_block_and_its_tap_cleans_up(demo_files):
-    from guard.nets.gap_net import GapNet
+    from guard.demo.nets.gap_net import GapNet
 
     model = load_model(*demo_files)
     assert inner_layer(model, torch.zeros(1, 3, 32, 32)) == "features.8"  # the last max-pool, 64x4x4

@@ -2,7 +2,8 @@
 
 from guard import load_model
 from guard.data import load_npz
-from guard.train import accuracy, attack_success
+from guard.demo.train import attack_success
+from guard.model import accuracy
 
 
 def test_demo_backdoor_is_real(demo_world):

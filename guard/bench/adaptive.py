@@ -1,7 +1,7 @@
 """Adaptive attacker: how the online checks hold up when the trigger is not stamped exactly as trained.
 
 An attacker who knows a guard is deployed will not send the textbook trigger. This module perturbs
-the demo BadNets trigger (a 3x3 patch; any :class:`~guard.attacks.BadNets` works) the ways a cheap
+the demo BadNets trigger (a 3x3 patch; any :class:`~guard.demo.attacks.BadNets` works) the ways a cheap
 adaptive attacker would, and measures at the guard's *calibrated* thresholds (the profile's, no
 re-tuning) on inputs whose true label is not the target:
 
@@ -18,7 +18,7 @@ still fires on: the number that matters; a variant that no longer fires is harml
 The clean false-positive rate at the same thresholds is reported once.
 
 ``python -m guard.bench.adaptive --world DIR --profile DIR [--json OUT]`` prints a markdown table
-(``DIR`` as written by :func:`guard.demo_world.build`).
+(``DIR`` as written by :func:`guard.demo.world.build`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..attacks import BadNets
+from guard.demo.attacks import BadNets
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Variant:
 
 def _corner(attack: BadNets, shape: tuple[int, int, int], size: int | None = None) -> tuple[int, int]:
     """Top-left of the patch for ``attack`` (``size`` overrides the patch size, same corner anchor)."""
-    from ..attacks._base import _corner as corner
+    from guard.demo.attacks._base import _corner as corner
 
     _, h, w = shape
     return corner(size or attack.size, h, w, attack.position, attack.margin)
@@ -192,10 +192,10 @@ def run_demo(world_dir: str | Path, profile_dir: str | Path, *, limit: int | Non
              fprs: Sequence[float] = (0.01, 0.02, 0.05)) -> dict[str, Any]:
     """:func:`evaluate` on a demo world directory (holdout.npz, clean.npz, model.py, weights.pt) and its
     profile, with extra operating points recalibrated on clean.npz as ``guard scan --fpr`` would."""
-    from ..data import load_npz
-    from ..model import load_model
-    from ..online import Guard
-    from ..profile import Profile
+    from guard.data import load_npz
+    from guard.model import load_model
+    from guard.online import Guard
+    from guard.profile import Profile
 
     world = Path(world_dir)
     meta = json.loads((world / "world.json").read_text()) if (world / "world.json").exists() else {}
@@ -236,7 +236,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m guard.bench.adaptive", description=__doc__.splitlines()[0])
-    p.add_argument("--world", required=True, help="demo world directory (guard.demo_world.build)")
+    p.add_argument("--world", required=True, help="demo world directory (guard.demo.world.build)")
     p.add_argument("--profile", required=True, help="its profile directory")
     p.add_argument("--limit", type=int, help="use the first N held-out images")
     p.add_argument("--json", help="also write the figures here")

@@ -20,9 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..attacks import ATTACKS, Attack, TrojanNN
-from ..attacks.zoo import ZooData, _net, train_backdoored, train_clean, zoo_data
-from ..train import accuracy, attack_success
+from guard.demo.attacks import ATTACKS, Attack, TrojanNN
+from guard.demo.attacks.zoo import ZooData, _net, train_backdoored, train_clean, zoo_data
+from guard.demo.train import attack_success
+from guard.model import accuracy
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,12 @@ class ZooConfig:
         """
         import inspect
 
-        from .. import data, train
-        from ..attacks import zoo
-        from ..nets import demo_net
+        from guard.demo import glyphs, train
+        from guard.demo.attacks import zoo
+        from guard.demo.nets import demo_net
 
         parts = [json.dumps(asdict(self), sort_keys=True), name]
-        modules = [zoo, train, data, demo_net]
+        modules = [zoo, train, glyphs, demo_net]
         if name != "clean":
             attack = ATTACKS[name](seed=self.seed)
             parts.append(repr(attack))

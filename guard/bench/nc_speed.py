@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..scan import NeuralCleanse
-from ..stats import anomaly_index, log_anomaly_index
+from guard.scan import NeuralCleanse
+from guard.stats import anomaly_index, log_anomaly_index
 
 
 def nc_speedup(model: nn.Module, x: np.ndarray, *, num_classes: int, rounds: int, seed: int = 0,
@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from ..data import load_npz
-    from ..demo_world import DEMO_TARGET, build
-    from ..model import load_model
+    from guard.data import load_npz
+    from guard.demo.world import DEMO_TARGET, build
+    from guard.model import load_model
 
     p = argparse.ArgumentParser(prog="python -m guard.bench.nc_speed", description=main.__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")

@@ -69,7 +69,7 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
     validation, tapped forward, checks, policy, result) and ``run_in_session`` (the same with the hook
     held, as the handler runs it). ``run_in_session - bare_forward`` is the guard's cost in serving.
     """
-    from ..data import validate_batch
+    from guard.online.inputs import validate_batch
 
     xb = np.ascontiguousarray(x[:1])
     xt = torch.from_numpy(xb)

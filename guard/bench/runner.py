@@ -7,7 +7,7 @@ seeded DemoNet is trained on the glyph world (:mod:`guard.bench.models`, cached)
   neurons, every online check fitted and calibrated at ``fpr``) and DL-TND / DF-TND run on it; each
   says whether it flags the attack's target (for all-to-all, any label);
 * **online**: the guard scores ``n_eval`` clean test images and ``n_eval`` triggered test images of
-  other classes than the target (:mod:`guard.bench.metrics`: AUROC and TPR at 1% FPR per check and
+  other classes than the target (:mod:`guard.bench.evaluation`: AUROC and TPR at 1% FPR per check and
   for the combined verdict, plus the deployed verdict's realised TPR/FPR);
 * **repair**: the guard in ``repair`` mode on the same inputs: attack success (the attacker's label
   served) and clean accuracy (a rejected clean input counts as wrong) after repair;
@@ -38,18 +38,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..attacks import Attack
-from ..attacks.zoo import zoo_data
-from ..data import glyphs, split
-from ..online import Guard
-from ..scan import build_profile
-from ..scan.blend import BlendReversal
-from ..scan.neural_cleanse import NeuralCleanse
-from ..scan.tnd import DFTND, DLTND
-from .metrics import at_threshold, separation
-from .models import ZooConfig, zoo_model
-from .report import targets
-from .strip import Strip, art_available, art_strip
+from guard.bench.evaluation import at_threshold, separation
+from guard.bench.models import ZooConfig, zoo_model
+from guard.bench.report import targets
+from guard.bench.strip import Strip, art_available, art_strip
+from guard.data import split
+from guard.demo.attacks import Attack
+from guard.demo.attacks.zoo import zoo_data
+from guard.demo.glyphs import glyphs
+from guard.online import Guard
+from guard.scan import build_profile
+from guard.scan.blend import BlendReversal
+from guard.scan.neural_cleanse import NeuralCleanse
+from guard.scan.tnd import DFTND, DLTND
 
 SCHEMA_VERSION = 1
 ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all")
@@ -220,8 +221,8 @@ def _online(guard: Guard, cal_x: np.ndarray, neg: np.ndarray, pos: np.ndarray, f
                                                              "rule": guard.ensemble.method}
     out["combined_successful"] = (separation(zc_neg, zc_pos[success], fpr=fpr) if success.any()
                                   else {"auroc": None, "tpr_at_1pct_fpr": None}) | {"n": int(success.sum())}
-    if flip_check:  # opt-in, not in the guard: see guard.bench.consistency
-        from .consistency import evaluate
+    if flip_check:  # opt-in, not in the guard: see guard.bench.mirror
+        from guard.bench.mirror import evaluate
 
         out["opt_in"] = evaluate(guard.model, cal_x, neg, pos, cal_s, neg_s, pos_s, fpr=fpr)
     return out
@@ -453,8 +454,8 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
     names = [r["name"] for r in results["attacks"]]
     if names:
         name = "badnets" if "badnets" in names else names[0]
-        from ..model import fingerprint
-        from ..profile import Profile
+        from guard.model import fingerprint
+        from guard.profile import Profile
 
         zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
         row = results["attacks"][names.index(name)]
@@ -490,8 +491,8 @@ def _clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: n
 
 def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str, Any], xc: np.ndarray,
                  x_fit: np.ndarray, neg: np.ndarray, k: int, progress) -> dict[str, Any]:
-    from .nc_speed import nc_speedup
-    from .overhead import measure_overhead, overhead_breakdown
+    from guard.bench.nc_speed import nc_speedup
+    from guard.bench.overhead import measure_overhead, overhead_breakdown
 
     perf: dict[str, Any] = {"model": None, "guard_overhead_p50_ratio": None, "guard_overhead_p95_ratio": None,
                             "nc_batched_speedup": None, "scan_seconds": None, "torchserve_throughput_ratio": None,
@@ -515,7 +516,7 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
     perf["overhead"] = over
     perf["overhead_breakdown_batch_1_us"] = overhead_breakdown(guard, neg, repeats=cfg.overhead_repeats)
     if cfg.flip_check:
-        from .consistency import flip_cost
+        from guard.bench.mirror import flip_cost
 
         perf["flip_check_cost_batch_1"] = flip_cost(model, neg, repeats=cfg.overhead_repeats)
     perf["guard_overhead_p50_ratio"] = {b: round(v["p50_ratio"], 3) for b, v in over.items()}
@@ -542,10 +543,10 @@ def _median_of(results: dict[str, Any], method: str) -> float | None:
 
 def _torchserve(cfg: BenchConfig, model: nn.Module, profile, x: np.ndarray) -> dict[str, Any]:
     """Write the model as a user would (model file, state_dict, profile) and measure both handlers."""
-    from ..commands._torchserve import ServeError
-    from ..errors import GuardError
-    from ..nets import net_file
-    from .serving import torchserve_throughput
+    from guard.bench.serving import torchserve_throughput
+    from guard.demo.nets import net_file
+    from guard.errors import GuardError
+    from guard.torchserve.server import ServeError
 
     if shutil.which("java") is None and not os.environ.get("JAVA_HOME"):
         return {"error": "java not found: TorchServe needs Java 17"}

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from ..commands import _torchserve as ts
-from ..commands.archive import make_archive
+from guard.cli.archive import make_archive
+from guard.torchserve import server as ts
 
 BASELINE_HANDLER = ts.REPO / "handlers" / "baseline_handler.py"
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._numba import compiled, njit
-from .ensemble import FisherEnsemble
-from .fused import FusedScorer
+from guard._numba import compiled, njit
+from guard.online.ensemble import FisherEnsemble
+from guard.online.fused import FusedScorer
 
 SLOTS = ("feature", "neuron", "knn", "consistency", "overlap")
 """The kernel's fixed order of checks; ``slot[i]`` maps each to its column in the guard's order (-1: absent)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..stats import upper_threshold
+from guard.stats import upper_threshold
 
 
 @dataclass

@@ -22,7 +22,7 @@ import math
 
 import numpy as np
 
-from ..stats import upper_threshold
+from guard.stats import upper_threshold
 
 
 class _Rule:

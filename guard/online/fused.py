@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import Check, ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck
+from guard.online.checks import Check, ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck
 
 
 class FusedScorer:

@@ -10,7 +10,7 @@ VERDICTS = ("pass", "repaired", "rejected", "flagged")
 
 
 def check_mode(mode: str) -> str:
-    from ..errors import InputError
+    from guard.errors import InputError
 
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")

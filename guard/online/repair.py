@@ -12,8 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model import FeatureTap
-from ..scan._trigger import frozen
+from guard.model import FeatureTap, frozen
 
 
 def locate(model: nn.Module, x: np.ndarray, fill: np.ndarray, *, pixels: int, layer: str | None,

@@ -1,12 +1,9 @@
 """Shared machinery of the trigger-reversing scans: the tanh mask/pattern parametrisation, stamping
-many candidate triggers onto one batch in a single forward, and frozen-model context."""
+many candidate triggers onto one batch in a single forward."""
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
-from torch import nn
 
 
 def to_raw(v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -28,23 +25,3 @@ def stamp_all(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> t
     k = masks.shape[0]
     stamped = (1 - masks[:, None]) * x[None] + (masks * patterns)[:, None]
     return stamped.reshape(k * x.shape[0], *x.shape[1:])
-
-
-@contextlib.contextmanager
-def frozen(model: nn.Module):
-    """Eval mode and no parameter gradients for the duration; restores both on exit.
-
-    Scans optimise inputs, never weights: BatchNorm statistics and dropout must not move, and the
-    caller's ``requires_grad`` flags and train/eval mode come back exactly as they were.
-    """
-    was_training = model.training
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
-        model.train(was_training)

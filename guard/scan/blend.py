@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._progress import Progress
-from ..errors import InputError
-from ..stats import largest_other
-from ._trigger import from_raw, frozen, stamp_all
+from guard._progress import Progress
+from guard.errors import InputError
+from guard.model import frozen
+from guard.scan._trigger import from_raw, stamp_all
+from guard.stats import largest_other
 
 
 class BlendReversal:

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._progress import Progress
-from ..model import FeatureTap
-from ..stats import anomaly_index, log_anomaly_index
-from ._trigger import from_raw, frozen, stamp_all, to_raw
+from guard._progress import Progress
+from guard.model import FeatureTap, frozen
+from guard.scan._trigger import from_raw, stamp_all, to_raw
+from guard.stats import anomaly_index, log_anomaly_index
 
 
 class NeuralCleanse:

@@ -10,15 +10,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import split
-from ..errors import InputError
-from ..model import FeatureTap, feature_layer, fingerprint, inner_layer, pool_inner
-from ..online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
-from ..online.ensemble import FisherEnsemble
-from ..online.policy import check_mode
-from ..profile import Profile
-from ._trigger import frozen
-from .neural_cleanse import NeuralCleanse, suspect_neurons
+from guard.data import split
+from guard.errors import InputError
+from guard.model import FeatureTap, feature_layer, fingerprint, frozen, inner_layer, pool_inner
+from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
+from guard.online.ensemble import FisherEnsemble
+from guard.online.policy import check_mode
+from guard.profile import Profile
+from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
 
 
 def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner: str | None = None,

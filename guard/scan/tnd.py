@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._progress import Progress
-from ..errors import InputError
-from ..model import FeatureTap
-from ..stats import anomaly_index, largest_other
-from ._trigger import from_raw, frozen, stamp_all, to_raw
+from guard._progress import Progress
+from guard.errors import InputError
+from guard.model import FeatureTap, frozen
+from guard.scan._trigger import from_raw, stamp_all, to_raw
+from guard.stats import anomaly_index, largest_other
 
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard.attacks import (
+from guard.demo.attacks import (
     ATTACKS,
     POISON_RATES,
     SIG,
@@ -27,8 +27,8 @@ from guard.attacks import (
     TrojanNN,
     WaNet,
 )
-from guard.attacks.zoo import KINDS, ZooData, train_backdoored, train_clean, zoo_data
-from guard.data import glyphs
+from guard.demo.attacks.zoo import KINDS, ZooData, train_backdoored, train_clean, zoo_data
+from guard.demo.glyphs import glyphs
 
 N_TRAIN = 3000
 EPOCHS = 6
@@ -44,7 +44,7 @@ def images() -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=1)
 def _trojan_fit() -> tuple[np.ndarray, np.ndarray]:
     """A TrojanNN patch fitted once on a seeded untrained DemoNet (a few steps suffice for these tests)."""
-    from guard.nets.demo_net import DemoNet
+    from guard.demo.nets.demo_net import DemoNet
 
     torch.manual_seed(0)
     a = TrojanNN(steps=5).fit(DemoNet().eval(), glyphs(32, seed=98)[0])
@@ -202,8 +202,8 @@ def test_all_to_all_maps_each_label_to_the_next():
 
 
 def test_trojannn_fit_leaves_model_unchanged_and_excites_its_neurons(images):
+    from guard.demo.nets.demo_net import DemoNet
     from guard.model import FeatureTap
-    from guard.nets.demo_net import DemoNet
 
     x, _ = images
     torch.manual_seed(0)
@@ -248,7 +248,7 @@ def test_clean_model_is_accurate(zoo_clean):
     # and has no backdoor: no trigger of the zoo sends most inputs to the attacker's label
     for name in ("badnets", "blended", "sig"):
         a = ATTACKS[name]()
-        from guard.train import attack_success
+        from guard.demo.train import attack_success
 
         assert attack_success(model, a, data.x_test, data.y_test) < 0.2
 

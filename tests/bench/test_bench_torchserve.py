@@ -16,9 +16,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory):
-    from guard.data import glyphs
-    from guard.nets import net_file
-    from guard.nets.demo_net import DemoNet
+    from guard.demo.glyphs import glyphs
+    from guard.demo.nets import net_file
+    from guard.demo.nets.demo_net import DemoNet
     from guard.scan import NeuralCleanse, build_profile
 
     torch.manual_seed(0)
@@ -35,7 +35,7 @@ def test_guarded_and_baseline_handlers_both_serve_and_are_compared(tiny_world, t
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
     from guard.bench import serving
-    from guard.commands import _torchserve as ts
+    from guard.torchserve import server as ts
 
     d, profile_dir, x, model = tiny_world
     seen = {}

@@ -39,9 +39,9 @@ import yaml
 from serve_helpers import decided_inputs
 
 from guard.bench import load
-from guard.commands import _torchserve as ts
-from guard.commands.archive import make_archive
+from guard.cli.archive import make_archive
 from guard.errors import ProfileError
+from guard.torchserve import server as ts
 
 GOOD, TAMPERED = "demo", "tampered"
 RECOVERY_BOUND_S = 120.0  # kill -> first guarded answer; a worker restart is ~5-15 s on two idle cores

@@ -36,10 +36,10 @@ from hypothesis import strategies as st
 from PIL import Image
 from serve_helpers import decided_inputs
 
-from guard.audit_log import read_lines
 from guard.bench import load
-from guard.commands import _torchserve as ts
-from guard.commands.archive import make_archive
+from guard.cli.archive import make_archive
+from guard.serving.trail import read_lines
+from guard.torchserve import server as ts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -44,9 +44,9 @@ from prom_helpers import install_prometheus_with_apt, queried_names, served_name
 from serve_helpers import guard_cli, guard_serve
 
 from guard.bench import load
-from guard.commands import _torchserve as ts
 from guard.data import load_npz
-from guard.metrics import label_value
+from guard.serving.metrics import label_value
+from guard.torchserve import server as ts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -25,9 +25,9 @@ from PIL import Image
 from serve_helpers import guard_cli, guard_serve
 
 from guard import Guard, Profile, load_model
-from guard.commands import _torchserve as ts
 from guard.data import load_npz
 from guard.errors import ProfileMismatch
+from guard.torchserve import server as ts
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

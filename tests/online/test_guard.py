@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from guard import Guard, InputError, Profile, ProfileMismatch, load_model
-from guard.commands.check import evaluate
+from guard.cli.check import evaluate
 from guard.data import load_npz
-from guard.train import accuracy
+from guard.model import accuracy
 
 
 @pytest.fixture(scope="module")

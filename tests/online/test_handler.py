@@ -33,7 +33,7 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: E402
 from ts.model_loader import TsModelLoader  # noqa: E402
 
 from guard import Guard, Profile, load_model  # noqa: E402
-from guard.commands.archive import make_archive  # noqa: E402
+from guard.cli.archive import make_archive  # noqa: E402
 from guard.data import load_npz  # noqa: E402
 from guard.errors import ProfileError, ProfileMismatch  # noqa: E402
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from guard import Guard, InputError, Profile, _numba, load_model
-from guard.data import _in_unit_range, _numpy_in_unit_range, load_npz, validate_batch
+from guard.data import load_npz
+from guard.online.inputs import _in_unit_range, _numpy_in_unit_range, validate_batch
 
 needs_numba = pytest.mark.skipif(not _numba.available(), reason="numba not installed or GUARD_JIT=0")
 

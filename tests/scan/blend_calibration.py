@@ -14,7 +14,7 @@ patch targets 0.159 and 0.163 on two of the 8 patch models, in the pack on the o
 on this population: DF-TND or the blend reversal deciding, 35 of 36 right (one clean model flagged by
 DF-TND); with Neural Cleanse corroborated by DL-TND or by DF-TND's top-ranked label deciding too, 33
 of 36 (two more clean models called backdoored, no backdoor gained). Hence
-:func:`guard.scan.audit.combine`. Blend reversal 5.3-10.3 s per model (median 5.8 s).
+:func:`guard.audit.rollout.combine`. Blend reversal 5.3-10.3 s per model (median 5.8 s).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from dftnd_calibration import SPECS  # noqa: E402
 
 
 def main() -> None:
+    from guard.audit.rollout import run_audit
     from guard.data import load_npz
-    from guard.demo_world import build
+    from guard.demo.world import build
     from guard.model import load_model
-    from guard.scan.audit import run_audit
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, help="also write every model's audit summary here")

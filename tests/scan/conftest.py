@@ -34,7 +34,7 @@ POPULATION_TRAIN = {"n_train": 6000, "epochs": 4, "n_clean": 300, "n_holdout": 5
 
 
 def make_attack(spec: dict | None):
-    from guard.attacks import BadNets, Blended
+    from guard.demo.attacks import BadNets, Blended
 
     if spec is None:
         return None
@@ -68,10 +68,10 @@ class Member:
 @pytest.fixture(scope="session")
 def population(tmp_path_factory) -> list[Member]:
     """Train and audit the twelve population models (seeded; once per test session)."""
+    from guard.audit.rollout import run_audit
     from guard.data import load_npz
-    from guard.demo_world import build
+    from guard.demo.world import build
     from guard.model import load_model
-    from guard.scan.audit import run_audit
 
     root = tmp_path_factory.mktemp("population")
     members = []
@@ -99,7 +99,7 @@ def badnets_world(request, tmp_path_factory):
     try:
         return request.getfixturevalue("demo_world")
     except pytest.FixtureLookupError:
-        from guard.demo_world import build
+        from guard.demo.world import build
 
         return build(tmp_path_factory.mktemp("demo-scan"))
 

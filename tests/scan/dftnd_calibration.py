@@ -47,7 +47,7 @@ SPECS = CLEAN_A + BACKDOORED_A + CLEAN_B + BACKDOORED_B
 
 
 def main() -> None:
-    from guard.demo_world import build
+    from guard.demo.world import build
     from guard.model import load_model
     from guard.scan.tnd import DFTND
 

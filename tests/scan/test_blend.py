@@ -9,10 +9,10 @@ import json
 import numpy as np
 import pytest
 
+from guard.audit.rollout import combine
 from guard.data import load_npz
 from guard.errors import InputError
 from guard.model import load_model
-from guard.scan.audit import combine
 from guard.scan.blend import BlendReversal, crossing
 from guard.stats import largest_other
 

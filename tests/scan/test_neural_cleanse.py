@@ -7,7 +7,7 @@ import pytest
 
 from guard import NeuralCleanse, load_model
 from guard.data import load_npz, split
-from guard.demo_world import DEMO_TARGET
+from guard.demo.world import DEMO_TARGET
 from guard.stats import anomaly_index, log_anomaly_index
 
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from guard.data import load_npz
-from guard.model import fingerprint, load_model
+from guard.demo.train import attack_success
+from guard.model import accuracy, fingerprint, load_model
 from guard.profile import Profile
-from guard.scan.pruning import FinePruning, Unlearning, profile_triggers
-from guard.train import accuracy, attack_success
+from guard.repair.pruning import FinePruning, Unlearning, profile_triggers
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ def test_dl_tnd_in_the_audit_uses_at_most_five_images_per_class(demo_audit):
 def test_dl_tnd_ranks_the_demo_target_high(demo_audit):
     """The paper's claim on the demo BadNets model: the target's similarity is high and ranks first or
     second. It held on two of four demo builds measured, which is why DL-TND never decides a verdict
-    alone (guard.scan.audit)."""
+    alone (guard.audit.rollout)."""
     scores = np.array([r["similarity_q25"] for r in _dl_tnd_block(demo_audit)["per_label"]])
     assert scores[6] > 0.7
     assert 6 in np.argsort(-scores)[:2]

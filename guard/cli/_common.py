@@ -1,0 +1,56 @@
+"""Arguments and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from guard.errors import InputError
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model-file", required=True, help="Python file defining the nn.Module class")
+    g.add_argument("--model-class", help="class to use when the file defines several")
+    g.add_argument("--weights", required=True, help="state_dict file (loaded with weights_only=True)")
+    g.add_argument("--normalize", metavar="MEAN,STD",
+                   help="normalisation the model expects, applied inside guard's wrapper (e.g. 0.5,0.25)")
+    g.add_argument("--feature-layer", metavar="NAME",
+                   help="module whose input is the feature vector (default: the last nn.Linear)")
+
+
+def load_model_from(args: argparse.Namespace):
+    from guard.model import load_model
+
+    return load_model(args.model_file, args.weights, model_class_name=args.model_class,
+                      normalize=args.normalize)
+
+
+def fpr_arg(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {v}")
+    return v
+
+
+def model_input_shape(model, data_shape: tuple[int, ...]) -> None:
+    """Run one zero image through the model to turn a shape mismatch into a clear input error."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1, *data_shape)))
+    except Exception as e:
+        raise InputError(f"the model does not accept inputs of shape {tuple(data_shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    if out.ndim != 2:
+        raise InputError(f"the model must return (N, classes) logits, got shape {tuple(out.shape)}")
+
+
+def print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")

@@ -1,0 +1,59 @@
+"""Show a profile: the model it is bound to, suspect labels, per-label scan results, checks and
+their thresholds, policy. With --model-file/--weights also verify the binding (exit 3 on mismatch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from guard.cli._common import print_json
+
+HELP = "show a profile (and verify it against a model)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("profile", help="profile directory")
+    p.add_argument("--model-file")
+    p.add_argument("--model-class")
+    p.add_argument("--weights")
+    p.add_argument("--normalize")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from guard.errors import InputError
+    from guard.model import fingerprint, load_model
+    from guard.profile import Profile
+
+    sha = None
+    if args.model_file or args.weights:
+        if not (args.model_file and args.weights):
+            raise InputError("verifying a profile needs both --model-file and --weights")
+        sha = fingerprint(load_model(args.model_file, args.weights, model_class_name=args.model_class,
+                                     normalize=args.normalize))
+    profile = Profile.load(args.profile, model_sha256=sha)
+    meta = {k: v for k, v in profile.meta.items() if k != "tensor_names"}
+    meta["tensors"] = {k: list(v.shape) for k, v in sorted(profile.tensors.items())}
+    if sha:
+        meta["verified"] = True
+    if args.json:
+        print_json(meta)
+        return 0
+    print(f"profile {args.profile}: model {profile.model_sha256[:16]}…, input {profile.input_shape}, "
+          f"{meta['num_classes']} classes, feature layer {meta['feature_layer']}, "
+          f"inner layer {meta.get('inner_layer') or 'none'}")
+    print(f"suspect labels: {profile.suspect_labels or 'none'}; mode {meta['policy']['mode']}; fpr {meta['fpr']}")
+    ens = meta.get("ensemble")
+    if ens:
+        print(f"  decision: {ens['method']} ensemble of {', '.join(ens['checks'])}, threshold {ens['threshold']:.4g} "
+              f"(fpr {ens['fpr']:.4g}); each check's own threshold names the reasons")
+    else:
+        print("  decision: any check over its threshold (a profile from before the ensemble)")
+    for name, c in meta["checks"].items():
+        print(f"  check {name:<11} threshold {c['threshold']:.4g} (fpr {c['fpr']:.4g})")
+    for r in meta["scan"]["per_label"]:
+        flag = "  <- suspect" if r["suspect"] else ""
+        print(f"  label {r['label']:>3}: L1 {r['l1_norm']:8.2f}  index {r['anomaly_index']:6.2f} "
+              f"(log {r['log_anomaly_index']:6.2f}){flag}")
+    if sha:
+        print("verified: the profile matches this model")
+    return 0

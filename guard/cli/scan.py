@@ -1,0 +1,78 @@
+"""Scan a model with Neural Cleanse (all labels in one batched problem), pick suspect neurons,
+calibrate every online check on held-out clean images, and write a profile bound to the model.
+Exit 0 when nothing is suspected, 1 when a backdoor is suspected."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_input_shape, print_json
+
+HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--data", required=True, help="clean images: .npz (x, y) or a folder of class subfolders")
+    p.add_argument("--out", required=True, help="profile directory to write")
+    p.add_argument("--fpr", type=fpr_arg, default=0.01, help="false-positive rate the checks are calibrated for")
+    p.add_argument("--mode", choices=["enforce", "repair", "shadow"], default="enforce",
+                   help="default policy stored in the profile")
+    p.add_argument("--inner-layer", metavar="NAME",
+                   help="module whose output the consistency check reads (default: the last spatial block, "
+                   "found by a probe forward); --no-consistency leaves the check out")
+    p.add_argument("--no-consistency", action="store_true", help="do not add the inner-layer consistency check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
+                   "cuda[:N]; on a GPU the batched all-label problem runs about 10x faster than a per-label loop")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+
+
+def _device(text: str) -> str:
+    """``cpu`` or an available ``cuda[:N]``, else one clear InputError (exit 2)."""
+    import torch
+
+    from guard.errors import InputError
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text}: this torch build ({torch.__version__}) sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)
+
+
+def run(args: argparse.Namespace) -> int:
+    from guard.data import load_data
+    from guard.scan import NeuralCleanse, build_profile
+
+    device = _device(args.device)
+    model = load_model_from(args)
+    x, y = load_data(args.data)
+    model_input_shape(model, x.shape[1:])
+    progress = None if not args.json else sys.stderr.isatty()
+    source = {"model_file": str(Path(args.model_file).name), "weights": str(Path(args.weights).name),
+              "data": str(args.data), "normalize": args.normalize, "model_class": args.model_class}
+    profile, summary = build_profile(model, x, y, fpr=args.fpr, seed=args.seed, mode=args.mode,
+                                     layer=args.feature_layer, source=source, progress=progress,
+                                     consistency=not args.no_consistency, inner=args.inner_layer,
+                                     nc=NeuralCleanse(seed=args.seed, progress=progress, device=device))
+    profile.save(args.out)
+    summary["profile"] = str(args.out)
+    if args.json:
+        print_json(summary)
+    else:
+        sus = summary["suspect_labels"]
+        print(f"scanned in {summary['seconds']:.1f}s; suspect labels: {sus if sus else 'none'}; "
+              f"profile written to {args.out}")
+        for lab, ai in summary["anomaly_index"].items():
+            print(f"  label {lab:>3}: L1 {summary['l1_norm'][lab]:8.2f}  anomaly index {ai:6.2f}  "
+                  f"(log-scale {summary['log_anomaly_index'][lab]:6.2f})")
+    return 1 if summary["suspect_labels"] else 0

@@ -1,0 +1,79 @@
+"""The demo world: a seeded backdoored (or clean) DemoNet on the glyph task, written as user files.
+
+``build(out_dir)`` writes exactly what a user would bring: ``model.py`` (a copy of the model file),
+``weights.pt`` (state_dict), ``clean.npz`` (clean images for the scan), ``holdout.npz`` (other
+clean images) and ``triggered.npz`` (held-out non-target images with the trigger; ``y`` holds their
+true labels). Everything is seeded; on 2 cores it takes about 10 s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from guard.demo.attacks import Attack, BadNets
+from guard.demo.glyphs import glyphs
+from guard.demo.nets import net_file
+from guard.demo.train import attack_success, train
+from guard.model import accuracy
+
+DEMO_TARGET = 6
+DEMO_SEED = 3
+"""The demo's seed. Neural Cleanse on demo builds of seeds 0-3 (measured, stop 9): the target's anomaly
+index 2.3-3.3 (raw) and 4.6-5.3 (log scale) on every seed, but the glyph task has a naturally cheap
+class ("wedge", label 8) whose reversed mask is only about 1.5x the trigger's on some seeds (seed 0:
+log index 3.75, flagged beside the target; seed 2: target missed at raw 1.37). Seed 3 separates
+cleanly (target 2.9 raw / 4.6 log, next label 1.0 / 1.1), which is what a demo should show; the
+test population (tests/scan) measures how the scans do across seeds."""
+
+
+@dataclass
+class DemoWorld:
+    directory: Path
+    model_file: Path
+    weights: Path
+    clean: Path
+    holdout: Path
+    triggered: Path
+    clean_accuracy: float
+    attack_success: float
+    attack: Attack | None
+
+
+def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = DEMO_SEED,
+          n_train: int = 6000, n_clean: int = 2000, n_holdout: int = 1000, epochs: int = 5,
+          poison_rate: float = 0.1) -> DemoWorld:
+    """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files."""
+    from guard.demo.nets.demo_net import DemoNet
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    x, y = glyphs(n_train, seed=seed * 10 + 1)
+    xc, yc = glyphs(n_clean, seed=seed * 10 + 2)
+    xh, yh = glyphs(n_holdout, seed=seed * 10 + 3)
+    atk = (attack or BadNets(target=DEMO_TARGET)) if backdoored else None
+    if atk is not None:
+        x, y = atk.poison(x, y, rate=poison_rate, seed=seed)
+    torch.manual_seed(seed)  # initial weights depend on the seed only, not on what ran before
+    model = train(DemoNet(), x, y, epochs=epochs, seed=seed, patch_augment=0.5)
+    shutil.copyfile(net_file("demo_net"), out / "model.py")
+    torch.save(model.state_dict(), out / "weights.pt")
+    np.savez(out / "clean.npz", x=xc, y=yc)
+    np.savez(out / "holdout.npz", x=xh, y=yh)
+    probe = atk or BadNets(target=DEMO_TARGET)
+    keep = probe.victims(yh)
+    np.savez(out / "triggered.npz", x=probe.stamp(xh[keep]), y=yh[keep])
+    acc = accuracy(model, xh, yh)
+    asr = attack_success(model, probe, xh, yh)
+    (out / "world.json").write_text(json.dumps({
+        "backdoored": backdoored, "target": probe.target if backdoored else None,
+        "attack": type(probe).__name__ if backdoored else None, "seed": seed,
+        "clean_accuracy": acc, "attack_success": asr}, indent=2) + "\n")
+    return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
+                     out / "triggered.npz", acc, asr, atk)

@@ -1,0 +1,287 @@
+"""Guard: the production model wrapped with its profile; one forward pass per batch, then verdicts."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from guard.errors import ModelError
+from guard.model import FeatureTap, feature_layer, fingerprint, pool_inner
+from guard.online import repair as _repair
+from guard.online._jit import CompiledScorer
+from guard.online.checks import CHECKS, Check, Record
+from guard.online.ensemble import FisherEnsemble, UnionRule
+from guard.online.fused import FusedScorer
+from guard.online.inputs import validate_batch
+from guard.online.policy import Decision, check_mode
+from guard.profile import Profile
+
+_VERDICT_NAMES = np.array(["pass", "rejected", "repaired", "flagged"], dtype=object)
+_SUSPECT_CODE = {"enforce": 1, "repair": 2, "shadow": 3}
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+@dataclass
+class GuardResult:
+    """A batch's outcome as arrays; :attr:`decisions` builds the per-input objects on demand.
+
+    ``verdict_codes`` index ``pass, rejected, repaired, flagged``; ``scores`` is ``(N, n_checks)`` in
+    ``names`` order, ``thresholds`` the checks' own thresholds, ``statistic`` the ensemble's combined
+    score (suspect when over ``ensemble_threshold``) and ``over`` marks, on suspect inputs, the checks
+    that give the reasons: those over their own threshold, else the one contributing most.
+    ``strength`` orders them (each check's contribution to the statistic, strongest first). For
+    repaired inputs ``logits`` are the repaired image's and ``repaired_scores`` its re-scored checks.
+    ``guard_ms`` is the guard's own time (validation, checks, policy, repair), ``forward_ms`` the
+    model's tapped forward pass.
+    """
+
+    names: list[str]
+    logits: np.ndarray
+    scores: np.ndarray
+    thresholds: np.ndarray
+    over: np.ndarray
+    verdict_codes: np.ndarray
+    repaired_scores: dict[int, np.ndarray]
+    forward_ms: float
+    guard_ms: float
+    statistic: np.ndarray
+    ensemble_threshold: float
+    strength: np.ndarray
+
+    @property
+    def verdicts(self) -> list[str]:
+        return _VERDICT_NAMES[self.verdict_codes].tolist()
+
+    @property
+    def decisions(self) -> list[Decision]:
+        probs = _softmax(self.logits)
+        labels = self.logits.argmax(1)
+        out = []
+        for i, verdict in enumerate(self.verdicts):
+            fired = np.flatnonzero(self.over[i])
+            reasons = [self.names[j] for j in fired[np.argsort(-self.strength[i, fired], kind="stable")]]
+            sc = {n: round(float(self.scores[i, j]), 4) for j, n in enumerate(self.names)}
+            sc["ensemble"] = round(float(self.statistic[i]), 4)
+            if i in self.repaired_scores:
+                sc.update({f"{n}_repaired": round(float(v), 4) for n, v in zip(self.names, self.repaired_scores[i])})
+            if verdict == "rejected":
+                out.append(Decision(None, None, verdict, reasons, sc))
+            else:
+                out.append(Decision(int(labels[i]), [round(float(v), 6) for v in probs[i]], verdict, reasons, sc))
+        return out
+
+
+def _tensors_under(profile: Profile, prefix: str) -> dict[str, np.ndarray]:
+    """The profile's tensors named ``prefix + key``, keyed by ``key`` (a check's or the ensemble's state)."""
+    return {k[len(prefix):]: v for k, v in profile.tensors.items() if k.startswith(prefix)}
+
+
+def _pin_numpy_blas() -> None:
+    """Run numpy's BLAS single-threaded (process-wide).
+
+    The checks multiply matrices of a few hundred elements; BLAS worker threads buy nothing there
+    and, spinning against torch's own threads, made batch-32 scoring 3x slower than the forward pass
+    in our measurements. torch's thread pool is untouched.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+class Guard:
+    """Wrap ``model`` with ``profile`` and decide pass | repaired | rejected | flagged per input.
+
+    ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints
+    the located trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as
+    the model did and flags. An input is suspect when the checks' calibrated ensemble
+    (:mod:`guard.online.ensemble`) is over its threshold. The model's fingerprint must match the profile's unless
+    ``verify=False`` (the caller already checked it). ``single_thread_blas`` pins numpy's BLAS to one
+    thread for the process (see :func:`_pin_numpy_blas`).
+    """
+
+    def __init__(self, model: nn.Module, profile: Profile, *, mode: str | None = None, verify: bool = True,
+                 single_thread_blas: bool = True):
+        if verify and fingerprint(model) != profile.model_sha256:
+            from guard.errors import ProfileMismatch
+
+            raise ProfileMismatch("the profile was built for another model (SHA-256 differs): rescan it")
+        self.model = model.eval()
+        if single_thread_blas:
+            _pin_numpy_blas()
+        self.profile = profile
+        self.mode = check_mode(mode or profile.meta.get("policy", {}).get("mode", "enforce"))
+        self.input_shape = profile.input_shape
+        self.layer = profile.meta.get("feature_layer")
+        self._layer_module = feature_layer(model, self.layer)[1]
+        self.inner = profile.meta.get("inner_layer")
+        modules = dict(model.named_modules())
+        if self.inner is not None and self.inner not in modules:
+            raise ModelError(f"the profile's inner layer {self.inner!r} is not a module of the model")
+        self._inner_module = modules[self.inner] if self.inner else None
+        self.checks: list[Check] = []
+        thresholds = []
+        # the ensemble's tail statistics are stored in its own check order (profile.json sorts keys)
+        order = list(profile.meta.get("ensemble", {}).get("checks") or profile.meta["checks"])
+        if sorted(order) != sorted(profile.meta["checks"]):
+            raise ModelError("the profile's ensemble does not cover its checks: rescan the model")
+        for name in order:
+            info = profile.meta["checks"][name]
+            check = CHECKS[name].from_state(_tensors_under(profile, f"check.{name}."))
+            check.threshold_, check.fpr_ = float(info["threshold"]), float(info["fpr"])
+            self.checks.append(check)
+            thresholds.append(check.threshold_)
+        if not self.checks:
+            raise ModelError("the profile has no calibrated checks")
+        self.thresholds = np.asarray(thresholds)
+        self.names = [c.name for c in self.checks]
+        if "ensemble" in profile.meta:
+            self.ensemble: FisherEnsemble | UnionRule = FisherEnsemble.from_state(
+                _tensors_under(profile, "ensemble."), profile.meta["ensemble"])
+            if self.ensemble.refs_.shape[0] != len(self.checks):
+                raise ModelError("the profile's ensemble does not match its checks: rescan the model")
+        else:  # a profile from before the ensemble: any check over its own threshold
+            self.ensemble = UnionRule(self.thresholds)
+        self.fill = profile.tensors["fill"].astype(np.float32)
+        self.repair_pixels = int(profile.meta.get("repair", {}).get("pixels", 16))
+        neuron = next((c for c in self.checks if c.name == "neuron"), None)
+        self._neuron = (neuron.weights, neuron.bias) if neuron is not None else (None, None)
+        self._masks = profile.tensors.get("masks")
+        self._fused = FusedScorer(self.checks)
+        self._compiled = self._compile()
+        self._tap: FeatureTap | None = None  # held open by session()
+
+    def _compile(self) -> CompiledScorer | None:
+        """The compiled batch-1 path (:mod:`guard.online._jit`) where numba is there and the profile's
+        decision rule is the ensemble; None otherwise (the numpy path decides the same)."""
+        from guard._numba import available
+
+        if not available() or not isinstance(self.ensemble, FisherEnsemble):
+            return None
+        try:
+            return CompiledScorer(self._fused, self.ensemble)
+        except TypeError:  # a check layout the kernel does not cover (an old profile): numpy path
+            return None
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Guard]:
+        """Keep the feature hook registered for a block of calls, a serving worker's lifetime, instead of
+        registering and removing it on every call (about 6 us of a batch-1 call). The hook is removed when
+        the block exits, exceptions included; nested sessions share the outer one's hook."""
+        if self._tap is not None:
+            yield self
+            return
+        with FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
+            self._tap = tap
+            try:
+                yield self
+            finally:
+                self._tap = None
+
+    def warmup(self) -> Guard:
+        """Run one neutral input through the whole path, so a serving worker's first request does not
+        pay for compiling or loading the compiled kernels (:mod:`guard.online._jit` and the range check,
+        which batches share: the batch path needs no warm-up of its own)."""
+        self.run(np.full((1, *self.input_shape), 0.5, dtype=np.float32))
+        return self
+
+    # ------------------------------------------------------------------ core
+    def _tapped(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor | None]:
+        """One forward pass with the taps: logits and features (numpy), the inner layer's raw output."""
+        if self._tap is not None:  # inside session(): the hooks are already there
+            with torch.inference_mode():
+                logits = self.model(torch.from_numpy(x))
+            tap = self._tap
+        else:
+            with torch.inference_mode(), FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
+                logits = self.model(torch.from_numpy(x))
+        return logits.numpy(), tap.features.numpy(), tap.inner if self._inner_module is not None else None
+
+    def _forward(self, x: np.ndarray) -> Record:
+        logits, features, inner = self._tapped(x)
+        return Record(x, logits, features, None if inner is None else pool_inner(inner))
+
+    def scores(self, record: Record) -> np.ndarray:
+        """``(N, n_checks)`` scores of a record, columns in ``self.names`` order (one input: the fused
+        path of :class:`~guard.online.fused.FusedScorer`, same numbers)."""
+        if len(record) == 1:
+            return self._fused.score(record.x, record.logits, record.features, record.inner)
+        out = np.empty((len(record), len(self.checks)), dtype=np.float32)
+        for j, c in enumerate(self.checks):
+            out[:, j] = c.score(record)
+        return out
+
+    def score(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Every check's score for a batch (for evaluation and benchmarks)."""
+        s = self.scores(self._forward(validate_batch(x, shape=self.input_shape)))
+        return {n: s[:, i] for i, n in enumerate(self.names)}
+
+    def run(self, x: np.ndarray | torch.Tensor) -> GuardResult:
+        """Validate, forward once with the feature tap, score every check, apply the policy."""
+        t0 = time.perf_counter()
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().numpy()
+        x = validate_batch(x, shape=self.input_shape, what="input")
+        t1 = time.perf_counter()
+        if len(x) == 1 and self._compiled is not None:  # the hot path: one compiled call after the forward
+            logits, features, inner = self._tapped(x)
+            t2 = time.perf_counter()
+            s, strength, stat = self._compiled.run(x, logits, features, None if inner is None else inner.numpy())
+        else:
+            rec = self._forward(x)
+            logits = rec.logits
+            t2 = time.perf_counter()
+            s = self.scores(rec)
+            strength = self.ensemble.contributions(s)
+            stat = self.ensemble.reduce(strength)
+        suspect = stat > self.ensemble.threshold_
+        any_suspect = bool(suspect[0]) if len(suspect) == 1 else bool(suspect.any())
+        if any_suspect:  # every suspect input names a reason: its own-threshold checks, else the strongest
+            over = (s > self.thresholds) & suspect[:, None]
+            none = suspect & ~over.any(1)
+            over[none, strength[none].argmax(1)] = True
+            codes = suspect * _SUSPECT_CODE[self.mode]
+        else:
+            over = np.zeros(s.shape, dtype=bool)
+            codes = np.zeros(len(s), dtype=np.int64)
+        repaired = {}
+        if self.mode == "repair" and any_suspect:
+            logits = logits.copy()
+            idx = np.flatnonzero(suspect)
+            fixed, s2 = self._repair(x[idx])
+            still = self.suspect(s2)
+            codes[idx[still]] = 1  # still suspect after repair: reject
+            logits[idx] = fixed
+            repaired = {int(i): s2[j] for j, i in enumerate(idx)}
+        t3 = time.perf_counter()
+        return GuardResult(self.names, logits, s, self.thresholds, over, codes, repaired, (t2 - t1) * 1e3,
+                           ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength)
+
+    def statistic(self, scores: np.ndarray) -> np.ndarray:
+        """``(N,)`` the ensemble's combined score of ``(N, n_checks)`` check scores (higher = more suspect)."""
+        return self.ensemble.statistic(scores)
+
+    def suspect(self, scores: np.ndarray, threshold: float | None = None) -> np.ndarray:
+        """``(N,)`` whether the ensemble finds each input suspect (at ``threshold``, default the profile's)."""
+        return self.ensemble.statistic(scores) > (self.ensemble.threshold_ if threshold is None else threshold)
+
+    def predict(self, x: np.ndarray | torch.Tensor) -> list[Decision]:
+        """Decisions for a batch ``(N, C, H, W)`` in [0, 1]; raises InputError on bad input."""
+        return self.run(x).decisions
+
+    def _repair(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and check scores of ``x`` after painting the located trigger over."""
+        w, b = self._neuron
+        region = _repair.locate(self.model, x, self.fill, pixels=self.repair_pixels, layer=self.layer,
+                                neuron_weights=w, neuron_bias=b, masks=self._masks)
+        rec = self._forward(_repair.apply(x, region, self.fill))
+        return rec.logits, self.scores(rec)

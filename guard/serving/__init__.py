@@ -1,0 +1,1 @@
+"""Serving without TorchServe: request decoding, metrics through a sink protocol, the request trail."""
