@@ -7,8 +7,6 @@ import json
 import sys
 from typing import Any
 
-from guard.errors import InputError
-
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
@@ -36,20 +34,6 @@ def fpr_arg(text: str) -> float:
     if not 0 < v < 0.5:
         raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {v}")
     return v
-
-
-def model_input_shape(model, data_shape: tuple[int, ...]) -> None:
-    """Run one zero image through the model to turn a shape mismatch into a clear input error."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros((1, *data_shape)))
-    except Exception as e:
-        raise InputError(f"the model does not accept inputs of shape {tuple(data_shape)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    if out.ndim != 2:
-        raise InputError(f"the model must return (N, classes) logits, got shape {tuple(out.shape)}")
 
 
 def print_json(obj: Any) -> None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from guard.cli._common import add_model_arguments, load_model_from, model_input_shape, print_json
+from guard.cli._common import add_model_arguments, load_model_from, print_json
+from guard.serving.integrity import model_input_shape
 
 HELP = "audit a model (Neural Cleanse, DL-TND, DF-TND) and write report.json + report.html"
 

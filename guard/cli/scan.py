@@ -8,7 +8,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_input_shape, print_json
+from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, print_json
+from guard.serving.integrity import model_input_shape
 
 HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
 

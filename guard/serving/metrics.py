@@ -1,4 +1,4 @@
-"""Where the guard's counters go: a small sink protocol, an in-memory sink and a TorchServe sink.
+"""Where the guard's counters go: a small sink protocol and an in-memory sink.
 
 The metric names and labels are a contract (DESIGN.md, deploy/metrics.yaml, the dashboards and the
 alert rules query them):
@@ -15,9 +15,8 @@ alert rules query them):
 Label values are sanitised (:func:`label_value`): TorchServe serialises dimensions as
 ``name:value,name:value`` in its metric log lines, so a ``,`` or ``:`` in a value would corrupt them.
 
-``guard`` never imports TorchServe (``ts``) outside ``handlers/``: :class:`TorchServeSink` takes the
-``context.metrics`` object duck-typed and TorchServe's ``Dimension`` class and histogram metric type
-as arguments, which the handler passes in.
+The sink that reports through TorchServe is :class:`guard.torchserve.metrics.TorchServeSink`; nothing
+here knows TorchServe.
 """
 
 from __future__ import annotations
@@ -101,41 +100,5 @@ class InMemorySink:
         return "\n".join(lines)
 
 
-class TorchServeSink:
-    """Reports through TorchServe's per-worker metrics cache (``context.metrics``).
-
-    ``metrics`` is ``context.metrics`` (a ``ts.metrics`` cache: ``add_counter``, ``add_metric``),
-    ``dimension`` is ``ts.metrics.dimension.Dimension`` and ``histogram`` is
-    ``ts.metrics.metric_type_enum.MetricTypes.HISTOGRAM``. Calls must happen while a request batch is
-    being handled: only then does TorchServe append ``ModelName`` and ``Level=Model``, which the
-    declarations in deploy/metrics.yaml expect after guard's own label. Failures to report are
-    swallowed (reported once through ``on_error``) so metrics never fail a prediction.
-    """
-
-    def __init__(self, metrics: Any, dimension: type, histogram: Any, *, on_error=None):
-        self._m = metrics
-        self._dim = dimension
-        self._hist = histogram
-        self._on_error = on_error
-        self._warned = False
-
-    def _safe(self, fn, *args) -> None:
-        try:
-            fn(*args)
-        except Exception as e:  # a metrics failure must never turn into a failed prediction
-            if self._on_error is not None and not self._warned:
-                self._warned = True
-                self._on_error(e)
-
-    def requests(self, verdict: str, count: int = 1) -> None:
-        self._safe(self._m.add_counter, REQUESTS, count, None, [self._dim("verdict", label_value(verdict))])
-
-    def rejections(self, reason: str, count: int = 1) -> None:
-        self._safe(self._m.add_counter, REJECTIONS, count, None, [self._dim("reason", label_value(reason))])
-
-    def latency(self, seconds: float) -> None:
-        self._safe(self._m.add_metric, LATENCY, float(seconds), "s", None, [], self._hist)
-
-
-__all__ = ["LATENCY", "REJECTIONS", "REQUESTS", "InMemorySink", "MetricsSink", "TorchServeSink",
-           "label_value", "record_decisions"]
+__all__ = ["LATENCY", "REJECTIONS", "REQUESTS", "InMemorySink", "MetricsSink", "label_value",
+           "record_decisions"]
