@@ -40,16 +40,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guard._assets import deploy_file, handler_file
 from guard.errors import GuardError, InputError, ProfileMismatch
+from guard.serving import DEFAULT_MAX_REQUEST_BYTES as HANDLER_DEFAULT_MAX_REQUEST_BYTES
+from guard.serving import REFUSAL_MARK
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
-HANDLER = REPO / "handlers" / "guarded_handler.py"
+DEPLOY = deploy_file("config.properties").parent  # the installed serving configs (guard/_assets)
+HANDLER = handler_file("guarded_handler.py")
+BASELINE_HANDLER = handler_file("baseline_handler.py")
 STATE_NAME = "serve.json"
-REFUSAL_MARK = "GUARD REFUSED TO LOAD"
 DEFAULT_RUN_DIR = ".guard-serve"
 TS_DEFAULT_MAX_REQUEST_SIZE = 6_553_500  # TorchServe 0.12's max_request_size default
-HANDLER_DEFAULT_MAX_REQUEST_BYTES = 1_048_576  # handlers/guarded_handler.py DEFAULT_MAX_REQUEST_BYTES
 
 
 class ServeError(GuardError):

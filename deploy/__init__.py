@@ -1,0 +1,1 @@
+"""Serving configs and deployment files; installed as ``guard._assets.deploy`` (see guard/_assets)."""
