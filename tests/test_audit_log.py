@@ -137,9 +137,9 @@ def test_handler_writes_one_line_per_non_pass_instance_matching_the_reply(demo_w
     from ts.model_loader import TsModelLoader
 
     from guard import Guard, Profile, load_model
-    from guard.cli.archive import make_archive
     from guard.data import load_npz
     from guard.torchserve import server as ts
+    from guard.torchserve.archive import make_archive
 
     mar, _ = make_archive(name="demo", model_file=demo_world.model_file, weights=demo_world.weights,
                           profile=demo_profile, export_path=tmp_path / "mar", log_payloads=True,

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from guard.cli.archive import make_archive
 from guard.torchserve import server as ts
+from guard.torchserve.archive import make_archive
 
-BASELINE_HANDLER = ts.REPO / "handlers" / "baseline_handler.py"
+BASELINE_HANDLER = ts.BASELINE_HANDLER
 
 
 def _load(url: str, key: str | None, bodies: list[bytes], *, requests: int, concurrency: int) -> dict[str, Any]:

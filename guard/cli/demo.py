@@ -78,13 +78,13 @@ def _table(rows: list[dict], target: int | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guard.cli.archive import make_archive
     from guard.cli.serve import describe
     from guard.data import load_npz
     from guard.demo.world import build
     from guard.model import load_model
     from guard.scan import build_profile
     from guard.torchserve import server as ts
+    from guard.torchserve.archive import make_archive
 
     ts.require_java()
     ts.require_script("torchserve")

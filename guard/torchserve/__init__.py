@@ -1,1 +1,5 @@
-"""Everything that knows TorchServe: context adapter, archive, server supervisor (the only ``ts`` users)."""
+"""Everything that knows TorchServe: context adapter, metrics sink, archive, server supervisor, gateway.
+
+With ``handlers/`` these are the only ``ts`` users, and here only inside functions, so guard imports
+without TorchServe installed.
+"""

@@ -1,26 +1,50 @@
-"""Reading a TorchServe request context without importing ``ts``: the handlers' shared glue.
+"""TorchServe's request context to :mod:`guard.serving` and back, by duck typing (no ``ts`` import).
 
-TorchServe hands a handler a ``context`` (model-config.yaml, per-request headers and ids, response
-status setters) and one ``row`` per request. These helpers read and write them by duck typing, so the
-guarded and the baseline handler decode requests the same way, and the tests drive them with a
-stand-in context (``guard`` never imports ``ts`` outside ``handlers/``, DESIGN.md).
+TorchServe hands a handler a ``context`` (model-config.yaml, the model directory, per-request headers
+and ids, response status setters) and one ``row`` per request. :func:`requests` turns a batch into
+:class:`~guard.serving.service.Request` objects, :func:`apply` writes each
+:class:`~guard.serving.service.Reply`'s status and content type back (``context.set_response_status(code,
+phrase, idx)``) and returns the bodies TorchServe serialises, and :func:`load_arguments` is what a
+service's ``from_archive_config`` needs; the guarded and the baseline handler are these three calls
+around a service.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from guard.serving.service import Reply, Request
 
 PHRASES = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large", 500: "Internal Server Error",
            503: "Service Unavailable"}
 
 
-def handler_config(context: Any) -> dict[str, Any]:
-    """The ``handler:`` section of the archive's model-config.yaml (top-level keys as a fallback)."""
-    cfg = getattr(context, "model_yaml_config", None) or {}
-    if not isinstance(cfg, dict):
-        return {}
-    section = cfg.get("handler")
-    return dict(section) if isinstance(section, dict) else dict(cfg)
+def load_arguments(context: Any) -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """The unpacked archive's directory, its model-config.yaml and its MANIFEST, from a worker's context."""
+    props = getattr(context, "system_properties", None) or {}
+    config = getattr(context, "model_yaml_config", None) or {}
+    return Path(props.get("model_dir") or "."), config, getattr(context, "manifest", None) or {}
+
+
+def requests(context: Any, rows: Sequence[Any]) -> list[Request]:
+    """One :class:`Request` per row of a TorchServe batch: body, headers, id and the body's content type."""
+    out = []
+    for idx, row in enumerate(rows):
+        headers = request_headers(context, idx)
+        out.append(Request(request_body(row), headers, request_id(context, idx), content_type(headers, row)))
+    return out
+
+
+def apply(context: Any, replies: Sequence[Reply]) -> list[Any]:
+    """Set each reply's status (when not 200) and content type on the context; the bodies, in order."""
+    if getattr(context, "request_processor", None) is not None:
+        for idx, reply in enumerate(replies):
+            context.set_response_content_type(idx, reply.content_type)
+            if reply.status != 200:
+                context.set_response_status(reply.status, PHRASES.get(reply.status, ""), idx)
+    return [reply.body for reply in replies]
 
 
 def request_body(row: Any) -> Any:
@@ -53,29 +77,6 @@ def content_type(headers: dict[str, Any], row: Any) -> str | None:
         if isinstance(key, str) and key.lower() == "content-type" and isinstance(value, str):
             return value
     return None
-
-
-def content_length(headers: dict[str, Any]) -> int | None:
-    """The declared body size, or ``None`` when absent or not a number."""
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == "content-length":
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                return None
-    return None
-
-
-def set_status(context: Any, idx: int, code: int) -> None:
-    """Answer request ``idx`` with HTTP ``code`` (no-op outside a TorchServe request)."""
-    if getattr(context, "request_processor", None) is not None:
-        context.set_response_status(code, PHRASES.get(code, ""), idx)
-
-
-def set_json(context: Any, idx: int) -> None:
-    """Mark request ``idx``'s response as JSON (no-op outside a TorchServe request)."""
-    if getattr(context, "request_processor", None) is not None:
-        context.set_response_content_type(idx, "application/json")
 
 
 def request_id(context: Any, idx: int) -> str | None:

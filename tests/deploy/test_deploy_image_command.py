@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from guard.bench import load
-from guard.cli.archive import make_archive
 from guard.data import load_npz
 from guard.torchserve import server as ts
+from guard.torchserve.archive import make_archive
 
 BIN = Path(sys.executable).parent
 IMAGE_HOME = "/home/guard"

@@ -27,9 +27,9 @@ import pytest
 from serve_helpers import guard_serve
 
 from guard.bench import load
-from guard.cli.archive import make_archive
 from guard.data import load_npz
 from guard.torchserve import server as ts
+from guard.torchserve.archive import make_archive
 
 NAME = "demo"
 integration = pytest.mark.integration

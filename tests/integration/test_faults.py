@@ -39,9 +39,9 @@ import yaml
 from serve_helpers import decided_inputs
 
 from guard.bench import load
-from guard.cli.archive import make_archive
 from guard.errors import ProfileError
 from guard.torchserve import server as ts
+from guard.torchserve.archive import make_archive
 
 GOOD, TAMPERED = "demo", "tampered"
 RECOVERY_BOUND_S = 120.0  # kill -> first guarded answer; a worker restart is ~5-15 s on two idle cores
@@ -135,7 +135,7 @@ def test_a_profile_tampered_inside_the_archive_never_serves_and_says_why(server,
                                       timeout_s=5)
     print(f"\n[faults] tampered model, worker retrying: status {status}, {raw[:200]!r}, {err}", file=sys.stderr)
     assert status in (load.CONNECTION_ERROR, 503) and b"predictions" not in raw, (status, raw, err)
-    # TorchServe 0.12's /ping still says Healthy (documented in README-hardening.md): readiness must ask
+    # TorchServe 0.12's /ping still says Healthy (documented in docs/hardening.md): readiness must ask
     # the management API whether the model has a READY worker, as ts.Server.model_ready does
     ping = ts.http(f"{server.urls['inference']}/ping", key=server.key("inference"))
     assert ping[0] == 200 and b"Healthy" in ping[1], ping
@@ -276,7 +276,7 @@ def test_fail_open_is_logged_as_a_warning_at_every_load_and_only_when_chosen(unp
     caplog.clear()
     with caplog.at_level(logging.INFO):
         handler = load_in_process(unpacked, monkeypatch)._entry_point.__self__
-    assert handler.fail_open is False and not _messages(caplog, logging.WARNING, "FAIL-OPEN")
+    assert handler.service.fail_open is False and not _messages(caplog, logging.WARNING, "FAIL-OPEN")
 
 
 def test_guard_archive_defaults_to_fail_closed_and_warns_on_fail_open(demo_world, demo_profile, tmp_path, capsys):

@@ -37,14 +37,14 @@ from PIL import Image
 from serve_helpers import decided_inputs
 
 from guard.bench import load
-from guard.cli.archive import make_archive
 from guard.serving.trail import read_lines
 from guard.torchserve import server as ts
+from guard.torchserve.archive import make_archive
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GUARDED, BASELINE = "demo", "baseline"
-BASELINE_HANDLER = ts.REPO / "handlers" / "baseline_handler.py"
+BASELINE_HANDLER = ts.BASELINE_HANDLER
 MAX_BYTES = 1_048_576  # guard archive's default bound
 CONCURRENCY = 16
 TOTAL = 480  # per run; at ~100-300 requests/s on two shared cores, a few seconds each

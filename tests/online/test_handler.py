@@ -33,12 +33,12 @@ from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: E402
 from ts.model_loader import TsModelLoader  # noqa: E402
 
 from guard import Guard, Profile, load_model  # noqa: E402
-from guard.cli.archive import make_archive  # noqa: E402
+from guard._assets import deploy_file  # noqa: E402
 from guard.data import load_npz  # noqa: E402
 from guard.errors import ProfileError, ProfileMismatch  # noqa: E402
+from guard.torchserve.archive import make_archive  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-METRICS_YAML = REPO / "deploy" / "metrics.yaml"
+METRICS_YAML = deploy_file("metrics.yaml")
 NAME = "demo"
 METRIC_LINE = re.compile(r"\[METRICS\](\w+)\.([^:]*):([^|]+)\|#([^|]*)\|#type:(\w+)")
 
@@ -197,8 +197,8 @@ def as_json(x: np.ndarray) -> bytes:
 def test_handler_reads_its_config_from_the_archive(service):
     handler = service._entry_point.__self__
     assert type(handler).__name__ == "GuardedHandler"
-    assert handler.guard.mode == "enforce" and handler.fail_open is False
-    assert handler.max_request_bytes == 1_048_576  # guard archive's default (1 MiB)
+    assert handler.service.guard.mode == "enforce" and handler.service.fail_open is False
+    assert handler.service.max_request_bytes == 1_048_576  # guard archive's default (1 MiB)
     assert service.context.model_yaml_config["batchSize"] == 8
 
 
@@ -305,7 +305,7 @@ def _break_guard(service, monkeypatch):
     def boom(x):
         raise RuntimeError("check exploded")
 
-    monkeypatch.setattr(handler.guard, "run", boom)
+    monkeypatch.setattr(handler.service.guard, "run", boom)
 
 
 def test_guard_failure_fails_closed_by_default(service, data, monkeypatch, caplog):

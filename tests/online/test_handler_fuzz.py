@@ -33,8 +33,8 @@ from test_handler import NAME, decode_reply, load_service, png, variant  # noqa:
 from ts.protocol.otf_message_handler import _retrieve_inference_msg  # noqa: E402
 
 from guard import Guard, Profile, load_model  # noqa: E402
-from guard.cli.archive import make_archive  # noqa: E402
 from guard.data import load_npz  # noqa: E402
+from guard.torchserve.archive import make_archive  # noqa: E402
 
 SHAPE = (3, 32, 32)
 MAX_BYTES = 40_000  # small, so hypothesis reaches 413 with small bodies
