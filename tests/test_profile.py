@@ -31,9 +31,9 @@ def test_save_replaces_atomically(demo_profile, tmp_path):
     p = Profile.load(demo_profile)
     target = tmp_path / "prof"
     p.save(target)
-    p.meta["policy"] = {"mode": "shadow"}
+    p.policy.mode = "shadow"
     p.save(target)
-    assert Profile.load(target).meta["policy"]["mode"] == "shadow"
+    assert Profile.load(target).policy.mode == "shadow"
     assert [x.name for x in tmp_path.iterdir()] == ["prof"]  # no temporary leftovers
 
 
@@ -63,3 +63,71 @@ def test_schema_version_is_checked(demo_profile, tmp_path):
     j.write_text(json.dumps(meta))
     with pytest.raises(ProfileMismatch):
         Profile.load(tmp_path / "p")
+
+
+def _as_schema_1(src, dst):
+    """Rewrite a profile as the schema-1 layout: per-check and ensemble fpr, check order only in
+    ``ensemble.checks`` (keys sorted), the knn check's k as a tensor."""
+    from safetensors.numpy import load_file, save_file
+
+    p = Profile.load(src)
+    meta = p.to_json()
+    order = list(meta["checks"])
+    meta["schema_version"] = 1
+    tensors = dict(load_file(str(src / "tensors.safetensors")))
+    checks = {}
+    for name, entry in meta["checks"].items():
+        entry = dict(entry, fpr=meta["fpr"])
+        if name == "knn":
+            tensors["check.knn.k"] = np.array([entry.pop("k")], np.int64)
+        checks[name] = entry
+    meta["checks"] = checks
+    meta["ensemble"] = dict(meta["ensemble"], fpr=meta["fpr"], checks=order)
+    meta["tensor_names"] = sorted(tensors)
+    dst.mkdir()
+    (dst / "profile.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    save_file(tensors, str(dst / "tensors.safetensors"))
+    return p
+
+
+def test_schema_1_profiles_are_migrated_on_load(demo_profile, demo_world, tmp_path):
+    from guard import Guard
+    from guard.data import load_npz
+
+    new = _as_schema_1(demo_profile, tmp_path / "v1")
+    old = Profile.load(tmp_path / "v1")
+    assert list(old.checks) == list(new.checks) != sorted(new.checks)  # the ensemble's order, not the keys'
+    assert old.checks["knn"].settings == {"k": new.checks["knn"].settings["k"]} and "check.knn.k" not in old.tensors
+    assert old.fpr == new.fpr and old.ensemble == new.ensemble
+    model = load_model(demo_world.model_file, demo_world.weights)
+    x = load_npz(demo_world.triggered)[0][:8]
+    np.testing.assert_array_equal(Guard(model, old).run(x).scores, Guard(model, new).run(x).scores)
+    old.save(tmp_path / "v2")
+    assert json.loads((tmp_path / "v2" / "profile.json").read_text())["schema_version"] == 2
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m["checks"]["knn"].update(threshold="high"), "checks.knn.threshold must be a number"),
+    (lambda m: m.update(fpr=0.7), "fpr must be in"),
+    (lambda m: m.update(input_shape=[3, 32]), "input_shape must be three"),
+    (lambda m: m["policy"].update(mode="block"), "policy.mode must be one of"),
+    (lambda m: m["ensemble"].update(threshold=None), "ensemble.threshold must be a number"),
+    (lambda m: m["scan"]["per_label"][0].update(l1_norm="x"), r"scan.per_label\[0\].l1_norm must be a number"),
+    (lambda m: m.update(checks=[]), "checks must be an object"),
+])
+def test_a_malformed_field_is_named(demo_profile, tmp_path, edit, message):
+    Profile.load(demo_profile).save(tmp_path / "p")
+    j = tmp_path / "p" / "profile.json"
+    meta = json.loads(j.read_text())
+    edit(meta)
+    j.write_text(json.dumps(meta))
+    with pytest.raises(ProfileError, match=message):
+        Profile.load(tmp_path / "p")
+
+
+def test_profile_docstring_example_runs():
+    import doctest
+
+    import guard.profile
+
+    assert doctest.testmod(guard.profile, raise_on_error=True).failed == 0

@@ -63,11 +63,12 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
     """Where the guard's batch-1 time goes: median microseconds of each part of ``Guard.run``.
 
     ``bare_forward`` (the model alone), ``tapped_forward`` (with the feature hook and the copy to
-    numpy), ``validate`` (input checks), ``check.NAME`` (each check's score alone), ``checks_fused``
-    (all of them on the numpy batch-1 path), ``checks_compiled`` (pooling, checks and ensemble in the
-    compiled kernel: the path ``Guard.run`` takes when ``compiled`` is true), ``run`` (everything:
-    validation, tapped forward, checks, policy, result) and ``run_in_session`` (the same with the hook
-    held, as the handler runs it). ``run_in_session - bare_forward`` is the guard's cost in serving.
+    numpy), ``validate`` (input checks), ``check.NAME`` (each check's score alone, batch path),
+    ``checks_batch_path`` (every check and the ensemble over a pooled Record), ``checks_compiled``
+    (pooling, checks and ensemble in the one scorer call ``Guard.run`` makes for one input; compiled
+    where ``compiled`` is true), ``run`` (everything: validation, tapped forward, checks, policy,
+    result) and ``run_in_session`` (the same with the hook held, as the handler runs it).
+    ``run_in_session - bare_forward`` is the guard's cost in serving.
     """
     from guard.online.inputs import validate_batch
 
@@ -93,12 +94,12 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
            "validate": median_us(lambda: validate_batch(xb, shape=guard.input_shape, what="input"))}
     for c in guard.checks:
         out[f"check.{c.name}"] = median_us(lambda c=c: c.score(rec))
-    out["checks_fused"] = median_us(lambda: guard.scores(rec))
-    if guard._compiled is not None:  # the batch-1 path Guard.run takes: pooling, checks and ensemble compiled
-        logits, features, inner = guard._tapped(xb)
-        raw = None if inner is None else inner.numpy()
-        out["checks_compiled"] = median_us(lambda: guard._compiled.run(xb, logits, features, raw))
-    out["compiled"] = guard._compiled is not None
+    from guard import _numba
+
+    out["checks_batch_path"] = median_us(lambda: guard.scores(rec))
+    logits, features, inner = guard._tapped(xb)
+    out["checks_compiled"] = median_us(lambda: guard._score_one(xb, logits, features, inner))
+    out["compiled"] = _numba.available()
     out["run"] = median_us(lambda: guard.run(xb))
     with guard.session():
         out["run_in_session"] = median_us(lambda: guard.run(xb))

@@ -44,13 +44,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"suspect labels: {profile.suspect_labels or 'none'}; mode {meta['policy']['mode']}; fpr {meta['fpr']}")
     ens = meta.get("ensemble")
     if ens:
-        print(f"  decision: {ens['method']} ensemble of {', '.join(ens['checks'])}, threshold {ens['threshold']:.4g} "
-              f"(fpr {ens['fpr']:.4g}); each check's own threshold names the reasons")
+        print(f"  decision: {ens['method']} ensemble of {', '.join(meta['checks'])}, threshold {ens['threshold']:.4g} "
+              f"(fpr {meta['fpr']:.4g}); each check's own threshold names the reasons")
     else:
         print("  decision: any check over its threshold (a profile from before the ensemble)")
     for name, c in meta["checks"].items():
-        print(f"  check {name:<11} threshold {c['threshold']:.4g} (fpr {c['fpr']:.4g})")
-    for r in meta["scan"]["per_label"]:
+        print(f"  check {name:<11} threshold {c['threshold']:.4g} (fpr {meta['fpr']:.4g})")
+    for r in (meta["scan"] or {}).get("per_label", []):
         flag = "  <- suspect" if r["suspect"] else ""
         print(f"  label {r['label']:>3}: L1 {r['l1_norm']:8.2f}  index {r['anomaly_index']:6.2f} "
               f"(log {r['log_anomaly_index']:6.2f}){flag}")

@@ -11,13 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.errors import ModelError
-from guard.model import FeatureTap, feature_layer, fingerprint, pool_inner
+from guard.errors import ModelError, ProfileError
+from guard.model import FeatureTap, feature_layer, fingerprint
 from guard.online import repair as _repair
-from guard.online._jit import CompiledScorer
-from guard.online.checks import CHECKS, Check, Record
-from guard.online.ensemble import FisherEnsemble, UnionRule
-from guard.online.fused import FusedScorer
+from guard.online import scoring
+from guard.online.checks import CHECKS, Check, Record, pool
+from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
 from guard.online.inputs import validate_batch
 from guard.online.policy import Decision, check_mode
 from guard.profile import Profile
@@ -81,11 +80,6 @@ class GuardResult:
         return out
 
 
-def _tensors_under(profile: Profile, prefix: str) -> dict[str, np.ndarray]:
-    """The profile's tensors named ``prefix + key``, keyed by ``key`` (a check's or the ensemble's state)."""
-    return {k[len(prefix):]: v for k, v in profile.tensors.items() if k.startswith(prefix)}
-
-
 def _pin_numpy_blas() -> None:
     """Run numpy's BLAS single-threaded (process-wide).
 
@@ -107,6 +101,23 @@ class Guard:
     (:mod:`guard.online.ensemble`) is over its threshold. The model's fingerprint must match the profile's unless
     ``verify=False`` (the caller already checked it). ``single_thread_blas`` pins numpy's BLAS to one
     thread for the process (see :func:`_pin_numpy_blas`).
+
+    >>> import numpy as np, torch
+    >>> from guard.scan import build_profile
+    >>> from guard.scan.neural_cleanse import NeuralCleanse
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(4 * 6 * 6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> x = np.random.default_rng(0).random((120, 1, 8, 8), dtype=np.float32)
+    >>> y = net(torch.from_numpy(x)).argmax(1).numpy()
+    >>> profile, _ = build_profile(net, x, y, consistency=False, progress=False,
+    ...                            nc=NeuralCleanse(max_rounds=2, progress=False))
+    >>> guard = Guard(net, profile, mode="shadow")
+    >>> [d.verdict in ("pass", "flagged") for d in guard.predict(x[:2])]
+    [True, True]
+    >>> guard.names[0], guard.run(x[:1]).scores.shape
+    ('feature', (1, 2))
     """
 
     def __init__(self, model: nn.Module, profile: Profile, *, mode: str | None = None, verify: bool = True,
@@ -119,58 +130,49 @@ class Guard:
         if single_thread_blas:
             _pin_numpy_blas()
         self.profile = profile
-        self.mode = check_mode(mode or profile.meta.get("policy", {}).get("mode", "enforce"))
+        self.mode = check_mode(mode or profile.policy.mode)
         self.input_shape = profile.input_shape
-        self.layer = profile.meta.get("feature_layer")
+        self.layer = profile.feature_layer
         self._layer_module = feature_layer(model, self.layer)[1]
-        self.inner = profile.meta.get("inner_layer")
+        self.inner = profile.inner_layer
         modules = dict(model.named_modules())
         if self.inner is not None and self.inner not in modules:
             raise ModelError(f"the profile's inner layer {self.inner!r} is not a module of the model")
         self._inner_module = modules[self.inner] if self.inner else None
-        self.checks: list[Check] = []
-        thresholds = []
-        # the ensemble's tail statistics are stored in its own check order (profile.json sorts keys)
-        order = list(profile.meta.get("ensemble", {}).get("checks") or profile.meta["checks"])
-        if sorted(order) != sorted(profile.meta["checks"]):
-            raise ModelError("the profile's ensemble does not cover its checks: rescan the model")
-        for name in order:
-            info = profile.meta["checks"][name]
-            check = CHECKS[name].from_state(_tensors_under(profile, f"check.{name}."))
-            check.threshold_, check.fpr_ = float(info["threshold"]), float(info["fpr"])
-            self.checks.append(check)
-            thresholds.append(check.threshold_)
+        self.checks: list[Check] = [self._restore(name, CHECKS.get(name), *profile.check_state(name))
+                                    for name in profile.checks]
         if not self.checks:
             raise ModelError("the profile has no calibrated checks")
-        self.thresholds = np.asarray(thresholds)
+        self.thresholds = np.asarray([c.threshold_ for c in self.checks])
         self.names = [c.name for c in self.checks]
-        if "ensemble" in profile.meta:
-            self.ensemble: FisherEnsemble | UnionRule = FisherEnsemble.from_state(
-                _tensors_under(profile, "ensemble."), profile.meta["ensemble"])
+        if profile.ensemble is not None:
+            rule = RULES.get(profile.ensemble.method)
+            self.ensemble: FisherEnsemble | UnionRule = self._restore(f"ensemble {profile.ensemble.method}", rule,
+                                                                      *profile.ensemble_state())
             if self.ensemble.refs_.shape[0] != len(self.checks):
                 raise ModelError("the profile's ensemble does not match its checks: rescan the model")
         else:  # a profile from before the ensemble: any check over its own threshold
             self.ensemble = UnionRule(self.thresholds)
         self.fill = profile.tensors["fill"].astype(np.float32)
-        self.repair_pixels = int(profile.meta.get("repair", {}).get("pixels", 16))
+        self.repair_pixels = int(profile.repair.pixels)
         neuron = next((c for c in self.checks if c.name == "neuron"), None)
         self._neuron = (neuron.weights, neuron.bias) if neuron is not None else (None, None)
         self._masks = profile.tensors.get("masks")
-        self._fused = FusedScorer(self.checks)
-        self._compiled = self._compile()
+        self._kernels, self._params = scoring.pack(self.checks)
+        self._rule = (type(self.ensemble).kernel, self.ensemble.params())
+        self._one = scoring.scorer(self._kernels, self._rule[0], raw_inner=True)
+        self._no_inner = np.zeros((1, 1, 1), np.float32)
         self._tap: FeatureTap | None = None  # held open by session()
 
-    def _compile(self) -> CompiledScorer | None:
-        """The compiled batch-1 path (:mod:`guard.online._jit`) where numba is there and the profile's
-        decision rule is the ensemble; None otherwise (the numpy path decides the same)."""
-        from guard._numba import available
-
-        if not available() or not isinstance(self.ensemble, FisherEnsemble):
-            return None
+    def _restore(self, name: str, cls, settings: dict, tensors: dict):
+        """A check or the ensemble rebuilt from its profile entry; ProfileError when the entry is unusable."""
+        if cls is None:
+            raise ProfileError(f"the profile names an unknown {name!r}: rescan it with this guard")
         try:
-            return CompiledScorer(self._fused, self.ensemble)
-        except TypeError:  # a check layout the kernel does not cover (an old profile): numpy path
-            return None
+            return cls.from_profile(settings, tensors, fpr=self.profile.fpr)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"the profile's {name} entry is incomplete or malformed ({e!r}): "
+                               "rescan the model") from e
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Guard]:
@@ -188,10 +190,11 @@ class Guard:
                 self._tap = None
 
     def warmup(self) -> Guard:
-        """Run one neutral input through the whole path, so a serving worker's first request does not
-        pay for compiling or loading the compiled kernels (:mod:`guard.online._jit` and the range check,
-        which batches share: the batch path needs no warm-up of its own)."""
+        """Run one neutral input and one batch of two through the whole path, so a serving worker's first
+        request does not pay for compiling the scorer (:mod:`guard.online.scoring`: one for single inputs,
+        which pools the inner layer itself, one for batches) or loading the kernels."""
         self.run(np.full((1, *self.input_shape), 0.5, dtype=np.float32))
+        self.run(np.full((2, *self.input_shape), 0.5, dtype=np.float32))
         return self
 
     # ------------------------------------------------------------------ core
@@ -208,17 +211,28 @@ class Guard:
 
     def _forward(self, x: np.ndarray) -> Record:
         logits, features, inner = self._tapped(x)
-        return Record(x, logits, features, None if inner is None else pool_inner(inner))
+        return Record(x, logits, features, None if inner is None else pool(inner.numpy()))
+
+    def _evaluate(self, record: Record) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores, contributions, statistic)`` of a record: every check's kernel, then the rule's."""
+        return scoring.run_rows(self._kernels, self._params, *self._rule, record.x, record.logits,
+                                record.features, record.inner)
+
+    def _score_one(self, x: np.ndarray, logits: np.ndarray, features: np.ndarray, inner: torch.Tensor | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`_evaluate` of one input straight from the forward pass's arrays (the inner layer
+        unpooled): one compiled call, no Record, no copies."""
+        n = len(self._kernels)
+        s = np.empty((1, scoring.MAX_CHECKS), dtype=np.float32)
+        c = np.zeros((1, n), dtype=np.float32)
+        stat = np.empty(1, dtype=np.float32)
+        inn = self._no_inner if inner is None else inner.numpy().reshape(1, inner.shape[1], -1)
+        self._one(self._params, self._rule[1], x.reshape(1, -1), logits, features, inn, s, c, stat)
+        return s[:, :n], c, stat
 
     def scores(self, record: Record) -> np.ndarray:
-        """``(N, n_checks)`` scores of a record, columns in ``self.names`` order (one input: the fused
-        path of :class:`~guard.online.fused.FusedScorer`, same numbers)."""
-        if len(record) == 1:
-            return self._fused.score(record.x, record.logits, record.features, record.inner)
-        out = np.empty((len(record), len(self.checks)), dtype=np.float32)
-        for j, c in enumerate(self.checks):
-            out[:, j] = c.score(record)
-        return out
+        """``(N, n_checks)`` scores of a record, columns in ``self.names`` order."""
+        return self._evaluate(record)[0]
 
     def score(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Every check's score for a batch (for evaluation and benchmarks)."""
@@ -232,17 +246,15 @@ class Guard:
             x = x.detach().cpu().numpy()
         x = validate_batch(x, shape=self.input_shape, what="input")
         t1 = time.perf_counter()
-        if len(x) == 1 and self._compiled is not None:  # the hot path: one compiled call after the forward
+        if len(x) == 1:  # the hot path: one scorer call after the forward, pooling the inner layer itself
             logits, features, inner = self._tapped(x)
             t2 = time.perf_counter()
-            s, strength, stat = self._compiled.run(x, logits, features, None if inner is None else inner.numpy())
+            s, strength, stat = self._score_one(x, logits, features, inner)
         else:
             rec = self._forward(x)
             logits = rec.logits
             t2 = time.perf_counter()
-            s = self.scores(rec)
-            strength = self.ensemble.contributions(s)
-            stat = self.ensemble.reduce(strength)
+            s, strength, stat = self._evaluate(rec)
         suspect = stat > self.ensemble.threshold_
         any_suspect = bool(suspect[0]) if len(suspect) == 1 else bool(suspect.any())
         if any_suspect:  # every suspect input names a reason: its own-threshold checks, else the strongest
@@ -265,6 +277,17 @@ class Guard:
         t3 = time.perf_counter()
         return GuardResult(self.names, logits, s, self.thresholds, over, codes, repaired, (t2 - t1) * 1e3,
                            ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength)
+
+    def unguarded(self, x: np.ndarray | torch.Tensor) -> list[Decision]:
+        """The bare model's answers for a batch, marked verdict ``error`` with reason ``guard_error``:
+        what a fail-open service returns when the guard itself failed. No checks run; ``x`` is only
+        converted to float32, so this works on input the guard could not score."""
+        xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        with torch.inference_mode():
+            logits = self.model(xt.float()).numpy()
+        probs = _softmax(logits)
+        return [Decision(int(lab), [round(float(v), 6) for v in p], "error", ["guard_error"], {})
+                for lab, p in zip(logits.argmax(1), probs)]
 
     def statistic(self, scores: np.ndarray) -> np.ndarray:
         """``(N,)`` the ensemble's combined score of ``(N, n_checks)`` check scores (higher = more suspect)."""

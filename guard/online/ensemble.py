@@ -13,31 +13,79 @@ Tail probabilities are empirical inside the calibration sample and, beyond its t
 an exponential tail fitted to the excesses (peaks over threshold), so scores past every calibration
 image keep ranking instead of tying at ``1 / (n + 1)``. :class:`UnionRule` reproduces the earlier
 rule (any check over its own threshold) for profiles written before the ensemble.
+
+Each rule's statistic is defined once, as its ``kernel`` over one input's scores (compiled with
+numba where it is there, numpy otherwise); :mod:`guard.online.scoring` runs it for batches and single
+inputs alike, right after the checks' kernels.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
+from typing import Any, ClassVar
 
 import numpy as np
 
+from guard.online.checks.base import kernel
 from guard.stats import upper_threshold
 
 
+@kernel
+def fisher_statistic(p, s, c):
+    """Fill ``c`` with each score's ``-log`` clean tail probability and return their sum (Fisher's)."""
+    refs, lut, t0, inv_beta, shift = p
+    n = refs.shape[1]
+    stat = 0.0
+    for j in range(s.shape[0]):
+        v = s[j]
+        if v > t0[j]:  # beyond the empirical part: the fitted exponential tail
+            cj = v * inv_beta[j] - shift[j]
+        else:  # how many calibration scores are at least as high
+            cj = lut[n - np.searchsorted(refs[j], v)]
+        c[j] = cj
+        stat += c[j]
+    return stat
+
+
+@kernel
+def union_statistic(p, s, c):
+    """Fill ``c`` with each score's margin over its threshold relative to it; return the largest."""
+    thresholds, scale = p
+    best = -np.inf
+    for j in range(s.shape[0]):
+        cj = (s[j] - thresholds[j]) / scale[j]
+        c[j] = cj
+        if cj > best:
+            best = cj
+    return best
+
+
 class _Rule:
-    """What both rules share: ``statistic = reduce(contributions)`` and thresholds on it."""
+    """What both rules share: a ``kernel`` over one input's scores, run by :mod:`guard.online.scoring`."""
 
-    def contributions(self, scores: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
+    kernel: ClassVar[Any] = None
+    threshold_: float | None
+
+    def params(self) -> tuple:  # pragma: no cover - interface
         raise NotImplementedError
 
-    @staticmethod
-    def reduce(contributions: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    def evaluate(self, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(contributions (N, n_checks), statistic (N,))`` of ``(N, n_checks)`` check scores."""
+        from guard.online.scoring import rule_rows
+
+        s = np.ascontiguousarray(scores, dtype=np.float32)
+        c = np.zeros(s.shape, dtype=np.float32)
+        stat = np.empty(len(s), dtype=np.float32)
+        rule_rows(type(self).kernel)(self.params(), s, c, stat)
+        return c, stat
+
+    def contributions(self, scores: np.ndarray) -> np.ndarray:
+        """``(N, n_checks)`` each check's share of the statistic (orders the reasons a verdict gives)."""
+        return self.evaluate(scores)[0]
 
     def statistic(self, scores: np.ndarray) -> np.ndarray:
         """``(N,)`` the combined score of ``(N, n_checks)`` check scores (higher = more suspect)."""
-        return self.reduce(self.contributions(scores))
+        return self.evaluate(scores)[1]
 
     def threshold_at(self, scores: np.ndarray, fpr: float) -> float:
         """The threshold on :meth:`statistic` that lets ``fpr`` of the clean ``scores`` through."""
@@ -54,6 +102,7 @@ class FisherEnsemble(_Rule):
     """
 
     method = "fisher"
+    kernel = fisher_statistic
 
     def __init__(self, *, tail_share: float = 0.1):
         if not 0 < tail_share < 1:
@@ -85,34 +134,13 @@ class FisherEnsemble(_Rule):
         m = self._tail_count(n)
         log_p0 = math.log((m + 1) / (n + 1))  # tail probability just above t0
         # -log p inside the sample, indexed by how many calibration scores are at least as high
-        self._lut = (-np.log((np.arange(n + 1) + 1.0) / (n + 1.0))).astype(np.float32)
-        self._t0_32 = self.t0_.astype(np.float32)
-        self._inv_beta = (1.0 / self.beta_).astype(np.float32)
-        self._shift = (self.t0_ / self.beta_ + log_p0).astype(np.float32)  # beyond t0: s / beta - shift
-        # the same as Python lists: one input's five numbers cost less in Python than in numpy calls
-        self._py = (self.refs_.tolist(), self._lut.tolist(), self._t0_32.tolist(), self._inv_beta.tolist(),
-                    self._shift.tolist(), n)
+        lut = (-np.log((np.arange(n + 1) + 1.0) / (n + 1.0))).astype(np.float32)
+        self._params = (np.ascontiguousarray(self.refs_, dtype=np.float32), lut, self.t0_.astype(np.float32),
+                        (1.0 / self.beta_).astype(np.float32),
+                        (self.t0_ / self.beta_ + log_p0).astype(np.float32))  # beyond t0: s / beta - shift
 
-    def contributions(self, scores: np.ndarray) -> np.ndarray:
-        """``(N, n_checks)``: ``-log`` of each score's clean tail probability."""
-        s = np.asarray(scores, dtype=np.float32)
-        if len(s) == 1:
-            return np.array([self._one(s[0].tolist())], dtype=np.float32)
-        n = self.refs_.shape[1]
-        # calibration scores at least as high as each score
-        count = np.stack([n - np.searchsorted(r, s[:, j], side="left") for j, r in enumerate(self.refs_)], 1)
-        return np.where(s > self._t0_32, s * self._inv_beta - self._shift, self._lut[count])
-
-    def _one(self, scores: list[float]) -> list[float]:
-        """:meth:`contributions` of one input in plain Python (the batch-1 hot path; same numbers)."""
-        refs, lut, t0, inv_beta, shift, n = self._py
-        return [v * inv_beta[j] - shift[j] if v > t0[j] else lut[n - bisect.bisect_left(refs[j], v)]
-                for j, v in enumerate(scores)]
-
-    @staticmethod
-    def reduce(contributions: np.ndarray) -> np.ndarray:
-        """Fisher's statistic from :meth:`contributions`: ``-sum_j log p_j``."""
-        return contributions.sum(1)
+    def params(self) -> tuple:
+        return self._params
 
     def infer_threshold(self, scores: np.ndarray, *, fpr: float) -> FisherEnsemble:
         """Set ``threshold_`` so that at most ``fpr`` of ``scores`` (clean) are over it."""
@@ -120,20 +148,20 @@ class FisherEnsemble(_Rule):
         self.fpr_ = float(fpr)
         return self
 
-    def state(self) -> dict[str, np.ndarray]:
-        return {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64)}
-
-    def meta(self) -> dict[str, float | str]:
-        return {"method": self.method, "tail_share": self.tail_share, "threshold": float(self.threshold_),
-                "fpr": float(self.fpr_)}
+    def to_profile(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(settings, tensors)``: method, tail share and threshold (JSON); the clean tail statistics."""
+        if self.threshold_ is None:
+            raise RuntimeError("FisherEnsemble: call infer_threshold before saving")
+        return ({"method": self.method, "tail_share": self.tail_share, "threshold": float(self.threshold_)},
+                {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64)})
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray], meta: dict) -> FisherEnsemble:
-        e = cls(tail_share=float(meta["tail_share"]))
-        e.refs_ = np.ascontiguousarray(state["refs"], dtype=np.float32)
-        e.t0_ = np.asarray(state["t0"], dtype=np.float64)
-        e.beta_ = np.asarray(state["beta"], dtype=np.float64)
-        e.threshold_, e.fpr_ = float(meta["threshold"]), float(meta["fpr"])
+    def from_profile(cls, settings: dict[str, Any], tensors: dict[str, np.ndarray], *, fpr: float) -> FisherEnsemble:
+        e = cls(tail_share=float(settings["tail_share"]))
+        e.refs_ = np.ascontiguousarray(tensors["refs"], dtype=np.float32)
+        e.t0_ = np.asarray(tensors["t0"], dtype=np.float64)
+        e.beta_ = np.asarray(tensors["beta"], dtype=np.float64)
+        e.threshold_, e.fpr_ = float(settings["threshold"]), float(fpr)
         e._prepare()
         return e
 
@@ -146,15 +174,16 @@ class UnionRule(_Rule):
     """
 
     method = "union"
+    kernel = union_statistic
 
     def __init__(self, thresholds: np.ndarray):
         self.thresholds = np.asarray(thresholds, dtype=np.float64)
         self._scale = np.maximum(np.abs(self.thresholds), 1e-12)
         self.threshold_ = 0.0
 
-    def contributions(self, scores: np.ndarray) -> np.ndarray:
-        return (np.asarray(scores, dtype=np.float64) - self.thresholds) / self._scale
+    def params(self) -> tuple:
+        return (self.thresholds, self._scale)
 
-    @staticmethod
-    def reduce(contributions: np.ndarray) -> np.ndarray:
-        return contributions.max(1)
+
+RULES: dict[str, type[_Rule]] = {FisherEnsemble.method: FisherEnsemble}
+"""The decision rules a profile can name (``ensemble.method``)."""

@@ -12,11 +12,12 @@ from torch import nn
 
 from guard.data import split
 from guard.errors import InputError
-from guard.model import FeatureTap, feature_layer, fingerprint, frozen, inner_layer, pool_inner
-from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record
+from guard.model import FeatureTap, feature_layer, fingerprint, frozen, inner_layer
+from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record, pool
 from guard.online.ensemble import FisherEnsemble
 from guard.online.policy import check_mode
-from guard.profile import Profile
+from guard.online.scoring import score_checks
+from guard.profile import Calibration, LabelScan, Policy, Profile, RepairSettings, Scan
 from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
 
 
@@ -30,7 +31,7 @@ def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner:
             logits.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).numpy())
             feats.append(tap.features.numpy().copy())
             if inner_module is not None:
-                inners.append(pool_inner(tap.inner))
+                inners.append(pool(tap.inner.numpy()))
     return Record(x, np.concatenate(logits), np.concatenate(feats), np.concatenate(inners) if inners else None)
 
 
@@ -82,7 +83,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
             neurons[s] = suspect_neurons(model, x_fit, nc.masks_[r], nc.patterns_[r], layer=layer_name)
         checks.append(NeuronCheck([neurons[s] for s in suspects], rec_fit.features.shape[1]).fit(rec_fit))
         checks.append(OverlapCheck(nc.masks_[rows], nc.patterns_[rows]).fit(rec_fit))
-    cal_scores = np.stack([c.score(rec_cal) for c in checks], 1)
+    cal_scores = score_checks(checks, rec_cal)
     for c in checks:
         c.infer_threshold(rec_cal, fpr=fpr)
     ensemble = FisherEnsemble().fit(cal_scores).infer_threshold(cal_scores, fpr=fpr)
@@ -94,9 +95,6 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "all_masks": nc.masks_, "all_patterns": nc.patterns_,
         "fill": x_fit.mean(axis=(0, 2, 3)).astype(np.float32),
     }
-    for c in checks:
-        tensors.update({f"check.{c.name}.{key}": v for key, v in c.state().items()})
-    tensors.update({f"ensemble.{key}": v for key, v in ensemble.state().items()})
     for s, idx in neurons.items():
         tensors[f"neurons.{s}"] = idx.astype(np.int64)
     min_l1 = min((float(nc.l1_norms_[nc.labels_.index(s)]) for s in suspects), default=None)
@@ -104,37 +102,31 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     # few enough to leave the object intact (measured on the demo: 4-6 seeds stop >= 99%)
     repair_pixels = int(max(4, round(0.5 * min_l1))) if min_l1 else int(max(4, 0.005 * x.shape[2] * x.shape[3]))
     seconds = time.perf_counter() - t0
-    meta: dict[str, Any] = {
-        "model_sha256": fingerprint(model),
-        "input_shape": list(x.shape[1:]),
-        "num_classes": k,
-        "feature_layer": layer_name,
-        "inner_layer": inner_name,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": source or {},
-        "scan": {"method": "neural_cleanse", "seed": seed, "steps": nc.steps_, "seconds": round(nc.seconds_, 2),
-                 "threshold": nc.threshold, "per_label": nc.per_label(),
-                 "samples": {"fit": len(x_fit), "calibration": len(x_cal)}},
-        "suspect_labels": suspects,
-        "suspect_neurons": {str(s): idx.tolist() for s, idx in neurons.items()},
-        "fpr": fpr,
-        "checks": {c.name: {"threshold": float(c.threshold_), "fpr": float(c.fpr_)} for c in checks},
-        "ensemble": ensemble.meta() | {"checks": [c.name for c in checks]},
-        "calibration": {"samples": len(x_cal), "realised_fpr": realised},
-        "policy": {"mode": mode},
-        "repair": {"pixels": repair_pixels},
-        "tensor_names": sorted(tensors),
-    }
+    scan = Scan(method="neural_cleanse", threshold=float(nc.threshold),
+                per_label=[LabelScan(**r) for r in nc.per_label()], seed=seed, steps=int(nc.steps_),
+                seconds=round(float(nc.seconds_), 2), samples={"fit": len(x_fit), "calibration": len(x_cal)})
+    profile = Profile(model_sha256=fingerprint(model), input_shape=tuple(x.shape[1:]), num_classes=k,
+                      feature_layer=layer_name, inner_layer=inner_name, fpr=float(fpr), checks={},
+                      policy=Policy(mode=mode), repair=RepairSettings(pixels=repair_pixels), scan=scan,
+                      suspect_labels=[int(s) for s in suspects],
+                      suspect_neurons={str(s): idx.tolist() for s, idx in neurons.items()},
+                      calibration=Calibration(samples=len(x_cal), realised_fpr=realised),
+                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                      source=source or {}, tensors=tensors)
+    for c in checks:
+        profile.add_check(c.name, *c.to_profile())
+    profile.set_ensemble(*ensemble.to_profile())
+    meta = profile.to_json()
     summary = {
         "suspect_labels": suspects,
         "anomaly_index": {str(lab): round(float(a), 4) for lab, a in zip(nc.labels_, nc.anomaly_index_)},
         "log_anomaly_index": {str(lab): round(float(a), 4) for lab, a in zip(nc.labels_, nc.log_anomaly_index_)},
         "l1_norm": {str(lab): round(float(v), 3) for lab, v in zip(nc.labels_, nc.l1_norms_)},
-        "thresholds": meta["checks"],
-        "ensemble": meta["ensemble"],
+        "thresholds": {n: {"threshold": e.threshold, "fpr": profile.fpr} for n, e in profile.checks.items()},
+        "ensemble": meta["ensemble"] | {"fpr": profile.fpr, "checks": list(profile.checks)},
         "fpr": fpr,
         "calibration_realised_fpr": realised,
         "model_sha256": meta["model_sha256"],
         "seconds": round(seconds, 2),
     }
-    return Profile(meta=meta, tensors=tensors), summary
+    return profile, summary

@@ -64,8 +64,9 @@ def test_alibi_shape_and_state_round_trip(recs):
     assert check.infer_threshold(cal, fpr=0.05) is check
     assert check.threshold_ == pytest.approx(upper_threshold(check.score(cal), 0.05))
     assert check.predict(trig).mean() > 0.9
-    again = CHECKS["feature"].from_state(check.state())
+    again = CHECKS["feature"].from_profile(*check.to_profile(), fpr=0.05)
     np.testing.assert_array_equal(again.score(trig), check.score(trig))
+    assert (again.threshold_, again.fpr_) == (check.threshold_, 0.05)
 
 
 def test_neuron_and_overlap_checks_on_synthetic_records():
@@ -100,7 +101,8 @@ def test_consistency_check_scores_disagreement_between_the_inner_layer_and_the_l
     assert np.median(agree) == 0.0 and (agree >= 0).all()
     flipped = Record(rec.x, np.roll(logits, 1, axis=1), rec.features, inner)  # labels that the layer disputes
     assert roc_auc(agree, check.score(flipped)) > 0.99
-    again = CHECKS["consistency"].from_state(check.state())
+    check.infer_threshold(rec, fpr=0.05)
+    again = CHECKS["consistency"].from_profile(*check.to_profile(), fpr=0.05)
     np.testing.assert_array_equal(again.score(flipped), check.score(flipped))
     with pytest.raises(ValueError, match="inner layer"):
         ConsistencyCheck().fit(Record(rec.x, logits, rec.features), y)

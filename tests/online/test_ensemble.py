@@ -47,10 +47,10 @@ def test_scores_past_the_calibration_range_keep_ranking():
 def test_state_round_trip_and_bad_input():
     cal = _clean(300, 0)
     e = FisherEnsemble().fit(cal).infer_threshold(cal, fpr=0.05)
-    again = FisherEnsemble.from_state(e.state(), e.meta())
+    again = FisherEnsemble.from_profile(*e.to_profile(), fpr=0.05)
     x = _clean(50, 4)
     np.testing.assert_array_equal(again.statistic(x), e.statistic(x))
-    assert again.threshold_ == e.threshold_
+    assert again.threshold_ == e.threshold_ and again.fpr_ == 0.05
     with pytest.raises(ValueError):
         FisherEnsemble().fit(cal[:5])
     with pytest.raises(ValueError):

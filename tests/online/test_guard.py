@@ -1,5 +1,7 @@
 """The online guard on the demo model: the issue's quality floors, every mode, bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -156,8 +158,8 @@ def test_a_profile_from_before_the_ensemble_keeps_the_union_rule(setup):
     """Profiles written before the ensemble (no ``ensemble`` entry) still load and decide as they did:
     suspect when any check is over its own threshold."""
     model, profile, (xc, _), (xt, _) = setup
-    old = Profile(meta={k: v for k, v in profile.meta.items() if k != "ensemble"},
-                  tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
+    old = dataclasses.replace(profile, ensemble=None,
+                              tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
     guard = Guard(model, old)
     assert guard.ensemble.method == "union"
     x = np.concatenate([xc[:64], xt[:64]])

@@ -1,8 +1,9 @@
-"""The compiled batch-1 path (guard/online/_jit.py, guard/data.py's range kernel): same numbers and
+"""The compiled scorer (guard/online/scoring.py, the range kernel of guard/online/inputs.py): same numbers and
 decisions as the numpy path, used where it applies, and a clean fallback without numba."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -29,52 +30,47 @@ def _per_check(guard: Guard, x: np.ndarray) -> np.ndarray:
     return np.stack([c.score(rec) for c in guard.checks], axis=1)
 
 
-@needs_numba
-def test_compiled_scores_contributions_and_statistic_are_the_numpy_paths(setup):
+def test_batch_1_scores_contributions_and_statistic_are_the_batch_paths(setup):
+    """One input goes through the scorer that pools the inner layer itself; a batch through the one that
+    reads the pooled Record: the same kernels, so the same numbers up to rounding."""
     model, profile, xc, xt = setup
     guard = Guard(model, profile)
-    assert guard._compiled is not None and guard.names == ["feature", "knn", "consistency", "neuron", "overlap"]
+    assert guard.names == ["feature", "knn", "consistency", "neuron", "overlap"]
+    batch = np.ascontiguousarray(np.concatenate([xc[:40], xt[:40]]))
+    ref = _per_check(guard, batch)
+    ref_c, ref_stat = guard.ensemble.evaluate(ref)
     with guard.session():
-        for x in list(xc[:40]) + list(xt[:40]):
-            one = np.ascontiguousarray(x[None])
+        for i in range(len(batch)):
+            one = batch[i:i + 1]
             logits, features, inner = guard._tapped(one)
-            s, contrib, stat = guard._compiled.run(one, logits, features, inner.numpy())
-            ref = _per_check(guard, one)
-            np.testing.assert_allclose(s, ref, rtol=1e-3, atol=1e-4)
-            ref_c = guard.ensemble.contributions(ref)
+            s, contrib, stat = guard._score_one(one, logits, features, inner)
+            np.testing.assert_allclose(s, ref[i:i + 1], rtol=1e-3, atol=1e-4)
             # inside the calibration sample a contribution is a step function of the score's rank:
             # a rounding difference can move it one step (log((r + 1) / r), r >= 100 there)
-            np.testing.assert_allclose(contrib, ref_c, atol=0.02)
+            np.testing.assert_allclose(contrib, ref_c[i:i + 1], atol=0.02)
             assert stat.shape == (1,) and float(stat[0]) == pytest.approx(float(contrib.sum()), abs=1e-4)
-            assert float(stat[0]) == pytest.approx(float(ref_c.sum()), abs=0.05)
+            assert float(stat[0]) == pytest.approx(float(ref_stat[i]), abs=0.05)
 
 
-@needs_numba
-def test_batch_1_runs_take_the_compiled_path_and_decide_as_the_numpy_path(setup, monkeypatch):
+def test_batch_1_runs_decide_as_the_batch(setup):
     model, profile, xc, xt = setup
     guard = Guard(model, profile)
     batch = np.concatenate([xc[:32], xt[:32]])
-    calls = []
-    real = guard._compiled.run
-    monkeypatch.setattr(guard._compiled, "run", lambda *a: calls.append(1) or real(*a))
-    compiled = [guard.run(x[None]) for x in batch]
-    assert len(calls) == len(batch)
-    numpy_path = Guard(model, profile)
-    numpy_path._compiled = None
-    plain = [numpy_path.run(x[None]) for x in batch]
-    assert [r.verdicts for r in compiled] == [r.verdicts for r in plain] == [[v] for v in guard.run(batch).verdicts]
-    for a, b in zip(compiled, plain):
-        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-4)
-        assert [d.reasons for d in a.decisions] == [d.reasons for d in b.decisions]
-    assert sum(r.verdicts[0] == "rejected" for r in compiled[32:]) >= 30  # the triggered half is stopped
+    alone = [guard.run(x[None]) for x in batch]
+    together = guard.run(batch)
+    assert [r.verdicts[0] for r in alone] == together.verdicts
+    for i, r in enumerate(alone):
+        np.testing.assert_allclose(r.scores, together.scores[i:i + 1], rtol=1e-3, atol=1e-4)
+        assert r.decisions[0].reasons == together.decisions[i].reasons
+    assert sum(r.verdicts[0] == "rejected" for r in alone[32:]) >= 30  # the triggered half is stopped
 
 
-def test_a_union_rule_profile_stays_on_the_numpy_path(setup):
+def test_a_union_rule_profile_takes_the_same_scorer(setup):
     model, profile, xc, _ = setup
-    old = Profile(meta={k: v for k, v in profile.meta.items() if k != "ensemble"},
-                  tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
+    old = dataclasses.replace(profile, ensemble=None,
+                              tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
     guard = Guard(model, old)
-    assert guard._compiled is None and guard.run(xc[:1]).verdicts == ["pass"]
+    assert guard.ensemble.method == "union" and guard.run(xc[:1]).verdicts == ["pass"]
 
 
 def test_guard_jit_0_disables_numba_and_the_guard_still_decides(setup, demo_world, demo_profile):
@@ -84,7 +80,8 @@ def test_guard_jit_0_disables_numba_and_the_guard_still_decides(setup, demo_worl
             "assert not _numba.available()\n"
             f"m = load_model({str(demo_world.model_file)!r}, {str(demo_world.weights)!r})\n"
             f"g = Guard(m, Profile.load({str(demo_profile)!r}))\n"
-            "assert g._compiled is None\n"
+            f"x = load_npz({str(demo_world.triggered)!r})[0][:5]\n"
+            "assert g.run(x[:2]).verdicts == ['rejected'] * 2\n"
             f"x = load_npz({str(demo_world.triggered)!r})[0][:5]\n"
             "print(','.join(g.run(x[i:i + 1]).verdicts[0] for i in range(5)))\n")
     env = dict(os.environ, GUARD_JIT="0")
@@ -127,7 +124,6 @@ def test_compiled_path_covers_profiles_with_fewer_checks(clean_world, knn, consi
     profile, _ = build_profile(model, x[:400], y[:400], fpr=0.01, knn=knn, consistency=consistency,
                                nc=NeuralCleanse(seed=0, max_rounds=10, progress=False), progress=False)
     guard = Guard(model, profile)
-    assert guard._compiled is not None
     assert guard.names[0] == "feature" and ("knn" in guard.names) == knn
     assert ("consistency" in guard.names) == consistency
     for i in range(10):

@@ -1,0 +1,197 @@
+"""What every online check shares: the :class:`Record` it scores, the :class:`Check` base, the registry.
+
+A check follows alibi-detect's shape: ``fit`` on clean records learns its statistics,
+``infer_threshold(records, fpr=...)`` sets the threshold that lets ``fpr`` of clean inputs through,
+``score(record)`` returns one float per input and ``predict(record)`` whether each is over. It saves
+and restores itself, threshold included (:meth:`Check.to_profile`, :meth:`Check.from_profile`), as a
+JSON-ready settings dict and plain numpy arrays, so a profile stores it without pickle.
+
+A check's score is defined once, as its ``kernel``: a function of one input,
+``kernel(params, x, pred, f, g) -> float`` over the check's prepared arrays ``params`` (a small tuple,
+:meth:`Check.params`), the flattened input ``x``, the predicted label ``pred``, the feature row ``f``
+and the pooled inner-layer row ``g``. It is written in numpy's array style, so the same function runs
+compiled by numba (:func:`kernel`) or, without numba, as plain numpy. Batches and single inputs both
+go through it (:mod:`guard.online.scoring`); nothing else computes a check's score.
+
+Adding a check: one file in this package defining the subclass and its kernel, and its name in
+``guard/online/checks/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from guard import _numba
+from guard.stats import upper_threshold
+
+
+def kernel(fn):
+    """Mark a score kernel: callable from compiled code where numba is there (it is compiled into the
+    scorer that calls it, :func:`guard.online.scoring.scorer`), plain numpy when called from Python."""
+    if _numba.njit is None:
+        return fn
+    from numba.extending import register_jitable
+
+    return register_jitable(fn)
+
+
+@kernel
+def pool_row(a):
+    """``(C, HW)`` inner-layer activations of one input to ``(2C,)``: each channel's mean, then its max."""
+    c = a.shape[0]
+    out = np.empty(2 * c, dtype=np.float32)
+    for ch in range(c):
+        out[ch] = a[ch].sum() / a.shape[1]
+        out[c + ch] = a[ch].max()
+    return out
+
+
+def pool(a: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W)`` inner-layer activations to ``(N, 2C)`` float32 with :func:`pool_row`."""
+    a = np.ascontiguousarray(a, dtype=np.float32).reshape(a.shape[0], a.shape[1], -1)
+    if _numba.njit is None:  # the same numbers, vectorised
+        return np.concatenate((a.mean(2), a.max(2)), 1).astype(np.float32)
+    return _pool_rows(a)
+
+
+if _numba.njit is not None:
+
+    @_numba.compiled(nogil=True)
+    def _pool_rows(a):  # pragma: no cover - compiled
+        out = np.empty((a.shape[0], 2 * a.shape[1]), dtype=np.float32)
+        for i in range(a.shape[0]):
+            out[i] = pool_row(a[i])
+        return out
+
+
+@dataclass
+class Record:
+    """What one guarded forward pass saw: inputs ``x`` (N, C, H, W), ``logits`` (N, K),
+    feature-layer activations ``features`` (N, D) and, where the profile has an inner layer, its
+    pooled activations ``inner`` (N, 2C; :func:`pool`), all float32 numpy arrays."""
+
+    x: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+    inner: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def take(self, idx) -> Record:
+        return Record(self.x[idx], self.logits[idx], self.features[idx],
+                      None if self.inner is None else self.inner[idx])
+
+
+class Check:
+    """Base class: subclasses set ``name`` and ``kernel`` and implement ``_fit`` and ``params``.
+
+    ``STATE`` names the fitted array attributes a profile stores; ``SETTINGS`` the scalar ones (JSON).
+    A check with derived attributes rebuilds them in :meth:`_restore`.
+    """
+
+    name: ClassVar[str] = "check"
+    kernel: ClassVar[Any] = None
+    STATE: ClassVar[tuple[str, ...]] = ()
+    SETTINGS: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self):
+        self.threshold_: float | None = None
+        self.fpr_: float | None = None
+
+    # ------------------------------------------------------------------ learning
+    def fit(self, record: Record, y: np.ndarray | None = None) -> Check:
+        self._fit(record, y)
+        self._restore()
+        return self
+
+    def _fit(self, record: Record, y: np.ndarray | None) -> None:
+        pass
+
+    def infer_threshold(self, record: Record, *, fpr: float) -> Check:
+        self.threshold_ = upper_threshold(self.score(record), fpr)
+        self.fpr_ = float(fpr)
+        return self
+
+    # ------------------------------------------------------------------ scoring
+    def params(self) -> tuple:
+        """The prepared arrays :attr:`kernel` reads, as one small tuple."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def score(self, record: Record) -> np.ndarray:
+        """``(N,)`` float32 scores, higher = more suspect (this check's :attr:`kernel` on every input)."""
+        from guard.online.scoring import score_checks
+
+        return score_checks([self], record)[:, 0]
+
+    def predict(self, record: Record) -> np.ndarray:
+        if self.threshold_ is None:
+            raise RuntimeError(f"{self.name}: call infer_threshold first")
+        return self.score(record) > self.threshold_
+
+    # ------------------------------------------------------------------ persistence
+    def to_profile(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """``(settings, tensors)``: the threshold and scalar settings (JSON), the fitted arrays."""
+        if self.threshold_ is None:
+            raise RuntimeError(f"{self.name}: call infer_threshold before saving")
+        settings = {"threshold": float(self.threshold_)}
+        settings.update({k: getattr(self, k) for k in self.SETTINGS})
+        return settings, {k: np.asarray(getattr(self, k)) for k in self.STATE}
+
+    @classmethod
+    def from_profile(cls, settings: dict[str, Any], tensors: dict[str, np.ndarray], *, fpr: float) -> Check:
+        """Rebuild a fitted, calibrated check from :meth:`to_profile`'s output (``fpr``: the profile's)."""
+        c = cls.__new__(cls)
+        Check.__init__(c)
+        for k in cls.SETTINGS:
+            setattr(c, k, settings[k])
+        for k in cls.STATE:
+            setattr(c, k, tensors[k])
+        c.threshold_, c.fpr_ = float(settings["threshold"]), float(fpr)
+        c._restore()
+        return c
+
+    def _restore(self) -> None:
+        """Rebuild what the profile does not store (derived arrays); called after fit and load."""
+
+
+CHECKS: dict[str, type[Check]] = {}
+"""Every check by name: how a profile's entries find their class."""
+
+
+def register(cls: type[Check]) -> type[Check]:
+    """Class decorator: make ``cls`` loadable from profiles by its ``name``."""
+    if cls.name in CHECKS:
+        raise ValueError(f"a check named {cls.name!r} is registered already")
+    CHECKS[cls.name] = cls
+    return cls
+
+
+def class_whitening(f: np.ndarray, record: Record, y: np.ndarray | None, *,
+                    shrinkage: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Whitening matrix ``(D, D)`` and whitened class centres ``(K, D)`` of activations ``f``.
+
+    Class means (the labels ``y``, else the model's predictions; a class with no image gets the overall
+    mean) and one covariance of the centred activations shared by all classes, shrunk (Ledoit-Wolf, or
+    ``shrinkage`` if given), so that squared Euclidean distance after whitening is the Mahalanobis one.
+    """
+    from sklearn.covariance import LedoitWolf, ShrunkCovariance
+
+    f = f.astype(np.float64)
+    labels = record.logits.argmax(1) if y is None else y
+    k = record.logits.shape[1]
+    means = np.stack([f[labels == c].mean(0) if (labels == c).any() else f.mean(0) for c in range(k)])
+    est = LedoitWolf() if shrinkage is None else ShrunkCovariance(shrinkage=shrinkage)
+    evals, evecs = np.linalg.eigh(est.fit(f - means[labels]).covariance_)
+    whiten = evecs / np.sqrt(np.maximum(evals, 1e-8 * evals.max()))
+    return whiten, means @ whiten
+
+
+def standardiser(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (floored at 1e-6), float32."""
+    mu = values.mean(0)
+    sd = values.std(0)
+    return mu.astype(np.float32), np.maximum(sd, 1e-6).astype(np.float32)

@@ -1,0 +1,160 @@
+"""Score records: every check's kernel and the decision rule's, for batches and single inputs alike.
+
+:func:`scorer` composes the checks' kernels (:mod:`guard.online.checks`) and the rule's
+(:mod:`guard.online.ensemble`) into one function over rows; with numba it is compiled once per process
+and set of checks, so a batch-1 call is one compiled call after the forward pass. Without numba (or
+with ``GUARD_JIT=0``) the same kernels run as numpy, row by row.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import sys
+
+import numpy as np
+
+from guard import _numba
+from guard.online.checks.base import Check, Record, kernel, pool_row
+
+MAX_CHECKS = 8
+"""How many checks one compiled scorer holds (the registry has five)."""
+
+_NO_INNER = np.zeros((1, 1), np.float32)
+_NO_INNER_RAW = np.zeros((1, 1, 1), np.float32)
+
+
+@kernel
+def _skip(p, x, pred, f, g):
+    return 0.0
+
+
+@kernel
+def _no_rule(ep, s, c):
+    return 0.0
+
+
+@kernel
+def _pooled_row(g, i):
+    return g[i]
+
+
+@kernel
+def _raw_row(g, i):
+    return pool_row(g[i])
+
+
+def _stamp(*fns) -> str:
+    """A digest of the source files defining ``fns`` and of this one. The compiled scorer is cached on
+    disk keyed by its closure; the digest in it makes a kernel's edit compile a new one rather than
+    load a stale one (numba itself only watches the file of the function it caches)."""
+    h = hashlib.sha256()
+    for name in sorted({fn.__module__ for fn in fns} | {__name__, "guard.online.checks.base"}):
+        try:
+            h.update(inspect.getsource(sys.modules[name]).encode())
+        except (OSError, TypeError):  # no source (a frozen install): the module name alone
+            h.update(name.encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def scorer(kernels: tuple, rule=None, raw_inner: bool = False):
+    """``run(params, rule_params, x, logits, f, g, scores, contrib, stat)`` over ``N`` rows.
+
+    ``kernels`` are the checks' kernels in column order (``params`` their :meth:`Check.params`, padded
+    to :data:`MAX_CHECKS` with ``()``), ``rule`` a decision rule's kernel (``None``: statistic 0).
+    ``x`` is ``(N, C*H*W)``, ``logits`` ``(N, K)``, ``f`` ``(N, D)``, ``g`` the inner layer's pooled
+    ``(N, 2C)`` activations or, with ``raw_inner``, its raw ``(N, C, H*W)`` ones (pooled here with
+    :func:`~guard.online.checks.base.pool_row`). Fills ``scores`` ``(N, MAX_CHECKS)`` (the first
+    ``len(kernels)`` columns), ``contrib`` ``(N, len(kernels))`` and ``stat`` ``(N,)``.
+    """
+    n = len(kernels)
+    if n > MAX_CHECKS:
+        raise ValueError(f"at most {MAX_CHECKS} checks per scorer, got {n}")
+    if _numba.njit is None:
+        return functools.partial(_numpy_run, kernels, rule, raw_inner)
+    k0, k1, k2, k3, k4, k5, k6, k7 = tuple(kernels) + (_skip,) * (MAX_CHECKS - n)
+    rule_k = _no_rule if rule is None else rule
+    inner_row = _raw_row if raw_inner else _pooled_row
+    stamp = _stamp(*kernels, rule_k)
+
+    def run(params, rule_params, x, logits, f, g, scores, contrib, stat):  # pragma: no cover - compiled
+        assert stamp  # in the closure, so in the on-disk cache's key
+        for i in range(x.shape[0]):
+            pred = np.argmax(logits[i])
+            xi, fi, gi, s = x[i], f[i], inner_row(g, i), scores[i]
+            s[0] = k0(params[0], xi, pred, fi, gi)
+            s[1] = k1(params[1], xi, pred, fi, gi)
+            s[2] = k2(params[2], xi, pred, fi, gi)
+            s[3] = k3(params[3], xi, pred, fi, gi)
+            s[4] = k4(params[4], xi, pred, fi, gi)
+            s[5] = k5(params[5], xi, pred, fi, gi)
+            s[6] = k6(params[6], xi, pred, fi, gi)
+            s[7] = k7(params[7], xi, pred, fi, gi)
+            stat[i] = rule_k(rule_params, s[:n], contrib[i])
+
+    # reassociation lets LLVM vectorise the dot products; no nnan/ninf: the kernels compare with inf
+    return _numba.compiled(nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})(run)
+
+
+@functools.lru_cache(maxsize=16)
+def rule_rows(rule):
+    """``run(rule_params, scores, contrib, stat)``: a decision rule's kernel over ``N`` rows of scores."""
+    if _numba.njit is None:
+        return functools.partial(_numpy_rule_rows, rule)
+    stamp = _stamp(rule)
+
+    def run(rule_params, scores, contrib, stat):  # pragma: no cover - compiled
+        assert stamp
+        for i in range(scores.shape[0]):
+            stat[i] = rule(rule_params, scores[i], contrib[i])
+
+    return _numba.compiled(nogil=True)(run)
+
+
+def _numpy_rule_rows(rule, rule_params, scores, contrib, stat):
+    for i in range(scores.shape[0]):
+        stat[i] = rule(rule_params, scores[i], contrib[i])
+
+
+def _numpy_run(kernels, rule, raw_inner, params, rule_params, x, logits, f, g, scores, contrib, stat):
+    for i in range(x.shape[0]):
+        pred = int(np.argmax(logits[i]))
+        gi = (_raw_row if raw_inner else _pooled_row)(g, i)
+        for j, k in enumerate(kernels):
+            scores[i, j] = k(params[j], x[i], pred, f[i], gi)
+        stat[i] = 0.0 if rule is None else rule(rule_params, scores[i, :len(kernels)], contrib[i])
+
+
+def pack(checks: list[Check]) -> tuple[tuple, tuple]:
+    """The checks' kernels and their params padded to :data:`MAX_CHECKS`: ``(kernels, params)``."""
+    params = tuple(c.params() for c in checks) + ((),) * (MAX_CHECKS - len(checks))
+    return tuple(type(c).kernel for c in checks), params
+
+
+def run_rows(kernels: tuple, params: tuple, rule, rule_params: tuple, x: np.ndarray, logits: np.ndarray,
+             features: np.ndarray, inner: np.ndarray | None, *, raw_inner: bool = False
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scores (N, n_checks), contributions (N, n_checks), statistic (N,))`` of a batch."""
+    n = len(x)
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(n, -1)
+    if inner is None:
+        inner = np.broadcast_to(_NO_INNER_RAW if raw_inner else _NO_INNER, (n, 1, 1) if raw_inner else (n, 1))
+        inner = np.ascontiguousarray(inner)
+    elif raw_inner:
+        inner = np.ascontiguousarray(inner, dtype=np.float32).reshape(n, inner.shape[1], -1)
+    else:
+        inner = np.ascontiguousarray(inner, dtype=np.float32)
+    scores = np.empty((n, MAX_CHECKS), dtype=np.float32)
+    contrib = np.zeros((n, len(kernels)), dtype=np.float32)
+    stat = np.empty(n, dtype=np.float32)
+    scorer(kernels, rule, raw_inner)(params, rule_params, x, np.ascontiguousarray(logits, dtype=np.float32),
+                                     np.ascontiguousarray(features, dtype=np.float32), inner, scores, contrib, stat)
+    return scores[:, :len(kernels)], contrib, stat
+
+
+def score_checks(checks: list[Check], record: Record) -> np.ndarray:
+    """``(N, n_checks)`` float32 scores of ``record`` by ``checks`` (columns in their order)."""
+    kernels, params = pack(checks)
+    return run_rows(kernels, params, None, (), record.x, record.logits, record.features, record.inner)[0]
