@@ -116,8 +116,11 @@ class Guard:
     >>> guard = Guard(net, profile, mode="shadow")
     >>> [d.verdict in ("pass", "flagged") for d in guard.predict(x[:2])]
     [True, True]
-    >>> guard.names[0], guard.run(x[:1]).scores.shape
-    ('feature', (1, 2))
+    >>> result = guard.run(x[:1])
+    >>> guard.names[0], result.scores.shape == (1, len(guard.names)), result.verdicts[0] in ("pass", "flagged")
+    ('feature', True, True)
+    >>> [d.verdict for d in guard.unguarded(x[:2])]  # the bare model's answers, for fail-open serving
+    ['error', 'error']
     """
 
     def __init__(self, model: nn.Module, profile: Profile, *, mode: str | None = None, verify: bool = True,

@@ -166,3 +166,26 @@ def test_a_profile_from_before_the_ensemble_keeps_the_union_rule(setup):
     res = guard.run(x)
     np.testing.assert_array_equal(res.verdict_codes != 0, (res.scores > guard.thresholds).any(1))
     np.testing.assert_array_equal(res.over, res.scores > guard.thresholds)
+
+
+def test_unguarded_answers_are_the_bare_models_marked_as_guard_errors(setup):
+    import torch
+
+    model, profile, (xc, _), (xt, _) = setup
+    guard = Guard(model, profile)
+    x = np.concatenate([xc[:3], xt[:3]])
+    out = guard.unguarded(x)
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(x)), 1).numpy()
+    assert [d.label for d in out] == probs.argmax(1).tolist()
+    assert all(d.verdict == "error" and d.reasons == ["guard_error"] for d in out)
+    np.testing.assert_allclose([d.probabilities for d in out], probs, atol=1e-5)
+    assert [d.label for d in out] == [d.label for d in Guard(model, profile, mode="shadow").predict(x)]
+
+
+def test_guard_docstring_example_runs():
+    import doctest
+
+    import guard.online.engine
+
+    assert doctest.testmod(guard.online.engine, raise_on_error=True).failed == 0
