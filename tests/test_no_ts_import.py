@@ -60,7 +60,7 @@ def test_importing_every_guard_module_leaves_ts_unloaded():
     code = (
         "import importlib, pkgutil, sys, guard\n"
         "names = [m.name for m in pkgutil.walk_packages(guard.__path__, 'guard.')\n"
-        "         if not m.name.startswith('guard._assets.')]\n"
+        "         if not m.name.startswith('guard._assets.') and not m.name.endswith('.__main__')]\n"
         "for n in names: importlib.import_module(n)\n"
         "import guard.cli; guard.cli.build_parser()\n"
         "bad = sorted(m for m in sys.modules if m == 'ts' or m.startswith('ts.'))\n"
