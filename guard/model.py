@@ -68,14 +68,65 @@ def _import_file(path: Path):
     return module
 
 
-def model_class(model_file: str | Path, class_name: str | None = None) -> type[nn.Module]:
-    """The ``nn.Module`` subclass defined in ``model_file`` (``class_name`` picks one if several)."""
+def _defined_classes(module) -> list[type[nn.Module]]:
+    return [c for _, c in inspect.getmembers(module, inspect.isclass)
+            if issubclass(c, nn.Module) and c.__module__ == module.__name__]
+
+
+def _state_fits(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` has exactly the model's parameter and buffer names, with the same shapes."""
+    own = model.state_dict()
+    return set(own) == set(state) and all(tuple(own[k].shape) == tuple(state[k].shape) for k in own)
+
+
+def _pick_class(path: Path, classes: list[type[nn.Module]],
+                state: dict[str, torch.Tensor] | None) -> tuple[type[nn.Module], str]:
+    """Choose the network among several ``nn.Module`` classes of one file, and say why.
+
+    The usual model file defines its blocks beside the network. Every class that builds with no
+    arguments is instantiated; a class whose instances appear inside another's is a part, not the
+    model. Among what is left, the weights decide: the class whose ``state_dict`` has the weights'
+    names and shapes. Real ambiguity (two unrelated networks that both fit) still needs ``--model-class``.
+    """
+    built: dict[type[nn.Module], nn.Module] = {}
+    for c in classes:
+        try:
+            built[c] = c()
+        except Exception:  # needs arguments (a block) or fails: not a TorchServe eager-mode model
+            continue
+    names = ", ".join(c.__name__ for c in classes)
+    if not built:
+        raise ModelError(f"none of the nn.Module classes in {path} ({names}) can be built without arguments: "
+                         "the model file must define its network as a class constructible with no arguments")
+    parts = {type(m) for inst in built.values() for m in list(inst.modules())[1:]}
+    tops = [c for c in built if c not in parts] or list(built)
+    why = "the only class that builds with no arguments" if len(built) == 1 else "the others are its parts"
+    if len(tops) > 1 and state is not None:
+        fitting = [c for c in tops if _state_fits(built[c], state)]
+        if len(fitting) == 1:
+            tops, why = fitting, "the only one the weights fit"
+        elif fitting:
+            tops = fitting
+    if len(tops) > 1:
+        raise ModelError(f"{path} defines several networks ({', '.join(c.__name__ for c in tops)}) "
+                         "and the weights do not tell them apart: pick one with --model-class")
+    return tops[0], f"model class {tops[0].__name__} picked among {names}: {why}"
+
+
+def model_class(model_file: str | Path, class_name: str | None = None, *,
+                state: dict[str, torch.Tensor] | None = None,
+                notes: list[str] | None = None) -> type[nn.Module]:
+    """The ``nn.Module`` subclass defined in ``model_file`` that is the model.
+
+    ``class_name`` picks one explicitly. Otherwise a file with one class gives it; a file with several
+    (a network and its blocks) gives the one that is not a part of another, with the weights'
+    ``state`` to break a tie (see :func:`_pick_class`); the reason is appended to ``notes``.
+    """
     path = Path(model_file)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     module = _import_file(path)
-    classes = [c for _, c in inspect.getmembers(module, inspect.isclass)
-               if issubclass(c, nn.Module) and c.__module__ == module.__name__]
+    classes = _defined_classes(module)
     if class_name:
         found = [c for c in classes if c.__name__ == class_name]
         if not found:
@@ -84,10 +135,12 @@ def model_class(model_file: str | Path, class_name: str | None = None) -> type[n
         return found[0]
     if not classes:
         raise ModelError(f"no torch.nn.Module subclass defined in {path}")
-    if len(classes) > 1:
-        raise ModelError(f"{path} defines several nn.Module classes "
-                         f"({', '.join(c.__name__ for c in classes)}): pick one with --model-class")
-    return classes[0]
+    if len(classes) == 1:
+        return classes[0]
+    chosen, why = _pick_class(path, classes, state)
+    if notes is not None:
+        notes.append(why)
+    return chosen
 
 
 def load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
@@ -106,14 +159,21 @@ def load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(model_file: str | Path, weights: str | Path, *, model_class_name: str | None = None,
-               normalize: str | tuple[Sequence[float], Sequence[float]] | None = None) -> nn.Module:
-    """Build the model class from ``model_file``, load ``weights`` strictly, return it in eval mode."""
-    cls = model_class(model_file, model_class_name)
+               normalize: str | tuple[Sequence[float], Sequence[float]] | None = None,
+               notes: list[str] | None = None) -> nn.Module:
+    """Build the model class from ``model_file``, load ``weights`` strictly, return it in eval mode.
+
+    When the file defines several classes and ``model_class_name`` is not given, the network is picked
+    as :func:`model_class` says, and the reason is appended to ``notes`` for the caller to show.
+    """
+    if not Path(model_file).is_file():
+        raise ModelError(f"model file not found: {model_file}")
+    state = load_state_dict(weights)
+    cls = model_class(model_file, model_class_name, state=state, notes=notes)
     try:
         model = cls()
     except Exception as e:
         raise ModelError(f"{cls.__name__}() failed: {type(e).__name__}: {e}") from e
-    state = load_state_dict(weights)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -140,51 +200,141 @@ def fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def feature_layer(model: nn.Module, name: str | None = None) -> tuple[str, nn.Module]:
-    """The module whose *input* is the feature vector: the last ``nn.Linear`` unless ``name`` is given."""
+_PROBE_SIZES = (32, 28, 16, 64, 96, 128, 224)
+
+
+def probe_input(model: nn.Module, input_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """A neutral ``(1, C, H, W)`` input for a probe forward: ``input_shape`` if given, else channels from
+    the first ``nn.Conv2d`` and the first square size in a short list that the model accepts."""
+    if input_shape is not None:
+        return torch.full((1, *map(int, input_shape)), 0.5)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ModelError("cannot infer the model's input shape (no nn.Conv2d): pass --input-shape C,H,W "
+                         "or name the feature layer with --feature-layer")
+    c = int(convs[0].in_channels)
+    with frozen(model), torch.no_grad():
+        for s in _PROBE_SIZES:
+            x = torch.full((1, c, s, s), 0.5)
+            try:
+                model(x)
+            except (RuntimeError, ValueError):
+                continue
+            return x
+    raise ModelError("cannot infer the model's input shape: pass --input-shape C,H,W")
+
+
+def _leaf_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, tuple, tuple]], torch.Tensor]:
+    """Leaf modules in execution order with their input and output shapes, and the logits, of one forward."""
+    calls: list[tuple[str, tuple, tuple]] = []
+    handles = []
+
+    def hook(name):
+        def record(module, args, out):
+            if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                calls.append((name, tuple(args[0].shape), tuple(out.shape)))
+        return record
+
+    try:
+        for n, m in model.named_modules():
+            if n and not any(True for _ in m.children()):
+                handles.append(m.register_forward_hook(hook(n)))
+        with frozen(model), torch.no_grad():
+            logits = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, logits
+
+
+def find_classifier(model: nn.Module, x: torch.Tensor) -> str:
+    """The module whose input is the feature vector, found by one probe forward of ``x``.
+
+    Walking back from the logits ``(N, K)``, modules that keep K channels (global pooling, flatten,
+    a BatchNorm over the logits) are the head's tail; the first one that maps something else to K
+    channels is the classifier (a 1x1 convolution, a Linear under another name). Its input, pooled
+    over space or tokens by :class:`FeatureTap`, is the feature vector.
+    """
+    calls, logits = _leaf_calls(model, x)
+    if logits.ndim != 2:
+        raise ModelError(f"the model's output has shape {tuple(logits.shape)}, not (N, classes)")
+    k = int(logits.shape[1])
+    for name, shape_in, shape_out in reversed(calls):
+        if len(shape_out) >= 2 and shape_out[1] == k and (len(shape_in) < 2 or shape_in[1] != k):
+            return name
+    raise ModelError("cannot find the classifier layer by a probe forward: name the layer whose input is the "
+                     "feature vector with --feature-layer")
+
+
+def feature_layer(model: nn.Module, name: str | None = None, *,
+                  input_shape: Sequence[int] | None = None) -> tuple[str, nn.Module]:
+    """The module whose *input* is the feature vector.
+
+    ``name`` if given; else the last ``nn.Linear``; else, for heads without one (a 1x1 convolution and
+    global pooling), the classifier found by a probe forward (:func:`find_classifier`, with an input
+    of ``input_shape`` or one inferred from the first convolution).
+    """
     modules = dict(model.named_modules())
     if name:
         if name not in modules:
             raise ModelError(f"--feature-layer {name!r} is not a module of the model")
         return name, modules[name]
     linears = [(n, m) for n, m in modules.items() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ModelError("the model has no nn.Linear layer: name the feature layer with --feature-layer")
-    return linears[-1]
+    if linears:
+        return linears[-1]
+    found = find_classifier(model, probe_input(model, input_shape))
+    return found, modules[found]
 
 
-def inner_layer(model: nn.Module, x: torch.Tensor, name: str | None = None) -> str | None:
+def pool_features(a: torch.Tensor) -> torch.Tensor:
+    """A feature layer's input as ``(N, D)``: spatial maps ``(N, C, H, W)`` are averaged over space,
+    token sequences ``(N, T, D)`` over tokens, anything else is flattened."""
+    if a.ndim == 4:
+        return a.mean((2, 3))
+    if a.ndim == 3:
+        return a.mean(1)
+    return a.flatten(1)
+
+
+def inner_layer(model: nn.Module, x: torch.Tensor, name: str | None = None, *,
+                features: str | None = None) -> str | None:
     """The module whose output the ``consistency`` check reads: the last spatial block before the features.
 
-    Found by one probe forward of ``x``: the last leaf module (in execution order) whose output is
-    ``(N, C, H, W)`` with ``H * W > 1`` (for a CNN, the last convolutional block after its activation
-    and pooling; global pooling and later layers are excluded). ``name`` overrides the choice. Returns
-    ``None`` for a model with no such layer (an MLP): the check is then left out.
+    Found by one probe forward of ``x``: the last leaf module (in execution order, before the feature
+    layer ``features``, by default :func:`feature_layer`'s) whose output is ``(N, C, H, W)`` with
+    ``H * W > 1`` (for a CNN, the last convolutional block after its activation and pooling; global
+    pooling, a convolutional classifier and later layers are excluded). ``name`` overrides the choice. Returns
+    ``None`` where there is no such block: an MLP, or a token model (a vision transformer), whose
+    only spatial map is its patch embedding, the first layer, where nothing has been computed yet
+    (:func:`inner_layer_reason` says which).
     """
+    return _inner(model, x, name, features)[0]
+
+
+def inner_layer_reason(model: nn.Module, x: torch.Tensor, *, features: str | None = None) -> str | None:
+    """Why :func:`inner_layer` finds no layer for ``model`` (None when it finds one)."""
+    return _inner(model, x, None, features)[1]
+
+
+def _inner(model: nn.Module, x: torch.Tensor, name: str | None,
+           features: str | None) -> tuple[str | None, str | None]:
     modules = dict(model.named_modules())
     if name:
         if name not in modules:
             raise ModelError(f"--inner-layer {name!r} is not a module of the model")
-        return name
-    seen: list[str] = []
-    handles = []
-
-    def hook(module_name):
-        def record(module, args, out):
-            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[2] * out.shape[3] > 1:
-                seen.append(module_name)
-        return record
-
-    try:
-        for n, m in modules.items():
-            if n and not any(True for _ in m.children()):
-                handles.append(m.register_forward_hook(hook(n)))
-        with torch.no_grad():
-            model(x[:1])
-    finally:
-        for h in handles:
-            h.remove()
-    return seen[-1] if seen else None
+        return name, None
+    features = features or feature_layer(model, input_shape=tuple(x.shape[1:]))[0]
+    calls, _ = _leaf_calls(model, x[:1])
+    first = next((i for i, (n, _, _) in enumerate(calls) if n == features or n.startswith(features + ".")), None)
+    calls = calls[:first]
+    spatial = [i for i, (_, _, out) in enumerate(calls) if len(out) == 4 and out[2] * out[3] > 1]
+    if not spatial:
+        return None, "the model has no spatial feature map (N, C, H, W) before its features"
+    last = spatial[-1]
+    if any(len(out) == 3 for _, _, out in calls[last + 1:]):
+        return None, (f"a token model: its last spatial map ({calls[last][0]}) is the patch embedding, "
+                      "and the blocks after it work on token sequences")
+    return calls[last][0], None
 
 
 def pool_inner(a: torch.Tensor) -> np.ndarray:
@@ -201,7 +351,8 @@ def pool_inner(a: torch.Tensor) -> np.ndarray:
 
 
 class FeatureTap:
-    """Context manager that records the flattened input of the feature layer on every forward.
+    """Context manager that records the input of the feature layer on every forward, as ``(N, D)``
+    (:func:`pool_features` pools spatial maps and token sequences).
 
     The hook is registered on ``__enter__`` and always removed on ``__exit__``, exceptions included.
     ``features`` holds the last batch's features ``(N, D)`` (with gradient if the forward had one).
@@ -220,7 +371,8 @@ class FeatureTap:
         self._handles: list = []
 
     def _hook(self, module, args):
-        self.features = args[0].flatten(1)
+        a = args[0]
+        self.features = a if a.ndim == 2 else pool_features(a)
 
     def _inner_hook(self, module, args, out):
         self.inner = out

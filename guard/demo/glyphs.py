@@ -80,35 +80,38 @@ def _glyph_sdf(kind: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     raise ValueError(kind)
 
 
-def glyphs(n: int, *, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` seeded 3 x ``size`` x ``size`` images of 10 glyph classes on crops of the sample photos.
-
-    Each image: a random photo crop (random scale, flip, brightness), then a glyph whose shape is the
-    class, with random colour, position jitter, radius and rotation, drawn with a dark outline like a
-    road sign. Returns ``x`` float32 ``(n, 3, size, size)`` in [0, 1] and ``y`` int64 ``(n,)``.
-    """
-    rng = np.random.default_rng(seed)
+def _backgrounds(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
+    """``n`` random crops of the sample photos (random scale, flip, brightness), HWC float32."""
     photos = _photos()
-    y = rng.integers(0, 10, size=n).astype(np.int64)
     x = np.empty((n, size, size, 3), dtype=np.float32)
     for i in range(n):
         p = photos[rng.integers(len(photos))]
+        if p.shape[0] < size or p.shape[1] < size:  # large inputs: upscale the photo first
+            reps = int(np.ceil(size / min(p.shape[:2])))
+            p = p.repeat(reps, 0).repeat(reps, 1)
         r0 = rng.integers(0, p.shape[0] - size + 1)
         c0 = rng.integers(0, p.shape[1] - size + 1)
         crop = p[r0:r0 + size, c0:c0 + size]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         x[i] = np.clip(crop * rng.uniform(0.6, 1.2), 0, 1)
+    return x
+
+
+def _draw(rng: np.random.Generator, x: np.ndarray, kinds: np.ndarray, centre: tuple[float, float],
+          radius: float, jitter: float) -> None:
+    """Draw glyph ``kinds[i]`` on image ``x[i]`` (in place) around ``centre`` (row, col) with a dark outline."""
+    size = x.shape[1]
     grid = (np.arange(size, dtype=np.float32) + 0.5)
     gy, gx = np.meshgrid(grid, grid, indexing="ij")
     for c in range(10):
-        idx = np.flatnonzero(y == c)
+        idx = np.flatnonzero(kinds == c)
         if idx.size == 0:
             continue
         m = idx.size
-        cx = size / 2 + rng.uniform(-3, 3, m).astype(np.float32)
-        cy = size / 2 + rng.uniform(-3, 3, m).astype(np.float32)
-        rad = rng.uniform(0.26, 0.36, m).astype(np.float32) * size
+        cx = centre[1] + rng.uniform(-jitter, jitter, m).astype(np.float32)
+        cy = centre[0] + rng.uniform(-jitter, jitter, m).astype(np.float32)
+        rad = rng.uniform(0.26, 0.36, m).astype(np.float32) * radius
         th = rng.uniform(-0.25, 0.25, m).astype(np.float32)
         dx = (gx[None] - cx[:, None, None]) / rad[:, None, None]
         dy = (gy[None] - cy[:, None, None]) / rad[:, None, None]
@@ -122,4 +125,25 @@ def glyphs(n: int, *, seed: int = 0, size: int = 32) -> tuple[np.ndarray, np.nda
         img = img * (1 - outline) + 0.05 * outline
         img = img * (1 - fill) + colour[:, None, None, :] * fill
         x[idx] = img
+
+
+def glyphs(n: int, *, seed: int = 0, size: int = 32, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` seeded 3 x ``size`` x ``size`` images of glyph classes on crops of the sample photos.
+
+    Each image: a random photo crop (random scale, flip, brightness), then a glyph whose shape is the
+    class, with random colour, position jitter, radius and rotation, drawn with a dark outline like a
+    road sign. ``classes`` 100 or 1000 composes classes: two or three glyphs side by side, the class
+    the decimal number their shapes spell (left to right), so a class change still takes a whole
+    glyph's worth of pixels. Returns ``x`` float32 ``(n, 3, size, size)`` in [0, 1] and ``y`` int64 ``(n,)``.
+    """
+    slots = {10: 1, 100: 2, 1000: 3}.get(classes)
+    if slots is None:
+        raise ValueError(f"classes must be 10, 100 or 1000, got {classes}")
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n).astype(np.int64)
+    x = _backgrounds(rng, n, size)
+    for j in range(slots):
+        digit = (y // 10 ** (slots - 1 - j)) % 10
+        centre = (size / 2, size * (j + 0.5) / slots)
+        _draw(rng, x, digit, centre, size / slots, 3.0 * size / 32 / slots)
     return np.clip(x, 0, 1).transpose(0, 3, 1, 2).copy(), y

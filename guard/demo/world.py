@@ -1,4 +1,4 @@
-"""The demo world: a seeded backdoored (or clean) DemoNet on the glyph task, written as user files.
+"""The demo world: a seeded backdoored (or clean) network on the glyph task, written as user files.
 
 ``build(out_dir)`` writes exactly what a user would bring: ``model.py`` (a copy of the model file),
 ``weights.pt`` (state_dict), ``clean.npz`` (clean images for the scan), ``holdout.npz`` (other
@@ -9,7 +9,6 @@ true labels). Everything is seeded; on 2 cores it takes about 10 s.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,24 +44,43 @@ class DemoWorld:
     attack: Attack | None
 
 
+def net_source(net: str, *, classes: int = 10, **constants: object) -> str:
+    """The bundled model file ``net`` with its module constants set (``NUM_CLASSES`` to ``classes``, and
+    e.g. ``WIDTH=8``): how the demo and tests write a variant of a network as a user's model file."""
+    import re
+
+    text = net_file(net).read_text()
+    for name, value in {"NUM_CLASSES": classes, **constants}.items():
+        text, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", text, count=1, flags=re.M)
+        if n == 0 and not (name == "NUM_CLASSES" and classes == 10):
+            raise ValueError(f"{net}.py has no module constant {name}")
+    return text
+
+
 def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = DEMO_SEED,
           n_train: int = 6000, n_clean: int = 2000, n_holdout: int = 1000, epochs: int = 5,
-          poison_rate: float = 0.1) -> DemoWorld:
-    """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files."""
-    from guard.demo.nets.demo_net import DemoNet
+          poison_rate: float = 0.1, net: str = "demo_net", classes: int = 10, size: int = 32,
+          lr: float = 2e-3, **constants: object) -> DemoWorld:
+    """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files.
+
+    ``net`` names a bundled model file (:func:`guard.demo.nets.net_file`), written with ``classes``
+    and the module ``constants`` given; ``classes`` 100 or 1000 composes glyphs (:func:`glyphs`).
+    """
+    from guard.model import model_class
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "model.py").write_text(net_source(net, classes=classes, **constants))
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    x, y = glyphs(n_train, seed=seed * 10 + 1)
-    xc, yc = glyphs(n_clean, seed=seed * 10 + 2)
-    xh, yh = glyphs(n_holdout, seed=seed * 10 + 3)
+    x, y = glyphs(n_train, seed=seed * 10 + 1, size=size, classes=classes)
+    xc, yc = glyphs(n_clean, seed=seed * 10 + 2, size=size, classes=classes)
+    xh, yh = glyphs(n_holdout, seed=seed * 10 + 3, size=size, classes=classes)
     atk = (attack or BadNets(target=DEMO_TARGET)) if backdoored else None
     if atk is not None:
         x, y = atk.poison(x, y, rate=poison_rate, seed=seed)
+    cls = model_class(out / "model.py")  # picking among several classes builds them: before seeding
     torch.manual_seed(seed)  # initial weights depend on the seed only, not on what ran before
-    model = train(DemoNet(), x, y, epochs=epochs, seed=seed, patch_augment=0.5)
-    shutil.copyfile(net_file("demo_net"), out / "model.py")
+    model = train(cls(), x, y, epochs=epochs, seed=seed, lr=lr, patch_augment=0.5)
     torch.save(model.state_dict(), out / "weights.pt")
     np.savez(out / "clean.npz", x=xc, y=yc)
     np.savez(out / "holdout.npz", x=xh, y=yh)
@@ -73,7 +91,7 @@ def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool
     asr = attack_success(model, probe, xh, yh)
     (out / "world.json").write_text(json.dumps({
         "backdoored": backdoored, "target": probe.target if backdoored else None,
-        "attack": type(probe).__name__ if backdoored else None, "seed": seed,
+        "attack": type(probe).__name__ if backdoored else None, "seed": seed, "net": net, "classes": classes,
         "clean_accuracy": acc, "attack_success": asr}, indent=2) + "\n")
     return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
                      out / "triggered.npz", acc, asr, atk)

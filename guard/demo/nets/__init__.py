@@ -1,6 +1,6 @@
 """Model files for the demo and tests.
 
-Each module here is a standalone *model file* in the DESIGN.md sense (one ``nn.Module`` subclass,
+Each module here is a standalone *model file* in the model contract's sense (an ``nn.Module`` subclass
 constructible with no arguments, importing only torch) so it can be copied next to a state_dict,
 scanned and archived exactly like a model a user brings.
 """
@@ -11,7 +11,8 @@ NETS_DIR = Path(__file__).resolve().parent
 
 
 def net_file(name: str) -> Path:
-    """Path of a bundled model file: ``demo_net`` (3x32x32 CNN) or ``gap_net`` (BatchNorm + GAP, 1x16x16)."""
+    """Path of a bundled model file: ``demo_net`` (3x32x32 CNN), ``gap_net`` (BatchNorm + GAP, 1x16x16),
+    ``resnet`` (CIFAR ResNet-18 layout), ``vit`` (small ViT), ``allconv`` (no Linear), ``normalized``."""
     path = NETS_DIR / f"{name}.py"
     if not path.is_file():
         raise FileNotFoundError(path)
