@@ -23,9 +23,22 @@ from guard.model import FeatureTap, frozen
 from guard.scan._trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, log_anomaly_index
 
+SCREEN_ABOVE = 25
+"""Label counts above which a scan screens labels first (5 candidates + 20 references = 25 labels: at or
+below that, screening would optimise as many labels as the full scan does, so it only pays above)."""
+
 
 class NeuralCleanse:
     """Reverse-engineer a trigger for every label and flag the anomalously small ones.
+
+    With many labels (more than ``screen_above``) the cost of optimising every label's trigger grows
+    with the label count, so the scan runs in two stages, as scanners after Neural Cleanse do (K-Arm,
+    ICML 2021; TrojAI's label pre-selection): a short *untargeted* search first finds the smallest
+    triggers that flip clean images to any other label, with ``screen_restarts`` random starts; a
+    backdoor is the cheapest such trigger, so the labels those triggers lead to are the
+    ``candidates``. The full optimisation then runs on the candidates and on ``references`` labels
+    drawn at random from the rest, which give the MAD test a representative median and spread. Its
+    cost no longer depends on the label count. ``screened_`` records what the first stage chose.
 
     Learned attributes: ``masks_`` (K, 1, H, W), ``patterns_`` (K, C, H, W), ``l1_norms_``,
     ``attack_success_``, ``anomaly_index_``, ``log_anomaly_index_``, ``suspect_labels_``,
@@ -41,7 +54,8 @@ class NeuralCleanse:
                  attack_succ_threshold: float = 0.99, patience: int = 5, early_stop_patience: int = 25,
                  steps_per_round: int = 2, max_rounds: int = 200, cost_multiplier: float = 1.5,
                  threshold: float = 2.0, labels: list[int] | None = None, seed: int = 0,
-                 progress: bool | None = None, device: str = "cpu"):
+                 progress: bool | None = None, device: str = "cpu", screen_above: int | None = SCREEN_ABOVE,
+                 candidates: int = 5, references: int = 20, screen_restarts: int = 8, screen_steps: int = 60):
         self.lr = lr
         self.batch_size = batch_size
         self.init_cost = init_cost
@@ -56,6 +70,11 @@ class NeuralCleanse:
         self.seed = seed
         self.progress = progress
         self.device = device
+        self.screen_above = screen_above
+        self.candidates = candidates
+        self.references = references
+        self.screen_restarts = screen_restarts
+        self.screen_steps = screen_steps
 
     def fit(self, model: nn.Module, x: np.ndarray, num_classes: int | None = None) -> NeuralCleanse:
         """Optimise all labels' triggers on clean images ``x`` (N, C, H, W) in [0, 1]."""
@@ -73,7 +92,14 @@ class NeuralCleanse:
         gen = torch.Generator().manual_seed(self.seed)
         with frozen(model), torch.no_grad():
             k_all = num_classes or int(model(xt[:1]).shape[1])
-        labels = list(range(k_all)) if self.labels is None else list(self.labels)
+        self.num_classes_ = k_all
+        self.screened_ = None
+        if self.labels is not None:
+            labels = list(self.labels)
+        elif self.screen_above is not None and k_all > self.screen_above:
+            labels = self._screen(model, xt, k_all, dev)
+        else:
+            labels = list(range(k_all))
         k = len(labels)
         _, c, h, w = xt.shape
         target = torch.tensor(labels, device=dev).repeat_interleave(self.batch_size)
@@ -102,19 +128,24 @@ class NeuralCleanse:
             for rounds in range(1, self.max_rounds + 1):  # noqa: B007 - read after the loop
                 acc_sum = torch.zeros(k, dtype=torch.float64, device=dev)
                 l1_sum = torch.zeros(k, dtype=torch.float64, device=dev)
+                # finished labels leave the forward pass (their best trigger is kept): the batch
+                # shrinks as labels converge, and an active label's trajectory does not change
+                act = torch.nonzero(~done).flatten()
+                n_act = len(act)
+                tgt = target.view(k, -1)[act].reshape(-1)
                 for _ in range(self.steps_per_round):
                     idx = torch.randint(0, len(xt), (self.batch_size,), generator=gen).to(dev)
-                    masks, patterns = from_raw(mask_raw), from_raw(pattern_raw)
+                    masks, patterns = from_raw(mask_raw[act]), from_raw(pattern_raw[act])
                     logits = model(stamp_all(xt[idx], masks, patterns))
-                    ce = nn.functional.cross_entropy(logits, target, reduction="none").view(k, -1).mean(1)
+                    ce = nn.functional.cross_entropy(logits, tgt, reduction="none").view(n_act, -1).mean(1)
                     l1 = masks.sum(dim=(1, 2, 3))
-                    loss = (ce + cost.to(ce.dtype) * l1).sum()
+                    loss = (ce + cost[act].to(ce.dtype) * l1).sum()
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     with torch.no_grad():
-                        acc_sum += (logits.argmax(1) == target).view(k, -1).double().mean(1)
-                        l1_sum += l1.double()
+                        acc_sum[act] += (logits.argmax(1) == tgt).view(n_act, -1).double().mean(1)
+                        l1_sum[act] += l1.double()
                 acc = acc_sum / self.steps_per_round
                 l1_avg = l1_sum / self.steps_per_round
                 ok = acc >= self.attack_succ_threshold
@@ -166,6 +197,56 @@ class NeuralCleanse:
         self.steps_ = rounds * self.steps_per_round
         self.seconds_ = time.perf_counter() - t0
         return self
+
+    def _screen(self, model: nn.Module, xt: torch.Tensor, num_classes: int, dev: torch.device) -> list[int]:
+        """The labels the full optimisation runs on: candidates from an untargeted search, plus references.
+
+        Each restart optimises one mask and pattern to move clean images *away* from the label the model
+        gives them (loss ``-log(1 - p_label)``) at the smallest L1 norm (cost raised while >= 90% flip,
+        lowered below); the labels the stamped images then land on, counted over all restarts, rank
+        the candidates. Seeded; the random draws stay on the CPU generator.
+        """
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
+        _, c, h, w = xt.shape
+        r = self.screen_restarts
+        mask_raw = to_raw(torch.rand((r, 1, h, w), generator=gen)).to(dev).requires_grad_(True)
+        pattern_raw = to_raw(torch.rand((r, c, h, w), generator=gen)).to(dev).requires_grad_(True)
+        opt = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
+        with frozen(model), torch.no_grad():
+            own = torch.cat([model(xt[i:i + 256]).argmax(1) for i in range(0, len(xt), 256)])
+        cost = torch.zeros(r, device=dev)
+        with frozen(model):
+            for _ in range(self.screen_steps):
+                idx = torch.randint(0, len(xt), (self.batch_size,), generator=gen).to(dev)
+                masks, patterns = from_raw(mask_raw), from_raw(pattern_raw)
+                logits = model(stamp_all(xt[idx], masks, patterns))
+                mine = own[idx].repeat(r)
+                p_own = torch.softmax(logits, 1).gather(1, mine[:, None]).squeeze(1)
+                away = -torch.log1p(-p_own.clamp(max=1 - 1e-6)).view(r, -1).mean(1)
+                l1 = masks.sum(dim=(1, 2, 3))
+                loss = (away + cost * l1).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                with torch.no_grad():
+                    flipped = (logits.argmax(1) != mine).view(r, -1).float().mean(1)
+                    ok = flipped >= 0.9
+                    cost = torch.where(ok, torch.where(cost == 0, torch.full_like(cost, self.init_cost),
+                                                       cost * self.cost_multiplier),
+                                       cost / self.cost_multiplier ** 1.5)
+            with torch.no_grad():
+                sample = xt[:256]
+                landed = model(stamp_all(sample, from_raw(mask_raw), from_raw(pattern_raw))).argmax(1)
+                landed = landed[landed != own[:len(sample)].repeat(r)]
+        counts = np.bincount(landed.cpu().numpy(), minlength=num_classes)
+        ranked = [int(v) for v in np.argsort(-counts, kind="stable") if counts[v] > 0]
+        candidates = ranked[:self.candidates]
+        rest = np.setdiff1d(np.arange(num_classes), candidates)
+        rng = np.random.default_rng(self.seed)
+        references = sorted(int(v) for v in rng.choice(rest, min(self.references, len(rest)), replace=False))
+        self.screened_ = {"candidates": candidates, "references": references,
+                          "landed": {str(v): int(counts[v]) for v in ranked[:20]}}
+        return sorted(set(candidates) | set(references))
 
     def _flag(self) -> list[int]:
         """Labels below the median L1 norm whose anomaly index (raw or log-scale) exceeds the threshold."""
