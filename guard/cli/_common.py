@@ -16,14 +16,29 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", metavar="MEAN,STD",
                    help="normalisation the model expects, applied inside guard's wrapper (e.g. 0.5,0.25)")
     g.add_argument("--feature-layer", metavar="NAME",
-                   help="module whose input is the feature vector (default: the last nn.Linear)")
+                   help="module whose input is the feature vector (default: the last nn.Linear, else the "
+                        "classifier a probe forward finds, e.g. a 1x1 convolution before global pooling)")
 
 
 def load_model_from(args: argparse.Namespace):
+    """The model the arguments name; when the file defines several classes, say on stderr which one was
+    picked and why (the choice is recorded in the profile and the archive)."""
     from guard.model import load_model
 
-    return load_model(args.model_file, args.weights, model_class_name=args.model_class,
-                      normalize=args.normalize)
+    notes: list[str] = []
+    model = load_model(args.model_file, args.weights, model_class_name=args.model_class,
+                       normalize=args.normalize, notes=notes)
+    for note in notes:
+        print(f"guard {getattr(args, 'command', '')}: {note} (--model-class overrides)".replace("  ", " "),
+              file=sys.stderr)
+    return model
+
+
+def model_class_name(model) -> str:
+    """The user's class name of a loaded model (inside guard's normalisation wrapper if any)."""
+    from guard.model import Normalized
+
+    return type(model.model if isinstance(model, Normalized) else model).__name__
 
 
 def fpr_arg(text: str) -> float:

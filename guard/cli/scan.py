@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, print_json
+from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, print_json
 from guard.serving.integrity import model_input_shape
 
 HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
@@ -28,6 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
                    "cuda[:N]; on a GPU the batched all-label problem runs about 10x faster than a per-label loop")
+    p.add_argument("--max-rounds", type=int, default=200, metavar="N",
+                   help="Neural Cleanse's optimisation budget in rounds of two steps (default 200, as published)")
+    p.add_argument("--screen-above", type=int, metavar="K",
+                   help="with more than K classes, screen labels first and optimise only the candidates and "
+                        "random references in full (default 25; 0 screens always)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
@@ -52,19 +57,26 @@ def _device(text: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from guard.data import load_data
+    from guard.errors import InputError
     from guard.scan import NeuralCleanse, build_profile
 
     device = _device(args.device)
+    if args.max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1, got {args.max_rounds}")
+    if args.screen_above is not None and args.screen_above < 0:
+        raise InputError(f"--screen-above must be >= 0, got {args.screen_above}")
     model = load_model_from(args)
     x, y = load_data(args.data)
     model_input_shape(model, x.shape[1:])
     progress = None if not args.json else sys.stderr.isatty()
+    screen = {} if args.screen_above is None else {"screen_above": args.screen_above}
     source = {"model_file": str(Path(args.model_file).name), "weights": str(Path(args.weights).name),
-              "data": str(args.data), "normalize": args.normalize, "model_class": args.model_class}
+              "data": str(args.data), "normalize": args.normalize, "model_class": model_class_name(model)}
     profile, summary = build_profile(model, x, y, fpr=args.fpr, seed=args.seed, mode=args.mode,
                                      layer=args.feature_layer, source=source, progress=progress,
                                      consistency=not args.no_consistency, inner=args.inner_layer,
-                                     nc=NeuralCleanse(seed=args.seed, progress=progress, device=device))
+                                     nc=NeuralCleanse(seed=args.seed, progress=progress, device=device,
+                                                      max_rounds=args.max_rounds, **screen))
     profile.save(args.out)
     summary["profile"] = str(args.out)
     if args.json:
