@@ -3,7 +3,7 @@ variants where it should still hold (measured on the demo BadNets model minus a 
 
 Floors are on ``tpr_effective``, the share the guard flags among the stamped inputs the backdoor still
 hijacks (a variant that no longer fires is harmless), at the profile's calibrated thresholds. Measured
-on this world's first 400 held-out images (README-hardening.md has the full table); the margins cover
+on this world's first 400 held-out images (docs/hardening.md has the full table); the margins cover
 the run-to-run spread we saw across other 400-image slices (up to 0.09 on ``shift +0,-2``).
 """
 
