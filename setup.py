@@ -13,5 +13,6 @@ ASSETS = {"guard._assets.handlers": "handlers", "guard._assets.deploy": "deploy"
 setup(
     packages=[*find_namespace_packages(include=["guard", "guard.*"]), *ASSETS],
     package_dir=ASSETS,
-    package_data={"guard": ["py.typed"], "guard._assets.deploy": ["config.properties", "metrics.yaml"]},
+    package_data={"guard": ["py.typed"],
+                  "guard._assets.deploy": ["config.properties", "metrics.yaml", "nginx/*.conf", "nginx/*.template"]},
 )

@@ -10,13 +10,18 @@ launcher, the JVM and the Python workers), in a run directory that receives the 
 (``$TMPDIR/.model_server.pid``) does not make a second instance refuse to start; ``LOG_LOCATION``
 points at ``run_dir/logs``, where TorchServe's logs and guard's audit logs then land.
 
-By default clients reach the inference and management APIs through :mod:`guard.torchserve.gateway`, which
-leads the process group and runs TorchServe as its child on private loopback ports: it answers an
-body over TorchServe's bound, an undecodable form and a missing token with JSON 413/400/401 where
-TorchServe's frontend would answer an empty 413, a 500 and a 400. TorchServe's own request bound
-(``max_request_size``) is set above the largest ``max_request_bytes`` of the served archives (twice
-it, and never below TorchServe's default), so a body over guard's bound reaches the handler's JSON
-413 (counted in guard's metrics) up to that size; above it the gateway answers.
+With ``ingress="nginx"`` (:mod:`guard.torchserve.ingress`) nginx listens on the public inference,
+management and metrics ports and TorchServe on private loopback ports with its token authorization off:
+nginx checks the bearer tokens (keys made by ``guard serve`` in ``key_file.json``), bounds bodies with a
+JSON 413, forwards only JSON, PNG, JPEG or octet-stream bodies, and answers 502/504 in JSON when TorchServe
+does not. nginx runs in TorchServe's process group, so ``guard stop`` stops both. With ``ingress="none"``
+(the default) TorchServe listens on the public ports itself, with its own token authorization and its
+frontend's answers to bad bodies and missing tokens. TorchServe's own request bound
+(``max_request_size``) is set above the largest ``max_request_bytes`` of the served archives (twice it,
+and never below TorchServe's default), so a body over guard's bound reaches the handler's JSON 413
+(counted in guard's metrics) up to that size; above it nginx (or TorchServe) answers.
+TorchServe's Open Inference Protocol routes (``/v2/health/ready``, ``/v2/health/live``, ``/v2``) are on
+(``TS_OPEN_INFERENCE_PROTOCOL=oip``); ``/v2/models/NAME/infer`` reaches the handler either way.
 
 Every wait is bounded in time; every HTTP call goes to 127.0.0.1 only.
 """
@@ -44,6 +49,7 @@ from guard._assets import deploy_file, handler_file
 from guard.errors import GuardError, InputError, ProfileMismatch
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES as HANDLER_DEFAULT_MAX_REQUEST_BYTES
 from guard.serving import REFUSAL_MARK
+from guard.torchserve import ingress as ingress_mod
 
 DEPLOY = deploy_file("config.properties").parent  # the installed serving configs (guard/_assets)
 HANDLER = handler_file("guarded_handler.py")
@@ -159,7 +165,7 @@ def parse_ports(text: str | None, config: Path | None = None) -> tuple[int, int,
 
 def _port_free(port: int, host: str = "127.0.0.1") -> bool:
     """Nothing listens on ``host:port`` (connections left in TIME_WAIT by a stopped server do not count,
-    as TorchServe and the gateway bind with SO_REUSEADDR)."""
+    as TorchServe and nginx bind with SO_REUSEADDR)."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -202,9 +208,10 @@ def frontend_max_request_size(handler_bounds: list[int], configured: int | None 
 
 def write_config(run_dir: Path, *, model_store: Path, load_models: str, ports: tuple[int, int, int],
                  token_auth: bool, config: Path | None = None, metrics_config: Path | None = None,
-                 handler_bounds: list[int] | None = None) -> Path:
-    """The effective config.properties in ``run_dir``: deploy's keys, absolute paths, loopback ports, and a
-    frontend request bound above every handler's (:func:`frontend_max_request_size`)."""
+                 handler_bounds: list[int] | None = None, host: str = "127.0.0.1") -> Path:
+    """The effective config.properties in ``run_dir``: deploy's keys, absolute paths, ports on ``host`` (loopback
+    unless a container binds all interfaces), gRPC on loopback, and a frontend request bound above every
+    handler's (:func:`frontend_max_request_size`)."""
     src = Path(config or DEPLOY / "config.properties")
     metrics = Path(metrics_config or DEPLOY / "metrics.yaml").resolve()
     if not src.is_file():
@@ -214,9 +221,9 @@ def write_config(run_dir: Path, *, model_store: Path, load_models: str, ports: t
     grpc_i, grpc_m = free_ports(2)
     configured = read_properties(src).get("max_request_size")
     override = {
-        "inference_address": f"http://127.0.0.1:{ports[0]}",
-        "management_address": f"http://127.0.0.1:{ports[1]}",
-        "metrics_address": f"http://127.0.0.1:{ports[2]}",
+        "inference_address": f"http://{host}:{ports[0]}",
+        "management_address": f"http://{host}:{ports[1]}",
+        "metrics_address": f"http://{host}:{ports[2]}",
         "metrics_config": str(metrics),
         "model_store": str(Path(model_store).resolve()),
         "grpc_inference_address": "127.0.0.1",
@@ -278,13 +285,29 @@ class Server:
     log: Path
     start_time: str | None = None
     started_at: float = field(default_factory=time.time)
-    upstream: dict[str, str] = field(default_factory=dict)  # TorchServe's own ports behind the gateway
+    upstream: dict[str, str] = field(default_factory=dict)  # TorchServe's own ports (behind the ingress)
     host: str = "127.0.0.1"  # where the public ports listen (``urls`` always name 127.0.0.1, for local calls)
+    ingress: str = "none"  # "nginx": clients reach TorchServe through nginx (guard.torchserve.ingress)
+    ingress_pid: int = 0
+    ingress_start_time: str | None = None
 
     @property
-    def gateway(self) -> bool:
-        """True when clients reach TorchServe through guard's gateway (:mod:`guard.torchserve.gateway`)."""
-        return bool(self.upstream) and self.upstream != self.urls
+    def ingress_dir(self) -> Path:
+        """nginx's prefix: rendered config, pid file, error log and the JSON access log."""
+        return self.run_dir / "nginx"
+
+    def ingress_alive(self) -> bool:
+        """nginx's master is running (True without an ingress)."""
+        if self.ingress != "nginx":
+            return True
+        try:
+            os.kill(self.ingress_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        st = _proc_start_time(self.ingress_pid)
+        return self.ingress_start_time is None or st is None or st == self.ingress_start_time
 
     @property
     def key_file(self) -> Path:
@@ -331,7 +354,9 @@ class Server:
             return cls(pid=int(s["pid"]), run_dir=Path(s["run_dir"]), urls=dict(s["urls"]),
                        models=list(s["models"]), token_auth=bool(s["token_auth"]), config=Path(s["config"]),
                        log=Path(s["log"]), start_time=s.get("start_time"), started_at=float(s["started_at"]),
-                       upstream=dict(s.get("upstream") or {}), host=str(s.get("host", "127.0.0.1")))
+                       upstream=dict(s.get("upstream") or {}), host=str(s.get("host", "127.0.0.1")),
+                       ingress=str(s.get("ingress", "none")), ingress_pid=int(s.get("ingress_pid") or 0),
+                       ingress_start_time=s.get("ingress_start_time"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ServeError(f"{path} is not a guard serve state file: {e}") from None
 
@@ -362,7 +387,7 @@ class Server:
 
     def log_tail(self, n: int = 30) -> str:
         parts = []
-        for path in (self.run_dir / "gateway.log", self.log, self.model_log):
+        for path in (self.ingress_dir / "error.log", self.log, self.model_log):
             try:
                 parts.append(f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:]))
             except OSError:
@@ -411,15 +436,16 @@ def _reap(pid: int) -> None:
 def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_dir: str | Path = DEFAULT_RUN_DIR,
           ports: tuple[int, int, int] | None = None, token_auth: bool = True, config: Path | None = None,
           metrics_config: Path | None = None, timeout: float = 240.0, wait_for: list[str] | None = None,
-          gateway: bool = True, host: str = "127.0.0.1") -> Server:
+          ingress: str = "none", host: str = "127.0.0.1") -> Server:
     """Start TorchServe on loopback and wait until every model has a READY worker (bounded by ``timeout``).
 
-    With ``gateway`` (the default) clients reach the inference, management and metrics ports through
-    :mod:`guard.torchserve.gateway` on ``ports`` and TorchServe itself listens on free private loopback ports
-    (``Server.upstream``); the gateway appends its own counters to the metrics page. Without it TorchServe
-    listens on ``ports`` directly, with its frontend's answers to bad bodies and missing tokens.
-    ``host`` is the address the gateway's three listeners bind to (``0.0.0.0`` in the container image);
-    TorchServe itself always stays on 127.0.0.1, and without the gateway only 127.0.0.1 is allowed.
+    With ``ingress="nginx"`` clients reach the inference, management and metrics ports through nginx on
+    ``ports`` (:mod:`guard.torchserve.ingress`: JSON 401/413/502/504, bodies forwarded as JSON, PNG, JPEG or
+    octet-stream) and TorchServe listens on free private loopback ports (``Server.upstream``) with its token
+    authorization off: nginx checks the keys ``guard serve`` writes to ``key_file.json``. With ``"none"``
+    TorchServe listens on ``ports`` itself, with its own token authorization.
+    ``host`` is the address the public ports bind to (``0.0.0.0`` in a container); behind nginx TorchServe
+    always stays on 127.0.0.1.
 
     ``models`` maps names to ``.mar`` files in ``model_store`` (default: every ``.mar`` there, by stem).
     ``wait_for`` names the models to wait for (default: all); a refusal to load by another model does
@@ -441,9 +467,9 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
             raise InputError(f"invalid model name {name!r}")
         if not (store / mar).is_file():
             raise InputError(f"{mar} not found in the model store {store}")
-    if not gateway and host != "127.0.0.1":
-        raise InputError("TorchServe is only exposed on 127.0.0.1 without the gateway: drop --no-gateway to "
-                         f"listen on {host}")
+    if ingress not in ingress_mod.INGRESSES:
+        raise InputError(f"unknown ingress {ingress!r}: use one of {', '.join(ingress_mod.INGRESSES)}")
+    nginx = ingress_mod.require_nginx() if ingress == "nginx" else None
     run = Path(run_dir).resolve()
     run.mkdir(parents=True, exist_ok=True)
     previous = Server.load(run)
@@ -455,61 +481,59 @@ def start(model_store: str | Path, *, models: dict[str, str] | None = None, run_
         if not _port_free(port, host):
             raise ServeError(f"port {port} on {host} is in use: pick others with --ports (or --ports auto)")
     load = ",".join(f"{n}={m}" for n, m in models.items())
-    ts_ports = tuple(free_ports(3)) if gateway else ports
-    cfg = write_config(run, model_store=store, load_models=load, ports=ts_ports, token_auth=token_auth,
-                       config=config, metrics_config=metrics_config,
+    ts_ports = tuple(free_ports(3)) if nginx else ports
+    cfg = write_config(run, model_store=store, load_models=load, ports=ts_ports, token_auth=token_auth and not nginx,
+                       config=config, metrics_config=metrics_config, host="127.0.0.1" if nginx else host,
                        handler_bounds=[archive_max_request_bytes(store / m) for m in models.values()])
     (run / "key_file.json").unlink(missing_ok=True)  # never read a previous run's keys
+    prefix = run / "nginx"
+    if nginx:
+        keys = ingress_mod.make_keys(run / "key_file.json") if token_auth else None
+        values = ingress_mod.template_values(
+            host=host, ports=ports, upstream=ts_ports, max_body=int(read_properties(cfg)["max_request_size"]),
+            keys={k: v["key"] for k, v in keys.items()} if keys else None,
+            key_hint=f"keys in {run / 'key_file.json'}", log_dir=prefix)
+        ingress_mod.write_config(prefix, values)
+        ingress_mod.check_config(nginx, prefix)
     tmp = run / "tmp"
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "PATH": f"{venv_bin()}{os.pathsep}{os.environ.get('PATH', '')}", "TMPDIR": str(tmp),
-           "LOG_LOCATION": str(run / "logs"), "METRICS_LOCATION": str(run / "logs")}
+           "LOG_LOCATION": str(run / "logs"), "METRICS_LOCATION": str(run / "logs"),
+           "TS_OPEN_INFERENCE_PROTOCOL": "oip"}  # /v2/health/ready, /v2/health/live, /v2
     env.pop("TS_CONFIG_FILE", None)  # it would override --ts-config
     log_path = run / "ts.log"
     cmd = [str(torchserve), "--start", "--foreground", "--ncs", "--ts-config", str(cfg)]
-    if not token_auth:
-        cmd.append("--disable-token-auth")
+    if not token_auth or nginx:
+        cmd.append("--disable-token-auth")  # behind nginx the ingress checks the tokens
     urls = {"inference": f"http://127.0.0.1:{ports[0]}", "management": f"http://127.0.0.1:{ports[1]}",
             "metrics": f"http://127.0.0.1:{ports[2]}"}
     server = Server(pid=0, run_dir=run, models=list(models), token_auth=token_auth, config=cfg, log=log_path,
-                    urls=urls, host=host, upstream={"inference": f"http://127.0.0.1:{ts_ports[0]}",
-                                         "management": f"http://127.0.0.1:{ts_ports[1]}",
-                                         "metrics": f"http://127.0.0.1:{ts_ports[2]}"})
-    if gateway:
-        cmd, out = _gateway_command(server, ports, cmd, host), run / "gateway.log"
-    else:
-        out = log_path
-    with open(out, "w") as log:
+                    urls=urls, host=host, ingress=ingress, upstream={"inference": f"http://127.0.0.1:{ts_ports[0]}",
+                                                      "management": f"http://127.0.0.1:{ts_ports[1]}",
+                                                      "metrics": f"http://127.0.0.1:{ts_ports[2]}"})
+    with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=run, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
+                                env=env, process_group=0)  # its own group; nginx joins it
     server.pid, server.start_time = proc.pid, _proc_start_time(proc.pid)
     server.save()
+    front = None
     try:
-        wait_ready(server, proc, timeout=timeout, models=wait_for)
+        if nginx:  # in TorchServe's process group: guard stop's signal to the group reaches it
+            with open(prefix / "nginx.out", "w") as out:
+                front = subprocess.Popen(ingress_mod.command(nginx, prefix), cwd=prefix, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                         process_group=proc.pid)
+            server.ingress_pid, server.ingress_start_time = front.pid, _proc_start_time(front.pid)
+            server.save()
+        wait_ready(server, proc, timeout=timeout, models=wait_for, ingress=front)
     except BaseException:
         server.stop()
         raise
     return server
 
 
-def _gateway_command(server: Server, ports: tuple[int, int, int], cmd: list[str], host: str) -> list[str]:
-    """The command that starts :mod:`guard.torchserve.gateway` on the public inference, management and metrics ports,
-    forwarding to TorchServe's private ones, with TorchServe (``cmd``) as its child in the same process group. Its
-    body bound is TorchServe's ``max_request_size`` (twice the handlers' bounds, see
-    :func:`frontend_max_request_size`): what the handler can answer with its JSON 413, and count, reaches it."""
-    from guard.torchserve.gateway import Route, Spec
-
-    spec = Spec(routes=[Route(name=kind, host=host, port=port, upstream=server.upstream[kind])
-                        for kind, port in (("inference", ports[0]), ("management", ports[1]), ("metrics", ports[2]))],
-                max_body=int(read_properties(server.config)["max_request_size"]),
-                key_hint=str(server.key_file) if server.token_auth else "")
-    path = server.run_dir / "gateway.json"
-    path.write_text(spec.to_json() + "\n")
-    return [sys.executable, "-m", "guard.torchserve.gateway", str(path), "--child-log", str(server.log), "--", *cmd]
-
-
 def wait_ready(server: Server, proc: subprocess.Popen | None = None, *, timeout: float = 240.0,
-               models: list[str] | None = None) -> None:
+               models: list[str] | None = None, ingress: subprocess.Popen | None = None) -> None:
     """Poll (once a second, at most ``timeout`` s) until every model (or those in ``models``) has a READY
     worker; a guarded model among them refusing to load raises :class:`ProfileMismatch` at once."""
     deadline = time.monotonic() + timeout
@@ -518,6 +542,9 @@ def wait_ready(server: Server, proc: subprocess.Popen | None = None, *, timeout:
         if proc is not None and proc.poll() is not None:
             raise ServeError(f"TorchServe exited with code {proc.returncode} while starting; see "
                              f"{server.log}\n{server.log_tail()}")
+        if ingress is not None and ingress.poll() is not None:
+            raise ServeError(f"nginx exited with code {ingress.returncode} while starting; see "
+                             f"{server.ingress_dir / 'error.log'}\n{server.log_tail()}")
         refused = next((r for m in pending if (r := server.refusal(m))), None)
         if refused:
             raise ProfileMismatch(f"TorchServe could not load a guarded model: {refused} (see {server.model_log})")
