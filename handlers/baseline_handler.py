@@ -27,7 +27,8 @@ class BaselineHandler(BaseHandler):
         self.manifest = context.manifest
         self.device = torch.device("cpu")
         model_dir, config, manifest = ts_context.load_arguments(context)
-        self.service = BaselineService.from_archive_config(model_dir, config, manifest=manifest)
+        self.service = BaselineService.from_archive_config(
+            model_dir, config, manifest=manifest, model_name=str(getattr(context, "model_name", "") or ""))
         self.model = self.service.model
         self.initialized = True
 

@@ -1,12 +1,17 @@
 """Request decoding and validation, shared by the TorchServe handler and the CLI.
 
-One function, :func:`decode_request`, turns what a client sent into the batch the model takes:
-float32 ``(N, C, H, W)`` in [0, 1]. It accepts the two request forms of the HTTP contract
-(DESIGN.md): JSON ``{"instances": [x, ...]}`` with each ``x`` a C x H x W nested list, or one PNG/JPEG
-image as the whole body. Everything a client can get wrong raises :class:`~guard.errors.InputError`
-(HTTP 400) with a message naming what was expected, or :class:`~guard.errors.PayloadTooLarge` (HTTP
-413) above the size bound; nothing a client sends may end in another exception (a 5xx), which the
-property test in ``tests/test_io.py`` checks on arbitrary bytes and JSON.
+:func:`decode_payload` turns what a client sent into the batch the model takes, float32 ``(N, C, H, W)`` in
+[0, 1], and says which protocol the answer must follow (:func:`decode_request` returns the batch alone).
+It accepts the request forms of the HTTP contract (DESIGN.md): JSON ``{"instances": [x, ...]}`` with each
+``x`` a C x H x W nested list (TorchServe's ``/predictions`` and KServe v1's ``/v1/models/NAME:predict``);
+the Open Inference Protocol (KServe v2, ``/v2/models/NAME/infer``) body ``{"inputs": [{"name", "shape": [N,
+C, H, W], "datatype": "FP32", "data": [...]}]}`` with ``data`` flat in row-major order or nested; one
+PNG/JPEG image as the whole body; and a ``multipart/form-data`` upload (``curl -F data=@image.png``)
+whose ``data`` (or ``body``, else first) part is one of those, recognised by its content even when an
+ingress forwarded it as ``application/octet-stream``. Everything a client can get wrong raises
+:class:`~guard.errors.InputError` (HTTP 400) with a message naming what was expected, or
+:class:`~guard.errors.PayloadTooLarge` (HTTP 413) above the size bound; nothing a client sends may end
+in another exception (a 5xx), which the property test in ``tests/test_io.py`` checks on arbitrary bytes and JSON.
 
 Images of another size than the model's input are rejected, not resized: resizing changes what the
 checks see (a 3x3 trigger can vanish or smear under interpolation), so the caller decides how to
@@ -18,6 +23,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +43,26 @@ GENERIC_TYPES = ("", "application/octet-stream", "text/plain", "application/x-ww
 _MIN_JSON_BYTES_PER_VALUE = 2
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 _MAX_JSON_DEPTH = 64
+V2_DATATYPES = ("FP32", "FP64", "FP16")  # v2 tensor types a float input may come as
+_MULTIPART_START = re.compile(rb"\A\s*--([\x21-\x7e]{1,70})\r?\n")
+MULTIPART_FIELDS = ("data", "body")  # the part names TorchServe's handlers read, in order
+
+INSTANCES = "instances"  # {"instances": [...]} (TorchServe, KServe v1) or an image: {"predictions": [...]}
+V2 = "v2"  # Open Inference Protocol: {"model_name", "outputs": [...]}
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded request: the batch, the protocol its answer follows (:data:`INSTANCES` or :data:`V2`) and,
+    for v2, the request's ``id`` (echoed in the answer) and its input's name."""
+
+    x: np.ndarray
+    protocol: str = INSTANCES
+    request_id: str | None = None
+    input_name: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.x)
 
 
 def decode_request(body: bytes | bytearray | memoryview | str | dict | list | None,
@@ -50,9 +77,16 @@ def decode_request(body: bytes | bytearray | memoryview | str | dict | list | No
     JSON text that could carry it).
 
     Raises :class:`PayloadTooLarge` above ``max_bytes`` and :class:`InputError` for anything else a
-    client can get wrong: empty, not JSON, no ``instances``, wrong shape, NaN/inf, out of [0, 1],
-    unreadable image, image of another size or an unsupported content type.
+    client can get wrong: empty, not JSON, no ``instances`` (nor v2 ``inputs``), wrong shape, NaN/inf, out
+    of [0, 1], unreadable image, image of another size or an unsupported content type.
     """
+    return decode_payload(body, content_type, input_shape=input_shape, max_bytes=max_bytes).x
+
+
+def decode_payload(body: bytes | bytearray | memoryview | str | dict | list | None,
+                   content_type: str | None, *, input_shape: tuple[int, int, int],
+                   max_bytes: int) -> Decoded:
+    """:func:`decode_request`, keeping which protocol the request used (and a v2 request's ``id``)."""
     shape = tuple(int(s) for s in input_shape)
     if len(shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")  # caller bug, not input
@@ -62,7 +96,7 @@ def decode_request(body: bytes | bytearray | memoryview | str | dict | list | No
     if isinstance(body, (dict, list)):
         if ctype in IMAGE_TYPES:
             raise InputError(f"Content-Type is {ctype} but the body is JSON")
-        return _decode_instances(body, shape, max_bytes=max_bytes, parsed=True)
+        return _decode_json(body, shape, max_bytes=max_bytes, parsed=True)
     if isinstance(body, str):
         body = body.encode("utf-8", errors="surrogatepass") if body else b""
     if not isinstance(body, (bytes, bytearray, memoryview)):
@@ -72,10 +106,50 @@ def decode_request(body: bytes | bytearray | memoryview | str | dict | list | No
         raise PayloadTooLarge(f"request body is {len(raw)} bytes, above the limit of {max_bytes} bytes")
     if not raw.strip():
         raise InputError("empty request body: send JSON {\"instances\": [...]} or a PNG/JPEG image")
+    if (ctype.startswith("multipart/") or ctype in GENERIC_TYPES) and _MULTIPART_START.match(raw):
+        raw, part_type = _multipart_part(raw)
+        ctype = part_type if part_type in JSON_TYPES or part_type in IMAGE_TYPES else ""
+        if not raw.strip():
+            raise InputError("the multipart upload's data part is empty")
     kind = _kind(ctype, raw)
     if kind == "image":
-        return _decode_image(raw, shape)
-    return _decode_instances(_parse_json(raw), shape, max_bytes=max_bytes, parsed=False)
+        return Decoded(_decode_image(raw, shape))
+    return _decode_json(_parse_json(raw), shape, max_bytes=max_bytes, parsed=False)
+
+
+def _multipart_part(raw: bytes) -> tuple[bytes, str]:
+    """The ``data`` (else ``body``, else first) part of a ``multipart/form-data`` body and its media type.
+    The boundary is the body's own first line (a forwarded body may have lost its Content-Type)."""
+    from email.parser import BytesHeaderParser
+    from email.policy import HTTP
+
+    m = _MULTIPART_START.match(raw)
+    assert m is not None
+    delimiter = b"\r\n--" + m.group(1)
+    chunks = (b"\r\n" + raw[m.start(1) - 2:]).split(delimiter)[1:]
+    parts: list[tuple[str, bytes, str]] = []
+    for chunk in chunks:
+        if chunk.startswith(b"--"):
+            break  # the closing delimiter
+        head, sep, payload = chunk.partition(b"\r\n\r\n")
+        if not sep:
+            raise InputError("malformed multipart upload: a part has no blank line after its headers")
+        try:
+            headers = BytesHeaderParser(policy=HTTP).parsebytes(head.lstrip(b" \t\r\n") + b"\r\n\r\n")
+            disposition = headers.get("content-disposition")
+            name = str(disposition.params.get("name") or "") if disposition is not None else ""
+            ptype = _media_type(str(headers.get("content-type") or ""))
+        except Exception:  # email's parser raises several types on hostile headers
+            raise InputError("malformed multipart upload: unreadable part headers") from None
+        parts.append((name, payload, ptype))
+    if not parts:
+        raise InputError("malformed multipart upload: no part found (send the image or JSON as the field "
+                         "\"data\")")
+    by_name = {name: (payload, ptype) for name, payload, ptype in reversed(parts)}
+    for field in MULTIPART_FIELDS:
+        if field in by_name:
+            return by_name[field]
+    return parts[0][1], parts[0][2]
 
 
 def _media_type(content_type: str | None) -> str:
@@ -126,15 +200,71 @@ def _depth_ok(obj: Any, limit: int) -> bool:
     return True
 
 
-def _decode_instances(payload: Any, shape: tuple[int, int, int], *, max_bytes: int,
+def _decode_json(payload: Any, shape: tuple[int, int, int], *, max_bytes: int, parsed: bool) -> Decoded:
+    """``{"instances": [...]}`` or a v2 ``{"inputs": [...]}`` -> :class:`Decoded`."""
+    if not isinstance(payload, dict):
+        raise InputError(f"request JSON must be an object {{\"instances\": [...]}} (or v2 {{\"inputs\": [...]}}), "
+                         f"got {type(payload).__name__}")
+    if "instances" not in payload and "inputs" in payload:
+        return _decode_v2(payload, shape, max_bytes=max_bytes, parsed=parsed)
+    return Decoded(_decode_instances(payload, shape, max_bytes=max_bytes, parsed=parsed))
+
+
+def _decode_v2(payload: dict, shape: tuple[int, int, int], *, max_bytes: int, parsed: bool) -> Decoded:
+    """An Open Inference Protocol request: one FP32 input of shape ``[N, C, H, W]``, data flat or nested."""
+    expected = "x".join(str(s) for s in shape)
+    rid = payload.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise InputError(f"\"id\" must be a string, got {type(rid).__name__}")
+    inputs = payload["inputs"]
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise InputError("\"inputs\" must be a list of one tensor {\"name\", \"shape\", \"datatype\", \"data\"}: "
+                         "the model has one input")
+    tensor = inputs[0]
+    missing = [k for k in ("name", "shape", "datatype", "data") if k not in tensor]
+    if missing:
+        raise InputError(f"the input tensor has no {', '.join(repr(k) for k in missing)}")
+    name, dims, datatype, data = tensor["name"], tensor["shape"], tensor["datatype"], tensor["data"]
+    if not isinstance(name, str):
+        raise InputError("the input tensor's \"name\" must be a string")
+    if datatype not in V2_DATATYPES:
+        raise InputError(f"datatype {str(datatype)[:20]!r} is not supported: send FP32 values in [0, 1]")
+    if (not isinstance(dims, list) or len(dims) != 4
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims)):
+        raise InputError(f"\"shape\" must be [N, {', '.join(str(s) for s in shape)}] (batch, channels, height, "
+                         f"width), got {str(dims)[:80]}")
+    n = dims[0]
+    if n < 1 or tuple(dims[1:]) != shape:
+        raise InputError(f"\"shape\" is {dims}; the model takes [N, {', '.join(str(s) for s in shape)}] with N >= 1 "
+                         f"({expected} per instance)")
+    if parsed and n * math.prod(shape) * _MIN_JSON_BYTES_PER_VALUE > max_bytes:
+        raise PayloadTooLarge(f"{n} instances of {expected} values cannot fit in the limit of {max_bytes} bytes")
+    if not isinstance(data, list) or not data:
+        raise InputError("\"data\" must be a non-empty list of numbers (flat, row-major, or nested as \"shape\")")
+    if not _depth_ok(data, 5):
+        raise InputError("\"data\" is nested deeper than its shape")
+    got = _shape_of(data)
+    if got not in ((n * math.prod(shape),), tuple(dims)):
+        raise InputError(f"\"data\" holds {_describe(got)} values; \"shape\" {dims} needs {n * math.prod(shape)} "
+                         "(flat) or nested as the shape")
+    try:
+        x = np.array(data)
+    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as e:
+        raise InputError(f"\"data\" is not a regular array of numbers: {str(e)[:200]}") from None
+    if x.dtype.kind == "b" or x.dtype.kind not in "fiu":
+        raise InputError(f"\"data\" must hold numbers in [0, 1]; found values of type {x.dtype}")
+    batch = validate_batch(x.reshape(n, *shape), shape=shape, what="data")
+    return Decoded(batch, V2, rid, name)
+
+
+def _decode_instances(payload: dict, shape: tuple[int, int, int], *, max_bytes: int,
                       parsed: bool) -> np.ndarray:
     """``{"instances": [x, ...]}`` -> validated batch; each x a C x H x W nested list of numbers."""
     expected = "x".join(str(s) for s in shape)
-    if not isinstance(payload, dict):
-        raise InputError(f"request JSON must be an object {{\"instances\": [...]}}, got {type(payload).__name__}")
     if "instances" not in payload:
         keys = ", ".join(sorted(str(k) for k in payload)[:5]) or "none"
-        raise InputError(f"request JSON has no \"instances\" (keys: {keys})")
+        raise InputError(f"request JSON has no \"instances\" (keys: {keys}); send {{\"instances\": [...]}} or a v2 "
+                         "{\"inputs\": [...]}")
     instances = payload["instances"]
     if not isinstance(instances, list):
         raise InputError(f"\"instances\" must be a list of {expected} nested lists, "

@@ -10,7 +10,9 @@ unguarded. Per batch (:meth:`GuardService.handle`) each request is decoded on it
 (:func:`guard.serving.decode.decode_request`): an undecodable one answers 400, one above
 ``max_request_bytes`` 413, while the others proceed; all valid instances go through one
 :meth:`guard.online.Guard.run`. Answers are ``{"predictions": [{label, probabilities, verdict, reasons,
-scores}]}``; a single-instance request that is rejected answers 403. If the guard itself fails (a
+scores}]}``, or for an Open Inference Protocol (v2) request ``{"model_name", "id", "outputs": [label,
+probabilities, verdict, reasons]}`` (:func:`v2_body`); a single-instance request that is rejected answers
+403 (with the same body form). If the guard itself fails (a
 bug, not bad input) the service fails closed with 503 ``{"error": ...}``, or with ``fail_open``
 answers the bare model's prediction marked ``verdict: "error"``, reason ``guard_error``. Counters go
 to a :class:`~guard.serving.metrics.MetricsSink`; every rejected, repaired, flagged or (fail-open)
@@ -44,7 +46,7 @@ from guard.online.engine import _softmax
 from guard.online.policy import check_mode
 from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
-from guard.serving.decode import decode_request
+from guard.serving.decode import V2, Decoded, decode_payload
 from guard.serving.integrity import check_profile_digest
 from guard.serving.metrics import MetricsSink, record_decisions
 from guard.serving.trail import AuditLog
@@ -152,6 +154,34 @@ def bare_predictions(model: torch.nn.Module, x: np.ndarray) -> list[tuple[int, l
     return [(int(row.argmax()), [round(float(v), 6) for v in row]) for row in p]
 
 
+def v2_body(model_name: str, answers: Sequence[Mapping[str, Any]], *, request_id: str | None = None) -> dict[str, Any]:
+    """Answers in the Open Inference Protocol's response form: one output tensor per field.
+
+    ``label`` (INT64, ``[N]``; -1 where withheld), ``probabilities`` (FP32, ``[N, K]`` row-major; zeros where
+    withheld), and for the guard ``verdict`` (BYTES, ``[N]``) and ``reasons`` (BYTES, ``[N]``: the reasons of
+    each instance joined with ``,``, empty for none). A rejected instance's label and probabilities are
+    withheld exactly as in ``{"predictions": ...}`` (where they are null).
+    """
+    n = len(answers)
+    k = max((len(a["probabilities"]) for a in answers if a.get("probabilities")), default=0)
+    labels = [-1 if a.get("label") is None else int(a["label"]) for a in answers]
+    probs = [float(v) for a in answers for v in (a.get("probabilities") or [0.0] * k)]
+    outputs: list[dict[str, Any]] = [
+        {"name": "label", "datatype": "INT64", "shape": [n], "data": labels},
+        {"name": "probabilities", "datatype": "FP32", "shape": [n, k], "data": probs},
+    ]
+    if answers and "verdict" in answers[0]:
+        outputs += [
+            {"name": "verdict", "datatype": "BYTES", "shape": [n], "data": [str(a["verdict"]) for a in answers]},
+            {"name": "reasons", "datatype": "BYTES", "shape": [n],
+             "data": [",".join(str(r) for r in a.get("reasons") or []) for a in answers]},
+        ]
+    body: dict[str, Any] = {"model_name": model_name, "outputs": outputs}
+    if request_id is not None:
+        body["id"] = request_id
+    return body
+
+
 class _NoSink:
     """Counts nothing: the sink of a service that was given none."""
 
@@ -169,15 +199,16 @@ class _BatchService:
     """Decode each request on its own, answer every valid instance in one call, split the answers back.
 
     Subclasses give ``_answer(x)`` (the answers of a batch, or ``None`` and why, when it could not be
-    answered) and ``_reply(request, x, answers)`` (one request's reply from its slice of them).
+    answered) and ``_reply(request, decoded, answers)`` (one request's reply from its slice of them).
     """
 
     input_shape: tuple[int, int, int]
     max_request_bytes: int
     sink: MetricsSink
+    model_name: str = ""
 
-    def decode(self, request: Request) -> np.ndarray | GuardError:
-        """The request's batch ``(n, C, H, W)``, or the client error to answer it with."""
+    def decode(self, request: Request) -> Decoded | GuardError:
+        """The request's batch ``(n, C, H, W)`` and protocol, or the client error to answer it with."""
         try:
             size = _header(request.headers, "content-length")
             try:
@@ -191,7 +222,7 @@ class _BatchService:
             if ctype is None:
                 ctype = _header(request.headers, "content-type")
                 ctype = ctype if isinstance(ctype, str) else None
-            return decode_request(request.body, ctype, input_shape=self.input_shape, max_bytes=self.max_request_bytes)
+            return decode_payload(request.body, ctype, input_shape=self.input_shape, max_bytes=self.max_request_bytes)
         except GuardError as e:
             return e
         except Exception:  # a decoder bug: answer this request 500, keep the rest of the batch
@@ -207,7 +238,7 @@ class _BatchService:
         answers: Sequence[Any] | None = None
         failure = ""
         if valid:
-            x = valid[0] if len(valid) == 1 else np.concatenate(valid)
+            x = valid[0].x if len(valid) == 1 else np.concatenate([it.x for it in valid])
             answers, failure = self._answer(x)
         replies: list[Reply] = []
         cursor = 0
@@ -229,8 +260,14 @@ class _BatchService:
     def _answer(self, x: np.ndarray) -> tuple[Sequence[Any] | None, str]:
         raise NotImplementedError
 
-    def _reply(self, request: Request, x: np.ndarray, answers: Sequence[Any]) -> Reply:
+    def _reply(self, request: Request, decoded: Decoded, answers: Sequence[Any]) -> Reply:
         raise NotImplementedError
+
+    def _body(self, decoded: Decoded, answers: list[dict[str, Any]]) -> dict[str, Any]:
+        """The reply body in the request's protocol."""
+        if decoded.protocol == V2:
+            return v2_body(self.model_name, answers, request_id=decoded.request_id)
+        return {"predictions": answers}
 
 
 class GuardService(_BatchService):
@@ -355,13 +392,13 @@ class GuardService(_BatchService):
         self.sink.latency(result.guard_ms / 1e3)
         return decisions, ""
 
-    def _reply(self, request: Request, x: np.ndarray, answers: Sequence[Decision]) -> Reply:
+    def _reply(self, request: Request, decoded: Decoded, answers: Sequence[Decision]) -> Reply:
         record_decisions(self.sink, answers)
         status = 403 if len(answers) == 1 and answers[0].verdict == "rejected" else 200
         out = [d.to_dict() for d in answers]
         if self.audit is not None:
-            self._audit(request.request_id, status, out, x)
-        return Reply(status, {"predictions": out})
+            self._audit(request.request_id, status, out, decoded.x)
+        return Reply(status, self._body(decoded, out))
 
     def _audit(self, request_id: str | None, status: int, answers: list[dict[str, Any]], x: np.ndarray) -> None:
         """One audit line per non-pass instance, with exactly the fields the client is sent."""
@@ -380,27 +417,29 @@ class BaselineService(_BatchService):
     (the profile only for its input shape; mode and fail_open are ignored)."""
 
     def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], *,
-                 max_request_bytes: int = BASELINE_MAX_REQUEST_BYTES):
+                 max_request_bytes: int = BASELINE_MAX_REQUEST_BYTES, model_name: str = ""):
         self.model = model.eval()
+        self.model_name = model_name
         self.input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
         self.max_request_bytes = int(max_request_bytes)
         self.sink = _NoSink()
 
     @classmethod
-    def from_archive_config(cls, model_dir: str | Path, config: Any, *,
-                            manifest: Mapping[str, Any] | None = None) -> BaselineService:
+    def from_archive_config(cls, model_dir: str | Path, config: Any, *, manifest: Mapping[str, Any] | None = None,
+                            model_name: str = "") -> BaselineService:
         """Load the model of the archive unpacked in ``model_dir`` (weights only); no profile checks."""
         model_dir = Path(model_dir)
         cfg = ArchiveConfig.parse(config, manifest=manifest, default_max_request_bytes=BASELINE_MAX_REQUEST_BYTES)
         meta = json.loads((model_dir / cfg.profile / "profile.json").read_text())
-        return cls(cfg.load_model(model_dir), tuple(meta["input_shape"]), max_request_bytes=cfg.max_request_bytes)
+        return cls(cfg.load_model(model_dir), tuple(meta["input_shape"]), max_request_bytes=cfg.max_request_bytes,
+                   model_name=model_name)
 
     def _answer(self, x: np.ndarray) -> tuple[Sequence[dict[str, Any]], str]:
         return [{"label": label, "probabilities": p} for label, p in bare_predictions(self.model, x)], ""
 
-    def _reply(self, request: Request, x: np.ndarray, answers: Sequence[dict[str, Any]]) -> Reply:
-        return Reply(200, {"predictions": list(answers)})
+    def _reply(self, request: Request, decoded: Decoded, answers: Sequence[dict[str, Any]]) -> Reply:
+        return Reply(200, self._body(decoded, list(answers)))
 
 
 __all__ = ["ArchiveConfig", "BaselineService", "GuardService", "Reply", "Request", "bare_predictions",
-           "handler_section"]
+           "handler_section", "v2_body"]
