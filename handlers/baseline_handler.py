@@ -35,7 +35,7 @@ class BaselineHandler(BaseHandler):
     def handle(self, data: list[Any], context: Any) -> list[dict[str, Any]]:
         """One response per request: decode, one forward over the valid instances, label + probabilities."""
         self.context = context
-        return ts_context.apply(context, self.service.handle(ts_context.requests(context, data)))
+        return ts_context.answer(context, self.service, data)
 
 
 __all__ = ["BaselineHandler"]

@@ -40,7 +40,7 @@ class GuardedHandler:
         """One response per request; per-request statuses through ``context.set_response_status``."""
         if self.service is None:
             raise RuntimeError("GuardedHandler.handle called before a successful initialize")
-        return ts_context.apply(context, self.service.handle(ts_context.requests(context, data)))
+        return ts_context.answer(context, self.service, data)
 
 
 __all__ = ["GuardedHandler"]

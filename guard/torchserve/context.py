@@ -1,4 +1,4 @@
-"""TorchServe's request context to :mod:`guard.serving` and back, by duck typing (no ``ts`` import).
+"""TorchServe's request context to :mod:`guard.serving` and back, by duck typing (``ts`` imported only to fail a batch).
 
 TorchServe hands a handler a ``context`` (model-config.yaml, the model directory, per-request headers
 and ids, response status setters) and one ``row`` per request. :func:`requests` turns a batch into
@@ -6,7 +6,7 @@ and ids, response status setters) and one ``row`` per request. :func:`requests` 
 :class:`~guard.serving.service.Reply`'s status and content type back (``context.set_response_status(code,
 phrase, idx)``) and returns the bodies TorchServe serialises, and :func:`load_arguments` is what a
 service's ``from_archive_config`` needs; the guarded and the baseline handler are these three calls
-around a service.
+around a service (:func:`answer`). TorchServe is imported only to report a gRPC client error.
 """
 
 from __future__ import annotations
@@ -45,6 +45,38 @@ def apply(context: Any, replies: Sequence[Reply]) -> list[Any]:
             if reply.status != 200:
                 context.set_response_status(reply.status, PHRASES.get(reply.status, ""), idx)
     return [reply.body for reply in replies]
+
+
+def is_grpc(request: Request) -> bool:
+    """True for a request from TorchServe's gRPC API: it carries no HTTP headers (an HTTP/1.1 request, and
+    every request nginx forwards, has a ``Host``)."""
+    return not any(isinstance(k, str) and k.lower() in ("host", "user-agent") for k in request.headers)
+
+
+def grpc_error(requests_: Sequence[Request], replies: Sequence[Reply]) -> tuple[int, str] | None:
+    """The client error to fail a batch with so that a gRPC client gets a gRPC error status with the message.
+
+    TorchServe's gRPC API drops per-request statuses (a 400 set with ``set_response_status`` arrives as a
+    normal response carrying the JSON body); only a failed batch becomes a gRPC error, and it fails every
+    request of the batch. So only a batch of one gRPC request whose reply is a 400 or 413 gets one.
+    """
+    if len(requests_) == 1 and len(replies) == 1 and replies[0].status in (400, 413) and is_grpc(requests_[0]):
+        return replies[0].status, str(replies[0].body.get("error", "bad request"))
+    return None
+
+
+def answer(context: Any, service: Any, rows: Sequence[Any]) -> list[Any]:
+    """A handler's whole ``handle``: rows to requests, the service's replies applied to the context; a lone
+    gRPC request with a client error fails the batch with TorchServe's ``PredictionException`` (its status
+    and message become the gRPC error), the only way TorchServe's gRPC API reports one."""
+    reqs = requests(context, rows)
+    replies = service.handle(reqs)
+    failed = grpc_error(reqs, replies)
+    if failed is not None:
+        from ts.utils.util import PredictionException  # inside a TorchServe worker only
+
+        raise PredictionException(failed[1], failed[0])
+    return apply(context, replies)
 
 
 def request_body(row: Any) -> Any:
