@@ -5,11 +5,15 @@ Imported as ``serve_helpers`` (tests/ is on ``sys.path``, as for ``prom_helpers`
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 from guard.torchserve import server as ts
 
@@ -57,3 +61,23 @@ def decided_inputs(world, profile_dir: Path, n_clean: int, n_triggered: int) -> 
     xt = np.round(xt[:n_triggered], 4).astype(np.float32)
     return {"clean": xh[[d.verdict == "pass" for d in guard.predict(xh)]],
             "triggered": xt[[d.verdict == "rejected" for d in guard.predict(xt)]]}
+
+
+def require_nginx() -> str:
+    """``nginx`` on PATH: installed with apt-get (Debian's package) when missing and the tests run as root,
+    as CI does; skipped otherwise. A failed apt-get fails the test."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or (hasattr(os, "geteuid") and os.geteuid() != 0):
+        pytest.skip("nginx is not on PATH and cannot be installed here (run: sudo apt-get install -y nginx)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "nginx"]):
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            pytest.fail(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    found = shutil.which("nginx")
+    if not found:
+        pytest.fail("apt-get installed nginx but it is not on PATH")
+    return found

@@ -161,9 +161,9 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"| TorchServe throughput guarded / baseline | {_f(ts['torchserve_throughput_ratio'])} "
                      f"({ts['guarded_rps_median']} vs {ts['baseline_rps_median']} req/s, "
                      f"{ts['config']['concurrency']} clients) |")
-        if ts.get("gateway_throughput_ratio") is not None:
-            lines.append(f"| guarded throughput through guard's gateway / TorchServe's port directly "
-                         f"| {_f(ts['gateway_throughput_ratio'])} |")
+        for clients, ratio in (ts.get("ingress_throughput_ratio") or {}).items():
+            lines.append(f"| guarded throughput through the nginx ingress / TorchServe's port directly, {clients} "
+                         f"clients | {_f(ratio)} |")
     else:
         why = ts.get("skipped") or ts.get("error", "")[:200]
         lines.append(f"| TorchServe throughput guarded / baseline | n/a ({why}) |")

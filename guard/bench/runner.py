@@ -496,7 +496,7 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
 
     perf: dict[str, Any] = {"model": None, "guard_overhead_p50_ratio": None, "guard_overhead_p95_ratio": None,
                             "nc_batched_speedup": None, "scan_seconds": None, "torchserve_throughput_ratio": None,
-                            "gateway_throughput_ratio": None}
+                            "ingress_throughput_ratio": None}
     scans = [r["scan_seconds"] for r in results["attacks"]]
     # the profile scan (Neural Cleanse + suspect neurons + fitting and calibrating the checks), median
     # over the attacks' models; the other offline methods' times next to it
@@ -532,7 +532,7 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
     _log(progress, "performance: TorchServe throughput, guarded vs baseline handler")
     perf["torchserve"] = _torchserve(cfg, model, profile, neg)
     perf["torchserve_throughput_ratio"] = perf["torchserve"].get("torchserve_throughput_ratio")
-    perf["gateway_throughput_ratio"] = perf["torchserve"].get("gateway_throughput_ratio")
+    perf["ingress_throughput_ratio"] = perf["torchserve"].get("ingress_throughput_ratio")
     return perf
 
 

@@ -10,9 +10,11 @@ which goes first), so both see the same machine load; the ratio is the median ov
 adjacent rounds of guarded over baseline throughput (robust to load that drifts between pairs).
 TorchServe is started in its own process group and stopped in ``finally``.
 
-Both go through guard's gateway, as ``guard serve`` deploys them. A third series sends the guarded
-model's requests to TorchServe's private port, past the gateway, in the same rounds:
-``gateway_throughput_ratio`` (through the gateway over direct) is what the gateway costs.
+Both go through the nginx ingress (``guard serve --ingress nginx``) when nginx is on PATH. Then the
+guarded model is also measured through nginx and on TorchServe's own port, past the ingress, by the same
+clients in alternating rounds at each of ``ingress_clients`` (4 and 16 threads):
+``ingress_throughput_ratio`` (through nginx over direct, median of the per-round ratios, per client
+count) is what the ingress costs.
 """
 
 from __future__ import annotations
@@ -73,11 +75,35 @@ def _load(url: str, key: str | None, bodies: list[bytes], *, requests: int, conc
             "latency_p95_ms": round(float(np.percentile(lat, 95)), 2)}
 
 
+def _ingress_cost(server: ts.Server, key: str | None, bodies: list[bytes], *, requests: int, rounds: int,
+                  clients: tuple[int, ...]) -> dict[str, Any]:
+    """The guarded model through nginx and on TorchServe's own port, same clients, alternating rounds; per
+    client count the median of the per-round throughput ratios (through nginx / direct)."""
+    urls = {"via_ingress": f"{server.urls['inference']}/predictions/guarded",
+            "direct": f"{server.upstream['inference']}/predictions/guarded"}
+    out: dict[str, Any] = {"ratio": {}, "pairs": {}, "rounds": {}}
+    for c in clients:
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
+        _load(urls["direct"], key, bodies, requests=max(2, requests // 10), concurrency=c)  # warm at this load
+        for r in range(max(2, rounds)):
+            for m in (("via_ingress", "direct") if r % 2 == 0 else ("direct", "via_ingress")):
+                runs[m].append(_load(urls[m], key, bodies, requests=requests, concurrency=c))
+        pairs = [v["rps"] / d["rps"] for v, d in zip(runs["via_ingress"], runs["direct"]) if d["rps"] > 0]
+        out["ratio"][str(c)] = round(float(np.median(pairs)), 3) if pairs else None
+        out["pairs"][str(c)] = [round(v, 3) for v in pairs]
+        out["rounds"][str(c)] = runs
+    return out
+
+
 def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x: np.ndarray, *,
                           requests: int = 100, rounds: int = 3, concurrency: int = 4, batch_size: int = 1,
                           max_batch_delay: int = 5, work_dir: Path | None = None,
-                          start_timeout: float = 300.0, threads: int | None = None) -> dict[str, Any]:
+                          start_timeout: float = 300.0, threads: int | None = None, ingress: str | None = None,
+                          ingress_clients: tuple[int, ...] = (4, 16)) -> dict[str, Any]:
     """Guarded over baseline TorchServe throughput for the model; ``x`` supplies the request images.
+
+    ``ingress``: ``"nginx"`` (the default when nginx is on PATH) or ``"none"``; with nginx, the ingress's cost
+    at each of ``ingress_clients`` concurrent clients is measured too.
 
     ``threads`` sets ``OMP_NUM_THREADS`` for TorchServe's workers (both models alike); TorchServe
     leaves torch at one thread per core, whose spinning made single requests 10x slower on a
@@ -90,6 +116,7 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
     common = dict(model_file=model_file, weights=weights, profile=profile_dir, export_path=store,
                   batch_size=batch_size, max_batch_delay=max_batch_delay, workers=1, mode="enforce", force=True)
     server = None
+    ingress = ingress or ("nginx" if shutil.which("nginx") else "none")
     try:
         make_archive(name="guarded", **common)
         make_archive(name="baseline", handler=BASELINE_HANDLER, **common)
@@ -100,7 +127,7 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
             os.environ["OMP_NUM_THREADS"] = str(int(threads))  # ts.start copies os.environ for TorchServe
         try:
             server = ts.start(store, models={"guarded": "guarded.mar", "baseline": "baseline.mar"},
-                              run_dir=work / "run", token_auth=True, timeout=start_timeout)
+                              run_dir=work / "run", token_auth=True, timeout=start_timeout, ingress=ingress)
         finally:
             if saved is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
@@ -109,8 +136,6 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
         start_seconds = time.perf_counter() - t0
         key = server.key("inference")
         urls = {m: f"{server.urls['inference']}/predictions/{m}" for m in ("guarded", "baseline")}
-        if server.gateway:
-            urls["guarded_direct"] = f"{server.upstream['inference']}/predictions/guarded"
         for m in ("guarded", "baseline"):  # warm both workers
             _load(urls[m], key, bodies, requests=max(2, requests // 10), concurrency=concurrency)
         runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
@@ -123,16 +148,18 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
         # one ratio per round (the series of a round saw the same machine load), then their median
         pairs = [g["rps"] / b["rps"] for g, b in zip(runs["guarded"], runs["baseline"]) if b["rps"] > 0]
         ratio = float(np.median(pairs)) if pairs else float("nan")
-        via = [g["rps"] / d["rps"] for g, d in zip(runs["guarded"], runs.get("guarded_direct", [])) if d["rps"] > 0]
+        ingress_cost = (_ingress_cost(server, key, bodies, requests=requests, rounds=rounds, clients=ingress_clients)
+                        if ingress == "nginx" else {})
         return {"torchserve_throughput_ratio": round(ratio, 3), "pair_ratios": [round(v, 3) for v in pairs],
-                "gateway_throughput_ratio": round(float(np.median(via)), 3) if via else None,
-                "gateway_pair_ratios": [round(v, 3) for v in via],
+                "ingress_throughput_ratio": ingress_cost.get("ratio"),
+                "ingress_pair_ratios": ingress_cost.get("pairs"), "ingress_rounds": ingress_cost.get("rounds"),
                 "guarded_rps_median": round(med["guarded"], 2),
                 "baseline_rps_median": round(med["baseline"], 2), "rounds": runs,
                 "config": {"requests_per_thread": requests, "concurrency": concurrency, "rounds": rounds,
                            "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "workers": 1,
                            "worker_omp_threads": threads,
-                           "token_auth": True, "gateway": server.gateway, "body": "JSON, one 3x32x32 instance"},
+                           "token_auth": True, "ingress": ingress, "ingress_clients": list(ingress_clients),
+                           "body": "JSON, one 3x32x32 instance"},
                 "start_seconds": round(start_seconds, 1)}
     finally:
         if server is not None:

@@ -101,6 +101,10 @@ def run(args: argparse.Namespace) -> int:
     from guard.torchserve import server as ts
 
     ts.require_java()
+    if args.ingress == "nginx":
+        from guard.torchserve.ingress import require_nginx
+
+        require_nginx()  # one line and exit 2 before anything starts
     config = Path(args.config) if args.config else None
     ports = ts.parse_ports(args.ports, config)
     models = dict(args.models) if args.models else None
