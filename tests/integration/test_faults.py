@@ -1,8 +1,8 @@
 """Faults: a worker killed mid-load, a profile tampered with inside the archive, and fail-open.
 
-On a real TorchServe (loopback, token auth on, one per module, stopped by its process group in the
-fixture's teardown) serving the demo model and, beside it, an archive whose profile was edited after
-``guard archive`` (thresholds raised so nothing would ever be rejected):
+On a real TorchServe behind nginx (loopback, token auth on at the ingress, one per module, stopped by its
+process group in the fixture's teardown) serving the demo model and, beside it, an archive whose profile
+was edited after ``guard archive`` (thresholds raised so nothing would ever be rejected):
 
 * the tampered model never loads: one ``GUARD REFUSED TO LOAD`` line naming the edited file; while
   TorchServe retries its worker a request to it gets no answer (queued; the client times out),
@@ -11,8 +11,9 @@ fixture's teardown) serving the demo model and, beside it, an archive whose prof
 * ``kill -9`` of the guarded model's worker (its pid from the management API, checked to be a child
   of this TorchServe's JVM in this TorchServe's process group) in the middle of a 16-thread load:
   TorchServe starts a new worker, the endpoint recovers within RECOVERY_BOUND_S, triggered inputs are
-  refused (403) again afterwards, errors happen only during the outage, and no 200 ever lacks the
-  guard's verdict. The recovery time is printed and written to ``faults.json`` in the pytest tmp dir.
+  refused (403) again afterwards, errors happen only during the outage (TorchServe's 5xx relayed, or
+  nginx's JSON 502), and no 200 ever lacks the guard's verdict. The recovery time is printed and
+  written to ``faults.json`` in the pytest tmp dir.
 
 In-process (no TorchServe start, through TorchServe's own model loader): ``fail_open`` is logged as a
 WARNING at every load and only when chosen at archive time (``guard archive --fail-open`` says so on
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from serve_helpers import decided_inputs
+from serve_helpers import decided_inputs, require_nginx
 
 from guard.bench import load
 from guard.errors import ProfileError
@@ -84,9 +85,10 @@ def data(demo_world, demo_profile) -> dict:
 def server(store, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
+    require_nginx()
     run_dir = tmp_path_factory.mktemp("faults-run")
     srv = ts.start(store, models={GOOD: f"{GOOD}.mar", TAMPERED: f"{TAMPERED}.mar"}, run_dir=run_dir, timeout=300,
-                   wait_for=[GOOD])
+                   wait_for=[GOOD], ingress="nginx")
     try:
         yield srv
     finally:
@@ -207,6 +209,8 @@ def test_a_worker_killed_mid_load_is_restarted_and_nothing_is_answered_unguarded
     assert answered and all(o.verdicts == (["rejected"] if o.status == 403 else ["pass"]) for o in answered)
     for o in report.outcomes:
         assert o.status in (200, 403) or (o.status >= 500 or o.status == load.CONNECTION_ERROR), o
+        if o.status >= 500:
+            assert isinstance(o.body, dict), o  # a JSON error (TorchServe's, or nginx's 502), never an HTML page
         if o.status not in (200, 403):
             assert t_kill - 1.0 <= o.sent_at_s + o.latency_s and o.sent_at_s <= recovered, o
     errors = report.server_errors()

@@ -1,6 +1,7 @@
 """The guarded endpoint under bounded concurrent load, and hostile input over real HTTP.
 
-One TorchServe (loopback, token auth on, started and stopped by this module) serves the demo model
+One TorchServe behind nginx (``ingress="nginx"``: loopback, token auth on at the ingress, started and
+stopped by this module) serves the demo model
 twice: ``demo`` with guard's handler and ``baseline`` with handlers/baseline_handler.py (same model,
 decoding, TorchServe settings; no guard). The load driver (guard.bench.load) sends a mix of clean
 (JSON and PNG), triggered and malformed requests from 16 threads, bounded in count and time:
@@ -17,7 +18,8 @@ decoding, TorchServe settings; no guard). The load driver (guard.bench.load) sen
 
 Then a short hypothesis sample of hostile bodies over HTTP (form and multipart bodies TorchServe's
 frontend would answer with 500 included): 200/400/403/413 with a JSON body, the worker never
-restarts, and every body over guard's bound gets a JSON 413 from the gateway, whatever its size.
+restarts, and every body over guard's bound gets a JSON 413 (the handler's, or nginx's above TorchServe's
+own bound), whatever its size.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from serve_helpers import decided_inputs
+from serve_helpers import decided_inputs, require_nginx
 
 from guard.bench import load
 from guard.serving.trail import read_lines
@@ -63,6 +65,7 @@ def data(demo_world, demo_profile) -> dict:
 def server(demo_world, demo_profile, tmp_path_factory):
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
+    require_nginx()
     store = tmp_path_factory.mktemp("load-store")
     common = dict(model_file=demo_world.model_file, weights=demo_world.weights, profile=demo_profile,
                   export_path=store, mode="enforce", batch_size=8, max_batch_delay=10)
@@ -70,7 +73,7 @@ def server(demo_world, demo_profile, tmp_path_factory):
     make_archive(name=BASELINE, handler=BASELINE_HANDLER, **common)
     run_dir = tmp_path_factory.mktemp("load-run")
     srv = ts.start(store, models={GUARDED: f"{GUARDED}.mar", BASELINE: f"{BASELINE}.mar"}, run_dir=run_dir,
-                   timeout=300)
+                   timeout=300, ingress="nginx")
     try:
         yield srv
     finally:
@@ -203,7 +206,7 @@ def hostile_body(draw) -> tuple[bytes, str | None]:
     ctype = draw(st.sampled_from(["application/json", None, "text/plain", "image/png", "application/xml",
                                   "application/octet-stream", "multipart/form-data; boundary=zz",
                                   # each of these makes TorchServe 0.12's frontend answer 500 (or 403)
-                                  # to some bodies; behind the gateway its form decoders never run
+                                  # to some bodies; behind nginx its form decoders never run
                                   "application/x-www-form-urlencoded", "multipart/form-data",
                                   "multipart/form-data; boundary=", "text/plain; charset=foo"]))
     ok = np.full((1, 3, 32, 32), 0.5)
@@ -252,9 +255,9 @@ FRONTEND_500S = [  # (content type, body): what TorchServe 0.12's frontend answe
 
 
 @pytest.mark.parametrize("ctype,body", FRONTEND_500S)
-def test_bodies_torchserves_frontend_answers_500_get_guards_400_through_the_gateway(server, loads, ctype, body):
+def test_bodies_torchserves_frontend_answers_500_get_guards_400_through_nginx(server, loads, ctype, body):
     """TorchServe 0.12's form decoders answer these with 500 before any handler runs (pinned on its
-    private port); through ``guard serve``'s gateway they are a 400 with a JSON error."""
+    private port); through nginx, which forwards them as octet-stream, they are a 400 with a JSON error."""
     key = server.key("inference")
     status, raw, _ = load.post_once(f"{server.upstream['inference']}/predictions/{GUARDED}", body,
                                     content_type=ctype, key=key)
@@ -291,11 +294,11 @@ def test_every_body_over_guards_bound_gets_a_json_413_whatever_its_size(server):
     assert frontend == ts.frontend_max_request_size([MAX_BYTES]) and frontend >= 2 * MAX_BYTES
     key = server.key("inference")
     for size, bound in ((MAX_BYTES + 1, MAX_BYTES), (2 * MAX_BYTES, MAX_BYTES),  # the handler's 413
-                        (frontend + 1, frontend)):  # the gateway's 413, where TorchServe would cut it
+                        (frontend + 1, frontend)):  # nginx's 413, where TorchServe would cut it
         body = b'{"instances": ' + b" " * (size - 17) + b"[]}"
         status, raw, err = load.post_once(url(server, GUARDED), body, key=key, timeout_s=60)
         assert status == 413 and f"limit of {bound} bytes" in json.loads(raw)["error"], (size, status, err)
-    # TorchServe's own port, past the gateway: an empty 413, or a reset while the client still sends
+    # TorchServe's own port, past nginx: an empty 413, or a reset while the client still sends
     status, raw, err = load.post_once(f"{server.upstream['inference']}/predictions/{GUARDED}", b" " * (frontend + 1),
                                       key=key, timeout_s=60)
     assert (status == 413 and raw == b"") or (status == load.CONNECTION_ERROR and "Reset" in str(err)), (status, err)
