@@ -13,7 +13,8 @@ attacker's (DESIGN.md): it usually covers part of the real patch and a few pixel
 stamp is moved by up to ``jitter`` pixels; that unlearns the neighbourhood the real trigger sits in
 (on the seed-3 demo: true-trigger attack success 0.99 -> 0.084 with jitter 1, 0.024 with 2).
 
-Both are estimators: keyword-only hyperparameters, ``fit(model, x, y)`` returns ``self`` and never
+Both are estimators (:func:`guard.repair.run.repair` runs them, and the other methods, within a
+bound on the clean-accuracy drop): keyword-only hyperparameters, ``fit(model, x, y)`` returns ``self`` and never
 touches the caller's model; the repaired copy is ``model_`` and ``state_dict_`` loads into the
 original model file (pruned channels are zeroed, so every shape stays).
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -283,113 +283,3 @@ def profile_triggers(profile, labels: list[int] | None = None) -> tuple[list[int
         rows = [profile.suspect_labels.index(s) for s in labels]
         return labels, t["masks"][rows], t["patterns"][rows]
     raise InputError("the profile holds no reversed triggers (all_masks/all_patterns); rescan with guard scan")
-
-
-class RepairResult:
-    """Before/after figures of a repair and the repaired weights (``save`` writes them atomically)."""
-
-    def __init__(self, method: str, before: dict, after: dict, state_dict: dict[str, torch.Tensor],
-                 details: dict):
-        self.method = method
-        self.before = before
-        self.after = after
-        self.state_dict = state_dict
-        self.details = details
-
-    def table(self) -> dict:
-        return {"before": self.before, "after": self.after, "details": self.details}
-
-    def format_table(self) -> str:
-        def pct(v):
-            return "n/a" if v is None or v != v else f"{100 * v:5.1f}%"
-
-        rows = [("clean accuracy", pct(self.before["clean_accuracy"]), pct(self.after["clean_accuracy"])),
-                ("reversed-trigger attack success", pct(self.before["attack_success"]),
-                 pct(self.after["attack_success"])),
-                ("guard scan verdict", self._verdict(self.before), self._verdict(self.after))]
-        w = max(len(r[0]) for r in rows)
-        lines = [f"{'':<{w}}  {'before':>22}  {'after':>22}"]
-        lines += [f"{a:<{w}}  {b:>22}  {c:>22}" for a, b, c in rows]
-        return "\n".join(lines)
-
-    @staticmethod
-    def _verdict(side: dict) -> str:
-        v = side.get("verdict")
-        if v is None:
-            return "not scanned"
-        sus = side.get("suspect_labels") or []
-        return f"{v} {sus}" if sus else v
-
-    def save(self, path: str | Path) -> Path:
-        """Write the state_dict with ``torch.save`` via a temporary file renamed into place."""
-        import os
-        import tempfile
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(self.state_dict, tmp)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
-
-
-def _worst_success(model, x, y, labels, masks, patterns) -> float | None:
-    if not labels:
-        return None
-    return max(trigger_success(model, x, y, s, m, p) for s, m, p in zip(labels, masks, patterns))
-
-
-def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: str = "unlearn",
-           max_drop: float = 0.02, share: float = 0.2, epochs: int | None = None, seed: int = 0,
-           rescan: bool = True, validation_share: float = 0.25, nc=None,
-           progress: bool | None = None) -> RepairResult:
-    """Repair ``model`` with ``method`` ("fine-pruning" or "unlearn") and measure before and after on
-    the held-out validation split: clean accuracy, the reversed trigger's attack success, and (with
-    ``rescan``) the verdict of a fresh Neural Cleanse scan of the result."""
-    from guard.scan.neural_cleanse import NeuralCleanse
-
-    with torch.no_grad():
-        k = int(model.eval()(torch.from_numpy(np.ascontiguousarray(x[:1]))).shape[1])
-    if y.max() >= k:
-        raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
-    labels, masks, patterns = profile_triggers(profile)
-    _, _, x_val, y_val = split(x, y, 1 - validation_share, seed=seed)
-    if method == "unlearn":
-        if not labels:
-            raise InputError("the profile lists no suspect label, so there is no reversed trigger to unlearn; "
-                             "use --method fine-pruning")
-        est = Unlearning(share=share, seed=seed, validation_share=validation_share, progress=progress,
-                         **({} if epochs is None else {"epochs": epochs}))
-        est.fit(model, x, y, masks=masks, patterns=patterns)
-        details = {"epochs": est.epochs, "share": share, "lr": est.lr, "jitter": est.jitter, "triggers": labels,
-                   "seconds": round(est.seconds_, 2)}
-    elif method == "fine-pruning":
-        est = FinePruning(max_drop=max_drop, epochs=1 if epochs is None else epochs, seed=seed,
-                          validation_share=validation_share, progress=progress)
-        est.fit(model, x, y)
-        details = {"layer": est.layer_, "pruned_channels": len(est.pruned_channels_),
-                   "channels": int(len(est.activation_)), "accuracy_pruned": est.accuracy_pruned_,
-                   "max_drop": max_drop, "epochs": est.epochs, "seconds": round(est.seconds_, 2)}
-    else:
-        raise InputError(f"unknown repair method {method!r} (fine-pruning or unlearn)")
-    repaired = est.model_
-    before = {"clean_accuracy": accuracy(model, x_val, y_val),
-              "attack_success": _worst_success(model, x_val, y_val, labels, masks, patterns),
-              "verdict": "backdoored" if profile.suspect_labels else "clean",
-              "suspect_labels": list(profile.suspect_labels)}
-    after = {"clean_accuracy": accuracy(repaired, x_val, y_val),
-             "attack_success": _worst_success(repaired, x_val, y_val, labels, masks, patterns),
-             "verdict": None, "suspect_labels": None}
-    if rescan:
-        scanner = nc or NeuralCleanse(seed=seed, progress=progress)
-        idx = np.random.default_rng(seed).permutation(len(x))[:500]
-        scanner.fit(repaired, x[np.sort(idx)], num_classes=k)
-        after["verdict"] = "backdoored" if scanner.suspect_labels_ else "clean"
-        after["suspect_labels"] = list(scanner.suspect_labels_)
-    return RepairResult(method, before, after, est.state_dict_, details)

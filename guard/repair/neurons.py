@@ -1,0 +1,82 @@
+"""Neurons a repair can switch off: every output channel of a conv (or of the BatchNorm after it)
+and every unit of a hidden linear layer, plus the feature layer's inputs to the classifier.
+
+Switching a neuron off writes zeros into the weights (never a hook), so the repaired state_dict loads
+into the user's own model file with every shape unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from guard.model import feature_layer
+
+
+@dataclass
+class Unit:
+    """A layer whose output channels are neurons: ``module`` (conv, BatchNorm or linear) and, for a
+    conv followed by a BatchNorm, the ``norm`` whose affine shift would otherwise refill a zeroed channel."""
+
+    name: str
+    module: nn.Module
+    norm: nn.Module | None
+    size: int
+
+    def switch_off(self, idx) -> None:
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        if len(idx) == 0:
+            return
+        with torch.no_grad():
+            for m in (self.module, self.norm):
+                if m is None:
+                    continue
+                if getattr(m, "weight", None) is not None:
+                    m.weight[idx] = 0
+                if getattr(m, "bias", None) is not None:
+                    m.bias[idx] = 0
+
+    @property
+    def out(self) -> nn.Module:
+        """The module whose output carries the neuron (the BatchNorm when there is one)."""
+        return self.norm if self.norm is not None else self.module
+
+
+def units(model: nn.Module) -> list[Unit]:
+    """Conv layers (with their following BatchNorm, if any) and linear layers except the last, in order."""
+    named = list(model.named_modules())
+    out: list[Unit] = []
+    linears = [n for n, m in named if isinstance(m, nn.Linear)]
+    last_linear = linears[-1] if linears else None
+    for i, (name, m) in enumerate(named):
+        if isinstance(m, nn.Conv2d):
+            norm = None
+            for _, nxt in named[i + 1:i + 3]:
+                if isinstance(nxt, nn.BatchNorm2d) and nxt.num_features == m.out_channels:
+                    norm = nxt
+                    break
+                if isinstance(nxt, nn.Conv2d | nn.Linear):
+                    break
+            out.append(Unit(name, m, norm, m.out_channels))
+        elif isinstance(m, nn.Linear) and name != last_linear:
+            out.append(Unit(name, m, None, m.out_features))
+    # the feature layer's own module is the classifier: its outputs are the logits, not neurons
+    try:
+        clf = feature_layer(model)[1]
+        out = [u for u in out if u.module is not clf]
+    except Exception:  # noqa: BLE001 - a model without a findable classifier still has its conv units
+        pass
+    return out
+
+
+def classifier_inputs_off(model: nn.Module, idx, layer: str | None = None) -> None:
+    """Switch off feature-layer neurons by zeroing their columns in the classifier (linear or 1x1 conv)."""
+    _, clf = feature_layer(model, layer)
+    idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+    if len(idx) == 0:
+        return
+    with torch.no_grad():
+        clf.weight[:, idx] = 0
