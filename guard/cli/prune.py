@@ -1,9 +1,23 @@
-"""Repair a suspected model offline: Fine-Pruning (prune the last conv layer's channels that clean
-data leaves dormant, within a bound on the clean-accuracy drop, then fine-tune) or unlearning
-(fine-tune with a share of clean images stamped with the profile's reversed triggers at their true
-labels). Writes a state_dict that loads into the original model file and prints a before/after
-table: clean accuracy, attack success of the reversed trigger, and the guard scan verdict.
-Exit 0 when the repaired model scans clean, 1 when a backdoor is still suspected."""
+"""Repair a suspected model offline, within a bound on the clean-accuracy drop.
+
+A quarter of the clean images (stratified, seeded) is held out: the repair never trains on it, and
+measures clean accuracy on it before and after. A repair whose held-out drop exceeds
+--max-accuracy-drop is rolled back to its best state within the bound; when none is, nothing is
+written and the command exits 1 with the figures.
+
+Methods: combined (default: unlearning of the reversed triggers where they were found and pasted
+anywhere, so a globally pooled model unlearns the pattern and not only the reversed mask's
+position, with Neural Cleanse run again on the partly repaired model every 4 epochs so that what
+still fires the backdoor is unlearned too); anp (adversarial neuron pruning); unlearn (Neural
+Cleanse unlearning of the reversed trigger); fine-pruning (prune the last conv layer's dormant
+channels, then fine-tune). Every method needs at least 10 clean images per class; 20 per class is
+the measured setting.
+
+Prints a before/after table (or --json): held-out clean accuracy, the reversed triggers' attack
+success, the online checks' rejection of held-out images stamped with them, and a rescan's verdict
+and anomaly index. Writes a state_dict that loads into the original model file.
+Exit 0 when repaired within the bound and the rescan is clean, 1 when the repair was refused
+(over the bound) or a backdoor is still suspected, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +27,7 @@ from pathlib import Path
 from guard.cli._common import add_model_arguments, load_model_from, print_json
 from guard.serving.integrity import model_input_shape
 
-HELP = "repair a model by fine-pruning or unlearning its reversed trigger"
+HELP = "repair a backdoored model (re-reversed trigger unlearning by default) within a clean-accuracy bound"
 
 
 def _share(text: str) -> float:
@@ -28,26 +42,41 @@ def _share(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
-    p.add_argument("--data", required=True, help="clean images: .npz (x, y) or a folder of class subfolders")
+    p.add_argument("--data", required=True,
+                   help="clean images: .npz (x, y) or a folder of class subfolders; at least 10 per class "
+                        "(20 per class measured)")
     p.add_argument("--profile", required=True, help="profile directory of this model (from guard scan)")
     p.add_argument("--out", required=True, help="where to write the repaired state_dict (.pt)")
-    p.add_argument("--method", choices=["fine-pruning", "unlearn"], default="unlearn")
-    p.add_argument("--max-drop", type=float, default=2.0,
-                   help="fine-pruning: largest clean-accuracy drop allowed, in percentage points (default 2)")
-    p.add_argument("--share", type=_share, default=0.2, help="unlearning: share of images stamped (default 0.2)")
-    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearning)")
+    p.add_argument("--method", choices=["combined", "anp", "unlearn", "fine-pruning"], default="combined",
+                   help="combined (default): unlearning of the reversed triggers, where found and anywhere, "
+                        "re-reversed every 4 epochs; anp; unlearn (Neural Cleanse); fine-pruning. Each needs "
+                        ">= 10 clean images per class")
+    p.add_argument("--max-accuracy-drop", "--max-drop", dest="max_drop", type=float, default=2.0,
+                   help="largest clean-accuracy drop allowed on the held-out images, in percentage points "
+                        "(default 2); over it the repair rolls back to its best state within, or refuses")
+    p.add_argument("--holdout", type=_share, default=0.25,
+                   help="share of the clean images held out to measure the drop (default 0.25)")
+    p.add_argument("--share", type=_share, default=0.2,
+                   help="unlearning: share of images stamped (default 0.2; combined uses at least 0.5)")
+    p.add_argument("--epochs", type=int,
+                   help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearn, 12 combined)")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam; default 0.001)")
     p.add_argument("--no-rescan", action="store_true", help="skip the Neural Cleanse scan of the result")
+    p.add_argument("--no-online", action="store_true",
+                   help="skip measuring the online checks' rejection of stamped held-out images")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the before/after table as JSON on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from guard.data import load_data
     from guard.errors import InputError
     from guard.model import fingerprint
     from guard.profile import Profile
-    from guard.repair.pruning import repair
+    from guard.repair.run import repair
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -55,21 +84,32 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and out.is_dir():
         raise InputError(f"--out {out} is a directory; name a file such as repaired.pt")
     if not 0 < args.max_drop < 100:
-        raise InputError(f"--max-drop is in percentage points and must be in (0, 100), got {args.max_drop}")
+        raise InputError(f"--max-accuracy-drop is in percentage points and must be in (0, 100), got {args.max_drop}")
+    if not args.lr > 0:
+        raise InputError(f"--lr must be > 0, got {args.lr}")
     if args.epochs is not None and args.epochs < 0:
         raise InputError(f"--epochs must be >= 0, got {args.epochs}")
     model = load_model_from(args)
     profile = Profile.load(args.profile, model_sha256=fingerprint(model))
     x, y = load_data(args.data, shape=profile.input_shape)
     model_input_shape(model, x.shape[1:])
-    result = repair(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100, share=args.share,
-                    epochs=args.epochs, seed=args.seed, rescan=not args.no_rescan,
-                    progress=None)
-    result.save(out)
+    result = repair(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100,
+                    holdout_share=args.holdout, share=args.share, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                    rescan=not args.no_rescan, online=not args.no_online, progress=None)
+    if result.ok:
+        result.save(out)
     table = result.table()
+    drop = 100 * table["details"]["accuracy_drop"]
     if args.json:
-        print_json({"method": args.method, "out": str(out), **table})
+        print_json({"method": args.method, "out": str(out) if result.ok else None, **table})
     else:
         print(result.format_table())
-        print(f"repaired weights written to {out} (load them into {Path(args.model_file).name})")
+        if result.ok:
+            print(f"held-out clean accuracy drop {drop:.1f} points (bound {args.max_drop:g}); repaired weights "
+                  f"written to {out} (load them into {Path(args.model_file).name})")
+    if not result.ok:
+        b, a = table["before"]["clean_accuracy"], table["after"]["clean_accuracy"]
+        print(f"guard prune: refused: every repaired state lost more than {args.max_drop:g} points of held-out "
+              f"clean accuracy ({100 * b:.1f}% -> {100 * a:.1f}% at best); nothing written", file=sys.stderr)
+        return 1
     return 1 if table["after"]["verdict"] == "backdoored" else 0
