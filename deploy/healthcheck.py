@@ -2,8 +2,8 @@
 
 TorchServe 0.12 checks tokens even on /ping: it needs `Authorization: Bearer <inference key>` from
 key_file.json (written to TorchServe's working directory: /home/guard/run, the run directory of
-`guard serve` in the image). It pings through guard's gateway, which answers 401 where TorchServe
-would answer 400; either way only 200 is healthy. The inference key expires (60 minutes by
+`guard serve` in the image). It pings TorchServe's own port (the image runs TorchServe only); a refused
+token is a 400 there (401 through the nginx ingress); only 200 is healthy. The inference key expires (60 minutes by
 default, `token_expiration_min`); once /ping refuses it, this script asks the management API for a new
 one with the non-expiring API key (GET /token?type=inference), which rewrites key_file.json, and pings
 again. Without a key file (token auth turned off) it pings without a header. Exit 0 healthy, 1 not.

@@ -118,12 +118,12 @@ def test_dockerfile_ports_healthcheck_and_command_agree(dockerfile, host_config,
     script = re.search(r"(/\S+healthcheck\.py)", health[0]).group(1)
     assert script in made, f"HEALTHCHECK runs {script}, which the image does not contain"
     cmd = " ".join(rest for word, rest in dockerfile if word == "CMD")
-    assert cmd.startswith('["guard", "serve", "--foreground"'), cmd  # behind guard's gateway, attached
+    assert cmd.startswith('["guard", "serve", "--foreground"'), cmd  # attached
     ts_config = re.search(r'"--config",\s*"([^"]+)"', cmd).group(1)
     metrics = re.search(r'"--metrics-config",\s*"([^"]+)"', cmd).group(1)
     model_store = re.search(r'"--model-store",\s*"([^"]+)"', cmd).group(1)
     assert ts_config in made and model_store in made and metrics in made
-    assert '"--host", "0.0.0.0"' in cmd and "--no-gateway" not in cmd and "--no-auth" not in cmd
+    assert '"--host", "0.0.0.0"' in cmd and '"--ingress", "none"' in cmd and "--no-auth" not in cmd
     volumes = " ".join(rest for word, rest in dockerfile if word == "VOLUME")
     assert model_store in volumes
     # the sed in the Dockerfile rewrites the host config for the container
@@ -147,12 +147,25 @@ def test_healthcheck_reads_the_files_the_image_has(deploy, dockerfile):
 
 def test_compose_wiring_and_ports(compose, deploy, host_config):
     services = compose["services"]
-    assert set(services) == {"torchserve", "prometheus", "grafana"}
+    assert set(services) == {"torchserve", "ingress", "prometheus", "grafana"}
     ts = services["torchserve"]
     build = ts["build"]
     assert (deploy / build["context"] / build["dockerfile"]).resolve() == (deploy / "Dockerfile").resolve()
+    # TorchServe publishes nothing and sits on an internal network; the ingress publishes its ports
+    assert "ports" not in ts and ts["networks"] == ["backend"] and compose["networks"]["backend"]["internal"]
+    assert "--no-auth" in ts["command"] and ts["command"][ts["command"].index("--ingress") + 1] == "none"
+    ingress = services["ingress"]
+    assert "backend" in ingress["networks"]
+    env = ingress["environment"]
+    mount = next(v for v in ingress["volumes"] if "guard.conf.template" in v)
+    assert mount.split(":")[1] == "/etc/nginx/templates/guard.conf.template"
+    template = (deploy / "nginx" / "guard.conf.template").read_text()
+    assert set(re.findall(r"\$\{(GUARD_[A-Z_]+)\}", template)) <= set(env), "compose leaves a placeholder unset"
+    assert env["GUARD_AUTH_REQUIRED"] == "1" and env["GUARD_INFERENCE_KEY"].startswith("${GUARD_INFERENCE_KEY:?")
+    for kind in ("INFERENCE", "MANAGEMENT", "METRICS"):
+        assert env[f"GUARD_UPSTREAM_{kind}"].startswith("torchserve:")
     published = {}
-    for spec in ts["ports"]:
+    for spec in ingress["ports"]:
         host_ip, host_port, container_port = spec.split(":")
         assert host_ip == "127.0.0.1", spec
         assert host_port == container_port, spec

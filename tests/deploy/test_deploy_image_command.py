@@ -3,8 +3,9 @@ temporary directory laid out as the image lays it out (config rewritten by the D
 substituted by free ones, the demo archive in the model store), and 0.0.0.0 replaced by 127.0.0.1 (tests
 send and listen on loopback only). The image itself is not built here (no Docker).
 
-It must come up behind guard's gateway, pass the image's HEALTHCHECK (deploy/healthcheck.py with the
-image's key file path), answer a clean query and refuse one without a token with 401, and stop on
+It must come up as TorchServe alone (the ingress is another container), pass the image's HEALTHCHECK
+(deploy/healthcheck.py with the image's key file path), answer a clean query and refuse one without a token
+(TorchServe's own 400 InvalidKeyException: 401 is the ingress's answer), and stop on
 SIGTERM (``docker stop``) with exit 0, leaving no TorchServe behind. Every process it starts is stopped
 in ``finally``.
 """
@@ -83,7 +84,7 @@ def test_the_images_command_serves_guarded_passes_its_healthcheck_and_stops_on_s
                 break
             time.sleep(1)
         assert proc.poll() is None and srv is not None, (tmp_path / "serve.out").read_text()
-        assert srv.gateway and srv.urls["inference"].endswith(f":{ports[0]}")
+        assert srv.ingress == "none" and srv.urls["inference"].endswith(f":{ports[0]}")
 
         env = {**os.environ, "GUARD_TS_CONFIG": str(home / "config.properties")}
         env.pop("GUARD_TS_KEY_FILE", None)
@@ -99,7 +100,7 @@ def test_the_images_command_serves_guarded_passes_its_healthcheck_and_stops_on_s
         status, raw, _ = load.post_once(url, body, key=srv.key("inference"))
         assert status == 200 and "verdict" in json.loads(raw)["predictions"][0]
         status, raw, _ = load.post_once(url, body)
-        assert status == 401 and json.loads(raw)["type"] == "InvalidKeyException"
+        assert status == 400 and json.loads(raw)["type"] == "InvalidKeyException"
 
         os.kill(proc.pid, signal.SIGTERM)  # docker stop
         assert proc.wait(timeout=90) == 0, (tmp_path / "serve.out").read_text()
