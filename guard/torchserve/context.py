@@ -48,9 +48,9 @@ def apply(context: Any, replies: Sequence[Reply]) -> list[Any]:
 
 
 def is_grpc(request: Request) -> bool:
-    """True for a request from TorchServe's gRPC API: it carries no HTTP headers (an HTTP/1.1 request, and
-    every request nginx forwards, has a ``Host``)."""
-    return not any(isinstance(k, str) and k.lower() in ("host", "user-agent") for k in request.headers)
+    """True for a request from TorchServe's gRPC API: it carries no HTTP header at all, only the input
+    map's per-entry metadata (dict values); an HTTP request with a body has at least its length."""
+    return not any(isinstance(v, (str, bytes)) for v in request.headers.values())
 
 
 def grpc_error(requests_: Sequence[Request], replies: Sequence[Reply]) -> tuple[int, str] | None:
