@@ -1,7 +1,7 @@
 """numba, when it is installed and not disabled: the compiled hot paths' one import point.
 
-``GUARD_JIT=0`` (or ``false``/``no``/``off``) in the environment disables it; without numba every
-compiled path has a numpy twin that gives the same results, a few tens of microseconds slower per call.
+``GUARD_JIT=0`` (or ``false``/``no``/``off``) in the environment disables it; without numba the
+checks' kernels (:mod:`guard.online.checks`) run uncompiled as numpy, with the same results, slower.
 """
 
 from __future__ import annotations
