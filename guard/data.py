@@ -1,6 +1,6 @@
 """Datasets: validated ``.npz`` and image-folder loaders, and the bundled demo worlds.
 
-The data contract (DESIGN.md): ``x`` float32 ``(N, C, H, W)`` in [0, 1] and ``y`` int64 ``(N,)``.
+The data contract (docs/design.md): ``x`` float32 ``(N, C, H, W)`` in [0, 1] and ``y`` int64 ``(N,)``.
 The demo worlds are built from what packages ship, so nothing is downloaded: scikit-learn's digits,
 and *glyphs*, a 10-class colour task of sign-like shapes composited on crops of scikit-learn's sample
 photos, where changing a class takes many pixels (so a 3x3 trigger is the cheapest way to a label).

@@ -1,6 +1,6 @@
 """Load an untrusted model safely, fingerprint it, and tap its feature layer.
 
-The model contract (DESIGN.md): a Python file defining a ``torch.nn.Module`` subclass constructible
+The model contract (docs/design.md): a Python file defining a ``torch.nn.Module`` subclass constructible
 with no arguments, plus a ``state_dict`` file loaded with ``weights_only=True``. Input is
 ``(N, C, H, W)`` in [0, 1]; normalisation, when the model expects it, happens inside
 :class:`Normalized` so masks and patterns always live in raw pixel space.

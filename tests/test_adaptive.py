@@ -26,12 +26,12 @@ FLOORS = {
     "occlude 3/9 px": (0.80, 0.70),
     "shift -1,-1": (0.70, 0.30),
     "shift +0,-2": (0.45, 0.50),
-    "scale 3->6 px": (0.65, 0.15),  # 0.85-0.92 on earlier demo builds, 0.75 on the seed-3 demo (stop 9)
+    "scale 3->6 px": (0.65, 0.15),  # 0.85-0.92 on earlier demo builds, 0.75 on the seed-3 demo
 }
 # With the nearest-neighbour feature check in the profile (guard scan's default since KNNCheck) the guard
 # also holds on fainter, half-hidden and resized triggers: measured 0.45-0.53 (opacity 0.5), 0.66-0.68
 # (occlude 5/9), 0.71-0.79 (resize x0.75), 0.77-0.84 (shift +0,-2), 0.91 (shift -1,-1) over three slices
-# of an earlier demo build; on the seed-3 demo (stop 9): 0.68, 0.72, 0.82, 0.81, 0.77.
+# of an earlier demo build; on the seed-3 demo: 0.68, 0.72, 0.82, 0.81, 0.77.
 KNN_FLOORS = {
     "opacity 0.5": (0.30, 0.15),
     "occlude 5/9 px": (0.50, 0.30),

@@ -1,6 +1,6 @@
 """The ``guard`` command: parser, dispatch to the subcommand modules of ``guard.cli``, exit codes.
 
-Exit codes (DESIGN.md): 0 clean / done, 1 backdoor suspected, 2 usage or input error, 3 model and
+Exit codes (docs/design.md): 0 clean / done, 1 backdoor suspected, 2 usage or input error, 3 model and
 profile do not match. User errors print one line on stderr, never a traceback.
 """
 

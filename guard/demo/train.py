@@ -22,7 +22,7 @@ def _random_patches(xb: torch.Tensor, share: float, g: torch.Generator) -> torch
 
     Models trained this way do not flip their label for a few arbitrary pixels, so a class change
     takes a large perturbation and a real trigger stands out as the only cheap one (the condition
-    under which trigger reverse-engineering separates a backdoor, see DESIGN.md).
+    under which trigger reverse-engineering separates a backdoor, see docs/design.md).
     """
     n, c, h, w = xb.shape
     chosen = torch.nonzero(torch.rand(n, generator=g) < share).flatten().tolist()

@@ -23,7 +23,7 @@ from guard.model import accuracy
 
 DEMO_TARGET = 6
 DEMO_SEED = 3
-"""The demo's seed. Neural Cleanse on demo builds of seeds 0-3 (measured, stop 9): the target's anomaly
+"""The demo's seed. Neural Cleanse on demo builds of seeds 0-3 (measured): the target's anomaly
 index 2.3-3.3 (raw) and 4.6-5.3 (log scale) on every seed, but the glyph task has a naturally cheap
 class ("wedge", label 8) whose reversed mask is only about 1.5x the trigger's on some seeds (seed 0:
 log index 3.75, flagged beside the target; seed 2: target missed at raw 1.37). Seed 3 separates

@@ -2,7 +2,7 @@
 
 :func:`decode_payload` turns what a client sent into the batch the model takes, float32 ``(N, C, H, W)`` in
 [0, 1], and says which protocol the answer must follow (:func:`decode_request` returns the batch alone).
-It accepts the request forms of the HTTP contract (DESIGN.md): JSON ``{"instances": [x, ...]}`` with each
+It accepts the request forms of the HTTP contract (docs/design.md): JSON ``{"instances": [x, ...]}`` with each
 ``x`` a C x H x W nested list (TorchServe's ``/predictions`` and KServe v1's ``/v1/models/NAME:predict``);
 the Open Inference Protocol (KServe v2, ``/v2/models/NAME/infer``) body ``{"inputs": [{"name", "shape": [N,
 C, H, W], "datatype": "FP32", "data": [...]}]}`` with ``data`` flat in row-major order or nested; one

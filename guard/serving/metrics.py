@@ -1,6 +1,6 @@
 """Where the guard's counters go: a small sink protocol and an in-memory sink.
 
-The metric names and labels are a contract (DESIGN.md, deploy/metrics.yaml, the dashboards and the
+The metric names and labels are a contract (docs/design.md, deploy/metrics.yaml, the dashboards and the
 alert rules query them):
 
 * ``guard_requests_total{verdict}``: one per answered instance with its verdict (``pass``,

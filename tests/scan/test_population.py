@@ -45,13 +45,13 @@ def test_report_detection_accuracy(members):
           + f", combined verdict {combined}/{len(members)}")
 
 
-# Measured with seeded models. NC (stop 10, after each label's initial trigger got its own generator)
-# flags all four patch models at their target and no clean model (10/12: it misses both blended
-# models, whose triggers are not small patches); with the earlier shared-generator init it missed
-# patch-t1 and flagged clean-1 and clean-5, so this floor is sensitive to NC's random start. DF-TND,
+# Measured with seeded models. NC (each label's initial trigger from its own generator) flags all four
+# patch models at their target and no clean model (10/12: it misses both blended models, whose triggers
+# are not small patches); with a shared-generator init it missed patch-t1 and flagged clean-1 and
+# clean-5, so this floor is sensitive to NC's random start. DF-TND,
 # deciding by the top label's dominance (bar 2.2, set on the disjoint calibration population of
 # tests/scan/dftnd_calibration.py, then evaluated here once): 10/12, misses blend-t2 and flags clean-1.
-# The blend reversal (stop 12; bar 0.175 set on tests/scan/blend_calibration.py's population, then
+# The blend reversal (bar 0.175 set on tests/scan/blend_calibration.py's population, then
 # evaluated here once): both blended models at their target, no clean model, no patch model (8/12 by
 # the model-level count, which charges it the patch models it leaves to NC and DF-TND). DL-TND 3/12.
 # Combined verdict (DF-TND or blend decide; rule chosen on the calibration population): 11/12, only
