@@ -24,8 +24,9 @@ from guard.scan._trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, log_anomaly_index
 
 SCREEN_ABOVE = 25
-"""Label counts above which a scan screens labels first (5 candidates + 20 references = 25 labels: at or
-below that, screening would optimise as many labels as the full scan does, so it only pays above)."""
+"""Label counts above which a scan screens labels first. The full stage then optimises 5 candidates and
+10 references, and the screening stage costs about a tenth of a full label per label, so below about
+25 labels the two stages together cost as much as optimising every label in full."""
 
 
 class NeuralCleanse:
@@ -33,12 +34,12 @@ class NeuralCleanse:
 
     With many labels (more than ``screen_above``) the cost of optimising every label's trigger grows
     with the label count, so the scan runs in two stages, as scanners after Neural Cleanse do (K-Arm,
-    ICML 2021; TrojAI's label pre-selection): a short *untargeted* search first finds the smallest
-    triggers that flip clean images to any other label, with ``screen_restarts`` random starts; a
-    backdoor is the cheapest such trigger, so the labels those triggers lead to are the
-    ``candidates``. The full optimisation then runs on the candidates and on ``references`` labels
-    drawn at random from the rest, which give the MAD test a representative median and spread. Its
-    cost no longer depends on the label count. ``screened_`` records what the first stage chose.
+    ICML 2021; TrojAI's label pre-selection). The screening stage gives every label a short targeted
+    optimisation (``screen_steps`` steps on ``screen_batch`` images per label) under a fixed, heavy L1
+    cost: a backdoor target keeps its images at the target with a mask of a few pixels, a natural label
+    cannot, so the labels with the lowest final loss are the ``candidates``. The full optimisation then
+    runs on the candidates and on ``references`` labels drawn at random from the rest, which give the
+    MAD test a representative median and spread. ``screened_`` records what the first stage chose.
 
     Learned attributes: ``masks_`` (K, 1, H, W), ``patterns_`` (K, C, H, W), ``l1_norms_``,
     ``attack_success_``, ``anomaly_index_``, ``log_anomaly_index_``, ``suspect_labels_``,
@@ -55,7 +56,8 @@ class NeuralCleanse:
                  steps_per_round: int = 2, max_rounds: int = 200, cost_multiplier: float = 1.5,
                  threshold: float = 2.0, labels: list[int] | None = None, seed: int = 0,
                  progress: bool | None = None, device: str = "cpu", screen_above: int | None = SCREEN_ABOVE,
-                 candidates: int = 5, references: int = 20, screen_restarts: int = 8, screen_steps: int = 60):
+                 candidates: int = 5, references: int = 10, screen_steps: int = 30, screen_batch: int = 4,
+                 screen_cost: float = 1e-3, screen_chunk: int = 128, screen_mask_start: float = 0.02):
         self.lr = lr
         self.batch_size = batch_size
         self.init_cost = init_cost
@@ -73,8 +75,11 @@ class NeuralCleanse:
         self.screen_above = screen_above
         self.candidates = candidates
         self.references = references
-        self.screen_restarts = screen_restarts
         self.screen_steps = screen_steps
+        self.screen_batch = screen_batch
+        self.screen_cost = screen_cost
+        self.screen_chunk = screen_chunk
+        self.screen_mask_start = screen_mask_start
 
     def fit(self, model: nn.Module, x: np.ndarray, num_classes: int | None = None) -> NeuralCleanse:
         """Optimise all labels' triggers on clean images ``x`` (N, C, H, W) in [0, 1]."""
@@ -199,53 +204,47 @@ class NeuralCleanse:
         return self
 
     def _screen(self, model: nn.Module, xt: torch.Tensor, num_classes: int, dev: torch.device) -> list[int]:
-        """The labels the full optimisation runs on: candidates from an untargeted search, plus references.
+        """The labels the full optimisation runs on: the candidates of a cheap all-label stage, plus references.
 
-        Each restart optimises one mask and pattern to move clean images *away* from the label the model
-        gives them (loss ``-log(1 - p_label)``) at the smallest L1 norm (cost raised while >= 90% flip,
-        lowered below); the labels the stamped images then land on, counted over all restarts, rank
-        the candidates. Seeded; the random draws stay on the CPU generator.
+        Every label gets ``screen_steps`` Adam steps on ``screen_batch`` images under the fixed L1 cost
+        ``screen_cost`` (labels in chunks of ``screen_chunk`` to bound memory); its score is the mean loss
+        (cross-entropy to the label plus the cost times the mask's L1 norm) over the last quarter of the
+        steps. Seeded: the initial triggers and batches come from the CPU generator.
         """
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
         _, c, h, w = xt.shape
-        r = self.screen_restarts
-        mask_raw = to_raw(torch.rand((r, 1, h, w), generator=gen)).to(dev).requires_grad_(True)
-        pattern_raw = to_raw(torch.rand((r, c, h, w), generator=gen)).to(dev).requires_grad_(True)
-        opt = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
-        with frozen(model), torch.no_grad():
-            own = torch.cat([model(xt[i:i + 256]).argmax(1) for i in range(0, len(xt), 256)])
-        cost = torch.zeros(r, device=dev)
+        score = np.empty(num_classes)
+        tail = self.screen_steps  # the area under the loss curve: how fast a label gets there
         with frozen(model):
-            for _ in range(self.screen_steps):
-                idx = torch.randint(0, len(xt), (self.batch_size,), generator=gen).to(dev)
-                masks, patterns = from_raw(mask_raw), from_raw(pattern_raw)
-                logits = model(stamp_all(xt[idx], masks, patterns))
-                mine = own[idx].repeat(r)
-                p_own = torch.softmax(logits, 1).gather(1, mine[:, None]).squeeze(1)
-                away = -torch.log1p(-p_own.clamp(max=1 - 1e-6)).view(r, -1).mean(1)
-                l1 = masks.sum(dim=(1, 2, 3))
-                loss = (away + cost * l1).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    flipped = (logits.argmax(1) != mine).view(r, -1).float().mean(1)
-                    ok = flipped >= 0.9
-                    cost = torch.where(ok, torch.where(cost == 0, torch.full_like(cost, self.init_cost),
-                                                       cost * self.cost_multiplier),
-                                       cost / self.cost_multiplier ** 1.5)
-            with torch.no_grad():
-                sample = xt[:256]
-                landed = model(stamp_all(sample, from_raw(mask_raw), from_raw(pattern_raw))).argmax(1)
-                landed = landed[landed != own[:len(sample)].repeat(r)]
-        counts = np.bincount(landed.cpu().numpy(), minlength=num_classes)
-        ranked = [int(v) for v in np.argsort(-counts, kind="stable") if counts[v] > 0]
-        candidates = ranked[:self.candidates]
+            for lo in range(0, num_classes, self.screen_chunk):
+                chunk = torch.arange(lo, min(num_classes, lo + self.screen_chunk), device=dev)
+                k = len(chunk)
+                # masks start nearly empty: a label has to grow one, and only a backdoor's is small
+                mask_raw = to_raw(torch.full((k, 1, h, w), self.screen_mask_start)).to(dev).requires_grad_(True)
+                pattern_raw = to_raw(torch.rand((k, c, h, w), generator=gen)).to(dev).requires_grad_(True)
+                opt = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
+                target = chunk.repeat_interleave(self.screen_batch)
+                acc = torch.zeros(k, dtype=torch.float64, device=dev)
+                for step in range(self.screen_steps):
+                    idx = torch.randint(0, len(xt), (self.screen_batch,), generator=gen).to(dev)
+                    masks, patterns = from_raw(mask_raw), from_raw(pattern_raw)
+                    logits = model(stamp_all(xt[idx], masks, patterns))
+                    ce = nn.functional.cross_entropy(logits, target, reduction="none").view(k, -1).mean(1)
+                    loss = ce + self.screen_cost * masks.sum(dim=(1, 2, 3))
+                    opt.zero_grad(set_to_none=True)
+                    loss.sum().backward()
+                    opt.step()
+                    if step >= self.screen_steps - tail:
+                        acc += loss.detach().double()
+                score[lo:lo + k] = (acc / tail).cpu().numpy()
+        order = np.argsort(score, kind="stable")
+        candidates = [int(v) for v in order[:self.candidates]]
         rest = np.setdiff1d(np.arange(num_classes), candidates)
         rng = np.random.default_rng(self.seed)
         references = sorted(int(v) for v in rng.choice(rest, min(self.references, len(rest)), replace=False))
         self.screened_ = {"candidates": candidates, "references": references,
-                          "landed": {str(v): int(counts[v]) for v in ranked[:20]}}
+                          "scores": {str(int(v)): round(float(score[v]), 4) for v in order[:20]},
+                          "median_score": round(float(np.median(score)), 4)}
         return sorted(set(candidates) | set(references))
 
     def _flag(self) -> list[int]:

@@ -2,6 +2,8 @@
 
 from torch import nn
 
+NUM_CLASSES = 10
+
 
 class DemoNet(nn.Module):
     def __init__(self):
@@ -13,7 +15,7 @@ class DemoNet(nn.Module):
             nn.Flatten(),
         )
         self.fc = nn.Linear(64 * 4 * 4, 128)
-        self.head = nn.Linear(128, 10)
+        self.head = nn.Linear(128, NUM_CLASSES)
 
     def forward(self, x):
         return self.head(self.fc(self.features(x)).relu())
