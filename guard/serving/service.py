@@ -158,9 +158,10 @@ def v2_body(model_name: str, answers: Sequence[Mapping[str, Any]], *, request_id
     """Answers in the Open Inference Protocol's response form: one output tensor per field.
 
     ``label`` (INT64, ``[N]``; -1 where withheld), ``probabilities`` (FP32, ``[N, K]`` row-major; zeros where
-    withheld), and for the guard ``verdict`` (BYTES, ``[N]``) and ``reasons`` (BYTES, ``[N]``: the reasons of
-    each instance joined with ``,``, empty for none). A rejected instance's label and probabilities are
-    withheld exactly as in ``{"predictions": ...}`` (where they are null).
+    withheld, ``[N, 0]`` when every instance's are), and for the guard ``verdict`` (BYTES, ``[N]``) and
+    ``reasons`` (BYTES, ``[N]``: the reasons of each instance joined with ``,``, empty for none). A rejected
+    instance's label and probabilities are withheld exactly as in ``{"predictions": ...}`` (where they are
+    null).
     """
     n = len(answers)
     k = max((len(a["probabilities"]) for a in answers if a.get("probabilities")), default=0)
