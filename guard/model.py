@@ -161,10 +161,35 @@ def load_state_dict(weights: str | Path) -> dict[str, torch.Tensor]:
 def load_model(model_file: str | Path, weights: str | Path, *, model_class_name: str | None = None,
                normalize: str | tuple[Sequence[float], Sequence[float]] | None = None,
                notes: list[str] | None = None) -> nn.Module:
-    """Build the model class from ``model_file``, load ``weights`` strictly, return it in eval mode.
+    r"""Build the model class from ``model_file``, load ``weights`` strictly, return it in eval mode.
 
     When the file defines several classes and ``model_class_name`` is not given, the network is picked
     as :func:`model_class` says, and the reason is appended to ``notes`` for the caller to show.
+
+    >>> import pathlib, tempfile, torch
+    >>> from guard import load_model
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> _ = (d / "model.py").write_text(
+    ...     "from torch import nn\n"
+    ...     "class Block(nn.Module):\n"
+    ...     "    def __init__(self, c=4):\n        super().__init__(); self.conv = nn.Conv2d(c, c, 3, padding=1)\n"
+    ...     "    def forward(self, x): return self.conv(x).relu()\n"
+    ...     "class Net(nn.Module):\n"
+    ...     "    def __init__(self):\n        super().__init__(); self.stem = nn.Conv2d(3, 4, 3, padding=1)\n"
+    ...     "        self.block = Block(); self.fc = nn.Linear(4, 2)\n"
+    ...     "    def forward(self, x): return self.fc(self.block(self.stem(x)).mean((2, 3)))\n")
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> import importlib.util
+    >>> spec = importlib.util.spec_from_file_location("user_model", d / "model.py")
+    >>> module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
+    >>> torch.save(module.Net().state_dict(), d / "weights.pt")
+    >>> notes = []
+    >>> model = load_model(d / "model.py", d / "weights.pt", notes=notes)
+    >>> type(model).__name__, model.training
+    ('Net', False)
+    >>> notes[0]
+    'model class Net picked among Block, Net: the others are its parts'
     """
     if not Path(model_file).is_file():
         raise ModelError(f"model file not found: {model_file}")
@@ -191,6 +216,17 @@ def fingerprint(model: nn.Module) -> str:
 
     Hashing the loaded tensors (not the file bytes) binds a profile to what the model computes, so
     re-saving the same weights or archiving them for TorchServe keeps the fingerprint.
+
+    >>> import copy, torch
+    >>> from guard import fingerprint
+    >>> net = torch.nn.Linear(2, 2)
+    >>> fingerprint(net) == fingerprint(copy.deepcopy(net)), len(fingerprint(net))
+    (True, 64)
+    >>> with torch.no_grad():
+    ...     net.bias.add_(1e-3)  # doctest: +ELLIPSIS
+    Parameter containing:...
+    >>> fingerprint(net) == fingerprint(copy.deepcopy(net).requires_grad_(False))
+    True
     """
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -358,6 +394,15 @@ class FeatureTap:
     ``features`` holds the last batch's features ``(N, D)`` (with gradient if the forward had one).
     With ``inner`` (a module, see :func:`inner_layer`) a second hook keeps that module's output of
     the last batch in ``inner``, an unpooled tensor (``(N, C, H, W)``; :func:`pool_inner` pools it).
+
+    >>> import torch
+    >>> from guard import FeatureTap
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+    ...                           torch.nn.Flatten(), torch.nn.Linear(8, 10))
+    >>> with torch.no_grad(), FeatureTap(net) as tap:  # the input of the last nn.Linear
+    ...     logits = net(torch.rand(4, 3, 16, 16))
+    >>> tuple(tap.features.shape), len(net[4]._forward_pre_hooks)  # the hook is gone after the block
+    ((4, 8), 0)
     """
 
     def __init__(self, model: nn.Module, layer: str | nn.Module | None = None, *, inner: nn.Module | None = None):

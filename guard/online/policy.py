@@ -21,7 +21,13 @@ def check_mode(mode: str) -> str:
 class Decision:
     """One input's outcome. ``label``/``probabilities`` are ``None`` when rejected: a rejected input
     never sees the model's (possibly hijacked) answer. ``reasons`` name the checks that fired
-    (metric-label safe: no ``,`` or ``:``); ``scores`` hold every check's score and threshold."""
+    (metric-label safe: no ``,`` or ``:``); ``scores`` hold every check's score and threshold.
+
+    >>> from guard import Decision
+    >>> d = Decision(None, None, "rejected", ["neuron"], {"neuron": 7.2})
+    >>> d.to_dict()["verdict"], d.to_dict()["label"]
+    ('rejected', None)
+    """
 
     label: int | None
     probabilities: list[float] | None

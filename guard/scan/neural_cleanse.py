@@ -49,6 +49,18 @@ class NeuralCleanse:
     large forward/backward per step, which is where batching the labels pays); the model is moved there
     for the fit and back afterwards, and the random draws stay on the CPU generator, so a seed gives
     the same initial triggers and batches on every device.
+
+    >>> import numpy as np, torch
+    >>> from guard import NeuralCleanse
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4)).eval()
+    >>> x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    >>> nc = NeuralCleanse(max_rounds=3, seed=0, progress=False).fit(net, x)
+    >>> nc.masks_.shape, nc.patterns_.shape, len(nc.anomaly_index_)
+    ((4, 1, 8, 8), (4, 1, 8, 8), 4)
+    >>> isinstance(nc.suspect_labels_, list)
+    True
     """
 
     def __init__(self, *, lr: float = 0.1, batch_size: int = 32, init_cost: float = 1e-3,

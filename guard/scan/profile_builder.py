@@ -51,6 +51,20 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     the inner-layer check (:class:`~guard.online.checks.ConsistencyCheck`, on the layer ``inner`` or
     the one :func:`~guard.model.inner_layer` finds), which covers mild whole-image triggers (Blended).
     Each costs one small matrix product per query.
+
+    >>> import numpy as np, torch
+    >>> from guard import build_profile
+    >>> from guard.scan import NeuralCleanse
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+    ...                           torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    >>> x = np.random.default_rng(0).random((120, 1, 8, 8), dtype=np.float32)
+    >>> y = net(torch.from_numpy(x)).argmax(1).numpy()
+    >>> profile, summary = build_profile(net, x, y, fpr=0.05, progress=False,
+    ...                                  nc=NeuralCleanse(max_rounds=2, progress=False))
+    >>> profile.input_shape, profile.fpr, "feature" in profile.checks
+    ((1, 8, 8), 0.05, True)
     """
     if not 0 < fpr < 0.5:
         raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
