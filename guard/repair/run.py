@@ -22,7 +22,10 @@ Methods (all keep every tensor's shape, so the state_dict loads into the user's 
                   (several reversed triggers per label, each closer to what still fires); a
                   distillation term keeps clean predictions where they were. The default: on the
                   demo world it took the attacker's real trigger from 99% to under 1% with 20 clean
-                  images per class, where one reversed trigger alone stalled at 15-40%.
+                  images per class, where one reversed trigger alone stalled at 15-40%. Beside
+                  the unlearning epochs, switching off the feature neurons the reversed triggers
+                  raise most (in steps) is offered as a candidate: on BatchNorm models whose accuracy
+                  a few hundred images of fine-tuning cannot hold, that is what stays within the bound.
 
 Minimum clean data: :data:`MIN_PER_CLASS` images per class (a quarter is held out, so the bound is
 measured on at least 2 per class); 20 per class is what the figures in the docs were measured with.
@@ -182,7 +185,7 @@ class _Method:
         self.details: dict = {}
 
     def unlearn(self, model: nn.Module, triggers: list[Trigger], *, epochs: int, share: float, distill: float = 0.0,
-                refresh=None, patience: int = 3) -> None:
+                refresh=None, patience: int = 4) -> None:
         """Fine-tune with ``triggers``, offering every epoch; stop after ``patience`` epochs in a row over the bound."""
         over = 0
         for e in finetune_epochs(model, self.x_tr, self.y_tr, epochs=epochs, seed=self.seed, triggers=triggers,
@@ -201,6 +204,28 @@ class _Method:
                            progress=self.progress).fit(model, self.x_tr, num_classes=self.k)
         self.details.setdefault("re_reversed_l1", []).append([round(float(v), 2) for v in nc.l1_norms_])
         return reversed_triggers(labels, nc.masks_, nc.patterns_)
+
+    def prune_suspects(self, model: nn.Module, *, max_share: float = 0.25) -> None:
+        """Offer feature-layer pruning steps: the neurons the reversed triggers (where found and pasted
+        anywhere) raise most over clean images, switched off in the classifier, a few more each step."""
+        from guard.model import FeatureTap
+        from guard.repair.neurons import classifier_inputs_off
+
+        g = torch.Generator().manual_seed(self.seed)
+        xs = torch.from_numpy(np.ascontiguousarray(self.x_tr))
+        with torch.no_grad(), FeatureTap(model) as tap:
+            model(xs)
+            clean = tap.features.mean(0)
+            model(stamp_batch(xs, [t for _, t in self.scoring], 1.0, g))
+            rank = torch.argsort(tap.features.mean(0) - clean, descending=True).numpy()
+        base = state_of(model)
+        step = max(1, len(rank) // 32)
+        for n in range(step, int(max_share * len(rank)) + 1, step):
+            model.load_state_dict(base)
+            classifier_inputs_off(model, rank[:n])
+            if not self.sel.offer(f"neurons:{n}", model):
+                break
+        model.load_state_dict(base)
 
     def anp(self, model: nn.Module, *, threshold: float = 0.2, max_share: float = 0.05) -> None:
         """Offer ANP's pruning steps: the lowest-mask neurons, while their mask is under ``threshold``
@@ -246,6 +271,7 @@ def _run_method(method: str, m: _Method) -> None:
     elif method == "combined" and not m.trigs:  # nothing reversed: only what ANP finds on clean data
         m.anp(model)
     elif method == "combined":
+        m.prune_suspects(model)
         triggers = [t for _, t in m.trigs] + [t for _, t in anywhere(m.trigs)]
         epoch = iter(range(1, 10_000))
 
@@ -291,8 +317,9 @@ def repair_model(model: nn.Module, x: np.ndarray, y: np.ndarray, *, labels: list
     m.k = k
     _run_method(method, m)
 
-    def score(mdl):
-        return worst_success(mdl, x_tr, y_tr, m.scoring, seed=seed)
+    def score(mdl):  # the mean over every trigger known at the end: a late re-reversed trigger, which
+        # fires on every earlier state, must not flatten the differences the others show
+        return float(np.mean([trigger_success(mdl, x_tr, y_tr, s, t, seed=seed) for s, t in m.scoring]))
 
     sel.finish(model, score if m.scoring else None)
     ok = sel.step != "original"
