@@ -109,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
                   f"written to {out} (load them into {Path(args.model_file).name})")
     if not result.ok:
         b, a = table["before"]["clean_accuracy"], table["after"]["clean_accuracy"]
-        print(f"guard prune: refused: every repaired state lost more than {args.max_drop:g} points of held-out "
-              f"clean accuracy ({100 * b:.1f}% -> {100 * a:.1f}% at best); nothing written", file=sys.stderr)
+        if any(c["within"] for c in table["details"]["candidates"][1:]):
+            why = "no repaired state within the accuracy bound lowered the reversed triggers' success"
+        else:
+            why = (f"every repaired state lost more than {args.max_drop:g} points of held-out clean accuracy "
+                   f"({100 * b:.1f}% -> {100 * a:.1f}% at best)")
+        print(f"guard prune: refused: {why}; nothing written", file=sys.stderr)
         return 1
     return 1 if table["after"]["verdict"] == "backdoored" else 0
