@@ -130,6 +130,8 @@ class Profile:
     calibration: Calibration | None = None
     created: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    checks_off: dict[str, str] = field(default_factory=dict)
+    """Checks the scan left out, each with the reason (e.g. ``consistency`` on a token model)."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ state of checks and ensemble
@@ -164,7 +166,7 @@ class Profile:
         out: dict[str, Any] = {"schema_version": SCHEMA_VERSION, "model_sha256": self.model_sha256,
                                "input_shape": list(self.input_shape), "num_classes": self.num_classes,
                                "feature_layer": self.feature_layer, "inner_layer": self.inner_layer,
-                               "created": self.created, "source": self.source,
+                               "created": self.created, "source": self.source, "checks_off": dict(self.checks_off),
                                "scan": None if self.scan is None else asdict(self.scan),
                                "suspect_labels": list(self.suspect_labels), "suspect_neurons": self.suspect_neurons,
                                "fpr": self.fpr,
@@ -245,6 +247,9 @@ class Profile:
         inner = m.get("inner_layer")
         if inner is not None and not isinstance(inner, str):
             raise ProfileError(f"{where}: inner_layer must be a string or null")
+        off = v.obj(m.get("checks_off", {}), "checks_off")
+        if not all(isinstance(r, str) for r in off.values()):
+            raise ProfileError(f"{where}: checks_off must map check names to reasons (strings)")
         return cls(model_sha256=sha, input_shape=tuple(shape), num_classes=v.int(m, "num_classes"),
                    feature_layer=layer, inner_layer=inner, fpr=fpr, checks=checks, ensemble=ensemble,
                    policy=Policy(mode=mode), repair=RepairSettings(pixels=pixels), scan=scan,
@@ -252,6 +257,7 @@ class Profile:
                    suspect_neurons={str(k): list(x)
                                     for k, x in v.obj(m.get("suspect_neurons", {}), "suspect_neurons").items()},
                    calibration=calibration, created=m.get("created"), source=dict(m.get("source") or {}),
+                   checks_off={str(k): r for k, r in off.items()},
                    tensors=dict(tensors or {}))
 
     # ------------------------------------------------------------------ files

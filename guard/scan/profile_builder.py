@@ -12,7 +12,7 @@ from torch import nn
 
 from guard.data import split
 from guard.errors import InputError
-from guard.model import FeatureTap, feature_layer, fingerprint, frozen, inner_layer
+from guard.model import FeatureTap, feature_layer, fingerprint, frozen, inner_layer, inner_layer_reason
 from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record, pool
 from guard.online.ensemble import FisherEnsemble
 from guard.online.policy import check_mode
@@ -71,10 +71,14 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     check_mode(mode)
     t0 = time.perf_counter()
     model.eval()
-    layer_name, _ = feature_layer(model, layer)
+    layer_name, _ = feature_layer(model, layer, input_shape=x.shape[1:])
     with torch.no_grad():
         k = int(model(torch.from_numpy(x[:1])).shape[1])
-    inner_name = inner_layer(model, torch.from_numpy(x[:1]), inner) if consistency else None
+    probe = torch.from_numpy(x[:1])
+    inner_name = inner_layer(model, probe, inner, features=layer_name) if consistency else None
+    checks_off = {"consistency": "turned off (--no-consistency)"} if not consistency else {}
+    if consistency and inner_name is None:
+        checks_off["consistency"] = inner_layer_reason(model, probe, features=layer_name) or "no inner layer"
     if y.max() >= k:
         raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
@@ -126,7 +130,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                       suspect_neurons={str(s): idx.tolist() for s, idx in neurons.items()},
                       calibration=Calibration(samples=len(x_cal), realised_fpr=realised),
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                      source=source or {}, tensors=tensors)
+                      source=source or {}, checks_off=checks_off, tensors=tensors)
     for c in checks:
         profile.add_check(c.name, *c.to_profile())
     profile.set_ensemble(*ensemble.to_profile())
