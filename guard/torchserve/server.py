@@ -394,6 +394,13 @@ class Server:
                 pass
         return "\n".join(parts)
 
+    def _reap_children(self) -> None:
+        """Collect the exit status of the group members this process started (TorchServe's launcher and
+        nginx): an unreaped child stays a zombie, and a group of zombies still answers ``killpg(.., 0)``."""
+        _reap(self.pid)
+        if self.ingress_pid:
+            _reap(self.ingress_pid)
+
     def stop(self, timeout: float = 30.0) -> bool:
         """SIGTERM the process group, wait (bounded), SIGKILL what is left; remove the state file.
 
@@ -409,7 +416,7 @@ class Server:
                 pass
             deadline = time.monotonic() + timeout
             while _group_alive(self.pid) and time.monotonic() < deadline:
-                _reap(self.pid)
+                self._reap_children()
                 time.sleep(0.2)
             if _group_alive(self.pid):
                 try:
@@ -418,9 +425,9 @@ class Server:
                     pass
                 deadline = time.monotonic() + 10
                 while _group_alive(self.pid) and time.monotonic() < deadline:
-                    _reap(self.pid)
+                    self._reap_children()
                     time.sleep(0.2)
-        _reap(self.pid)
+        self._reap_children()
         (self.run_dir / STATE_NAME).unlink(missing_ok=True)
         return stopped
 
