@@ -1,0 +1,146 @@
+"""Networks users deploy besides the demo net: a CIFAR-style ResNet-18 layout, an all-convolutional
+net without ``nn.Linear``, a net that normalises its input inside ``forward``, and a small ViT.
+
+The convolutional ones are trained once per session on the glyph task with a 3x3 BadNets patch (clean
+accuracy and attack success floors asserted first), written as a user's model file (the ResNet file
+defines its blocks beside the network), then loaded, scanned and guarded with no architecture-specific
+flag. The ViT is checked for what guard must do with a token model (find its head, switch the spatial
+check off with the reason, scan and guard it) on a briefly trained copy: it does not learn the glyph
+task in a test's budget.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from guard import Guard, load_model
+from guard.data import load_npz
+from guard.model import feature_layer, inner_layer, inner_layer_reason
+
+# (bundled model file, module constants, training epochs, learning rate)
+ARCHS = {
+    "resnet": ({"WIDTH": 8}, 4, 4e-3),
+    "allconv": ({}, 5, 4e-3),
+    "normalized": ({}, 6, 4e-3),
+}
+TRAIN = {"n_train": 2500, "n_clean": 700, "n_holdout": 500}
+
+
+@pytest.fixture(scope="session")
+def arch_worlds(tmp_path_factory):
+    from guard.demo.world import build
+
+    worlds = {}
+    for name, (constants, epochs, lr) in ARCHS.items():
+        worlds[name] = build(tmp_path_factory.mktemp(name), net=name, seed=1, epochs=epochs, lr=lr, **TRAIN,
+                             **constants)
+    return worlds
+
+
+@pytest.fixture(scope="session")
+def arch_profiles(arch_worlds, tmp_path_factory):
+    """Each world scanned with default checks and a shortened Neural Cleanse (40 rounds)."""
+    from guard.scan import NeuralCleanse, build_profile
+
+    out = {}
+    for name, w in arch_worlds.items():
+        model = load_model(w.model_file, w.weights)
+        x, y = load_npz(w.clean)
+        profile, _ = build_profile(model, x, y, fpr=0.01, seed=0, progress=False,
+                                   nc=NeuralCleanse(seed=0, max_rounds=40, progress=False))
+        out[name] = profile.save(tmp_path_factory.mktemp("profiles") / name)
+    return out
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_worlds_meet_their_floors(arch_worlds, name):
+    w = arch_worlds[name]
+    assert w.clean_accuracy >= 0.85, (name, w.clean_accuracy)
+    assert w.attack_success >= 0.9, (name, w.attack_success)
+
+
+def test_the_network_is_picked_among_its_blocks(arch_worlds):
+    notes: list[str] = []
+    model = load_model(arch_worlds["resnet"].model_file, arch_worlds["resnet"].weights, notes=notes)
+    assert type(model).__name__ == "ResNet18"
+    assert notes and "ResNet18" in notes[0] and "BasicBlock" in notes[0]
+
+
+def test_two_unrelated_networks_are_told_apart_by_the_weights(tmp_path):
+    src = ("from torch import nn\n"
+           "class A(nn.Module):\n    def __init__(self):\n        super().__init__(); self.fc = nn.Linear(4, 2)\n"
+           "    def forward(self, x): return self.fc(x.flatten(1))\n"
+           "class B(nn.Module):\n    def __init__(self):\n        super().__init__(); self.fc = nn.Linear(8, 2)\n"
+           "    def forward(self, x): return self.fc(x.flatten(1))\n")
+    (tmp_path / "m.py").write_text(src)
+    torch.save({"fc.weight": torch.zeros(2, 8), "fc.bias": torch.zeros(2)}, tmp_path / "w.pt")
+    notes: list[str] = []
+    assert type(load_model(tmp_path / "m.py", tmp_path / "w.pt", notes=notes)).__name__ == "B"
+    assert "weights fit" in notes[0]
+    torch.save({"x": torch.zeros(1)}, tmp_path / "none.pt")
+    from guard import ModelError
+
+    with pytest.raises(ModelError, match="--model-class"):
+        load_model(tmp_path / "m.py", tmp_path / "none.pt")
+
+
+def test_a_head_without_linear_is_found_by_a_probe_forward(arch_worlds):
+    model = load_model(arch_worlds["allconv"].model_file, arch_worlds["allconv"].weights)
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    name, _ = feature_layer(model, input_shape=(3, 32, 32))
+    assert name == "classifier"
+    x = torch.rand(1, 3, 32, 32)
+    assert inner_layer(model, x) == "body.14"  # before the 1x1 classifier, not the class maps
+
+
+def test_token_models_switch_the_spatial_check_off_with_a_reason(tmp_path):
+    from guard.demo.world import build
+    from guard.profile import Profile
+    from guard.scan import NeuralCleanse, build_profile
+
+    w = build(tmp_path / "vit", net="vit", seed=1, epochs=1, n_train=300, n_clean=300, n_holdout=100, DEPTH=1)
+    model = load_model(w.model_file, w.weights)
+    assert feature_layer(model)[0] == "head"
+    assert inner_layer(model, torch.rand(1, 3, 32, 32)) is None
+    assert "token model" in inner_layer_reason(model, torch.rand(1, 3, 32, 32))
+    x, y = load_npz(w.clean)
+    profile, _ = build_profile(model, x, y, seed=0, progress=False, nc=NeuralCleanse(max_rounds=3, progress=False))
+    profile.save(tmp_path / "p")
+    loaded = Profile.load(tmp_path / "p")
+    assert "consistency" not in loaded.checks and "token model" in loaded.checks_off["consistency"]
+    shown = subprocess.run([sys.executable, "-m", "guard.cli", "inspect", str(tmp_path / "p")], capture_output=True,
+                           text=True, timeout=120)
+    assert shown.returncode == 0 and "check consistency is off: a token model" in shown.stdout
+    decisions = Guard(model, loaded).predict(load_npz(w.holdout)[0][:8])
+    assert len(decisions) == 8 and all(d.verdict in ("pass", "rejected") for d in decisions)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_guard_stops_the_trigger_at_a_calibrated_clean_rate(arch_worlds, arch_profiles, name):
+    """Patch trigger stopped >= 90%, held-out clean rejection within the calibrated 1% plus two points
+    (500 held-out images: one point is five images, inside the sampling spread of a 1% rate)."""
+    from guard.profile import Profile
+
+    w = arch_worlds[name]
+    model = load_model(w.model_file, w.weights)
+    guard = Guard(model, Profile.load(arch_profiles[name]))
+    xh, _ = load_npz(w.holdout)
+    xt, _ = load_npz(w.triggered)
+    clean_flagged = np.mean([d.verdict != "pass" for d in guard.predict(xh)])
+    stopped = np.mean([d.verdict != "pass" for d in guard.predict(xt)])
+    assert stopped >= 0.9, (name, stopped)
+    assert clean_flagged <= 0.03, (name, clean_flagged)
+
+
+def test_cli_scans_a_resnet_file_without_flags_and_says_which_class(arch_worlds, tmp_path):
+    w = arch_worlds["resnet"]
+    p = subprocess.run([sys.executable, "-m", "guard.cli", "scan", "--model-file", str(w.model_file), "--weights",
+                        str(w.weights), "--data", str(w.clean), "--out", str(tmp_path / "p"), "--json",
+                        "--max-rounds", "4"], capture_output=True, text=True, timeout=600)
+    assert p.returncode in (0, 1), p.stderr
+    assert "model class ResNet18" in p.stderr
