@@ -164,7 +164,7 @@ class Guard:
         self._kernels, self._params = scoring.pack(self.checks)
         self._rule = (type(self.ensemble).kernel, self.ensemble.params())
         self._one = scoring.scorer(self._kernels, self._rule[0], raw_inner=True)
-        self._no_inner = np.zeros((1, 1, 1), np.float32)
+        self._no_inner = np.zeros((1, 1, 1, 1), np.float32)
         self._tap: FeatureTap | None = None  # held open by session()
 
     def _restore(self, name: str, cls, settings: dict, tensors: dict):
@@ -225,13 +225,12 @@ class Guard:
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`_evaluate` of one input straight from the forward pass's arrays (the inner layer
         unpooled): one compiled call, no Record, no copies."""
-        n = len(self._kernels)
-        s = np.empty((1, scoring.MAX_CHECKS), dtype=np.float32)
-        c = np.zeros((1, n), dtype=np.float32)
-        stat = np.empty(1, dtype=np.float32)
-        inn = self._no_inner if inner is None else inner.numpy().reshape(1, inner.shape[1], -1)
-        self._one(self._params, self._rule[1], x.reshape(1, -1), logits, features, inn, s, c, stat)
-        return s[:, :n], c, stat
+        inn = self._no_inner if inner is None else inner.numpy()
+        if not (x.flags.c_contiguous and features.flags.c_contiguous and inn.flags.c_contiguous):
+            x, features, inn = (np.ascontiguousarray(a) for a in (x, features, inn))
+        out = scoring.output(1)
+        self._one(self._params, self._rule[1], x, logits, features, inn, out)
+        return scoring.split(out, len(self.checks))
 
     def scores(self, record: Record) -> np.ndarray:
         """``(N, n_checks)`` scores of a record, columns in ``self.names`` order."""

@@ -16,13 +16,10 @@ import sys
 import numpy as np
 
 from guard import _numba
-from guard.online.checks.base import Check, Record, kernel, pool_row
+from guard.online.checks.base import FASTMATH, Check, Record, kernel, pool_row
 
 MAX_CHECKS = 8
 """How many checks one compiled scorer holds (the registry has five)."""
-
-_NO_INNER = np.zeros((1, 1), np.float32)
-_NO_INNER_RAW = np.zeros((1, 1, 1), np.float32)
 
 
 @kernel
@@ -42,7 +39,7 @@ def _pooled_row(g, i):
 
 @kernel
 def _raw_row(g, i):
-    return pool_row(g[i])
+    return pool_row(g[i].reshape(g.shape[1], -1))
 
 
 def _stamp(*fns) -> str:
@@ -60,14 +57,16 @@ def _stamp(*fns) -> str:
 
 @functools.lru_cache(maxsize=64)
 def scorer(kernels: tuple, rule=None, raw_inner: bool = False):
-    """``run(params, rule_params, x, logits, f, g, scores, contrib, stat)`` over ``N`` rows.
+    """``run(params, rule_params, x, logits, f, g, out)`` over ``N`` rows.
 
     ``kernels`` are the checks' kernels in column order (``params`` their :meth:`Check.params`, padded
     to :data:`MAX_CHECKS` with ``()``), ``rule`` a decision rule's kernel (``None``: statistic 0).
-    ``x`` is ``(N, C*H*W)``, ``logits`` ``(N, K)``, ``f`` ``(N, D)``, ``g`` the inner layer's pooled
-    ``(N, 2C)`` activations or, with ``raw_inner``, its raw ``(N, C, H*W)`` ones (pooled here with
-    :func:`~guard.online.checks.base.pool_row`). Fills ``scores`` ``(N, MAX_CHECKS)`` (the first
-    ``len(kernels)`` columns), ``contrib`` ``(N, len(kernels))`` and ``stat`` ``(N,)``.
+    ``x`` is ``(N, C, H, W)``, ``logits`` ``(N, K)``, ``f`` ``(N, D)``, ``g`` the inner layer's pooled
+    ``(N, 2C)`` activations or, with ``raw_inner``, its raw ``(N, C, H, W)`` ones (pooled here with
+    :func:`~guard.online.checks.base.pool_row`); all C-contiguous float32. Fills ``out``
+    ``(N, 2 * MAX_CHECKS + 1)``: the scores in its first columns, the rule's contributions from
+    column ``MAX_CHECKS``, the statistic in the last (:func:`split` takes them apart). One output
+    buffer, passed in: each array a compiled call returns costs more than allocating it here.
     """
     n = len(kernels)
     if n > MAX_CHECKS:
@@ -79,11 +78,11 @@ def scorer(kernels: tuple, rule=None, raw_inner: bool = False):
     inner_row = _raw_row if raw_inner else _pooled_row
     stamp = _stamp(*kernels, rule_k)
 
-    def run(params, rule_params, x, logits, f, g, scores, contrib, stat):  # pragma: no cover - compiled
+    def run(params, rule_params, x, logits, f, g, out):  # pragma: no cover - compiled
         assert stamp  # in the closure, so in the on-disk cache's key
         for i in range(x.shape[0]):
             pred = np.argmax(logits[i])
-            xi, fi, gi, s = x[i], f[i], inner_row(g, i), scores[i]
+            xi, fi, gi, s = x[i].reshape(-1), f[i], inner_row(g, i), out[i]
             s[0] = k0(params[0], xi, pred, fi, gi)
             s[1] = k1(params[1], xi, pred, fi, gi)
             s[2] = k2(params[2], xi, pred, fi, gi)
@@ -92,10 +91,9 @@ def scorer(kernels: tuple, rule=None, raw_inner: bool = False):
             s[5] = k5(params[5], xi, pred, fi, gi)
             s[6] = k6(params[6], xi, pred, fi, gi)
             s[7] = k7(params[7], xi, pred, fi, gi)
-            stat[i] = rule_k(rule_params, s[:n], contrib[i])
+            s[2 * MAX_CHECKS] = rule_k(rule_params, s[:n], s[MAX_CHECKS:MAX_CHECKS + n])
 
-    # reassociation lets LLVM vectorise the dot products; no nnan/ninf: the kernels compare with inf
-    return _numba.compiled(nogil=True, fastmath={"reassoc", "contract", "nsz", "arcp"})(run)
+    return _numba.compiled(nogil=True, fastmath=FASTMATH)(run)
 
 
 @functools.lru_cache(maxsize=16)
@@ -118,13 +116,24 @@ def _numpy_rule_rows(rule, rule_params, scores, contrib, stat):
         stat[i] = rule(rule_params, scores[i], contrib[i])
 
 
-def _numpy_run(kernels, rule, raw_inner, params, rule_params, x, logits, f, g, scores, contrib, stat):
+def _numpy_run(kernels, rule, raw_inner, params, rule_params, x, logits, f, g, out):
+    n = len(kernels)
     for i in range(x.shape[0]):
         pred = int(np.argmax(logits[i]))
         gi = (_raw_row if raw_inner else _pooled_row)(g, i)
         for j, k in enumerate(kernels):
-            scores[i, j] = k(params[j], x[i], pred, f[i], gi)
-        stat[i] = 0.0 if rule is None else rule(rule_params, scores[i, :len(kernels)], contrib[i])
+            out[i, j] = k(params[j], x[i].reshape(-1), pred, f[i], gi)
+        out[i, -1] = 0.0 if rule is None else rule(rule_params, out[i, :n], out[i, MAX_CHECKS:MAX_CHECKS + n])
+
+
+def output(n_rows: int) -> np.ndarray:
+    """A zeroed output buffer for :func:`scorer`."""
+    return np.zeros((n_rows, 2 * MAX_CHECKS + 1), dtype=np.float32)
+
+
+def split(out: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scores, contributions, statistic)`` of :func:`scorer`'s output for ``n`` checks."""
+    return out[:, :n], out[:, MAX_CHECKS:MAX_CHECKS + n], out[:, 2 * MAX_CHECKS]
 
 
 def pack(checks: list[Check]) -> tuple[tuple, tuple]:
@@ -138,20 +147,14 @@ def run_rows(kernels: tuple, params: tuple, rule, rule_params: tuple, x: np.ndar
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scores (N, n_checks), contributions (N, n_checks), statistic (N,))`` of a batch."""
     n = len(x)
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(n, -1)
     if inner is None:
-        inner = np.broadcast_to(_NO_INNER_RAW if raw_inner else _NO_INNER, (n, 1, 1) if raw_inner else (n, 1))
-        inner = np.ascontiguousarray(inner)
-    elif raw_inner:
-        inner = np.ascontiguousarray(inner, dtype=np.float32).reshape(n, inner.shape[1], -1)
-    else:
-        inner = np.ascontiguousarray(inner, dtype=np.float32)
-    scores = np.empty((n, MAX_CHECKS), dtype=np.float32)
-    contrib = np.zeros((n, len(kernels)), dtype=np.float32)
-    stat = np.empty(n, dtype=np.float32)
-    scorer(kernels, rule, raw_inner)(params, rule_params, x, np.ascontiguousarray(logits, dtype=np.float32),
-                                     np.ascontiguousarray(features, dtype=np.float32), inner, scores, contrib, stat)
-    return scores[:, :len(kernels)], contrib, stat
+        inner = np.zeros((n, 1, 1, 1) if raw_inner else (n, 1), dtype=np.float32)
+    out = output(n)
+    scorer(kernels, rule, raw_inner)(params, rule_params, np.ascontiguousarray(x, dtype=np.float32),
+                                     np.ascontiguousarray(logits, dtype=np.float32),
+                                     np.ascontiguousarray(features, dtype=np.float32),
+                                     np.ascontiguousarray(inner, dtype=np.float32), out)
+    return split(out, len(kernels))
 
 
 def score_checks(checks: list[Check], record: Record) -> np.ndarray:

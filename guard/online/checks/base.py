@@ -27,6 +27,9 @@ import numpy as np
 from guard import _numba
 from guard.stats import upper_threshold
 
+FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+"""Reassociation lets LLVM vectorise the kernels' sums and dot products; no nnan/ninf: they compare with inf."""
+
 
 def kernel(fn):
     """Mark a score kernel: callable from compiled code where numba is there (it is compiled into the
@@ -35,7 +38,48 @@ def kernel(fn):
         return fn
     from numba.extending import register_jitable
 
-    return register_jitable(fn)
+    return register_jitable(fastmath=FASTMATH)(fn)
+
+
+def vecmat(v, m):
+    """``v @ m`` for a vector ``(D,)`` and a matrix ``(D, P)``: float32 ``(P,)``."""
+    return v @ m
+
+
+def matvec(m, v):
+    """``m @ v`` for a matrix ``(M, D)`` and a vector ``(D,)``: float32 ``(M,)``."""
+    return m @ v
+
+
+if _numba.njit is not None:
+    from numba.extending import overload
+
+    # Compiled, the two products are plain loops: a BLAS call from compiled code costs more than the
+    # few thousand multiply-adds of one input, and would run on a BLAS whose threads nothing pinned.
+    _FAST = {"fastmath": FASTMATH}
+
+    @overload(vecmat, jit_options=_FAST)
+    def _vecmat(v, m):  # pragma: no cover - compiled
+        def impl(v, m):
+            out = np.zeros(m.shape[1], dtype=np.float32)
+            for i in range(v.shape[0]):
+                vi = v[i]
+                for c in range(m.shape[1]):
+                    out[c] += vi * m[i, c]
+            return out
+        return impl
+
+    @overload(matvec, jit_options=_FAST)
+    def _matvec(m, v):  # pragma: no cover - compiled
+        def impl(m, v):
+            out = np.empty(m.shape[0], dtype=np.float32)
+            for r in range(m.shape[0]):
+                acc = np.float32(0.0)
+                for i in range(v.shape[0]):
+                    acc += m[r, i] * v[i]
+                out[r] = acc
+            return out
+        return impl
 
 
 @kernel

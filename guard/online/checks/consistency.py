@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, class_whitening, kernel, register
+from guard.online.checks.base import Check, class_whitening, kernel, register, vecmat
 
 
 @kernel
 def consistency_score(p, x, pred, f, g):
     """How much further the model's label is than the discriminant's best class (squared Mahalanobis)."""
     proj, offset = p
-    d = g @ proj + offset
+    d = vecmat(g, proj) + offset
     return d[pred] - d.min()
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, class_whitening, kernel, register
+from guard.online.checks.base import Check, class_whitening, kernel, register, vecmat
 
 
 @kernel
 def feature_score(p, x, pred, f, g):
     """Squared distance of the whitened features to the predicted class's whitened centre."""
     whiten, centres = p
-    d = f @ whiten - centres[pred]
+    d = vecmat(f, whiten) - centres[pred]
     return (d * d).sum()
 
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, kernel, register
+from guard.online.checks.base import Check, kernel, matvec, register
 
 
 @kernel
 def knn_score(p, x, pred, f, g):
     """``1 - cos`` to the ``k``-th most similar bank row of the predicted class."""
     bank, starts, stops, k = p
-    sim = bank[starts[pred]:stops[pred]] @ f  # cosine similarity times |f|: |f| does not change the order
-    m = sim.shape[0]
-    kth = np.partition(sim, m - k)[m - k]
-    return 1.0 - kth / max(np.sqrt((f * f).sum()), 1e-12)
+    sim = matvec(bank[starts[pred]:stops[pred]], f)  # cosine similarity times |f|: |f| does not change the order
+    top = np.full(k, -np.inf, dtype=np.float32)  # the k largest, ascending: top[0] is the k-th
+    for v in sim:
+        if v > top[0]:
+            pos = 0
+            while pos + 1 < k and top[pos + 1] < v:
+                top[pos] = top[pos + 1]
+                pos += 1
+            top[pos] = v
+    return 1.0 - top[0] / max(np.sqrt((f * f).sum()), 1e-12)
 
 
 @register

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, kernel, register, standardiser
+from guard.online.checks.base import Check, kernel, register, standardiser, vecmat
 
 
 @kernel
 def neuron_score(p, x, pred, f, g):
     """The largest standardised mean activation over the suspect labels' neuron groups."""
     weights, bias = p
-    return (f @ weights + bias).max()
+    return (vecmat(f, weights) + bias).max()
 
 
 @register
