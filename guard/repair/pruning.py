@@ -9,7 +9,7 @@ at zero.
 **Unlearning** (Wang et al., S&P 2019): fine-tune on clean data where a share (default 20%) of each
 batch is stamped with a suspect label's reversed trigger and kept at its true label, so the model
 learns that the trigger means nothing. The reversed trigger is one trigger that works, not the
-attacker's (DESIGN.md): it usually covers part of the real patch and a few pixels beside it, so each
+attacker's (docs/design.md): it usually covers part of the real patch and a few pixels beside it, so each
 stamp is moved by up to ``jitter`` pixels; that unlearns the neighbourhood the real trigger sits in
 (on the seed-3 demo: true-trigger attack success 0.99 -> 0.084 with jitter 1, 0.024 with 2).
 
@@ -32,6 +32,7 @@ from guard._progress import Progress
 from guard.data import split
 from guard.errors import InputError
 from guard.model import Normalized, accuracy, predict
+from guard.repair.triggers import shift
 
 
 def last_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -93,16 +94,6 @@ def trigger_success(model: nn.Module, x: np.ndarray, y: np.ndarray, label: int, 
     if not keep.any():
         return float("nan")
     return float((predict(model, stamp(x[keep], mask, pattern)) == label).mean())
-
-
-def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """``t`` (..., H, W) moved by (dy, dx) pixels, zero-filled (no wrap-around)."""
-    out = torch.zeros_like(t)
-    h, w = t.shape[-2:]
-    ys, yd = (slice(0, h - dy), slice(dy, h)) if dy >= 0 else (slice(-dy, h), slice(0, h + dy))
-    xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
-    out[..., yd, xd] = t[..., ys, xs]
-    return out
 
 
 def finetune(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int,

@@ -1,7 +1,7 @@
 """Triggers to unlearn: the profile's reversed triggers, stamped where they were found or pasted
 anywhere.
 
-A reversed trigger is *one* trigger that works, not the attacker's (DESIGN.md). On a model that
+A reversed trigger is *one* trigger that works, not the attacker's (docs/design.md). On a model that
 pools globally the backdoor fires wherever its pattern sits, and the reversal often settles on a
 spot away from the real patch, so unlearning it only where it was found teaches the wrong lesson:
 with ``anywhere`` the reversed trigger's footprint (its bounding box) is pasted at a random place on
