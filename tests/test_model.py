@@ -31,9 +31,13 @@ def test_file_without_module_class(tmp_path, demo_files):
         load_model(f, demo_files[1])
 
 
-def test_several_classes_need_model_class(tmp_path, demo_files):
+def test_the_network_is_picked_and_real_ambiguity_needs_model_class(tmp_path, demo_files):
     f = tmp_path / "m.py"
     f.write_text(net_file("demo_net").read_text() + "\n\nclass Other(nn.Module):\n    pass\n")
+    notes: list[str] = []
+    assert type(load_model(f, demo_files[1], notes=notes)).__name__ == "DemoNet"
+    assert "DemoNet" in notes[0] and "weights fit" in notes[0]
+    f.write_text(net_file("demo_net").read_text() + "\n\nclass Twin(DemoNet):\n    pass\n")
     with pytest.raises(ModelError, match="--model-class"):
         load_model(f, demo_files[1])
     assert type(load_model(f, demo_files[1], model_class_name="DemoNet")).__name__ == "DemoNet"

@@ -123,7 +123,8 @@ def test_repair_rescans_and_measures_the_online_checks(demo, badnets_world):
                  nc=NeuralCleanse(max_rounds=20, batch_size=16, seed=0, progress=False))
     assert res.ok and res.details["held_out"] == 50
     assert res.after["verdict"] in ("clean", "backdoored") and isinstance(res.after["anomaly_index"], float)
-    assert isinstance(res.after["log_anomaly_index"], float) and res.before["anomaly_index"] > 2
+    assert isinstance(res.after["log_anomaly_index"], float)
+    assert max(res.before["anomaly_index"], res.before["log_anomaly_index"]) > 2
     assert 0 <= res.after["online_false_rejection"] <= 1 and 0 <= res.after["online_rejection"] <= 1
     assert res.before["clean_accuracy"] - res.after["clean_accuracy"] <= 0.02 + 1e-9
     assert "rescan" in res.details["online_note"]
@@ -143,7 +144,8 @@ def test_prune_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_pa
     assert table["ok"] is False and table["out"] is None
     assert table["before"]["clean_accuracy"] - table["after"]["clean_accuracy"] > 0.02
     assert all(not c["within"] for c in table["details"]["candidates"][1:])
-    assert "refused" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    refusals = [line for line in proc.stderr.replace("\r", "\n").splitlines() if "refused" in line]
+    assert len(refusals) == 1 and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_selection_rolls_back_to_the_best_state_within_the_bound():

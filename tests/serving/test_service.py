@@ -123,14 +123,14 @@ def test_a_batch_of_only_bad_requests_never_reaches_the_guard(service, monkeypat
 
 
 def test_a_decoder_bug_answers_that_request_500_and_the_rest_normally(service, data, monkeypatch):
-    real = service_module.decode_request
+    real = service_module.decode_payload
 
     def flaky(body, *a, **kw):
         if body == b"boom":
             raise RuntimeError("decoder bug")
         return real(body, *a, **kw)
 
-    monkeypatch.setattr(service_module, "decode_request", flaky)
+    monkeypatch.setattr(service_module, "decode_payload", flaky)
     replies = service.handle([Request(b"boom", content_type=JSON), req(data["clean"][:1])])
     assert [r.status for r in replies] == [500, 200]
     assert "internal error" in replies[0].body["error"] and "decoder bug" not in replies[0].body["error"]
