@@ -373,19 +373,6 @@ def _inner(model: nn.Module, x: torch.Tensor, name: str | None,
     return calls[last][0], None
 
 
-def pool_inner(a: torch.Tensor) -> np.ndarray:
-    """``(N, C, H, W)`` activations to ``(N, 2C)`` float32: each channel's spatial mean, then its spatial max.
-
-    One input is pooled in numpy (a few microseconds; torch's per-op dispatch costs more at that
-    size), a batch in torch (numpy's reductions over a short last axis are 3x slower there).
-    """
-    if a.shape[0] == 1:
-        r = a.numpy().reshape(1, a.shape[1], -1)
-        return np.concatenate((r @ np.full(r.shape[2], 1.0 / r.shape[2], np.float32), r.max(2)), 1)
-    f = a.reshape(a.shape[0], a.shape[1], -1)
-    return torch.cat((f.mean(2), f.amax(2)), 1).numpy()
-
-
 class FeatureTap:
     """Context manager that records the input of the feature layer on every forward, as ``(N, D)``
     (:func:`pool_features` pools spatial maps and token sequences).
@@ -393,7 +380,7 @@ class FeatureTap:
     The hook is registered on ``__enter__`` and always removed on ``__exit__``, exceptions included.
     ``features`` holds the last batch's features ``(N, D)`` (with gradient if the forward had one).
     With ``inner`` (a module, see :func:`inner_layer`) a second hook keeps that module's output of
-    the last batch in ``inner``, an unpooled tensor (``(N, C, H, W)``; :func:`pool_inner` pools it).
+    the last batch in ``inner``, an unpooled tensor (``(N, C, H, W)``; :func:`guard.online.checks.pool` pools it).
 
     >>> import torch
     >>> from guard import FeatureTap

@@ -41,14 +41,22 @@ def model_class_name(model) -> str:
     return type(model.model if isinstance(model, Normalized) else model).__name__
 
 
-def fpr_arg(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v < 0.5:
-        raise argparse.ArgumentTypeError(f"must be in (0, 0.5), got {v}")
-    return v
+def open_interval(low: float, high: float):
+    """An argparse type: a number strictly between ``low`` and ``high`` (one readable error otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not low < v < high:
+            raise argparse.ArgumentTypeError(f"must be in ({low:g}, {high:g}), got {v}")
+        return v
+
+    return parse
+
+
+fpr_arg = open_interval(0, 0.5)
 
 
 def print_json(obj: Any) -> None:

@@ -24,20 +24,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from guard.cli._common import add_model_arguments, load_model_from, print_json
+from guard.cli._common import add_model_arguments, load_model_from, open_interval, print_json
 from guard.serving.integrity import model_input_shape
 
 HELP = "repair a backdoored model (re-reversed trigger unlearning by default) within a clean-accuracy bound"
 
 
-def _share(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {v}")
-    return v
+_share = open_interval(0, 1)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
