@@ -40,7 +40,7 @@ def _best_check(online: dict[str, Any]) -> str:
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
-    """(scope, bar, measured, met) for every target of the issue."""
+    """(scope, bar, measured, met) for every target the benchmark checks."""
     rows: list[tuple[str, str, str, bool | None]] = []
     for a in results["attacks"]:
         comb, rep, strip = a["online"]["combined"], a["repair"], a["strip"]

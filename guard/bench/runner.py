@@ -276,7 +276,7 @@ def _art(cfg: BenchConfig, model: nn.Module, pool: np.ndarray, neg: np.ndarray, 
 
 
 def _targets(row: dict[str, Any]) -> dict[str, Any]:
-    """The issue's bars for one attack row: value, bar and whether it is met (None: no bar)."""
+    """The benchmark's bars for one attack row: value, bar and whether it is met (None: no bar)."""
     name, online, rep = row["name"], row["online"], row["repair"]
     comb = online["combined"]
     out: dict[str, Any] = {}

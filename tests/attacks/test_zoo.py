@@ -3,7 +3,7 @@
 Unit tests (fast) pin what every attack promises: stamping is deterministic, batch-independent, keeps
 shape, dtype and the [0, 1] range, and never mutates its input; poisoning relabels exactly the
 ``rate`` share it says. Quality tests (slow, seeded) train one model per attack on the glyph demo
-world and assert the issue's floors: attack success >= 0.90 (all-to-all >= 0.80) and clean accuracy
+world and assert the zoo's floors: attack success >= 0.90 (all-to-all >= 0.80) and clean accuracy
 within 3 points of a clean model trained on the same data, cached once per session.
 """
 
@@ -65,7 +65,7 @@ def _make(name: str, x: np.ndarray, **kw) -> Attack:
 # ------------------------------------------------------------------ registry
 
 
-def test_registry_names_the_issue_attacks():
+def test_registry_names_every_zoo_attack():
     assert set(ATTACKS) == {"badnets", "blended", "sig", "wanet", "trojannn", "input_aware", "all_to_all"}
     assert KINDS[0] == "clean" and set(KINDS[1:]) == set(ATTACKS)
     assert set(POISON_RATES) == set(ATTACKS) and all(0 < r < 1 for r in POISON_RATES.values())

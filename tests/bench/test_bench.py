@@ -1,5 +1,5 @@
 """``guard bench`` on its tiny configuration (one attack, a few steps): it runs end to end through the
-CLI and writes results.json with every field the issue names and a results.md rendered from it.
+CLI and writes results.json with every field it promises and a results.md rendered from it.
 
 Quality is not asserted here (the tiny models are barely trained); the benchmark's figures are the
 point of ``guard bench --quick``, which is not part of the test suite. The pieces with a contract of

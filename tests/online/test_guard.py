@@ -1,4 +1,4 @@
-"""The online guard on the demo model: the issue's quality floors, every mode, bad input."""
+"""The online guard on the demo model: its quality floors, every mode, bad input."""
 
 import dataclasses
 
