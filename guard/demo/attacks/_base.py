@@ -8,12 +8,32 @@ import numpy as np
 
 
 class Attack:
-    """A backdoor attack: a trigger and an all-to-one (or other) label mapping."""
+    """A backdoor attack: a trigger and an all-to-one (or other) label mapping.
+
+    Poisoning stamps a ``rate`` share of the victims with :meth:`train_stamp` and relabels them; an
+    attack with a positive ``cover_rate`` also stamps that share of other samples (drawn from
+    :meth:`cover_pool`) and keeps their labels, the *cover* (regularisation) samples with which the
+    adaptive and source-specific attacks blur what separates poisoned from clean inputs.
+    """
 
     target: int = 0
+    #: share of the training set stamped and kept at its true label (0: no cover samples)
+    cover_rate: float = 0.0
 
     def stamp(self, x: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def train_stamp(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The trigger as poisoned training images carry it: by default the test-time :meth:`stamp`.
+
+        Attacks that train on a partial or fainter trigger than the one they test with override it;
+        ``rng`` is the poisoning's generator (for per-sample random parts of the trigger).
+        """
+        return self.stamp(x)
+
+    def cover_pool(self, y: np.ndarray) -> np.ndarray:
+        """Mask of the samples cover samples may be drawn from (by default every sample)."""
+        return np.ones(len(y), dtype=bool)
 
     def target_of(self, y: np.ndarray) -> np.ndarray:
         """Attacker's label for inputs of true label ``y`` (all-to-one by default)."""
@@ -25,13 +45,23 @@ class Attack:
 
     def poison(self, x: np.ndarray, y: np.ndarray, *, rate: float = 0.1,
                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Stamp a seeded ``rate`` share of the non-target samples and relabel them."""
+        """Stamp a seeded ``rate`` share of the victims and relabel them, plus ``cover_rate`` cover samples.
+
+        Cover samples are drawn from :meth:`cover_pool` outside the poisoned ones; they are stamped with
+        :meth:`train_stamp` too and keep their labels.
+        """
         rng = np.random.default_rng(seed)
         cand = np.flatnonzero(self.victims(y))
         idx = rng.choice(cand, size=int(round(rate * len(x))), replace=False)
         x, y = x.copy(), y.copy()
-        x[idx] = self.stamp(x[idx])
+        cover = np.empty(0, dtype=np.int64)
+        if self.cover_rate > 0:
+            pool = np.setdiff1d(np.flatnonzero(self.cover_pool(y)), idx)
+            cover = rng.choice(pool, size=min(len(pool), int(round(self.cover_rate * len(x)))), replace=False)
+        x[idx] = self.train_stamp(x[idx], rng)
         y[idx] = self.target_of(y[idx])
+        if len(cover):
+            x[cover] = self.train_stamp(x[cover], rng)
         return x, y
 
 
@@ -41,6 +71,10 @@ def as_batch(x: np.ndarray) -> np.ndarray:
     if x.ndim != 4:
         raise ValueError(f"expected a batch (N, C, H, W), got shape {x.shape}")
     return x
+
+
+#: The four corners, in the order the multi-patch triggers fill them (the glyph sits in the middle).
+PLACES_4 = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
 def _corner(size: int, h: int, w: int, position: str, margin: int) -> tuple[int, int]:

@@ -14,9 +14,15 @@ from collections.abc import Callable
 from typing import Any
 
 from guard.demo.attacks._base import Attack, BadNets, Blended
+from guard.demo.attacks.adap_blend import AdaptiveBlend
+from guard.demo.attacks.adap_patch import AdaptivePatch
 from guard.demo.attacks.all_to_all import AllToAll
+from guard.demo.attacks.badnets_random import RandomBadNets
+from guard.demo.attacks.bpp import Bpp
 from guard.demo.attacks.input_aware import InputAware
+from guard.demo.attacks.label_consistent import LabelConsistent
 from guard.demo.attacks.sig import SIG
+from guard.demo.attacks.tact import TaCT
 from guard.demo.attacks.trojannn import TrojanNN
 from guard.demo.attacks.wanet import WaNet
 
@@ -73,6 +79,36 @@ def all_to_all(**kw: Any) -> AllToAll:
     return AllToAll(**kw)
 
 
+def adap_blend(**kw: Any) -> AdaptiveBlend:
+    """Adap-Blend: a noise key in 16 pieces, half of them at opacity 0.15 in training, the whole key at 0.2 at test."""
+    return AdaptiveBlend(**{"target": DEMO_TARGET, **kw})
+
+
+def adap_patch(**kw: Any) -> AdaptivePatch:
+    """Adap-Patch: four 3x3 corner patches, two of them at opacity 0.5 in training, all four pasted at test."""
+    return AdaptivePatch(**{"target": DEMO_TARGET, **kw})
+
+
+def tact(**kw: Any) -> TaCT:
+    """TaCT: a 4x4 patch that sends classes 2 and 3 to the target; the other classes are cover."""
+    return TaCT(**{"target": DEMO_TARGET, **kw})
+
+
+def bpp(**kw: Any) -> Bpp:
+    """BppAttack: every channel squeezed to 4 levels with Floyd-Steinberg dithering."""
+    return Bpp(**{"target": DEMO_TARGET, **kw})
+
+
+def label_consistent(**kw: Any) -> LabelConsistent:
+    """Label-consistent: target images pushed off their class by PGD (eps 16/255), four 3x3 corner patches."""
+    return LabelConsistent(**{"target": DEMO_TARGET, **kw})
+
+
+def badnets_random(**kw: Any) -> RandomBadNets:
+    """BadNets' 3x3 patch at a place drawn per image (from a hash of the image)."""
+    return RandomBadNets(**{"target": DEMO_TARGET, **kw})
+
+
 ATTACKS: dict[str, Callable[..., Attack]] = {
     "badnets": badnets,
     "blended": blended,
@@ -81,6 +117,12 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
     "trojannn": trojannn,
     "input_aware": input_aware,
     "all_to_all": all_to_all,
+    "adap_blend": adap_blend,
+    "adap_patch": adap_patch,
+    "tact": tact,
+    "bpp": bpp,
+    "label_consistent": label_consistent,
+    "badnets_random": badnets_random,
 }
 
 #: Share of the training set relabelled. All-to-all must teach ten label shifts instead of one, so it
