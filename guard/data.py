@@ -1,9 +1,8 @@
-"""Datasets: validated ``.npz`` and image-folder loaders, and the bundled demo worlds.
+"""Datasets: validated ``.npz`` and image-folder loaders, and a seeded stratified split.
 
-The data contract (docs/design.md): ``x`` float32 ``(N, C, H, W)`` in [0, 1] and ``y`` int64 ``(N,)``.
-The demo worlds are built from what packages ship, so nothing is downloaded: scikit-learn's digits,
-and *glyphs*, a 10-class colour task of sign-like shapes composited on crops of scikit-learn's sample
-photos, where changing a class takes many pixels (so a 3x3 trigger is the cheapest way to a label).
+The data contract (docs/design.md): ``x`` float32 ``(N, C, H, W)`` in [0, 1] and ``y`` int64 ``(N,)``;
+the same range and shape checks as every guarded call (:func:`guard.online.inputs.validate_batch`). The
+demo worlds' generators live in :mod:`guard.demo`.
 """
 
 from __future__ import annotations
