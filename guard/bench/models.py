@@ -1,10 +1,11 @@
-"""The benchmark's model zoo: one DemoNet per attack plus a clean one, trained once and cached.
+"""The benchmark's model zoo: one model per attack plus a clean one, per network, trained once and cached.
 
 Training dominates a benchmark run, and a rerun with the same configuration would train the very same
-seeded models again, so each trained model is cached as ``CACHE/NAME-seedS-KEY.safetensors`` (weights
-only, no pickle; ``KEY`` is a digest of the training configuration, so a changed configuration never
-reuses a stale model). TrojanNN's fitted patch (its ``pattern_`` and ``neurons_``) travels in the same
-file under ``attack.*`` names, because stamping needs it and it is learned, not derived from the seed.
+seeded models again, so each trained model is cached as ``CACHE/NET-NAME-seedS-KEY.safetensors`` (weights
+only, no pickle; ``KEY`` is a digest of the training configuration, the network included, so a changed
+configuration never reuses a stale model). TrojanNN's fitted patch (its ``pattern_`` and ``neurons_``)
+travels in the same file under ``attack.*`` names, because stamping needs it and it is learned, not
+derived from the seed.
 """
 
 from __future__ import annotations
@@ -28,12 +29,16 @@ from guard.model import accuracy
 
 @dataclass(frozen=True)
 class ZooConfig:
-    """How the zoo is trained: data sizes, epochs and the seed (everything else is the zoo's default)."""
+    """How the zoo is trained: data sizes, epochs, the seed and the network (else the zoo's defaults).
+
+    ``net`` names one of :data:`guard.demo.attacks.zoo.NETS` (a module of :mod:`guard.demo.nets`).
+    """
 
     n_train: int = 3000
     n_test: int = 1000
     epochs: int = 4
     seed: int = 0
+    net: str = "demo_net"
 
     def key(self, name: str = "clean") -> str:
         """A short digest of the configuration and of the code that trains model ``name``.
@@ -41,14 +46,16 @@ class ZooConfig:
         The attack's fields and the source of its module, the zoo, training, data and network go in,
         so that a change to any of them trains afresh instead of reusing a stale model.
         """
+        import importlib
         import inspect
 
         from guard.demo import glyphs, train
         from guard.demo.attacks import zoo
-        from guard.demo.nets import demo_net
 
+        if self.net not in zoo.NETS:
+            raise KeyError(f"unknown network {self.net!r}; known: {', '.join(zoo.NETS)}")
         parts = [json.dumps(asdict(self), sort_keys=True), name]
-        modules = [zoo, train, glyphs, demo_net]
+        modules = [zoo, train, glyphs, importlib.import_module(f"guard.demo.nets.{zoo.NET_MODULES[self.net]}")]
         if name != "clean":
             attack = ATTACKS[name](seed=self.seed)
             parts.append(repr(attack))
@@ -75,12 +82,12 @@ class ZooModel:
 
 
 def _cache_path(cache: Path, name: str, cfg: ZooConfig) -> Path:
-    return cache / f"{name}-seed{cfg.seed}-{cfg.key(name)}.safetensors"
+    return cache / f"{cfg.net}-{name}-seed{cfg.seed}-{cfg.key(name)}.safetensors"
 
 
 def _load(path: Path, name: str, cfg: ZooConfig, data: ZooData) -> ZooModel:
     tensors = load_file(str(path))
-    model = _net(cfg.seed)
+    model = _net(cfg.seed, cfg.net)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     model.eval()
     attack = None
@@ -109,7 +116,8 @@ def zoo_model(name: str, cfg: ZooConfig, *, data: ZooData | None = None, cache: 
               clean_model: nn.Module | None = None) -> ZooModel:
     """The model of attack ``name`` (or ``"clean"``) under ``cfg``: from ``cache`` if there, else trained.
 
-    ``clean_model`` is handed to TrojanNN, which fine-tunes a clean model (the zoo trains one otherwise).
+    ``clean_model`` (the clean model of the same ``cfg``) is handed to TrojanNN, which fine-tunes it, and
+    to the label-consistent attack, which perturbs its poison against it (the zoo trains one otherwise).
     """
     if name != "clean" and name not in ATTACKS:
         raise KeyError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
@@ -119,11 +127,11 @@ def zoo_model(name: str, cfg: ZooConfig, *, data: ZooData | None = None, cache: 
         return _load(path, name, cfg, d)
     t0 = time.perf_counter()
     if name == "clean":
-        model, acc = train_clean(seed=cfg.seed, epochs=cfg.epochs, data=d)
+        model, acc = train_clean(seed=cfg.seed, epochs=cfg.epochs, data=d, net=cfg.net)
         zm = ZooModel(name, model, None, acc, None, 0.0, False)
     else:
         model, attack, acc, asr = train_backdoored(name, seed=cfg.seed, epochs=cfg.epochs, data=d,
-                                                   clean_model=clean_model)
+                                                   clean_model=clean_model, net=cfg.net)
         zm = ZooModel(name, model, attack, acc, asr, 0.0, False)
     zm.train_seconds = time.perf_counter() - t0
     if path is not None:

@@ -39,10 +39,26 @@ def _best_check(online: dict[str, Any]) -> str:
     return "n/a" if best is None else f"{best[0]} {_f(best[1]['auroc'])}"
 
 
+def _nets(results: dict[str, Any]) -> list[str]:
+    """The networks of the run, in the order their rows come (older results: DemoNet only)."""
+    return (results.get("config") or {}).get("nets") or ["demo_net"]
+
+
+def _label(a: dict[str, Any], results: dict[str, Any]) -> str:
+    """An attack row's name, with its network where the run has more than one."""
+    return a["name"] if len(_nets(results)) == 1 else f"{a['name']} ({a.get('net', 'demo_net')})"
+
+
+def _by_net(results: dict[str, Any], key: str = "attacks") -> list[dict[str, Any]]:
+    """The rows of ``key`` grouped by network, in the run's network order."""
+    order = {n: i for i, n in enumerate(_nets(results))}
+    return sorted(results[key], key=lambda a: order.get(a.get("net", "demo_net"), len(order)))
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     """(scope, bar, measured, met) for every target the benchmark checks."""
     rows: list[tuple[str, str, str, bool | None]] = []
-    for a in results["attacks"]:
+    for a in _by_net(results):
         comb, rep, strip = a["online"]["combined"], a["repair"], a["strip"]
         for bar, met in a["targets"].items():
             if bar.startswith("combined_tpr_at_1pct_fpr>=strip"):
@@ -55,7 +71,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 meas = _pct(rep["attack_success_rate"])
             else:
                 meas = f"{_f(rep['clean_accuracy_loss_points'], 2)} pt"
-            rows.append((a["name"], bar, meas, met))
+            rows.append((_label(a, results), bar, meas, met))
     p = results.get("performance") or {}
     p50 = (p.get("guard_overhead_p50_ratio") or {}).get("batch_1")
     rows.append(("performance", "guard_overhead_p50_ratio (batch 1) <= 1.15", _f(p50),
@@ -79,7 +95,8 @@ def render(results: dict[str, Any]) -> str:
              f"(torch threads: {m['torch_threads']}), "
              f"load average {m.get('load_average_1m_at_start')} at start, {m.get('load_average_1m_at_end')} at end "
              f"({m.get('threads_reason', '')})",
-             f"- zoo: DemoNet on glyphs, {cfg['zoo']['n_train']} training images, epochs: {cfg['zoo']['epochs']}, "
+             f"- zoo: {', '.join(_nets(results))} on glyphs, {cfg['zoo']['n_train']} training images, "
+             f"epochs: {cfg['zoo']['epochs']}, "
              f"seed {cfg['zoo']['seed']}; {cfg['n_clean']} clean images for scan + calibration; per attack "
              f"{cfg['n_eval']} clean and up to {cfg['n_eval']} triggered test images; FPR {cfg['fpr']}",
              "- every online column is measured on the same inputs at the same FPR point: the threshold that "
@@ -91,11 +108,11 @@ def render(results: dict[str, Any]) -> str:
               "| guard verdict TPR (FPR) | STRIP AUROC | STRIP TPR@1% | ART STRIP TPR@1% | repaired ASR "
               "| repair acc loss |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for a in results["attacks"]:
+    for a in _by_net(results):
         comb, d = a["online"]["combined"], a["detected"]
         art = a.get("art_strip")
         lines.append(
-            f"| {a['name']} | {_pct(a['clean_accuracy'])} | {_pct(a['attack_success_rate'])} "
+            f"| {_label(a, results)} | {_pct(a['clean_accuracy'])} | {_pct(a['attack_success_rate'])} "
             f"| {_det(d.get('neural_cleanse'))} | {_det(d.get('dl_tnd'))} | {_det(d.get('df_tnd'))} "
             f"| {_det(d.get('blend'))} "
             f"| {_best_check(a['online'])} | {_f(comb['auroc'])} | {_pct(comb['tpr_at_1pct_fpr'])} "
@@ -106,7 +123,7 @@ def render(results: dict[str, Any]) -> str:
               "| attack | " + " | ".join(_check_names(results)) + " | guard, successful triggers only "
               "| opt-in flip check | guard + flip |",
               "|---|" + "---|" * (len(_check_names(results)) + 3)]
-    for a in results["attacks"]:
+    for a in _by_net(results):
         cells = []
         for n in _check_names(results):
             v = a["online"].get(n)
@@ -117,20 +134,21 @@ def render(results: dict[str, Any]) -> str:
         for key in ("flip", "combined_with_flip"):
             v = opt.get(key) or {}
             cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
-        lines.append(f"| {a['name']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(a, results)} | " + " | ".join(cells) + " |")
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
-        for c in results["clean_models"]:
+        for c in _by_net(results, "clean_models"):
             d = c["detected"]
             fp = {k: _det(d.get(k), "false_positive") for k in ("neural_cleanse", "dl_tnd", "df_tnd", "blend")}
-            lines.append(f"- {c['name']} (clean acc {_pct(c['clean_accuracy'])}): flagged by "
+            lines.append(f"- {_label(c, results)} (clean acc {_pct(c['clean_accuracy'])}): flagged by "
                          f"NC {fp['neural_cleanse']}, DL-TND {fp['dl_tnd']}, DF-TND {fp['df_tnd']}, "
                          f"blend {fp['blend']}")
     if not results.get("art_strip_available") or results.get("art_strip_reason"):
         lines += ["", f"ART STRIP: {results.get('art_strip_reason')}"]
     p = results.get("performance") or {}
     lines += ["", "## Performance", "",
-              f"On the {p.get('model')} model; checks {', '.join(p.get('checks') or [])}.", "",
+              f"On the {p.get('model')} model ({p.get('net', 'demo_net')}); "
+              f"checks {', '.join(p.get('checks') or [])}.", "",
               "| figure | value |", "|---|---|"]
     for b in ("batch_1", "batch_32"):
         o = (p.get("overhead") or {}).get(b)

@@ -53,18 +53,28 @@ from guard.scan.neural_cleanse import NeuralCleanse
 from guard.scan.tnd import DFTND, DLTND
 
 SCHEMA_VERSION = 1
-ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all")
+ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all", "adap_blend",
+               "adap_patch", "tact", "bpp", "label_consistent", "badnets_random")
+#: The quick preset's sample: the classic attacks and one adaptive attack built against feature-space checks.
+QUICK_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all", "adap_patch")
+#: The networks the full preset trains every attack on (names of guard.demo.attacks.zoo.NETS).
+ALL_NETS = ("demo_net", "resnet18")
 #: Online checks that every row reports (null where the profile has none, e.g. no suspect label).
 REPORTED_CHECKS = ("feature", "knn", "consistency", "neuron", "overlap")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """Everything a benchmark run depends on; ``preset`` names one of :data:`PRESETS`."""
+    """Everything a benchmark run depends on; ``preset`` names one of :data:`PRESETS`.
+
+    Every attack is trained and measured on each of ``nets`` (``zoo.net`` is replaced by each in turn);
+    the performance figures are measured on the first.
+    """
 
     preset: str
     attacks: tuple[str, ...]
     zoo: ZooConfig
+    nets: tuple[str, ...] = ("demo_net",)
     n_clean: int = 1000  # clean images for the scan (half) and the calibration (other half)
     n_eval: int = 500  # clean and triggered test images per attack
     fpr: float = 0.01
@@ -88,18 +98,19 @@ class BenchConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["attacks"] = list(self.attacks)
+        d["nets"] = list(self.nets)
         return d
 
 
 PRESETS: dict[str, BenchConfig] = {
-    # every attack, data and epochs at which the zoo's attacks reach their success floors
-    "quick": BenchConfig(preset="quick", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=4000, n_test=1000, epochs=5),
+    # a sample of the attacks (one adaptive) on DemoNet, data and epochs at which they reach their floors
+    "quick": BenchConfig(preset="quick", attacks=QUICK_ATTACKS, zoo=ZooConfig(n_train=4000, n_test=1000, epochs=5),
                          n_eval=400, nc_max_rounds=100, strip_calibration=250, art_pool=250, nc_speed_rounds=50,
                          dl_tnd={"iterations": 20, "search_steps": 3, "per_image_iterations": 20},
                          df_tnd={"iterations": 100}),
     "full": BenchConfig(preset="full", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=6000, n_test=2000, epochs=6),
-                        n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=100, ts_requests=100,
-                        ts_rounds=16),
+                        nets=ALL_NETS, n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=100,
+                        ts_requests=100, ts_rounds=16),
     # the test suite's configuration: checks that the pipeline runs and fills every field, not quality
     "tiny": BenchConfig(preset="tiny", attacks=("badnets",), zoo=ZooConfig(n_train=400, n_test=200, epochs=1),
                         n_clean=120, n_eval=40, nc_max_rounds=3, strip_n=10, strip_calibration=60, art_pool=40,
@@ -326,7 +337,7 @@ _DATA_MEMO: dict[tuple, tuple] = {}
 
 def _data_memo(cfg: BenchConfig):
     """:func:`_data` once per process (a worker runs several attacks on the same data)."""
-    key = (cfg.zoo, cfg.n_clean)
+    key = (replace(cfg.zoo, net=""), cfg.n_clean)  # the same data for every network
     if key not in _DATA_MEMO:
         _DATA_MEMO[key] = _data(cfg)
     return _DATA_MEMO[key]
@@ -338,7 +349,8 @@ def _print_progress(msg: str) -> None:
 
 def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok: bool,
                 progress: Callable[[str], None] | None) -> tuple[dict[str, Any], str | None]:
-    """Everything measured on one attack's model; its profile is saved under ``profiles/NAME``.
+    """Everything measured on one attack's model (on network ``cfg.zoo.net``); its profile is saved under
+    ``profiles/NAME`` (DemoNet) or ``profiles/NET/NAME`` (another network).
 
     Returns the row and ART's error message if ART's STRIP failed on it.
     """
@@ -348,7 +360,8 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     n_eval = min(cfg.n_eval, len(d.x_test))
     neg, y_neg = d.x_test[:n_eval], d.y_test[:n_eval]
     clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)
-    _log(progress, f"{name}: training")
+    net = cfg.zoo.net
+    _log(progress, f"{name} ({net}): training")
     zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
     k = int(zm.model(torch.from_numpy(xc[:1])).shape[1])
     attack: Attack = zm.attack  # type: ignore[assignment]
@@ -359,7 +372,7 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
                                      knn=cfg.knn)
     scan_seconds = time.perf_counter() - t_scan
-    profile.save(profiles / name)
+    profile.save(_profile_dir(profiles, net, name))
     _log(progress, f"{name}: DL-TND / DF-TND")
     detected = _offline(cfg, zm.model, summary, profile.meta, x_fit, y_fit, target, k)
     victims = attack.victims(d.y_test)
@@ -380,7 +393,7 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
             art = _art(cfg, zm.model, x_fit[:cfg.art_pool], neg, pos, k)
         except Exception as e:  # report ART's own failure instead of losing the run
             art_error = f"ART STRIP failed: {type(e).__name__}: {e}"
-    row = {"name": name, "seed": cfg.zoo.seed, "target": target,
+    row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
            "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
@@ -389,8 +402,18 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
            "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
            "seconds": round(time.perf_counter() - t0, 1)}
     row["targets"] = _targets(row)
-    _log(progress, f"{name}: done in {row['seconds']:.0f}s")
+    _log(progress, f"{name} ({net}): done in {row['seconds']:.0f}s")
     return row, art_error
+
+
+def _profile_dir(profiles: Path, net: str, name: str) -> Path:
+    """Where an attack's profile goes: ``profiles/NAME`` for DemoNet, ``profiles/NET/NAME`` otherwise."""
+    return profiles / name if net == "demo_net" else profiles / net / name
+
+
+def _on(cfg: BenchConfig, net: str) -> BenchConfig:
+    """``cfg`` with its zoo trained on network ``net``."""
+    return replace(cfg, zoo=replace(cfg.zoo, net=net))
 
 
 def _job(args: tuple) -> tuple[dict[str, Any], str | None]:
@@ -422,10 +445,14 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         "art_strip_available": art_ok, "art_strip_reason": None if art_ok else art_reason,
         "clean_models": [], "attacks": [],
     }
-    _log(progress, f"training the clean model ({cfg.zoo.n_train} images, {cfg.zoo.epochs} epochs)")
-    clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)  # cached: the jobs (TrojanNN) reuse it
+    cleans = {}
+    for net in cfg.nets:
+        _log(progress, f"training the clean {net} ({cfg.zoo.n_train} images, {cfg.zoo.epochs} epochs)")
+        cleans[net] = zoo_model("clean", _on(cfg, net).zoo, data=d, cache=cache)  # cached: the jobs reuse it
+    clean = cleans[cfg.nets[0]]
     k = int(clean.model(torch.from_numpy(xc[:1])).shape[1])
-    todo = [(cfg, name, cache, profiles, art_ok, progress is not None) for name in cfg.attacks]
+    todo = [(_on(cfg, net), name, cache, profiles, art_ok, progress is not None)
+            for net in cfg.nets for name in cfg.attacks]
     if jobs > 1 and len(todo) > 1:
         import multiprocessing as mp
 
@@ -436,7 +463,8 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # beside the jobs: no spinning second thread
             try:
-                _clean_row(cfg, clean, xc, yc, x_fit, y_fit, k, results, progress)
+                for net in cfg.nets:
+                    _clean_row(_on(cfg, net), cleans[net], xc, yc, x_fit, y_fit, k, results, progress)
             finally:
                 torch.set_num_threads(threads)
             rows = pending.get()
@@ -444,23 +472,25 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
             pool.terminate()
             pool.join()
     else:
-        _clean_row(cfg, clean, xc, yc, x_fit, y_fit, k, results, progress)
+        for net in cfg.nets:
+            _clean_row(_on(cfg, net), cleans[net], xc, yc, x_fit, y_fit, k, results, progress)
         rows = [_attack_row(*t[:5], progress) for t in todo]
     for row, art_error in rows:
         results["attacks"].append(row)
         if art_error:
             results["art_strip_reason"] = art_error
     ctx = None
-    names = [r["name"] for r in results["attacks"]]
+    first = [r for r in results["attacks"] if r["net"] == cfg.nets[0]]  # performance: on the first network
+    names = [r["name"] for r in first]
     if names:
         name = "badnets" if "badnets" in names else names[0]
         from guard.model import fingerprint
         from guard.profile import Profile
 
-        zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
-        row = results["attacks"][names.index(name)]
-        ctx = {"name": name, "model": zm.model, "target": row["target"],
-               "profile": Profile.load(profiles / name, model_sha256=fingerprint(zm.model))}
+        zm = zoo_model(name, _on(cfg, cfg.nets[0]).zoo, data=d, cache=cache, clean_model=clean.model)
+        row = first[names.index(name)]
+        ctx = {"name": name, "net": cfg.nets[0], "model": zm.model, "target": row["target"],
+               "profile": Profile.load(_profile_dir(profiles, cfg.nets[0], name), model_sha256=fingerprint(zm.model))}
     results["performance"] = _performance(cfg, ctx, results, xc, x_fit, neg, k, progress)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["machine"]["load_average_1m_at_end"] = round(load[0], 2) if load else None
@@ -483,7 +513,7 @@ def _clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: n
     for v in coff.values():
         if v is not None:
             v["false_positive"] = v.pop("detected")
-    results["clean_models"].append({"name": "clean", "seed": cfg.zoo.seed,
+    results["clean_models"].append({"name": "clean", "net": cfg.zoo.net, "seed": cfg.zoo.seed,
                                     "clean_accuracy": round(clean.clean_accuracy, 4),
                                     "train_seconds": round(clean.train_seconds, 1), "cached": clean.cached,
                                     "detected": coff})
@@ -502,12 +532,14 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
     # over the attacks' models; the other offline methods' times next to it
     perf["scan_seconds"] = round(float(np.median(scans)), 2) if scans else None
     perf["scan"] = {"profile_median": perf["scan_seconds"],
-                    "per_attack": {r["name"]: r["scan_seconds"] for r in results["attacks"]},
+                    "per_attack": {(r["name"] if r["net"] == "demo_net" else f"{r['name']} ({r['net']})"):
+                                   r["scan_seconds"] for r in results["attacks"]},
                     "dl_tnd_median": _median_of(results, "dl_tnd"), "df_tnd_median": _median_of(results, "df_tnd")}
     if ctx is None:
         return perf
     model, profile = ctx["model"], ctx["profile"]
     perf["model"] = ctx["name"]
+    perf["net"] = ctx["net"]
     guard = Guard(model, profile, mode="enforce", verify=False)
     _log(progress, "performance: guard overhead (batch 1, 32)")
     over = {}
@@ -530,7 +562,7 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
         perf["torchserve"] = {"skipped": "TorchServe throughput not measured in this configuration"}
         return perf
     _log(progress, "performance: TorchServe throughput, guarded vs baseline handler")
-    perf["torchserve"] = _torchserve(cfg, model, profile, neg)
+    perf["torchserve"] = _torchserve(_on(cfg, ctx["net"]), model, profile, neg)
     perf["torchserve_throughput_ratio"] = perf["torchserve"].get("torchserve_throughput_ratio")
     perf["ingress_throughput_ratio"] = perf["torchserve"].get("ingress_throughput_ratio")
     return perf
@@ -544,7 +576,7 @@ def _median_of(results: dict[str, Any], method: str) -> float | None:
 def _torchserve(cfg: BenchConfig, model: nn.Module, profile, x: np.ndarray) -> dict[str, Any]:
     """Write the model as a user would (model file, state_dict, profile) and measure both handlers."""
     from guard.bench.serving import torchserve_throughput
-    from guard.demo.nets import net_file
+    from guard.demo.attacks.zoo import model_file
     from guard.errors import GuardError
     from guard.torchserve.server import ServeError
 
@@ -552,7 +584,7 @@ def _torchserve(cfg: BenchConfig, model: nn.Module, profile, x: np.ndarray) -> d
         return {"error": "java not found: TorchServe needs Java 17"}
     work = Path(tempfile.mkdtemp(prefix="guard-bench-"))
     try:
-        shutil.copyfile(net_file("demo_net"), work / "model.py")
+        (work / "model.py").write_text(model_file(cfg.zoo.net))
         torch.save(model.state_dict(), work / "weights.pt")
         prof_dir = profile.save(work / "profile")
         return torchserve_throughput(work / "model.py", work / "weights.pt", prof_dir, x, requests=cfg.ts_requests,

@@ -49,8 +49,9 @@ def test_every_attack_row_has_every_field(tiny):
     r, _ = tiny
     assert r["schema_version"] == 1 and r["config"]["preset"] == "tiny"
     assert [a["name"] for a in r["attacks"]] == ["badnets"]
+    assert r["config"]["nets"] == ["demo_net"] and all(a["net"] == "demo_net" for a in r["attacks"])
     for a in r["attacks"]:
-        assert {"name", "clean_accuracy", "attack_success_rate", "detected", "online", "repair", "strip",
+        assert {"name", "net", "clean_accuracy", "attack_success_rate", "detected", "online", "repair", "strip",
                 "art_strip", "scan_seconds", "targets"} <= set(a)
         assert 0 <= a["clean_accuracy"] <= 1 and 0 <= a["attack_success_rate"] <= 1
         assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
@@ -78,6 +79,7 @@ def test_every_attack_row_has_every_field(tiny):
 def test_clean_models_report_false_positives(tiny):
     r, _ = tiny
     (c,) = r["clean_models"]
+    assert c["net"] == "demo_net"
     assert set(c["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
     assert all(isinstance(v["false_positive"], bool) for v in c["detected"].values())
 
@@ -111,6 +113,24 @@ def test_markdown_is_rendered_from_the_json(tiny):
     assert "| attack | clean acc | ASR |" in md and "## Targets" in md and "## Performance" in md
     assert r["command"] in md
     assert (out / "models").is_dir() and any((out / "models").glob("*.safetensors"))
+
+
+def test_report_labels_rows_by_network(tiny):
+    """A run over two networks: every table row and target names its network; one network: names only."""
+    import copy
+
+    from guard.bench.report import render, targets
+
+    r = copy.deepcopy(tiny[0])
+    r["config"]["nets"] = ["demo_net", "resnet18"]
+    r["attacks"] = [dict(copy.deepcopy(r["attacks"][0]), net="resnet18"), r["attacks"][0]]
+    r["clean_models"] = r["clean_models"] + [dict(copy.deepcopy(r["clean_models"][0]), net="resnet18")]
+    md = render(r)
+    assert "| badnets (demo_net) |" in md and "| badnets (resnet18) |" in md
+    assert md.index("| badnets (demo_net) |") < md.index("| badnets (resnet18) |"), "grouped in the run's order"
+    assert "- clean (resnet18) (clean acc" in md and "zoo: demo_net, resnet18 on glyphs" in md
+    assert {"badnets (demo_net)", "badnets (resnet18)"} <= {scope for scope, *_ in targets(r)}
+    assert "| badnets |" in render(tiny[0])
 
 
 # ------------------------------------------------------------------ small exact contracts
