@@ -63,6 +63,14 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         for bar, met in a["targets"].items():
             if bar.startswith("combined_tpr_at_1pct_fpr>=strip"):
                 meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs STRIP {_pct(strip['tpr_at_1pct_fpr'])}"
+            elif bar.startswith("combined_tpr_at_1pct_fpr>=best_peer"):
+                from guard.bench.peers.evaluate import best_peer
+
+                peer, tpr = best_peer(a.get("peers") or {"strip": {"available": True, **strip}})
+                meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs {peer} {_pct(tpr)}"
+            elif bar.startswith("whitebox_residual"):
+                wb = a["whitebox"]
+                meas = f"max {_pct(wb['max_residual_attack_success'])} over {len(wb['budgets'])} budgets"
             elif bar.startswith("combined_tpr"):
                 meas = _pct(comb["tpr_at_1pct_fpr"])
             elif bar.startswith("combined_auroc"):
@@ -135,6 +143,7 @@ def render(results: dict[str, Any]) -> str:
             v = opt.get(key) or {}
             cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
         lines.append(f"| {_label(a, results)} | " + " | ".join(cells) + " |")
+    lines += _peer_lines(results) + _whitebox_lines(results)
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
         for c in _by_net(results, "clean_models"):
@@ -198,3 +207,50 @@ def _check_names(results: dict[str, Any]) -> list[str]:
             if not n.startswith("combined") and n != "opt_in" and n not in names:
                 names.append(n)
     return names
+
+def _peer_cell(v: dict[str, Any] | None) -> str:
+    if not v:
+        return "n/a"
+    if not v.get("available", True):
+        return f"n/a ({v.get('reason', 'not run')})"
+    return f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}"
+
+
+def _peer_lines(results: dict[str, Any]) -> list[str]:
+    """The input-level peers beside the guard, same inputs and FPR point (AUROC / TPR@1%)."""
+    rows = [a for a in _by_net(results) if a.get("peers")]
+    if not rows:
+        return []
+    first = rows[0]["peers"]
+    fwd = {k: (first.get(k) or {}).get("forwards_per_input", "n/a") for k in ("strip", "ibd_psc", "scale_up")}
+    lines = ["", "Input-level peers (AUROC / TPR@1%; forward passes per input in the header):", "",
+             f"| attack | guard (1) | STRIP ({fwd['strip']}) | IBD-PSC ({fwd['ibd_psc']}) "
+             f"| SCALE-UP ({fwd['scale_up']}) | SCALE-UP data-limited ({fwd['scale_up']}) |",
+             "|---|---|---|---|---|---|"]
+    for a in rows:
+        p, comb = a["peers"], a["online"]["combined"]
+        cells = [p.get("strip"), p.get("ibd_psc"), p.get("scale_up"), (p.get("scale_up") or {}).get("data_limited")]
+        lines.append(f"| {_label(a, results)} | {_f(comb['auroc'])} / {_pct(comb['tpr_at_1pct_fpr'])} | "
+                     + " | ".join(_peer_cell(v) for v in cells) + " |")
+    return lines
+
+
+def _whitebox_lines(results: dict[str, Any]) -> list[str]:
+    """The white-box attacker's budgets: bare success, success through the guard, rejection rate."""
+    rows = [a for a in _by_net(results) if a.get("whitebox")]
+    if not rows:
+        return []
+    lines = ["", "White-box attacker (trigger optimised against a differentiable copy of the guard's statistic):", "",
+             "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
+             "| statistic mean (surrogate / guard; threshold) |", "|---|---|---|---|---|---|"]
+    for a in rows:
+        wb = a["whitebox"]
+        for b in [dict(wb["baseline"], steps=0, weight=0.0)] + wb["budgets"]:
+            lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
+                         f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
+                         f"| {_f(b['surrogate_statistic_mean'], 1)} / {_f(b['guard_statistic_mean'], 1)}; "
+                         f"{_f(wb['ensemble_threshold'], 1)} |")
+        if wb.get("not_in_surrogate"):
+            lines.append(f"| {_label(a, results)} | not in the surrogate: {', '.join(wb['not_in_surrogate'])} "
+                         "| | | | |")
+    return lines

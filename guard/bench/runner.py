@@ -40,6 +40,7 @@ from torch import nn
 
 from guard.bench.evaluation import at_threshold, separation
 from guard.bench.models import ZooConfig, zoo_model
+from guard.bench.peers.evaluate import best_peer, peer_rows
 from guard.bench.report import targets
 from guard.bench.strip import Strip, art_available, art_strip
 from guard.data import split
@@ -94,6 +95,9 @@ class BenchConfig:
     ts_concurrency: int = 4
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
     flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
+    peers: bool = True  # IBD-PSC and SCALE-UP next to STRIP (guard.bench.peers)
+    # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget; None: skip
+    whitebox_budgets: tuple[tuple[int, float], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0))
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -118,6 +122,7 @@ PRESETS: dict[str, BenchConfig] = {
                         df_tnd={"n_seeds": 2, "iterations": 3}, blend={"alphas": (0.1, 0.2), "steps": 2,
                                                                      "refine_steps": 1, "n_eval": 40},
                         overhead_repeats=10, nc_speed_rounds=1,
+                        whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0)),
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }
 
@@ -286,6 +291,18 @@ def _art(cfg: BenchConfig, model: nn.Module, pool: np.ndarray, neg: np.ndarray, 
         "seconds": round(r["seconds"], 2), "statistic": "ART 1.x: sum over classes of the entropy across copies"}
 
 
+def _whitebox(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int, x_fit: np.ndarray,
+              y_fit: np.ndarray) -> dict[str, Any]:
+    """The white-box attacker against this row's guard: it optimises on test images past the evaluation
+    ones (the scan's clean half where too few are left) and is measured on the row's triggered inputs."""
+    from guard.bench.whitebox import bench_row
+
+    own = attack.victims(d.y_test[n_eval:])
+    x_att = d.x_test[n_eval:][own] if own.sum() >= 32 else x_fit[attack.victims(y_fit)]
+    x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
+    return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed)
+
+
 def _targets(row: dict[str, Any]) -> dict[str, Any]:
     """The benchmark's bars for one attack row: value, bar and whether it is met (None: no bar)."""
     name, online, rep = row["name"], row["online"], row["repair"]
@@ -300,8 +317,12 @@ def _targets(row: dict[str, Any]) -> dict[str, Any]:
         out["combined_auroc>=0.97"] = comb["auroc"] >= 0.97
     elif name in ("wanet", "input_aware"):
         out["combined_auroc>=0.90"] = comb["auroc"] >= 0.90
-    strip_tpr = row["strip"]["tpr_at_1pct_fpr"]
-    out["combined_tpr_at_1pct_fpr>=strip"] = comb["tpr_at_1pct_fpr"] >= strip_tpr
+    _, peer_tpr = best_peer(row.get("peers") or {"strip": {"available": True, **row["strip"]}})
+    if peer_tpr is not None:
+        out["combined_tpr_at_1pct_fpr>=best_peer"] = comb["tpr_at_1pct_fpr"] >= peer_tpr
+    wb = row.get("whitebox")
+    if wb and wb.get("budgets"):
+        out["whitebox_residual_attack_success<=0.25"] = wb["max_residual_attack_success"] <= 0.25
     return out
 
 
@@ -356,7 +377,7 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     """
     t0 = time.perf_counter()
     d, xc, yc = _data_memo(cfg)
-    x_fit, y_fit, x_cal, _ = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
+    x_fit, y_fit, x_cal, y_cal = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
     n_eval = min(cfg.n_eval, len(d.x_test))
     neg, y_neg = d.x_test[:n_eval], d.y_test[:n_eval]
     clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)
@@ -393,13 +414,21 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
             art = _art(cfg, zm.model, x_fit[:cfg.art_pool], neg, pos, k)
         except Exception as e:  # report ART's own failure instead of losing the run
             art_error = f"ART STRIP failed: {type(e).__name__}: {e}"
+    peers = None
+    if cfg.peers:
+        _log(progress, f"{name}: IBD-PSC, SCALE-UP")
+        peers = peer_rows(zm.model, x_cal, y_cal, neg, pos, fpr=cfg.fpr, seed=cfg.zoo.seed, strip=strip)
+    whitebox = None
+    if cfg.whitebox_budgets and name in ("badnets", "blended"):
+        _log(progress, f"{name}: white-box attacker ({len(cfg.whitebox_budgets)} budgets)")
+        whitebox = _whitebox(cfg, zm.model, attack, guard, d, n_eval, x_fit, y_fit)
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
            "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
            "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
            "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
-           "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
+           "peers": peers, "whitebox": whitebox, "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
            "seconds": round(time.perf_counter() - t0, 1)}
     row["targets"] = _targets(row)
     _log(progress, f"{name} ({net}): done in {row['seconds']:.0f}s")
