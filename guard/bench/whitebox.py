@@ -6,8 +6,9 @@ from that fitted state, each check's score (:mod:`guard.online.checks`) and the 
 (:mod:`guard.online.ensemble`), so that the statistic has a gradient with respect to the input:
 
 * ``feature``: squared whitened distance to the predicted class's centre (exact);
-* ``knn``: one minus the ``k``-th largest cosine similarity to the predicted class's bank (exact;
-  the gradient flows through the ``k``-th neighbour);
+* ``knn`` and ``inner_knn``: one minus the ``k``-th largest cosine similarity to the predicted class's
+  bank of feature rows, or of the inner layer's pooled rows (exact; the gradient flows through the
+  ``k``-th neighbour);
 * ``consistency``: the discriminant's distance of the predicted class over the best class, on the
   inner layer's pooled (mean, max) activations (exact; max and min give subgradients);
 * ``neuron``: the largest standardised suspect-neuron activation (exact);
@@ -72,16 +73,17 @@ def _feature(p: tuple) -> Callable:
     return score
 
 
-def _knn(p: tuple) -> Callable:
+def _knn(p: tuple, inner: bool = False) -> Callable:
     bank, starts, stops, k = _t(p[0]), np.asarray(p[1]), np.asarray(p[2]), int(p[3])
     rows = torch.arange(len(bank))
     member = torch.stack([(rows >= int(a)) & (rows < int(b)) for a, b in zip(starts, stops)])  # (K, M)
 
     def score(x, pred, f, g):
-        sim = f @ bank.T  # (N, M): cosine similarity times |f|
+        v = g if inner else f
+        sim = v @ bank.T  # (N, M): cosine similarity times |v|
         sim = sim.masked_fill(~member[pred], float("-inf"))
         kth = sim.topk(k, dim=1).values[:, -1]
-        return 1.0 - kth / f.norm(dim=1).clamp_min(1e-12)
+        return 1.0 - kth / v.norm(dim=1).clamp_min(1e-12)
     return score
 
 
@@ -112,8 +114,9 @@ def _overlap(p: tuple) -> Callable:
     return score
 
 
-SURROGATES: dict[str, Callable[[tuple], Callable]] = {"feature": _feature, "knn": _knn, "consistency": _consistency,
-                                                      "neuron": _neuron, "overlap": _overlap}
+SURROGATES: dict[str, Callable[[tuple], Callable]] = {
+    "feature": _feature, "knn": _knn, "inner_knn": lambda p: _knn(p, inner=True), "consistency": _consistency,
+    "neuron": _neuron, "overlap": _overlap}
 """Torch re-implementations of the online checks' scores, by check name, built from a check's ``params()``."""
 
 
