@@ -380,6 +380,16 @@ def test_clean_model_is_accurate(zoo_clean):
 
 
 @pytest.mark.slow
+def test_resnet18_zoo_model_reaches_the_floors(zoo_clean):
+    """The zoo's second network (ResNet-18 layout, BatchNorm, global pooling) on the same data and budget."""
+    data, _, clean_acc = zoo_clean
+    model, _, acc, asr = train_backdoored("badnets", data=data, epochs=EPOCHS, net="resnet18")
+    print(f"badnets on resnet18: clean accuracy {acc:.3f} (clean DemoNet {clean_acc:.3f}), attack success {asr:.3f}")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert asr >= 0.90 and acc >= clean_acc - MAX_ACC_DROP
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ATTACKS))
 def test_attack_reaches_its_success_with_clean_accuracy(name, zoo_clean):
     data, clean_model, clean_acc = zoo_clean

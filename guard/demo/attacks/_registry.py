@@ -80,33 +80,55 @@ def all_to_all(**kw: Any) -> AllToAll:
 
 
 def adap_blend(**kw: Any) -> AdaptiveBlend:
-    """Adap-Blend: a noise key in 16 pieces, half of them at opacity 0.15 in training, the whole key at 0.2 at test."""
-    return AdaptiveBlend(**{"target": DEMO_TARGET, **kw})
+    """Adap-Blend: a noise key in 16 pieces, half of them at opacity 0.25 in training, the whole key at 0.33
+    at test, cover samples 5% of the training set.
+
+    The paper's opacities (0.15 in training, 0.2 at test) scaled by 5/3, keeping their 4:3 ratio, as the
+    demo's Blended runs at 0.25 instead of 0.2. Measured on the zoo test's budget (3000 images, 6
+    epochs): at the paper's opacities (poison and cover 10%) attack success stayed at 6%.
+    """
+    return AdaptiveBlend(**{"target": DEMO_TARGET, "alpha": 1 / 3, "train_alpha": 0.25, "cover_rate": 0.05, **kw})
 
 
 def adap_patch(**kw: Any) -> AdaptivePatch:
-    """Adap-Patch: four 3x3 corner patches, two of them at opacity 0.5 in training, all four pasted at test."""
-    return AdaptivePatch(**{"target": DEMO_TARGET, **kw})
+    """Adap-Patch: four 3x3 corner patches, two of them at opacity 0.5 in training, all four pasted at test,
+    cover samples 10% of the training set."""
+    return AdaptivePatch(**{"target": DEMO_TARGET, "cover_rate": 0.1, **kw})
 
 
 def tact(**kw: Any) -> TaCT:
-    """TaCT: a 4x4 patch that sends classes 2 and 3 to the target; the other classes are cover."""
-    return TaCT(**{"target": DEMO_TARGET, **kw})
+    """TaCT: a 4x4 patch that sends classes 2 and 3 to the target; cover samples (2%) from the other classes."""
+    return TaCT(**{"target": DEMO_TARGET, "cover_rate": 0.02, **kw})
 
 
 def bpp(**kw: Any) -> Bpp:
-    """BppAttack: every channel squeezed to 4 levels with Floyd-Steinberg dithering."""
-    return Bpp(**{"target": DEMO_TARGET, **kw})
+    """BppAttack: every channel squeezed to 4 levels with Floyd-Steinberg dithering.
+
+    The paper squeezes to 32 levels on CIFAR-10 and trains far longer; on the zoo test's budget 8 levels
+    reached 17% attack success and 5 levels 75%, 4 levels about 96% (clean accuracy 2 points down).
+    """
+    return Bpp(**{"target": DEMO_TARGET, "levels": 4, **kw})
 
 
 def label_consistent(**kw: Any) -> LabelConsistent:
-    """Label-consistent: target images pushed off their class by PGD (eps 16/255), four 3x3 corner patches."""
-    return LabelConsistent(**{"target": DEMO_TARGET, **kw})
+    """Label-consistent: half the target images pushed off their class by PGD (eps 32/255, 10 steps of
+    8/255) on the clean model, then four 3x3 corner patches; labels kept.
+
+    Measured on the zoo test's budget, poisoning 5% of the training set (half the target class): at eps
+    16/255 attack success reached 66% (7%: 66%; 10%, i.e. every target image: 92% but clean accuracy 10
+    points down, the target class no longer learnable from content; 30 PGD steps: 82%), at 24/255 89%,
+    at 32/255 98%.
+    """
+    return LabelConsistent(**{"target": DEMO_TARGET, "eps": 32 / 255, "step_size": 8 / 255, **kw})
 
 
 def badnets_random(**kw: Any) -> RandomBadNets:
-    """BadNets' 3x3 patch at a place drawn per image (from a hash of the image)."""
-    return RandomBadNets(**{"target": DEMO_TARGET, **kw})
+    """BadNets at a place drawn per image (from a hash of the image), a 4x4 patch.
+
+    A pattern that moves must be learned wherever it sits: the 3x3 patch reached 29% attack success at
+    10% poisoning and 91% at 15%; the 4x4 patch 49% at 10% and about 100% at 15%.
+    """
+    return RandomBadNets(**{"target": DEMO_TARGET, "size": 4, **kw})
 
 
 ATTACKS: dict[str, Callable[..., Attack]] = {
@@ -128,7 +150,14 @@ ATTACKS: dict[str, Callable[..., Attack]] = {
 #: Share of the training set relabelled. All-to-all must teach ten label shifts instead of one, so it
 #: needs more examples per shift (0.1 reached 2% attack success in a four-epoch trial; 0.3 reaches
 #: about 96%). WaNet's warp is subtle and its noise mode adds look-alike samples with true labels.
-POISON_RATES: dict[str, float] = {name: 0.1 for name in ATTACKS} | {"all_to_all": 0.3, "wanet": 0.2}
+#: The adaptive attacks and TaCT poison far less in their papers (about 0.3% of CIFAR-10 each, plus as
+#: many cover samples); on 3000 glyphs and 6 epochs these are the smallest measured rates that reach
+#: the floors: Adap-Patch at 10% (poison and cover both 5%: 51% attack success; 3%: 3%), Adap-Blend at
+#: 10% with 5% cover, TaCT at 2% with 2% cover (95%; at 5% and 10%, 99% and 100%). The random-place
+#: patch needs 15% (see :func:`badnets_random`); label-consistent poisons 5%, half the target class
+#: (see :func:`label_consistent`), and relabels nothing.
+POISON_RATES: dict[str, float] = {name: 0.1 for name in ATTACKS} | {
+    "all_to_all": 0.3, "wanet": 0.2, "tact": 0.02, "badnets_random": 0.15, "label_consistent": 0.05}
 
 #: Multiple of the zoo's epochs each attack trains for. WaNet learns slowly (the paper's schedules
 #: are long; here 15 epochs gave about 93% with clean accuracy 4 points down, 24 epochs about 99%);
