@@ -11,6 +11,7 @@ speedup bought with worse triggers would show.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,73 @@ def nc_speedup(model: nn.Module, x: np.ndarray, *, num_classes: int, rounds: int
                                                                      for v in batched.attack_success_]},
         "per_label_loop": quality(loop_l1_arr) | {"attack_success": [round(v, 3) for v in loop_success]},
     }
+
+
+SCALING_CLASSES = (10, 100, 1000)
+
+
+def scaling_world(out_dir: Path, classes: int, *, backdoored: bool, seed: int = 0, n_train: int = 4000,
+                  epochs: int = 4, n_clean: int = 1000) -> Any:
+    """The composed-glyph world of ``classes`` classes (:mod:`guard.demo.nets.composed`, BadNets to label 6
+    or a clean twin), built in ``out_dir`` or reused from there when its ``world.json`` is present."""
+    import json
+
+    from guard.demo.world import DemoWorld, build
+
+    out = Path(out_dir)
+    meta = out / "world.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
+                         out / "triggered.npz", info["clean_accuracy"], info["attack_success"], None)
+    return build(out, net="composed", classes=classes, backdoored=backdoored, seed=seed, n_train=n_train,
+                 n_clean=n_clean, n_holdout=500, epochs=epochs, lr=4e-3)
+
+
+def scan_seconds_by_classes(work_dir: Path, *, classes: tuple[int, ...] = SCALING_CLASSES, seed: int = 0,
+                            n_train: int = 4000, epochs: int = 4, n_clean: int = 1000,
+                            clean_twins_above: int = 10, **nc: Any) -> dict[str, Any]:
+    """Neural Cleanse's default scan of the same net and input size at each class count, timed.
+
+    The net is :class:`ComposedNet` (3x32x32 composed glyphs, 10 / 100 / 1000 classes from one model file,
+    BadNets 3x3 patch to label 6); its models (and, above ``clean_twins_above`` classes, a clean twin each)
+    are trained once in ``work_dir`` and reused. Each scan runs on half the clean images (the profile
+    scan's share) with ``NeuralCleanse(**nc)`` (the defaults unless given); the result says whether the
+    target was flagged and whether the clean twin was flagged at all (a false alarm), next to the seconds.
+    """
+    from guard.data import load_npz, split
+    from guard.demo.world import DEMO_TARGET
+    from guard.model import load_model
+
+    seconds: dict[str, float] = {}
+    detail: dict[str, Any] = {}
+    for k in classes:
+        row: dict[str, Any] = {}
+        twins = [("backdoored", True)] + ([("clean", False)] if k > clean_twins_above else [])
+        for kind, bd in twins:
+            w = scaling_world(Path(work_dir) / f"composed-{k}-{kind}-seed{seed}", k, backdoored=bd, seed=seed,
+                              n_train=n_train, epochs=epochs, n_clean=n_clean)
+            model = load_model(w.model_file, w.weights)
+            x, y = load_npz(w.clean)
+            x_fit, _, _, _ = split(x, y, 0.5, seed=seed)
+            scan = NeuralCleanse(**({"seed": seed, "progress": False} | nc))
+            t0 = time.perf_counter()
+            scan.fit(model, x_fit, num_classes=k)
+            took = time.perf_counter() - t0
+            row[kind] = {"seconds": round(took, 2), "suspect_labels": scan.suspect_labels_,
+                         "clean_accuracy": round(float(w.clean_accuracy), 4),
+                         "labels_optimised": len(scan.labels_), "steps": int(scan.steps_)}
+            if bd:
+                seconds[str(k)] = round(took, 2)
+                row[kind]["attack_success"] = round(float(w.attack_success), 4)
+                row[kind]["target_found"] = DEMO_TARGET in scan.suspect_labels_
+            else:
+                row[kind]["false_alarm"] = bool(scan.suspect_labels_)
+        detail[str(k)] = row
+    lo, hi = str(min(classes)), str(max(classes))
+    ratio = round(seconds[hi] / max(seconds[lo], 1e-9), 3) if lo != hi else None
+    return {"scan_seconds_by_classes": seconds, "ratio_max_over_min_classes": ratio, "by_classes": detail,
+            "net": "composed", "input_shape": [3, 32, 32]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,3 +104,44 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
     with guard.session():
         out["run_in_session"] = median_us(lambda: guard.run(xb))
     return out
+
+
+def net_performance(model: nn.Module, profile, x: np.ndarray, model_source: str, *, repeats: int = 200,
+                    torchserve: dict | None = None) -> dict:
+    """The serving cost of guarding one more network: batch-1 and batch-32 overhead, TorchServe throughput.
+
+    ``profile`` is the network's own scan; ``model_source`` the text of its model file, which TorchServe
+    loads as a user's would. ``torchserve`` holds :func:`guard.bench.serving.torchserve_throughput`'s
+    keyword arguments (``None``: not measured). Returns ``guard_overhead_p50_ratio`` (batch 1),
+    ``guard_overhead_batch32_ratio`` (p50, batch 32) and ``torchserve_throughput_ratio`` with their details.
+    """
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from guard.online import Guard
+
+    guard = Guard(model, profile, mode="enforce", verify=False)
+    over = {f"batch_{b}": measure_overhead(model, guard, x, batch_size=b, repeats=repeats) for b in (1, 32)}
+    out: dict = {"guard_overhead_p50_ratio": round(over["batch_1"]["p50_ratio"], 3),
+                 "guard_overhead_batch32_ratio": round(over["batch_32"]["p50_ratio"], 3),
+                 "torchserve_throughput_ratio": None, "overhead": over, "checks": list(guard.names)}
+    if torchserve is None:
+        out["torchserve"] = {"skipped": "TorchServe throughput not measured in this configuration"}
+        return out
+    from guard.bench.serving import torchserve_throughput
+
+    work = Path(tempfile.mkdtemp(prefix="guard-bench-net-"))
+    try:
+        (work / "model.py").write_text(model_source)
+        torch.save(model.state_dict(), work / "weights.pt")
+        prof_dir = profile.save(work / "profile")
+        ts = torchserve_throughput(work / "model.py", work / "weights.pt", prof_dir, x, work_dir=work / "ts",
+                                   **torchserve)
+    except Exception as e:  # noqa: BLE001 - a serving failure is a figure's reason, not the bench's end
+        ts = {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["torchserve"] = ts
+    out["torchserve_throughput_ratio"] = ts.get("torchserve_throughput_ratio")
+    return out
