@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-file", metavar="PATH", help="also write Prometheus text exposition here "
                    "(for node_exporter's textfile collector, e.g. /var/lib/node_exporter/textfile/guard_audit.prom)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
+                   "cuda[:N]")
     p.add_argument("--force", action="store_true", help="write into a non-empty report directory")
     p.add_argument("--json", action="store_true", help="print report.json on stdout (progress stays on stderr)")
 
@@ -45,10 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from guard.audit.report import prepare_out_dir, write_report
     from guard.audit.rollout import METHODS, parse_methods, run_audit, write_metrics
+    from guard.cli.scan import _device
     from guard.data import load_data
     from guard.model import fingerprint
     from guard.profile import Profile
+    from guard.scan import NeuralCleanse
 
+    device = _device(args.device)
     methods = parse_methods(args.methods)
     out = prepare_out_dir(args.out, force=args.force)  # refuse early, before minutes of scanning
     model = load_model_from(args)
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
               "normalize": args.normalize, "model_class": args.model_class}
     result = run_audit(model, x, y, methods=methods, seed=args.seed, profile=profile,
                        layer=args.feature_layer, source=source, input_shape=args.input_shape,
-                       progress=None)
+                       progress=None, nc=NeuralCleanse(seed=args.seed, device=device) if device != "cpu" else None)
     jpath, hpath = write_report(result, out, force=True)
     if args.metrics_file:
         write_metrics(result, args.metrics_file)
