@@ -1,0 +1,132 @@
+"""Repair on networks other than the demo net, with 20 clean images per class: GapNet (BatchNorm, global
+average pooling, 16x16 digits) and the CIFAR-style ResNet-18 layout at width 8 (BatchNorm, residual
+blocks), each with a 3x3 BadNets patch. The default repair is judged with the attacker's real trigger,
+which it never sees, on test images it never sees; the models are trained once per session (quality
+floors asserted first) and scanned with a shortened Neural Cleanse on the same 200 clean images the
+repair gets, as a user with 20 images per class would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guard.bench.repair import per_class_subset
+from guard.demo.train import attack_success
+from guard.model import accuracy, fingerprint
+
+
+@pytest.fixture(scope="module")
+def resnet_world(tmp_path_factory):
+    from guard.data import load_npz
+    from guard.demo.world import build
+    from guard.model import load_model
+
+    w = build(tmp_path_factory.mktemp("resnet-repair"), net="resnet", seed=1, epochs=4, lr=4e-3, n_train=2500,
+              n_clean=400, n_holdout=500, WIDTH=8)
+    x, y = load_npz(w.clean)
+    xt, yt = load_npz(w.holdout)
+    return load_model(w.model_file, w.weights), w.attack, x, y, xt, yt
+
+
+@pytest.fixture(scope="module")
+def gap(gap_world):
+    w = gap_world
+    return w.model, w.attack, w.x_train, w.y_train, w.x_test, w.y_test
+
+
+def _scan_and_repair(model, attack, x, y, **kw):
+    """Scan 20 clean images per class (shortened Neural Cleanse), repair with them, return the figures."""
+    from guard.repair.run import repair_model
+    from guard.scan.neural_cleanse import NeuralCleanse
+
+    xs, ys = per_class_subset(x, y, 20, seed=0)
+    nc = NeuralCleanse(seed=0, max_rounds=40, progress=False).fit(model, xs, num_classes=10)
+    labels = [int(s) for s in nc.suspect_labels_]
+    assert attack.target in labels and len(labels) <= 2, (labels, nc.anomaly_index_, nc.log_anomaly_index_)
+    r = repair_model(model, xs, ys, labels=labels, masks=nc.masks_[labels], patterns=nc.patterns_[labels],
+                     seed=0, progress=False, **kw)
+    return r
+
+
+def _judge(name, model, attack, r, xt, yt):
+    repaired = r["model"]
+    asr0, asr1 = attack_success(model, attack, xt, yt), attack_success(repaired, attack, xt, yt)
+    drop = accuracy(model, xt, yt) - accuracy(repaired, xt, yt)
+    print(f"\n{name} combined, 20/class: real-trigger ASR {asr0:.3f} -> {asr1:.3f}, test accuracy drop "
+          f"{100 * drop:.1f} points, held-out drop {100 * (r['accuracy_before'] - r['accuracy_after']):.1f}, "
+          f"selected {r['selected']}, {r['seconds']:.0f}s")
+    return asr1, drop
+
+
+def test_gapnet_repair_removes_the_real_trigger(gap):
+    """GapNet: the held-out bound (50 images, 2 points per image) holds. With this shortened scan's
+    triggers two runs of the session fixture measured 100% -> 21.3% at 1.9 points of test accuracy and
+    99.4% -> 2.5% at 4.8 points (the fixture's training differs between runs): the goals (5%, 2 points)
+    are missed, and the floors sit above the measurements."""
+    model, attack, x, y, xt, yt = gap
+    sha = fingerprint(model)
+    r = _scan_and_repair(model, attack, x, y)
+    assert fingerprint(model) == sha  # the caller's model is untouched
+    assert r["ok"] and r["accuracy_before"] - r["accuracy_after"] <= 0.02 + 1e-9
+    asr, drop = _judge("GapNet", model, attack, r, xt, yt)
+    assert asr <= 0.30
+    assert drop <= 0.06
+
+
+def test_resnet_repair_removes_the_real_trigger(resnet_world):
+    """ResNet-18 layout: with this shortened scan's triggers (two suspect labels) the real trigger measured
+    100% -> 26.1% at 5.6 points of test accuracy (held out: 2.0, one image of 50): both goals (5%, 2
+    points) are missed, and the floors sit above the measurement."""
+    model, attack, x, y, xt, yt = resnet_world
+    assert accuracy(model, xt, yt) >= 0.9 and attack_success(model, attack, xt, yt) >= 0.9
+    r = _scan_and_repair(model, attack, x, y)
+    assert r["ok"] and r["accuracy_before"] - r["accuracy_after"] <= 0.02 + 1e-9
+    asr, drop = _judge("ResNet18", model, attack, r, xt, yt)
+    assert asr <= 0.35
+    assert drop <= 0.07
+    # BatchNorm statistics were re-estimated, not left describing the layers before fine-tuning
+    bn0 = dict(model.named_buffers())["bn1.running_mean"]
+    bn1 = dict(r["model"].named_buffers())["bn1.running_mean"]
+    assert not torch.equal(bn0, bn1)
+
+
+def test_recalibration_restores_what_frozen_statistics_lose(gap):
+    """Fine-tuning a BatchNorm model with frozen statistics moves its convolutions under them; one pass
+    re-estimating the statistics on the same clean images recovers the accuracy (measured on GapNet
+    with Adam at lr 1e-3, 2 epochs of 150 images: about 54% frozen, about 96% or more recalibrated)."""
+    import copy
+
+    from guard.repair.run import finetune_epochs
+
+    model, _, x, y, xt, yt = gap
+    xs, ys = per_class_subset(x, y, 15, seed=0)
+    accs = {}
+    for recal in (False, True):
+        m = copy.deepcopy(model)
+        for _ in finetune_epochs(m, xs, ys, epochs=2, lr=1e-3, recalibrate=recal, progress=False):
+            pass
+        accs[recal] = accuracy(m, xt, yt)
+    print(f"\nfrozen {accs[False]:.3f}, recalibrated {accs[True]:.3f}")
+    assert accs[True] >= 0.95 and accs[True] - accs[False] >= 0.1
+
+
+def test_bound_holds_on_a_batchnorm_model(gap):
+    """A repair that would wreck the model (Adam at lr 0.1) is refused rather than reported: no state over
+    the held-out bound is ever selected."""
+    from guard.repair.run import repair_model
+
+    model, attack, x, y, xt, yt = gap
+    xs, ys = per_class_subset(x, y, 20, seed=0)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((1, 16, 16), np.float32)
+    mask[0, :3, :3] = 1
+    pattern = rng.random((1, 16, 16)).astype(np.float32)
+    r = repair_model(model, xs, ys, labels=[attack.target], masks=mask[None], patterns=pattern[None],
+                     method="unlearn", lr=0.1, epochs=2, seed=0, progress=False)
+    kept = [h for h in r["history"][1:] if h["within"]]
+    if r["ok"]:
+        assert r["accuracy_before"] - r["accuracy_after"] <= 0.02 + 1e-9
+    else:
+        assert r["model"] is None and r["state_dict"] is None and not kept
+    assert all(r["accuracy_before"] - h["clean_accuracy"] > 0.02 for h in r["history"][1:] if not h["within"])
