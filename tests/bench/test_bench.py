@@ -70,6 +70,23 @@ def test_every_attack_row_has_every_field(tiny):
         assert {"attack_success_rate", "clean_accuracy", "clean_accuracy_loss_points"} <= set(a["repair"])
         _online_fields(a["strip"])
         assert a["strip"]["n"] == r["config"]["strip_n"]
+        peers = a["peers"]
+        assert set(peers) == {"strip", "ibd_psc", "scale_up"}
+        assert peers["strip"]["auroc"] == a["strip"]["auroc"] and peers["strip"]["forwards_per_input"] == 10
+        assert peers["ibd_psc"] == {"available": False, "forwards_per_input": 6,  # DemoNet has no BatchNorm
+                                    "reason": "IBD-PSC needs BatchNorm layers to amplify; this model has none"}
+        _online_fields(peers["scale_up"])
+        _online_fields(peers["scale_up"]["data_limited"])
+        assert peers["scale_up"]["forwards_per_input"] == 6
+        wb = a["whitebox"]
+        assert [(b["steps"], b["weight"]) for b in wb["budgets"]] == [tuple(b) for b in r["config"]["whitebox_budgets"]]
+        assert sorted(wb["in_surrogate"] + list(wb["not_in_surrogate"])) == sorted(a["online"]["combined"]["checks"])
+        for b in [wb["baseline"], *wb["budgets"]]:
+            for key in ("attack_success_bare", "residual_attack_success", "rejection_rate"):
+                assert 0.0 <= b[key] <= 1.0
+            assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
+        assert wb["max_residual_attack_success"] == max(b["residual_attack_success"] for b in wb["budgets"])
+        assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25"} <= set(a["targets"])
         if r["art_strip_available"]:
             _online_fields(a["art_strip"])
         else:
@@ -111,6 +128,7 @@ def test_markdown_is_rendered_from_the_json(tiny):
     r, out = tiny
     md = (out / "results.md").read_text()
     assert "| attack | clean acc | ASR |" in md and "## Targets" in md and "## Performance" in md
+    assert "| attack | guard (1) | STRIP (10) | IBD-PSC (6) | SCALE-UP (6) |" in md and "White-box attacker" in md
     assert r["command"] in md
     assert (out / "models").is_dir() and any((out / "models").glob("*.safetensors"))
 
@@ -194,4 +212,5 @@ def test_worker_processes_give_the_same_rows(tiny, tmp_path):
     assert a1["online"]["combined"]["auroc"] == pytest.approx(a2["online"]["combined"]["auroc"], abs=1e-3)
     assert r2["art_strip_reason"] and all(a["art_strip"] is None for a in r2["attacks"])
     assert (tmp_path / "b" / "profiles" / "blended" / "profile.json").is_file()
+    assert r2["attacks"][1]["whitebox"]["attack"] == "Blended" and len(r2["attacks"][1]["whitebox"]["budgets"]) == 3
 
