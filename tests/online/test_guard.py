@@ -87,7 +87,7 @@ def test_clean_model_still_gets_a_calibrated_guard(clean_world, tmp_path):
     x, y = load_npz(clean_world.clean)
     profile, summary = build_profile(model, x, y, fpr=0.01, progress=False)
     assert summary["suspect_labels"] == []
-    assert set(profile.meta["checks"]) == {"feature", "knn", "consistency"}  # label-agnostic checks only
+    assert set(profile.meta["checks"]) == {"feature", "knn", "consistency", "inner_knn"}  # label-agnostic checks only
     xh, yh = load_npz(clean_world.holdout)
     c = evaluate(Guard(model, profile), xh, yh)
     assert c["rejected"] / c["n"] <= 0.02
@@ -101,7 +101,7 @@ def _checks_one_by_one(guard, x):
 def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
     model, profile, (xc, _), (xt, _) = setup
     guard = Guard(model, profile)
-    assert guard.names == ["feature", "knn", "consistency", "neuron", "overlap"]
+    assert guard.names == ["feature", "knn", "consistency", "inner_knn", "neuron", "overlap"]
     for x in list(xc[:20]) + list(xt[:20]):
         one = x[None]
         np.testing.assert_allclose(guard.scores(guard._forward(one)), _checks_one_by_one(guard, one),
@@ -118,7 +118,7 @@ def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
     x, y = load_npz(clean_world.clean)
     cp, _ = build_profile(cm, x[:600], y[:600], fpr=0.01, progress=False)
     cg = Guard(cm, cp)
-    assert cg.names == ["feature", "knn", "consistency"]
+    assert cg.names == ["feature", "knn", "consistency", "inner_knn"]
     np.testing.assert_allclose(cg.scores(cg._forward(x[:1])), _checks_one_by_one(cg, x[:1]), rtol=2e-5, atol=2e-5)
 
 

@@ -35,7 +35,7 @@ def test_batch_1_scores_contributions_and_statistic_are_the_batch_paths(setup):
     reads the pooled Record: the same kernels, so the same numbers up to rounding."""
     model, profile, xc, xt = setup
     guard = Guard(model, profile)
-    assert guard.names == ["feature", "knn", "consistency", "neuron", "overlap"]
+    assert guard.names == ["feature", "knn", "consistency", "inner_knn", "neuron", "overlap"]
     batch = np.ascontiguousarray(np.concatenate([xc[:40], xt[:40]]))
     ref = _per_check(guard, batch)
     ref_c, ref_stat = guard.ensemble.evaluate(ref)

@@ -3,9 +3,10 @@
 from guard.online.checks.base import CHECKS, Check, Record, pool, register
 from guard.online.checks.consistency import ConsistencyCheck
 from guard.online.checks.feature import FeatureCheck
+from guard.online.checks.inner_knn import InnerKNNCheck
 from guard.online.checks.knn import KNNCheck
 from guard.online.checks.neuron import NeuronCheck
 from guard.online.checks.overlap import OverlapCheck
 
-__all__ = ["CHECKS", "Check", "ConsistencyCheck", "FeatureCheck", "KNNCheck", "NeuronCheck", "OverlapCheck",
-           "Record", "pool", "register"]
+__all__ = ["CHECKS", "Check", "ConsistencyCheck", "FeatureCheck", "InnerKNNCheck", "KNNCheck", "NeuronCheck",
+           "OverlapCheck", "Record", "pool", "register"]

@@ -156,7 +156,11 @@ class Check:
         pass
 
     def infer_threshold(self, record: Record, *, fpr: float) -> Check:
-        self.threshold_ = upper_threshold(self.score(record), fpr)
+        return self.calibrate(self.score(record), fpr=fpr)
+
+    def calibrate(self, scores: np.ndarray, *, fpr: float) -> Check:
+        """Set the threshold from clean ``scores`` already computed (e.g. cross-fitted ones)."""
+        self.threshold_ = upper_threshold(scores, fpr)
         self.fpr_ = float(fpr)
         return self
 

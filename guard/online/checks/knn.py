@@ -8,8 +8,8 @@ from guard.online.checks.base import Check, kernel, matvec, register
 
 
 @kernel
-def knn_score(p, x, pred, f, g):
-    """``1 - cos`` to the ``k``-th most similar bank row of the predicted class."""
+def knn_distance(p, pred, f):
+    """``1 - cos`` from the row ``f`` to the ``k``-th most similar bank row of class ``pred``."""
     bank, starts, stops, k = p
     sim = matvec(bank[starts[pred]:stops[pred]], f)  # cosine similarity times |f|: |f| does not change the order
     top = np.full(k, -np.inf, dtype=np.float32)  # the k largest, ascending: top[0] is the k-th
@@ -21,6 +21,12 @@ def knn_score(p, x, pred, f, g):
                 pos += 1
             top[pos] = v
     return 1.0 - top[0] / max(np.sqrt((f * f).sum()), 1e-12)
+
+
+@kernel
+def knn_score(p, x, pred, f, g):
+    """:func:`knn_distance` of the feature row."""
+    return knn_distance(p, pred, f)
 
 
 @register
@@ -58,8 +64,13 @@ class KNNCheck(Check):
     def _unit(f: np.ndarray) -> np.ndarray:
         return (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
+    @staticmethod
+    def rows(record) -> np.ndarray:
+        """The activations the bank holds and an input is compared on: the feature layer's."""
+        return record.features
+
     def _fit(self, record, y):
-        f = record.features
+        f = self.rows(record)
         labels = np.asarray(record.logits.argmax(1) if y is None else y, dtype=np.int64)
         if len(f) > self.max_bank:
             pick = np.sort(np.random.default_rng(self.seed).choice(len(f), self.max_bank, replace=False))
