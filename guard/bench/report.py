@@ -88,6 +88,25 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     rows.append(("performance", "nc_batched_speedup >= 5 (10 labels)", _f(s, 2), None if s is None else s >= 5))
     t = p.get("torchserve_throughput_ratio")
     rows.append(("performance", "torchserve_throughput_ratio >= 0.9", _f(t), None if t is None else t >= 0.9))
+    rn = p.get("resnet18") or {}
+    for key, bar, ok in (("guard_overhead_p50_ratio", "<= 1.05 (batch 1)", lambda v: v <= 1.05),
+                         ("torchserve_throughput_ratio", ">= 0.95", lambda v: v >= 0.95)):
+        if rn:
+            v = rn.get(key)
+            rows.append(("performance (resnet18)", f"{key} {bar}", _f(v), None if v is None else ok(v)))
+    sc = p.get("scan_scaling") or {}
+    by = sc.get("scan_seconds_by_classes") or {}
+    if "10" in by and "1000" in by:
+        r = sc.get("ratio_max_over_min_classes")
+        rows.append(("performance", "scan seconds at 1000 classes <= 5x at 10", f"{_f(r, 2)}x "
+                     f"({by['10']:.0f} s vs {by['1000']:.0f} s)", None if r is None else r <= 5))
+        for k in ("100", "1000"):
+            row = (sc.get("by_classes") or {}).get(k) or {}
+            bd, cl = row.get("backdoored") or {}, row.get("clean") or {}
+            if bd and cl:
+                ok = bool(bd.get("target_found")) and not cl.get("false_alarm")
+                rows.append(("performance", f"scan at {k} classes: target found, clean twin not flagged",
+                             f"flagged {bd['suspect_labels']} / clean twin {cl['suspect_labels']}", ok))
     return rows
 
 
@@ -183,6 +202,15 @@ def render(results: dict[str, Any]) -> str:
     lines.append(f"| scan seconds (median over attacks): profile (NC + checks) / DL-TND / DF-TND "
                  f"| {_f(p.get('scan_seconds'), 1)} / {_f(sc.get('dl_tnd_median'), 1)} / "
                  f"{_f(sc.get('df_tnd_median'), 1)} |")
+    by = p.get("scan_seconds_by_classes")
+    if by:
+        lines.append("| Neural Cleanse default scan seconds at " + " / ".join(by) + " classes (composed glyphs) | "
+                     + " / ".join(f"{v:.1f}" for v in by.values()) + " |")
+    rn = p.get("resnet18")
+    if rn:
+        lines.append(f"| ResNet-18 layout (BadNets): guard overhead p50 ratio batch 1 / batch 32; TorchServe "
+                     f"throughput ratio | {_f(rn.get('guard_overhead_p50_ratio'))} / "
+                     f"{_f(rn.get('guard_overhead_batch32_ratio'))}; {_f(rn.get('torchserve_throughput_ratio'))} |")
     ts = p.get("torchserve") or {}
     if "torchserve_throughput_ratio" in ts:
         lines.append(f"| TorchServe throughput guarded / baseline | {_f(ts['torchserve_throughput_ratio'])} "
@@ -207,6 +235,7 @@ def _check_names(results: dict[str, Any]) -> list[str]:
             if not n.startswith("combined") and n != "opt_in" and n not in names:
                 names.append(n)
     return names
+
 
 def _peer_cell(v: dict[str, Any] | None) -> str:
     if not v:

@@ -95,6 +95,8 @@ class BenchConfig:
     ts_concurrency: int = 4
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
     flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
+    scaling: bool = False  # Neural Cleanse's scan seconds at 10, 100 and 1000 classes (composed glyphs)
+    resnet18_performance: bool = False  # overhead and TorchServe throughput on a BadNets ResNet-18 layout model
     peers: bool = True  # IBD-PSC and SCALE-UP next to STRIP (guard.bench.peers)
     # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget; None: skip
     whitebox_budgets: tuple[tuple[int, float], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0))
@@ -121,7 +123,7 @@ PRESETS: dict[str, BenchConfig] = {
                         dl_tnd={"samples_per_class": 3, "iterations": 2, "search_steps": 1, "per_image_iterations": 2},
                         df_tnd={"n_seeds": 2, "iterations": 3}, blend={"alphas": (0.1, 0.2), "steps": 2,
                                                                      "refine_steps": 1, "n_eval": 40},
-                        overhead_repeats=10, nc_speed_rounds=1,
+                        overhead_repeats=10, nc_speed_rounds=1, scaling=False, resnet18_performance=False,
                         whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0)),
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }
@@ -520,7 +522,8 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         row = first[names.index(name)]
         ctx = {"name": name, "net": cfg.nets[0], "model": zm.model, "target": row["target"],
                "profile": Profile.load(_profile_dir(profiles, cfg.nets[0], name), model_sha256=fingerprint(zm.model))}
-    results["performance"] = _performance(cfg, ctx, results, xc, x_fit, neg, k, progress)
+    results["performance"] = _performance(cfg, ctx, results, xc, x_fit, neg, k, progress, cache=cache,
+                                          profiles=profiles)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     results["machine"]["load_average_1m_at_end"] = round(load[0], 2) if load else None
     results["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -549,8 +552,9 @@ def _clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: n
 
 
 def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str, Any], xc: np.ndarray,
-                 x_fit: np.ndarray, neg: np.ndarray, k: int, progress) -> dict[str, Any]:
-    from guard.bench.nc_speed import nc_speedup
+                 x_fit: np.ndarray, neg: np.ndarray, k: int, progress, *, cache: Path | None = None,
+                 profiles: Path | None = None) -> dict[str, Any]:
+    from guard.bench.nc_speed import nc_speedup, scan_seconds_by_classes
     from guard.bench.overhead import measure_overhead, overhead_breakdown
 
     perf: dict[str, Any] = {"model": None, "guard_overhead_p50_ratio": None, "guard_overhead_p95_ratio": None,
@@ -564,6 +568,13 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
                     "per_attack": {(r["name"] if r["net"] == "demo_net" else f"{r['name']} ({r['net']})"):
                                    r["scan_seconds"] for r in results["attacks"]},
                     "dl_tnd_median": _median_of(results, "dl_tnd"), "df_tnd_median": _median_of(results, "df_tnd")}
+    if cfg.scaling and cache is not None:
+        _log(progress, "performance: Neural Cleanse at 10, 100 and 1000 classes (composed glyphs)")
+        perf["scan_scaling"] = scan_seconds_by_classes(cache / "scaling", seed=cfg.zoo.seed)
+        perf["scan_seconds_by_classes"] = perf["scan_scaling"]["scan_seconds_by_classes"]
+    if cfg.resnet18_performance and cache is not None and profiles is not None:
+        _log(progress, "performance: the guard on a BadNets ResNet-18 layout model")
+        perf["resnet18"] = _resnet18_performance(cfg, neg, cache, profiles)
     if ctx is None:
         return perf
     model, profile = ctx["model"], ctx["profile"]
@@ -595,6 +606,35 @@ def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str
     perf["torchserve_throughput_ratio"] = perf["torchserve"].get("torchserve_throughput_ratio")
     perf["ingress_throughput_ratio"] = perf["torchserve"].get("ingress_throughput_ratio")
     return perf
+
+
+def _resnet18_performance(cfg: BenchConfig, neg: np.ndarray, cache: Path, profiles: Path) -> dict[str, Any]:
+    """Overhead (batch 1 and 32) and TorchServe throughput on the zoo's BadNets ResNet-18 layout model, with
+    the profile this run wrote for it (the full preset) or a default scan of it (the others)."""
+    from guard.bench.overhead import net_performance
+    from guard.demo.attacks.zoo import model_file
+    from guard.model import fingerprint
+    from guard.profile import Profile
+
+    d, xc, yc = _data_memo(cfg)
+    zm = zoo_model("badnets", replace(cfg.zoo, net="resnet18"), data=d, cache=cache)
+    path = _profile_dir(profiles, "resnet18", "badnets")
+    if (path / "profile.json").is_file():
+        profile = Profile.load(path, model_sha256=fingerprint(zm.model))
+    else:
+        nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+        profile, _ = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                   knn=cfg.knn)
+    ts = None
+    if cfg.torchserve and (shutil.which("java") is not None or os.environ.get("JAVA_HOME")):
+        ts = {"requests": cfg.ts_requests, "rounds": cfg.ts_rounds, "concurrency": cfg.ts_concurrency,
+              "threads": torch.get_num_threads()}
+    out = net_performance(zm.model, profile, neg, model_file("resnet18"), repeats=cfg.overhead_repeats,
+                          torchserve=ts)
+    if cfg.torchserve and ts is None:
+        out["torchserve"] = {"error": "java not found: TorchServe needs Java 17"}
+    return {"model": "badnets", "net": "resnet18", "clean_accuracy": round(zm.clean_accuracy, 4),
+            "attack_success_rate": zm.attack_success_rate, "suspect_labels": profile.suspect_labels} | out
 
 
 def _median_of(results: dict[str, Any], method: str) -> float | None:
