@@ -25,8 +25,16 @@ def test_the_cache_key_follows_the_network_and_the_attack():
         ZooConfig(net="nope").key()
 
 
-def test_zoo_model_trains_caches_and_reloads_a_resnet(tmp_path):
+@pytest.fixture
+def one_thread():
+    """One torch thread for this test only: the session's thread count decides how later fixtures train."""
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_zoo_model_trains_caches_and_reloads_a_resnet(tmp_path, one_thread):
     cfg = ZooConfig(n_train=200, n_test=60, epochs=1, net="resnet18")
     first = zoo_model("badnets", cfg, cache=tmp_path)
     assert not first.cached and hasattr(first.model, "layer4") and first.model.fc.in_features == 8 * RESNET_WIDTH
