@@ -20,8 +20,11 @@ def _detectors():
     try:
         from guard.scan.tnd import DFTND, DLTND
 
-        found.append(("dl_tnd", lambda seed: DLTND(seed=seed, progress=False), lambda est, m, x, y: est.fit(m, x, y)))
-        found.append(("df_tnd", lambda seed: DFTND(seed=seed, progress=False), lambda est, m, x, y: est.fit(m)))
+        # shortened budgets: conformance is about side effects and determinism, which do not depend on length
+        found.append(("dl_tnd", lambda seed: DLTND(seed=seed, iterations=8, search_steps=2, per_image_iterations=8,
+                                                   progress=False), lambda est, m, x, y: est.fit(m, x, y)))
+        found.append(("df_tnd", lambda seed: DFTND(seed=seed, iterations=30, progress=False),
+                      lambda est, m, x, y: est.fit(m)))
     except ImportError:
         pass
     return found

@@ -40,7 +40,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   mode: str = "enforce", layer: str | None = None, calibration_share: float = 0.5,
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
-                  inner: str | None = None, folds: int = 5) -> tuple[Profile, dict[str, Any]]:
+                  inner: str | None = None, folds: int = 5, inner_knn: bool = True) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -56,8 +56,9 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     the inner-layer check (:class:`~guard.online.checks.ConsistencyCheck`, on the layer ``inner`` or
     the one :func:`~guard.model.inner_layer` finds), which covers mild whole-image triggers (Blended);
     with both, the nearest-neighbour check on that inner layer
-    (:class:`~guard.online.checks.InnerKNNCheck`) sees the Blended trigger best.
-    Each costs one small matrix product per query.
+    (:class:`~guard.online.checks.InnerKNNCheck`) sees the Blended trigger best; ``inner_knn=False``
+    leaves that one out (it costs about 10 us per batch-1 query on DemoNet). Each costs one small
+    matrix product per query.
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -88,6 +89,9 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         checks_off["consistency"] = inner_layer_reason(model, probe, features=layer_name) or "no inner layer"
     if knn and inner_name is None:
         checks_off["inner_knn"] = checks_off["consistency"]
+    elif knn and not inner_knn:
+        checks_off["inner_knn"] = "turned off (inner_knn=False)"
+
     if y.max() >= k:
         raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
@@ -108,7 +112,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
             out.append(KNNCheck(seed=seed).fit(rec))
         if inner_name is not None:
             out.append(ConsistencyCheck().fit(rec, labels))
-            if knn:
+            if knn and inner_knn:
                 out.append(InnerKNNCheck(seed=seed).fit(rec))
         if suspects:
             out.append(NeuronCheck([neurons[s] for s in suspects], rec.features.shape[1]).fit(rec))

@@ -80,12 +80,19 @@ def test_refuses_another_model(setup, clean_world):
         Guard(other, profile)
 
 
-def test_clean_model_still_gets_a_calibrated_guard(clean_world, tmp_path):
+@pytest.fixture(scope="module")
+def clean_scan(clean_world):
+    """The clean model, its default scan's profile and summary (one scan for the tests below)."""
     from guard.scan import build_profile
 
     model = load_model(clean_world.model_file, clean_world.weights)
     x, y = load_npz(clean_world.clean)
     profile, summary = build_profile(model, x, y, fpr=0.01, progress=False)
+    return model, profile, summary
+
+
+def test_clean_model_still_gets_a_calibrated_guard(clean_world, clean_scan):
+    model, profile, summary = clean_scan
     assert summary["suspect_labels"] == []
     assert set(profile.meta["checks"]) == {"feature", "knn", "consistency", "inner_knn"}  # label-agnostic checks only
     xh, yh = load_npz(clean_world.holdout)
@@ -98,7 +105,7 @@ def _checks_one_by_one(guard, x):
     return np.stack([c.score(rec) for c in guard.checks], axis=1)
 
 
-def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
+def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world, clean_scan):
     model, profile, (xc, _), (xt, _) = setup
     guard = Guard(model, profile)
     assert guard.names == ["feature", "knn", "consistency", "inner_knn", "neuron", "overlap"]
@@ -112,11 +119,8 @@ def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world):
     alone = [guard.run(x[None]) for x in batch]
     assert [r.verdicts[0] for r in alone] == together.verdicts
     # a clean model's profile (no neuron or overlap check) takes the same path
-    from guard.scan import build_profile
-
-    cm = load_model(clean_world.model_file, clean_world.weights)
-    x, y = load_npz(clean_world.clean)
-    cp, _ = build_profile(cm, x[:600], y[:600], fpr=0.01, progress=False)
+    cm, cp, _ = clean_scan
+    x, _ = load_npz(clean_world.clean)
     cg = Guard(cm, cp)
     assert cg.names == ["feature", "knn", "consistency", "inner_knn"]
     np.testing.assert_allclose(cg.scores(cg._forward(x[:1])), _checks_one_by_one(cg, x[:1]), rtol=2e-5, atol=2e-5)

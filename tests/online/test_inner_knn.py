@@ -2,6 +2,7 @@
 least (a seeded noise key blended over the whole image) is caught one block earlier, and the guard
 deploying it stops the blended inputs at its calibrated clean rate."""
 
+import numpy as np
 import pytest
 
 from guard import Guard
@@ -43,3 +44,21 @@ def test_the_guard_stops_blended_inputs_at_its_calibrated_rate(blended):
     print(f"\nblended stopped {stopped:.3f}, clean flagged {clean_flagged:.3f}")
     assert stopped >= 0.9, stopped
     assert clean_flagged <= 0.025, clean_flagged
+
+
+def test_the_inner_knn_check_can_be_left_out_and_says_so():
+    import torch
+
+    from guard.scan import NeuralCleanse, build_profile
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 3)).eval()
+    x = np.random.default_rng(0).random((120, 1, 8, 8), dtype=np.float32)
+    y = net(torch.from_numpy(x)).argmax(1).numpy()
+    nc = dict(max_rounds=2, progress=False)
+    with_it, _ = build_profile(net, x, y, fpr=0.05, progress=False, nc=NeuralCleanse(**nc))
+    without, _ = build_profile(net, x, y, fpr=0.05, progress=False, nc=NeuralCleanse(**nc), inner_knn=False)
+    assert "inner_knn" in with_it.checks and "consistency" in with_it.checks
+    assert "inner_knn" not in without.checks and "consistency" in without.checks
+    assert "turned off" in without.checks_off["inner_knn"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-METHODS = ("neural_cleanse", "dl_tnd", "df_tnd", "blend")
+METHODS = ("neural_cleanse", "df_tnd", "blend")  # the audit run on each member (conftest.population)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,8 @@ def test_report_detection_accuracy(members):
 # tests/scan/dftnd_calibration.py, then evaluated here once): 10/12, misses blend-t2 and flags clean-1.
 # The blend reversal (bar 0.175 set on tests/scan/blend_calibration.py's population, then
 # evaluated here once): both blended models at their target, no clean model, no patch model (8/12 by
-# the model-level count, which charges it the patch models it leaves to NC and DF-TND). DL-TND 3/12.
+# the model-level count, which charges it the patch models it leaves to NC and DF-TND). DL-TND (not
+# run here any more: it never decides the verdict) was 3/12.
 # Combined verdict (DF-TND or blend decide; rule chosen on the calibration population): 11/12, only
 # clean-1 wrong (DF-TND's false alarm). Before the blend reversal: 10/12 (blend-t2 missed too).
 def test_blend_reversal_flags_every_blended_model_at_its_target_and_no_clean_model(members):
