@@ -95,8 +95,8 @@ class BenchConfig:
     ts_concurrency: int = 4
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
     flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
-    scaling: bool = False  # Neural Cleanse's scan seconds at 10, 100 and 1000 classes (composed glyphs)
-    resnet18_performance: bool = False  # overhead and TorchServe throughput on a BadNets ResNet-18 layout model
+    scaling: bool = True  # Neural Cleanse's scan seconds at 10, 100 and 1000 classes (composed glyphs)
+    resnet18_performance: bool = True  # overhead and TorchServe throughput on a BadNets ResNet-18 layout model
     peers: bool = True  # IBD-PSC and SCALE-UP next to STRIP (guard.bench.peers)
     # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget; None: skip
     whitebox_budgets: tuple[tuple[int, float], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0))

@@ -59,18 +59,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip measuring the online checks' rejection of stamped held-out images")
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="where the Neural Cleanse re-reversals and the rescan run: cpu (default) or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print the before/after table as JSON on stdout")
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from guard.cli.scan import _device
     from guard.data import load_data
     from guard.errors import InputError
     from guard.model import fingerprint
     from guard.profile import Profile
     from guard.repair.run import repair
 
+    device = _device(args.device)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise InputError(f"--out {out} exists (pass --force to overwrite)")
@@ -88,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     model_input_shape(model, x.shape[1:])
     result = repair(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100,
                     holdout_share=args.holdout, share=args.share, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                    rescan=not args.no_rescan, online=not args.no_online, progress=None)
+                    rescan=not args.no_rescan, online=not args.no_online, progress=None, device=device)
     if result.ok:
         result.save(out)
     table = result.table()

@@ -209,8 +209,10 @@ def worst_success(model: nn.Module, x: np.ndarray, y: np.ndarray, trigs: list[tu
 class _Method:
     """Shared state of one repair: the learning part, the triggers, the selection."""
 
-    def __init__(self, model, x_tr, y_tr, sel: Selection, trigs, *, seed, epochs, share, lr, progress):
+    def __init__(self, model, x_tr, y_tr, sel: Selection, trigs, *, seed, epochs, share, lr, progress,
+                 device: str = "cpu"):
         self.model, self.x_tr, self.y_tr, self.sel = model, x_tr, y_tr, sel
+        self.device = device
         self.trigs, self.seed, self.epochs, self.share, self.progress = trigs, seed, epochs, share, progress
         self.lr = lr
         self.scoring = [(s, Trigger(t.mask, t.pattern)) for s, t in trigs] + anywhere(trigs)
@@ -237,7 +239,7 @@ class _Method:
 
         labels = [s for s, _ in self.trigs]
         nc = NeuralCleanse(labels=labels, seed=self.seed + round_, max_rounds=60, early_stop_patience=10,
-                           progress=self.progress).fit(model, self.x_tr, num_classes=self.k)
+                           progress=self.progress, device=self.device).fit(model, self.x_tr, num_classes=self.k)
         self.details.setdefault("re_reversed_l1", []).append([round(float(v), 2) for v in nc.l1_norms_])
         return reversed_triggers(labels, nc.masks_, nc.patterns_)
 
@@ -332,11 +334,13 @@ def _run_method(method: str, m: _Method) -> None:
 def repair_model(model: nn.Module, x: np.ndarray, y: np.ndarray, *, labels: list[int], masks: np.ndarray,
                  patterns: np.ndarray, method: str = "combined", max_drop: float = 0.02,
                  holdout_share: float = 0.25, share: float = 0.2, epochs: int | None = None, lr: float = 1e-3,
-                 seed: int = 0, progress: bool | None = None) -> dict:
+                 seed: int = 0, progress: bool | None = None, device: str = "cpu") -> dict:
     """The repair itself, without the profile, the rescan or the online checks: returns a dict with
     ``ok``, ``model`` and ``state_dict`` (the selected state; ``None`` when no repaired state is within
     the bound), the held-out ``x_val``/``y_val`` and the learning part ``x_train``/``y_train``,
-    ``accuracy_before``/``accuracy_after`` (held out), ``selected``, ``history`` and ``details``."""
+    ``accuracy_before``/``accuracy_after`` (held out), ``selected``, ``history`` and ``details``.
+    ``device`` is where the Neural Cleanse re-reversals run (the fine-tuning itself, on a few hundred
+    images, stays on the CPU)."""
     from guard.repair.pruning import bare
 
     t0 = time.perf_counter()
@@ -353,7 +357,7 @@ def repair_model(model: nn.Module, x: np.ndarray, y: np.ndarray, *, labels: list
     sel = Selection(model, x_val, y_val, max_drop=max_drop)
     sel.offer("original", model)
     m = _Method(model, x_tr, y_tr, sel, reversed_triggers(labels, masks, patterns), seed=seed, epochs=epochs,
-                share=share, lr=lr, progress=progress)
+                share=share, lr=lr, progress=progress, device=device)
     m.k = k
     _run_method(method, m)
 
@@ -472,12 +476,13 @@ def online_rejection(model: nn.Module, profile, x: np.ndarray, y: np.ndarray,
 def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: str = "combined",
            max_drop: float = 0.02, holdout_share: float = 0.25, share: float = 0.2, epochs: int | None = None,
            lr: float = 1e-3, seed: int = 0, rescan: bool = True, online: bool = True, nc=None,
-           progress: bool | None = None) -> RepairResult:
+           progress: bool | None = None, device: str = "cpu") -> RepairResult:
     """Repair ``model`` with ``method`` (see the module docstring) within ``max_drop`` of clean accuracy
     and measure before and after on the held-out part: clean accuracy, the reversed triggers' attack
     success where they were found and pasted anywhere, the online checks' rejection of held-out images
     stamped with them (``online``), and (``rescan``) a fresh Neural Cleanse scan of the result: verdict,
-    suspect labels, largest anomaly index."""
+    suspect labels, largest anomaly index. ``device`` (``cpu`` or ``cuda[:N]``) is where the Neural
+    Cleanse optimisations run: the combined method's re-reversals and the rescan."""
     from guard.repair.pruning import profile_triggers
     from guard.scan.neural_cleanse import NeuralCleanse
 
@@ -491,7 +496,7 @@ def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     labels, masks, patterns = profile_triggers(profile)
     r = repair_model(model, x, y, labels=labels, masks=masks, patterns=patterns, method=method,
                      max_drop=max_drop, holdout_share=holdout_share, share=share, epochs=epochs, lr=lr,
-                     seed=seed, progress=progress)
+                     seed=seed, progress=progress, device=device)
     xv, yv = r["x_val"], r["y_val"]
     fixed = [(s, Trigger(t.mask, t.pattern)) for s, t in reversed_triggers(labels, masks, patterns)]
     moved = anywhere(fixed)
@@ -518,7 +523,7 @@ def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
             after["online_rejection"], after["online_false_rejection"] = online_rejection(
                 repaired, profile, xv, yv, fixed, seed=seed)
     if rescan and repaired is not None:
-        scanner = nc or NeuralCleanse(seed=seed, progress=progress)
+        scanner = nc or NeuralCleanse(seed=seed, progress=progress, device=device)
         scanner.fit(repaired, r["x_train"], num_classes=k)
         after["verdict"] = "backdoored" if scanner.suspect_labels_ else "clean"
         after["suspect_labels"] = [int(s) for s in scanner.suspect_labels_]

@@ -201,3 +201,33 @@ def test_prune_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli)
                    "--data", str(tmp_path / "bad.npz"), "--profile", str(badnets_profile), "--out",
                    str(tmp_path / "r2.pt"), "--no-rescan")
     assert proc.returncode == 2 and "classes" in proc.stderr, proc.stderr
+
+
+def test_prune_device_is_checked_before_any_work(badnets_world, badnets_profile, tmp_path, guard_cli):
+    base = ["prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+            "--data", str(badnets_world.clean), "--profile", str(badnets_profile), "--out", str(tmp_path / "r.pt")]
+    for dev in ("tpu", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
+        proc = guard_cli(*base, "--device", dev)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "--device" in proc.stderr
+    assert not (tmp_path / "r.pt").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_repair_runs_its_neural_cleanse_on_the_gpu(demo):
+    from guard.repair.run import repair
+
+    model, x, y, xh, yh, profile, atk = demo
+    idx = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(10)])
+    result = repair(model, x[idx], y[idx], profile, seed=0, device="cuda", online=False)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert result.ok and result.after["verdict"] is not None
+    assert attack_success(_loaded(model, result), atk, xh, yh) <= 0.05
+
+
+def _loaded(model, result):
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(result.state_dict)
+    return m.eval()
