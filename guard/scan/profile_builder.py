@@ -140,7 +140,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     # few enough to leave the object intact (measured on the demo: 4-6 seeds stop >= 99%)
     repair_pixels = int(max(4, round(0.5 * min_l1))) if min_l1 else int(max(4, 0.005 * x.shape[2] * x.shape[3]))
     seconds = time.perf_counter() - t0
-    scan = Scan(method="neural_cleanse", threshold=float(nc.threshold),
+    scan = Scan(method="neural_cleanse", threshold=float(nc.threshold_),
                 per_label=[LabelScan(**r) for r in nc.per_label()], seed=seed, steps=int(nc.steps_),
                 seconds=round(float(nc.seconds_), 2), samples={"fit": len(x_fit), "calibration": len(x)})
     profile = Profile(model_sha256=fingerprint(model), input_shape=tuple(x.shape[1:]), num_classes=k,

@@ -8,7 +8,7 @@ import pytest
 from guard import NeuralCleanse, load_model
 from guard.data import load_npz, split
 from guard.demo.world import DEMO_TARGET
-from guard.stats import anomaly_index, log_anomaly_index
+from guard.stats import anomaly_index, family_threshold, log_anomaly_index
 
 
 def test_flags_the_demo_target(demo_profile):
@@ -41,7 +41,31 @@ def test_flag_rule_is_below_median_and_index_over_two():
     nc.anomaly_index_ = anomaly_index(nc.l1_norms_)
     nc.log_anomaly_index_ = log_anomaly_index(nc.l1_norms_)
     nc.converged_ = np.ones(6, bool)
+    nc.threshold_ = nc.threshold
     assert nc._flag() == [0]
+
+
+def test_the_bar_grows_with_the_labels_a_minimum_is_taken_over():
+    assert family_threshold(2.0, 10) == 2.0 and family_threshold(2.0, 4) == 2.0
+    assert family_threshold(2.0, 100) == pytest.approx(2.837, abs=1e-3)
+    assert family_threshold(2.0, 1000) == pytest.approx(3.506, abs=1e-3)
+    assert family_threshold(2.0, 50) < family_threshold(2.0, 100) < family_threshold(2.0, 1000)
+
+
+def test_screened_candidates_are_held_to_the_raised_bar():
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 40)).eval()
+    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    nc = NeuralCleanse(max_rounds=2, seed=0, progress=False, screen_above=0, candidates=3, references=5,
+                       screen_steps=4).fit(net, x)
+    s = nc.screened_
+    assert len(s["candidates"]) == 3 and len(s["references"]) == 5 and len(nc.labels_) == 8
+    assert nc.threshold_ == pytest.approx(family_threshold(2.0, 40))
+    np.testing.assert_allclose(nc.anomaly_index_, anomaly_index(nc.l1_norms_))
+    unscreened = NeuralCleanse(max_rounds=2, seed=0, progress=False, screen_above=None).fit(net, x)
+    assert unscreened.screened_ is None and len(unscreened.labels_) == 40 and unscreened.threshold_ == 2.0
 
 
 def test_anomaly_index_uses_the_consistency_constant():
