@@ -57,7 +57,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     the one :func:`~guard.model.inner_layer` finds), which covers mild whole-image triggers (Blended);
     with both, the nearest-neighbour check on that inner layer
     (:class:`~guard.online.checks.InnerKNNCheck`) sees the Blended trigger best; ``inner_knn=False``
-    leaves that one out (it costs about 10 us per batch-1 query on DemoNet). Each costs one small
+    leaves that one out (its batch-1 score took 6 us in the bench's breakdown on DemoNet; side by side,
+    the guard's overhead with and without it was within the measurement's noise). Each costs one small
     matrix product per query.
 
     >>> import numpy as np, torch
@@ -91,7 +92,6 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         checks_off["inner_knn"] = checks_off["consistency"]
     elif knn and not inner_knn:
         checks_off["inner_knn"] = "turned off (inner_knn=False)"
-
     if y.max() >= k:
         raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
