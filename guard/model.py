@@ -260,8 +260,10 @@ def probe_input(model: nn.Module, input_shape: Sequence[int] | None = None) -> t
     raise ModelError("cannot infer the model's input shape: pass --input-shape C,H,W")
 
 
-def _leaf_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, tuple, tuple]], torch.Tensor]:
-    """Leaf modules in execution order with their input and output shapes, and the logits, of one forward."""
+def _leaf_calls(model: nn.Module, x: torch.Tensor, *, leaves: bool = True
+                ) -> tuple[list[tuple[str, tuple, tuple]], torch.Tensor]:
+    """Leaf modules (every submodule with ``leaves=False``) in the order their forwards return, with
+    their input and output shapes, and the logits, of one forward."""
     calls: list[tuple[str, tuple, tuple]] = []
     handles = []
 
@@ -273,7 +275,7 @@ def _leaf_calls(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, tupl
 
     try:
         for n, m in model.named_modules():
-            if n and not any(True for _ in m.children()):
+            if n and (not leaves or not any(True for _ in m.children())):
                 handles.append(m.register_forward_hook(hook(n)))
         with frozen(model), torch.no_grad():
             logits = model(x)
@@ -339,10 +341,13 @@ def inner_layer(model: nn.Module, x: torch.Tensor, name: str | None = None, *,
     Found by one probe forward of ``x``: the last leaf module (in execution order, before the feature
     layer ``features``, by default :func:`feature_layer`'s) whose output is ``(N, C, H, W)`` with
     ``H * W > 1`` (for a CNN, the last convolutional block after its activation and pooling; global
-    pooling, a convolutional classifier and later layers are excluded). ``name`` overrides the choice. Returns
-    ``None`` where there is no such block: an MLP, or a token model (a vision transformer), whose
-    only spatial map is its patch embedding, the first layer, where nothing has been computed yet
-    (:func:`inner_layer_reason` says which).
+    pooling, a convolutional classifier and later layers are excluded). For a token model (a vision
+    transformer, whose only spatial map is its patch embedding) it is the first of its
+    :func:`token_blocks`, read as :func:`token_map`: by the last block a patch trigger's token has been
+    folded into the target's class evidence (on the glyph ViT with two blocks, k-NN on the second block
+    stops about 20% of triggered inputs at 1% of clean, on the first 98%), while after one block it is still
+    a token no clean image has. ``name`` overrides the choice. Returns ``None`` where there is no such
+    layer, an MLP or a token model without a sequence of blocks (:func:`inner_layer_reason` says why).
     """
     return _inner(model, x, name, features)[0]
 
@@ -368,9 +373,30 @@ def _inner(model: nn.Module, x: torch.Tensor, name: str | None,
         return None, "the model has no spatial feature map (N, C, H, W) before its features"
     last = spatial[-1]
     if any(len(out) == 3 for _, _, out in calls[last + 1:]):
-        return None, (f"a token model: its last spatial map ({calls[last][0]}) is the patch embedding, "
-                      "and the blocks after it work on token sequences")
+        blocks = token_blocks(model, x[:1], features)
+        if not blocks:
+            return None, (f"a token model: its last spatial map ({calls[last][0]}) is the patch embedding, "
+                          "and no block of a sequence (nn.Sequential, nn.ModuleList) maps its tokens "
+                          "before the features: name one with --inner-layer")
+        return blocks[0], None
     return calls[last][0], None
+
+
+def token_blocks(model: nn.Module, x: torch.Tensor, features: str) -> list[str]:
+    """A token model's blocks, in order: the modules with submodules that are items of an
+    ``nn.Sequential`` or ``nn.ModuleList`` and return a token sequence ``(N, T, D)`` (``T > 1``) before
+    the feature layer ``features`` runs (a vision transformer's encoder blocks; the layers inside a
+    block are not items of a sequence, or have no submodules)."""
+    modules = dict(model.named_modules())
+    calls, _ = _leaf_calls(model, x, leaves=False)
+    first = next((i for i, (n, _, _) in enumerate(calls) if n == features or n.startswith(features + ".")), len(calls))
+    out = []
+    for name, _, shape in calls[:first]:
+        parent = modules.get(name.rpartition(".")[0]) if "." in name else None
+        if (len(shape) == 3 and shape[1] > 1 and isinstance(parent, (nn.Sequential, nn.ModuleList))
+                and any(True for _ in modules[name].children())):
+            out.append(name)
+    return out
 
 
 class FeatureTap:
@@ -407,7 +433,7 @@ class FeatureTap:
         self.features = a if a.ndim == 2 else pool_features(a)
 
     def _inner_hook(self, module, args, out):
-        self.inner = out
+        self.inner = token_map(out) if out.ndim == 3 else out
 
     def __enter__(self) -> FeatureTap:
         try:
@@ -422,6 +448,17 @@ class FeatureTap:
     def __exit__(self, *exc) -> None:
         while self._handles:
             self._handles.pop().remove()
+
+
+def token_map(t: torch.Tensor) -> torch.Tensor:
+    """A token block's output ``(N, T, D)`` as a map ``(N, 2D, T, 1)`` the inner-layer checks pool like a
+    CNN's: each dimension and its negation a channel over the tokens, so the pooled row holds every
+    dimension's mean, largest and smallest value over the tokens. A CNN's maps follow a ReLU and their
+    smallest value says little; a transformer's residual stream is signed, and a patch trigger shows as
+    one token far out on either side (on the glyph ViT's first block, k-NN on mean and max alone stops
+    93% of triggered inputs at 1% of clean, 98% with the negation)."""
+    t = t.transpose(1, 2)
+    return torch.cat((t, -t), 1).unsqueeze(3)
 
 
 def input_shape(x: torch.Tensor) -> tuple[int, int, int]:

@@ -4,10 +4,10 @@ net without ``nn.Linear``, a net that normalises its input inside ``forward``, a
 The convolutional ones are trained once per session on the glyph task with a 3x3 BadNets patch (clean
 accuracy and attack success floors asserted first), written as a user's model file (the ResNet file
 defines its blocks beside the network), then loaded, scanned and guarded with no architecture-specific
-flag. The ViT is checked for what guard must do with a token model (find its head, switch the spatial
-check off with the reason, scan and guard it) on a briefly trained copy: learning the glyph task takes
-it about 75 s (DEPTH 2, 4000 images, 25 epochs), and the guard's detection on it is measured in
-docs/benchmarks.md.
+flag. The ViT is checked for what guard must do with a token model (find its head, read its first
+block's tokens as the inner layer, scan and guard it) on a briefly trained copy: learning the glyph
+task takes it about 135 s (DEPTH 2, 4000 images, 25 epochs), and the guard's detection on it is
+measured in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from guard import Guard, load_model
 from guard.data import load_npz
-from guard.model import feature_layer, inner_layer, inner_layer_reason
+from guard.model import FeatureTap, feature_layer, inner_layer, inner_layer_reason, token_blocks, token_map
 
 # (bundled model file, module constants, training epochs, learning rate)
 ARCHS = {
@@ -99,26 +99,67 @@ def test_a_head_without_linear_is_found_by_a_probe_forward(arch_worlds):
     assert inner_layer(model, x) == "body.14"  # before the 1x1 classifier, not the class maps
 
 
-def test_token_models_switch_the_spatial_check_off_with_a_reason(tmp_path):
+def test_token_models_read_their_first_block_as_the_inner_layer(tmp_path):
     from guard.demo.world import build
     from guard.profile import Profile
     from guard.scan import NeuralCleanse, build_profile
 
-    w = build(tmp_path / "vit", net="vit", seed=1, epochs=1, n_train=300, n_clean=300, n_holdout=100, DEPTH=1)
+    w = build(tmp_path / "vit", net="vit", seed=1, epochs=1, n_train=300, n_clean=300, n_holdout=100, DEPTH=2)
     model = load_model(w.model_file, w.weights)
     assert feature_layer(model)[0] == "head"
-    assert inner_layer(model, torch.rand(1, 3, 32, 32)) is None
-    assert "token model" in inner_layer_reason(model, torch.rand(1, 3, 32, 32))
+    assert token_blocks(model, torch.rand(1, 3, 32, 32), "head") == ["blocks.0", "blocks.1"]
+    assert inner_layer(model, torch.rand(1, 3, 32, 32)) == "blocks.0"
     x, y = load_npz(w.clean)
     profile, _ = build_profile(model, x, y, seed=0, progress=False, nc=NeuralCleanse(max_rounds=3, progress=False))
     profile.save(tmp_path / "p")
     loaded = Profile.load(tmp_path / "p")
-    assert "consistency" not in loaded.checks and "token model" in loaded.checks_off["consistency"]
+    assert loaded.inner_layer == "blocks.0"
+    assert {"consistency", "inner_knn"} <= set(loaded.checks) and not loaded.checks_off
     shown = subprocess.run([sys.executable, "-m", "guard.cli", "inspect", str(tmp_path / "p")], capture_output=True,
                            text=True, timeout=120)
-    assert shown.returncode == 0 and "check consistency is off: a token model" in shown.stdout
-    decisions = Guard(model, loaded).predict(load_npz(w.holdout)[0][:8])
+    assert shown.returncode == 0 and "inner layer blocks.0" in shown.stdout
+    guard = Guard(model, loaded)
+    xh = load_npz(w.holdout)[0][:8]
+    decisions = guard.predict(xh)
     assert len(decisions) == 8 and all(d.verdict in ("pass", "rejected") for d in decisions)
+    # the single-input path (raw token map pooled in the scorer) scores as the batch path does
+    one = np.concatenate([guard.run(xh[i:i + 1]).scores for i in range(4)])
+    np.testing.assert_allclose(one, guard.run(xh[:4]).scores, rtol=1e-4, atol=1e-5)
+
+
+class _LooseBlocks(torch.nn.Module):
+    """A token model whose two blocks are attributes, not items of a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 16, 8, stride=8)
+        self.first = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16))
+        self.second = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 16))
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.second(t + self.first(t)).mean(1))
+
+
+def test_a_token_model_without_a_block_sequence_says_which_option_helps():
+    model, x = _LooseBlocks(), torch.rand(2, 3, 32, 32)
+    assert inner_layer(model, x) is None
+    assert "token model" in inner_layer_reason(model, x) and "--inner-layer" in inner_layer_reason(model, x)
+    assert inner_layer(model, x, "first") == "first"
+    with FeatureTap(model, inner=model.first) as tap, torch.no_grad():
+        model(x)
+    assert tuple(tap.inner.shape) == (2, 32, 16, 1)  # (N, T, D) as (N, 2D, T, 1)
+
+
+def test_a_token_map_pools_to_each_dimensions_mean_largest_and_smallest_value():
+    from guard.online.checks.base import pool
+
+    t = torch.randn(3, 7, 5)
+    g = pool(token_map(t).numpy())
+    np.testing.assert_allclose(g[:, :5], t.mean(1).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(g[:, 10:15], t.amax(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(g[:, 15:], -t.amin(1).numpy(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("name", list(ARCHS))

@@ -1,7 +1,8 @@
 """TinyViT: a small vision transformer (patch embedding, class token, LayerNorm, head ``head``).
 
 The feature vector is the class token after the final LayerNorm (the input of ``head``). There is no
-spatial block after the patch embedding, so checks that read spatial maps see tokens instead.
+spatial block after the patch embedding, so the inner-layer checks read the first block's tokens
+(:func:`guard.model.inner_layer`).
 """
 
 import torch
