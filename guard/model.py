@@ -275,7 +275,7 @@ def _leaf_calls(model: nn.Module, x: torch.Tensor, *, leaves: bool = True
 
     try:
         for n, m in model.named_modules():
-            if n and (not leaves or not any(True for _ in m.children())):
+            if n and (not leaves or _is_leaf(m)):
                 handles.append(m.register_forward_hook(hook(n)))
         with frozen(model), torch.no_grad():
             logits = model(x)
@@ -365,15 +365,15 @@ def _inner(model: nn.Module, x: torch.Tensor, name: str | None,
             raise ModelError(f"--inner-layer {name!r} is not a module of the model")
         return name, None
     features = features or feature_layer(model, input_shape=tuple(x.shape[1:]))[0]
-    calls, _ = _leaf_calls(model, x[:1])
-    first = next((i for i, (n, _, _) in enumerate(calls) if n == features or n.startswith(features + ".")), None)
-    calls = calls[:first]
+    every, _ = _leaf_calls(model, x[:1], leaves=False)  # one probe: the leaves and the blocks
+    every = _before(every, features)
+    calls = [c for c in every if _is_leaf(modules[c[0]])]
     spatial = [i for i, (_, _, out) in enumerate(calls) if len(out) == 4 and out[2] * out[3] > 1]
     if not spatial:
         return None, "the model has no spatial feature map (N, C, H, W) before its features"
     last = spatial[-1]
     if any(len(out) == 3 for _, _, out in calls[last + 1:]):
-        blocks = token_blocks(model, x[:1], features)
+        blocks = _token_blocks(modules, every)
         if not blocks:
             return None, (f"a token model: its last spatial map ({calls[last][0]}) is the patch embedding, "
                           "and no block of a sequence (nn.Sequential, nn.ModuleList) maps its tokens "
@@ -382,19 +382,30 @@ def _inner(model: nn.Module, x: torch.Tensor, name: str | None,
     return calls[last][0], None
 
 
+def _is_leaf(m: nn.Module) -> bool:
+    return not any(True for _ in m.children())
+
+
+def _before(calls: list[tuple[str, tuple, tuple]], features: str) -> list[tuple[str, tuple, tuple]]:
+    """The probe's calls that return before the feature layer ``features`` (or one of its parts) runs."""
+    first = next((i for i, (n, _, _) in enumerate(calls) if n == features or n.startswith(features + ".")), None)
+    return calls[:first]
+
+
 def token_blocks(model: nn.Module, x: torch.Tensor, features: str) -> list[str]:
     """A token model's blocks, in order: the modules with submodules that are items of an
     ``nn.Sequential`` or ``nn.ModuleList`` and return a token sequence ``(N, T, D)`` (``T > 1``) before
     the feature layer ``features`` runs (a vision transformer's encoder blocks; the layers inside a
     block are not items of a sequence, or have no submodules)."""
-    modules = dict(model.named_modules())
-    calls, _ = _leaf_calls(model, x, leaves=False)
-    first = next((i for i, (n, _, _) in enumerate(calls) if n == features or n.startswith(features + ".")), len(calls))
+    return _token_blocks(dict(model.named_modules()), _before(_leaf_calls(model, x, leaves=False)[0], features))
+
+
+def _token_blocks(modules: dict[str, nn.Module], calls: list[tuple[str, tuple, tuple]]) -> list[str]:
     out = []
-    for name, _, shape in calls[:first]:
+    for name, _, shape in calls:
         parent = modules.get(name.rpartition(".")[0]) if "." in name else None
         if (len(shape) == 3 and shape[1] > 1 and isinstance(parent, (nn.Sequential, nn.ModuleList))
-                and any(True for _ in modules[name].children())):
+                and not _is_leaf(modules[name])):
             out.append(name)
     return out
 
