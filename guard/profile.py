@@ -45,6 +45,7 @@ class LabelScan:
     suspect: bool
     attack_success: float | None = None
     converged: bool | None = None
+    isolation: float | None = None  # L1 norm over the cheapest natural label's (None: no such label)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from guard.stats import anomaly_index
 
 METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd", "blend": "blend"}
 NEEDS_DATA = ("nc", "dl-tnd", "blend")
-DECISIVE = ("df_tnd", "blend")  # calibrated on clean models: their flag alone decides
+DECISIVE = ("neural_cleanse", "df_tnd", "blend")  # calibrated on clean models: their flag alone decides
 NC_MIN_IMAGES = 20
 
 
@@ -80,28 +80,22 @@ class AuditResult:
 def combine(flags: dict[str, list[int]]) -> tuple[str, list[int], str]:
     """Verdict, suspect labels and the rule that fired, from each method's flagged labels.
 
-    The calibrated methods (:data:`DECISIVE`: DF-TND and the blend reversal, whose bars were set on
-    clean and backdoored models) decide; Neural Cleanse decides only when neither ran, and DL-TND
-    only alone. Their flags are otherwise reported as agreement or disagreement.
+    The calibrated methods (:data:`DECISIVE`: Neural Cleanse with its isolation bar, DF-TND and the
+    blend reversal, whose bars were set on clean and backdoored models) decide; DL-TND only alone.
+    Its flags are otherwise reported as agreement or disagreement.
     """
     if len(flags) == 1:
         (name, labels), = flags.items()
         return ("backdoored", sorted(set(labels)), f"{name} flagged (the only method run)") if labels else \
             ("clean", [], f"{name} flagged nothing (the only method run)")
-    nc = sorted(set(flags.get("neural_cleanse") or []))
     dl = sorted(set(flags.get("dl_tnd") or []))
-    calibrated = [m for m in DECISIVE if m in flags]
-    decisive = [m for m in calibrated if flags[m]]
+    decisive = [m for m in DECISIVE if flags.get(m)]
     if decisive:
         labels = sorted(set().union(*(flags[m] for m in decisive)))
-        agree = [m for m in ("neural_cleanse", "dl_tnd") if set(flags.get(m) or []) & set(labels)]
-        return "backdoored", labels, " and ".join(f"{m} flagged" for m in decisive) + (
-            f" ({' and '.join(agree)} agree{'s' if len(agree) == 1 else ''})" if agree else "")
-    if not calibrated and nc:  # nothing calibrated ran: Neural Cleanse's own test decides
-        return "backdoored", nc, "neural_cleanse flagged (neither df_tnd nor blend run)"
-    lone = [f"{m} {labs}" for m, labs in (("neural_cleanse", nc), ("dl_tnd", dl)) if labs]
-    if lone:
-        return "clean", [], f"only {' and '.join(lone)} flagged, without a calibrated method (reported, not decisive)"
+        agree = "dl_tnd agrees" if set(dl) & set(labels) else ""
+        return "backdoored", labels, " and ".join(f"{m} flagged" for m in decisive) + (f" ({agree})" if agree else "")
+    if dl:
+        return "clean", [], f"only dl_tnd {dl} flagged, without a calibrated method (reported, not decisive)"
     return "clean", [], "no method flagged"
 
 

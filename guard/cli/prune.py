@@ -10,8 +10,8 @@ anywhere, so a globally pooled model unlearns the pattern and not only the rever
 position, with Neural Cleanse run again on the partly repaired model every 4 epochs so that what
 still fires the backdoor is unlearned too); anp (adversarial neuron pruning); unlearn (Neural
 Cleanse unlearning of the reversed trigger); fine-pruning (prune the last conv layer's dormant
-channels, then fine-tune). Every method needs at least 10 clean images per class; 20 per class is
-the measured setting.
+channels, then fine-tune). Every method needs at least 10 clean images per class; give it 50 per
+class (with 20 the result varies from model to model: docs/design.md).
 
 Prints a before/after table (or --json): held-out clean accuracy, the reversed triggers' attack
 success, the online checks' rejection of held-out images stamped with them, and a rescan's verdict
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--data", required=True,
                    help="clean images: .npz (x, y) or a folder of class subfolders; at least 10 per class "
-                        "(20 per class measured)")
+                        "(50 per class recommended)")
     p.add_argument("--profile", required=True, help="profile directory of this model (from guard scan)")
     p.add_argument("--out", required=True, help="where to write the repaired state_dict (.pt)")
     p.add_argument("--method", choices=["combined", "anp", "unlearn", "fine-pruning"], default="combined",

@@ -80,15 +80,18 @@ def test_blend_in_the_demo_audit(demo_audit):
     assert all(set(r["attack_success"]) == {f"{a:g}" for a in block["alphas"]} for r in block["per_label"])
 
 
-def test_the_calibrated_methods_decide_and_neural_cleanse_alone_does_not():
+def test_the_calibrated_methods_decide_and_dl_tnd_alone_does_not():
     assert combine({"neural_cleanse": [], "df_tnd": [], "blend": [4]})[:2] == ("backdoored", [4])
     verdict, labels, rule = combine({"neural_cleanse": [3], "dl_tnd": [3], "df_tnd": [], "blend": [3]})
-    assert (verdict, labels) == ("backdoored", [3]) and rule == "blend flagged (neural_cleanse and dl_tnd agree)"
+    assert (verdict, labels) == ("backdoored", [3])
+    assert rule == "neural_cleanse flagged and blend flagged (dl_tnd agrees)"
     assert combine({"neural_cleanse": [1], "df_tnd": [1], "blend": [7]})[:2] == ("backdoored", [1, 7])
-    # Neural Cleanse corroborated only by DL-TND: reported, not decisive (a clean model's natural class)
-    verdict, labels, rule = combine({"neural_cleanse": [3], "dl_tnd": [3], "df_tnd": [], "blend": []})
-    assert (verdict, labels) == ("clean", []) and "neural_cleanse [3]" in rule
-    # nothing calibrated ran: Neural Cleanse decides
+    # Neural Cleanse (isolation bar included) is calibrated too: its flag alone decides
+    assert combine({"neural_cleanse": [3], "df_tnd": [], "blend": []})[:2] == ("backdoored", [3])
+    # DL-TND alone among several: reported, not decisive
+    verdict, labels, rule = combine({"neural_cleanse": [], "dl_tnd": [3], "df_tnd": [], "blend": []})
+    assert (verdict, labels) == ("clean", []) and "dl_tnd [3]" in rule
     assert combine({"neural_cleanse": [3], "dl_tnd": []})[:2] == ("backdoored", [3])
     assert combine({"dl_tnd": [2], "neural_cleanse": []})[0] == "clean"
+    assert combine({"dl_tnd": [2]})[:2] == ("backdoored", [2])
     assert combine({"blend": []})[0] == "clean" and combine({"blend": [5]})[:2] == ("backdoored", [5])

@@ -79,12 +79,14 @@ def _per_class(path, n: int, out):
     return out
 
 
-def test_prune_cli_default_20_per_class_removes_the_real_trigger(badnets_world, badnets_profile, tmp_path,
+def test_prune_cli_default_50_per_class_removes_the_real_trigger(badnets_world, badnets_profile, tmp_path,
                                                                  guard_cli):
-    """The default method with 20 clean images per class: the attacker's real trigger (never shown to the
-    repair) drops from 99% to under 10% on unseen images at <= 2 points of clean accuracy (measured:
-    5.2%, 1.4 points; the goal is 5%), and the JSON carries the held-out figures and residual estimates."""
-    data = _per_class(badnets_world.clean, 20, tmp_path / "c20.npz")
+    """The default method with 50 clean images per class: the attacker's real trigger (never shown to the
+    repair) drops from 99% to under 10% on unseen images at <= 2 points of clean accuracy (measured on
+    four seeded demo worlds: 0-2.3% residual, 0.2-2.6 points), and the JSON carries the held-out figures
+    and residual estimates. With 20 per class the residual ranged from 0.2% to 53% across the same
+    worlds and CPUs, which is why the docs ask for 50."""
+    data = _per_class(badnets_world.clean, 50, tmp_path / "c50.npz")
     out = tmp_path / "repaired.pt"
     proc = guard_cli("prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(data), "--profile", str(badnets_profile), "--out", str(out), "--json", "--no-rescan")
@@ -96,7 +98,7 @@ def test_prune_cli_default_20_per_class_removes_the_real_trigger(badnets_world, 
         for key in ("clean_accuracy", "attack_success", "attack_success_anywhere", "online_rejection",
                     "online_false_rejection", "verdict", "suspect_labels", "anomaly_index", "log_anomaly_index"):
             assert key in side, key
-    assert details["held_out"] == 50 and details["trained_on"] == 150
+    assert details["held_out"] == 120 and details["trained_on"] == 380  # a quarter of each class, rounded down
     assert details["max_accuracy_drop"] == 0.02 and details["accuracy_drop"] <= 0.02 + 1e-9
     assert before["verdict"] == "backdoored" and before["attack_success"] > 0.9
     assert after["attack_success"] <= 0.05 and after["verdict"] is None  # not rescanned
@@ -106,7 +108,7 @@ def test_prune_cli_default_20_per_class_removes_the_real_trigger(badnets_world, 
     xh, yh = load_npz(badnets_world.holdout)
     asr = attack_success(repaired, badnets_world.attack, xh, yh)
     drop = accuracy(model, xh, yh) - accuracy(repaired, xh, yh)
-    print(f"\ncombined, 20/class: real-trigger ASR {asr:.3f}, holdout accuracy drop {100 * drop:.1f} points")
+    print(f"\ncombined, 50/class: real-trigger ASR {asr:.3f}, holdout accuracy drop {100 * drop:.1f} points")
     assert asr <= 0.10
     assert drop <= 0.02
 

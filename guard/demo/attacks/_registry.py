@@ -160,6 +160,9 @@ POISON_RATES: dict[str, float] = {name: 0.1 for name in ATTACKS} | {
     "all_to_all": 0.3, "wanet": 0.2, "tact": 0.02, "badnets_random": 0.15, "label_consistent": 0.05}
 
 #: Multiple of the zoo's epochs each attack trains for. WaNet learns slowly (the paper's schedules
-#: are long; here 15 epochs gave about 93% with clean accuracy 4 points down, 24 epochs about 99%);
-#: the others learn within the clean model's budget.
-EPOCH_SCALES: dict[str, float] = {name: 1.0 for name in ATTACKS} | {"wanet": 4.0}
+#: are long; here 15 epochs gave about 93% with clean accuracy 4 points down, 24 epochs about 99%).
+#: Adap-Blend's half-keys at low opacity sit at the edge of what 6 epochs teach: the same seed reached
+#: 67% attack success on one CPU and passed the 90% floor on another (floating-point order differs), 9
+#: epochs 99%, 12 epochs 99.8%; it gets 12 so the floor does not hang on the machine. The others learn
+#: within the clean model's budget.
+EPOCH_SCALES: dict[str, float] = {name: 1.0 for name in ATTACKS} | {"wanet": 4.0, "adap_blend": 2.0}
