@@ -234,7 +234,8 @@ class Profile:
                     anomaly_index=v.num(r, "anomaly_index", p),
                     log_anomaly_index=v.num(r, "log_anomaly_index", p), suspect=v.bool(r, "suspect", p),
                     attack_success=v.num(r, "attack_success", p) if r.get("attack_success") is not None else None,
-                    converged=v.bool(r, "converged", p) if r.get("converged") is not None else None))
+                    converged=v.bool(r, "converged", p) if r.get("converged") is not None else None,
+                    isolation=v.num(r, "isolation", p) if r.get("isolation") is not None else None))
             scan = Scan(method=v.str(s, "method", "scan."), threshold=v.num(s, "threshold", "scan."),
                         per_label=per_label,
                         seed=s.get("seed"), steps=s.get("steps"), seconds=s.get("seconds"),

@@ -7,6 +7,12 @@ import numpy as np
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of the std under normality
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits ``(N, K)``, shifted by each row's maximum so it cannot overflow."""
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
 def anomaly_index(values: np.ndarray) -> np.ndarray:
     """Neural Cleanse's anomaly index ``(median - v) / (1.4826 * MAD)`` of each value (> 0 below median)."""
     v = np.asarray(values, dtype=np.float64)

@@ -20,14 +20,10 @@ from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
 from guard.online.inputs import validate_batch
 from guard.online.policy import Decision, check_mode
 from guard.profile import Profile
+from guard.stats import softmax
 
 _VERDICT_NAMES = np.array(["pass", "rejected", "repaired", "flagged"], dtype=object)
 _SUSPECT_CODE = {"enforce": 1, "repair": 2, "shadow": 3}
-
-
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
 
 
 @dataclass
@@ -63,7 +59,7 @@ class GuardResult:
 
     @property
     def decisions(self) -> list[Decision]:
-        probs = _softmax(self.logits)
+        probs = softmax(self.logits)
         labels = self.logits.argmax(1)
         out = []
         for i, verdict in enumerate(self.verdicts):
@@ -287,7 +283,7 @@ class Guard:
         xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         with torch.inference_mode():
             logits = self.model(xt.float()).numpy()
-        probs = _softmax(logits)
+        probs = softmax(logits)
         return [Decision(int(lab), [round(float(v), 6) for v in p], "error", ["guard_error"], {})
                 for lab, p in zip(logits.argmax(1), probs)]
 

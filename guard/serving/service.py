@@ -42,7 +42,6 @@ import torch
 from guard.errors import GuardError, PayloadTooLarge
 from guard.model import fingerprint, load_model
 from guard.online import Decision, Guard
-from guard.online.engine import _softmax
 from guard.online.policy import check_mode
 from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
@@ -50,6 +49,7 @@ from guard.serving.decode import V2, Decoded, decode_payload
 from guard.serving.integrity import check_profile_digest
 from guard.serving.metrics import MetricsSink, record_decisions
 from guard.serving.trail import AuditLog
+from guard.stats import softmax
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class ArchiveConfig:
 def bare_predictions(model: torch.nn.Module, x: np.ndarray) -> list[tuple[int, list[float]]]:
     """The bare model's label and probabilities per instance, rounded as the guard's own answers are."""
     with torch.inference_mode():
-        p = _softmax(model(torch.from_numpy(x)).numpy())
+        p = softmax(model(torch.from_numpy(x)).numpy())
     return [(int(row.argmax()), [round(float(v), 6) for v in row]) for row in p]
 
 
