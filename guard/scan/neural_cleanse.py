@@ -53,7 +53,9 @@ class NeuralCleanse:
     backdoor's trigger stands apart from every natural label instead: on that calibration population
     (tests/scan/nc_calibration.py) the cheapest label of a clean model cost 0.72 to 1.0 times the
     cheapest natural one, a patch target 0.21 to 0.42 times.
-    ``isolation=1.0`` gives the published rule alone.
+    ``isolation=1.0`` gives the published rule alone. A screened scan (below) does not apply it: its
+    candidates are the cheapest of many labels by construction, and on the composed-glyph 100- and
+    1000-class worlds the bar hid the 1000-class target; the raised MAD bar holds them instead.
 
     With many labels (more than ``screen_above``) the cost of optimising every label's trigger grows
     with the label count, so the scan runs in two stages, as scanners after Neural Cleanse do (K-Arm,
@@ -335,7 +337,9 @@ class NeuralCleanse:
     def _flag(self) -> list[int]:
         """Labels that pass the MAD test and whose trigger costs at most ``isolation`` times the cheapest
         natural label's (see the class docstring for why both)."""
-        hot = self._outliers() & (self._isolation() <= self.isolation)
+        hot = self._outliers()
+        if getattr(self, "screened_", None) is None:  # a screened scan's bar is raised instead (family_threshold)
+            hot &= self._isolation() <= self.isolation
         return [int(self.labels_[i]) for i in np.flatnonzero(hot)]
 
     def per_label(self) -> list[dict]:
