@@ -265,7 +265,6 @@ class NeuralCleanse:
             self.threshold_ = family_threshold(self.threshold, k_all)
         self.anomaly_index_ = anomaly_index(self.l1_norms_)
         self.log_anomaly_index_ = log_anomaly_index(self.l1_norms_)
-        self.isolation_ = self._isolation()
         self.suspect_labels_ = self._flag()
         self.steps_ = rounds * self.steps_per_round
         self.seconds_ = time.perf_counter() - t0
@@ -322,11 +321,10 @@ class NeuralCleanse:
         hot = (self.anomaly_index_ > self.threshold_) | (self.log_anomaly_index_ > self.threshold_)
         return below & hot & self.converged_
 
-    def _isolation(self) -> np.ndarray:
-        """Each label's L1 norm over the cheapest norm among the *other* labels the MAD test leaves alone
-        (``inf`` when there is none): how far a trigger stands apart from the natural labels."""
+    def _isolation(self, natural: np.ndarray) -> np.ndarray:
+        """Each label's L1 norm over the cheapest norm among the *other* ``natural`` labels (those the
+        MAD test leaves alone; ``inf`` when there is none): how far a trigger stands apart from them."""
         l1 = np.asarray(self.l1_norms_, dtype=np.float64)
-        natural = ~self._outliers()
         out = np.full(len(l1), np.inf)
         for i in range(len(l1)):
             others = l1[natural & (np.arange(len(l1)) != i)]
@@ -336,10 +334,11 @@ class NeuralCleanse:
 
     def _flag(self) -> list[int]:
         """Labels that pass the MAD test and whose trigger costs at most ``isolation`` times the cheapest
-        natural label's (see the class docstring for why both)."""
+        natural label's (see the class docstring for why both); sets ``isolation_``."""
         hot = self._outliers()
+        self.isolation_ = self._isolation(~hot)
         if getattr(self, "screened_", None) is None:  # a screened scan's bar is raised instead (family_threshold)
-            hot &= self._isolation() <= self.isolation
+            hot &= self.isolation_ <= self.isolation
         return [int(self.labels_[i]) for i in np.flatnonzero(hot)]
 
     def per_label(self) -> list[dict]:
