@@ -5,9 +5,8 @@ The convolutional ones are trained once per session on the glyph task with a 3x3
 accuracy and attack success floors asserted first), written as a user's model file (the ResNet file
 defines its blocks beside the network), then loaded, scanned and guarded with no architecture-specific
 flag. The ViT is checked for what guard must do with a token model (find its head, read its first
-block's tokens as the inner layer, scan and guard it) on a briefly trained copy: learning the glyph
-task takes it about 135 s (DEPTH 2, 4000 images, 25 epochs), and the guard's detection on it is
-measured in docs/benchmarks.md.
+block's tokens as the inner layer, scan and guard it) on a briefly trained copy, and for detection on
+one trained to the glyph task (DEPTH 2, 4000 images, 25 epochs: about 75 s on two cores).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ ARCHS = {
     "normalized": ({}, 6, 4e-3),
 }
 TRAIN = {"n_train": 2500, "n_clean": 1200, "n_holdout": 500}
+VIT_TRAIN = {"epochs": 25, "lr": 3e-3, "n_train": 4000, "n_clean": 1000, "n_holdout": 1000}
 
 
 @pytest.fixture(scope="session")
@@ -181,6 +181,40 @@ def test_guard_stops_the_trigger_at_a_calibrated_clean_rate(arch_worlds, arch_pr
     stopped = np.mean([d.verdict != "pass" for d in guard.predict(xt)])
     assert stopped >= 0.9, (name, stopped)
     assert clean_flagged <= 0.04, (name, clean_flagged)
+
+
+@pytest.fixture(scope="session")
+def vit_world(tmp_path_factory):
+    """The small ViT (DEPTH 2, patch 4, class token) trained on the glyph task with a BadNets patch."""
+    from guard.demo.world import build
+
+    return build(tmp_path_factory.mktemp("vit-trained"), net="vit", seed=1, **VIT_TRAIN, DEPTH=2)
+
+
+def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):
+    """Triggered inputs stopped at <= 3% of held-out clean ones, calibrated at 1% (measured on this
+    world: 90.8% stopped at 1.8% of clean; the floor leaves room for another CPU's rounding).
+
+    Only the first block's k-NN check sees this trigger on the ViT (the head's features of a
+    triggered input look like the target class's); the ensemble weights its checks by how the scan's
+    reversed triggers move them, so the three others do not drown it.
+    """
+    from guard.scan import NeuralCleanse, build_profile
+
+    w = vit_world
+    assert w.clean_accuracy >= 0.85 and w.attack_success >= 0.95, (w.clean_accuracy, w.attack_success)
+    model = load_model(w.model_file, w.weights)
+    x, y = load_npz(w.clean)
+    profile, summary = build_profile(model, x, y, fpr=0.01, seed=0, progress=False,
+                                     nc=NeuralCleanse(seed=0, max_rounds=40, progress=False))
+    weights = summary["ensemble"]["weights"]
+    assert max(weights, key=weights.get) == "inner_knn", weights
+    guard = Guard(model, profile)
+    xh, _ = load_npz(w.holdout)
+    xt, _ = load_npz(w.triggered)
+    clean_flagged = float(np.mean(guard.run(xh).verdict_codes != 0))
+    stopped = float(np.mean(guard.run(xt).verdict_codes != 0))
+    assert stopped >= 0.85 and clean_flagged <= 0.03, (stopped, clean_flagged)
 
 
 def test_cli_scans_a_resnet_file_without_flags_and_says_which_class(arch_worlds, tmp_path):

@@ -148,8 +148,8 @@ class Surrogate:
         rule = guard.ensemble
         self.rule = getattr(rule, "method", type(rule).__name__)
         if self.rule == "fisher":
-            refs, lut, t0, inv_beta, shift = rule.params()
-            self._refs, self._t0 = _t(refs), _t(t0)
+            refs, lut, t0, inv_beta, shift, weights = rule.params()
+            self._refs, self._t0, self._w = _t(refs), _t(t0), _t(weights)
             self._inv_beta, self._shift = _t(inv_beta), _t(shift)
             q1, q3 = np.quantile(refs, 0.25, axis=1), np.quantile(refs, 0.75, axis=1)
             spread = np.maximum(q3 - q1, 1e-3 * np.maximum(refs[:, -1] - refs[:, 0], 1e-6))
@@ -184,7 +184,7 @@ class Surrogate:
         count = torch.sigmoid((refs[None, :] - s[:, None]) / self._tau[j]).sum(1)  # smoothed #refs >= s
         inside = -torch.log((count + 1.0) / (n + 1.0))
         tail = s * self._inv_beta[j] - self._shift[j]
-        return torch.where(s > self._t0[j], tail, inside)
+        return self._w[j] * torch.where(s > self._t0[j], tail, inside)
 
     def statistic(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(statistic, logits)`` of a batch ``x`` in [0, 1], differentiable in ``x``."""

@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile, model_sha256=sha)
     meta = {k: v for k, v in profile.meta.items() if k != "tensor_names"}
     meta["tensors"] = {k: list(v.shape) for k, v in sorted(profile.tensors.items())}
+    weights = profile.tensors.get("ensemble.weights")
+    if meta.get("ensemble") and weights is not None and len(weights) == len(meta["checks"]):
+        meta["ensemble"]["weights"] = {n: round(float(w), 4) for n, w in zip(meta["checks"], weights)}
     if sha:
         meta["verified"] = True
     if args.json:
@@ -50,8 +53,10 @@ def run(args: argparse.Namespace) -> int:
               f"(fpr {meta['fpr']:.4g}); each check's own threshold names the reasons")
     else:
         print("  decision: any check over its threshold (a profile from before the ensemble)")
+    weight = (ens or {}).get("weights", {})
     for name, c in meta["checks"].items():
-        print(f"  check {name:<11} threshold {c['threshold']:.4g} (fpr {meta['fpr']:.4g})")
+        w = f", weight {weight[name]:.2f} in the ensemble" if name in weight else ""
+        print(f"  check {name:<11} threshold {c['threshold']:.4g} (fpr {meta['fpr']:.4g}){w}")
     for r in (meta["scan"] or {}).get("per_label", []):
         flag = "  <- suspect" if r["suspect"] else ""
         print(f"  label {r['label']:>3}: L1 {r['l1_norm']:8.2f}  index {r['anomaly_index']:6.2f} "

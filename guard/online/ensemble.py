@@ -5,8 +5,10 @@ blended keys; the overlap check is blind to anything but the reversed trigger). 
 thresholds spends the false-positive budget on every check, including the ones that say nothing about
 the input at hand, and never adds up evidence that two checks see at once. :class:`FisherEnsemble`
 turns every score into its tail probability on clean calibration traffic and combines them with
-Fisher's method, ``-sum_j log p_j``; one threshold on that statistic, calibrated on the same clean
-images, lets ``fpr`` of them through. Measured on the benchmark zoo: the Blended row's AUROC went
+Fisher's method, weighted: ``-sum_j w_j log p_j``, where ``w_j`` is how well check ``j`` separates the
+scan's reversed triggers from clean images (a check that sees nothing of them only adds noise to the
+sum); one threshold on that statistic, calibrated on the same clean images, lets ``fpr`` of them
+through. Measured on the benchmark zoo: the Blended row's AUROC went
 from 0.89 (union) to about 0.98 with the same checks plus the consistency one.
 
 Tail probabilities are empirical inside the calibration sample and, beyond its top ``tail_share``,
@@ -27,13 +29,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from guard.online.checks.base import kernel
-from guard.stats import upper_threshold
+from guard.stats import roc_auc, upper_threshold
 
 
 @kernel
 def fisher_statistic(p, s, c):
-    """Fill ``c`` with each score's ``-log`` clean tail probability and return their sum (Fisher's)."""
-    refs, lut, t0, inv_beta, shift = p
+    """Fill ``c`` with each score's weighted ``-log`` clean tail probability and return their sum."""
+    refs, lut, t0, inv_beta, shift, weights = p
     n = refs.shape[1]
     stat = 0.0
     for j in range(s.shape[0]):
@@ -42,7 +44,7 @@ def fisher_statistic(p, s, c):
             cj = v * inv_beta[j] - shift[j]
         else:  # how many calibration scores are at least as high
             cj = lut[n - np.searchsorted(refs[j], v)]
-        c[j] = cj
+        c[j] = weights[j] * cj
         stat += c[j]
     return stat
 
@@ -95,10 +97,20 @@ class _Rule:
 class FisherEnsemble(_Rule):
     """Fisher's method over the checks' clean tail probabilities, with one calibrated threshold.
 
-    ``fit(scores)`` learns each check's clean score distribution from ``(N, n_checks)`` calibration
-    scores, ``infer_threshold(scores, fpr=...)`` sets ``threshold_``, ``statistic(scores)`` is the
-    combined score (higher = more suspect) and ``contributions(scores)`` each check's share of it
-    (its ``-log p``), which orders the reasons a verdict gives.
+    ``fit(scores, anomalies=...)`` learns each check's clean score distribution from ``(N, n_checks)``
+    calibration scores and, when ``anomalies`` are given, each check's weight ``weights_``;
+    ``infer_threshold(scores, fpr=...)`` sets ``threshold_``, ``statistic(scores)`` is the combined
+    score (higher = more suspect) and ``contributions(scores)`` each check's weighted share of it
+    (``weight * -log p``), which orders the reasons a verdict gives.
+
+    ``anomalies`` are the scores of inputs the model is known to treat abnormally: the scan's
+    reversed triggers stamped on clean images. A check's weight is how well it separates them from
+    the clean scores, ``2 * AUROC - 1`` floored at 0 (a check they leave at clean levels only adds its
+    clean spread to the sum) and divided by the largest weight. Without anomalies, or when no check
+    separates them, every weight is 1 (the plain Fisher sum). Measured on the small ViT, whose
+    first-block k-NN check stops 91% of a patch trigger's inputs alone while the three others see
+    nothing: the plain sum stopped 5% at 1% of clean, the weighted one 91%; on the DemoNet,
+    ResNet-18 and all-convolutional rows the two are within a point.
     """
 
     method = "fisher"
@@ -111,10 +123,11 @@ class FisherEnsemble(_Rule):
         self.threshold_: float | None = None
         self.fpr_: float | None = None
 
-    def fit(self, scores: np.ndarray) -> FisherEnsemble:
+    def fit(self, scores: np.ndarray, *, anomalies: np.ndarray | None = None) -> FisherEnsemble:
         s = np.asarray(scores, dtype=np.float64)
         if s.ndim != 2 or len(s) < 20:
             raise ValueError(f"need (N >= 20, n_checks) calibration scores, got shape {s.shape}")
+        self.weights_ = separation_weights(s, anomalies)
         n = len(s)
         self.refs_ = np.sort(s, axis=0).T.astype(np.float32)  # (n_checks, n), ascending
         m = self._tail_count(n)
@@ -137,7 +150,8 @@ class FisherEnsemble(_Rule):
         lut = (-np.log((np.arange(n + 1) + 1.0) / (n + 1.0))).astype(np.float32)
         self._params = (np.ascontiguousarray(self.refs_, dtype=np.float32), lut, self.t0_.astype(np.float32),
                         (1.0 / self.beta_).astype(np.float32),
-                        (self.t0_ / self.beta_ + log_p0).astype(np.float32))  # beyond t0: s / beta - shift
+                        (self.t0_ / self.beta_ + log_p0).astype(np.float32),  # beyond t0: s / beta - shift
+                        np.ascontiguousarray(self.weights_, dtype=np.float32))
 
     def params(self) -> tuple:
         return self._params
@@ -153,7 +167,8 @@ class FisherEnsemble(_Rule):
         if self.threshold_ is None:
             raise RuntimeError("FisherEnsemble: call infer_threshold before saving")
         return ({"method": self.method, "tail_share": self.tail_share, "threshold": float(self.threshold_)},
-                {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64)})
+                {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64),
+                 "weights": self.weights_.astype(np.float64)})
 
     @classmethod
     def from_profile(cls, settings: dict[str, Any], tensors: dict[str, np.ndarray], *, fpr: float) -> FisherEnsemble:
@@ -161,9 +176,25 @@ class FisherEnsemble(_Rule):
         e.refs_ = np.ascontiguousarray(tensors["refs"], dtype=np.float32)
         e.t0_ = np.asarray(tensors["t0"], dtype=np.float64)
         e.beta_ = np.asarray(tensors["beta"], dtype=np.float64)
+        # profiles written before the weighting sum every check alike
+        e.weights_ = np.asarray(tensors.get("weights", np.ones(len(e.refs_))), dtype=np.float64)
         e.threshold_, e.fpr_ = float(settings["threshold"]), float(fpr)
         e._prepare()
         return e
+
+
+def separation_weights(clean: np.ndarray, anomalies: np.ndarray | None) -> np.ndarray:
+    """``(n_checks,)`` each check's ``2 * AUROC - 1`` between ``clean`` and ``anomalies`` scores,
+    floored at 0 and scaled so the largest is 1; all ones without anomalies or when none separates."""
+    n_checks = clean.shape[1]
+    if anomalies is None or len(anomalies) == 0:
+        return np.ones(n_checks)
+    a = np.asarray(anomalies, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != n_checks:
+        raise ValueError(f"anomalies must be (M, {n_checks}) scores, got shape {a.shape}")
+    gini = np.array([2 * roc_auc(clean[:, j], a[:, j]) - 1 for j in range(n_checks)])
+    gini = np.where(np.isfinite(gini), np.maximum(gini, 0.0), 0.0)
+    return gini / gini.max() if gini.max() > 0.05 else np.ones(n_checks)
 
 
 class UnionRule(_Rule):

@@ -101,3 +101,17 @@ def test_device_cpu_is_the_default_and_changes_nothing(demo_world):
     b = NeuralCleanse(seed=0, max_rounds=3, progress=False, device="cpu").fit(model, x[:64])
     np.testing.assert_array_equal(a.masks_, b.masks_)
     assert a.device == "cpu"
+
+
+def test_two_stage_scan_flags_the_target_of_a_100_class_model(tmp_path):
+    """Above 25 labels every label is screened first; on the composed-glyph 100-class world the
+    BadNets target is among the candidates and flagged over the bar raised for 100 labels."""
+    from guard.bench.nc_speed import scaling_world
+
+    w = scaling_world(tmp_path / "composed-100", 100, backdoored=True)
+    assert w.clean_accuracy >= 0.95 and w.attack_success >= 0.95, (w.clean_accuracy, w.attack_success)
+    x, y = load_npz(w.clean)
+    xf, _, _, _ = split(x, y, 0.5, seed=0)
+    nc = NeuralCleanse(seed=0, progress=False, max_rounds=40).fit(load_model(w.model_file, w.weights), xf)
+    assert DEMO_TARGET in nc.screened_["candidates"], nc.screened_
+    assert nc.suspect_labels_ == [DEMO_TARGET], (nc.suspect_labels_, nc.threshold_)
