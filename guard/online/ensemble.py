@@ -107,9 +107,9 @@ class FisherEnsemble(_Rule):
     reversed triggers stamped on clean images. A check's weight is how well it separates them from
     the clean scores, ``2 * AUROC - 1`` floored at 0 (a check they leave at clean levels only adds its
     clean spread to the sum) and divided by the largest weight. Without anomalies, or when no check
-    separates them, every weight is 1 (the plain Fisher sum). Measured on the small ViT, whose
-    first-block k-NN check stops 91% of a patch trigger's inputs alone while the three others see
-    nothing: the plain sum stopped 5% at 1% of clean, the weighted one 91%; on the DemoNet,
+    separates them, every weight is 1 (the plain Fisher sum). On the small ViT the first-block k-NN
+    check alone sees a patch trigger (91% of its inputs at 1% of clean) and the three others see
+    nothing; the plain sum of all four stops 5% at 1% of clean, the weighted one 91%. On the DemoNet,
     ResNet-18 and all-convolutional rows the two are within a point.
     """
 
@@ -176,7 +176,7 @@ class FisherEnsemble(_Rule):
         e.refs_ = np.ascontiguousarray(tensors["refs"], dtype=np.float32)
         e.t0_ = np.asarray(tensors["t0"], dtype=np.float64)
         e.beta_ = np.asarray(tensors["beta"], dtype=np.float64)
-        # profiles written before the weighting sum every check alike
+        # a profile without weights sums every check alike
         e.weights_ = np.asarray(tensors.get("weights", np.ones(len(e.refs_))), dtype=np.float64)
         e.threshold_, e.fpr_ = float(settings["threshold"]), float(fpr)
         e._prepare()

@@ -33,6 +33,7 @@ from guard.data import split
 from guard.errors import InputError
 from guard.model import Normalized, accuracy, predict
 from guard.repair.triggers import shift
+from guard.scan._trigger import stamp
 
 
 def last_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -80,11 +81,6 @@ def channel_activation(model: nn.Module, layer: nn.Module, x: np.ndarray, *, bat
         handle.remove()
         model.train(was)
     return (torch.stack(acc).sum(0) / len(x)).numpy()
-
-
-def stamp(x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
-    """``(1 - mask) * x + mask * pattern`` for a batch (mask ``(1, H, W)``, pattern ``(C, H, W)``)."""
-    return ((1 - mask) * x + mask * pattern).astype(np.float32)
 
 
 def trigger_success(model: nn.Module, x: np.ndarray, y: np.ndarray, label: int, mask: np.ndarray,

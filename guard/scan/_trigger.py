@@ -1,8 +1,9 @@
 """Shared machinery of the trigger-reversing scans: the tanh mask/pattern parametrisation, stamping
-many candidate triggers onto one batch in a single forward."""
+many candidate triggers onto one batch in a single forward, and one trigger onto a numpy batch."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -14,6 +15,11 @@ def to_raw(v: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 def from_raw(raw: torch.Tensor) -> torch.Tensor:
     """Neural Cleanse's box constraint: ``tanh(raw) / 2 + 0.5`` maps any real to (0, 1)."""
     return torch.tanh(raw) / 2 + 0.5
+
+
+def stamp(x: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """``(1 - mask) * x + mask * pattern`` for a batch (mask ``(1, H, W)``, pattern ``(C, H, W)``)."""
+    return ((1 - mask) * x + mask * pattern).astype(np.float32)
 
 
 def stamp_all(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor) -> torch.Tensor:

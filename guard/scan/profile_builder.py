@@ -19,6 +19,7 @@ from guard.online.ensemble import FisherEnsemble
 from guard.online.policy import check_mode
 from guard.online.scoring import score_checks
 from guard.profile import Calibration, LabelScan, Policy, Profile, RepairSettings, Scan
+from guard.scan._trigger import stamp
 from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
 
 
@@ -186,8 +187,7 @@ def _reversed_trigger_scores(model: nn.Module, checks: list, nc: NeuralCleanse, 
         if len(others) == 0:
             continue
         idx = rng.choice(others, min(per_label, len(others)), replace=False)
-        m, p = nc.masks_[row], nc.patterns_[row]
-        parts.append(((1 - m) * x[idx] + m * p).astype(np.float32))
+        parts.append(stamp(x[idx], nc.masks_[row], nc.patterns_[row]))
     if not parts:
         return np.zeros((0, len(checks)), np.float32)
     return score_checks(checks, records(model, np.concatenate(parts), layer=layer, inner=inner))
