@@ -4,17 +4,21 @@ Chromium to look at the HTML report.
 
 The population keeps each model to a few seconds of training (6000 glyphs, 4 epochs) and audits it
 with Neural Cleanse, DF-TND and the blend reversal at a reduced budget (:func:`quick_estimators`:
-Neural Cleanse on batches of 16), so all twelve build and scan in a few minutes on two cores; the
+Neural Cleanse on batches of 16), so all twelve build and scan in a few minutes on two cores, in
+two single-threaded background workers that run beside the rest of the suite; the
 demo audit in test_report.py runs the full default budget and is the one timed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,17 +69,16 @@ class Member:
     audit_seconds: float = 0.0
 
 
-@pytest.fixture(scope="session")
-def population(tmp_path_factory) -> list[Member]:
-    """Train and audit the twelve population models (seeded; once per test session)."""
+def train_and_audit(root: Path, indices: list[int]) -> list[Member]:
+    """Train and audit the population models at ``indices`` of :data:`POPULATION_SPECS` under ``root``."""
     from guard.audit.rollout import run_audit
     from guard.data import load_npz
     from guard.demo.world import build
     from guard.model import load_model
 
-    root = tmp_path_factory.mktemp("population")
     members = []
-    for i, (name, spec) in enumerate(POPULATION_SPECS):
+    for i in indices:
+        name, spec = POPULATION_SPECS[i]
         atk = make_attack(spec)
         t0 = time.perf_counter()
         w = build(root / name, attack=atk, backdoored=atk is not None, seed=20 + i, **POPULATION_TRAIN)
@@ -93,6 +96,73 @@ def population(tmp_path_factory) -> list[Member]:
                               w.attack_success if atk is not None else 0.0, train_s, res.summary,
                               time.perf_counter() - t0))
     return members
+
+
+class _Background:
+    """The population, trained and audited by two single-threaded child processes at the lowest CPU
+    priority, started as soon as collection shows a test that needs it: the suite's many waits (servers
+    starting, one-threaded CLI subprocesses) leave a core idle for much of the run, and the twelve
+    models take about seven minutes of both cores in the foreground. Each child writes JSON; the
+    fixture waits for both (bounded) and the session's end stops whatever still runs."""
+
+    WORKERS = 2
+
+    def __init__(self) -> None:
+        self.root: Path | None = None
+        self.procs: list[tuple[subprocess.Popen, Path, Path]] = []
+
+    def start(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="guard-population-"))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        for w in range(self.WORKERS):
+            idx = list(range(w, len(POPULATION_SPECS), self.WORKERS))
+            out, log = self.root / f"members-{w}.json", self.root / f"worker-{w}.log"
+            with open(log, "w") as fh:
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(self.root), str(out),
+                                         ",".join(map(str, idx))], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))
+            self.procs.append((proc, out, log))
+
+    def members(self, timeout: float = 2400) -> list[Member]:
+        if not self.procs:
+            self.start()
+        deadline = time.monotonic() + timeout
+        found: list[Member] = []
+        for proc, out, log in self.procs:
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            assert rc == 0, f"population worker exited {rc}: " + log.read_text()[-4000:]
+            found += [Member(**m) for m in json.loads(out.read_text())]
+        order = [name for name, _ in POPULATION_SPECS]
+        return sorted(found, key=lambda m: order.index(m.name))
+
+    def stop(self) -> None:
+        for proc, _, _ in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+_BACKGROUND = _Background()
+
+
+def pytest_collection_finish(session) -> None:
+    if session.config.option.collectonly:
+        return
+    if any("population" in getattr(item, "fixturenames", ()) for item in session.items):
+        _BACKGROUND.start()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _BACKGROUND.stop()
+
+
+@pytest.fixture(scope="session")
+def population() -> list[Member]:
+    """The twelve population models, trained and audited once per test session (in the background,
+    single-threaded: see :class:`_Background`)."""
+    return _BACKGROUND.members()
 
 
 @pytest.fixture(scope="session")
@@ -214,3 +284,11 @@ def image_stats(path: Path) -> tuple[int, int, float]:
     with Image.open(path) as im:
         a = np.asarray(im.convert("RGB"), dtype=np.float32)
     return a.shape[1], a.shape[0], float(a.std())
+
+
+if __name__ == "__main__":  # a population worker of _Background: ROOT OUT_JSON INDICES
+    import torch
+
+    torch.set_num_threads(1)
+    found = train_and_audit(Path(sys.argv[1]), [int(i) for i in sys.argv[3].split(",")])
+    Path(sys.argv[2]).write_text(json.dumps([asdict(m) for m in found]))
