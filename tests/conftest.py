@@ -18,6 +18,13 @@ import torch
 torch.set_num_threads(2)
 
 
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Stop the background jobs that still run (tests/background.py)."""
+    from background import JOBS
+
+    JOBS.stop()
+
+
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
     from guard.demo.world import build

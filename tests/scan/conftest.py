@@ -16,7 +16,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,71 +97,36 @@ def train_and_audit(root: Path, indices: list[int]) -> list[Member]:
     return members
 
 
-class _Background:
-    """The population, trained and audited by two single-threaded child processes at the lowest CPU
-    priority, started as soon as collection shows a test that needs it: the suite's many waits (servers
-    starting, one-threaded CLI subprocesses) leave a core idle for much of the run, and the twelve
-    models take about seven minutes of both cores in the foreground. Each child writes JSON; the
-    fixture waits for both (bounded) and the session's end stops whatever still runs."""
-
-    WORKERS = 2
-
-    def __init__(self) -> None:
-        self.root: Path | None = None
-        self.procs: list[tuple[subprocess.Popen, Path, Path]] = []
-
-    def start(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="guard-population-"))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        for w in range(self.WORKERS):
-            idx = list(range(w, len(POPULATION_SPECS), self.WORKERS))
-            out, log = self.root / f"members-{w}.json", self.root / f"worker-{w}.log"
-            with open(log, "w") as fh:
-                proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), str(self.root), str(out),
-                                         ",".join(map(str, idx))], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, preexec_fn=lambda: os.nice(19))
-            self.procs.append((proc, out, log))
-
-    def members(self, timeout: float = 2400) -> list[Member]:
-        if not self.procs:
-            self.start()
-        deadline = time.monotonic() + timeout
-        found: list[Member] = []
-        for proc, out, log in self.procs:
-            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            assert rc == 0, f"population worker exited {rc}: " + log.read_text()[-4000:]
-            found += [Member(**m) for m in json.loads(out.read_text())]
-        order = [name for name, _ in POPULATION_SPECS]
-        return sorted(found, key=lambda m: order.index(m.name))
-
-    def stop(self) -> None:
-        for proc, _, _ in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
-        if self.root is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
+POPULATION_WORKERS = 2
+"""The population is trained and audited by this many single-threaded background jobs
+(tests/background.py): the twelve models take about seven minutes of both cores in the foreground."""
 
 
-_BACKGROUND = _Background()
+def _start_population() -> None:
+    from background import JOBS
+
+    for w in range(POPULATION_WORKERS):
+        idx = ",".join(map(str, range(w, len(POPULATION_SPECS), POPULATION_WORKERS)))
+        out = JOBS.directory(f"population-{w}") / "members.json"
+        JOBS.start(f"population-{w}", [str(Path(__file__).resolve()), str(out), idx], threads=1)
 
 
 def pytest_collection_finish(session) -> None:
-    if session.config.option.collectonly:
-        return
-    if any("population" in getattr(item, "fixturenames", ()) for item in session.items):
-        _BACKGROUND.start()
-
-
-def pytest_sessionfinish(session, exitstatus) -> None:
-    _BACKGROUND.stop()
+    if not session.config.option.collectonly and any("population" in getattr(item, "fixturenames", ())
+                                                      for item in session.items):
+        _start_population()
 
 
 @pytest.fixture(scope="session")
 def population() -> list[Member]:
-    """The twelve population models, trained and audited once per test session (in the background,
-    single-threaded: see :class:`_Background`)."""
-    return _BACKGROUND.members()
+    """The twelve population models, trained and audited once per test session (in the background)."""
+    from background import JOBS
+
+    _start_population()
+    found = [Member(**m) for w in range(POPULATION_WORKERS)
+             for m in json.loads((JOBS.wait(f"population-{w}") / "members.json").read_text())]
+    order = [name for name, _ in POPULATION_SPECS]
+    return sorted(found, key=lambda m: order.index(m.name))
 
 
 @pytest.fixture(scope="session")
@@ -286,9 +250,10 @@ def image_stats(path: Path) -> tuple[int, int, float]:
     return a.shape[1], a.shape[0], float(a.std())
 
 
-if __name__ == "__main__":  # a population worker of _Background: ROOT OUT_JSON INDICES
+if __name__ == "__main__":  # a population job (tests/background.py): OUT_JSON INDICES
     import torch
 
     torch.set_num_threads(1)
-    found = train_and_audit(Path(sys.argv[1]), [int(i) for i in sys.argv[3].split(",")])
-    Path(sys.argv[2]).write_text(json.dumps([asdict(m) for m in found]))
+    out = Path(sys.argv[1])
+    found = train_and_audit(out.parent, [int(i) for i in sys.argv[2].split(",")])
+    out.write_text(json.dumps([asdict(m) for m in found]))
