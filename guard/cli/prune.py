@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         if result.ok:
             print(f"held-out clean accuracy drop {drop:.1f} points (bound {args.max_drop:g}); repaired weights "
                   f"written to {out} (load them into {Path(args.model_file).name})")
+            if table["details"]["resolution_note"]:
+                print(f"note: {table['details']['resolution_note']}")
     if not result.ok:
         b, a = table["before"]["clean_accuracy"], table["after"]["clean_accuracy"]
         if any(c["within"] for c in table["details"]["candidates"][1:]):

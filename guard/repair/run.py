@@ -532,12 +532,25 @@ def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
         after["log_anomaly_index"] = float(np.max(scanner.log_anomaly_index_))
     drop = r["accuracy_before"] - r["accuracy_after"]
     details = {"method": method, "held_out": int(len(yv)), "trained_on": int(len(r["y_train"])),
-               "max_accuracy_drop": max_drop, "accuracy_drop": drop, "selected": r["selected"],
+               "max_accuracy_drop": max_drop, "accuracy_drop": drop,
+               "accuracy_resolution": 1 / max(len(yv), 1), "resolution_note": resolution_note(len(yv), max_drop),
+               "selected": r["selected"],
                "triggers": labels, "candidates": r["history"], "seconds": r["seconds"], **r["details"]}
     if online:
         details["online_note"] = ("the profile's checks as calibrated on the original model, applied to the "
                                   "repaired one unchanged (rescan before serving the repaired model)")
     return RepairResult(method, r["ok"], before, after, r["state_dict"], details)
+
+
+def resolution_note(held_out: int, max_drop: float) -> str | None:
+    """A warning when the held-out images are too few to resolve the bound: one image's share of them is
+    at least half of ``max_drop``. With 50 held-out images one image is 2 points, and a repair measured
+    with 20 clean images per class lost 7.4 points of test accuracy while those 50 showed 2."""
+    if held_out <= 0 or 1 / held_out < max_drop / 2:
+        return None
+    return (f"{held_out} held-out images measure the accuracy drop in steps of {100 / held_out:.1f} points "
+            f"against a bound of {100 * max_drop:g}: the drop on unseen data can be several times larger; "
+            f"give more clean images (or a larger --holdout) for a bound that means what it says")
 
 
 def _max_or_none(values) -> float | None:

@@ -100,6 +100,7 @@ def test_prune_cli_default_50_per_class_removes_the_real_trigger(badnets_world, 
             assert key in side, key
     assert details["held_out"] == 120 and details["trained_on"] == 380  # a quarter of each class, rounded down
     assert details["max_accuracy_drop"] == 0.02 and details["accuracy_drop"] <= 0.02 + 1e-9
+    assert details["resolution_note"] is None  # 120 held-out images: 0.8 points each, finer than half the bound
     assert before["verdict"] == "backdoored" and before["attack_success"] > 0.9
     assert after["attack_success"] <= 0.05 and after["verdict"] is None  # not rescanned
     assert before["online_rejection"] > 0.9  # the online checks catch the reversed trigger on the original model
@@ -124,6 +125,8 @@ def test_repair_rescans_and_measures_the_online_checks(demo, badnets_world):
     res = repair(model, xs, ys, profile, method="fine-pruning", epochs=0, progress=False,
                  nc=NeuralCleanse(max_rounds=20, batch_size=16, seed=0, progress=False))
     assert res.ok and res.details["held_out"] == 50
+    # one of 50 held-out images is the whole 2-point bound: the result says the bound is coarse
+    assert res.details["accuracy_resolution"] == 0.02 and "steps of 2.0 points" in res.details["resolution_note"]
     assert res.after["verdict"] in ("clean", "backdoored") and isinstance(res.after["anomaly_index"], float)
     assert isinstance(res.after["log_anomaly_index"], float)
     assert max(res.before["anomaly_index"], res.before["log_anomaly_index"]) > 2
