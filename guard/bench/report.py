@@ -251,14 +251,17 @@ def _peer_lines(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     first = rows[0]["peers"]
-    fwd = {k: (first.get(k) or {}).get("forwards_per_input", "n/a") for k in ("strip", "ibd_psc", "scale_up")}
+    fwd = {k: (first.get(k) or {}).get("forwards_per_input", "n/a")
+           for k in ("strip", "ibd_psc", "scale_up", "ted", "ted_pp")}
     lines = ["", "Input-level peers (AUROC / TPR@1%; forward passes per input in the header):", "",
              f"| attack | guard (1) | STRIP ({fwd['strip']}) | IBD-PSC ({fwd['ibd_psc']}) "
-             f"| SCALE-UP ({fwd['scale_up']}) | SCALE-UP data-limited ({fwd['scale_up']}) |",
-             "|---|---|---|---|---|---|"]
+             f"| SCALE-UP ({fwd['scale_up']}) | SCALE-UP data-limited ({fwd['scale_up']}) "
+             f"| TED ({fwd['ted']}) | TED++ ({fwd['ted_pp']}) |",
+             "|---|---|---|---|---|---|---|---|"]
     for a in rows:
         p, comb = a["peers"], a["online"]["combined"]
-        cells = [p.get("strip"), p.get("ibd_psc"), p.get("scale_up"), (p.get("scale_up") or {}).get("data_limited")]
+        cells = [p.get("strip"), p.get("ibd_psc"), p.get("scale_up"), (p.get("scale_up") or {}).get("data_limited"),
+                 p.get("ted"), p.get("ted_pp")]
         lines.append(f"| {_label(a, results)} | {_f(comb['auroc'])} / {_pct(comb['tpr_at_1pct_fpr'])} | "
                      + " | ".join(_peer_cell(v) for v in cells) + " |")
     return lines

@@ -418,7 +418,7 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
             art_error = f"ART STRIP failed: {type(e).__name__}: {e}"
     peers = None
     if cfg.peers:
-        _log(progress, f"{name}: IBD-PSC, SCALE-UP")
+        _log(progress, f"{name}: IBD-PSC, SCALE-UP, TED, TED++")
         peers = peer_rows(zm.model, x_cal, y_cal, neg, pos, fpr=cfg.fpr, seed=cfg.zoo.seed, strip=strip)
     whitebox = None
     if cfg.whitebox_budgets and name in ("badnets", "blended"):

@@ -71,13 +71,16 @@ def test_every_attack_row_has_every_field(tiny):
         _online_fields(a["strip"])
         assert a["strip"]["n"] == r["config"]["strip_n"]
         peers = a["peers"]
-        assert set(peers) == {"strip", "ibd_psc", "scale_up"}
+        assert set(peers) == {"strip", "ibd_psc", "scale_up", "ted", "ted_pp"}
         assert peers["strip"]["auroc"] == a["strip"]["auroc"] and peers["strip"]["forwards_per_input"] == 10
         assert peers["ibd_psc"] == {"available": False, "forwards_per_input": 6,  # DemoNet has no BatchNorm
                                     "reason": "IBD-PSC needs BatchNorm layers to amplify; this model has none"}
         _online_fields(peers["scale_up"])
         _online_fields(peers["scale_up"]["data_limited"])
         assert peers["scale_up"]["forwards_per_input"] == 6
+        for key in ("ted", "ted_pp"):  # one forward per input; DemoNet's convolutions, ReLUs and Linears
+            assert peers[key]["available"] and peers[key]["forwards_per_input"] == 1 and peers[key]["layers"] == 8
+            _online_fields(peers[key])
         wb = a["whitebox"]
         assert [(b["steps"], b["weight"]) for b in wb["budgets"]] == [tuple(b) for b in r["config"]["whitebox_budgets"]]
         assert sorted(wb["in_surrogate"] + list(wb["not_in_surrogate"])) == sorted(a["online"]["combined"]["checks"])
@@ -129,6 +132,7 @@ def test_markdown_is_rendered_from_the_json(tiny):
     md = (out / "results.md").read_text()
     assert "| attack | clean acc | ASR |" in md and "## Targets" in md and "## Performance" in md
     assert "| attack | guard (1) | STRIP (10) | IBD-PSC (6) | SCALE-UP (6) |" in md and "White-box attacker" in md
+    assert "| TED (1) | TED++ (1) |" in md
     assert r["command"] in md
     assert (out / "models").is_dir() and any((out / "models").glob("*.safetensors"))
 

@@ -18,6 +18,7 @@ from guard.bench.evaluation import separation
 from guard.bench.peers._common import PeerUnavailable
 from guard.bench.peers.ibd_psc import IBDPSC
 from guard.bench.peers.scale_up import ScaleUp
+from guard.bench.peers.ted import TED, TEDPlusPlus
 
 
 def _timed(score, neg: np.ndarray, pos: np.ndarray) -> tuple[Any, Any, float]:
@@ -28,7 +29,8 @@ def _timed(score, neg: np.ndarray, pos: np.ndarray) -> tuple[Any, Any, float]:
 
 def peer_rows(model: nn.Module, clean_x: np.ndarray, clean_y: np.ndarray, neg: np.ndarray, pos: np.ndarray, *,
               fpr: float = 0.01, seed: int = 0, strip: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
-    """``{"strip": ..., "ibd_psc": ..., "scale_up": ...}`` on one model; ``strip`` is the STRIP row already measured."""
+    """``{"strip": ..., "ibd_psc": ..., "scale_up": ..., "ted": ..., "ted_pp": ...}`` on one model; ``strip`` is
+    the STRIP row already measured."""
     out: dict[str, dict[str, Any]] = {}
     if strip is not None:
         out["strip"] = {"available": True, "auroc": strip["auroc"], "tpr_at_1pct_fpr": strip["tpr_at_1pct_fpr"],
@@ -50,6 +52,16 @@ def peer_rows(model: nn.Module, clean_x: np.ndarray, clean_y: np.ndarray, neg: n
                        "forwards_per_input": su.forwards_per_input, "seconds_per_input_ms": round(ms, 3),
                        "scales": list(su.scales),
                        "data_limited": separation(sn["data_limited"], sp["data_limited"], fpr=fpr)}
+    for key, cls in (("ted", TED), ("ted_pp", TEDPlusPlus)):
+        try:
+            est = cls(seed=seed).fit(model, clean_x, clean_y)
+        except PeerUnavailable as e:
+            out[key] = {"available": False, "reason": str(e), "forwards_per_input": cls().forwards_per_input}
+            continue
+        sn, sp, ms = _timed(est.score, neg, pos)
+        out[key] = {"available": True, **separation(sn, sp, fpr=fpr),
+                    "forwards_per_input": est.forwards_per_input, "seconds_per_input_ms": round(ms, 3),
+                    "layers": len(est.layers_), "references": int(len(est.ref_labels_))}
     return out
 
 
