@@ -68,8 +68,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
 
                 peer, tpr = best_peer(a.get("peers") or {"strip": {"available": True, **strip}})
                 meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs {peer} {_pct(tpr)}"
-            elif bar.startswith("whitebox_residual"):
-                wb = a["whitebox"]
+            elif bar.startswith(("whitebox_residual", "graybox_residual")):
+                wb = a[bar.split("_")[0]]
                 meas = f"max {_pct(wb['max_residual_attack_success'])} over {len(wb['budgets'])} budgets"
             elif bar.startswith("combined_tpr"):
                 meas = _pct(comb["tpr_at_1pct_fpr"])
@@ -162,7 +162,7 @@ def render(results: dict[str, Any]) -> str:
             v = opt.get(key) or {}
             cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
         lines.append(f"| {_label(a, results)} | " + " | ".join(cells) + " |")
-    lines += _peer_lines(results) + _whitebox_lines(results)
+    lines += _peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results)
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
         for c in _by_net(results, "clean_models"):
@@ -285,4 +285,27 @@ def _whitebox_lines(results: dict[str, Any]) -> list[str]:
         if wb.get("not_in_surrogate"):
             lines.append(f"| {_label(a, results)} | not in the surrogate: {', '.join(wb['not_in_surrogate'])} "
                          "| | | | |")
+    return lines
+
+
+def _graybox_lines(results: dict[str, Any]) -> list[str]:
+    """The gray-box attacker's budgets, with the same attacker against the clean model of the same network."""
+    rows = [a for a in _by_net(results) if a.get("graybox")]
+    if not rows:
+        return []
+    floors = {c.get("net", "demo_net"): (c.get("graybox_floor") or {}) for c in results.get("clean_models", [])}
+    lines = ["", "Gray-box attacker (weights and its own images, no profile: trigger re-optimised to keep the target "
+             "while matching clean target-class statistics at every layer):", "",
+             "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
+             "| clean model: bare / through its guard |", "|---|---|---|---|---|---|"]
+    for a in rows:
+        gb = a["graybox"]
+        floor = floors.get(a.get("net", "demo_net"), {})
+        fb = (floor.get("attacks") or {}).get(a["name"])
+        top = floor.get("budget") or {}
+        for b in [dict(gb["baseline"], steps=0, weight=0.0)] + gb["budgets"]:
+            same = fb is not None and (b["steps"], b["weight"]) == (top.get("steps"), top.get("weight"))
+            ref = f"{_pct(fb['attack_success_bare'])} / {_pct(fb['residual_attack_success'])}" if same else ""
+            lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
+                         f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} | {ref} |")
     return lines

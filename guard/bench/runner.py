@@ -56,8 +56,9 @@ from guard.scan.tnd import DFTND, DLTND
 SCHEMA_VERSION = 1
 ALL_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all", "adap_blend",
                "adap_patch", "tact", "bpp", "label_consistent", "badnets_random")
-#: The quick preset's sample: the classic attacks and one adaptive attack built against feature-space checks.
-QUICK_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all", "adap_patch")
+#: The quick preset's sample: the classic attacks and the two adaptive attacks built against feature-space checks.
+QUICK_ATTACKS = ("badnets", "blended", "sig", "wanet", "input_aware", "trojannn", "all_to_all", "adap_patch",
+                 "adap_blend")
 #: The networks the full preset trains every attack on (names of guard.demo.attacks.zoo.NETS).
 ALL_NETS = ("demo_net", "resnet18")
 #: Online checks that every row reports (null where the profile has none, e.g. no suspect label).
@@ -100,6 +101,10 @@ class BenchConfig:
     peers: bool = True  # IBD-PSC and SCALE-UP next to STRIP (guard.bench.peers)
     # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget; None: skip
     whitebox_budgets: tuple[tuple[int, float], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0))
+    # the gray-box attacker on every row whose trigger it can re-optimise (patch, blend key, warp field):
+    # (Adam steps, moment-matching weight) per budget, and how many images of its own it draws; None: skip
+    graybox_budgets: tuple[tuple[int, float], ...] | None = ((100, 1.0), (300, 1.0), (300, 3.0), (300, 10.0))
+    graybox_images: int = 1500
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -124,7 +129,8 @@ PRESETS: dict[str, BenchConfig] = {
                         df_tnd={"n_seeds": 2, "iterations": 3}, blend={"alphas": (0.1, 0.2), "steps": 2,
                                                                      "refine_steps": 1, "n_eval": 40},
                         overhead_repeats=10, nc_speed_rounds=1, scaling=False, resnet18_performance=False,
-                        whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0)),
+                        whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0)), graybox_budgets=((2, 1.0), (3, 3.0)),
+                        graybox_images=200,
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }
 
@@ -305,6 +311,34 @@ def _whitebox(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, 
     return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed)
 
 
+def _regraftable(attack: Attack | None, shape: tuple[int, int, int]) -> bool:
+    """Whether the adaptive attackers can re-optimise ``attack``'s trigger (a patch, a blend key, a warp)."""
+    from guard.bench.trigger_param import trigger_kind
+
+    if attack is None or getattr(attack, "target", -1) < 0:
+        return False
+    try:
+        trigger_kind(attack, shape)
+    except ValueError:
+        return False
+    return True
+
+
+def _attacker_images(cfg: BenchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The gray-box attacker's own images: a glyph draw disjoint from the zoo's and the defender's seeds."""
+    return glyphs(cfg.graybox_images, seed=cfg.zoo.seed * 10 + 7)
+
+
+def _graybox(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int) -> dict[str, Any]:
+    """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs."""
+    from guard.bench.graybox import Budget, attack_model
+
+    x_own, y_own = _attacker_images(cfg)
+    x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
+    return attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
+                          budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets))
+
+
 def _targets(row: dict[str, Any]) -> dict[str, Any]:
     """The benchmark's bars for one attack row: value, bar and whether it is met (None: no bar)."""
     name, online, rep = row["name"], row["online"], row["repair"]
@@ -325,6 +359,9 @@ def _targets(row: dict[str, Any]) -> dict[str, Any]:
     wb = row.get("whitebox")
     if wb and wb.get("budgets"):
         out["whitebox_residual_attack_success<=0.25"] = wb["max_residual_attack_success"] <= 0.25
+    gb = row.get("graybox")
+    if gb and gb.get("budgets"):
+        out["graybox_residual_attack_success<=0.25"] = gb["max_residual_attack_success"] <= 0.25
     return out
 
 
@@ -424,13 +461,18 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     if cfg.whitebox_budgets and name in ("badnets", "blended"):
         _log(progress, f"{name}: white-box attacker ({len(cfg.whitebox_budgets)} budgets)")
         whitebox = _whitebox(cfg, zm.model, attack, guard, d, n_eval, x_fit, y_fit)
+    graybox = None
+    if cfg.graybox_budgets and _regraftable(attack, tuple(neg.shape[1:])):
+        _log(progress, f"{name}: gray-box attacker ({len(cfg.graybox_budgets)} budgets)")
+        graybox = _graybox(cfg, zm.model, attack, guard, d, n_eval)
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
            "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
            "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
            "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
-           "peers": peers, "whitebox": whitebox, "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
+           "peers": peers, "whitebox": whitebox, "graybox": graybox,
+           "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
            "seconds": round(time.perf_counter() - t0, 1)}
     row["targets"] = _targets(row)
     _log(progress, f"{name} ({net}): done in {row['seconds']:.0f}s")
@@ -538,17 +580,51 @@ def _clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: n
     """The clean model through every offline method: what each flags is a false positive."""
     nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     _log(progress, "scanning the clean model")
-    _, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                            knn=cfg.knn)
+    cprofile, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                   knn=cfg.knn)
     cmeta = {"scan": {"seconds": csum["seconds"], "steps": nc.steps_}}
     coff = _offline(cfg, clean.model, csum, cmeta, x_fit, y_fit, -1, k)
     for v in coff.values():
         if v is not None:
             v["false_positive"] = v.pop("detected")
+    floors = _graybox_floors(cfg, clean.model, cprofile, progress)
     results["clean_models"].append({"name": "clean", "net": cfg.zoo.net, "seed": cfg.zoo.seed,
                                     "clean_accuracy": round(clean.clean_accuracy, 4),
                                     "train_seconds": round(clean.train_seconds, 1), "cached": clean.cached,
-                                    "detected": coff})
+                                    "detected": coff, "graybox_floor": floors})
+
+
+def _graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dict[str, Any] | None:
+    """The gray-box attacker's strongest budget against the *clean* model guarded by its own profile, per
+    attack: how often the re-optimised trigger hijacks a model that has no backdoor and passes its guard.
+
+    A blend key or a warp field optimised at the attack's own strength is a universal adversarial
+    perturbation as much as a trigger; this is the part of a row's residual that no backdoor is needed
+    for, the floor to read that residual against."""
+    if not cfg.graybox_budgets:
+        return None
+    from guard.bench.graybox import Budget, attack_model
+    from guard.demo.attacks import ATTACKS
+
+    d, _, _ = _data_memo(cfg)
+    n_eval = min(cfg.n_eval, len(d.x_test))
+    guard = Guard(model, profile, mode="enforce", verify=False)
+    strongest = Budget(*max(cfg.graybox_budgets, key=lambda b: (b[0], b[1])))
+    out: dict[str, Any] = {"budget": {"steps": strongest.steps, "weight": strongest.weight}, "attacks": {}}
+    for name in cfg.attacks:
+        attack = ATTACKS[name](seed=cfg.zoo.seed)
+        if not _regraftable(attack, tuple(d.x_test.shape[1:])):
+            continue
+        _log(progress, f"gray-box floor: {name} against the clean {cfg.zoo.net}")
+        x_own, y_own = _attacker_images(cfg)
+        x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
+        r = attack_model(model, attack, guard, x_own, y_own, x_eval, budgets=(strongest,), seed=cfg.zoo.seed)
+        b = r["budgets"][0]
+        out["attacks"][name] = {k: b[k] for k in ("attack_success_bare", "residual_attack_success", "rejection_rate")}
+    return out
+
+
+
 
 
 def _performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str, Any], xc: np.ndarray,

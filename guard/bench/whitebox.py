@@ -23,8 +23,9 @@ surrogate does not know (a check added later) is left out of it and named under
 ``not_in_surrogate``; it still judges, since every figure of success is measured with the real
 :class:`~guard.online.Guard` in enforce mode.
 
-:func:`attack_guard` optimises with Adam: for BadNets the patch content inside the patch region, for
-Blended the blend key at the attack's opacity, pixel values kept in [0, 1] through a sigmoid. The loss
+:func:`attack_guard` optimises with Adam the attack's own trigger at its own strength
+(:class:`~guard.bench.trigger_param.OptimisedTrigger`: a patch inside its footprint, a blend key at the
+attack's opacity, a warp field at its strength). The loss
 is the cross-entropy to the target label plus ``weight`` times the surrogate statistic over the
 ensemble's threshold, on a batch of the attacker's own clean images of other classes than the target.
 Each budget (steps, weight) reports on held-out triggered inputs: the bare attack success of the
@@ -44,7 +45,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.demo.attacks import Attack, BadNets, Blended
+from guard.bench.trigger_param import OptimisedTrigger, through_guard
+from guard.bench.trigger_param import as_tensor as _t
+from guard.demo.attacks import Attack
 from guard.model import FeatureTap, feature_layer, pool_features
 from guard.online import Guard
 
@@ -58,10 +61,6 @@ class Budget:
 
 
 DEFAULT_BUDGETS = (Budget(50, 0.3), Budget(150, 1.0), Budget(300, 3.0))
-
-
-def _t(a: np.ndarray, dtype=torch.float32) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype)
 
 
 def _feature(p: tuple) -> Callable:
@@ -204,59 +203,19 @@ class Surrogate:
         return (c.sum(1) if self.rule == "fisher" else c.max(1).values), logits
 
 
-class _Trigger(nn.Module):
-    """The optimised trigger: a BadNets patch inside its region or a Blended key at its opacity."""
-
-    def __init__(self, attack: Attack, shape: tuple[int, int, int]):
-        super().__init__()
-        if isinstance(attack, BadNets):
-            mask = attack.mask(shape)
-            canvas = attack.stamp(np.zeros((1, *shape), np.float32))[0]  # the pattern inside the region
-            self.kind, self.alpha = "patch", 1.0
-            self.register_buffer("mask", _t(mask))
-        elif isinstance(attack, Blended):
-            canvas = attack.key(shape)
-            self.kind, self.alpha = "blend", float(attack.alpha)
-        else:
-            raise ValueError("the white-box attacker optimises BadNets and Blended triggers, "
-                             f"not {type(attack).__name__}")
-        init = np.clip(canvas, 0.05, 0.95)
-        self.theta = nn.Parameter(_t(np.log(init / (1 - init))))
-
-    def pattern(self) -> torch.Tensor:
-        return torch.sigmoid(self.theta)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.pattern()
-        if self.kind == "patch":
-            return x * (1 - self.mask) + self.mask * p
-        return (1 - self.alpha) * x + self.alpha * p
-
-
 def _guard_figures(guard: Guard, surrogate: Surrogate, trigger: Callable[[torch.Tensor], torch.Tensor],
-                   x: np.ndarray, target: np.ndarray, batch: int = 256) -> dict[str, Any]:
+                   x: np.ndarray, target: int, batch: int = 256) -> dict[str, Any]:
     """The real guard (enforce mode) and the surrogate on ``x`` stamped with ``trigger``."""
-    served, rejected, real, sur, bare = [], [], [], [], []
-    with torch.no_grad():
+    figures, real = through_guard(guard, trigger, x, target, batch=batch)
+    sur = []
+    with torch.no_grad(), surrogate._frozen():
         for i in range(0, len(x), batch):
-            xt = trigger(_t(x[i:i + batch])).clamp(0, 1)
-            with surrogate._frozen():
-                s, logits = surrogate.statistic(xt)
-            sur.append(s.numpy())
-            bare.append(logits.argmax(1).numpy())
-            r = guard.run(xt.numpy())
-            served.append(r.logits.argmax(1))
-            rejected.append(r.verdict_codes == 1)
-            real.append(r.statistic)
-    served_, rejected_, bare_ = np.concatenate(served), np.concatenate(rejected), np.concatenate(bare)
-    real_, sur_ = np.concatenate(real).astype(np.float64), np.concatenate(sur).astype(np.float64)
-    corr = float(np.corrcoef(real_, sur_)[0, 1]) if len(x) > 2 and real_.std() > 0 and sur_.std() > 0 else None
-    return {"attack_success_bare": round(float((bare_ == target).mean()), 4),
-            "residual_attack_success": round(float(((served_ == target) & ~rejected_).mean()), 4),
-            "rejection_rate": round(float(rejected_.mean()), 4),
-            "surrogate_statistic_mean": round(float(sur_.mean()), 4),
-            "guard_statistic_mean": round(float(real_.mean()), 4),
-            "surrogate_vs_guard_correlation": None if corr is None else round(corr, 4)}
+            sur.append(surrogate.statistic(trigger(_t(x[i:i + batch])).clamp(0, 1))[0].numpy())
+    sur_ = np.concatenate(sur).astype(np.float64)
+    ok = len(x) > 2 and real.std() > 0 and sur_.std() > 0
+    corr = float(np.corrcoef(real, sur_)[0, 1]) if ok else None
+    return figures | {"surrogate_statistic_mean": round(float(sur_.mean()), 4),
+                      "surrogate_vs_guard_correlation": None if corr is None else round(corr, 4)}
 
 
 def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.ndarray, x_eval: np.ndarray, *,
@@ -275,13 +234,12 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
     surrogate = Surrogate(guard, tau_share=tau_share)
     shape = tuple(int(s) for s in x_eval.shape[1:])
     target = int(attack.target)
-    t_eval = np.full(len(x_eval), target)
     out: dict[str, Any] = {"attack": type(attack).__name__, "in_surrogate": surrogate.in_surrogate,
                            "not_in_surrogate": surrogate.not_in_surrogate, "rule": surrogate.rule,
                            "ensemble_threshold": round(surrogate.threshold, 4), "n_attacker": int(len(x_attacker)),
                            "n_eval": int(len(x_eval)), "lr": lr, "batch_size": batch_size,
                            "baseline": _guard_figures(guard, surrogate, lambda xt: _t(attack.stamp(xt.numpy())), x_eval,
-                                                      t_eval),
+                                                      target),
                            "budgets": []}
     xa = _t(x_attacker)
     ya = torch.full((len(xa),), target, dtype=torch.long)
@@ -289,7 +247,7 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        trig = _Trigger(attack, shape)
+        trig = OptimisedTrigger(attack, shape)
         opt = torch.optim.Adam(trig.parameters(), lr=lr)
         with surrogate._frozen():
             for _ in range(int(b.steps)):
@@ -300,7 +258,7 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        row = asdict(b) | _guard_figures(guard, surrogate, trig, x_eval, t_eval)
+        row = asdict(b) | _guard_figures(guard, surrogate, trig, x_eval, target)
         row["seconds"] = round(time.perf_counter() - t0, 2)
         out["budgets"].append(row)
     return out

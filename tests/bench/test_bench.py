@@ -89,7 +89,13 @@ def test_every_attack_row_has_every_field(tiny):
                 assert 0.0 <= b[key] <= 1.0
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
         assert wb["max_residual_attack_success"] == max(b["residual_attack_success"] for b in wb["budgets"])
-        assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25"} <= set(a["targets"])
+        gb = a["graybox"]
+        assert gb["trigger"] == "patch" and gb["layers_matched"] >= 8
+        assert [(b["steps"], b["weight"]) for b in gb["budgets"]] == [tuple(b) for b in r["config"]["graybox_budgets"]]
+        for b in [gb["baseline"], *gb["budgets"]]:
+            assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
+        assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25",
+                "graybox_residual_attack_success<=0.25"} <= set(a["targets"])
         if r["art_strip_available"]:
             _online_fields(a["art_strip"])
         else:
@@ -102,6 +108,10 @@ def test_clean_models_report_false_positives(tiny):
     assert c["net"] == "demo_net"
     assert set(c["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
     assert all(isinstance(v["false_positive"], bool) for v in c["detected"].values())
+    floor = c["graybox_floor"]  # the gray-box attacker's strongest budget against the clean model
+    assert floor["budget"] == dict(zip(("steps", "weight"), max(r["config"]["graybox_budgets"])))
+    assert set(floor["attacks"]) == {"badnets"}
+    assert 0.0 <= floor["attacks"]["badnets"]["residual_attack_success"] <= 1.0
 
 
 def test_performance_fields(tiny):

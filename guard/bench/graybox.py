@@ -1,0 +1,201 @@
+"""Gray-box attacker: re-optimise the trigger to look like clean target-class images at every layer.
+
+The attacker trained the backdoored model, so it has the weights; it has its own images (a draw
+disjoint from the defender's) and guard's documentation, which says that the online checks compare
+an input's activations with clean statistics of the class the model predicts. It has neither the
+defender's clean images nor the deployed profile, so it cannot copy the guard's statistic (the
+white-box attacker, :mod:`guard.bench.whitebox`, can). What it can do is make the triggered inputs'
+activations match its own clean target-class images' at *every* layer it can hook.
+
+:class:`LayerStatistics` hooks every leaf module of the model (convolutions, normalisations,
+activations, pooling) and the classifier's input, and pools each output per channel: the spatial
+mean of each channel (the mean over tokens for a token layer), and for feature maps also each
+channel's spatial standard deviation. On the attacker's clean target-class images it records, per
+layer and channel, the mean and the spread (standard deviation over images) of both.
+
+:func:`attack_model` optimises the trigger (:class:`~guard.bench.trigger_param.OptimisedTrigger`: the patch
+inside its footprint, the blend key at the attack's opacity, the warp field at its strength) with
+Adam on batches of the attacker's images of other classes: cross-entropy to the target plus
+``weight`` times the moment-matching loss relative to the attack's own trigger's (so one weight means
+the same trade on a patch whose activations are far off the clean ones and on a faint blend), averaged
+over layers: per channel, the squared
+standardised difference of the batch's mean from the clean mean, the squared log ratio of the
+batch's spread to the clean spread, and the same two terms for the spatial standard deviations.
+Each budget (steps, weight) starts from the attack's own trigger and is measured on the defender's
+held-out images with the real guard: bare attack success and the residual (reaches the target and
+passes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from guard.bench.trigger_param import OptimisedTrigger, as_tensor, through_guard
+from guard.demo.attacks import Attack
+from guard.model import find_classifier, frozen, probe_input
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One optimisation budget: Adam ``steps`` and the ``weight`` of the moment-matching loss."""
+
+    steps: int
+    weight: float
+
+
+DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
+
+
+def _pooled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per input and channel: the mean over space (or tokens) and, for feature maps, the spatial std."""
+    if a.ndim == 4:
+        flat = a.flatten(2)
+        return flat.mean(2), flat.std(2, unbiased=False)
+    if a.ndim == 3:  # tokens (N, T, D)
+        return a.mean(1), None
+    return a.flatten(1), None
+
+
+class LayerStatistics:
+    """Forward hooks on every leaf module and the classifier's input; :meth:`capture` records their pooled
+    activations for one forward. Used as a context manager (:meth:`hooked`) that always removes its hooks.
+
+    ``layers_`` names the hooked layers (a module's output, or ``NAME:input`` for the classifier's input).
+    """
+
+    def __init__(self, model: nn.Module, shape: tuple[int, int, int]):
+        self.model = model
+        x = probe_input(model, shape)
+        self.classifier_ = find_classifier(model, x)
+        self.layers_: list[str] = []
+        self._pooled: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[LayerStatistics]:
+        handles = []
+        modules = dict(self.model.named_modules())
+
+        def out_hook(name):
+            def hook(module, args, out):
+                if isinstance(out, torch.Tensor) and out.is_floating_point():
+                    self._pooled[name] = _pooled(out)
+            return hook
+
+        def in_hook(name):
+            def hook(module, args):
+                if args and isinstance(args[0], torch.Tensor):
+                    self._pooled[name] = _pooled(args[0])
+            return hook
+
+        try:
+            for name, m in modules.items():
+                if name and name != self.classifier_ and not list(m.children()):
+                    handles.append(m.register_forward_hook(out_hook(name)))
+            handles.append(modules[self.classifier_].register_forward_pre_hook(in_hook(self.classifier_ + ":input")))
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._pooled = {}
+
+    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+        """Logits of ``x`` and every hooked layer's pooled activations (inside :meth:`hooked`)."""
+        self._pooled = {}
+        logits = self.model(x)
+        pooled = dict(self._pooled)
+        if not self.layers_:
+            self.layers_ = sorted(pooled)
+        return logits, pooled
+
+
+def clean_moments(stats: LayerStatistics, x: torch.Tensor, batch: int = 256) -> dict[str, tuple]:
+    """Per layer: mean and spread over ``x`` of each channel's pooled mean (and spatial std where there is one)."""
+    parts: dict[str, list] = {}
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            _, pooled = stats.capture(x[i:i + batch])
+            for k, v in pooled.items():
+                parts.setdefault(k, []).append(v)
+    out = {}
+    for k, vs in parts.items():
+        m = torch.cat([v[0] for v in vs])
+        s = torch.cat([v[1] for v in vs]) if vs[0][1] is not None else None
+        out[k] = (m.mean(0), m.std(0).clamp_min(1e-3),
+                  None if s is None else s.mean(0), None if s is None else s.std(0).clamp_min(1e-3))
+    return out
+
+
+def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Tensor:
+    """Mean over layers of the moment mismatch between a batch's pooled activations and the clean moments."""
+    terms = []
+    for k, (mu, sd, smu, ssd) in moments.items():
+        m, s = pooled[k]
+        t = (((m.mean(0) - mu) / sd) ** 2).mean() + (torch.log((m.std(0) + 1e-3) / sd) ** 2).mean()
+        if s is not None and smu is not None:
+            t = t + (((s.mean(0) - smu) / ssd) ** 2).mean() + (torch.log((s.std(0) + 1e-3) / ssd) ** 2).mean()
+        terms.append(t)
+    return torch.stack(terms).mean()
+
+
+def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_own: np.ndarray, x_eval: np.ndarray, *,
+           budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
+           seed: int = 0) -> dict[str, Any]:
+    """Re-optimise ``attack``'s trigger on the attacker's own images ``(x_own, y_own)`` at every budget and
+    measure it with ``guard`` (the defender's) on ``x_eval`` (held-out images of classes the attack changes).
+
+    Only ``model`` is used to optimise; ``guard`` judges. Returns the attack's own trigger's figures
+    (``baseline``), one row per budget with the matching loss before and after, and the layers matched.
+    ``model`` keeps its weights, gradient flags and mode.
+    """
+    shape = tuple(int(s) for s in x_eval.shape[1:])
+    target = int(attack.target)
+    own_target = np.asarray(y_own) == target
+    if own_target.sum() < 2 or (~own_target).sum() < 2:
+        raise ValueError("the gray-box attacker needs its own images of the target class and of other classes")
+    base = OptimisedTrigger(attack, shape)
+    baseline, _ = through_guard(guard, lambda xt: as_tensor(attack.stamp(xt.numpy())), x_eval, target)
+    out: dict[str, Any] = {"attack": type(attack).__name__, "trigger": base.kind, "n_own": int(len(x_own)),
+                           "n_eval": int(len(x_eval)), "lr": lr, "batch_size": batch_size,
+                           "baseline": baseline, "budgets": []}
+    xo = as_tensor(x_own)
+    x_victims, x_target = xo[torch.from_numpy(~own_target)], xo[torch.from_numpy(own_target)]
+    yt = torch.full((batch_size,), target, dtype=torch.long)
+    stats = LayerStatistics(model, shape)
+    trained = []
+    with frozen(model), stats.hooked():
+        moments = clean_moments(stats, x_target)
+        out["layers_matched"] = len(moments)
+        for b in budgets:
+            t0 = time.perf_counter()
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            trig = OptimisedTrigger(attack, shape)
+            opt = torch.optim.Adam(trig.parameters(), lr=lr)
+            losses: list[float] = []
+            for _ in range(int(b.steps)):
+                pick = torch.randint(0, len(x_victims), (min(batch_size, len(x_victims)),), generator=gen)
+                logits, pooled = stats.capture(trig(x_victims[pick]))
+                match = moment_loss(pooled, moments)
+                scale = losses[0] if losses else float(match.detach())  # the attack's own trigger's mismatch
+                loss = nn.functional.cross_entropy(logits, yt[:len(pick)]) + b.weight * match / max(scale, 1e-6)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(match.detach()))
+            trained.append((b, trig, losses, time.perf_counter() - t0))
+    for b, trig, losses, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
+        figures, _ = through_guard(guard, trig, x_eval, target)
+        out["budgets"].append(asdict(b) | figures | {
+            "matching_loss_first": round(losses[0], 4) if losses else None,
+            "matching_loss_last": round(losses[-1], 4) if losses else None,
+            "seconds": round(seconds, 2)})
+    out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
+    return out
