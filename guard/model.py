@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.errors import ModelError
+from guard.errors import InputError, ModelError
 
 
 class Normalized(nn.Module):
@@ -470,6 +470,32 @@ def token_map(t: torch.Tensor) -> torch.Tensor:
     93% of triggered inputs at 1% of clean, 98% with the negation)."""
     t = t.transpose(1, 2)
     return torch.cat((t, -t), 1).unsqueeze(3)
+
+
+def num_classes(model: nn.Module, x: np.ndarray | torch.Tensor | Sequence[int]) -> int:
+    """How many classes ``model`` scores: the width of its output for one input.
+
+    ``x`` is a batch (numpy or torch, on the model's device; its first input is used) or an input
+    shape ``(C, H, W)`` (a zero image is used). One forward in eval mode, no gradient; the model's
+    mode and gradient flags come back as they were.
+    """
+    if isinstance(x, torch.Tensor):
+        probe = x[:1]
+    elif isinstance(x, np.ndarray):
+        probe = torch.from_numpy(np.ascontiguousarray(x[:1], dtype=np.float32))
+    else:
+        probe = torch.zeros((1, *(int(s) for s in x)))
+    with frozen(model), torch.no_grad():
+        return int(model(probe).shape[1])
+
+
+def check_labels(y: np.ndarray | None, k: int) -> None:
+    """InputError unless every label of ``y`` is one of the model's ``k`` classes (``0 .. k - 1``)."""
+    if y is None or not np.size(y):
+        return
+    lo, hi = int(np.min(y)), int(np.max(y))
+    if lo < 0 or hi >= k:
+        raise InputError(f"data labels go from {lo} to {hi} but the model has {k} classes (0..{k - 1})")
 
 
 def input_shape(x: torch.Tensor) -> tuple[int, int, int]:

@@ -118,3 +118,24 @@ def test_normalize_wraps_inside(demo_files):
     assert parse_normalize("0.4/0.5/0.6,0.2/0.2/0.2") == ([0.4, 0.5, 0.6], [0.2, 0.2, 0.2])
     with pytest.raises(ModelError):
         parse_normalize("abc")
+
+
+def test_num_classes_from_a_batch_a_tensor_or_a_shape_and_the_model_left_as_it_was():
+    from guard.model import num_classes
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 7)).train()
+    x = np.random.default_rng(0).random((3, 3, 8, 8), dtype=np.float32)
+    assert num_classes(net, x) == num_classes(net, torch.from_numpy(x)) == num_classes(net, (3, 8, 8)) == 7
+    assert net.training and all(p.requires_grad for p in net.parameters())
+
+
+def test_check_labels_names_the_range_and_the_classes():
+    from guard.errors import InputError
+    from guard.model import check_labels
+
+    check_labels(np.array([0, 4]), 5)
+    check_labels(None, 5)
+    with pytest.raises(InputError, match=r"from 0 to 5 but the model has 5 classes \(0\.\.4\)"):
+        check_labels(np.array([0, 5]), 5)
+    with pytest.raises(InputError, match="from -1 to 2"):
+        check_labels(np.array([-1, 2]), 5)

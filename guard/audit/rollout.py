@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from guard.errors import InputError
-from guard.model import feature_layer, fingerprint
+from guard.model import check_labels, feature_layer, fingerprint
+from guard.model import num_classes as count_classes
 from guard.profile import Profile
 from guard.scan.blend import BlendReversal
 from guard.scan.neural_cleanse import NeuralCleanse
@@ -108,13 +109,6 @@ def agreement(flags: dict[str, list[int]], num_classes: int) -> dict[str, Any]:
             "all_agree": len({bool(v) for v in flags.values()}) <= 1}
 
 
-def _labels_check(y: np.ndarray | None, k: int) -> None:
-    if y is None:
-        return
-    if y.size and (int(y.min()) < 0 or int(y.max()) >= k):
-        raise InputError(f"data labels go up to {int(y.max())} but the model has {k} classes (0..{k - 1})")
-
-
 def _require_data(methods: Sequence[str], x: np.ndarray | None, *, nc_from_profile: bool) -> list[str]:
     """The methods that need clean data (Neural Cleanse not, when its scan comes from the profile);
     an input error when they have none."""
@@ -129,7 +123,7 @@ def validate(model: nn.Module, x: np.ndarray | None, y: np.ndarray | None, metho
              num_classes: int, dl: DLTND | None = None, nc_from_profile: bool = False) -> None:
     """Refuse input the selected methods cannot use, before any optimisation starts."""
     need = _require_data(methods, x, nc_from_profile=nc_from_profile)
-    _labels_check(y, num_classes)
+    check_labels(y, num_classes)
     if x is not None and "nc" in need and len(x) < NC_MIN_IMAGES:
         raise InputError(f"Neural Cleanse needs at least {NC_MIN_IMAGES} clean images, got {len(x)}")
     if "dl-tnd" in methods:
@@ -193,8 +187,7 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
     shape_probed = not shape
     if shape_probed:  # data-free and no shape given: probe the model (InputError when it cannot be told)
         shape = infer_input_shape(model)
-    with torch.no_grad():
-        num_classes = int(model(torch.zeros((1, *shape))).shape[1])
+    num_classes = count_classes(model, shape)
     validate(model, x, y, methods, num_classes=num_classes, dl=dl_tnd, nc_from_profile=profile is not None)
     blocks: dict[str, dict[str, Any]] = {}
     arrays: dict[str, np.ndarray] = {}

@@ -47,6 +47,7 @@ from guard.data import split
 from guard.demo.attacks import Attack
 from guard.demo.attacks.zoo import zoo_data
 from guard.demo.glyphs import glyphs
+from guard.model import num_classes
 from guard.online import Guard
 from guard.scan import build_profile
 from guard.scan.blend import BlendReversal
@@ -423,7 +424,7 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     net = cfg.zoo.net
     _log(progress, f"{name} ({net}): training")
     zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
-    k = int(zm.model(torch.from_numpy(xc[:1])).shape[1])
+    k = num_classes(zm.model, xc)
     attack: Attack = zm.attack  # type: ignore[assignment]
     target = int(getattr(attack, "target", -1))
     _log(progress, f"{name}: scanning (Neural Cleanse, checks, calibration)")
@@ -523,7 +524,7 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         _log(progress, f"training the clean {net} ({cfg.zoo.n_train} images, {cfg.zoo.epochs} epochs)")
         cleans[net] = zoo_model("clean", _on(cfg, net).zoo, data=d, cache=cache)  # cached: the jobs reuse it
     clean = cleans[cfg.nets[0]]
-    k = int(clean.model(torch.from_numpy(xc[:1])).shape[1])
+    k = num_classes(clean.model, xc)
     todo = [(_on(cfg, net), name, cache, profiles, art_ok, progress is not None)
             for net in cfg.nets for name in cfg.attacks]
     if jobs > 1 and len(todo) > 1:

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from guard._progress import Progress
-from guard.errors import InputError
-from guard.model import frozen
+from guard.model import check_labels, frozen
 from guard.scan._trigger import from_raw, stamp_all
 from guard.stats import largest_other
 
@@ -86,9 +85,7 @@ class BlendReversal:
             with torch.no_grad():
                 logits = model(eval_x[:1])
                 k = num_classes or int(logits.shape[1])
-                if y is not None and len(y) and (int(y.min()) < 0 or int(y.max()) >= k):
-                    raise InputError(f"data labels go up to {int(y.max())} but the model has {k} classes "
-                                     f"(0..{k - 1})")
+                check_labels(y, k)
                 eval_y = (y[ev] if y is not None else model(eval_x).argmax(1).numpy()).astype(np.int64)
             target = torch.arange(k).repeat_interleave(self.batch_size)
             success = np.zeros((len(alphas), k))

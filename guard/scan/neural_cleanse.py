@@ -33,6 +33,7 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.model import FeatureTap, frozen
+from guard.model import num_classes as count_classes
 from guard.scan._trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, family_threshold, log_anomaly_index
 
@@ -158,8 +159,7 @@ class NeuralCleanse:
         t0 = time.perf_counter()
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(dev)
         gen = torch.Generator().manual_seed(self.seed)
-        with frozen(model), torch.inference_mode():
-            k_all = num_classes or int(model(xt[:1]).shape[1])
+        k_all = num_classes or count_classes(model, xt)
         self.num_classes_ = k_all
         self.screened_ = None
         if self.labels is not None:

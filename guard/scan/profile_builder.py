@@ -12,7 +12,16 @@ from torch import nn
 
 from guard.data import split
 from guard.errors import InputError
-from guard.model import FeatureTap, feature_layer, fingerprint, frozen, inner_layer, inner_layer_reason
+from guard.model import (
+    FeatureTap,
+    check_labels,
+    feature_layer,
+    fingerprint,
+    frozen,
+    inner_layer,
+    inner_layer_reason,
+    num_classes,
+)
 from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record, pool
 from guard.online.checks.inner_knn import InnerKNNCheck
 from guard.online.ensemble import FisherEnsemble
@@ -84,8 +93,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     t0 = time.perf_counter()
     model.eval()
     layer_name, _ = feature_layer(model, layer, input_shape=x.shape[1:])
-    with torch.no_grad():
-        k = int(model(torch.from_numpy(x[:1])).shape[1])
+    k = num_classes(model, x)
     probe = torch.from_numpy(x[:1])
     inner_name = inner_layer(model, probe, inner, features=layer_name) if consistency else None
     checks_off = {"consistency": "turned off (--no-consistency)"} if not consistency else {}
@@ -95,8 +103,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         checks_off["inner_knn"] = checks_off["consistency"]
     elif knn and not inner_knn:
         checks_off["inner_knn"] = "turned off (inner_knn=False)"
-    if y.max() >= k:
-        raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
+    check_labels(y, k)
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
     if len(x_cal) < 20 or len(x_fit) < 20:
         raise InputError(f"need at least 40 clean images to scan and calibrate, got {len(x)}")

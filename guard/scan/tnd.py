@@ -45,7 +45,8 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.errors import InputError
-from guard.model import FeatureTap, frozen
+from guard.model import FeatureTap, check_labels, frozen
+from guard.model import num_classes as count_classes
 from guard.scan._trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, largest_other
 
@@ -136,12 +137,9 @@ class DLTND:
     def fit(self, model: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int | None = None) -> DLTND:
         """Run the detector on clean labelled images (at most ``samples_per_class`` of each class used)."""
         t0 = time.perf_counter()
-        with frozen(model), torch.no_grad():
-            k_all = num_classes or int(model(torch.from_numpy(np.ascontiguousarray(x[:1]))).shape[1])
+        k_all = num_classes or count_classes(model, x)
         y = np.asarray(y, dtype=np.int64)
-        if y.size and (y.min() < 0 or y.max() >= k_all):
-            raise InputError(f"labels must lie in 0..{k_all - 1} (the model's classes), got {int(y.min())}.."
-                             f"{int(y.max())}")
+        check_labels(y, k_all)
         xs, ys = per_class_subset(x, y, k_all, self.samples_per_class, minimum=self.min_samples_per_class,
                                   seed=self.seed)
         labels = list(range(k_all)) if self.labels is None else [int(v) for v in self.labels]
