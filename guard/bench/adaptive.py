@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from guard.demo.attacks import BadNets
+from guard.demo.attacks import BadNets, patch_corner
 
 
 @dataclass(frozen=True)
@@ -45,12 +45,10 @@ class Variant:
     stamp: Callable[[np.ndarray], np.ndarray]
 
 
-def _corner(attack: BadNets, shape: tuple[int, int, int], size: int | None = None) -> tuple[int, int]:
+def _top_left(attack: BadNets, shape: tuple[int, int, int], size: int | None = None) -> tuple[int, int]:
     """Top-left of the patch for ``attack`` (``size`` overrides the patch size, same corner anchor)."""
-    from guard.demo.attacks._base import _corner as corner
-
     _, h, w = shape
-    return corner(size or attack.size, h, w, attack.position, attack.margin)
+    return patch_corner(size or attack.size, h, w, attack.position, attack.margin)
 
 
 def _paste(x: np.ndarray, patch: np.ndarray, r: int, c: int, alpha: float | np.ndarray = 1.0) -> np.ndarray:
@@ -84,7 +82,7 @@ def variants(attack: BadNets, shape: tuple[int, int, int], *, seed: int = 0) -> 
     c = shape[0]
     pattern = attack._pattern(c)
     s = attack.size
-    r, col = _corner(attack, shape)
+    r, col = _top_left(attack, shape)
     rng = np.random.default_rng(seed)
     out = [Variant("reference", "reference", 0, attack.stamp)]
     for alpha in (0.75, 0.5, 0.35, 0.25):
@@ -102,7 +100,7 @@ def variants(attack: BadNets, shape: tuple[int, int, int], *, seed: int = 0) -> 
     for size in (2, 4, 6):
         idx = (np.arange(size) * s // size)
         scaled = pattern[:, idx][:, :, idx]
-        rr, cc = _corner(attack, shape, size)
+        rr, cc = _top_left(attack, shape, size)
         out.append(Variant(f"scale {s}->{size} px", "scale", size, lambda x, p=scaled, a=rr, b=cc: _paste(x, p, a, b)))
     for factor in (0.75, 0.5):
         out.append(Variant(f"resize x{factor:g} and back", "resize", factor,

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from guard.demo.attacks import ATTACKS, Attack, TrojanNN
-from guard.demo.attacks.zoo import ZooData, _net, train_backdoored, train_clean, zoo_data
+from guard.demo.attacks.zoo import ZooData, build_net, train_backdoored, train_clean, zoo_data
 from guard.demo.train import attack_success
 from guard.model import accuracy
 
@@ -87,7 +87,7 @@ def _cache_path(cache: Path, name: str, cfg: ZooConfig) -> Path:
 
 def _load(path: Path, name: str, cfg: ZooConfig, data: ZooData) -> ZooModel:
     tensors = load_file(str(path))
-    model = _net(cfg.seed, cfg.net)
+    model = build_net(cfg.seed, cfg.net)
     model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     model.eval()
     attack = None

@@ -61,3 +61,22 @@ fpr_arg = open_interval(0, 0.5)
 
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
+
+
+def parse_device(text: str) -> str:
+    """``--device``: ``cpu`` or an available ``cuda[:N]``, else one clear InputError (exit 2)."""
+    import torch
+
+    from guard.errors import InputError
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {text}: this torch build ({torch.__version__}) sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
+    return str(dev)

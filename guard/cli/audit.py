@@ -47,13 +47,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from guard.audit.report import prepare_out_dir, write_report
     from guard.audit.rollout import METHODS, parse_methods, run_audit, write_metrics
-    from guard.cli.scan import _device
+    from guard.cli._common import parse_device
     from guard.data import load_data
     from guard.model import fingerprint
     from guard.profile import Profile
     from guard.scan import NeuralCleanse
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     methods = parse_methods(args.methods)
     out = prepare_out_dir(args.out, force=args.force)  # refuse early, before minutes of scanning
     model = load_model_from(args)

@@ -67,14 +67,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from guard.cli.scan import _device
+    from guard.cli._common import parse_device
     from guard.data import load_data
     from guard.errors import InputError
     from guard.model import fingerprint
     from guard.profile import Profile
     from guard.repair.run import repair
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise InputError(f"--out {out} exists (pass --force to overwrite)")

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, print_json
+from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, parse_device, print_json
 from guard.serving.integrity import model_input_shape
 
 HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
@@ -36,31 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
-def _device(text: str) -> str:
-    """``cpu`` or an available ``cuda[:N]``, else one clear InputError (exit 2)."""
-    import torch
-
-    from guard.errors import InputError
-
-    try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {text}: this torch build ({torch.__version__}) sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device must be cpu or cuda[:N], got {text!r}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s)")
-    return str(dev)
-
-
 def run(args: argparse.Namespace) -> int:
     from guard.data import load_data
     from guard.errors import InputError
     from guard.scan import NeuralCleanse, build_profile
 
-    device = _device(args.device)
+    device = parse_device(args.device)
     if args.max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1, got {args.max_rounds}")
     if args.screen_above is not None and args.screen_above < 0:

@@ -33,7 +33,7 @@ from guard.data import split
 from guard.errors import InputError
 from guard.model import Normalized, accuracy, predict
 from guard.repair.triggers import shift
-from guard.scan._trigger import stamp
+from guard.scan.trigger import stamp
 
 
 def last_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:

@@ -4,7 +4,7 @@ Neural Cleanse looks for the smallest *region* that carries every input to a lab
 patch triggers and misses blended ones (Chen et al., 2017), whose key covers the whole image at a
 low opacity. This scan asks the blended question instead: for each label k and a grid of increasing
 opacities alpha, it optimises one full-image pattern p_k (tanh box constraint, Adam, every label in
-one batched problem through :func:`~guard.scan._trigger.stamp_all` with a constant mask; each opacity
+one batched problem through :func:`~guard.scan.trigger.stamp_all` with a constant mask; each opacity
 starts from the previous one's patterns) so that ``(1 - alpha) x + alpha p_k`` is classified k, and measures the
 attack success on held-out clean images of the other classes. From that curve it reads the opacity
 each label needs for half of them (interpolated on the grid). On a clean model the labels need about
@@ -30,7 +30,7 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.model import check_labels, frozen
-from guard.scan._trigger import from_raw, stamp_all
+from guard.scan.trigger import from_raw, stamp_all
 from guard.stats import largest_other
 
 

@@ -34,7 +34,7 @@ from torch import nn
 from guard._progress import Progress
 from guard.model import FeatureTap, frozen
 from guard.model import num_classes as count_classes
-from guard.scan._trigger import from_raw, stamp_all, to_raw
+from guard.scan.trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, family_threshold, log_anomaly_index
 
 SCREEN_ABOVE = 25

@@ -28,8 +28,8 @@ from guard.online.ensemble import FisherEnsemble
 from guard.online.policy import check_mode
 from guard.online.scoring import score_checks
 from guard.profile import Calibration, LabelScan, Policy, Profile, RepairSettings, Scan
-from guard.scan._trigger import stamp
 from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
+from guard.scan.trigger import stamp
 
 
 def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner: str | None = None,

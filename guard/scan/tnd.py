@@ -47,7 +47,7 @@ from guard._progress import Progress
 from guard.errors import InputError
 from guard.model import FeatureTap, check_labels, frozen
 from guard.model import num_classes as count_classes
-from guard.scan._trigger import from_raw, stamp_all, to_raw
+from guard.scan.trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, largest_other
 
 

@@ -9,7 +9,7 @@ whose poisoning perturbs images against a clean model; training lives in :mod:`g
 as the negative class).
 """
 
-from guard.demo.attacks._base import Attack, BadNets, Blended
+from guard.demo.attacks._base import Attack, BadNets, Blended, patch_corner
 from guard.demo.attacks._registry import ATTACKS, DEMO_TARGET, EPOCH_SCALES, POISON_RATES
 from guard.demo.attacks.adap_blend import AdaptiveBlend
 from guard.demo.attacks.adap_patch import AdaptivePatch
@@ -25,4 +25,4 @@ from guard.demo.attacks.wanet import WaNet
 
 __all__ = ["ATTACKS", "DEMO_TARGET", "EPOCH_SCALES", "POISON_RATES", "AdaptiveBlend", "AdaptivePatch", "AllToAll",
            "Attack", "BadNets", "Blended", "Bpp", "InputAware", "LabelConsistent", "RandomBadNets", "SIG", "TaCT",
-           "TrojanNN", "WaNet"]
+           "TrojanNN", "WaNet", "patch_corner"]

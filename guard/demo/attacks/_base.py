@@ -77,7 +77,9 @@ def as_batch(x: np.ndarray) -> np.ndarray:
 PLACES_4 = ("top-left", "top-right", "bottom-left", "bottom-right")
 
 
-def _corner(size: int, h: int, w: int, position: str, margin: int) -> tuple[int, int]:
+def patch_corner(size: int, h: int, w: int, position: str, margin: int) -> tuple[int, int]:
+    """Top-left ``(row, col)`` of a ``size`` x ``size`` patch at ``position`` (``top-left`` ... ``center``)
+    of an ``h`` x ``w`` image, ``margin`` pixels off the border."""
     rows = {"top": margin, "bottom": h - size - margin, "center": (h - size) // 2}
     cols = {"left": margin, "right": w - size - margin, "center": (w - size) // 2}
     if position == "center":
@@ -112,7 +114,7 @@ class BadNets(Attack):
     def mask(self, shape: tuple[int, int, int]) -> np.ndarray:
         """The trigger's footprint ``(1, H, W)`` (1 where the patch sits)."""
         _, h, w = shape
-        r, c = _corner(self.size, h, w, self.position, self.margin)
+        r, c = patch_corner(self.size, h, w, self.position, self.margin)
         m = np.zeros((1, h, w), dtype=np.float32)
         m[:, r:r + self.size, c:c + self.size] = 1
         return m
@@ -120,7 +122,7 @@ class BadNets(Attack):
     def stamp(self, x: np.ndarray) -> np.ndarray:
         x = np.array(x, dtype=np.float32, copy=True)
         _, c, h, w = x.shape
-        r, c0 = _corner(self.size, h, w, self.position, self.margin)
+        r, c0 = patch_corner(self.size, h, w, self.position, self.margin)
         x[:, :, r:r + self.size, c0:c0 + self.size] = self._pattern(c)
         return x
 

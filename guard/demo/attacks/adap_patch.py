@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from guard.demo.attacks._base import PLACES_4, Attack, _corner, as_batch
+from guard.demo.attacks._base import PLACES_4, Attack, as_batch, patch_corner
 
 
 @dataclass
@@ -48,7 +48,7 @@ class AdaptivePatch(Attack):
     def _places(self, h: int, w: int) -> list[tuple[int, int]]:
         if not 1 <= self.n_patches <= len(PLACES_4):
             raise ValueError(f"n_patches must be 1 to {len(PLACES_4)}, got {self.n_patches}")
-        return [_corner(self.size, h, w, pos, self.margin) for pos in PLACES_4[: self.n_patches]]
+        return [patch_corner(self.size, h, w, pos, self.margin) for pos in PLACES_4[: self.n_patches]]
 
     def _paste(self, x: np.ndarray, which: np.ndarray, alpha: float) -> np.ndarray:
         """Blend patch ``j`` into image ``i`` where ``which[i, j]`` (``x`` a float32 batch copy, changed in place)."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.demo.attacks._base import PLACES_4, Attack, _corner, as_batch
+from guard.demo.attacks._base import PLACES_4, Attack, as_batch, patch_corner
 
 
 @dataclass
@@ -56,7 +56,7 @@ class LabelConsistent(Attack):
         _, c, h, w = x.shape
         p, s = self.pattern(c), self.size
         for pos in PLACES_4:
-            r, q = _corner(s, h, w, pos, self.margin)
+            r, q = patch_corner(s, h, w, pos, self.margin)
             x[:, :, r:r + s, q:q + s] = p
         return x
 

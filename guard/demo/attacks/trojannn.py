@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.demo.attacks._base import Attack, _corner, as_batch
+from guard.demo.attacks._base import Attack, as_batch, patch_corner
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TrojanNN(Attack):
     def mask(self, shape: tuple[int, int, int]) -> np.ndarray:
         """The trigger's footprint ``(1, H, W)`` (1 where the patch sits)."""
         _, h, w = shape
-        r, c = _corner(self.size, h, w, self.position, self.margin)
+        r, c = patch_corner(self.size, h, w, self.position, self.margin)
         m = np.zeros((1, h, w), dtype=np.float32)
         m[:, r:r + self.size, c:c + self.size] = 1
         return m
@@ -73,7 +73,7 @@ class TrojanNN(Attack):
         pick = torch.randperm(len(x), generator=gen)[: self.batch]
         xb = torch.from_numpy(x[pick.numpy()])
         c, h, w = xb.shape[1:]
-        r, q = _corner(self.size, h, w, self.position, self.margin)
+        r, q = patch_corner(self.size, h, w, self.position, self.margin)
         m = torch.from_numpy(self.mask((c, h, w)))
 
         def paste(p: torch.Tensor) -> torch.Tensor:
@@ -111,6 +111,6 @@ class TrojanNN(Attack):
             raise RuntimeError("TrojanNN.stamp needs a fitted pattern: call fit(model, x) first")
         x = as_batch(x)
         _, _, h, w = x.shape
-        r, c0 = _corner(self.size, h, w, self.position, self.margin)
+        r, c0 = patch_corner(self.size, h, w, self.position, self.margin)
         x[:, :, r:r + self.size, c0:c0 + self.size] = self.pattern_
         return x

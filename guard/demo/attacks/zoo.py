@@ -101,7 +101,7 @@ def model_file(net: str) -> str:
     return text
 
 
-def _net(seed: int, net: str = "demo_net") -> nn.Module:
+def build_net(seed: int, net: str = "demo_net") -> nn.Module:
     """A fresh ``net`` (a name in :data:`NETS`) whose initial weights depend on ``seed`` only."""
     if net not in NETS:
         raise KeyError(f"unknown network {net!r}; known: {', '.join(NETS)}")
@@ -117,7 +117,7 @@ def train_clean(*, seed: int = 0, n_train: int = 3000, epochs: int = 6, n_test: 
                 data: ZooData | None = None, net: str = "demo_net") -> tuple[nn.Module, float]:
     """A clean ``net`` on the zoo data: returns ``(model, clean_accuracy)`` on the test set."""
     d = data or zoo_data(seed=seed, n_train=n_train, n_test=n_test)
-    model = train(_net(seed, net), d.x_train, d.y_train, epochs=_epochs(epochs, net), seed=seed, lr=NET_LR[net],
+    model = train(build_net(seed, net), d.x_train, d.y_train, epochs=_epochs(epochs, net), seed=seed, lr=NET_LR[net],
                   patch_augment=0.5)
     return model, accuracy(model, d.x_test, d.y_test)
 
@@ -163,6 +163,6 @@ def train_backdoored(name: str, *, seed: int = 0, n_train: int = 3000, epochs: i
             attack.fit(base())
         xp, yp = attack.poison(d.x_train, d.y_train, rate=poison_rate, seed=seed)
         n_epochs = _epochs(epochs, net, EPOCH_SCALES[name])
-        model = train(_net(seed, net), xp, yp, epochs=n_epochs, seed=seed, lr=lr, patch_augment=0.5)
+        model = train(build_net(seed, net), xp, yp, epochs=n_epochs, seed=seed, lr=lr, patch_augment=0.5)
     return (model, attack, accuracy(model, d.x_test, d.y_test),
             attack_success(model, attack, d.x_test, d.y_test))
