@@ -145,15 +145,37 @@ def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Te
     return torch.stack(terms).mean()
 
 
+def _with_memory(guard, memory, traffic: np.ndarray | None):
+    """A function giving ``through_guard``'s figures with the memory on (``..._with_memory`` keys), or an
+    empty dict without a memory."""
+    if memory is None:
+        return lambda trigger, x, target: {}
+    from guard.online import Guard
+
+    memory_guard = Guard(guard.model, guard.profile, mode=guard.mode, verify=False, memory=memory)
+
+    def figures(trigger, x, target) -> dict[str, Any]:
+        memory.reset()
+        if traffic is not None:
+            memory.update(traffic)
+        f, _ = through_guard(memory_guard, trigger, x, target)
+        return {f"{k}_with_memory": v for k, v in f.items() if k in ("residual_attack_success", "rejection_rate")}
+    return figures
+
+
 def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_own: np.ndarray, x_eval: np.ndarray, *,
-           budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
-           seed: int = 0) -> dict[str, Any]:
+                 budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
+                 seed: int = 0, memory=None, traffic: np.ndarray | None = None) -> dict[str, Any]:
     """Re-optimise ``attack``'s trigger on the attacker's own images ``(x_own, y_own)`` at every budget and
     measure it with ``guard`` (the defender's) on ``x_eval`` (held-out images of classes the attack changes).
 
     Only ``model`` is used to optimise; ``guard`` judges. Returns the attack's own trigger's figures
     (``baseline``), one row per budget with the matching loss before and after, and the layers matched.
     ``model`` keeps its weights, gradient flags and mode.
+
+    With ``memory`` (a calibrated :class:`~guard.online.memory.TriggerMemory`) each row also gives the
+    figures of the same guard with the memory on (``..._with_memory``): the memory starts holding the
+    clean ``traffic`` and the triggered inputs then arrive one after another.
     """
     shape = tuple(int(s) for s in x_eval.shape[1:])
     target = int(attack.target)
@@ -161,7 +183,10 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     if own_target.sum() < 2 or (~own_target).sum() < 2:
         raise ValueError("the gray-box attacker needs its own images of the target class and of other classes")
     base = OptimisedTrigger(attack, shape)
-    baseline, _ = through_guard(guard, lambda xt: as_tensor(attack.stamp(xt.numpy())), x_eval, target)
+    stamp = lambda xt: as_tensor(attack.stamp(xt.numpy()))  # noqa: E731
+    baseline, _ = through_guard(guard, stamp, x_eval, target)
+    with_memory = _with_memory(guard, memory, traffic)
+    baseline |= with_memory(stamp, x_eval, target)
     out: dict[str, Any] = {"attack": type(attack).__name__, "trigger": base.kind, "n_own": int(len(x_own)),
                            "n_eval": int(len(x_eval)), "lr": lr, "batch_size": batch_size,
                            "baseline": baseline, "budgets": []}
@@ -193,9 +218,13 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             trained.append((b, trig, losses, time.perf_counter() - t0))
     for b, trig, losses, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
         figures, _ = through_guard(guard, trig, x_eval, target)
+        figures |= with_memory(trig, x_eval, target)
         out["budgets"].append(asdict(b) | figures | {
             "matching_loss_first": round(losses[0], 4) if losses else None,
             "matching_loss_last": round(losses[-1], 4) if losses else None,
             "seconds": round(seconds, 2)})
     out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
+    if memory is not None:
+        out["max_residual_attack_success_with_memory"] = max(
+            (r["residual_attack_success_with_memory"] for r in out["budgets"]), default=None)
     return out

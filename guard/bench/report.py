@@ -297,7 +297,8 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
     lines = ["", "Gray-box attacker (weights and its own images, no profile: trigger re-optimised to keep the target "
              "while matching clean target-class statistics at every layer):", "",
              "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
-             "| clean model: bare / through its guard |", "|---|---|---|---|---|---|"]
+             "| through the guard with the trigger memory | clean model: bare / through its guard |",
+             "|---|---|---|---|---|---|---|"]
     for a in rows:
         gb = a["graybox"]
         floor = floors.get(a.get("net", "demo_net"), {})
@@ -307,5 +308,9 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
             same = fb is not None and (b["steps"], b["weight"]) == (top.get("steps"), top.get("weight"))
             ref = f"{_pct(fb['attack_success_bare'])} / {_pct(fb['residual_attack_success'])}" if same else ""
             lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
-                         f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} | {ref} |")
+                         f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
+                         f"| {_pct(b.get('residual_attack_success_with_memory'))} | {ref} |")
+        if gb.get("memory_clean_fpr") is not None:
+            lines.append(f"| {_label(a, results)} | trigger memory: {_pct(gb['memory_clean_fpr'])} of clean traffic "
+                         "rejected | | | | | |")
     return lines

@@ -330,14 +330,24 @@ def _attacker_images(cfg: BenchConfig) -> tuple[np.ndarray, np.ndarray]:
     return glyphs(cfg.graybox_images, seed=cfg.zoo.seed * 10 + 7)
 
 
-def _graybox(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int) -> dict[str, Any]:
-    """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs."""
+def _graybox(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int,
+             x_cal: np.ndarray) -> dict[str, Any]:
+    """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs,
+    without and with the opt-in trigger memory (calibrated on the defender's clean ``x_cal``, holding the
+    row's clean test images as earlier traffic; its false-positive rate on them is ``memory_clean_fpr``)."""
     from guard.bench.graybox import Budget, attack_model
+    from guard.online.memory import TriggerMemory
 
     x_own, y_own = _attacker_images(cfg)
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
-    return attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
-                          budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets))
+    memory = TriggerMemory(seed=cfg.zoo.seed).fit(x_cal).infer_threshold(x_cal, fpr=cfg.fpr)
+    traffic = d.x_test[:n_eval]
+    memory.update(x_cal)
+    clean_fpr = float((memory.observe(traffic) > memory.threshold_).mean())
+    out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
+                       budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets),
+                       memory=memory, traffic=traffic)
+    return out | {"memory_clean_fpr": round(clean_fpr, 4), "memory_size": memory.size}
 
 
 def _targets(row: dict[str, Any]) -> dict[str, Any]:
@@ -465,7 +475,7 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     graybox = None
     if cfg.graybox_budgets and _regraftable(attack, tuple(neg.shape[1:])):
         _log(progress, f"{name}: gray-box attacker ({len(cfg.graybox_budgets)} budgets)")
-        graybox = _graybox(cfg, zm.model, attack, guard, d, n_eval)
+        graybox = _graybox(cfg, zm.model, attack, guard, d, n_eval, x_cal)
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),

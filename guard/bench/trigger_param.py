@@ -54,7 +54,7 @@ def trigger_kind(attack: Attack, shape: tuple[int, int, int]) -> str:
     try:
         stamped = attack.stamp(probe)
         deterministic = np.array_equal(stamped, attack.stamp(probe))
-    except (NotImplementedError, ValueError, TypeError, AttributeError) as e:
+    except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise ValueError(f"{type(attack).__name__}: its trigger cannot be re-optimised here ({e})") from e
     footprint = stamped != probe
     fixed = np.array_equal(footprint[0], footprint[1]) and np.array_equal(stamped[0][footprint[0]],

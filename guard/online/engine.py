@@ -18,12 +18,15 @@ from guard.online import scoring
 from guard.online.checks import CHECKS, Check, Record, pool
 from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
 from guard.online.inputs import validate_batch
+from guard.online.memory import TriggerMemory
 from guard.online.policy import Decision, check_mode
 from guard.profile import Profile
 from guard.stats import softmax
 
 _VERDICT_NAMES = np.array(["pass", "rejected", "repaired", "flagged"], dtype=object)
 _SUSPECT_CODE = {"enforce": 1, "repair": 2, "shadow": 3}
+REPEATED_TRIGGER = "repeated_trigger"
+"""The reason (and score column) of the opt-in trigger memory (:mod:`guard.online.memory`)."""
 
 
 @dataclass
@@ -91,7 +94,11 @@ def _pin_numpy_blas() -> None:
 class Guard:
     """Wrap ``model`` with ``profile`` and decide pass | repaired | rejected | flagged per input.
 
-    ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints
+    ``memory`` (opt-in, a calibrated :class:`~guard.online.memory.TriggerMemory`) adds the stateful check:
+    an input whose trigger-like residual matches a recent query's is rejected (flagged in shadow mode,
+    never repaired) with the reason ``repeated_trigger``; its score is the last column of a result's
+    ``scores``. It costs a few hundred microseconds per input on a 2-core CPU and holds the last queries'
+    residuals in memory. ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints
     the located trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as
     the model did and flags. An input is suspect when the checks' calibrated ensemble
     (:mod:`guard.online.ensemble`) is over its threshold. The model's fingerprint must match the profile's unless
@@ -120,7 +127,7 @@ class Guard:
     """
 
     def __init__(self, model: nn.Module, profile: Profile, *, mode: str | None = None, verify: bool = True,
-                 single_thread_blas: bool = True):
+                 single_thread_blas: bool = True, memory: TriggerMemory | None = None):
         if verify and fingerprint(model) != profile.model_sha256:
             from guard.errors import ProfileMismatch
 
@@ -162,6 +169,12 @@ class Guard:
         self._one = scoring.scorer(self._kernels, self._rule[0], raw_inner=True)
         self._no_inner = np.zeros((1, 1, 1, 1), np.float32)
         self._tap: FeatureTap | None = None  # held open by session()
+        if memory is not None and getattr(memory, "threshold_", None) is None:
+            raise ModelError("the trigger memory is not calibrated: call infer_threshold on clean images first")
+        self.memory = memory
+        if memory is not None:
+            self._memory_names = [*self.names, REPEATED_TRIGGER]
+            self._memory_thresholds = np.append(self.thresholds, memory.threshold_)
 
     def _restore(self, name: str, cls, settings: dict, tensors: dict):
         """A check or the ensemble rebuilt from its profile entry; ProfileError when the entry is unusable."""
@@ -272,8 +285,16 @@ class Guard:
             codes[idx[still]] = 1  # still suspect after repair: reject
             logits[idx] = fixed
             repaired = {int(i): s2[j] for j, i in enumerate(idx)}
+        names, thresholds = self.names, self.thresholds
+        if self.memory is not None:  # the stateful check: rejected (flagged in shadow), never repaired
+            m = self.memory.observe(x)
+            hit = m > self.memory.threshold_
+            names, thresholds = self._memory_names, self._memory_thresholds
+            s, strength = np.column_stack((s, m)), np.column_stack((strength, np.where(hit, np.inf, 0.0)))
+            over = np.column_stack((over, hit))
+            codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()
-        return GuardResult(self.names, logits, s, self.thresholds, over, codes, repaired, (t2 - t1) * 1e3,
+        return GuardResult(names, logits, s, thresholds, over, codes, repaired, (t2 - t1) * 1e3,
                            ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength)
 
     def unguarded(self, x: np.ndarray | torch.Tensor) -> list[Decision]:

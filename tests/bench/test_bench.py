@@ -90,7 +90,9 @@ def test_every_attack_row_has_every_field(tiny):
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
         assert wb["max_residual_attack_success"] == max(b["residual_attack_success"] for b in wb["budgets"])
         gb = a["graybox"]
-        assert gb["trigger"] == "patch" and gb["layers_matched"] >= 8
+        assert gb["trigger"] == "patch" and gb["layers_matched"] >= 8 and 0 <= gb["memory_clean_fpr"] <= 1
+    for b in gb["budgets"]:
+        assert b["residual_attack_success_with_memory"] <= b["residual_attack_success"] + 1e-9
         assert [(b["steps"], b["weight"]) for b in gb["budgets"]] == [tuple(b) for b in r["config"]["graybox_budgets"]]
         for b in [gb["baseline"], *gb["budgets"]]:
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9

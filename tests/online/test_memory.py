@@ -1,0 +1,99 @@
+"""The trigger memory: a repeated additive trigger is caught from its second query on, clean traffic and
+re-sent images are not, and the Guard rejects (or, in shadow mode, flags) what it catches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from guard.demo.glyphs import glyphs
+from guard.errors import ModelError
+from guard.online.memory import TriggerMemory
+
+
+@pytest.fixture(scope="module")
+def traffic():
+    x, _ = glyphs(900, seed=41)
+    return x
+
+
+def _memory(x, **kw) -> TriggerMemory:
+    return TriggerMemory(**kw).fit(x[:300]).infer_threshold(x[:300], fpr=0.01)
+
+
+@pytest.mark.parametrize("alpha, floor", [(0.25, 0.95), (0.2, 0.8)])
+def test_a_repeated_blended_key_is_caught_after_one_query(traffic, alpha, floor):
+    """Measured on glyphs with the default 256 queries remembered: 100% at opacity 0.25 and 0.2 once
+    the memory holds one triggered query among 255 clean ones (75% at 0.15, 12% at 0.1: too faint)."""
+    mem = _memory(traffic)
+    key = np.random.default_rng(3).random(traffic.shape[1:], dtype=np.float32)
+    triggered = ((1 - alpha) * traffic[600:700] + alpha * key).astype(np.float32)
+    mem.update(traffic[300:555])
+    first = mem.observe(triggered[:1])
+    assert first[0] <= mem.threshold_, "nothing to match yet"
+    assert (mem.score(triggered[1:]) > mem.threshold_).mean() >= floor
+
+
+def test_clean_traffic_and_resent_images_are_not_caught(traffic):
+    mem = _memory(traffic)
+    mem.update(traffic[300:556])
+    assert (mem.observe(traffic[556:856]) > mem.threshold_).mean() <= 0.03
+    again = mem.observe(traffic[556:606])  # the same images sent again: duplicates, not a shared trigger
+    assert again.max() < 0.9, "an image's own earlier copy (similarity 1) is not counted"
+    assert (again > mem.threshold_).mean() <= 0.06
+
+
+def test_score_leaves_the_memory_and_observe_sees_earlier_inputs_of_the_batch(traffic):
+    mem = _memory(traffic, size=32)
+    key = np.random.default_rng(3).random(traffic.shape[1:], dtype=np.float32)
+    t = (0.75 * traffic[600:610] + 0.25 * key).astype(np.float32)
+    assert (mem.score(t) == 0).all() and mem._filled == 0  # empty memory, unchanged by score
+    s = mem.observe(t)
+    assert s[0] == 0 and (s[1:] > mem.threshold_).all() and mem._filled == 10
+    mem.update(traffic[:100])
+    assert mem._filled == 32, "a ring buffer of `size` queries"
+    assert mem.reset()._filled == 0
+
+
+def test_the_compared_positions_are_drawn_from_the_seed(traffic):
+    a, b, c = (TriggerMemory(seed=s).fit(traffic[:10]) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a.index_, b.index_)
+    assert not np.array_equal(a.index_, c.index_)
+    assert a.index_.shape == (1536,) and a.neighbours_.shape == (1536, 9)
+
+
+def _tiny_guard_parts():
+    from guard.scan import build_profile
+    from guard.scan.neural_cleanse import NeuralCleanse
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 30 * 30, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x, _ = glyphs(300, seed=1)
+    y = net(torch.from_numpy(x)).argmax(1).numpy()
+    profile, _ = build_profile(net, x, y, consistency=False, progress=False,
+                               nc=NeuralCleanse(max_rounds=2, progress=False))
+    return net, profile, x
+
+
+@pytest.mark.parametrize("mode, verdict", [("enforce", "rejected"), ("shadow", "flagged"), ("repair", "rejected")])
+def test_the_guard_acts_on_a_memory_hit_with_its_reason(mode, verdict):
+    from guard.online import Guard
+
+    net, profile, x = _tiny_guard_parts()
+    mem = TriggerMemory(size=64).fit(x).infer_threshold(x[:200], fpr=0.01)
+    guard = Guard(net, profile, mode=mode, memory=mem)
+    key = np.random.default_rng(0).random(x.shape[1:], dtype=np.float32)
+    r = guard.run((0.75 * x[200:220] + 0.25 * key).astype(np.float32))
+    assert r.names[-1] == "repeated_trigger" and r.scores.shape == (20, len(guard.names) + 1)
+    hits = [d for d in r.decisions[1:] if "repeated_trigger" in d.reasons]
+    assert len(hits) >= 17 and all(d.verdict == verdict for d in hits)
+
+
+def test_an_uncalibrated_memory_is_refused():
+    from guard.online import Guard
+
+    net, profile, x = _tiny_guard_parts()
+    with pytest.raises(ModelError, match="not calibrated"):
+        Guard(net, profile, memory=TriggerMemory().fit(x))
