@@ -133,6 +133,9 @@ class Profile:
     source: dict[str, Any] = field(default_factory=dict)
     checks_off: dict[str, str] = field(default_factory=dict)
     """Checks the scan left out, each with the reason (e.g. ``consistency`` on a token model)."""
+    memory: dict[str, Any] | None = None
+    """The opt-in trigger memory's calibrated settings (:meth:`guard.online.memory.TriggerMemory.to_settings`);
+    None when the scan did not add it."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ state of checks and ensemble
@@ -178,6 +181,8 @@ class Profile:
                                "calibration": None if self.calibration is None else asdict(self.calibration),
                                "policy": asdict(self.policy), "repair": asdict(self.repair),
                                "tensor_names": sorted(self.tensors)}
+        if self.memory is not None:  # absent, not null, when off: profiles without it stay as they were
+            out["memory"] = dict(self.memory)
         return out
 
     @property
@@ -249,6 +254,16 @@ class Profile:
         inner = m.get("inner_layer")
         if inner is not None and not isinstance(inner, str):
             raise ProfileError(f"{where}: inner_layer must be a string or null")
+        memory = None
+        if m.get("memory") is not None:
+            e = v.obj(m["memory"], "memory")
+            known = ("size", "n_features", "duplicate", "seed", "threshold", "fpr")
+            unknown = sorted(set(e) - set(known))
+            if unknown:
+                raise ProfileError(f"{where}: memory has unknown field(s) {', '.join(unknown)}")
+            memory = {k: (v.int if k in ("size", "n_features", "seed") else v.num)(e, k, "memory.") for k in known}
+            if memory["size"] < 1 or memory["n_features"] < 1 or not 0 < memory["fpr"] < 0.5:
+                raise ProfileError(f"{where}: memory needs size and n_features >= 1 and fpr in (0, 0.5)")
         off = v.obj(m.get("checks_off", {}), "checks_off")
         if not all(isinstance(r, str) for r in off.values()):
             raise ProfileError(f"{where}: checks_off must map check names to reasons (strings)")
@@ -259,7 +274,7 @@ class Profile:
                    suspect_neurons={str(k): list(x)
                                     for k, x in v.obj(m.get("suspect_neurons", {}), "suspect_neurons").items()},
                    calibration=calibration, created=m.get("created"), source=dict(m.get("source") or {}),
-                   checks_off={str(k): r for k, r in off.items()},
+                   checks_off={str(k): r for k, r in off.items()}, memory=memory,
                    tensors=dict(tensors or {}))
 
     # ------------------------------------------------------------------ files

@@ -94,7 +94,9 @@ def _pin_numpy_blas() -> None:
 class Guard:
     """Wrap ``model`` with ``profile`` and decide pass | repaired | rejected | flagged per input.
 
-    ``memory`` (opt-in, a calibrated :class:`~guard.online.memory.TriggerMemory`) adds the stateful check:
+    ``memory`` (opt-in: ``None``, the default, takes it from the profile when ``guard scan --memory``
+    calibrated one; ``False`` turns it off; or a calibrated :class:`~guard.online.memory.TriggerMemory`)
+    adds the stateful check:
     an input whose trigger-like residual matches a recent query's is rejected (flagged in shadow mode,
     never repaired) with the reason ``repeated_trigger``; its score is the last column of a result's
     ``scores``. It costs a few hundred microseconds per input on a 2-core CPU and holds the last queries'
@@ -127,7 +129,7 @@ class Guard:
     """
 
     def __init__(self, model: nn.Module, profile: Profile, *, mode: str | None = None, verify: bool = True,
-                 single_thread_blas: bool = True, memory: TriggerMemory | None = None):
+                 single_thread_blas: bool = True, memory: TriggerMemory | bool | None = None):
         if verify and fingerprint(model) != profile.model_sha256:
             from guard.errors import ProfileMismatch
 
@@ -169,6 +171,13 @@ class Guard:
         self._one = scoring.scorer(self._kernels, self._rule[0], raw_inner=True)
         self._no_inner = np.zeros((1, 1, 1, 1), np.float32)
         self._tap: FeatureTap | None = None  # held open by session()
+        if memory is None or memory is True:  # as the profile says (True: and refuse a profile without one)
+            if profile.memory is None and memory is True:
+                raise ProfileError("the profile has no trigger memory: rescan with guard scan --memory")
+            memory = None if profile.memory is None else TriggerMemory.from_settings(profile.memory,
+                                                                                  tuple(profile.input_shape))
+        elif memory is False:
+            memory = None
         if memory is not None and getattr(memory, "threshold_", None) is None:
             raise ModelError("the trigger memory is not calibrated: call infer_threshold on clean images first")
         self.memory = memory

@@ -142,6 +142,24 @@ class TriggerMemory:
             self._push(res[i:i + 1], content[i:i + 1])
         return out
 
+    SETTINGS = ("size", "n_features", "duplicate", "seed")
+
+    def to_settings(self) -> dict[str, float | int]:
+        """The calibrated memory as a profile stores it (JSON numbers): its parameters, threshold and FPR."""
+        if getattr(self, "threshold_", None) is None:
+            raise ValueError("the trigger memory is not calibrated: call infer_threshold first")
+        return {k: getattr(self, k) for k in self.SETTINGS} | {"threshold": self.threshold_, "fpr": self.fpr_}
+
+    @classmethod
+    def from_settings(cls, settings: dict, input_shape: tuple[int, ...]) -> TriggerMemory:
+        """A calibrated, empty memory for inputs of ``input_shape`` from :meth:`to_settings`' output (the
+        positions are drawn again from the seed)."""
+        mem = cls(size=int(settings["size"]), n_features=int(settings["n_features"]),
+                  duplicate=float(settings["duplicate"]), seed=int(settings["seed"]))
+        mem.fit(np.zeros((1, *input_shape), dtype=np.float32))
+        mem.threshold_, mem.fpr_ = float(settings["threshold"]), float(settings["fpr"])
+        return mem
+
     def infer_threshold(self, x: np.ndarray, *, fpr: float) -> TriggerMemory:
         """Replay clean ``x``: each image scored against a full memory of other clean images; the threshold
         lets ``fpr`` of them through. The memory is empty afterwards."""

@@ -50,7 +50,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   mode: str = "enforce", layer: str | None = None, calibration_share: float = 0.5,
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
-                  inner: str | None = None, folds: int = 5, inner_knn: bool = True) -> tuple[Profile, dict[str, Any]]:
+                  inner: str | None = None, folds: int = 5, inner_knn: bool = True,
+                  memory: bool = False) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -71,7 +72,10 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     (:class:`~guard.online.checks.InnerKNNCheck`) sees the Blended trigger best; ``inner_knn=False``
     leaves that one out (its batch-1 score took 6 us in the bench's breakdown on DemoNet; side by side,
     the guard's overhead with and without it was within the measurement's noise). Each costs one small
-    matrix product per query.
+    matrix product per query. ``memory`` adds the opt-in stateful trigger memory
+    (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
+    at ``fpr``), which catches a fixed trigger from its second query on; figures and cost in
+    docs/benchmarks.md.
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -165,6 +169,10 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     for c in checks:
         profile.add_check(c.name, *c.to_profile())
     profile.set_ensemble(*ensemble.to_profile())
+    if memory:
+        from guard.online.memory import TriggerMemory
+
+        profile.memory = TriggerMemory(seed=seed).fit(x).infer_threshold(x, fpr=fpr).to_settings()
     meta = profile.to_json()
     summary = {
         "suspect_labels": suspects,
@@ -178,6 +186,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "calibration_realised_fpr": realised,
         "model_sha256": meta["model_sha256"],
         "seconds": round(seconds, 2),
+        "memory": profile.memory,
     }
     return profile, summary
 

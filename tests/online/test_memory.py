@@ -97,3 +97,33 @@ def test_an_uncalibrated_memory_is_refused():
     net, profile, x = _tiny_guard_parts()
     with pytest.raises(ModelError, match="not calibrated"):
         Guard(net, profile, memory=TriggerMemory().fit(x))
+
+
+def test_the_profile_carries_the_memory_and_the_guard_takes_it_from_there(tmp_path):
+    import json
+
+    from guard.errors import ProfileError
+    from guard.online import Guard
+    from guard.profile import Profile
+    from guard.scan import build_profile
+    from guard.scan.neural_cleanse import NeuralCleanse
+
+    net, plain, x = _tiny_guard_parts()
+    assert plain.memory is None and "memory" not in plain.to_json()  # off by default, absent from the JSON
+    assert Guard(net, plain).memory is None
+    y = net(torch.from_numpy(x)).argmax(1).numpy()
+    profile, summary = build_profile(net, x, y, consistency=False, progress=False, memory=True,
+                                     nc=NeuralCleanse(max_rounds=2, progress=False))
+    assert summary["memory"] == profile.memory and profile.memory["fpr"] == 0.01
+    loaded = Profile.load(profile.save(tmp_path / "p"))
+    assert loaded.memory == profile.memory
+    guard = Guard(net, loaded)
+    assert guard.memory.threshold_ == profile.memory["threshold"]
+    np.testing.assert_array_equal(guard.memory.index_, TriggerMemory(seed=0).fit(x).index_)
+    assert Guard(net, loaded, memory=False).memory is None
+    with pytest.raises(ProfileError, match="no trigger memory"):
+        Guard(net, plain, memory=True)
+    meta = json.loads((tmp_path / "p" / "profile.json").read_text())
+    meta["memory"]["sise"] = 3
+    with pytest.raises(ProfileError, match="unknown field"):
+        Profile.from_json(meta, loaded.tensors)
