@@ -8,10 +8,13 @@ written and the command exits 1 with the figures.
 Methods: combined (default: unlearning of the reversed triggers where they were found and pasted
 anywhere, so a globally pooled model unlearns the pattern and not only the reversed mask's
 position, with Neural Cleanse run again on the partly repaired model every 4 epochs so that what
-still fires the backdoor is unlearned too); anp (adversarial neuron pruning); unlearn (Neural
-Cleanse unlearning of the reversed trigger); fine-pruning (prune the last conv layer's dormant
-channels, then fine-tune). Every method needs at least 10 clean images per class; give it 50 per
-class (with 20 the result varies from model to model: docs/design.md).
+still fires the backdoor is unlearned too); anp (adversarial neuron pruning); rnp (reconstructive
+neuron pruning: unlearn the clean images, learn a neuron mask that recovers them, prune the neurons
+it turns down; needs no reversed trigger, for when the scan found none or a wrong one; BatchNorm
+networks only, and not every one: guard.repair.rnp has the measurements); unlearn (Neural Cleanse
+unlearning of the reversed trigger); fine-pruning (prune the last conv layer's dormant channels,
+then fine-tune). Every method needs at least 10 clean images per class; give it 50 per class (with
+20 the result varies from model to model: docs/design.md).
 
 Prints a before/after table (or --json): held-out clean accuracy, the reversed triggers' attack
 success, the online checks' rejection of held-out images stamped with them, and a rescan's verdict
@@ -32,6 +35,10 @@ HELP = "repair a backdoored model (re-reversed trigger unlearning by default) wi
 
 _share = open_interval(0, 1)
 
+METHODS = ("combined", "anp", "rnp", "unlearn", "fine-pruning")
+"""guard.repair.run.METHODS, spelled out: importing it here would load torch for every ``guard --help``
+(tests/repair/test_rnp.py holds the two equal)."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
@@ -40,9 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(50 per class recommended)")
     p.add_argument("--profile", required=True, help="profile directory of this model (from guard scan)")
     p.add_argument("--out", required=True, help="where to write the repaired state_dict (.pt)")
-    p.add_argument("--method", choices=["combined", "anp", "unlearn", "fine-pruning"], default="combined",
+    p.add_argument("--method", choices=METHODS, default="combined",
                    help="combined (default): unlearning of the reversed triggers, where found and anywhere, "
-                        "re-reversed every 4 epochs; anp; unlearn (Neural Cleanse); fine-pruning. Each needs "
+                        "re-reversed every 4 epochs; anp; rnp (clean images only, no reversed trigger; "
+                        "BatchNorm networks only); unlearn (Neural Cleanse); fine-pruning. Each needs "
                         ">= 10 clean images per class")
     p.add_argument("--max-accuracy-drop", "--max-drop", dest="max_drop", type=float, default=2.0,
                    help="largest clean-accuracy drop allowed on the held-out images, in percentage points "
@@ -52,8 +60,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--share", type=_share, default=0.2,
                    help="unlearning: share of images stamped (default 0.2; combined uses at least 0.5)")
     p.add_argument("--epochs", type=int,
-                   help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearn, 12 combined)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate (Adam; default 0.001)")
+                   help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearn, 12 combined; anp and rnp "
+                        "do not fine-tune)")
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="fine-tuning learning rate (Adam; default 0.001; anp and rnp keep their own)")
     p.add_argument("--no-rescan", action="store_true", help="skip the Neural Cleanse scan of the result")
     p.add_argument("--no-online", action="store_true",
                    help="skip measuring the online checks' rejection of stamped held-out images")
