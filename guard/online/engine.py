@@ -216,6 +216,8 @@ class Guard:
         which pools the inner layer itself, one for batches) or loading the kernels."""
         self.run(np.full((1, *self.input_shape), 0.5, dtype=np.float32))
         self.run(np.full((2, *self.input_shape), 0.5, dtype=np.float32))
+        if self.memory is not None:  # the neutral inputs are not traffic
+            self.memory.reset()
         return self
 
     # ------------------------------------------------------------------ core

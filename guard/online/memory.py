@@ -32,6 +32,8 @@ True
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 
@@ -88,6 +90,7 @@ class TriggerMemory:
         self._content = np.zeros((self.size, 0), dtype=np.float32)
         self._filled = 0
         self._next = 0
+        self._lock = threading.Lock()  # one memory per serving worker; its threads take turns
         return self
 
     def residual(self, x: np.ndarray) -> np.ndarray:
@@ -117,12 +120,14 @@ class TriggerMemory:
     def score(self, x: np.ndarray) -> np.ndarray:
         """``(N,)`` each input's largest residual similarity to the remembered queries (memory unchanged)."""
         res, content = self._rows(x)
-        return self._against(res, content, *self._memory())
+        with self._lock:
+            return self._against(res, content, *self._memory())
 
     def update(self, x: np.ndarray) -> TriggerMemory:
         """Remember the inputs of ``x`` (the oldest are forgotten past ``size``)."""
         res, content = self._rows(x)
-        self._push(res, content)
+        with self._lock:
+            self._push(res, content)
         return self
 
     def _push(self, res: np.ndarray, content: np.ndarray) -> None:
@@ -137,9 +142,10 @@ class TriggerMemory:
         """Score each input against the memory and the batch's earlier inputs, then remember them all."""
         res, content = self._rows(x)
         out = np.empty(len(res), dtype=np.float32)
-        for i in range(len(res)):
-            out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
-            self._push(res[i:i + 1], content[i:i + 1])
+        with self._lock:
+            for i in range(len(res)):
+                out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
+                self._push(res[i:i + 1], content[i:i + 1])
         return out
 
     SETTINGS = ("size", "n_features", "duplicate", "seed")

@@ -121,6 +121,7 @@ def test_the_profile_carries_the_memory_and_the_guard_takes_it_from_there(tmp_pa
     assert guard.memory.threshold_ == profile.memory["threshold"]
     np.testing.assert_array_equal(guard.memory.index_, TriggerMemory(seed=0).fit(x).index_)
     assert Guard(net, loaded, memory=False).memory is None
+    assert guard.warmup().memory._filled == 0, "warm-up inputs are not remembered as traffic"
     with pytest.raises(ProfileError, match="no trigger memory"):
         Guard(net, plain, memory=True)
     meta = json.loads((tmp_path / "p" / "profile.json").read_text())
