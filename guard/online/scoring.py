@@ -19,7 +19,7 @@ from guard import _numba
 from guard.online.checks.base import FASTMATH, Check, Record, kernel, pool_row
 
 MAX_CHECKS = 8
-"""How many checks one compiled scorer holds (the registry has five)."""
+"""How many checks one compiled scorer holds (a profile uses at most the six registered ones)."""
 
 
 @kernel

@@ -280,8 +280,9 @@ class NeuralCleanse:
 
         Every label gets ``screen_steps`` Adam steps on ``screen_batch`` images under the fixed L1 cost
         ``screen_cost`` (labels in chunks of ``screen_chunk`` to bound memory); its score is the mean loss
-        (cross-entropy to the label plus the cost times the mask's L1 norm) over the last quarter of the
-        steps. Seeded: the initial triggers and batches come from the CPU generator.
+        (cross-entropy to the label plus the cost times the mask's L1 norm) over all its steps, the area
+        under its loss curve (how fast a label gets there as much as where it ends). Seeded: the initial
+        triggers and batches come from the CPU generator.
         """
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
         _, c, h, w = xt.shape
