@@ -410,7 +410,30 @@ def _token_blocks(modules: dict[str, nn.Module], calls: list[tuple[str, tuple, t
     return out
 
 
-class FeatureTap:
+class HookSet:
+    """Forward hooks registered together and always removed together: ``__enter__`` calls
+    :meth:`_register` (which appends each handle to ``_handles``) and, should it fail half-way, removes
+    what it registered; ``__exit__`` removes every handle."""
+
+    _handles: list
+
+    def _register(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __enter__(self):
+        try:
+            self._register()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
+class FeatureTap(HookSet):
     """Context manager that records the input of the feature layer on every forward, as ``(N, D)``
     (:func:`pool_features` pools spatial maps and token sequences).
 
@@ -446,19 +469,10 @@ class FeatureTap:
     def _inner_hook(self, module, args, out):
         self.inner = token_map(out) if out.ndim == 3 else out
 
-    def __enter__(self) -> FeatureTap:
-        try:
-            self._handles.append(self.module.register_forward_pre_hook(self._hook))
-            if self._inner_module is not None:
-                self._handles.append(self._inner_module.register_forward_hook(self._inner_hook))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def _register(self) -> None:
+        self._handles.append(self.module.register_forward_pre_hook(self._hook))
+        if self._inner_module is not None:
+            self._handles.append(self._inner_module.register_forward_hook(self._inner_hook))
 
 
 def token_map(t: torch.Tensor) -> torch.Tensor:

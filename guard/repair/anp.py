@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from guard._progress import Progress
-from guard.repair.neurons import Unit, units
+from guard.repair.neurons import Unit, mask_order, units
 
 
 class _Perturbed:
@@ -118,11 +118,7 @@ class ANP:
                         m.clamp_(0, 1)
                 bar.update(1)
         self.units_ = [u.name for u in us]
-        self.mask_values_ = [m.detach().numpy().copy() for m in pert.masks]
-        flat = [(v, i, c) for i, vals in enumerate(self.mask_values_) for c, v in enumerate(vals)]
-        flat.sort(key=lambda t: (t[0], t[1], t[2]))
-        self.order_ = [(i, c) for _, i, c in flat]
-        self.values_ = np.array([v for v, _, _ in flat], dtype=np.float32)
+        self.mask_values_, self.order_, self.values_ = mask_order(pert.masks)
         self.seconds_ = time.perf_counter() - t0
         return self
 

@@ -80,3 +80,12 @@ def classifier_inputs_off(model: nn.Module, idx, layer: str | None = None) -> No
         return
     with torch.no_grad():
         clf.weight[:, idx] = 0
+
+
+def mask_order(masks) -> tuple[list[np.ndarray], list[tuple[int, int]], np.ndarray]:
+    """Per-unit neuron masks (torch tensors, one per :class:`Unit`) to ``(values per unit, order, sorted
+    values)``: every neuron as ``(unit index, channel)`` from the lowest mask to the highest (ties by
+    unit, then channel), the order ANP and RNP prune in."""
+    values = [m.detach().numpy().copy() for m in masks]
+    flat = sorted((float(v), i, c) for i, vals in enumerate(values) for c, v in enumerate(vals))
+    return values, [(i, c) for _, i, c in flat], np.array([v for v, _, _ in flat], dtype=np.float32)

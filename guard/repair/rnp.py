@@ -70,7 +70,7 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.repair.anp import _Perturbed
-from guard.repair.neurons import units
+from guard.repair.neurons import mask_order, units
 
 
 def _train_norms(net: nn.Module) -> None:
@@ -152,11 +152,7 @@ class RNP:
                     self.recover_history_.append(correct / max(seen, 1))
                     bar.update(1)
         self.units_ = [u.name for u in us]
-        self.mask_values_ = [m.detach().numpy().copy() for m in masked.masks]
-        flat = [(v, i, c) for i, vals in enumerate(self.mask_values_) for c, v in enumerate(vals)]
-        flat.sort(key=lambda t: (t[0], t[1], t[2]))
-        self.order_ = [(i, c) for _, i, c in flat]
-        self.values_ = np.array([v for v, _, _ in flat], dtype=np.float32)
+        self.mask_values_, self.order_, self.values_ = mask_order(masked.masks)
         self.seconds_ = time.perf_counter() - t0
         return self
 

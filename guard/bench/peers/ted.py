@@ -68,6 +68,7 @@ import torch
 from torch import nn
 
 from guard.bench.peers._common import PeerUnavailable, evaluating
+from guard.model import HookSet
 
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
                nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Tanh, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
@@ -104,7 +105,7 @@ def _pool(module: nn.Module, out: torch.Tensor, spatial: int | None = 4, max_dim
     return out.mean(1).float()
 
 
-class _Tracer:
+class _Tracer(HookSet):
     """Forward hooks on ``modules`` that record every call's output, in call order, while in the block.
 
     ``keep`` holds the call positions that are layers; only those are pooled and kept in ``outs``.
@@ -130,18 +131,9 @@ class _Tracer:
     def reset(self) -> None:
         self.calls, self.outs = [], []
 
-    def __enter__(self) -> _Tracer:
-        try:
-            for m in self.modules:
-                self._handles.append(m.register_forward_hook(self._hook))
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def _register(self) -> None:
+        for m in self.modules:
+            self._handles.append(m.register_forward_hook(self._hook))
 
 
 def _sq_dist(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
