@@ -57,7 +57,7 @@ from torch import nn
 from guard._progress import Progress
 from guard.data import split
 from guard.errors import InputError
-from guard.model import accuracy
+from guard.model import accuracy, check_labels, num_classes
 from guard.repair.triggers import Trigger, stamp_batch, trigger_success
 
 METHODS = ("combined", "anp", "rnp", "unlearn", "fine-pruning")
@@ -382,8 +382,7 @@ def repair_model(model: nn.Module, x: np.ndarray, y: np.ndarray, *, labels: list
     torch.manual_seed(seed)
     x_tr, y_tr, x_val, y_val = split(x, y, 1 - holdout_share, seed=seed)
     model = model.eval()
-    with torch.no_grad():
-        k = int(model(torch.from_numpy(np.ascontiguousarray(x[:1]))).shape[1])
+    k = num_classes(model, x)
     sel = Selection(model, x_val, y_val, max_drop=max_drop)
     sel.offer("original", model)
     m = _Method(model, x_tr, y_tr, sel, reversed_triggers(labels, masks, patterns), seed=seed, epochs=epochs,
@@ -517,10 +516,9 @@ def repair(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     from guard.repair.pruning import profile_triggers
     from guard.scan.neural_cleanse import NeuralCleanse
 
-    with torch.no_grad():
-        k = int(model.eval()(torch.from_numpy(np.ascontiguousarray(x[:1]))).shape[1])
-    if y.max() >= k:
-        raise InputError(f"labels go up to {int(y.max())} but the model has {k} classes")
+    model.eval()
+    k = num_classes(model, x)
+    check_labels(y, k)
     if method not in METHODS:
         raise InputError(f"unknown repair method {method!r} ({', '.join(METHODS)})")
     check_data(y, k, method)
