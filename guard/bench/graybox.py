@@ -138,9 +138,9 @@ def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Te
     terms = []
     for k, (mu, sd, smu, ssd) in moments.items():
         m, s = pooled[k]
-        t = (((m.mean(0) - mu) / sd) ** 2).mean() + (torch.log((m.std(0) + 1e-3) / sd) ** 2).mean()
+        t = (((m.mean(0) - mu) / sd) ** 2).mean() + (torch.log(m.std(0).clamp_min(1e-3) / sd) ** 2).mean()
         if s is not None and smu is not None:
-            t = t + (((s.mean(0) - smu) / ssd) ** 2).mean() + (torch.log((s.std(0) + 1e-3) / ssd) ** 2).mean()
+            t = t + (((s.mean(0) - smu) / ssd) ** 2).mean() + (torch.log(s.std(0).clamp_min(1e-3) / ssd) ** 2).mean()
         terms.append(t)
     return torch.stack(terms).mean()
 
