@@ -84,7 +84,7 @@ def test_dl_tnd_refuses_too_few_samples_and_foreign_labels(demo):
         DLTND(progress=False).fit(model, x[keep], y[keep])
     y2 = y.copy()
     y2[0] = 11
-    with pytest.raises(InputError, match="model's classes"):
+    with pytest.raises(InputError, match="but the model has 10 classes"):
         DLTND(progress=False).fit(model, x, y2)
     xs, ys = per_class_subset(x, y, 10, 5, minimum=3, seed=0)
     assert np.bincount(ys).tolist() == [5] * 10 and len(xs) == 50
