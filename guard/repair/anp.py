@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from guard._progress import Progress
-from guard.repair.neurons import Unit, mask_order, units
+from guard.repair.neurons import Unit, mask_order, switch_off, units
 
 
 class _Perturbed:
@@ -124,10 +124,4 @@ class ANP:
 
     def prune(self, model: nn.Module, n: int) -> nn.Module:
         """Switch off the ``n`` neurons with the lowest masks in ``model`` (in place; same architecture)."""
-        by_name = {u.name: u for u in units(model)}
-        chosen: dict[int, list[int]] = {}
-        for i, c in self.order_[:n]:
-            chosen.setdefault(i, []).append(c)
-        for i, cs in chosen.items():
-            by_name[self.units_[i]].switch_off(cs)
-        return model
+        return switch_off(model, self.units_, self.order_[:n])

@@ -89,3 +89,15 @@ def mask_order(masks) -> tuple[list[np.ndarray], list[tuple[int, int]], np.ndarr
     values = [m.detach().numpy().copy() for m in masks]
     flat = sorted((float(v), i, c) for i, vals in enumerate(values) for c, v in enumerate(vals))
     return values, [(i, c) for _, i, c in flat], np.array([v for v, _, _ in flat], dtype=np.float32)
+
+
+def switch_off(model: nn.Module, unit_names: list[str], neurons) -> nn.Module:
+    """Switch off ``neurons`` (``(unit index, channel)`` pairs, units named by ``unit_names``) in ``model``,
+    in place; returns the model."""
+    by_name = {u.name: u for u in units(model)}
+    chosen: dict[int, list[int]] = {}
+    for i, c in neurons:
+        chosen.setdefault(i, []).append(c)
+    for i, cs in chosen.items():
+        by_name[unit_names[i]].switch_off(cs)
+    return model

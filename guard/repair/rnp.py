@@ -70,7 +70,7 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.repair.anp import _Perturbed
-from guard.repair.neurons import mask_order, units
+from guard.repair.neurons import mask_order, switch_off, units
 
 
 def _train_norms(net: nn.Module) -> None:
@@ -214,10 +214,4 @@ class RNP:
 
     def prune(self, model: nn.Module, n: int) -> nn.Module:
         """Switch off the ``n`` neurons with the lowest masks in ``model`` (in place; same architecture)."""
-        by_name = {u.name: u for u in units(model)}
-        chosen: dict[int, list[int]] = {}
-        for i, c in self.order_[:n]:
-            chosen.setdefault(i, []).append(c)
-        for i, cs in chosen.items():
-            by_name[self.units_[i]].switch_off(cs)
-        return model
+        return switch_off(model, self.units_, self.order_[:n])
