@@ -13,7 +13,7 @@ import sys
 
 from guard.errors import GuardError
 
-COMMANDS = ["scan", "audit", "prune", "check", "archive", "serve", "stop", "demo", "bench", "inspect"]
+COMMANDS = ["scan", "audit", "purify", "check", "archive", "serve", "stop", "demo", "bench", "inspect"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         if importlib.util.find_spec(f"guard.cli.{name}") is None:
             continue  # a subcommand module being written in this working tree
         module = importlib.import_module(f"guard.cli.{name}")
-        p = sub.add_parser(name, help=module.HELP, description=module.__doc__)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           aliases=list(getattr(module, "ALIASES", ())))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -13,8 +13,7 @@ from torch import nn
 
 from guard.errors import ModelError, ProfileError
 from guard.model import FeatureTap, feature_layer, fingerprint
-from guard.online import repair as _repair
-from guard.online import scoring
+from guard.online import repair, scoring
 from guard.online.checks import CHECKS, Check, Record, pool
 from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
 from guard.online.inputs import validate_batch
@@ -334,7 +333,7 @@ class Guard:
     def _repair(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Logits and check scores of ``x`` after painting the located trigger over."""
         w, b = self._neuron
-        region = _repair.locate(self.model, x, self.fill, pixels=self.repair_pixels, layer=self.layer,
+        region = repair.locate(self.model, x, self.fill, pixels=self.repair_pixels, layer=self.layer,
                                 neuron_weights=w, neuron_bias=b, masks=self._masks)
-        rec = self._forward(_repair.apply(x, region, self.fill))
+        rec = self._forward(repair.apply(x, region, self.fill))
         return rec.logits, self.scores(rec)

@@ -17,7 +17,7 @@ from test_service import archive_dir
 
 from guard._assets import handler_file
 
-OFFLINE = ("guard.scan", "guard.bench", "guard.cli", "guard.demo", "guard.audit", "guard.repair")
+OFFLINE = ("guard.scan", "guard.bench", "guard.cli", "guard.demo", "guard.audit", "guard.purify")
 
 CODE = """
 import importlib.util, json, sys, types

@@ -1,4 +1,4 @@
-"""Reconstructive Neuron Pruning (:mod:`guard.repair.rnp`): clean images only, no reversed trigger.
+"""Reconstructive Neuron Pruning (:mod:`guard.purify.rnp`): clean images only, no reversed trigger.
 
 Judged with the attacker's real trigger (its own ``stamp``), which RNP never sees, on test images it
 never learns from. The backdoored model is the session's GapNet world (a 3x3 BadNets patch to label 3;
@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from guard.bench.repair import per_class_subset
+from guard.bench.purification import per_class_subset
 from guard.demo.train import attack_success
 from guard.model import accuracy, fingerprint
-from guard.repair.neurons import units
-from guard.repair.rnp import RNP
+from guard.purify.neurons import units
+from guard.purify.rnp import RNP
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +105,13 @@ def test_repair_end_to_end_without_a_reversed_trigger(gap):
     real trigger 99.8% -> 3-27% on 11 of them (median of all 13: 13%), 61% and 67% on two where the
     bound stopped at 6-7 neurons, at 0.9-4.6 points of test accuracy."""
     from guard.profile import Profile
-    from guard.repair import repair
+    from guard.purify import purify
 
     model, attack, xs, ys, xt, yt = gap
     sha = fingerprint(model)
     profile = Profile(model_sha256=sha, input_shape=tuple(xs.shape[1:]), num_classes=10,
                       feature_layer="classifier", fpr=0.01, checks={})
-    res = repair(model, xs, ys, profile, method="rnp", seed=0, rescan=False, online=False, progress=False)
+    res = purify(model, xs, ys, profile, method="rnp", seed=0, rescan=False, online=False, progress=False)
     assert fingerprint(model) == sha
     assert res.ok and res.details["method"] == "rnp" and res.details["selected"].startswith("rnp:")
     assert res.details["accuracy_drop"] <= 0.02 + 1e-9
@@ -131,18 +131,20 @@ def test_repair_end_to_end_without_a_reversed_trigger(gap):
 
 
 def test_rnp_is_a_method_everywhere():
-    """``guard prune --method rnp`` parses, and the CLI's list is the library's."""
+    """``guard purify --method rnp`` parses (and under the former name ``guard prune``), and the CLI's
+    list of methods is the library's."""
     import importlib
 
-    from guard.repair.run import METHODS, MIN_PER_CLASS
+    from guard.purify import METHODS, MIN_PER_CLASS
 
-    prune_cli = importlib.import_module("guard.cli.prune")
-    assert "rnp" in METHODS and MIN_PER_CLASS["rnp"] == 10
-    assert prune_cli.METHODS == METHODS
+    purify_cli = importlib.import_module("guard.cli.purify")
+    assert "rnp" in METHODS and MIN_PER_CLASS == 10
+    assert purify_cli.METHODS == tuple(METHODS)
     parser = importlib.import_module("guard.cli.main").build_parser()
-    args = parser.parse_args(["prune", "--model-file", "m.py", "--weights", "w.pt", "--data", "d.npz", "--profile", "p",
-                              "--out", "o.pt", "--method", "rnp"])
-    assert args.method == "rnp"
+    for command in ("purify", "prune"):
+        args = parser.parse_args([command, "--model-file", "m.py", "--weights", "w.pt", "--data", "d.npz",
+                                  "--profile", "p", "--out", "o.pt", "--method", "rnp"])
+        assert args.method == "rnp" and args._run is purify_cli.run
 
 
 def test_unlearning_that_diverges_is_undone():

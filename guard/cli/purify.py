@@ -1,25 +1,25 @@
-"""Repair a suspected model offline, within a bound on the clean-accuracy drop.
+"""Purify a suspected model offline: remove its backdoor within a bound on the clean-accuracy drop.
 
-A quarter of the clean images (stratified, seeded) is held out: the repair never trains on it, and
-measures clean accuracy on it before and after. A repair whose held-out drop exceeds
+A quarter of the clean images (stratified, seeded) is held out: the method never trains on it, and
+measures clean accuracy on it before and after. A method whose held-out drop exceeds
 --max-accuracy-drop is rolled back to its best state within the bound; when none is, nothing is
-written and the command exits 1 with the figures.
+written and the command exits 1 with the figures. The output also gives a 95% upper confidence bound
+of the drop on unseen images: what the held-out images can vouch for.
 
-Methods: combined (default: unlearning of the reversed triggers where they were found and pasted
-anywhere, so a globally pooled model unlearns the pattern and not only the reversed mask's
-position, with Neural Cleanse run again on the partly repaired model every 4 epochs so that what
-still fires the backdoor is unlearned too); anp (adversarial neuron pruning); rnp (reconstructive
-neuron pruning: unlearn the clean images, learn a neuron mask that recovers them, prune the neurons
-it turns down; needs no reversed trigger, for when the scan found none or a wrong one; BatchNorm
-networks only, and not every one: guard.repair.rnp has the measurements); unlearn (Neural Cleanse
-unlearning of the reversed trigger); fine-pruning (prune the last conv layer's dormant channels,
-then fine-tune). Every method needs at least 10 clean images per class; give it 50 per class (with
-20 the result varies from model to model: docs/design.md).
+Methods: auto (default: runs the methods below that fit the model and keeps the one the reversed
+triggers move least within the bound); combined (unlearning of the reversed triggers where they were
+found and pasted anywhere, with Neural Cleanse run again on the partly purified model every 4
+epochs); sau (shared adversarial unlearning: no reversed trigger needed); bn-tune (BatchNorm-aware:
+recalibrated statistics, only the normalisation layers and the last layers trained); rnp
+(reconstructive neuron pruning: clean images only; BatchNorm networks); anp (adversarial neuron
+pruning); unlearn (Neural Cleanse unlearning, a baseline); fine-pruning (a baseline). Every method
+needs at least 10 clean images per class; give it 50 per class (with 20 the result varies from model
+to model: docs/design.md). "guard prune" is the former name of this command and still works.
 
 Prints a before/after table (or --json): held-out clean accuracy, the reversed triggers' attack
 success, the online checks' rejection of held-out images stamped with them, and a rescan's verdict
 and anomaly index. Writes a state_dict that loads into the original model file.
-Exit 0 when repaired within the bound and the rescan is clean, 1 when the repair was refused
+Exit 0 when purified within the bound and the rescan is clean, 1 when the purification was refused
 (over the bound) or a backdoor is still suspected, 2 on bad input."""
 
 from __future__ import annotations
@@ -30,14 +30,16 @@ from pathlib import Path
 from guard.cli._common import add_model_arguments, load_model_from, open_interval, print_json
 from guard.serving.integrity import model_input_shape
 
-HELP = "repair a backdoored model (re-reversed trigger unlearning by default) within a clean-accuracy bound"
+HELP = "remove a backdoor from a model (the best of several methods by default) within a clean-accuracy bound"
 
 
 _share = open_interval(0, 1)
 
-METHODS = ("combined", "anp", "rnp", "unlearn", "fine-pruning")
-"""guard.repair.run.METHODS, spelled out: importing it here would load torch for every ``guard --help``
-(tests/repair/test_rnp.py holds the two equal)."""
+METHODS = ("auto", "combined", "sau", "bn-tune", "rnp", "anp", "unlearn", "fine-pruning")
+"""guard.purify.METHODS, spelled out: importing it here would load torch for every ``guard --help``
+(tests/purify/test_methods.py holds the two equal)."""
+ALIASES = ("prune",)
+"""Former names of the command (kept for one release: CHANGELOG.md)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,24 +48,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="clean images: .npz (x, y) or a folder of class subfolders; at least 10 per class "
                         "(50 per class recommended)")
     p.add_argument("--profile", required=True, help="profile directory of this model (from guard scan)")
-    p.add_argument("--out", required=True, help="where to write the repaired state_dict (.pt)")
-    p.add_argument("--method", choices=METHODS, default="combined",
-                   help="combined (default): unlearning of the reversed triggers, where found and anywhere, "
-                        "re-reversed every 4 epochs; anp; rnp (clean images only, no reversed trigger; "
-                        "BatchNorm networks only); unlearn (Neural Cleanse); fine-pruning. Each needs "
+    p.add_argument("--out", required=True, help="where to write the purified state_dict (.pt)")
+    p.add_argument("--method", choices=METHODS, default="auto",
+                   help="auto (default: the best of the methods that fit the model); combined (reversed-"
+                        "trigger unlearning, re-reversed every 4 epochs); sau (shared adversarial unlearning, "
+                        "no reversed trigger needed); bn-tune (BatchNorm-aware tuning); rnp (clean images "
+                        "only; BatchNorm networks); anp; unlearn (Neural Cleanse); fine-pruning. Each needs "
                         ">= 10 clean images per class")
     p.add_argument("--max-accuracy-drop", "--max-drop", dest="max_drop", type=float, default=2.0,
                    help="largest clean-accuracy drop allowed on the held-out images, in percentage points "
-                        "(default 2); over it the repair rolls back to its best state within, or refuses")
+                        "(default 2); over it the method rolls back to its best state within, or refuses")
     p.add_argument("--holdout", type=_share, default=0.25,
                    help="share of the clean images held out to measure the drop (default 0.25)")
-    p.add_argument("--share", type=_share, default=0.2,
-                   help="unlearning: share of images stamped (default 0.2; combined uses at least 0.5)")
+    p.add_argument("--share", type=_share,
+                   help="unlearn, combined and bn-tune: share of each batch stamped with a reversed trigger "
+                        "(default 0.2 unlearn, 0.5 the others; combined uses at least 0.5)")
     p.add_argument("--epochs", type=int,
-                   help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearn, 12 combined; anp and rnp "
-                        "do not fine-tune)")
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="fine-tuning learning rate (Adam; default 0.001; anp and rnp keep their own)")
+                   help="fine-tuning epochs (default: 1 fine-pruning, 10 unlearn, sau and bn-tune, 12 "
+                        "combined; anp and rnp do not fine-tune)")
+    p.add_argument("--lr", type=float,
+                   help="fine-tuning learning rate (Adam; default 0.001, 0.002 bn-tune; anp and rnp keep their own)")
     p.add_argument("--no-rescan", action="store_true", help="skip the Neural Cleanse scan of the result")
     p.add_argument("--no-online", action="store_true",
                    help="skip measuring the online checks' rejection of stamped held-out images")
@@ -82,17 +86,17 @@ def run(args: argparse.Namespace) -> int:
     from guard.errors import InputError
     from guard.model import fingerprint
     from guard.profile import Profile
-    from guard.repair.run import repair
+    from guard.purify import purify
 
     device = parse_device(args.device)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise InputError(f"--out {out} exists (pass --force to overwrite)")
     if out.exists() and out.is_dir():
-        raise InputError(f"--out {out} is a directory; name a file such as repaired.pt")
+        raise InputError(f"--out {out} is a directory; name a file such as purified.pt")
     if not 0 < args.max_drop < 100:
         raise InputError(f"--max-accuracy-drop is in percentage points and must be in (0, 100), got {args.max_drop}")
-    if not args.lr > 0:
+    if args.lr is not None and not args.lr > 0:
         raise InputError(f"--lr must be > 0, got {args.lr}")
     if args.epochs is not None and args.epochs < 0:
         raise InputError(f"--epochs must be >= 0, got {args.epochs}")
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile, model_sha256=fingerprint(model))
     x, y = load_data(args.data, shape=profile.input_shape)
     model_input_shape(model, x.shape[1:])
-    result = repair(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100,
+    result = purify(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100,
                     holdout_share=args.holdout, share=args.share, epochs=args.epochs, lr=args.lr, seed=args.seed,
                     rescan=not args.no_rescan, online=not args.no_online, progress=None, device=device)
     if result.ok:
@@ -112,17 +116,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(result.format_table())
         if result.ok:
-            print(f"held-out clean accuracy drop {drop:.1f} points (bound {args.max_drop:g}); repaired weights "
-                  f"written to {out} (load them into {Path(args.model_file).name})")
+            d = table["details"]
+            print(f"held-out clean accuracy drop {drop:.1f} points on {d['held_out']} images (bound "
+                  f"{args.max_drop:g}); 95% upper bound on unseen images {100 * d['accuracy_drop_upper_95']:.1f} "
+                  f"points; purified weights written to {out} (load them into {Path(args.model_file).name})")
             if table["details"]["resolution_note"]:
                 print(f"note: {table['details']['resolution_note']}")
     if not result.ok:
         b, a = table["before"]["clean_accuracy"], table["after"]["clean_accuracy"]
         if any(c["within"] for c in table["details"]["candidates"][1:]):
-            why = "no repaired state within the accuracy bound lowered the reversed triggers' success"
+            why = "no purified state within the accuracy bound lowered the reversed triggers' success"
         else:
-            why = (f"every repaired state lost more than {args.max_drop:g} points of held-out clean accuracy "
+            why = (f"every purified state lost more than {args.max_drop:g} points of held-out clean accuracy "
                    f"({100 * b:.1f}% -> {100 * a:.1f}% at best)")
-        print(f"guard prune: refused: {why}; nothing written", file=sys.stderr)
+        print(f"guard {args.command}: refused: {why}; nothing written (more clean images or another "
+              f"--method may help)", file=sys.stderr)
         return 1
     return 1 if table["after"]["verdict"] == "backdoored" else 0

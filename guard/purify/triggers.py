@@ -1,5 +1,5 @@
-"""Triggers to unlearn: the profile's reversed triggers, stamped where they were found or pasted
-anywhere.
+"""Triggers to unlearn and to score a purified model with: the profile's reversed triggers, stamped
+where they were found or pasted anywhere, and the one function that measures a trigger's success.
 
 A reversed trigger is *one* trigger that works, not the attacker's (docs/design.md). On a model that
 pools globally the backdoor fires wherever its pattern sits, and the reversal often settles on a
@@ -107,3 +107,21 @@ def trigger_success(model: nn.Module, x: np.ndarray, y: np.ndarray, label: int, 
     xs = torch.from_numpy(np.ascontiguousarray(x[keep]))
     stamped = torch.stack([stamp_one(xi, trig, g) for xi in xs]).numpy()
     return float((model_labels(model, stamped) == label).mean())
+
+
+def reversed_triggers(labels, masks, patterns, *, jitter: int = 2) -> list[tuple[int, Trigger]]:
+    """``(label, trigger)`` per suspect label, stamped where it was found (moved by up to ``jitter`` pixels)."""
+    return [(int(s), Trigger.of(m, p, jitter=jitter)) for s, m, p in zip(labels, masks, patterns)]
+
+
+def anywhere(trigs: list[tuple[int, Trigger]]) -> list[tuple[int, Trigger]]:
+    """The same triggers with their footprint pasted at a random place instead."""
+    return [(s, Trigger(t.mask, t.pattern, anywhere=True)) for s, t in trigs]
+
+
+def worst_success(model: nn.Module, x: np.ndarray, y: np.ndarray, trigs: list[tuple[int, Trigger]], *,
+                  seed: int = 0) -> float | None:
+    """The highest :func:`trigger_success` over ``trigs`` (None when there is none)."""
+    if not trigs:
+        return None
+    return max(trigger_success(model, x, y, s, t, seed=seed) for s, t in trigs)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard.bench.repair import per_class_subset
+from guard.bench.purification import per_class_subset
 from guard.demo.train import attack_success
 from guard.model import accuracy, fingerprint
 
@@ -37,25 +37,24 @@ def gap(gap_world):
 
 def _scan_and_repair(model, attack, x, y, **kw):
     """Scan 20 clean images per class (Neural Cleanse, 100 rounds), repair with them, return the figures."""
-    from guard.repair.run import repair_model
+    from guard.purify import CombinedUnlearning, Evidence
     from guard.scan.neural_cleanse import NeuralCleanse
 
     xs, ys = per_class_subset(x, y, 20, seed=0)
     nc = NeuralCleanse(seed=0, max_rounds=100, progress=False).fit(model, xs, num_classes=10)
     labels = [int(s) for s in nc.suspect_labels_]
     assert attack.target in labels and len(labels) <= 2, (labels, nc.anomaly_index_, nc.log_anomaly_index_)
-    r = repair_model(model, xs, ys, labels=labels, masks=nc.masks_[labels], patterns=nc.patterns_[labels],
-                     seed=0, progress=False, **kw)
-    return r
+    evidence = Evidence(labels, nc.masks_[labels], nc.patterns_[labels])
+    return CombinedUnlearning(seed=0, progress=False, **kw).fit(model, xs, ys, evidence=evidence)
 
 
 def _judge(name, model, attack, r, xt, yt):
-    repaired = r["model"]
+    repaired = r.model_
     asr0, asr1 = attack_success(model, attack, xt, yt), attack_success(repaired, attack, xt, yt)
     drop = accuracy(model, xt, yt) - accuracy(repaired, xt, yt)
     print(f"\n{name} combined, 20/class: real-trigger ASR {asr0:.3f} -> {asr1:.3f}, test accuracy drop "
-          f"{100 * drop:.1f} points, held-out drop {100 * (r['accuracy_before'] - r['accuracy_after']):.1f}, "
-          f"selected {r['selected']}, {r['seconds']:.0f}s")
+          f"{100 * drop:.1f} points, held-out drop {100 * (r.accuracy_before_ - r.accuracy_after_):.1f}, "
+          f"selected {r.selected_}, {r.seconds_:.0f}s")
     return asr1, drop
 
 
@@ -68,7 +67,7 @@ def test_gapnet_repair_removes_the_real_trigger(gap):
     sha = fingerprint(model)
     r = _scan_and_repair(model, attack, x, y)
     assert fingerprint(model) == sha  # the caller's model is untouched
-    assert r["ok"] and r["accuracy_before"] - r["accuracy_after"] <= 0.02 + 1e-9
+    assert r.ok_ and r.accuracy_before_ - r.accuracy_after_ <= 0.02 + 1e-9
     asr, drop = _judge("GapNet", model, attack, r, xt, yt)
     assert asr <= 0.30
     assert drop <= 0.06
@@ -84,13 +83,13 @@ def test_resnet_repair_removes_the_real_trigger(resnet_world):
     model, attack, x, y, xt, yt = resnet_world
     assert accuracy(model, xt, yt) >= 0.9 and attack_success(model, attack, xt, yt) >= 0.9
     r = _scan_and_repair(model, attack, x, y)
-    assert r["ok"] and r["accuracy_before"] - r["accuracy_after"] <= 0.02 + 1e-9
+    assert r.ok_ and r.accuracy_before_ - r.accuracy_after_ <= 0.02 + 1e-9
     asr, drop = _judge("ResNet18", model, attack, r, xt, yt)
     assert asr <= 0.5
     assert drop <= 0.07
     # BatchNorm statistics were re-estimated, not left describing the layers before fine-tuning
     bn0 = dict(model.named_buffers())["bn1.running_mean"]
-    bn1 = dict(r["model"].named_buffers())["bn1.running_mean"]
+    bn1 = dict(r.model_.named_buffers())["bn1.running_mean"]
     assert not torch.equal(bn0, bn1)
 
 
@@ -100,7 +99,7 @@ def test_recalibration_restores_what_frozen_statistics_lose(gap):
     with Adam at lr 1e-3, 2 epochs of 150 images: about 54% frozen, about 96% or more recalibrated)."""
     import copy
 
-    from guard.repair.run import finetune_epochs
+    from guard.purify.tuning import finetune_epochs
 
     model, _, x, y, xt, yt = gap
     xs, ys = per_class_subset(x, y, 15, seed=0)
@@ -117,7 +116,7 @@ def test_recalibration_restores_what_frozen_statistics_lose(gap):
 def test_bound_holds_on_a_batchnorm_model(gap):
     """A repair that would wreck the model (Adam at lr 0.1) is refused rather than reported: no state over
     the held-out bound is ever selected."""
-    from guard.repair.run import repair_model
+    from guard.purify import Evidence, NCUnlearning
 
     model, attack, x, y, xt, yt = gap
     xs, ys = per_class_subset(x, y, 20, seed=0)
@@ -125,11 +124,11 @@ def test_bound_holds_on_a_batchnorm_model(gap):
     mask = np.zeros((1, 16, 16), np.float32)
     mask[0, :3, :3] = 1
     pattern = rng.random((1, 16, 16)).astype(np.float32)
-    r = repair_model(model, xs, ys, labels=[attack.target], masks=mask[None], patterns=pattern[None],
-                     method="unlearn", lr=0.1, epochs=2, seed=0, progress=False)
-    kept = [h for h in r["history"][1:] if h["within"]]
-    if r["ok"]:
-        assert r["accuracy_before"] - r["accuracy_after"] <= 0.02 + 1e-9
+    r = NCUnlearning(lr=0.1, epochs=2, seed=0, progress=False).fit(
+        model, xs, ys, evidence=Evidence([attack.target], mask[None], pattern[None]))
+    kept = [h for h in r.history_[1:] if h["within"]]
+    if r.ok_:
+        assert r.accuracy_before_ - r.accuracy_after_ <= 0.02 + 1e-9
     else:
-        assert r["model"] is None and r["state_dict"] is None and not kept
-    assert all(r["accuracy_before"] - h["clean_accuracy"] > 0.02 for h in r["history"][1:] if not h["within"])
+        assert r.model_ is None and r.state_dict_ is None and not kept
+    assert all(r.accuracy_before_ - h["clean_accuracy"] > 0.02 for h in r.history_[1:] if not h["within"])

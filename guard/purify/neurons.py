@@ -7,6 +7,7 @@ into the user's own model file with every shape unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,3 +102,36 @@ def switch_off(model: nn.Module, unit_names: list[str], neurons) -> nn.Module:
     for i, cs in chosen.items():
         by_name[unit_names[i]].switch_off(cs)
     return model
+
+
+class MaskedUnits:
+    """A mask ``m`` and an adversarial weight/bias scaling ``dw``/``db`` per neuron of each unit, applied
+    by forward hooks as ``m * ((1 + dw) * (out - b) + (1 + db) * b)`` (ANP) or ``m * out`` with
+    ``adversary`` off (RNP), while :meth:`attached` (a context manager that always removes them)."""
+
+    def __init__(self, unit_list: list[Unit]):
+        self.units = unit_list
+        self.masks = [torch.ones(u.size, requires_grad=True) for u in unit_list]
+        self.dw = [torch.zeros(u.size, requires_grad=True) for u in unit_list]
+        self.db = [torch.zeros(u.size, requires_grad=True) for u in unit_list]
+        self.adversary = False
+
+    def _hook(self, i: int):
+        def hook(module, _inp, out):
+            b = getattr(module, "bias", None)
+            shape = (1, -1) + (1,) * (out.ndim - 2)
+            bias = b.view(shape) if b is not None else torch.zeros((), dtype=out.dtype)
+            m = self.masks[i].view(shape)
+            if not self.adversary:
+                return m * out
+            return m * ((1 + self.dw[i].view(shape)) * (out - bias) + (1 + self.db[i].view(shape)) * bias)
+        return hook
+
+    @contextlib.contextmanager
+    def attached(self):
+        handles = [u.out.register_forward_hook(self._hook(i)) for i, u in enumerate(self.units)]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()

@@ -8,7 +8,7 @@ bias by ``1 + delta`` (``|delta| <= eps``) to maximise the loss; the objective i
 ones that only robustness to the adversary needs switched off, and they are pruned.
 
 Here a neuron is an output channel of each conv (of the BatchNorm after it, when there is one) and each
-unit of a hidden linear layer (:mod:`guard.repair.neurons`); the perturbation and the mask act through
+unit of a hidden linear layer (:mod:`guard.purify.neurons`); the perturbation and the mask act through
 forward hooks during the optimisation only, and pruning writes zeros into the weights. The paper's
 settings are kept (eps 0.4, one adversarial step of size 0.2, alpha 0.2, SGD lr 0.2 momentum 0.9 on
 the masks); it used 2000 iterations on 1% of CIFAR-10, a budget scaled here to the data at hand.
@@ -16,7 +16,6 @@ the masks); it used 2000 iterations on 1% of CIFAR-10, a budget scaled here to t
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
 
@@ -25,38 +24,8 @@ import torch
 from torch import nn
 
 from guard._progress import Progress
-from guard.repair.neurons import Unit, mask_order, switch_off, units
-
-
-class _Perturbed:
-    """Forward hooks that apply ``m * ((1 + dw) * (out - b) + (1 + db) * b)`` per channel of each unit."""
-
-    def __init__(self, unit_list: list[Unit]):
-        self.units = unit_list
-        self.masks = [torch.ones(u.size, requires_grad=True) for u in unit_list]
-        self.dw = [torch.zeros(u.size, requires_grad=True) for u in unit_list]
-        self.db = [torch.zeros(u.size, requires_grad=True) for u in unit_list]
-        self.adversary = False
-
-    def _hook(self, i: int):
-        def hook(module, _inp, out):
-            b = getattr(module, "bias", None)
-            shape = (1, -1) + (1,) * (out.ndim - 2)
-            bias = b.view(shape) if b is not None else torch.zeros((), dtype=out.dtype)
-            m = self.masks[i].view(shape)
-            if not self.adversary:
-                return m * out
-            return m * ((1 + self.dw[i].view(shape)) * (out - bias) + (1 + self.db[i].view(shape)) * bias)
-        return hook
-
-    @contextlib.contextmanager
-    def attached(self):
-        handles = [u.out.register_forward_hook(self._hook(i)) for i, u in enumerate(self.units)]
-        try:
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
+from guard.purify.base import Candidates, Purifier, offer_mask_pruning, pruned_count
+from guard.purify.neurons import MaskedUnits, mask_order, switch_off, units
 
 
 class ANP:
@@ -84,7 +53,7 @@ class ANP:
         for p in net.parameters():
             p.requires_grad_(False)
         us = units(net)
-        pert = _Perturbed(us)
+        pert = MaskedUnits(us)
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)
         xt, yt = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)
@@ -125,3 +94,28 @@ class ANP:
     def prune(self, model: nn.Module, n: int) -> nn.Module:
         """Switch off the ``n`` neurons with the lowest masks in ``model`` (in place; same architecture)."""
         return switch_off(model, self.units_, self.order_[:n])
+
+
+class ANPPruning(Purifier):
+    """``--method anp``: learn :class:`ANP`'s masks on the learning images, then offer switching off
+    the lowest-mask neurons in steps (masks under ``threshold``, at most ``max_share`` of the neurons)
+    to the accuracy-bounded selection. Clean images only; reversed triggers, when the profile has
+    them, only score the candidates. Other parameters: :class:`~guard.purify.base.Purifier`."""
+
+    method = "anp"
+
+    def __init__(self, *, threshold: float = 0.2, max_share: float = 0.05, iterations: int = 100, **kw):
+        super().__init__(**kw)
+        self.threshold = threshold
+        self.max_share = max_share
+        self.iterations = iterations
+
+    def propose(self, model: nn.Module, c: Candidates) -> None:
+        est = ANP(iterations=self.iterations, seed=self.seed, progress=self.progress).fit(model, c.x, c.y)
+        c.details["anp"] = offer_mask_pruning("anp", est, model, c, threshold=self.threshold,
+                                              max_share=self.max_share)
+
+    def fit(self, model, x, y, **kw) -> ANPPruning:
+        super().fit(model, x, y, **kw)
+        self.details_["anp"]["pruned"] = pruned_count("anp", self.selected_)
+        return self

@@ -1,5 +1,5 @@
-"""Repair: with 20 clean images per class the default repair removes the demo backdoor (the attacker's
-own trigger, which the repair never sees) at <= 2 points of clean accuracy; ``guard prune`` bounds the
+"""Purification: with 50 clean images per class the default method removes the demo backdoor (the
+attacker's own trigger, which no method sees) at <= 2 points of clean accuracy; ``guard purify`` bounds the
 accuracy drop on held-out images (rolls back, or refuses with exit 1), refuses too little data (exit 2)
 and writes weights the original model file loads; the estimators are seeded and keep every shape."""
 
@@ -15,7 +15,7 @@ from guard.data import load_npz
 from guard.demo.train import attack_success
 from guard.model import accuracy, fingerprint, load_model
 from guard.profile import Profile
-from guard.repair.pruning import FinePruning, Unlearning, profile_triggers
+from guard.purify import Evidence, FinePruning, NCUnlearning
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,10 @@ def test_unlearning_removes_the_true_trigger(demo):
     before_acc, before_asr = accuracy(model, xh, yh), attack_success(model, atk, xh, yh)
     assert before_asr > 0.9
     sha = fingerprint(model)
-    labels, masks, patterns = profile_triggers(profile)
-    assert labels == [6]
-    u = Unlearning(seed=0, progress=False).fit(model, x, y, masks=masks, patterns=patterns)
+    evidence = Evidence.from_profile(profile)
+    assert evidence.labels == [6]
+    u = NCUnlearning(seed=0, progress=False).fit(model, x, y, evidence=evidence)
+    assert u.ok_
     assert fingerprint(model) == sha  # the caller's model is untouched
     after_acc, after_asr = accuracy(u.model_, xh, yh), attack_success(u.model_, atk, xh, yh)
     print(f"\nunlearning: clean acc {before_acc:.3f} -> {after_acc:.3f}, true-trigger ASR {before_asr:.3f} -> "
@@ -45,41 +46,46 @@ def test_unlearning_removes_the_true_trigger(demo):
 def test_unlearning_is_seeded(demo):
     model, x, y, *_rest = demo
     profile = _rest[2]
-    _, masks, patterns = profile_triggers(profile)
-    a = Unlearning(seed=3, epochs=1, progress=False).fit(model, x[:300], y[:300], masks=masks, patterns=patterns)
-    b = Unlearning(seed=3, epochs=1, progress=False).fit(model, x[:300], y[:300], masks=masks, patterns=patterns)
+    evidence = Evidence.from_profile(profile)
+    a = NCUnlearning(seed=3, epochs=2, progress=False).fit(model, x[:300], y[:300], evidence=evidence)
+    b = NCUnlearning(seed=3, epochs=2, progress=False).fit(model, x[:300], y[:300], evidence=evidence)
+    assert a.ok_ and a.selected_ == b.selected_ and a.history_ == b.history_
     for k, v in a.state_dict_.items():
         torch.testing.assert_close(v, b.state_dict_[k], rtol=0, atol=0)
 
 
 def test_fine_pruning_respects_the_bound_and_keeps_shapes(demo, badnets_world):
     model, x, y, xh, yh, _, atk = demo
-    fp = FinePruning(max_drop=0.02, seed=0, progress=False).fit(model, x, y)
-    assert fp.layer_ == "features.6"  # DemoNet's last conv
-    assert 0 < len(fp.pruned_channels_) < 64
-    # every pruning step it kept stayed within the bound on the validation split
-    assert all(fp.accuracy_before_ - acc <= 0.02 + 1e-9 for _, acc in fp.history_)
+    fp = FinePruning(max_drop=0.02, seed=0, progress=False).fit(model, x, y, evidence=Evidence.from_profile(_))
+    d = fp.details_
+    assert d["layer"] == "features.6" and d["channels"] == 64  # DemoNet's last conv
+    assert fp.ok_ and 0 < d["pruned_channels"] < 64
+    # every candidate kept stayed within the bound on the held-out split; the selected one among them
+    assert all(fp.accuracy_before_ - h["clean_accuracy"] <= 0.02 + 1e-9 for h in fp.history_ if h["within"])
+    assert next(h for h in fp.history_ if h["step"] == fp.selected_)["within"]
+    n = int(fp.selected_.split(":")[1]) if fp.selected_.startswith("prune:") else d["pruned_channels"]
+    pruned = d["channel_order"][:n]
     # pruned channels are zeroed (so they stay dead) and the weights load into the original file
     fresh = load_model(badnets_world.model_file, badnets_world.weights)
     fresh.load_state_dict(fp.state_dict_, strict=True)
     w = fp.state_dict_["features.6.weight"]
-    assert torch.all(w[fp.pruned_channels_] == 0)
-    assert torch.all(fp.state_dict_["features.6.bias"][fp.pruned_channels_] == 0)
+    assert torch.all(w[pruned] == 0)
+    assert torch.all(fp.state_dict_["features.6.bias"][pruned] == 0)
     assert accuracy(model, xh, yh) - accuracy(fresh, xh, yh) <= 0.03
-    print(f"\nfine-pruning: {len(fp.pruned_channels_)}/64 channels, holdout acc {accuracy(fresh, xh, yh):.3f}, "
+    print(f"\nfine-pruning: {n}/64 channels, holdout acc {accuracy(fresh, xh, yh):.3f}, "
           f"true-trigger ASR {attack_success(fresh, atk, xh, yh):.3f}")
 
 
 def _per_class(path, n: int, out):
     """``n`` clean images per class of the npz at ``path``, written to ``out`` (seeded)."""
-    from guard.bench.repair import per_class_subset
+    from guard.bench.purification import per_class_subset
 
     x, y = per_class_subset(*load_npz(path), n, seed=0)
     np.savez(out, x=x, y=y)
     return out
 
 
-def test_prune_cli_default_50_per_class_removes_the_real_trigger(badnets_world, badnets_profile, tmp_path,
+def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world, badnets_profile, tmp_path,
                                                                  guard_cli):
     """The default method with 50 clean images per class: the attacker's real trigger (never shown to the
     repair) drops from 99% to under 10% on unseen images at <= 2 points of clean accuracy (measured on
@@ -88,12 +94,13 @@ def test_prune_cli_default_50_per_class_removes_the_real_trigger(badnets_world, 
     worlds and CPUs, which is why the docs ask for 50."""
     data = _per_class(badnets_world.clean, 50, tmp_path / "c50.npz")
     out = tmp_path / "repaired.pt"
-    proc = guard_cli("prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+    proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(data), "--profile", str(badnets_profile), "--out", str(out), "--json", "--no-rescan")
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = json.loads(proc.stdout)
     before, after, details = table["before"], table["after"], table["details"]
-    assert table["ok"] is True and table["method"] == "combined"
+    assert table["ok"] is True and table["method"] == "auto"
+    assert set(details["auto"]) >= {"combined", "sau"}  # DemoNet has no BatchNorm: bn-tune and rnp not tried
     for side in (before, after):
         for key in ("clean_accuracy", "attack_success", "attack_success_anywhere", "online_rejection",
                     "online_false_rejection", "verdict", "suspect_labels", "anomaly_index", "log_anomaly_index"):
@@ -101,6 +108,8 @@ def test_prune_cli_default_50_per_class_removes_the_real_trigger(badnets_world, 
     assert details["held_out"] == 120 and details["trained_on"] == 380  # a quarter of each class, rounded down
     assert details["max_accuracy_drop"] == 0.02 and details["accuracy_drop"] <= 0.02 + 1e-9
     assert details["resolution_note"] is None  # 120 held-out images: 0.8 points each, finer than half the bound
+    # the confidence bound: at least the measured drop, and what 120 images can vouch for (under 10 points)
+    assert details["accuracy_drop"] - 1e-9 <= details["accuracy_drop_upper_95"] <= 0.10
     assert before["verdict"] == "backdoored" and before["attack_success"] > 0.9
     assert after["attack_success"] <= 0.05 and after["verdict"] is None  # not rescanned
     assert before["online_rejection"] > 0.9  # the online checks catch the reversed trigger on the original model
@@ -114,15 +123,15 @@ def test_prune_cli_default_50_per_class_removes_the_real_trigger(badnets_world, 
     assert drop <= 0.02
 
 
-def test_repair_rescans_and_measures_the_online_checks(demo, badnets_world):
+def test_purify_rescans_and_measures_the_online_checks(demo, badnets_world):
     """The rescan (a quick Neural Cleanse budget here) and the online checks' figures of a repair."""
-    from guard.bench.repair import per_class_subset
-    from guard.repair import repair
+    from guard.bench.purification import per_class_subset
+    from guard.purify import purify
     from guard.scan.neural_cleanse import NeuralCleanse
 
     model, x, y, _, _, profile, _ = demo
     xs, ys = per_class_subset(x, y, 20, seed=0)
-    res = repair(model, xs, ys, profile, method="fine-pruning", epochs=0, progress=False,
+    res = purify(model, xs, ys, profile, method="fine-pruning", epochs=0, progress=False,
                  nc=NeuralCleanse(max_rounds=20, batch_size=16, seed=0, progress=False))
     assert res.ok and res.details["held_out"] == 50
     # one of 50 held-out images is the whole 2-point bound: the result says the bound is coarse
@@ -136,11 +145,11 @@ def test_repair_rescans_and_measures_the_online_checks(demo, badnets_world):
     assert "guard scan verdict" in res.format_table()
 
 
-def test_prune_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_path, guard_cli):
+def test_purify_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_path, guard_cli):
     """A repair that wrecks clean accuracy (Adam at lr 1) is refused: exit 1, nothing written, the figures."""
     data = _per_class(badnets_world.clean, 20, tmp_path / "c20.npz")
     out = tmp_path / "r.pt"
-    proc = guard_cli("prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+    proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(data), "--profile", str(badnets_profile), "--out", str(out), "--method", "unlearn",
                    "--lr", "1", "--epochs", "2", "--max-accuracy-drop", "2", "--no-rescan", "--no-online", "--json")
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -155,7 +164,7 @@ def test_prune_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_pa
 
 def test_selection_rolls_back_to_the_best_state_within_the_bound():
     """Candidates over the bound are dropped; among the rest the least trigger success wins."""
-    from guard.repair.run import Selection
+    from guard.purify.selection import Selection
 
     torch.manual_seed(0)
     net = torch.nn.Linear(2, 2)
@@ -178,17 +187,17 @@ def test_selection_rolls_back_to_the_best_state_within_the_bound():
     assert sel.step == "a" and [h["within"] for h in sel.history] == [True, True, False]
 
 
-def test_prune_cli_refuses_below_the_minimum_per_class(badnets_world, badnets_profile, tmp_path, guard_cli):
+def test_purify_cli_refuses_below_the_minimum_per_class(badnets_world, badnets_profile, tmp_path, guard_cli):
     data = _per_class(badnets_world.clean, 5, tmp_path / "c5.npz")
-    proc = guard_cli("prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+    proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(data), "--profile", str(badnets_profile), "--out", str(tmp_path / "r.pt"))
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "at least 10 clean images per class" in proc.stderr
     assert not (tmp_path / "r.pt").exists()
 
 
-def test_prune_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli):
-    base = ["prune", "--model-file", str(badnets_world.model_file), "--data", str(badnets_world.clean),
+def test_purify_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli):
+    base = ["purify", "--model-file", str(badnets_world.model_file), "--data", str(badnets_world.clean),
             "--profile", str(badnets_profile)]
     state = torch.load(badnets_world.weights, weights_only=True)
     state["head.bias"] = state["head.bias"] + 0.01
@@ -202,14 +211,14 @@ def test_prune_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli)
     y = y.copy()
     y[0] = 10
     np.savez(tmp_path / "bad.npz", x=x, y=y)
-    proc = guard_cli("prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+    proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(tmp_path / "bad.npz"), "--profile", str(badnets_profile), "--out",
                    str(tmp_path / "r2.pt"), "--no-rescan")
     assert proc.returncode == 2 and "classes" in proc.stderr, proc.stderr
 
 
-def test_prune_device_is_checked_before_any_work(badnets_world, badnets_profile, tmp_path, guard_cli):
-    base = ["prune", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+def test_purify_device_is_checked_before_any_work(badnets_world, badnets_profile, tmp_path, guard_cli):
+    base = ["purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
             "--data", str(badnets_world.clean), "--profile", str(badnets_profile), "--out", str(tmp_path / "r.pt")]
     for dev in ("tpu", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
         proc = guard_cli(*base, "--device", dev)
@@ -219,12 +228,12 @@ def test_prune_device_is_checked_before_any_work(badnets_world, badnets_profile,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_repair_runs_its_neural_cleanse_on_the_gpu(demo):
-    from guard.repair.run import repair
+def test_purify_runs_its_neural_cleanse_on_the_gpu(demo):
+    from guard.purify import purify
 
     model, x, y, xh, yh, profile, atk = demo
     idx = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(10)])
-    result = repair(model, x[idx], y[idx], profile, seed=0, device="cuda", online=False)
+    result = purify(model, x[idx], y[idx], profile, seed=0, device="cuda", online=False)
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert result.ok and result.after["verdict"] is not None
     assert attack_success(_loaded(model, result), atk, xh, yh) <= 0.05

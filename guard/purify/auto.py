@@ -1,0 +1,90 @@
+"""``--method auto``: run the methods that fit the model and the evidence, each within the same bound
+on the same held-out images, and keep the one whose result the known triggers move least.
+
+Which method holds depends on the model (BatchNorm or not, where the backdoor lives) and on whether
+the scan's reversed trigger is the attacker's or only close to it; no single method is best on every
+model. The choice is made per model from what the command can measure: every candidate method's
+selected state must be within the accuracy bound; among those, the lowest mean success of every
+trigger any of them knows (the profile's reversed triggers, where found and pasted anywhere, and what
+the combined method re-reversed) wins, then the higher held-out accuracy. The cost is the sum of the
+candidates' costs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from guard.purify.base import Candidates, Purifier
+from guard.purify.combined import CombinedUnlearning
+from guard.purify.norm_tuning import NormTuning
+from guard.purify.rnp import RNPPruning
+from guard.purify.sau import SharedAdversarialUnlearning
+from guard.purify.triggers import trigger_success
+from guard.purify.tuning import norm_layers
+
+
+def candidate_methods(model: nn.Module, has_evidence: bool) -> list[type[Purifier]]:
+    """The methods ``auto`` tries: combined unlearning when there is a reversed trigger, shared adversarial
+    unlearning always, BatchNorm-aware tuning and RNP on models with BatchNorm (where they hold)."""
+    out: list[type[Purifier]] = [CombinedUnlearning] if has_evidence else []
+    out.append(SharedAdversarialUnlearning)
+    if norm_layers(model):
+        out += [NormTuning, RNPPruning]
+    return out
+
+
+class Auto(Purifier):
+    """``--method auto``: learned attributes add ``chosen_`` (the winning method, None when none was
+    within the bound), ``runs_`` (every candidate method's fitted estimator) and ``details_["auto"]``
+    (every candidate's held-out accuracy, residual trigger success and seconds).
+
+    Parameters
+    ----------
+    methods
+        Method names to try (default: :func:`candidate_methods`).
+
+    Other parameters: :class:`~guard.purify.base.Purifier`.
+    """
+
+    method = "auto"
+
+    def __init__(self, *, methods: tuple[str, ...] | None = None, **kw):
+        super().__init__(**kw)
+        self.methods = methods
+
+    def fit(self, model, x, y, **kw) -> Auto:
+        super().fit(model, x, y, **kw)
+        self.chosen_ = self.selected_.split("/")[0] if self.ok_ else None
+        return self
+
+    def _classes(self, model: nn.Module, c: Candidates) -> list[type[Purifier]]:
+        if self.methods is None:
+            return candidate_methods(model, bool(c.evidence))
+        from guard.purify.purify import METHODS
+
+        return [METHODS[m] for m in self.methods if m != "auto"]
+
+    def propose(self, model: nn.Module, c: Candidates) -> None:
+        sel = c.selection
+        runs = []
+        for cls in self._classes(model, c):
+            if cls.needs_evidence and not c.evidence:
+                continue
+            est = cls(max_drop=self.max_drop, seed=self.seed, progress=self.progress, device=self.device)
+            est.fit(c.original, c.x, c.y, evidence=c.evidence, validation=(sel.x_val, sel.y_val))
+            runs.append(est)
+            for s, t in est.scoring_:
+                if all(t is not u for _, u in c.scoring):
+                    c.scoring.append((s, t))
+        rows = {}
+        for est in runs:
+            residual = (float(np.mean([trigger_success(est.model_, c.x, c.y, s, t, seed=self.seed)
+                                       for s, t in c.scoring])) if est.ok_ and c.scoring else None)
+            rows[est.method] = {"ok": est.ok_, "selected": est.selected_, "heldout_accuracy": est.accuracy_after_,
+                                "residual": residual, "seconds": est.seconds_}
+            if est.ok_:
+                model.load_state_dict(est.model_.state_dict())
+                c.offer(f"{est.method}/{est.selected_}", model)
+        c.details["auto"] = rows
+        self.runs_ = runs

@@ -1,0 +1,60 @@
+"""What a purification may use besides clean images: the profile's evidence of the backdoor.
+
+Every method reads the same :class:`Evidence` (suspect labels and their reversed triggers, as
+``guard scan`` wrote them) and never the attacker's trigger. A profile with no suspect label gives
+empty evidence; methods that need a reversed trigger refuse it, the others (ANP, RNP, adversarial
+unlearning, BatchNorm-aware tuning, Fine-Pruning) run on clean images alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from guard.errors import InputError
+from guard.purify.triggers import Trigger, anywhere, reversed_triggers
+
+
+@dataclass
+class Evidence:
+    """Suspect ``labels`` and one reversed trigger each: ``masks`` ``(n, 1, H, W)`` and ``patterns``
+    ``(n, C, H, W)`` in raw pixel space (rows in the order of ``labels``)."""
+
+    labels: list[int] = field(default_factory=list)
+    masks: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    patterns: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+
+    @classmethod
+    def from_profile(cls, profile, labels: list[int] | None = None) -> Evidence:
+        """The reversed triggers of the profile's suspect labels (or of ``labels``).
+
+        Reads ``all_masks``/``all_patterns`` (indexed by label) when the profile has them, else
+        ``masks``/``patterns`` (one row per suspect label, in the order of ``suspect_labels``).
+        """
+        labels = [int(s) for s in (profile.suspect_labels if labels is None else labels)]
+        t = profile.tensors
+        if not labels:
+            return cls()
+        if "all_masks" in t and "all_patterns" in t:
+            k = len(t["all_masks"])
+            bad = [s for s in labels if not 0 <= s < k]
+            if bad:
+                raise InputError(f"suspect label(s) {bad} are outside the profile's {k} reversed triggers")
+            return cls(labels, t["all_masks"][labels], t["all_patterns"][labels])
+        if "masks" in t and "patterns" in t and len(t["masks"]) == len(profile.suspect_labels):
+            rows = [profile.suspect_labels.index(s) for s in labels]
+            return cls(labels, t["masks"][rows], t["patterns"][rows])
+        raise InputError("the profile holds no reversed triggers (all_masks/all_patterns); rescan with guard scan")
+
+    def __bool__(self) -> bool:
+        return bool(self.labels)
+
+    def triggers(self, *, jitter: int = 2) -> list[tuple[int, Trigger]]:
+        """``(label, trigger)`` per suspect label, stamped where found, moved by up to ``jitter`` pixels."""
+        return reversed_triggers(self.labels, self.masks, self.patterns, jitter=jitter)
+
+    def scoring(self) -> list[tuple[int, Trigger]]:
+        """What the selection scores candidates with: each trigger where it was found and pasted anywhere."""
+        fixed = self.triggers(jitter=0)
+        return fixed + anywhere(fixed)

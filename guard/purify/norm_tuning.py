@@ -1,0 +1,98 @@
+"""BatchNorm-aware tuning: purify by training only what a few hundred images can move without
+breaking the network, so that a BatchNorm model does not lose points to the fine-tuning itself.
+
+Full fine-tuning on a few hundred clean images moves every convolution under BatchNorm statistics
+that were estimated on the training set; the statistics no longer describe what the layers output and
+clean accuracy falls. Here the trained parameters are the normalisation layers' affine parameters and
+the last ``tail`` layers with weights (the classifier and the block before it); the running
+statistics are re-estimated on the clean images first (a candidate of its own) and after every
+epoch. The unlearning signal is the profile's reversed triggers (where found and pasted anywhere, half
+of each batch, at their true labels) and, with ``adversarial`` (the default when the profile names no
+suspect label), the shared adversarial images of :mod:`guard.purify.sau`; a distillation term keeps
+clean predictions where the original model had them. On a model without BatchNorm it tunes the tail.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from guard.purify.base import Candidates, Purifier
+from guard.purify.sau import SharedAdversarialUnlearning
+from guard.purify.triggers import anywhere
+from guard.purify.tuning import finetune_epochs, norm_layers, recalibrate_norms
+
+
+def tuned_parameters(model: nn.Module, *, tail: int) -> list[nn.Parameter]:
+    """Normalisation layers' affine parameters and every parameter of the last ``tail`` modules that
+    hold weights (in module order), each once."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+    chosen: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, norm_types):
+            for p in m.parameters(recurse=False):
+                chosen[id(p)] = p
+    weighted = [m for m in model.modules()
+                if not isinstance(m, norm_types) and any(True for _ in m.parameters(recurse=False))]
+    for m in weighted[-tail:] if tail > 0 else []:
+        for p in m.parameters(recurse=False):
+            chosen[id(p)] = p
+    return list(chosen.values())
+
+
+class NormTuning(Purifier):
+    """``--method bn-tune``.
+
+    Parameters
+    ----------
+    tail
+        How many of the last layers with weights are trained besides the normalisation layers.
+    share
+        Share of each batch stamped with a reversed trigger (when the profile has one).
+    adversarial
+        Add SAU's shared adversarial images (None: only when the profile names no suspect label).
+    distill
+        Weight of the term that keeps clean predictions where the original model had them.
+    epochs, lr, batch_size
+        The fine-tuning (Adam); it stops early after ``patience`` epochs in a row over the bound.
+
+    Other parameters: :class:`~guard.purify.base.Purifier`.
+    """
+
+    method = "bn-tune"
+
+    def __init__(self, *, tail: int = 2, share: float = 0.5, adversarial: bool | None = None, distill: float = 1.0,
+                 epochs: int | None = None, lr: float = 2e-3, batch_size: int = 32, patience: int = 4, **kw):
+        super().__init__(**kw)
+        self.tail = tail
+        self.share = share
+        self.adversarial = adversarial
+        self.distill = distill
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.patience = patience
+
+    def propose(self, model: nn.Module, c: Candidates) -> None:
+        norms = bool(norm_layers(model))
+        if norms:
+            recalibrate_norms(model, c.x)
+            c.offer("recalibrate", model)
+        trigs = c.evidence.triggers()
+        triggers = [t for _, t in trigs] + [t for _, t in anywhere(trigs)]
+        adversarial = self.adversarial if self.adversarial is not None else not triggers
+        extra = None
+        if adversarial:
+            sau = SharedAdversarialUnlearning(seed=self.seed)
+            extra = sau.adversarial_loss(copy.deepcopy(c.original).eval(), torch.Generator().manual_seed(self.seed + 1))
+        params = tuned_parameters(model, tail=self.tail)
+        tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 10, lr=self.lr, batch_size=self.batch_size,
+                                seed=self.seed, triggers=triggers, share=self.share if triggers else 0.0,
+                                distill=self.distill, teacher_model=c.original, params=params, recalibrate=norms,
+                                extra_loss=extra, label="bn-tune", progress=self.progress)
+        c.details["bn_tune"] = {"tuned_parameters": int(sum(p.numel() for p in params)),
+                                "parameters": int(sum(p.numel() for p in model.parameters())),
+                                "adversarial": bool(adversarial), "batchnorm": norms}
+        c.offer_epochs("bn-tune", model, tuned, patience=self.patience)
