@@ -66,16 +66,19 @@ def comeback(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.
 def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.ndarray,
                       y_test: np.ndarray, *, profile=None, methods=METHODS, per_class: int = 20,
                       max_drop: float = 0.02, seed: int = 0, world: str = "", with_comeback: bool = True,
-                      progress: bool | None = False) -> list[dict]:
+                      scan=None, progress: bool | None = False) -> list[dict]:
     """One row per method: the real trigger's attack success and the clean accuracy on the test data
     before and after (drop in points), the held-out figures the method itself measured, what it
     selected, its time, and (``with_comeback``) the real trigger's success while the purified model is
     fine-tuned for one epoch with 1% poisoned images; a row ``"original"`` gives the same for the
-    unpurified model. ``profile`` defaults to a fresh scan of the ``per_class`` subset."""
+    unpurified model. ``profile`` defaults to a fresh scan of the ``per_class`` subset: ``scan(model, x, y)``
+    (default: :func:`guard.scan.build_profile` with its defaults) returning the profile."""
     from guard.purify import Evidence, make_purifier
 
     xs, ys = per_class_subset(x, y, per_class, seed=seed)
-    if profile is None:
+    if profile is None and scan is not None:
+        profile = scan(model, xs, ys)
+    elif profile is None:
         from guard.scan import build_profile
 
         profile, _ = build_profile(model, xs, ys, seed=seed, progress=progress)
@@ -110,6 +113,39 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
             row["comeback_asr"] = comeback(m, attack, xs, ys, x_test, y_test, seed=seed)
         rows.append(row)
     return rows
+
+
+def _rounded(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, float):
+            v = round(v, 4)
+        elif isinstance(v, list) and v and isinstance(v[0], float):
+            v = [round(x, 4) for x in v]
+        out[k] = v
+    return out
+
+
+def purification_section(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.ndarray,
+                         y_test: np.ndarray, *, per_class: tuple[int, ...], methods=METHODS, max_drop: float = 0.02,
+                         seed: int = 0, scan=None) -> dict:
+    """``guard bench``'s ``attacks[*].purification``: :func:`purification_rows` at each ``per_class``
+    (a fresh scan of each subset, as a user with that many images would run), rounded, with the best
+    row per size (within the bound, the lowest real-trigger success, then the smallest drop) and
+    whether ``auto`` is best or tied (within one test image's share of attack success and 0.5 points)."""
+    sizes = {}
+    for n in per_class:
+        rows = [_rounded(r) for r in purification_rows(model, attack, x, y, x_test, y_test, methods=methods,
+                                                         per_class=n, max_drop=max_drop, seed=seed, scan=scan)]
+        done = [r for r in rows if r["method"] not in ("original",) and r["ok"]]
+        best = min(done, key=lambda r: (r["real_asr_after"], r["accuracy_drop_points"]), default=None)
+        auto = next((r for r in rows if r["method"] == "auto"), None)
+        tol = 1 / max(len(y_test), 1)
+        tied = (auto is not None and best is not None and auto["ok"]
+                and auto["real_asr_after"] <= best["real_asr_after"] + tol
+                and auto["accuracy_drop_points"] <= best["accuracy_drop_points"] + 0.5)
+        sizes[str(n)] = {"rows": rows, "best": best["method"] if best else None, "auto_best_or_tied": tied}
+    return {"per_class": sizes, "max_drop": max_drop, "methods": list(methods)}
 
 
 def format_rows(rows: list[dict]) -> str:

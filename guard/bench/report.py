@@ -162,7 +162,8 @@ def render(results: dict[str, Any]) -> str:
             v = opt.get(key) or {}
             cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
         lines.append(f"| {_label(a, results)} | " + " | ".join(cells) + " |")
-    lines += _peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results)
+    lines += (_peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results)
+              + _purification_lines(results))
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
         for c in _by_net(results, "clean_models"):
@@ -313,4 +314,26 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
         if gb.get("memory_clean_fpr") is not None:
             lines.append(f"| {_label(a, results)} | trigger memory: {_pct(gb['memory_clean_fpr'])} of clean traffic "
                          "rejected | | | | | |")
+    return lines
+
+
+def _purification_lines(results: dict[str, Any]) -> list[str]:
+    """Each purification method per attack and clean-image budget: the attacker's real trigger before and
+    after, test accuracy lost, and how much of the attack one epoch of re-tuning with 1% poison brings back."""
+    rows = [a for a in _by_net(results) if a.get("purification")]
+    if not rows:
+        return []
+    lines = ["", "Purification (`guard purify` methods; real trigger never seen by any method; comeback: the real "
+             "trigger's success after each quarter of one epoch of fine-tuning with 1% poisoned images):", "",
+             "| attack | images per class | method | selected | real attack success | test accuracy lost (points) "
+             "| comeback |", "|---|---|---|---|---|---|---|"]
+    for a in rows:
+        for n, size in a["purification"]["per_class"].items():
+            for r in size["rows"]:
+                come = " / ".join(_pct(v) for v in r.get("comeback_asr") or []) or ""
+                after = _pct(r["real_asr_after"]) if r["ok"] else "refused"
+                best = " (best)" if r["method"] == size["best"] else ""
+                lines.append(f"| {_label(a, results)} | {n} | {r['method']}{best} | {r.get('selected') or ''} "
+                             f"| {_pct(r['real_asr_before'])} -> {after} | {_f(r['accuracy_drop_points'], 1)} "
+                             f"| {come} |")
     return lines

@@ -106,11 +106,17 @@ class BenchConfig:
     # (Adam steps, moment-matching weight) per budget, and how many images of its own it draws; None: skip
     graybox_budgets: tuple[tuple[int, float], ...] | None = ((100, 1.0), (300, 1.0), (300, 3.0), (300, 10.0))
     graybox_images: int = 1500
+    # purification with this many clean images per class (a fresh scan of each subset), every method of
+    # guard.bench.purification.METHODS judged with the real trigger, and the comeback rows; None: skip
+    purify_per_class: tuple[int, ...] | None = (20, 50)
+    purify_methods: tuple[str, ...] = ("auto", "fine-pruning", "unlearn", "anp")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["attacks"] = list(self.attacks)
         d["nets"] = list(self.nets)
+        d["purify_per_class"] = None if self.purify_per_class is None else list(self.purify_per_class)
+        d["purify_methods"] = list(self.purify_methods)
         return d
 
 
@@ -119,7 +125,7 @@ PRESETS: dict[str, BenchConfig] = {
     "quick": BenchConfig(preset="quick", attacks=QUICK_ATTACKS, zoo=ZooConfig(n_train=4000, n_test=1000, epochs=5),
                          n_eval=400, nc_max_rounds=100, strip_calibration=250, art_pool=250, nc_speed_rounds=50,
                          dl_tnd={"iterations": 20, "search_steps": 3, "per_image_iterations": 20},
-                         df_tnd={"iterations": 100}),
+                         df_tnd={"iterations": 100}, purify_per_class=(20,)),
     "full": BenchConfig(preset="full", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=6000, n_test=2000, epochs=6),
                         nets=ALL_NETS, n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=100,
                         ts_requests=100, ts_rounds=16),
@@ -131,7 +137,7 @@ PRESETS: dict[str, BenchConfig] = {
                                                                      "refine_steps": 1, "n_eval": 40},
                         overhead_repeats=10, nc_speed_rounds=1, scaling=False, resnet18_performance=False,
                         whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0)), graybox_budgets=((2, 1.0), (3, 3.0)),
-                        graybox_images=200,
+                        graybox_images=200, purify_per_class=(10,), purify_methods=("fine-pruning",),
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }
 
@@ -373,6 +379,17 @@ def _targets(row: dict[str, Any]) -> dict[str, Any]:
     gb = row.get("graybox")
     if gb and gb.get("budgets"):
         out["graybox_residual_attack_success<=0.25"] = gb["max_residual_attack_success"] <= 0.25
+    pur = (row.get("purification") or {}).get("per_class") or {}
+    for n, size in pur.items():
+        auto = next((r for r in size["rows"] if r["method"] == "auto"), None)
+        if auto is None:
+            continue
+        out[f"purify_auto_best_or_tied_{n}_per_class"] = size["auto_best_or_tied"]
+        patch = name in ("badnets", "badnets_random", "adap_patch", "trojannn", "tact", "label_consistent")
+        asr_bar, drop_bar = ((0.02, 1.0) if n == "50" else (0.05, 2.0)) if patch else (0.10, 2.0)
+        out[f"purify_auto_attack_success<={asr_bar:g}_{n}_per_class"] = auto["ok"] and auto["real_asr_after"] <= asr_bar
+        out[f"purify_auto_accuracy_drop<={drop_bar:g}pt_{n}_per_class"] = (
+            auto["ok"] and auto["accuracy_drop_points"] <= drop_bar)
     return out
 
 
@@ -476,13 +493,24 @@ def _attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok
     if cfg.graybox_budgets and _regraftable(attack, tuple(neg.shape[1:])):
         _log(progress, f"{name}: gray-box attacker ({len(cfg.graybox_budgets)} budgets)")
         graybox = _graybox(cfg, zm.model, attack, guard, d, n_eval, x_cal)
+    purification = None
+    if cfg.purify_per_class:
+        from guard.bench.purification import purification_section
+
+        _log(progress, f"{name}: purification ({', '.join(map(str, cfg.purify_per_class))} clean images per class)")
+        def scan(model, x, y):  # the row's own scan settings, on the subset a user with that many images has
+            return build_profile(model, x, y, fpr=cfg.fpr, seed=cfg.zoo.seed, progress=False, knn=cfg.knn,
+                                 nc=NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False))[0]
+
+        purification = purification_section(zm.model, attack, xc, yc, neg, y_neg, per_class=cfg.purify_per_class,
+                                            methods=cfg.purify_methods, seed=cfg.zoo.seed, scan=scan)
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
            "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
            "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
            "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
-           "peers": peers, "whitebox": whitebox, "graybox": graybox,
+           "peers": peers, "whitebox": whitebox, "graybox": graybox, "purification": purification,
            "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
            "seconds": round(time.perf_counter() - t0, 1)}
     row["targets"] = _targets(row)

@@ -52,7 +52,13 @@ def test_every_attack_row_has_every_field(tiny):
     assert r["config"]["nets"] == ["demo_net"] and all(a["net"] == "demo_net" for a in r["attacks"])
     for a in r["attacks"]:
         assert {"name", "net", "clean_accuracy", "attack_success_rate", "detected", "online", "repair", "strip",
-                "art_strip", "scan_seconds", "targets"} <= set(a)
+                "art_strip", "scan_seconds", "targets", "purification"} <= set(a)
+        pur = a["purification"]["per_class"]["10"]  # the tiny preset: fine-pruning with 10 images per class
+        assert [r["method"] for r in pur["rows"]] == ["original", "fine-pruning"]
+        assert pur["best"] in (None, "fine-pruning")
+        for r in pur["rows"]:
+            assert 0 <= r["real_asr_before"] <= 1 and 0 <= r["accuracy_after"] <= 1
+            assert r["per_class"] == 10 and len(r.get("comeback_asr") or [0, 0, 0, 0]) == 4
         assert 0 <= a["clean_accuracy"] <= 1 and 0 <= a["attack_success_rate"] <= 1
         assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
         for method in a["detected"].values():

@@ -1,0 +1,163 @@
+"""The purification estimators' shared contract (guard.purify.base), the confidence bound of the drop,
+the new methods' building blocks (shared adversarial perturbation, BatchNorm-aware parameter choice)
+and ``auto`` on a BatchNorm model, on small models that train in seconds."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from guard.bench.purification import per_class_subset
+from guard.demo.train import attack_success
+from guard.model import accuracy, fingerprint
+from guard.purify import (
+    METHODS,
+    Auto,
+    Evidence,
+    NormTuning,
+    Purifier,
+    SharedAdversarialUnlearning,
+    drop_upper_bound,
+    make_purifier,
+)
+from guard.purify.norm_tuning import tuned_parameters
+from guard.purify.sau import shared_perturbation
+
+
+def test_every_method_is_an_estimator_with_keyword_only_parameters():
+    """scikit-learn's convention: ``__init__`` takes keyword-only hyperparameters and stores each under
+    its own name, nothing learned (no attribute ending in ``_``) before ``fit``."""
+    for name, cls in METHODS.items():
+        assert issubclass(cls, Purifier) and cls.method == name
+        est = cls()
+        for klass in cls.__mro__[:-1]:  # not object
+            if "__init__" not in vars(klass):
+                continue
+            for pname, p in inspect.signature(klass.__init__).parameters.items():
+                if pname in ("self", "kw"):
+                    continue
+                assert p.kind is p.KEYWORD_ONLY, (name, pname)
+                assert getattr(est, pname) == p.default, (name, pname)
+        assert not [a for a in vars(est) if a.endswith("_") and not a.startswith("_")], name
+
+
+def test_make_purifier_passes_each_method_only_what_it_takes():
+    est = make_purifier("fine-pruning", share=0.3, epochs=2, lr=None, seed=4)
+    assert est.epochs == 2 and est.lr == 1e-3 and est.seed == 4 and not hasattr(est, "share")
+    assert make_purifier("unlearn", share=0.3).share == 0.3
+    with pytest.raises(Exception, match="unknown purification method"):
+        make_purifier("scrub")
+
+
+def test_drop_upper_bound():
+    """Exact binomial bounds at 97.5% each: at least the measured drop, tighter with more images, and what
+    50 images with none broken can vouch for (7.1 points)."""
+    assert drop_upper_bound(50, 0, 0) == pytest.approx(1 - 0.025 ** (1 / 50), abs=1e-6)
+    assert drop_upper_bound(120, 0, 0) < drop_upper_bound(50, 0, 0) < 0.08
+    assert drop_upper_bound(50, 3, 1) >= 2 / 50
+    assert drop_upper_bound(50, 3, 1) > drop_upper_bound(50, 3, 3)  # fixed images offset broken ones
+    assert drop_upper_bound(200, 2, 0) < drop_upper_bound(50, 2, 0)
+    assert drop_upper_bound(0, 0, 0) is None
+    assert drop_upper_bound(10, 10, 0) == 1.0
+
+
+def _bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 8),
+                         nn.ReLU(), nn.Linear(8, 3))
+
+
+def test_tuned_parameters_are_the_norms_and_the_tail():
+    net = _bn_net()
+    chosen = {id(p) for p in tuned_parameters(net, tail=2)}
+    expected = [net[1].weight, net[1].bias, net[4].weight, net[4].bias, net[8].weight, net[8].bias,
+                net[10].weight, net[10].bias]
+    assert chosen == {id(p) for p in expected}
+    assert {id(p) for p in tuned_parameters(net, tail=0)} == {id(p) for p in expected[:4]}
+
+
+def test_shared_perturbation_stays_in_the_ball_and_moves_both_models_together():
+    """The perturbation stays within eps (and the image in [0, 1]); universal means one for the batch;
+    the inner maximisation raises the probability that both models agree on a wrong label."""
+    net = _bn_net().eval()
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 1, 8, 8, generator=g)
+    y = torch.randint(0, 3, (16,), generator=g)
+
+    @torch.no_grad()
+    def shared(xa):
+        wrong = 1 - nn.functional.one_hot(y, 3).float()
+        return float((net(xa).softmax(1) * twin(xa).softmax(1) * wrong).sum(1).mean())
+
+    for universal in (True, False):
+        xa = shared_perturbation(net, twin, x, y, eps=0.1, steps=5, universal=universal,
+                                 generator=torch.Generator().manual_seed(1))
+        d = xa - x
+        assert float(d.abs().max()) <= 0.1 + 1e-6 and float(xa.min()) >= 0 and float(xa.max()) <= 1
+        assert shared(xa) > shared(x)
+        if universal:  # one perturbation for the batch (up to the clipping to [0, 1])
+            inside = (x > 0.1) & (x < 0.9) & (x[0:1] > 0.1) & (x[0:1] < 0.9)
+            assert torch.allclose(d[inside], (d[0:1].expand_as(d))[inside], atol=1e-6)
+    assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.fixture(scope="module")
+def gap(gap_world):
+    w = gap_world
+    xs, ys = per_class_subset(w.x_train, w.y_train, 20, seed=0)
+    return w.model, w.attack, xs, ys, w.x_test, w.y_test
+
+
+def test_norm_tuning_keeps_a_batchnorm_model_within_the_bound(gap):
+    """BatchNorm-aware tuning on GapNet with 20 images per class and the attack's target as the only
+    evidence a scan would give (a reversed trigger at the right corner): only the normalisation layers
+    and the last two layers move, the bound holds on unseen images, and the attack loses ground."""
+    model, attack, xs, ys, xt, yt = gap
+    sha = fingerprint(model)
+    mask = np.zeros((1, 16, 16), np.float32)
+    mask[0, :3, :3] = 1
+    ev = Evidence([attack.target], mask[None], attack.stamp(np.zeros((1, *xs.shape[1:]), np.float32))[0][None])
+    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=ev)
+    assert fingerprint(model) == sha and est.ok_
+    info = est.details_["bn_tune"]
+    assert info["batchnorm"] and info["tuned_parameters"] < info["parameters"] / 2 and not info["adversarial"]
+    purified = est.apply(model)
+    frozen = [n for n, p in model.named_parameters()
+              if torch.equal(p, dict(purified.named_parameters())[n])]
+    assert any(n.startswith("features") and n.endswith("weight") for n in frozen)  # early convs untouched
+    asr0, asr1 = attack_success(model, attack, xt, yt), attack_success(purified, attack, xt, yt)
+    drop = accuracy(model, xt, yt) - accuracy(purified, xt, yt)
+    print(f"\nbn-tune GapNet 20/class: {est.selected_}, real ASR {asr0:.3f} -> {asr1:.3f}, drop {100 * drop:.1f}")
+    assert drop <= 0.04
+    assert asr1 <= 0.5 * asr0
+
+
+def test_auto_tries_the_batchnorm_methods_and_keeps_one_within_the_bound(gap):
+    """On a BatchNorm model with no suspect label (a scan that missed), auto runs sau, bn-tune and rnp,
+    reports each, and keeps a state within the bound; its choice is one of theirs."""
+    model, attack, xs, ys, xt, yt = gap
+    est = Auto(seed=0, progress=False).fit(model, xs, ys)
+    tried = est.details_["auto"]
+    assert set(tried) == {"sau", "bn-tune", "rnp"} and len(est.runs_) == 3
+    assert est.ok_ and est.chosen_ in tried and tried[est.chosen_]["ok"]
+    assert est.accuracy_before_ - est.accuracy_after_ <= 0.02 + 1e-9
+    print(f"\nauto GapNet 20/class, no evidence: chose {est.chosen_}; " + ", ".join(
+        f"{m}: {r['selected']} {r['heldout_accuracy']:.3f}" for m, r in tried.items()))
+    purified = est.apply(model)
+    assert accuracy(model, xt, yt) - accuracy(purified, xt, yt) <= 0.05
+
+
+def test_sau_needs_no_reversed_trigger(gap):
+    model, attack, xs, ys, xt, yt = gap
+    est = SharedAdversarialUnlearning(seed=0, epochs=2, progress=False).fit(model, xs, ys)
+    assert est.selected_ is not None and [h["step"] for h in est.history_][:2] == ["original", "sau:1"]
