@@ -23,6 +23,7 @@ baseline handler (:mod:`guard.bench.serving`). :func:`run_bench` returns the JSO
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shutil
@@ -535,7 +536,52 @@ def _job(args: tuple) -> tuple[dict[str, Any], str | None]:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1):
-        return _attack_row(cfg, name, cache, profiles, art_ok, _print_progress if show else None)
+        return _saved_row(cfg, name, cache, profiles, art_ok, _print_progress if show else None)
+
+
+#: the packages whose code produces an attack row: a change to any of them recomputes saved rows
+_ROW_CODE = ("guard/bench", "guard/online", "guard/scan", "guard/purify", "guard/demo", "guard/model.py",
+             "guard/profile.py", "guard/stats.py", "guard/data.py")
+
+
+def _row_key(cfg: BenchConfig, name: str) -> str:
+    """A digest of the configuration, the attack and the source of every module that measures a row
+    (the report's rendering left out, and the purification code when the run has no purification rows)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[2]
+    skip = {"guard/bench/report.py"}
+    h = hashlib.sha256(json.dumps([cfg.to_json(), name], sort_keys=True).encode())
+    for part in _ROW_CODE:
+        if part == "guard/purify" and not cfg.purify_per_class:
+            continue
+        path = root / part
+        for f in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            rel = f.relative_to(root).as_posix()
+            if rel in skip or (rel == "guard/bench/purification.py" and not cfg.purify_per_class):
+                continue
+            h.update(rel.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _saved_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok: bool,
+               progress: Callable[[str], None] | None) -> tuple[dict[str, Any], str | None]:
+    """:func:`_attack_row`, saved as ``OUT/rows/NET-NAME-KEY.json`` when done and reused by a rerun with
+    the same configuration and code (``KEY``, :func:`_row_key`): a long run that stops part-way (a
+    machine taken back, a session over) resumes at the rows it had not finished. The row's profile is
+    under ``profiles/`` beside it."""
+    path = profiles.parent / "rows" / f"{cfg.zoo.net}-{name}-{_row_key(cfg, name)}.json"
+    if path.exists():
+        _log(progress, f"{name} ({cfg.zoo.net}): finished in an earlier run ({path.name})")
+        saved = json.loads(path.read_text())
+        return saved["row"] | {"resumed": True}, saved["art_error"]
+    row, art_error = _attack_row(cfg, name, cache, profiles, art_ok, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"row": row, "art_error": art_error}))
+    tmp.replace(path)
+    return row, art_error
 
 
 def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason: str,
@@ -586,7 +632,7 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
     else:
         for net in cfg.nets:
             _clean_row(_on(cfg, net), cleans[net], xc, yc, x_fit, y_fit, k, results, progress)
-        rows = [_attack_row(*t[:5], progress) for t in todo]
+        rows = [_saved_row(*t[:5], progress) for t in todo]
     for row, art_error in rows:
         results["attacks"].append(row)
         if art_error:

@@ -25,12 +25,13 @@ from guard.purify.tuning import norm_layers
 
 
 def candidate_methods(model: nn.Module, has_evidence: bool) -> list[type[Purifier]]:
-    """The methods ``auto`` tries: combined unlearning when there is a reversed trigger, shared adversarial
-    unlearning always, BatchNorm-aware tuning and RNP on models with BatchNorm (where they hold)."""
-    out: list[type[Purifier]] = [CombinedUnlearning] if has_evidence else []
-    out.append(SharedAdversarialUnlearning)
+    """The methods ``auto`` tries: with a reversed trigger, combined unlearning and BatchNorm-aware
+    tuning; without one, shared adversarial unlearning and BatchNorm-aware tuning on its adversarial
+    images; RNP besides on models with BatchNorm (where it holds)."""
+    out: list[type[Purifier]] = ([CombinedUnlearning, NormTuning] if has_evidence
+                                 else [SharedAdversarialUnlearning, NormTuning])
     if norm_layers(model):
-        out += [NormTuning, RNPPruning]
+        out.append(RNPPruning)
     return out
 
 

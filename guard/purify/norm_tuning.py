@@ -4,12 +4,14 @@ breaking the network, so that a BatchNorm model does not lose points to the fine
 Full fine-tuning on a few hundred clean images moves every convolution under BatchNorm statistics
 that were estimated on the training set; the statistics no longer describe what the layers output and
 clean accuracy falls. Here the trained parameters are the normalisation layers' affine parameters and
-the last ``tail`` layers with weights (the classifier and the block before it); the running
+the last ``tail`` layers with weights (the classifier and the layers before it); the running
 statistics are re-estimated on the clean images first (a candidate of its own) and after every
 epoch. The unlearning signal is the profile's reversed triggers (where found and pasted anywhere, half
 of each batch, at their true labels) and, with ``adversarial`` (the default when the profile names no
 suspect label), the shared adversarial images of :mod:`guard.purify.sau`; a distillation term keeps
-clean predictions where the original model had them. On a model without BatchNorm it tunes the tail.
+clean predictions where the original model had them. On a model without BatchNorm it tunes the tail:
+leaving the first layers as they are is what keeps a few hundred images from eroding what the model
+learned from its training set.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class NormTuning(Purifier):
 
     method = "bn-tune"
 
-    def __init__(self, *, tail: int = 2, share: float = 0.5, adversarial: bool | None = None, distill: float = 1.0,
+    def __init__(self, *, tail: int = 4, share: float = 0.5, adversarial: bool | None = None, distill: float = 1.0,
                  epochs: int | None = None, lr: float = 2e-3, batch_size: int = 32, patience: int = 4, **kw):
         super().__init__(**kw)
         self.tail = tail
@@ -88,7 +90,7 @@ class NormTuning(Purifier):
             sau = SharedAdversarialUnlearning(seed=self.seed)
             extra = sau.adversarial_loss(copy.deepcopy(c.original).eval(), torch.Generator().manual_seed(self.seed + 1))
         params = tuned_parameters(model, tail=self.tail)
-        tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 10, lr=self.lr, batch_size=self.batch_size,
+        tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 20, lr=self.lr, batch_size=self.batch_size,
                                 seed=self.seed, triggers=triggers, share=self.share if triggers else 0.0,
                                 distill=self.distill, teacher_model=c.original, params=params, recalibrate=norms,
                                 extra_loss=extra, label="bn-tune", progress=self.progress)

@@ -236,3 +236,29 @@ def test_worker_processes_give_the_same_rows(tiny, tmp_path):
     assert (tmp_path / "b" / "profiles" / "blended" / "profile.json").is_file()
     assert r2["attacks"][1]["whitebox"]["attack"] == "Blended" and len(r2["attacks"][1]["whitebox"]["budgets"]) == 3
 
+
+
+def test_finished_rows_are_saved_and_a_rerun_resumes_them(tmp_path, monkeypatch):
+    """A run that stops part-way keeps its finished rows: a rerun with the same configuration and code
+    reuses them (marked ``resumed``); another configuration measures afresh."""
+    from dataclasses import replace
+
+    from guard.bench import runner
+
+    calls = []
+
+    def fake_row(cfg, name, *_args):
+        calls.append((cfg.n_eval, name))
+        return {"name": name, "net": cfg.zoo.net, "n": cfg.n_eval}, None
+
+    monkeypatch.setattr(runner, "_attack_row", fake_row)
+    cfg = runner.PRESETS["tiny"]
+    args = (tmp_path / "models", tmp_path / "profiles", False, None)
+    first = runner._saved_row(cfg, "badnets", *args)
+    again = runner._saved_row(cfg, "badnets", *args)
+    assert calls == [(cfg.n_eval, "badnets")] and "resumed" not in first[0]
+    assert again == ({**first[0], "resumed": True}, None)
+    (saved,) = (tmp_path / "rows").glob("*.json")
+    assert saved.name.startswith("demo_net-badnets-")
+    other = runner._saved_row(replace(cfg, n_eval=cfg.n_eval + 1), "badnets", *args)
+    assert len(calls) == 2 and "resumed" not in other[0] and len(list((tmp_path / "rows").glob("*.json"))) == 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import inspect
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -118,28 +117,38 @@ def gap(gap_world):
     return w.model, w.attack, xs, ys, w.x_test, w.y_test
 
 
-def test_norm_tuning_keeps_a_batchnorm_model_within_the_bound(gap):
-    """BatchNorm-aware tuning on GapNet with 20 images per class and the attack's target as the only
-    evidence a scan would give (a reversed trigger at the right corner): only the normalisation layers
-    and the last two layers move, the bound holds on unseen images, and the attack loses ground."""
-    model, attack, xs, ys, xt, yt = gap
+def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_world, badnets_profile):
+    """BatchNorm-aware tuning on DemoNet (no BatchNorm: the tail of four layers is tuned, the first conv
+    stays) with 20 clean images per class and the profile's reversed trigger: the attacker's real
+    trigger, never shown, measured 99.0% -> 3.4-5.2% at no test accuracy lost (10 and 20 epochs, one
+    2-core AMD EPYC); the floors leave room for other CPUs."""
+    from guard.data import load_npz
+    from guard.model import load_model
+    from guard.profile import Profile
+
+    model = load_model(badnets_world.model_file, badnets_world.weights)
+    x, y = load_npz(badnets_world.clean)
+    xt, yt = load_npz(badnets_world.holdout)
+    xs, ys = per_class_subset(x, y, 20, seed=0)
     sha = fingerprint(model)
-    mask = np.zeros((1, 16, 16), np.float32)
-    mask[0, :3, :3] = 1
-    ev = Evidence([attack.target], mask[None], attack.stamp(np.zeros((1, *xs.shape[1:]), np.float32))[0][None])
-    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=ev)
+    evidence = Evidence.from_profile(Profile.load(badnets_profile))
+    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=evidence)
     assert fingerprint(model) == sha and est.ok_
     info = est.details_["bn_tune"]
-    assert info["batchnorm"] and info["tuned_parameters"] < info["parameters"] / 2 and not info["adversarial"]
+    assert not info["batchnorm"] and info["tuned_parameters"] < info["parameters"] and not info["adversarial"]
     purified = est.apply(model)
-    frozen = [n for n, p in model.named_parameters()
-              if torch.equal(p, dict(purified.named_parameters())[n])]
-    assert any(n.startswith("features") and n.endswith("weight") for n in frozen)  # early convs untouched
-    asr0, asr1 = attack_success(model, attack, xt, yt), attack_success(purified, attack, xt, yt)
+    before, after = dict(model.named_parameters()), dict(purified.named_parameters())
+    first = [n for n in before if f".{n}".endswith((".features.0.weight", ".features.0.bias"))]
+    head = [n for n in before if f".{n}".endswith(".head.weight")]
+    assert len(first) == 2 and len(head) == 1
+    assert all(torch.equal(before[n], after[n]) for n in first)  # the first conv stays as trained
+    assert not torch.equal(before[head[0]], after[head[0]])
+    atk = badnets_world.attack
+    asr0, asr1 = attack_success(model, atk, xt, yt), attack_success(purified, atk, xt, yt)
     drop = accuracy(model, xt, yt) - accuracy(purified, xt, yt)
-    print(f"\nbn-tune GapNet 20/class: {est.selected_}, real ASR {asr0:.3f} -> {asr1:.3f}, drop {100 * drop:.1f}")
-    assert drop <= 0.04
-    assert asr1 <= 0.5 * asr0
+    print(f"\nbn-tune DemoNet 20/class: {est.selected_}, real ASR {asr0:.3f} -> {asr1:.3f}, drop {100 * drop:.1f}")
+    assert asr0 > 0.9 and asr1 <= 0.15
+    assert drop <= 0.02
 
 
 def test_auto_tries_the_batchnorm_methods_and_keeps_one_within_the_bound(gap):
