@@ -34,6 +34,7 @@ from guard.purify.combined import CombinedUnlearning
 from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
 from guard.purify.norm_tuning import NormTuning
+from guard.purify.residual import residual_evidence
 from guard.purify.result import PurifyResult
 from guard.purify.rnp import RNPPruning
 from guard.purify.sau import SharedAdversarialUnlearning
@@ -103,8 +104,10 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     """Purify ``model`` with ``method`` (:data:`METHODS`) within ``max_drop`` of clean accuracy and
     measure before and after on the held-out part: clean accuracy, the reversed triggers' attack
     success where they were found and pasted anywhere, the online checks' rejection of held-out images
-    stamped with them (``online``), and (``rescan``) a fresh Neural Cleanse scan of the result: verdict,
-    suspect labels, largest anomaly index. ``share``, ``epochs`` and ``lr`` go to the methods that take
+    stamped with them (``online``), and (``rescan``) a fresh Neural Cleanse scan of the result (verdict,
+    suspect labels, largest anomaly index) with the suspect labels' triggers reversed again from two
+    starts and judged against the original scan's other labels (:mod:`guard.purify.residual`): either
+    finding keeps the verdict at ``backdoored``. ``share``, ``epochs`` and ``lr`` go to the methods that take
     them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where the Neural
     Cleanse optimisations run: the combined method's re-reversals and the rescan."""
     from guard.scan.neural_cleanse import NeuralCleanse
@@ -142,11 +145,18 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
         if purified is not None:
             after["online_rejection"], after["online_false_rejection"] = online_rejection(
                 purified, profile, xv, yv, fixed, seed=seed)
+    residual = None
     if rescan and purified is not None:
         scanner = nc or NeuralCleanse(seed=seed, progress=progress, device=device)
         scanner.fit(purified, x_tr, num_classes=k)
-        after["verdict"] = "backdoored" if scanner.suspect_labels_ else "clean"
-        after["suspect_labels"] = [int(s) for s in scanner.suspect_labels_]
+        suspects = [int(s) for s in scanner.suspect_labels_]
+        residual = residual_evidence(purified, x_tr, profile, evidence.labels, num_classes=k, seed=seed,
+                                     device=device, threshold=float(scanner.threshold_))
+        if residual is not None and residual["suspected"]:
+            suspects = sorted(set(suspects) | {int(s) for s, f in residual["labels"].items()
+                                               if f["anomaly"] > residual["threshold"]})
+        after["verdict"] = "backdoored" if suspects else "clean"
+        after["suspect_labels"] = suspects
         after["anomaly_index"] = float(np.max(scanner.anomaly_index_))
         after["log_anomaly_index"] = float(np.max(scanner.log_anomaly_index_))
     n, broken, mended = est.paired_counts()
@@ -156,7 +166,8 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
                "accuracy_drop_upper_95": drop_upper_bound(n, broken, mended) if est.ok_ else None,
                "held_out_broken": broken, "held_out_fixed": mended,
                "resolution_note": resolution_note(len(yv), max_drop), "selected": est.selected_,
-               "triggers": evidence.labels, "candidates": est.history_, "seconds": est.seconds_, **est.details_}
+               "triggers": evidence.labels, "candidates": est.history_, "seconds": est.seconds_,
+               "residual": residual, **est.details_}
     if online:
         details["online_note"] = ("the profile's checks as calibrated on the original model, applied to the "
                                   "purified one unchanged (rescan before serving the purified model)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -151,22 +152,56 @@ def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_
     assert drop <= 0.02
 
 
-def test_auto_tries_the_batchnorm_methods_and_keeps_one_within_the_bound(gap):
-    """On a BatchNorm model with no suspect label (a scan that missed), auto runs sau, bn-tune and rnp,
-    reports each, and keeps a state within the bound; its choice is one of theirs."""
+def test_auto_chooses_its_methods_by_the_model_and_the_evidence():
+    from guard.purify.auto import candidate_methods
+
+    names = {(bn, ev): [c.method for c in candidate_methods(_bn_net() if bn else nn.Linear(2, 2), ev)]
+             for bn in (True, False) for ev in (True, False)}
+    assert names[(False, True)] == ["combined", "bn-tune"] and names[(False, False)] == ["sau", "bn-tune"]
+    assert names[(True, True)] == ["combined", "bn-tune", "rnp"] and names[(True, False)] == ["sau", "bn-tune", "rnp"]
+
+
+def test_auto_keeps_one_of_its_methods_within_the_bound(gap):
+    """On a BatchNorm model with no suspect label (a scan that missed), auto runs each method it is given
+    within the same bound on the same held-out images, reports each, and keeps one of their states."""
     model, attack, xs, ys, xt, yt = gap
-    est = Auto(seed=0, progress=False).fit(model, xs, ys)
+    est = Auto(methods=("fine-pruning", "rnp"), seed=0, progress=False).fit(model, xs, ys)
     tried = est.details_["auto"]
-    assert set(tried) == {"sau", "bn-tune", "rnp"} and len(est.runs_) == 3
+    assert set(tried) == {"fine-pruning", "rnp"} and [r.method for r in est.runs_] == ["fine-pruning", "rnp"]
+    assert all(r.accuracy_before_ == est.accuracy_before_ for r in est.runs_)  # the same held-out images
     assert est.ok_ and est.chosen_ in tried and tried[est.chosen_]["ok"]
+    assert est.selected_.startswith(f"{est.chosen_}/")
     assert est.accuracy_before_ - est.accuracy_after_ <= 0.02 + 1e-9
-    print(f"\nauto GapNet 20/class, no evidence: chose {est.chosen_}; " + ", ".join(
-        f"{m}: {r['selected']} {r['heldout_accuracy']:.3f}" for m, r in tried.items()))
     purified = est.apply(model)
+    print(f"\nauto GapNet 20/class, no evidence: chose {est.chosen_}, real ASR "
+          f"{attack_success(model, attack, xt, yt):.3f} -> {attack_success(purified, attack, xt, yt):.3f}")
     assert accuracy(model, xt, yt) - accuracy(purified, xt, yt) <= 0.05
 
 
 def test_sau_needs_no_reversed_trigger(gap):
     model, attack, xs, ys, xt, yt = gap
-    est = SharedAdversarialUnlearning(seed=0, epochs=2, progress=False).fit(model, xs, ys)
-    assert est.selected_ is not None and [h["step"] for h in est.history_][:2] == ["original", "sau:1"]
+    est = SharedAdversarialUnlearning(seed=0, epochs=1, progress=False).fit(model, xs, ys)
+    assert est.selected_ in ("original", "sau:1") and [h["step"] for h in est.history_] == ["original", "sau:1"]
+
+
+def test_residual_evidence_sees_an_intact_backdoor_and_not_a_removed_one(badnets_world, badnets_profile):
+    """The suspect label's trigger reversed again (two starts) and judged against the original scan's other
+    labels: on the unpurified demo model it is as cheap as the scan found it (suspected); after
+    BatchNorm-aware tuning removed the real trigger, it is not."""
+    from guard.data import load_npz
+    from guard.model import load_model
+    from guard.profile import Profile
+    from guard.purify.residual import anomaly_against, residual_evidence
+
+    assert anomaly_against(1.0, np.array([5.0, 6.0, 7.0, 6.0])) > 2 > anomaly_against(5.5, np.array([5.0, 6.0, 7.0]))
+    model = load_model(badnets_world.model_file, badnets_world.weights)
+    x, y = load_npz(badnets_world.clean)
+    xs, ys = per_class_subset(x, y, 20, seed=0)
+    profile = Profile.load(badnets_profile)
+    intact = residual_evidence(model, xs, profile, [6], num_classes=10)
+    assert intact["suspected"] and intact["labels"]["6"]["attack_success"] > 0.9
+    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=Evidence.from_profile(profile))
+    removed = residual_evidence(est.model_, xs, profile, [6], num_classes=10)
+    print(f"\nresidual: intact {intact['labels']['6']}, purified {removed['labels']['6']}")
+    assert not removed["suspected"]
+    assert removed["labels"]["6"]["l1"] > intact["labels"]["6"]["l1"]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli
 
 # Population: (name, attack factory). Patch triggers at four positions and targets, two blended keys.
 POPULATION_SPECS: list[tuple[str, dict | None]] = [
@@ -176,15 +177,6 @@ def browser(chromium):
         image_stats = staticmethod(image_stats)
 
     return _Browser()
-
-
-def run_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """``guard ARGS`` in a subprocess of this interpreter (what a CI job runs)."""
-    import sys
-
-    env = dict(os.environ, GUARD_PROGRESS="1")
-    return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""Evidence that a purified model still holds the backdoor, beyond a rescan's verdict.
+
+A rescan judges each label's reversed-trigger norm against the *purified* model's other labels, and
+purification moves those too: a backdoor that survives can look ordinary among labels that all got
+cheaper. Here each suspect label's trigger is reversed again on the purified model from several
+starting points (several reversed triggers per label: a backdoor that was only partly unlearned is
+often found again from another start), and the cheapest one is judged against the *original* scan's
+norms of the labels it did not suspect, with Neural Cleanse's own rule: an anomaly index above the
+scan's threshold means the label is still as cheap to reach as a backdoor target was, so the purified
+model is still suspected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import nn
+
+from guard.stats import MAD_CONSISTENCY
+
+
+def anomaly_against(value: float, reference: np.ndarray) -> float:
+    """Neural Cleanse's anomaly index of ``value`` against ``reference`` (positive when cheaper)."""
+    ref = np.asarray(reference, dtype=np.float64)
+    med = np.median(ref)
+    mad = MAD_CONSISTENCY * np.median(np.abs(ref - med))
+    return float((med - value) / max(mad, np.finfo(np.float64).eps))
+
+
+def residual_evidence(model: nn.Module, x: np.ndarray, profile, labels: list[int], *, num_classes: int,
+                      starts: int = 2, seed: int = 0, device: str = "cpu", threshold: float = 2.0,
+                      max_rounds: int = 60) -> dict | None:
+    """Re-reverse each of ``labels`` on ``model`` (the purified one) from ``starts`` seeds and judge the
+    cheapest trigger's L1 norm against the original scan's norms of the unsuspected labels (from
+    ``profile.scan``, in log space as the scan's second index). Returns ``{"suspected", "labels": {label:
+    {"l1", "l1_before", "anomaly", "attack_success"}}, "threshold"}``, or None when the profile has no
+    per-label scan figures to judge against."""
+    from guard.scan.neural_cleanse import NeuralCleanse
+
+    scan = getattr(profile, "scan", None)
+    if not labels or scan is None or not scan.per_label:
+        return None
+    before = {int(p.label): float(p.l1_norm) for p in scan.per_label}
+    reference = np.log(np.maximum([v for k, v in before.items() if k not in labels], 1e-8))
+    if len(reference) < 3:
+        return None
+    found: dict[int, dict] = {}
+    for start in range(starts):
+        nc = NeuralCleanse(labels=labels, seed=seed + 101 + start, max_rounds=max_rounds, early_stop_patience=10,
+                           progress=False, device=device).fit(model, x, num_classes=num_classes)
+        for i, s in enumerate(nc.labels_):
+            l1, asr = float(nc.l1_norms_[i]), float(nc.attack_success_[i])
+            if int(s) not in found or l1 < found[int(s)]["l1"]:
+                found[int(s)] = {"l1": round(l1, 3), "attack_success": round(asr, 4)}
+    for s, f in found.items():
+        f["l1_before"] = before.get(s)
+        f["anomaly"] = round(anomaly_against(np.log(max(f["l1"], 1e-8)), reference), 3)
+    suspected = any(f["anomaly"] > threshold for f in found.values())
+    return {"suspected": suspected, "labels": {str(s): f for s, f in sorted(found.items())}, "threshold": threshold,
+            "starts": starts}
