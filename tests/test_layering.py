@@ -88,7 +88,7 @@ def test_no_import_cycle_between_subpackages():
 
 
 def test_the_serving_path_does_not_reach_the_offline_tools():
-    offline = {"scan", "bench", "cli", "demo", "audit", "repair"}
+    offline = {"scan", "bench", "cli", "demo", "audit", "purify"}
     crossing = [line for (a, b), lines in _edges().items() if a in {"online", "serving", "torchserve"}
                 and b in offline for line in lines]
     assert crossing == []

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from guard.purify.base import Candidates, Purifier
+from guard.errors import InputError
+from guard.purify.base import REGISTRY, Candidates, Purifier
 from guard.purify.combined import CombinedUnlearning
 from guard.purify.norm_tuning import NormTuning
 from guard.purify.rnp import RNPPruning
@@ -62,9 +63,10 @@ class Auto(Purifier):
     def _classes(self, model: nn.Module, c: Candidates) -> list[type[Purifier]]:
         if self.methods is None:
             return candidate_methods(model, bool(c.evidence))
-        from guard.purify.purify import METHODS
-
-        return [METHODS[m] for m in self.methods if m != "auto"]
+        unknown = [m for m in self.methods if m not in REGISTRY]
+        if unknown:
+            raise InputError(f"auto: unknown method(s) {unknown} ({', '.join(REGISTRY)})")
+        return [REGISTRY[m] for m in self.methods if m != "auto"]
 
     def propose(self, model: nn.Module, c: Candidates) -> None:
         sel = c.selection

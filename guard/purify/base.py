@@ -26,6 +26,9 @@ from guard.purify.selection import Selection
 from guard.purify.triggers import Trigger, trigger_success
 from guard.purify.tuning import bare, state_of
 
+REGISTRY: dict[str, type[Purifier]] = {}
+"""Every purification method by its ``--method`` name (each :class:`Purifier` subclass adds itself)."""
+
 MIN_PER_CLASS = 10
 """Clean images per class every method needs: below it the held-out part (a quarter) has fewer than 2
 images per class, too few to bound the accuracy drop, and the learning part too few to fine-tune on."""
@@ -133,6 +136,11 @@ class Purifier:
     method: str = ""
     #: whether the method needs a reversed trigger (a profile with a suspect label)
     needs_evidence: bool = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if cls.method:
+            REGISTRY[cls.method] = cls
 
     def __init__(self, *, max_drop: float = 0.02, holdout_share: float = 0.25, seed: int = 0,
                  progress: bool | None = None, device: str = "cpu"):
