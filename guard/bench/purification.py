@@ -43,19 +43,20 @@ def comeback(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.
 
     xp, yp = attack.poison(x, y, rate=rate, seed=seed)
     m = copy.deepcopy(model)
-    out = []
-    steps = max(1, (len(xp) + 31) // 32)
-    quarter = max(1, steps // 4)
+    out: list[float] = []
+    steps = max(1, (len(xp) + 31) // 32)  # finetune_epochs' batches of 32
+    marks = [-(-steps * q // 4) for q in range(1, 5)]  # the step ending each quarter (ceil), per epoch
     count = [0]
 
     def measure(mdl: nn.Module) -> None:
         count[0] += 1
-        if count[0] % quarter == 0 and len(out) < 4 * epochs:
-            was = mdl.training
-            mdl.eval()
-            with torch.no_grad():
+        step = (count[0] - 1) % steps + 1
+        was = mdl.training
+        mdl.eval()
+        with torch.no_grad():
+            for _ in range(marks.count(step)):  # fewer than four steps: a state stands for several quarters
                 out.append(attack_success(mdl, attack, x_test, y_test))
-            mdl.train(was)
+        mdl.train(was)
 
     for _ in finetune_epochs(m, xp, yp, epochs=epochs, lr=lr, seed=seed, frozen_stats=False, after_step=measure,
                              label="comeback", progress=False):

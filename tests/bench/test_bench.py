@@ -56,9 +56,9 @@ def test_every_attack_row_has_every_field(tiny):
         pur = a["purification"]["per_class"]["10"]  # the tiny preset: fine-pruning with 10 images per class
         assert [r["method"] for r in pur["rows"]] == ["original", "fine-pruning"]
         assert pur["best"] in (None, "fine-pruning")
-        for r in pur["rows"]:
-            assert 0 <= r["real_asr_before"] <= 1 and 0 <= r["accuracy_after"] <= 1
-            assert r["per_class"] == 10 and len(r.get("comeback_asr") or [0, 0, 0, 0]) == 4
+        for row in pur["rows"]:
+            assert 0 <= row["real_asr_before"] <= 1 and 0 <= row["accuracy_after"] <= 1
+            assert row["per_class"] == 10 and len(row.get("comeback_asr") or [0, 0, 0, 0]) == 4
         assert 0 <= a["clean_accuracy"] <= 1 and 0 <= a["attack_success_rate"] <= 1
         assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
         for method in a["detected"].values():
