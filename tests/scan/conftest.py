@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import run_cli
 
 # Population: (name, attack factory). Patch triggers at four positions and targets, two blended keys.
 POPULATION_SPECS: list[tuple[str, dict | None]] = [
@@ -159,7 +158,10 @@ def badnets_profile(request, badnets_world, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def guard_cli():
-    """``guard_cli(*args)`` runs the guard CLI in a subprocess (see :func:`run_cli`)."""
+    """``guard_cli(*args)`` runs the guard CLI in a subprocess (``cli_helpers.run_cli``; imported here, not
+    at the top: the population's background workers import this module without tests/ on the path)."""
+    from cli_helpers import run_cli
+
     return run_cli
 
 
@@ -192,6 +194,8 @@ def demo_audit(badnets_world, tmp_path_factory) -> DemoAudit:
     """``guard audit`` of the demo BadNets model with all three methods and the default (full) budget."""
     d = tmp_path_factory.mktemp("audit")
     out, metrics = d / "report", d / "textfile" / "guard_audit.prom"
+    from cli_helpers import run_cli
+
     t0 = time.perf_counter()
     proc = run_cli("audit", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(badnets_world.clean), "--out", str(out), "--json", "--metrics-file", str(metrics))
