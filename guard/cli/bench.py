@@ -1,6 +1,8 @@
 """Benchmark the defense on the attack zoo: one small model per attack (and a clean one), the offline
 scans (Neural Cleanse, DL-TND, DF-TND), the online guard (AUROC and TPR at 1% FPR per check and
-combined), repair, STRIP (and ART's STRIP where installed) on the same inputs, and the performance
+combined), the repair policy, STRIP, IBD-PSC, SCALE-UP, TED and TED++ (and ART's STRIP where installed)
+on the same inputs, the white-box and gray-box attackers, offline purification (every guard purify
+method with 20 and 50 clean images per class, judged with the real trigger), and the performance
 figures (guard overhead, batched Neural Cleanse speedup, scan time, TorchServe throughput guarded
 over an unguarded baseline handler). Writes DIR/results.json and DIR/results.md.
 
@@ -8,7 +10,9 @@ over an unguarded baseline handler). Writes DIR/results.json and DIR/results.md.
 the zoo's attacks work; the default is the full run (every attack on DemoNet and on a reduced-width
 ResNet-18, larger data, more evaluation inputs; longer). --nets picks the networks. Trained
 models are cached under DIR/models (safetensors) and reused by a rerun with the same configuration
-and code. Exit code 0 when the run completed (targets missed are reported, not an error)."""
+and code; so are finished attack rows (DIR/rows), so a run that stops part-way resumes where it
+stopped when started again with the same options. Exit code 0 when the run completed (targets
+missed are reported, not an error)."""
 
 from __future__ import annotations
 
