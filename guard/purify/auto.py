@@ -12,7 +12,6 @@ candidates' costs.
 
 from __future__ import annotations
 
-import numpy as np
 from torch import nn
 
 from guard.errors import InputError
@@ -21,7 +20,6 @@ from guard.purify.combined import CombinedUnlearning
 from guard.purify.norm_tuning import NormTuning
 from guard.purify.rnp import RNPPruning
 from guard.purify.sau import SharedAdversarialUnlearning
-from guard.purify.triggers import trigger_success
 from guard.purify.tuning import norm_layers
 
 
@@ -58,6 +56,9 @@ class Auto(Purifier):
     def fit(self, model, x, y, **kw) -> Auto:
         super().fit(model, x, y, **kw)
         self.chosen_ = self.selected_.split("/")[0] if self.ok_ else None
+        scored = {h["step"]: h["trigger_success"] for h in self.history_}  # the selection scored every run
+        for name, row in self.details_["auto"].items():
+            row["residual"] = scored.get(f"{name}/{row['selected']}") if row["ok"] else None
         return self
 
     def _classes(self, model: nn.Module, c: Candidates) -> list[type[Purifier]]:
@@ -70,6 +71,7 @@ class Auto(Purifier):
 
     def propose(self, model: nn.Module, c: Candidates) -> None:
         sel = c.selection
+        shared = len(c.scoring)  # every run starts from the same evidence triggers; only what it adds is new
         runs = []
         for cls in self._classes(model, c):
             if cls.needs_evidence and not c.evidence:
@@ -77,15 +79,11 @@ class Auto(Purifier):
             est = cls(max_drop=self.max_drop, seed=self.seed, progress=self.progress, device=self.device)
             est.fit(c.original, c.x, c.y, evidence=c.evidence, validation=(sel.x_val, sel.y_val))
             runs.append(est)
-            for s, t in est.scoring_:
-                if all(t is not u for _, u in c.scoring):
-                    c.scoring.append((s, t))
+            c.scoring.extend(est.scoring_[shared:])
         rows = {}
-        for est in runs:
-            residual = (float(np.mean([trigger_success(est.model_, c.x, c.y, s, t, seed=self.seed)
-                                       for s, t in c.scoring])) if est.ok_ and c.scoring else None)
+        for est in runs:  # residual: filled in by fit from the selection's own scores
             rows[est.method] = {"ok": est.ok_, "selected": est.selected_, "heldout_accuracy": est.accuracy_after_,
-                                "residual": residual, "seconds": est.seconds_}
+                                "residual": None, "seconds": est.seconds_}
             if est.ok_:
                 model.load_state_dict(est.model_.state_dict())
                 c.offer(f"{est.method}/{est.selected_}", model)
