@@ -97,7 +97,7 @@ def online_rejection(model: nn.Module, profile, x: np.ndarray, y: np.ndarray,
     return float((guard.run(xs).verdict_codes != 0).mean()), clean
 
 
-def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: str = "combined",
+def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: str = "auto",
            max_drop: float = 0.02, holdout_share: float = 0.25, share: float | None = None,
            epochs: int | None = None, lr: float | None = None, seed: int = 0, rescan: bool = True,
            online: bool = True, nc=None, progress: bool | None = None, device: str = "cpu") -> PurifyResult:
