@@ -23,7 +23,7 @@ from guard.errors import InputError
 from guard.model import num_classes
 from guard.purify.evidence import Evidence
 from guard.purify.selection import Selection
-from guard.purify.triggers import Trigger, trigger_success
+from guard.purify.triggers import Trigger, anywhere, reversed_triggers, trigger_success
 from guard.purify.tuning import bare, state_of
 
 REGISTRY: dict[str, type[Purifier]] = {}
@@ -86,6 +86,24 @@ class Candidates:
             over = 0 if self.offer(f"{tag}:{e}", model) else over + 1
             if over >= patience:
                 break
+
+    def rereverse(self, model: nn.Module, round_: int, *, seed: int = 0, device: str = "cpu",
+                  progress: bool | None = None) -> list[Trigger]:
+        """Neural Cleanse again, on the partly purified ``model``, for the suspect labels only: what still
+        fires the backdoor once the triggers found so far are unlearned (a backdoor with several
+        triggers, or one the first reversal only partly found, shows another one here). The new
+        triggers, where found and pasted anywhere, join the scoring list and are returned for
+        unlearning; their L1 norms go to ``details["re_reversed_l1"]``."""
+        from guard.scan.neural_cleanse import NeuralCleanse
+
+        labels = self.evidence.labels
+        nc = NeuralCleanse(labels=labels, seed=seed + round_, max_rounds=60, early_stop_patience=10,
+                           progress=progress, device=device).fit(model, self.x, num_classes=self.num_classes)
+        self.details.setdefault("re_reversed_l1", []).append([round(float(v), 2) for v in nc.l1_norms_])
+        new = reversed_triggers(labels, nc.masks_, nc.patterns_)
+        found = [(s, Trigger(t.mask, t.pattern)) for s, t in new] + anywhere(new)
+        self.scoring.extend(found)
+        return [t for _, t in new] + [t for _, t in anywhere(new)]
 
 
 def offer_mask_pruning(tag: str, est, model: nn.Module, c: Candidates, *, threshold: float,

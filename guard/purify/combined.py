@@ -23,7 +23,7 @@ from guard.model import FeatureTap
 from guard.purify.anp import ANPPruning
 from guard.purify.base import Candidates, Purifier
 from guard.purify.neurons import classifier_inputs_off
-from guard.purify.triggers import Trigger, anywhere, reversed_triggers, stamp_batch
+from guard.purify.triggers import Trigger, anywhere, stamp_batch
 from guard.purify.tuning import finetune_epochs
 
 
@@ -72,9 +72,8 @@ class CombinedUnlearning(Purifier):
         def refresh(current: nn.Module) -> list[Trigger]:
             e = next(epoch)
             if e % self.every == 0:
-                new = self._rereverse(current, c, e // self.every)
-                triggers.extend([t for _, t in new] + [t for _, t in anywhere(new)])
-                c.scoring.extend([(s, Trigger(t.mask, t.pattern)) for s, t in new] + anywhere(new))
+                triggers.extend(c.rereverse(current, e // self.every, seed=self.seed, device=self.device,
+                                            progress=self.progress))
             return triggers
 
         tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 3 * self.every, seed=self.seed,
@@ -82,17 +81,6 @@ class CombinedUnlearning(Purifier):
                                 refresh=refresh, recalibrate=True, teacher_model=c.original, label="unlearn",
                                 progress=self.progress)
         c.offer_epochs("unlearn", model, tuned, patience=self.patience)
-
-    def _rereverse(self, model: nn.Module, c: Candidates, round_: int) -> list[tuple[int, Trigger]]:
-        """Neural Cleanse again, on the partly purified model, for the suspect labels only: what still
-        fires the backdoor once the first reversed trigger is unlearned."""
-        from guard.scan.neural_cleanse import NeuralCleanse
-
-        labels = c.evidence.labels
-        nc = NeuralCleanse(labels=labels, seed=self.seed + round_, max_rounds=60, early_stop_patience=10,
-                           progress=self.progress, device=self.device).fit(model, c.x, num_classes=c.num_classes)
-        c.details.setdefault("re_reversed_l1", []).append([round(float(v), 2) for v in nc.l1_norms_])
-        return reversed_triggers(labels, nc.masks_, nc.patterns_)
 
     def _prune_suspects(self, model: nn.Module, c: Candidates) -> None:
         """Offer feature-layer pruning steps: the neurons the reversed triggers (where found and pasted

@@ -7,7 +7,9 @@ clean accuracy falls. Here the trained parameters are the normalisation layers' 
 the last ``tail`` layers with weights (the classifier and the layers before it); the running
 statistics are re-estimated on the clean images first (a candidate of its own) and after every
 epoch. The unlearning signal is the profile's reversed triggers (where found and pasted anywhere, half
-of each batch, at their true labels) and, with ``adversarial`` (the default when the profile names no
+of each batch, at their true labels), joined every ``every`` epochs by triggers reversed again on the
+partly purified model (a backdoor with several triggers, as Adap-Patch's, keeps firing from the ones
+the first reversal did not find), and, with ``adversarial`` (the default when the profile names no
 suspect label), the shared adversarial images of :mod:`guard.purify.sau`; a distillation term keeps
 clean predictions where the original model had them. On a model without BatchNorm it tunes the tail:
 leaving the first layers as they are is what keeps a few hundred images from eroding what the model
@@ -53,6 +55,9 @@ class NormTuning(Purifier):
         How many of the last layers with weights are trained besides the normalisation layers.
     share
         Share of each batch stamped with a reversed trigger (when the profile has one).
+    every
+        Epochs between re-reversals of the suspect labels' triggers on the partly purified model (0:
+        only the profile's triggers).
     adversarial
         Add SAU's shared adversarial images (None: only when the profile names no suspect label).
     distill
@@ -65,17 +70,20 @@ class NormTuning(Purifier):
 
     method = "bn-tune"
 
-    def __init__(self, *, tail: int = 4, share: float = 0.5, adversarial: bool | None = None, distill: float = 1.0,
-                 epochs: int | None = None, lr: float = 2e-3, batch_size: int = 32, patience: int = 4, **kw):
+    def __init__(self, *, tail: int = 4, share: float = 0.5, every: int = 5, adversarial: bool | None = None,
+                 distill: float = 1.0, epochs: int | None = None, lr: float = 2e-3, batch_size: int = 32,
+                 patience: int = 4, batch_stats: bool = True, **kw):
         super().__init__(**kw)
         self.tail = tail
         self.share = share
+        self.every = every
         self.adversarial = adversarial
         self.distill = distill
         self.epochs = epochs
         self.lr = lr
         self.batch_size = batch_size
         self.patience = patience
+        self.batch_stats = batch_stats
 
     def propose(self, model: nn.Module, c: Candidates) -> None:
         norms = bool(norm_layers(model))
@@ -90,10 +98,19 @@ class NormTuning(Purifier):
             sau = SharedAdversarialUnlearning(seed=self.seed)
             extra = sau.adversarial_loss(copy.deepcopy(c.original).eval(), torch.Generator().manual_seed(self.seed + 1))
         params = tuned_parameters(model, tail=self.tail)
+        epoch = iter(range(1, 10_000))
+
+        def refresh(current: nn.Module) -> list:
+            e = next(epoch)
+            if self.every > 0 and triggers and e % self.every == 0:
+                triggers.extend(c.rereverse(current, e // self.every, seed=self.seed, device=self.device,
+                                            progress=self.progress))
+            return triggers
+
         tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 20, lr=self.lr, batch_size=self.batch_size,
                                 seed=self.seed, triggers=triggers, share=self.share if triggers else 0.0,
                                 distill=self.distill, teacher_model=c.original, params=params, recalibrate=norms,
-                                extra_loss=extra, label="bn-tune", progress=self.progress)
+                                refresh=refresh, extra_loss=extra, frozen_stats=not self.batch_stats, label="bn-tune", progress=self.progress)
         c.details["bn_tune"] = {"tuned_parameters": int(sum(p.numel() for p in params)),
                                 "parameters": int(sum(p.numel() for p in model.parameters())),
                                 "adversarial": bool(adversarial), "batchnorm": norms}

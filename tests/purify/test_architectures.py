@@ -1,9 +1,10 @@
-"""Repair on networks other than the demo net, with 20 clean images per class: GapNet (BatchNorm, global
-average pooling, 16x16 digits) and the CIFAR-style ResNet-18 layout at width 8 (BatchNorm, residual
-blocks), each with a 3x3 BadNets patch. The default repair is judged with the attacker's real trigger,
-which it never sees, on test images it never sees; the models are trained once per session (quality
-floors asserted first) and scanned with Neural Cleanse (100 rounds) on the same 200 clean images the
-repair gets, as a user with 20 images per class would."""
+"""Purification on networks other than the demo net, with 20 clean images per class: GapNet (BatchNorm,
+global average pooling, 16x16 digits) and the CIFAR-style ResNet-18 layout at width 8 (BatchNorm,
+residual blocks), each with a 3x3 BadNets patch. BatchNorm-aware tuning (the method of ``auto`` that
+holds on these) is judged with the attacker's real trigger, which it never sees, on test images it
+never sees; the models are trained once per session (quality floors asserted first) and scanned with
+Neural Cleanse (100 rounds) on the same 200 clean images the purification gets, as a user with 20
+images per class would."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def resnet_world(tmp_path_factory):
     from guard.demo.world import build
     from guard.model import load_model
 
-    w = build(tmp_path_factory.mktemp("resnet-repair"), net="resnet", seed=1, epochs=4, lr=4e-3, n_train=2500,
+    w = build(tmp_path_factory.mktemp("resnet-purify"), net="resnet", seed=1, epochs=4, lr=4e-3, n_train=2500,
               n_clean=400, n_holdout=500, WIDTH=8)
     x, y = load_npz(w.clean)
     xt, yt = load_npz(w.holdout)
@@ -35,9 +36,9 @@ def gap(gap_world):
     return w.model, w.attack, w.x_train, w.y_train, w.x_test, w.y_test
 
 
-def _scan_and_repair(model, attack, x, y, **kw):
-    """Scan 20 clean images per class (Neural Cleanse, 100 rounds), repair with them, return the figures."""
-    from guard.purify import CombinedUnlearning, Evidence
+def _scan_and_purify(model, attack, x, y):
+    """Scan 20 clean images per class (Neural Cleanse, 100 rounds), purify with them, return the estimator."""
+    from guard.purify import Evidence, NormTuning
     from guard.scan.neural_cleanse import NeuralCleanse
 
     xs, ys = per_class_subset(x, y, 20, seed=0)
@@ -45,49 +46,45 @@ def _scan_and_repair(model, attack, x, y, **kw):
     labels = [int(s) for s in nc.suspect_labels_]
     assert attack.target in labels and len(labels) <= 2, (labels, nc.anomaly_index_, nc.log_anomaly_index_)
     evidence = Evidence(labels, nc.masks_[labels], nc.patterns_[labels])
-    return CombinedUnlearning(seed=0, progress=False, **kw).fit(model, xs, ys, evidence=evidence)
+    return NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=evidence)
 
 
 def _judge(name, model, attack, r, xt, yt):
-    repaired = r.model_
-    asr0, asr1 = attack_success(model, attack, xt, yt), attack_success(repaired, attack, xt, yt)
-    drop = accuracy(model, xt, yt) - accuracy(repaired, xt, yt)
-    print(f"\n{name} combined, 20/class: real-trigger ASR {asr0:.3f} -> {asr1:.3f}, test accuracy drop "
+    purified = r.model_
+    asr0, asr1 = attack_success(model, attack, xt, yt), attack_success(purified, attack, xt, yt)
+    drop = accuracy(model, xt, yt) - accuracy(purified, xt, yt)
+    print(f"\n{name} bn-tune, 20/class: real-trigger ASR {asr0:.3f} -> {asr1:.3f}, test accuracy drop "
           f"{100 * drop:.1f} points, held-out drop {100 * (r.accuracy_before_ - r.accuracy_after_):.1f}, "
           f"selected {r.selected_}, {r.seconds_:.0f}s")
     return asr1, drop
 
 
-def test_gapnet_repair_removes_the_real_trigger(gap):
-    """GapNet: the held-out bound (50 images, 2 points per image) holds. With this scan's triggers the
-    real trigger measured 99.6% -> 18.2% at 3.2 points of test accuracy on a 2-core AMD EPYC (with a
-    40-round scan on an Intel Xeon, two runs: 21.3% at 1.9 points, 2.5% at 4.8; the fixture's training
-    differs between runs and CPUs): the goals (5%, 2 points) are missed, and the floors sit above."""
+def test_gapnet_purification_removes_the_real_trigger(gap):
+    """GapNet: tuning with batch statistics (then re-estimated) keeps the accuracy that fine-tuning under
+    frozen statistics lost (13 points in the first epoch), and the triggers reversed again on the
+    partly purified model finish what the scan's trigger started. Measured on a 2-core AMD EPYC with a
+    full scan's trigger: 99.8% -> 0.0% at 1.5 points of test accuracy (539 images)."""
     model, attack, x, y, xt, yt = gap
     sha = fingerprint(model)
-    r = _scan_and_repair(model, attack, x, y)
+    r = _scan_and_purify(model, attack, x, y)
     assert fingerprint(model) == sha  # the caller's model is untouched
     assert r.ok_ and r.accuracy_before_ - r.accuracy_after_ <= 0.02 + 1e-9
+    assert r.details_["bn_tune"]["batchnorm"] and r.details_["re_reversed_l1"]
     asr, drop = _judge("GapNet", model, attack, r, xt, yt)
-    assert asr <= 0.30
-    assert drop <= 0.06
+    assert asr <= 0.10
+    assert drop <= 0.035
 
 
-def test_resnet_repair_removes_the_real_trigger(resnet_world):
-    """ResNet-18 layout: the residual attack success varies with the CPU the fixture trains on. With this
-    scan's triggers the real trigger measured 100% -> 3.3% at 1.4 points of test accuracy on one 2-core
-    AMD EPYC, 100% -> 43.2% at 2.8 points on an AVX-512 AMD EPYC (the held-out 50 images showed no
-    drop; 32 epochs instead of 12 went on to 10.2%, but at 7.4 points of test accuracy, which those 50
-    images cannot see), and 26.1% at 5.6 points on an Intel Xeon with a 40-round scan. The goals (5%, 2
-    points) are missed; the floors sit above every measurement: the repair at least halves the attack."""
+def test_resnet_purification_removes_the_real_trigger(resnet_world):
+    """ResNet-18 layout: the real trigger's success falls to a few percent at no measurable accuracy cost.
+    BatchNorm statistics are re-estimated, not left describing the layers before tuning."""
     model, attack, x, y, xt, yt = resnet_world
     assert accuracy(model, xt, yt) >= 0.9 and attack_success(model, attack, xt, yt) >= 0.9
-    r = _scan_and_repair(model, attack, x, y)
+    r = _scan_and_purify(model, attack, x, y)
     assert r.ok_ and r.accuracy_before_ - r.accuracy_after_ <= 0.02 + 1e-9
     asr, drop = _judge("ResNet18", model, attack, r, xt, yt)
-    assert asr <= 0.5
-    assert drop <= 0.07
-    # BatchNorm statistics were re-estimated, not left describing the layers before fine-tuning
+    assert asr <= 0.10
+    assert drop <= 0.03
     bn0 = dict(model.named_buffers())["bn1.running_mean"]
     bn1 = dict(r.model_.named_buffers())["bn1.running_mean"]
     assert not torch.equal(bn0, bn1)
@@ -114,7 +111,7 @@ def test_recalibration_restores_what_frozen_statistics_lose(gap):
 
 
 def test_bound_holds_on_a_batchnorm_model(gap):
-    """A repair that would wreck the model (Adam at lr 0.1) is refused rather than reported: no state over
+    """A purification that would wreck the model (Adam at lr 0.1) is refused rather than reported: no state over
     the held-out bound is ever selected."""
     from guard.purify import Evidence, NCUnlearning
 
