@@ -10,11 +10,13 @@ Methods: auto (default: runs the methods below that fit the model and keeps the 
 triggers move least within the bound); combined (unlearning of the reversed triggers where they were
 found and pasted anywhere, with Neural Cleanse run again on the partly purified model every 4
 epochs); sau (shared adversarial unlearning: no reversed trigger needed); bn-tune (BatchNorm-aware:
-recalibrated statistics, only the normalisation layers and the last layers trained); rnp
+only the normalisation layers and the last layers trained, with batch statistics that are then
+re-estimated; the suspect labels' triggers reversed again every 5 epochs); rnp
 (reconstructive neuron pruning: clean images only; BatchNorm networks); anp (adversarial neuron
 pruning); unlearn (Neural Cleanse unlearning, a baseline); fine-pruning (a baseline). Every method
-needs at least 10 clean images per class; give it 50 per class (with 20 the result varies from model
-to model: docs/design.md). "guard prune" is the former name of this command and still works.
+needs at least 10 clean images per class; with 20 the held-out images resolve 2 points each, so give
+it 50 per class where you can (docs/benchmarks.md, Purification). "guard prune" is the former name
+of this command and still works.
 
 Prints a before/after table (or --json): held-out clean accuracy, the reversed triggers' attack
 success, the online checks' rejection of held-out images stamped with them, and a rescan's verdict

@@ -5,9 +5,9 @@ Which method holds depends on the model (BatchNorm or not, where the backdoor li
 the scan's reversed trigger is the attacker's or only close to it; no single method is best on every
 model. The choice is made per model from what the command can measure: every candidate method's
 selected state must be within the accuracy bound; among those, the lowest mean success of every
-trigger any of them knows (the profile's reversed triggers, where found and pasted anywhere, and what
-the combined method re-reversed) wins, then the higher held-out accuracy. The cost is the sum of the
-candidates' costs.
+trigger any of them knows (the profile's reversed triggers, where found and pasted anywhere, and
+what combined and bn-tune reversed again on their partly purified models) wins, then the higher
+held-out accuracy. The cost is the sum of the candidates' costs.
 """
 
 from __future__ import annotations
