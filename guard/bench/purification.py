@@ -84,6 +84,8 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
 
         profile, _ = build_profile(model, xs, ys, seed=seed, progress=progress)
     evidence = Evidence.from_profile(profile)
+    if not evidence:  # as guard purify does: a whole-image trigger the patch scan missed
+        evidence, _ = Evidence.from_blend_reversal(model, xs, ys, seed=seed)
     acc0, asr0 = accuracy(model, x_test, y_test), attack_success(model, attack, x_test, y_test)
     base = {"world": world, "attack": type(attack).__name__, "per_class": per_class,
             "suspect_labels": evidence.labels, "real_asr_before": asr0, "accuracy_before": acc0}

@@ -117,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
         print_json({"method": args.method, "out": str(out) if result.ok else None, **table})
     else:
         print(result.format_table())
+        ev = table["details"].get("evidence") or {}
+        if ev.get("source") != "profile":
+            flagged = (ev.get("blend_reversal") or {}).get("suspect_labels") or []
+            print("the profile names no suspect label; a blend reversal on the clean images "
+                  + (f"flagged label(s) {flagged}: purified against its reversed key" if flagged
+                     else "flagged none: purified without a reversed trigger"))
         if result.ok:
             d = table["details"]
             print(f"held-out clean accuracy drop {drop:.1f} points on {d['held_out']} images (bound "

@@ -47,6 +47,28 @@ class Evidence:
             return cls(labels, t["masks"][rows], t["patterns"][rows])
         raise InputError("the profile holds no reversed triggers (all_masks/all_patterns); rescan with guard scan")
 
+    @classmethod
+    def from_blend_reversal(cls, model, x: np.ndarray, y: np.ndarray, *, seed: int = 0,
+                            progress: bool | None = None) -> tuple[Evidence, dict]:
+        """Evidence of a whole-image backdoor when the profile has none: :class:`~guard.scan.blend.BlendReversal`
+        on the clean images, each label it flags with its reversed key as a trigger (a mask of the key's
+        opacity everywhere). Neural Cleanse, which ``guard scan`` runs, looks for the smallest region and
+        misses blended, warped and signal backdoors; without this a purification of such a model has
+        nothing to unlearn. Returns the evidence and what the reversal measured (for the report)."""
+        from guard.scan.blend import BlendReversal
+
+        br = BlendReversal(seed=seed, progress=progress).fit(model, x, y)
+        alphas = np.asarray(br.alphas, dtype=np.float32)
+        opacity = alphas[np.abs(alphas[:, None] - br.alpha_needed_[None]).argmin(0)]
+        labels = [int(s) for s in br.suspect_labels_]
+        info = {"suspect_labels": labels, "lead": [round(float(v), 3) for v in br.lead_],
+                "threshold": br.threshold, "seconds": round(br.seconds_, 1)}
+        if not labels:
+            return cls(), info
+        h, w = x.shape[-2:]
+        masks = np.stack([np.full((1, h, w), opacity[s], np.float32) for s in labels])
+        return cls(labels, masks, br.patterns_[labels].astype(np.float32)), info
+
     def __bool__(self) -> bool:
         return bool(self.labels)
 

@@ -1,15 +1,15 @@
-"""BatchNorm-aware tuning: purify by training only what a few hundred images can move without
-breaking the network, so that a BatchNorm model does not lose points to the fine-tuning itself.
+"""BatchNorm-aware tuning: purify by training only what a few hundred images can move without breaking the
+network, so that a BatchNorm model does not lose points to the fine-tuning itself.
 
-Full fine-tuning on a few hundred clean images moves every convolution under BatchNorm statistics
-that were estimated on the training set; the statistics no longer describe what the layers output and
-clean accuracy falls. Here the trained parameters are the normalisation layers' affine parameters and
-the last ``tail`` layers with weights (the classifier and the layers before it); the running
-statistics are re-estimated on the clean images first (a candidate of its own) and after every
-epoch, and training runs with batch statistics (in train mode), which normalise the gradients that
-frozen statistics leave unnormalised. The unlearning signal is the profile's reversed triggers (where found and pasted anywhere, half
-of each batch, at their true labels), joined every ``every`` epochs by triggers reversed again on the
-partly purified model (a backdoor with several triggers, as Adap-Patch's, keeps firing from the ones
+Full fine-tuning on a few hundred clean images moves every convolution under BatchNorm statistics that
+were estimated on the training set; the statistics no longer describe what the layers output and clean
+accuracy falls. Here the trained parameters are the normalisation layers' affine parameters and the last
+``tail`` layers with weights (the classifier and the layers before it); the running statistics are
+re-estimated on the clean images first (a candidate of its own) and after every epoch, and training runs
+with batch statistics (in train mode), which normalise the gradients that frozen statistics leave
+unnormalised. The unlearning signal is the profile's reversed triggers (where found and pasted anywhere,
+half of each batch, at their true labels), joined every ``every`` epochs by triggers reversed again on
+the partly purified model (a backdoor with several triggers, as Adap-Patch's, keeps firing from the ones
 the first reversal did not find), and, with ``adversarial`` (the default when the profile names no
 suspect label), the shared adversarial images of :mod:`guard.purify.sau`; a distillation term keeps
 clean predictions where the original model had them. On a model without BatchNorm it tunes the tail:

@@ -34,7 +34,7 @@ from guard.purify.combined import CombinedUnlearning
 from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
 from guard.purify.norm_tuning import NormTuning
-from guard.purify.residual import residual_evidence
+from guard.purify.residual import blend_residual, residual_evidence
 from guard.purify.result import PurifyResult
 from guard.purify.rnp import RNPPruning
 from guard.purify.sau import SharedAdversarialUnlearning
@@ -100,16 +100,21 @@ def online_rejection(model: nn.Module, profile, x: np.ndarray, y: np.ndarray,
 def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: str = "auto",
            max_drop: float = 0.02, holdout_share: float = 0.25, share: float | None = None,
            epochs: int | None = None, lr: float | None = None, seed: int = 0, rescan: bool = True,
-           online: bool = True, nc=None, progress: bool | None = None, device: str = "cpu") -> PurifyResult:
-    """Purify ``model`` with ``method`` (:data:`METHODS`) within ``max_drop`` of clean accuracy and
-    measure before and after on the held-out part: clean accuracy, the reversed triggers' attack
-    success where they were found and pasted anywhere, the online checks' rejection of held-out images
-    stamped with them (``online``), and (``rescan``) a fresh Neural Cleanse scan of the result (verdict,
-    suspect labels, largest anomaly index) with the suspect labels' triggers reversed again from two
-    starts and judged against the original scan's other labels (:mod:`guard.purify.residual`): either
-    finding keeps the verdict at ``backdoored``. ``share``, ``epochs`` and ``lr`` go to the methods that take
-    them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where the Neural
-    Cleanse optimisations run: the combined method's re-reversals and the rescan."""
+           online: bool = True, nc=None, progress: bool | None = None, device: str = "cpu",
+           blend_evidence: bool = True) -> PurifyResult:
+    """Purify ``model`` with ``method`` (:data:`METHODS`) within ``max_drop`` of clean accuracy and measure
+    before and after on the held-out part: clean accuracy, the reversed triggers' attack success where
+    they were found and pasted anywhere, the online checks' rejection of held-out images stamped with
+    them (``online``), and (``rescan``) a fresh Neural Cleanse scan of the result (verdict, suspect
+    labels, largest anomaly index) with the suspect labels' triggers reversed again from two starts and
+    judged against the original scan's other labels (:mod:`guard.purify.residual`): either finding keeps
+    the verdict at ``backdoored``. When the profile names no suspect label and ``blend_evidence`` is on,
+    :meth:`Evidence.from_blend_reversal` looks for a whole-image trigger on the learning images (Neural
+    Cleanse's scan misses blended and warped ones); what it flags is unlearned, and judged after by the
+    same reversal on the purified model. ``share``, ``epochs`` and ``lr`` go to the methods that take
+    them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where the Neural Cleanse
+    optimisations run: the combined method's re-reversals and the rescan.
+    """
     from guard.scan.neural_cleanse import NeuralCleanse
 
     model.eval()
@@ -120,6 +125,11 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     check_data(y, k, method)
     evidence = Evidence.from_profile(profile)
     x_tr, y_tr, xv, yv = split(x, y, 1 - holdout_share, seed=seed)
+    source = {"source": "profile" if evidence else None}
+    if not evidence and blend_evidence:
+        evidence, source["blend_reversal"] = Evidence.from_blend_reversal(model, x_tr, y_tr, seed=seed,
+                                                                          progress=progress)
+        source["source"] = "blend-reversal" if evidence else None
     est.fit(model, x_tr, y_tr, evidence=evidence, validation=(xv, yv))
     fixed = evidence.triggers(jitter=0)
     moved = anywhere(fixed)
@@ -129,9 +139,10 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
                 "attack_success": worst_success(mdl, xv, yv, fixed, seed=seed),
                 "attack_success_anywhere": worst_success(mdl, xv, yv, moved, seed=seed)}
 
+    suspected = sorted({int(v) for v in profile.suspect_labels} | set(evidence.labels))
     before = side(model, est.accuracy_before_) | {
-        "verdict": "backdoored" if profile.suspect_labels else "clean",
-        "suspect_labels": list(profile.suspect_labels),
+        "verdict": "backdoored" if suspected else "clean",
+        "suspect_labels": suspected,
         "anomaly_index": _max_or_none([s.anomaly_index for s in profile.scan.per_label]) if profile.scan else None,
         "log_anomaly_index": _max_or_none([s.log_anomaly_index for s in profile.scan.per_label])
         if profile.scan else None}
@@ -150,11 +161,13 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
         scanner = nc or NeuralCleanse(seed=seed, progress=progress, device=device)
         scanner.fit(purified, x_tr, num_classes=k)
         suspects = [int(s) for s in scanner.suspect_labels_]
-        residual = residual_evidence(purified, x_tr, profile, evidence.labels, num_classes=k, seed=seed,
-                                     device=device, threshold=float(scanner.threshold_))
+        if source["source"] == "blend-reversal":
+            residual = blend_residual(purified, x_tr, y_tr, evidence.labels, seed=seed)
+        else:
+            residual = residual_evidence(purified, x_tr, profile, evidence.labels, num_classes=k, seed=seed,
+                                         device=device, threshold=float(scanner.threshold_))
         if residual is not None and residual["suspected"]:
-            suspects = sorted(set(suspects) | {int(s) for s, f in residual["labels"].items()
-                                               if f["anomaly"] > residual["threshold"]})
+            suspects = sorted(set(suspects) | {int(s) for s, f in residual["labels"].items() if f["suspected"]})
         after["verdict"] = "backdoored" if suspects else "clean"
         after["suspect_labels"] = suspects
         after["anomaly_index"] = float(np.max(scanner.anomaly_index_))
@@ -167,7 +180,7 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
                "held_out_broken": broken, "held_out_fixed": mended,
                "resolution_note": resolution_note(len(yv), max_drop), "selected": est.selected_,
                "triggers": evidence.labels, "candidates": est.history_, "seconds": est.seconds_,
-               "residual": residual, **est.details_}
+               "residual": residual, "evidence": source, **est.details_}
     if online:
         details["online_note"] = ("the profile's checks as calibrated on the original model, applied to the "
                                   "purified one unchanged (rescan before serving the purified model)")

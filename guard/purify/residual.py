@@ -32,7 +32,7 @@ def residual_evidence(model: nn.Module, x: np.ndarray, profile, labels: list[int
     """Re-reverse each of ``labels`` on ``model`` (the purified one) from ``starts`` seeds and judge the
     cheapest trigger's L1 norm against the original scan's norms of the unsuspected labels (from
     ``profile.scan``, in log space as the scan's second index). Returns ``{"suspected", "labels": {label:
-    {"l1", "l1_before", "anomaly", "attack_success"}}, "threshold"}``, or None when the profile has no
+    {"l1", "l1_before", "anomaly", "attack_success", "suspected"}}, "threshold"}``, or None when the profile has no
     per-label scan figures to judge against."""
     from guard.scan.neural_cleanse import NeuralCleanse
 
@@ -54,6 +54,22 @@ def residual_evidence(model: nn.Module, x: np.ndarray, profile, labels: list[int
     for s, f in found.items():
         f["l1_before"] = before.get(s)
         f["anomaly"] = round(anomaly_against(np.log(max(f["l1"], 1e-8)), reference), 3)
-    suspected = any(f["anomaly"] > threshold for f in found.values())
+        f["suspected"] = f["anomaly"] > threshold
+    suspected = any(f["suspected"] for f in found.values())
     return {"suspected": suspected, "labels": {str(s): f for s, f in sorted(found.items())}, "threshold": threshold,
             "starts": starts}
+
+
+def blend_residual(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[int], *, seed: int = 0) -> dict:
+    """The blend reversal again on the purified ``model``: a label of ``labels`` that still needs
+    clearly less opacity than every other label (lead over the reversal's threshold) is still a
+    backdoor target. Returns ``{"suspected", "labels": {label: {"lead", "opacity_needed", "suspected"}},
+    "threshold", "method"}``."""
+    from guard.scan.blend import BlendReversal
+
+    br = BlendReversal(seed=seed + 101, progress=False).fit(model, x, y)
+    found = {str(s): {"lead": round(float(br.lead_[s]), 3), "opacity_needed": round(float(br.alpha_needed_[s]), 3),
+                      "suspected": bool(br.lead_[s] > br.threshold)} for s in labels}
+    suspected = any(f["suspected"] for f in found.values())
+    return {"suspected": suspected, "labels": found, "threshold": br.threshold, "method": "blend-reversal"}
+
