@@ -1,7 +1,7 @@
-"""Neurons a repair can switch off: every output channel of a conv (or of the BatchNorm after it)
+"""Neurons a purification can switch off: every output channel of a conv (or of the BatchNorm after it)
 and every unit of a hidden linear layer, plus the feature layer's inputs to the classifier.
 
-Switching a neuron off writes zeros into the weights (never a hook), so the repaired state_dict loads
+Switching a neuron off writes zeros into the weights (never a hook), so the purified state_dict loads
 into the user's own model file with every shape unchanged.
 """
 

@@ -9,7 +9,7 @@ from guard.errors import InputError
 
 
 class PurifyResult:
-    """Before/after figures of a purification on the held-out clean images, and the repaired weights.
+    """Before/after figures of a purification on the held-out clean images, and the purified weights.
 
     ``ok`` is false when no purified state kept the clean-accuracy drop within the bound; then
     ``state_dict`` is ``None`` and :meth:`save` refuses. ``save`` writes the state_dict atomically.

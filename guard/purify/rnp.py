@@ -1,4 +1,4 @@
-"""Reconstructive Neuron Pruning (Li et al., ICML 2023): a repair that needs clean images only.
+"""Reconstructive Neuron Pruning (Li et al., ICML 2023): a purification that needs clean images only.
 
 A backdoored network holds two kinds of neurons: the ones clean data needs and the few that carry
 the backdoor. RNP separates them in two steps on a copy of the model, with no trigger and no
@@ -11,7 +11,7 @@ reversed trigger:
 2. *Recover* (one mask per neuron): on the unlearned weights, learn a mask in [0, 1] per neuron,
    multiplying its output, by gradient descent on the same cross-entropy (weights frozen, masks
    initialised at 1 and clipped to [0, 1] after every step). A mask can only scale a neuron, not
-   repair what unlearning did to its weights; the cheapest way it wins clean accuracy back is to turn
+   undo what unlearning did to its weights; the cheapest way it wins clean accuracy back is to turn
    down the neurons that now send clean images to the target, and those carry the backdoor.
 
 The mask is then read on the original model: :meth:`RNP.prune` switches off the lowest-mask neurons
@@ -46,15 +46,15 @@ layer order, as the reference's stable sort of its mask file does. Unlearning th
 non-finite loss or weight) is undone to the last finite state and stops; the reference has no guard.
 
 Measured here (20 clean images per class, the real trigger on unseen images,
-tests/repair/test_rnp.py): on GapNet (BatchNorm, global pooling, BadNets) unlearning sent every
+tests/purify/test_rnp.py): on GapNet (BatchNorm, global pooling, BadNets) unlearning sent every
 held-out image to the target on the model checked, as the paper describes, and RNP's order holds the
 backdoor: its first 12 of 160 neurons left 1-14% of a 99.8% attack at 1.4-6.5 points of accuracy
-over 12 models, and the repair's bounded steps a median 13% (3-67%) at 0.9-4.6 points over 13. On
+over 12 models, and the purification's bounded steps a median 13% (3-67%) at 0.9-4.6 points over 13. On
 DemoNet (no normalisation) ascent sends every image to a label that is not the target (or diverges
 with more images), the mask never wins accuracy back and its lowest values fall on clean neurons:
-RNP does not repair it (the zoo's Blended DemoNet, 84% accurate and 60% attack success: one neuron
+RNP does not remove it (the zoo's Blended DemoNet, 84% accurate and 60% attack success: one neuron
 pruned, 48% left). On the attack zoo's width-8 ResNet-18 (BatchNorm) the order did not hold the
-backdoor either: the repair kept 30 of 600 neurons and left 94% of BadNets and 81% of Blended (20
+backdoor either: the purification kept 30 of 600 neurons and left 94% of BadNets and 81% of Blended (20
 per class); with 100 per class BadNets was refused (the first step cost 10 points) and Blended kept
 97%.
 """

@@ -23,7 +23,7 @@ class Selection:
     """Candidate states within the accuracy bound; :meth:`finish` keeps the one the known triggers move least.
 
     Candidates are scored when the method is done, with every trigger known by then (a trigger
-    re-reversed late in the repair scores the early candidates too). ``history`` lists every candidate
+    re-reversed late in the purification scores the early candidates too). ``history`` lists every candidate
     as ``{"step", "clean_accuracy", "trigger_success", "within"}``.
     """
 

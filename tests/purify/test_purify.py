@@ -88,12 +88,12 @@ def _per_class(path, n: int, out):
 def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world, badnets_profile, tmp_path,
                                                                  guard_cli):
     """The default method with 50 clean images per class: the attacker's real trigger (never shown to the
-    repair) drops from 99% to under 10% on unseen images at <= 2 points of clean accuracy (measured on
+    purification) drops from 99% to under 10% on unseen images at <= 2 points of clean accuracy (measured on
     four seeded demo worlds: 0-2.3% residual, 0.2-2.6 points), and the JSON carries the held-out figures
     and residual estimates. With 20 per class the residual ranged from 0.2% to 53% across the same
     worlds and CPUs, which is why the docs ask for 50."""
     data = _per_class(badnets_world.clean, 50, tmp_path / "c50.npz")
-    out = tmp_path / "repaired.pt"
+    out = tmp_path / "purified.pt"
     proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
                    "--data", str(data), "--profile", str(badnets_profile), "--out", str(out), "--json", "--no-rescan")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -113,18 +113,18 @@ def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world,
     assert before["verdict"] == "backdoored" and before["attack_success"] > 0.9
     assert after["attack_success"] <= 0.05 and after["verdict"] is None  # not rescanned
     assert before["online_rejection"] > 0.9  # the online checks catch the reversed trigger on the original model
-    repaired = load_model(badnets_world.model_file, out)  # loads strictly into the original model file
+    purified = load_model(badnets_world.model_file, out)  # loads strictly into the original model file
     model = load_model(badnets_world.model_file, badnets_world.weights)
     xh, yh = load_npz(badnets_world.holdout)
-    asr = attack_success(repaired, badnets_world.attack, xh, yh)
-    drop = accuracy(model, xh, yh) - accuracy(repaired, xh, yh)
+    asr = attack_success(purified, badnets_world.attack, xh, yh)
+    drop = accuracy(model, xh, yh) - accuracy(purified, xh, yh)
     print(f"\ncombined, 50/class: real-trigger ASR {asr:.3f}, holdout accuracy drop {100 * drop:.1f} points")
     assert asr <= 0.10
     assert drop <= 0.02
 
 
 def test_purify_rescans_and_measures_the_online_checks(demo, badnets_world):
-    """The rescan (a quick Neural Cleanse budget here) and the online checks' figures of a repair."""
+    """The rescan (a quick Neural Cleanse budget here) and the online checks' figures of a purification."""
     from guard.bench.purification import per_class_subset
     from guard.purify import purify
     from guard.scan.neural_cleanse import NeuralCleanse
@@ -146,7 +146,7 @@ def test_purify_rescans_and_measures_the_online_checks(demo, badnets_world):
 
 
 def test_purify_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_path, guard_cli):
-    """A repair that wrecks clean accuracy (Adam at lr 1) is refused: exit 1, nothing written, the figures."""
+    """A purification that wrecks clean accuracy (Adam at lr 1) is refused: exit 1, nothing written, the figures."""
     data = _per_class(badnets_world.clean, 20, tmp_path / "c20.npz")
     out = tmp_path / "r.pt"
     proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
