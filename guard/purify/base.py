@@ -101,9 +101,26 @@ class Candidates:
                            progress=progress, device=device).fit(model, self.x, num_classes=self.num_classes)
         self.details.setdefault("re_reversed_l1", []).append([round(float(v), 2) for v in nc.l1_norms_])
         new = reversed_triggers(labels, nc.masks_, nc.patterns_)
-        found = [(s, Trigger(t.mask, t.pattern)) for s, t in new] + anywhere(new)
-        self.scoring.extend(found)
-        return [t for _, t in new] + [t for _, t in anywhere(new)]
+        moved = anywhere(new)
+        self.scoring.extend([(s, Trigger(t.mask, t.pattern)) for s, t in new] + moved)
+        return [t for _, t in new + moved]
+
+    def rereversal(self, triggers: list[Trigger], *, every: int, seed: int = 0, device: str = "cpu",
+                   progress: bool | None = None):
+        """A ``refresh`` for :func:`~guard.purify.tuning.finetune_epochs`: every ``every`` epochs,
+        :meth:`rereverse` on the model being tuned, what it finds added to ``triggers`` (in place). None
+        (no refresh) when ``every`` is 0 or there is no suspect label to reverse again."""
+        if every <= 0 or not self.evidence:
+            return None
+        epoch = iter(range(1, 10_000))
+
+        def refresh(current: nn.Module) -> list[Trigger]:
+            e = next(epoch)
+            if e % every == 0:
+                triggers.extend(self.rereverse(current, e // every, seed=seed, device=device, progress=progress))
+            return triggers
+
+        return refresh
 
 
 def offer_mask_pruning(tag: str, est, model: nn.Module, c: Candidates, *, threshold: float,

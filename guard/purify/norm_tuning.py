@@ -103,15 +103,8 @@ class NormTuning(Purifier):
             sau = SharedAdversarialUnlearning(seed=self.seed)
             extra = sau.adversarial_loss(copy.deepcopy(c.original).eval(), torch.Generator().manual_seed(self.seed + 1))
         params = tuned_parameters(model, tail=self.tail)
-        epoch = iter(range(1, 10_000))
-
-        def refresh(current: nn.Module) -> list:
-            e = next(epoch)
-            if self.every > 0 and triggers and e % self.every == 0:
-                triggers.extend(c.rereverse(current, e // self.every, seed=self.seed, device=self.device,
-                                            progress=self.progress))
-            return triggers
-
+        refresh = c.rereversal(triggers, every=self.every, seed=self.seed, device=self.device,
+                               progress=self.progress)
         tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 20, lr=self.lr, batch_size=self.batch_size,
                                 seed=self.seed, triggers=triggers, share=self.share if triggers else 0.0,
                                 distill=self.distill, teacher_model=c.original, params=params, recalibrate=norms,
