@@ -153,7 +153,7 @@ def test_a_token_model_without_a_block_sequence_says_which_option_helps():
 
 
 def test_a_token_map_pools_to_each_dimensions_mean_largest_and_smallest_value():
-    from guard.online.checks.base import pool
+    from guard.online.kernels import pool
 
     t = torch.randn(3, 7, 5)
     g = pool(token_map(t).numpy())

@@ -101,7 +101,7 @@ def test_inner_layer_is_the_last_spatial_block_and_its_tap_cleans_up(demo_files)
 
 
 def test_inner_pooling_is_the_same_for_one_input_and_a_batch():
-    from guard.online.checks.base import pool
+    from guard.online.kernels import pool
 
     a = torch.rand(5, 6, 3, 4)
     want = np.concatenate([a.numpy().mean((2, 3)), a.numpy().max((2, 3))], 1)

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from guard.online.checks.base import kernel
+from guard.online.kernels import kernel
 from guard.stats import roc_auc, upper_threshold
 
 

@@ -12,11 +12,22 @@ import functools
 import hashlib
 import inspect
 import sys
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from guard import _numba
-from guard.online.checks.base import FASTMATH, Check, Record, kernel, pool_row
+from guard.online.kernels import FASTMATH, kernel, pool_row
+from guard.online.record import Record
+
+
+class Scored(Protocol):
+    """What the scorer needs of a check: its ``kernel`` and the ``params()`` tuple that kernel reads."""
+
+    kernel: Any
+
+    def params(self) -> tuple: ...
 
 MAX_CHECKS = 8
 """How many checks one compiled scorer holds (a profile uses at most the six registered ones)."""
@@ -47,7 +58,7 @@ def _stamp(*fns) -> str:
     disk keyed by its closure; the digest in it makes a kernel's edit compile a new one rather than
     load a stale one (numba itself only watches the file of the function it caches)."""
     h = hashlib.sha256()
-    for name in sorted({fn.__module__ for fn in fns} | {__name__, "guard.online.checks.base"}):
+    for name in sorted({fn.__module__ for fn in fns} | {__name__, "guard.online.kernels"}):
         try:
             h.update(inspect.getsource(sys.modules[name]).encode())
         except (OSError, TypeError):  # no source (a frozen install): the module name alone
@@ -63,7 +74,7 @@ def scorer(kernels: tuple, rule=None, raw_inner: bool = False):
     to :data:`MAX_CHECKS` with ``()``), ``rule`` a decision rule's kernel (``None``: statistic 0).
     ``x`` is ``(N, C, H, W)``, ``logits`` ``(N, K)``, ``f`` ``(N, D)``, ``g`` the inner layer's pooled
     ``(N, 2C)`` activations or, with ``raw_inner``, its raw ``(N, C, H, W)`` ones (pooled here with
-    :func:`~guard.online.checks.base.pool_row`); all C-contiguous float32. Fills ``out``
+    :func:`~guard.online.kernels.pool_row`); all C-contiguous float32. Fills ``out``
     ``(N, 2 * MAX_CHECKS + 1)``: the scores in its first columns, the rule's contributions from
     column ``MAX_CHECKS``, the statistic in the last (:func:`split` takes them apart). One output
     buffer, passed in: each array a compiled call returns costs more than allocating it here.
@@ -136,7 +147,7 @@ def split(out: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return out[:, :n], out[:, MAX_CHECKS:MAX_CHECKS + n], out[:, 2 * MAX_CHECKS]
 
 
-def pack(checks: list[Check]) -> tuple[tuple, tuple]:
+def pack(checks: Sequence[Scored]) -> tuple[tuple, tuple]:
     """The checks' kernels and their params padded to :data:`MAX_CHECKS`: ``(kernels, params)``."""
     params = tuple(c.params() for c in checks) + ((),) * (MAX_CHECKS - len(checks))
     return tuple(type(c).kernel for c in checks), params
@@ -157,7 +168,7 @@ def run_rows(kernels: tuple, params: tuple, rule, rule_params: tuple, x: np.ndar
     return split(out, len(kernels))
 
 
-def score_checks(checks: list[Check], record: Record) -> np.ndarray:
+def score_checks(checks: Sequence[Scored], record: Record) -> np.ndarray:
     """``(N, n_checks)`` float32 scores of ``record`` by ``checks`` (columns in their order)."""
     kernels, params = pack(checks)
     return run_rows(kernels, params, None, (), record.x, record.logits, record.features, record.inner)[0]

@@ -10,8 +10,8 @@ A check's score is defined once, as its ``kernel``: a function of one input,
 ``kernel(params, x, pred, f, g) -> float`` over the check's prepared arrays ``params`` (a small tuple,
 :meth:`Check.params`), the flattened input ``x``, the predicted label ``pred``, the feature row ``f``
 and the pooled inner-layer row ``g``. It is written in numpy's array style, so the same function runs
-compiled by numba (:func:`kernel`) or, without numba, as plain numpy. Batches and single inputs both
-go through it (:mod:`guard.online.scoring`); nothing else computes a check's score.
+compiled by numba (:func:`guard.online.kernels.kernel`) or, without numba, as plain numpy. Batches and
+single inputs both go through it (:mod:`guard.online.scoring`); nothing else computes a check's score.
 
 Adding a check: one file in this package defining the subclass and its kernel, and its name in
 ``guard/online/checks/__init__.py``.
@@ -19,115 +19,13 @@ Adding a check: one file in this package defining the subclass and its kernel, a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from guard import _numba
+from guard.online.record import Record
+from guard.online.scoring import score_checks
 from guard.stats import upper_threshold
-
-FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-"""Reassociation lets LLVM vectorise the kernels' sums and dot products; no nnan/ninf: they compare with inf."""
-
-
-def kernel(fn):
-    """Mark a score kernel: callable from compiled code where numba is there (it is compiled into the
-    scorer that calls it, :func:`guard.online.scoring.scorer`), plain numpy when called from Python."""
-    if _numba.njit is None:
-        return fn
-    from numba.extending import register_jitable
-
-    return register_jitable(fastmath=FASTMATH)(fn)
-
-
-def vecmat(v, m):
-    """``v @ m`` for a vector ``(D,)`` and a matrix ``(D, P)``: float32 ``(P,)``."""
-    return v @ m
-
-
-def matvec(m, v):
-    """``m @ v`` for a matrix ``(M, D)`` and a vector ``(D,)``: float32 ``(M,)``."""
-    return m @ v
-
-
-if _numba.njit is not None:
-    from numba.extending import overload
-
-    # Compiled, the two products are plain loops: a BLAS call from compiled code costs more than the
-    # few thousand multiply-adds of one input, and would run on a BLAS whose threads nothing pinned.
-    _FAST = {"fastmath": FASTMATH}
-
-    @overload(vecmat, jit_options=_FAST)
-    def _vecmat(v, m):  # pragma: no cover - compiled
-        def impl(v, m):
-            out = np.zeros(m.shape[1], dtype=np.float32)
-            for i in range(v.shape[0]):
-                vi = v[i]
-                for c in range(m.shape[1]):
-                    out[c] += vi * m[i, c]
-            return out
-        return impl
-
-    @overload(matvec, jit_options=_FAST)
-    def _matvec(m, v):  # pragma: no cover - compiled
-        def impl(m, v):
-            out = np.empty(m.shape[0], dtype=np.float32)
-            for r in range(m.shape[0]):
-                acc = np.float32(0.0)
-                for i in range(v.shape[0]):
-                    acc += m[r, i] * v[i]
-                out[r] = acc
-            return out
-        return impl
-
-
-@kernel
-def pool_row(a):
-    """``(C, HW)`` inner-layer activations of one input to ``(2C,)``: each channel's mean, then its max."""
-    c = a.shape[0]
-    out = np.empty(2 * c, dtype=np.float32)
-    for ch in range(c):
-        out[ch] = a[ch].sum() / a.shape[1]
-        out[c + ch] = a[ch].max()
-    return out
-
-
-def pool(a: np.ndarray) -> np.ndarray:
-    """``(N, C, H, W)`` inner-layer activations to ``(N, 2C)`` float32 with :func:`pool_row`."""
-    a = np.ascontiguousarray(a, dtype=np.float32).reshape(a.shape[0], a.shape[1], -1)
-    if _numba.njit is None:  # the same numbers, vectorised
-        return np.concatenate((a.mean(2), a.max(2)), 1).astype(np.float32)
-    return _pool_rows(a)
-
-
-if _numba.njit is not None:
-
-    @_numba.compiled(nogil=True)
-    def _pool_rows(a):  # pragma: no cover - compiled
-        out = np.empty((a.shape[0], 2 * a.shape[1]), dtype=np.float32)
-        for i in range(a.shape[0]):
-            out[i] = pool_row(a[i])
-        return out
-
-
-@dataclass
-class Record:
-    """What one guarded forward pass saw: inputs ``x`` (N, C, H, W), ``logits`` (N, K),
-    feature-layer activations ``features`` (N, D) and, where the profile has an inner layer, its
-    pooled activations ``inner`` (N, 2C; :func:`pool`), all float32 numpy arrays."""
-
-    x: np.ndarray
-    logits: np.ndarray
-    features: np.ndarray
-    inner: np.ndarray | None = None
-
-    def __len__(self) -> int:
-        return len(self.logits)
-
-    def take(self, idx) -> Record:
-        return Record(self.x[idx], self.logits[idx], self.features[idx],
-                      None if self.inner is None else self.inner[idx])
 
 
 class Check:
@@ -171,8 +69,6 @@ class Check:
 
     def score(self, record: Record) -> np.ndarray:
         """``(N,)`` float32 scores, higher = more suspect (this check's :attr:`kernel` on every input)."""
-        from guard.online.scoring import score_checks
-
         return score_checks([self], record)[:, 0]
 
     def predict(self, record: Record) -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, class_whitening, kernel, register, vecmat
+from guard.online.checks.base import Check, class_whitening, register
+from guard.online.kernels import kernel, vecmat
 
 
 @kernel

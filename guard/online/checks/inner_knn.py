@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import kernel, register
+from guard.online.checks.base import register
 from guard.online.checks.knn import KNNCheck, knn_distance
+from guard.online.kernels import kernel
 
 
 @kernel
@@ -35,7 +36,7 @@ class InnerKNNCheck(KNNCheck):
 
     @staticmethod
     def rows(record) -> np.ndarray:
-        """The inner layer's pooled activations (:func:`~guard.online.checks.base.pool`)."""
+        """The inner layer's pooled activations (:func:`~guard.online.kernels.pool`)."""
         if record.inner is None:
             raise ValueError("the inner_knn check needs the inner layer's activations (Record.inner)")
         return record.inner

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, kernel, matvec, register
+from guard.online.checks.base import Check, register
+from guard.online.kernels import kernel, matvec
 
 
 @kernel

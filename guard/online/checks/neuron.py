@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from guard.online.checks.base import Check, kernel, register, standardiser, vecmat
+from guard.online.checks.base import Check, register, standardiser
+from guard.online.kernels import kernel, vecmat
 
 
 @kernel
