@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.torchserve import server as ts
+from guard.torchserve.supervision import Server
 
 BIN = Path(sys.executable).parent
 
@@ -26,7 +26,7 @@ def guard_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @contextmanager
-def guard_serve(store: Path, run_dir: Path, *args: str) -> Iterator[tuple[ts.Server, str]]:
+def guard_serve(store: Path, run_dir: Path, *args: str) -> Iterator[tuple[Server, str]]:
     """``guard serve --model-store STORE --ports auto --run-dir RUN_DIR ARGS``; yields the server and what
     serve printed. On exit ``guard stop`` must succeed and leave nothing alive; whatever happened, the
     server's process group is stopped in the ``finally``."""
@@ -34,14 +34,14 @@ def guard_serve(store: Path, run_dir: Path, *args: str) -> Iterator[tuple[ts.Ser
         done = guard_cli("serve", "--model-store", str(store), "--ports", "auto", "--run-dir", str(run_dir),
                          "--timeout", "300", *args, timeout=420)
         assert done.returncode == 0, done.stdout + done.stderr
-        srv = ts.Server.load(run_dir)
+        srv = Server.load(run_dir)
         assert srv is not None and srv.alive()
         yield srv, done.stdout
         stopped = guard_cli("stop", "--run-dir", str(run_dir), timeout=120)
         assert stopped.returncode == 0 and "stopped TorchServe" in stopped.stdout, stopped.stdout + stopped.stderr
         assert not srv.alive()
     finally:
-        left = ts.Server.load(run_dir)
+        left = Server.load(run_dir)
         if left is not None:
             left.stop()
 

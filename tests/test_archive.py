@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from guard.cli import main
-from guard.torchserve import server as ts
+from guard.torchserve.client import http
+from guard.torchserve.config import parse_ports, read_properties, write_config
 
 
 def archive_args(world, profile, export, *extra: str) -> list[str]:
@@ -69,9 +70,9 @@ def test_archive_bad_inputs_exit_2(demo_world, demo_profile, tmp_path, capsys, c
 def test_serve_config_is_loopback_with_absolute_paths_and_free_side_ports(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
-    cfg = ts.write_config(tmp_path, model_store=store, load_models="demo=demo.mar", ports=(18080, 18081, 18082),
+    cfg = write_config(tmp_path, model_store=store, load_models="demo=demo.mar", ports=(18080, 18081, 18082),
                           token_auth=True)
-    props = ts.read_properties(cfg)
+    props = read_properties(cfg)
     assert props["inference_address"] == "http://127.0.0.1:18080"
     assert props["management_address"] == "http://127.0.0.1:18081"
     assert props["metrics_address"] == "http://127.0.0.1:18082"
@@ -82,18 +83,18 @@ def test_serve_config_is_loopback_with_absolute_paths_and_free_side_ports(tmp_pa
     assert 7070 not in side and 7071 not in side and 9000 not in side
     assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
     assert "disable_token_authorization" not in props
-    off = ts.read_properties(ts.write_config(tmp_path, model_store=store, load_models="all", ports=(1, 2, 3),
+    off = read_properties(write_config(tmp_path, model_store=store, load_models="all", ports=(1, 2, 3),
                                              token_auth=False))
     assert off["disable_token_authorization"] == "true"
 
 
 def test_ports_option():
-    assert ts.parse_ports(None) == (8080, 8081, 8082)
-    assert ts.parse_ports("9000,9001,9002") == (9000, 9001, 9002)
-    assert len(set(ts.parse_ports("auto"))) == 3
+    assert parse_ports(None) == (8080, 8081, 8082)
+    assert parse_ports("9000,9001,9002") == (9000, 9001, 9002)
+    assert len(set(parse_ports("auto"))) == 3
     for bad in ("1,2", "a,b,c", "1,1,2", "0,1,2"):
         with pytest.raises(Exception, match="--ports"):
-            ts.parse_ports(bad)
+            parse_ports(bad)
 
 
 def test_stop_without_a_server_is_a_no_op(tmp_path, capsys):
@@ -103,4 +104,4 @@ def test_stop_without_a_server_is_a_no_op(tmp_path, capsys):
 
 def test_http_refuses_other_hosts():
     with pytest.raises(Exception, match="loopback"):
-        ts.http("http://example.com/")
+        http("http://example.com/")

@@ -138,8 +138,8 @@ def test_handler_writes_one_line_per_non_pass_instance_matching_the_reply(demo_w
 
     from guard import Guard, Profile, load_model
     from guard.data import load_npz
-    from guard.torchserve import server as ts
     from guard.torchserve.archive import make_archive
+    from guard.torchserve.config import DEPLOY
 
     mar, _ = make_archive(name="demo", model_file=demo_world.model_file, weights=demo_world.weights,
                           profile=demo_profile, export_path=tmp_path / "mar", log_payloads=True,
@@ -151,7 +151,7 @@ def test_handler_writes_one_line_per_non_pass_instance_matching_the_reply(demo_w
     monkeypatch.syspath_prepend(str(model_dir))
     monkeypatch.delenv("GUARD_AUDIT_LOG", raising=False)
     sys.modules.pop("guarded_handler", None)
-    metrics = MetricsCacheYamlImpl(config_file_path=str(ts.DEPLOY / "metrics.yaml"))
+    metrics = MetricsCacheYamlImpl(config_file_path=str(DEPLOY / "metrics.yaml"))
     metrics.initialize_cache()
     service = TsModelLoader().load("demo", str(model_dir), handler="guarded_handler.py", gpu_id=None, batch_size=8,
                                    metrics_cache=metrics)

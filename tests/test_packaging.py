@@ -28,10 +28,11 @@ from pathlib import Path
 import guard
 from guard._assets import deploy_file, handler_file
 from guard.torchserve import server as ts
-cfg = ts.write_config(Path(sys.argv[1]), model_store=Path(sys.argv[1]), load_models="all", ports=(1, 2, 3),
+from guard.torchserve.config import read_properties, write_config
+cfg = write_config(Path(sys.argv[1]), model_store=Path(sys.argv[1]), load_models="all", ports=(1, 2, 3),
                       token_auth=True)
 print(json.dumps({"guard": guard.__file__, "handler": str(handler_file()), "metrics": str(deploy_file("metrics.yaml")),
-                  "baseline": str(ts.BASELINE_HANDLER), "metrics_config": ts.read_properties(cfg)["metrics_config"]}))
+                  "baseline": str(ts.BASELINE_HANDLER), "metrics_config": read_properties(cfg)["metrics_config"]}))
 """
 
 

@@ -32,6 +32,8 @@ import numpy as np
 
 from guard.torchserve import server as ts
 from guard.torchserve.archive import make_archive
+from guard.torchserve.client import http
+from guard.torchserve.supervision import Server
 
 BASELINE_HANDLER = ts.BASELINE_HANDLER
 
@@ -49,7 +51,7 @@ def _load(url: str, key: str | None, bodies: list[bytes], *, requests: int, conc
             body = bodies[(tid * requests + i) % len(bodies)]
             t0 = time.perf_counter()
             try:
-                status, _ = ts.http(url, key=key, body=body, content_type="application/json", timeout=60)
+                status, _ = http(url, key=key, body=body, content_type="application/json", timeout=60)
             except OSError:
                 status = -1
             mine_l.append(time.perf_counter() - t0)
@@ -75,7 +77,7 @@ def _load(url: str, key: str | None, bodies: list[bytes], *, requests: int, conc
             "latency_p95_ms": round(float(np.percentile(lat, 95)), 2)}
 
 
-def _ingress_cost(server: ts.Server, key: str | None, bodies: list[bytes], *, requests: int, rounds: int,
+def _ingress_cost(server: Server, key: str | None, bodies: list[bytes], *, requests: int, rounds: int,
                   clients: tuple[int, ...]) -> dict[str, Any]:
     """The guarded model through nginx and on TorchServe's own port, same clients, alternating rounds; per
     client count the median of the per-round throughput ratios (through nginx / direct)."""

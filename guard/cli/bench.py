@@ -73,8 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from guard.bench.config import PRESETS
     from guard.bench.report import render
-    from guard.bench.runner import PRESETS, run_bench
+    from guard.bench.runner import run_bench
 
     name = "tiny" if args.tiny else ("quick" if args.quick else "full")
     cfg = PRESETS[name]

@@ -46,7 +46,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def _query(server, kind: str, x: np.ndarray, y: np.ndarray, *, batch: int) -> list[dict]:
     """Send ``x`` as JSON requests of ``batch`` instances; one row per instance with status and verdict."""
-    from guard.torchserve.server import http
+    from guard.torchserve.client import http
 
     url = f"{server.urls['inference']}/predictions/{MODEL_NAME}"
     rows = []
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from guard.scan import build_profile
     from guard.torchserve import server as ts
     from guard.torchserve.archive import make_archive
+    from guard.torchserve.client import http
 
     ts.require_java()
     ts.require_script("torchserve")
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         _say("      " + describe(server).replace("\n", "\n      "))
         _say(f"[5/5] querying ({args.queries} clean and {args.queries} triggered held-out images) ...")
         url = f"{server.urls['inference']}/predictions/{MODEL_NAME}"
-        status, _ = ts.http(url, body=b'{"instances": []}', content_type="application/json")
+        status, _ = http(url, body=b'{"instances": []}', content_type="application/json")
         _say(f"      without the token the endpoint answers {status} (InvalidKeyException)")
         xh, yh = load_npz(world.holdout)
         xt, yt = load_npz(world.triggered)
@@ -131,11 +132,11 @@ def run(args: argparse.Namespace) -> int:
         single = _query(server, "triggered (JSON x1)", xt[n:n + 4], yt[n:n + 4], batch=1)
         rows += single
         for kind, img, lab in (("clean (PNG)", xh[n], yh[n]), ("triggered (PNG)", xt[n + 4], yt[n + 4])):
-            status, text = ts.http(url, key=server.key(), body=png_bytes(img), content_type="image/png", timeout=60)
+            status, text = http(url, key=server.key(), body=png_bytes(img), content_type="image/png", timeout=60)
             for p in json.loads(text).get("predictions", []):
                 rows.append({"kind": kind, "status": status, "verdict": p["verdict"], "label": p["label"],
                              "true": int(lab), "reasons": p["reasons"]})
-        status, text = ts.http(url, key=server.key(), body=b'{"instances": [[0.5, 2.0]]}',
+        status, text = http(url, key=server.key(), body=b'{"instances": [[0.5, 2.0]]}',
                                content_type="application/json")
         _say("")
         _say(_table(rows, target))
@@ -157,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _metric_lines(server, timeout: float = 20.0) -> list[str]:
     """guard_* sample lines from the metrics port, waiting (bounded) for the error count to arrive."""
-    from guard.torchserve.server import guard_metric_lines, http
+    from guard.torchserve.client import guard_metric_lines, http
 
     deadline = time.monotonic() + timeout
     lines: list[str] = []

@@ -99,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from guard.torchserve import server as ts
+    from guard.torchserve.config import parse_ports
 
     ts.require_java()
     if args.ingress == "nginx":
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 
         require_nginx()  # one line and exit 2 before anything starts
     config = Path(args.config) if args.config else None
-    ports = ts.parse_ports(args.ports, config)
+    ports = parse_ports(args.ports, config)
     models = dict(args.models) if args.models else None
     server = ts.start(args.model_store, models=models, run_dir=Path(args.run_dir), ports=ports,
                       token_auth=not args.no_auth, config=config, ingress=args.ingress, host=args.host,

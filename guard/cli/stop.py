@@ -18,7 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guard.torchserve.server import Server
+    from guard.torchserve.supervision import Server
 
     server = Server.load(Path(args.run_dir))
     if server is None:

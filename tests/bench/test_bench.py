@@ -244,6 +244,7 @@ def test_finished_rows_are_saved_and_a_rerun_resumes_them(tmp_path, monkeypatch)
     from dataclasses import replace
 
     from guard.bench import runner
+    from guard.bench.config import PRESETS
 
     calls = []
 
@@ -251,8 +252,8 @@ def test_finished_rows_are_saved_and_a_rerun_resumes_them(tmp_path, monkeypatch)
         calls.append((cfg.n_eval, name))
         return {"name": name, "net": cfg.zoo.net, "n": cfg.n_eval}, None
 
-    monkeypatch.setattr(runner, "_attack_row", fake_row)
-    cfg = runner.PRESETS["tiny"]
+    monkeypatch.setattr(runner, "attack_row", fake_row)
+    cfg = PRESETS["tiny"]
     args = (tmp_path / "models", tmp_path / "profiles", False, None)
     first = runner._saved_row(cfg, "badnets", *args)
     again = runner._saved_row(cfg, "badnets", *args)

@@ -35,7 +35,7 @@ def test_guarded_and_baseline_handlers_both_serve_and_are_compared(tiny_world, t
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
     from guard.bench import serving
-    from guard.torchserve import server as ts
+    from guard.torchserve.client import http
 
     d, profile_dir, x, model = tiny_world
     seen = {}
@@ -44,8 +44,8 @@ def test_guarded_and_baseline_handlers_both_serve_and_are_compared(tiny_world, t
     def spy(url, key, bodies, **kw):  # also probe one malformed request per model while it is up
         name = url.rsplit("/", 1)[1]
         if name not in seen:
-            seen[name] = (ts.http(url, key=key, body=b'{"instances": [[1, 2]]}', content_type="application/json"),
-                          ts.http(url, key=key, body=bodies[0], content_type="application/json"))
+            seen[name] = (http(url, key=key, body=b'{"instances": [[1, 2]]}', content_type="application/json"),
+                          http(url, key=key, body=bodies[0], content_type="application/json"))
         return original(url, key, bodies, **kw)
 
     serving._load = spy

@@ -27,8 +27,9 @@ import pytest
 
 from guard.bench import load
 from guard.data import load_npz
-from guard.torchserve import server as ts
 from guard.torchserve.archive import make_archive
+from guard.torchserve.ports import free_ports
+from guard.torchserve.supervision import Server
 
 BIN = Path(sys.executable).parent
 IMAGE_HOME = "/home/guard"
@@ -63,7 +64,7 @@ def test_the_images_command_serves_guarded_passes_its_healthcheck_and_stops_on_s
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
     home = tmp_path / "home-guard"
-    ports = ts.free_ports(3)
+    ports = free_ports(3)
     _image_home(deploy, home, ports)
     make_archive(name="demo", model_file=demo_world.model_file, weights=demo_world.weights, profile=demo_profile,
                  export_path=home / "model-store", mode="enforce")
@@ -79,7 +80,7 @@ def test_the_images_command_serves_guarded_passes_its_healthcheck_and_stops_on_s
     try:
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline and proc.poll() is None:
-            srv = srv or ts.Server.load(run_dir)
+            srv = srv or Server.load(run_dir)
             if srv is not None and "is up" in (tmp_path / "serve.out").read_text():
                 break
             time.sleep(1)

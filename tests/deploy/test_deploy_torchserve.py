@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from prom_helpers import queried_names, served_names
 
-from guard.torchserve.server import free_ports
+from guard.torchserve.ports import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -32,8 +32,10 @@ from serve_helpers import guard_serve, require_nginx
 
 from guard.bench import load
 from guard.data import load_npz
-from guard.torchserve import server as ts
+from guard.serving import DEFAULT_MAX_REQUEST_BYTES
 from guard.torchserve.archive import make_archive
+from guard.torchserve.client import http
+from guard.torchserve.config import archive_max_request_bytes, frontend_max_request_size, read_properties, write_config
 
 NAME = "demo"
 integration = pytest.mark.integration
@@ -76,7 +78,7 @@ def test_serve_says_token_auth_is_on_and_where_the_key_file_is(served):
     assert {"inference", "management"} <= set(keys)
     assert stat.S_IMODE(srv.key_file.stat().st_mode) == 0o600  # private to the user running guard serve
     assert stat.S_IMODE((srv.ingress_dir / "guard.conf").stat().st_mode) == 0o600  # nginx's copy of the keys
-    props = ts.read_properties(srv.config)  # TorchServe: loopback only, its own token check off behind nginx
+    props = read_properties(srv.config)  # TorchServe: loopback only, its own token check off behind nginx
     assert props["disable_token_authorization"] == "true"
     assert all(props[k].startswith("http://127.0.0.1:") for k in
                ("inference_address", "management_address", "metrics_address"))
@@ -112,9 +114,9 @@ def test_401_carries_www_authenticate_and_names_the_key_file(served, body):
 @pytest.mark.slow
 def test_ping_needs_the_inference_key_too(served):
     srv, _ = served
-    assert _invalid_key(*ts.http(f"{srv.urls['inference']}/ping"))
-    assert _invalid_key(*ts.http(f"{srv.urls['inference']}/ping", key=srv.key("management")))
-    assert ts.http(f"{srv.urls['inference']}/ping", key=srv.key("inference"))[0] == 200
+    assert _invalid_key(*http(f"{srv.urls['inference']}/ping"))
+    assert _invalid_key(*http(f"{srv.urls['inference']}/ping", key=srv.key("management")))
+    assert http(f"{srv.urls['inference']}/ping", key=srv.key("inference"))[0] == 200
 
 
 @integration
@@ -123,12 +125,12 @@ def test_management_refuses_without_the_management_key(served):
     srv, _ = served
     url = f"{srv.urls['management']}/models"
     for key in (None, "wrong-key", srv.key("inference")):
-        assert _invalid_key(*ts.http(url, key=key)), key
-        assert _invalid_key(*ts.http(f"{url}/{NAME}?min_worker=3", key=key, method="PUT")), key
-    status, raw = ts.http(url, key=srv.key("management"))
+        assert _invalid_key(*http(url, key=key)), key
+        assert _invalid_key(*http(f"{url}/{NAME}?min_worker=3", key=key, method="PUT")), key
+    status, raw = http(url, key=srv.key("management"))
     assert status == 200 and NAME in {m["modelName"] for m in json.loads(raw)["models"]}
     # registering models stays off even with the key (TorchServe's enable_model_api default)
-    status, raw = ts.http(f"{url}?url=https://example.invalid/x.mar", key=srv.key("management"), method="POST")
+    status, raw = http(f"{url}?url=https://example.invalid/x.mar", key=srv.key("management"), method="POST")
     assert status != 200 and status < 500, (status, raw)
 
 
@@ -137,11 +139,11 @@ def test_management_refuses_without_the_management_key(served):
 def test_only_the_metrics_port_answers_without_a_token(served, body):
     srv, _ = served
     load.post_once(f"{srv.urls['inference']}/predictions/{NAME}", body, key=srv.key("inference"))
-    status, raw = ts.http(f"{srv.urls['metrics']}/metrics")
+    status, raw = http(f"{srv.urls['metrics']}/metrics")
     assert status == 200 and b"# TYPE guard_requests_total counter" in raw
     # the same paths on the other ports need the token
-    assert _invalid_key(*ts.http(f"{srv.urls['inference']}/metrics"))
-    assert _invalid_key(*ts.http(f"{srv.urls['management']}/metrics"))
+    assert _invalid_key(*http(f"{srv.urls['inference']}/metrics"))
+    assert _invalid_key(*http(f"{srv.urls['management']}/metrics"))
 
 
 def test_ingress_nginx_without_nginx_on_path_is_one_line_and_exit_2(tmp_path):
@@ -167,21 +169,21 @@ def test_serve_config_keeps_token_auth_unless_no_auth_and_bounds_requests_above_
     for auth in (True, False):
         run = tmp_path / f"run-{auth}"
         run.mkdir()
-        cfg = ts.write_config(run, model_store=store, load_models="a=a.mar", ports=(18080, 18081, 18082),
+        cfg = write_config(run, model_store=store, load_models="a=a.mar", ports=(18080, 18081, 18082),
                               token_auth=auth, handler_bounds=[1_048_576, 5_000_000])
-        props = ts.read_properties(cfg)
+        props = read_properties(cfg)
         assert props.get("disable_token_authorization") == (None if auth else "true")
         assert all(props[k].startswith("http://127.0.0.1:") for k in
                    ("inference_address", "management_address", "metrics_address"))
         assert props["grpc_inference_address"] == props["grpc_management_address"] == "127.0.0.1"
         assert int(props["max_request_size"]) == 10_000_000  # twice the largest handler bound
-    assert ts.frontend_max_request_size([1_048_576]) == 6_553_500  # never below TorchServe's default
-    assert ts.frontend_max_request_size([1_048_576], configured=9_000_000) == 9_000_000
+    assert frontend_max_request_size([1_048_576]) == 6_553_500  # never below TorchServe's default
+    assert frontend_max_request_size([1_048_576], configured=9_000_000) == 9_000_000
 
 
 def test_archive_bound_is_read_back_from_the_mar(demo_world, demo_profile, tmp_path):
     mar, _ = make_archive(name="x", model_file=demo_world.model_file, weights=demo_world.weights,
                           profile=demo_profile, export_path=tmp_path, max_request_bytes=123_456)
-    assert ts.archive_max_request_bytes(mar) == 123_456
+    assert archive_max_request_bytes(mar) == 123_456
     (tmp_path / "junk.mar").write_bytes(b"not a zip")
-    assert ts.archive_max_request_bytes(tmp_path / "junk.mar") == ts.HANDLER_DEFAULT_MAX_REQUEST_BYTES
+    assert archive_max_request_bytes(tmp_path / "junk.mar") == DEFAULT_MAX_REQUEST_BYTES

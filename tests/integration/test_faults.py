@@ -43,6 +43,9 @@ from guard.bench import load
 from guard.errors import ProfileError
 from guard.torchserve import server as ts
 from guard.torchserve.archive import make_archive
+from guard.torchserve.client import http
+from guard.torchserve.config import DEPLOY
+from guard.torchserve.supervision import Server
 
 GOOD, TAMPERED = "demo", "tampered"
 RECOVERY_BOUND_S = 120.0  # kill -> first guarded answer; a worker restart is ~5-15 s on two idle cores
@@ -96,13 +99,13 @@ def server(store, tmp_path_factory):
         assert not srv.alive()
 
 
-def workers(srv: ts.Server, model: str) -> list[dict]:
-    status, body = ts.http(f"{srv.urls['management']}/models/{model}", key=srv.key("management"))
+def workers(srv: Server, model: str) -> list[dict]:
+    status, body = http(f"{srv.urls['management']}/models/{model}", key=srv.key("management"))
     assert status == 200, body
     return json.loads(body)[0]["workers"]
 
 
-def predict(srv: ts.Server, model: str, x: np.ndarray) -> tuple[int, object]:
+def predict(srv: Server, model: str, x: np.ndarray) -> tuple[int, object]:
     status, raw, err = load.post_once(f"{srv.urls['inference']}/predictions/{model}", load.json_body(x),
                                       key=srv.key("inference"))
     try:
@@ -138,13 +141,13 @@ def test_a_profile_tampered_inside_the_archive_never_serves_and_says_why(server,
     print(f"\n[faults] tampered model, worker retrying: status {status}, {raw[:200]!r}, {err}", file=sys.stderr)
     assert status in (load.CONNECTION_ERROR, 503) and b"predictions" not in raw, (status, raw, err)
     # TorchServe 0.12's /ping still says Healthy (documented in docs/hardening.md): readiness must ask
-    # the management API whether the model has a READY worker, as ts.Server.model_ready does
-    ping = ts.http(f"{server.urls['inference']}/ping", key=server.key("inference"))
+    # the management API whether the model has a READY worker, as Server.model_ready does
+    ping = http(f"{server.urls['inference']}/ping", key=server.key("inference"))
     assert ping[0] == 200 and b"Healthy" in ping[1], ping
     assert not any(w["status"] == "READY" for w in workers(server, TAMPERED)) and not server.model_ready(TAMPERED)
     assert server.model_ready(GOOD)
     # scaled to no worker (allowed with the management key): TorchServe answers 503 at once
-    status, _ = ts.http(f"{server.urls['management']}/models/{TAMPERED}?min_worker=0&max_worker=0",
+    status, _ = http(f"{server.urls['management']}/models/{TAMPERED}?min_worker=0&max_worker=0",
                         key=server.key("management"), method="PUT")
     assert status in (200, 202)
     for x in (data["triggered"][:1], data["clean"][:1]):
@@ -258,7 +261,7 @@ def load_in_process(model_dir: Path, monkeypatch):
 
     monkeypatch.syspath_prepend(str(model_dir))
     sys.modules.pop("guarded_handler", None)
-    metrics = MetricsCacheYamlImpl(config_file_path=str(ts.DEPLOY / "metrics.yaml"))
+    metrics = MetricsCacheYamlImpl(config_file_path=str(DEPLOY / "metrics.yaml"))
     metrics.initialize_cache()
     try:
         return TsModelLoader().load(GOOD, str(model_dir), handler="guarded_handler.py", gpu_id=None, batch_size=4,

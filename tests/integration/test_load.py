@@ -42,6 +42,9 @@ from guard.bench import load
 from guard.serving.trail import read_lines
 from guard.torchserve import server as ts
 from guard.torchserve.archive import make_archive
+from guard.torchserve.client import http
+from guard.torchserve.config import frontend_max_request_size, read_properties
+from guard.torchserve.supervision import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -81,12 +84,12 @@ def server(demo_world, demo_profile, tmp_path_factory):
         assert not srv.alive()
 
 
-def url(srv: ts.Server, model: str) -> str:
+def url(srv: Server, model: str) -> str:
     return f"{srv.urls['inference']}/predictions/{model}"
 
 
-def worker_pid(srv: ts.Server, model: str) -> int:
-    status, body = ts.http(f"{srv.urls['management']}/models/{model}", key=srv.key("management"))
+def worker_pid(srv: Server, model: str) -> int:
+    status, body = http(f"{srv.urls['management']}/models/{model}", key=srv.key("management"))
     assert status == 200, body
     (w,) = json.loads(body)[0]["workers"]
     return int(w["pid"])
@@ -282,16 +285,16 @@ def test_a_form_body_and_a_multipart_upload_reach_the_guard(server, data):
 
 def test_the_worker_survived_the_hostile_sample(server, loads, data):
     """Runs after the sample (file order): a clean request still passes, on the same worker process."""
-    status, raw = ts.http(url(server, GUARDED), key=server.key("inference"), body=load.json_body(data["clean"][:1]),
+    status, raw = http(url(server, GUARDED), key=server.key("inference"), body=load.json_body(data["clean"][:1]),
                           content_type="application/json", timeout=30)
     assert status == 200 and json.loads(raw)["predictions"][0]["verdict"] == "pass"
     assert worker_pid(server, GUARDED) == loads["pid_before"]
 
 
 def test_every_body_over_guards_bound_gets_a_json_413_whatever_its_size(server):
-    props = ts.read_properties(server.config)
+    props = read_properties(server.config)
     frontend = int(props["max_request_size"])
-    assert frontend == ts.frontend_max_request_size([MAX_BYTES]) and frontend >= 2 * MAX_BYTES
+    assert frontend == frontend_max_request_size([MAX_BYTES]) and frontend >= 2 * MAX_BYTES
     key = server.key("inference")
     for size, bound in ((MAX_BYTES + 1, MAX_BYTES), (2 * MAX_BYTES, MAX_BYTES),  # the handler's 413
                         (frontend + 1, frontend)):  # nginx's 413, where TorchServe would cut it

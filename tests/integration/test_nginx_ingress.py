@@ -25,7 +25,7 @@ import pytest
 from serve_helpers import require_nginx
 
 from guard.torchserve import ingress
-from guard.torchserve.server import free_ports
+from guard.torchserve.ports import free_ports
 
 pytestmark = pytest.mark.integration
 KEYS = {"inference": "inference-key-0123456789", "management": "management-key-0123456789"}

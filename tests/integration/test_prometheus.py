@@ -46,7 +46,9 @@ from serve_helpers import guard_cli, guard_serve
 from guard.bench import load
 from guard.data import load_npz
 from guard.serving.metrics import label_value
-from guard.torchserve import server as ts
+from guard.torchserve.client import http
+from guard.torchserve.ports import free_ports
+from guard.torchserve.supervision import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -85,7 +87,7 @@ class Prometheus:
 
     def get(self, path: str, **params: str) -> Any:
         url = f"{self.url}{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        status, raw = ts.http(url, timeout=10)
+        status, raw = http(url, timeout=10)
         assert status == 200, (url, status, raw[:500])
         body = json.loads(raw)
         assert body["status"] == "success", body
@@ -169,7 +171,7 @@ def prometheus(server, prometheus_bin, tmp_path_factory):
     work = tmp_path_factory.mktemp("prometheus")
     config = work / "prometheus.yml"
     config.write_text(yaml.safe_dump(scrape_config(urllib.parse.urlsplit(server.urls["metrics"]).port)))
-    (port,) = ts.free_ports(1)
+    (port,) = free_ports(1)
     log = work / "prometheus.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(
@@ -180,7 +182,7 @@ def prometheus(server, prometheus_bin, tmp_path_factory):
     try:
         def ready() -> bool:
             try:
-                return ts.http(f"{prom.url}/-/ready", timeout=2)[0] == 200
+                return http(f"{prom.url}/-/ready", timeout=2)[0] == 200
             except OSError:
                 return False
 
@@ -201,7 +203,7 @@ class Answer:
     reasons: list[str]
 
 
-def _send(srv: ts.Server, kind: str, x) -> Answer:
+def _send(srv: Server, kind: str, x) -> Answer:
     status, raw, error = load.post_once(f"{srv.urls['inference']}/predictions/{NAME}", load.json_body(x[None]),
                                         key=srv.key("inference"), timeout_s=60)
     assert error is None and status in (200, 403), (kind, status, error, raw[:500])
@@ -296,7 +298,7 @@ def test_dashboard_variable_and_alert_rules_work_on_the_real_series(prometheus, 
 
 
 def test_dashboard_and_alert_rules_query_what_the_guarded_endpoint_serves(prometheus, server, traffic):
-    status, raw = ts.http(f"{server.urls['metrics']}/metrics")
+    status, raw = http(f"{server.urls['metrics']}/metrics")
     assert status == 200
     text = raw.decode()
     served = served_names(text)

@@ -31,6 +31,9 @@ from guard import Guard, Profile, load_model
 from guard.data import load_npz
 from guard.errors import ProfileMismatch
 from guard.torchserve import server as ts
+from guard.torchserve.client import guard_metric_lines, http
+from guard.torchserve.config import read_properties
+from guard.torchserve.supervision import Server
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -80,8 +83,8 @@ def data(demo_world, demo_profile):
     return {"clean": xh[:40][keep_h], "clean_y": yh[:40][keep_h], "triggered": xt[:40][keep_t]}
 
 
-def post(srv: ts.Server, body: bytes, ctype: str | None = "application/json", key: str | None = "inference"):
-    status, raw = ts.http(f"{srv.urls['inference']}/predictions/{NAME}", body=body, content_type=ctype,
+def post(srv: Server, body: bytes, ctype: str | None = "application/json", key: str | None = "inference"):
+    status, raw = http(f"{srv.urls['inference']}/predictions/{NAME}", body=body, content_type=ctype,
                           key=srv.key(key) if key else None, timeout=60)
     try:
         return status, json.loads(raw)
@@ -98,17 +101,17 @@ def v2_request(x: np.ndarray, **tensor) -> bytes:
                                                 "data": x.reshape(-1).tolist(), **tensor}]}).encode()
 
 
-def post_to(srv: ts.Server, path: str, body: bytes):
-    status, raw = ts.http(f"{srv.urls['inference']}{path}", body=body, content_type="application/json",
+def post_to(srv: Server, path: str, body: bytes):
+    status, raw = http(f"{srv.urls['inference']}{path}", body=body, content_type="application/json",
                           key=srv.key("inference"), timeout=60)
     return status, json.loads(raw)
 
 
-def grpc_predict(srv: ts.Server, body: bytes):
+def grpc_predict(srv: Server, body: bytes):
     """(answer body, None) or (None, (grpc status code name, details)) from TorchServe's gRPC API."""
     import grpc
 
-    port = int(ts.read_properties(srv.config)["grpc_inference_port"])
+    port = int(read_properties(srv.config)["grpc_inference_port"])
     with InferenceClient(port) as client:
         try:
             return json.loads(client.predict(NAME, {"data": body})), None
@@ -122,8 +125,8 @@ def traffic(server, data):
     c, t = data["clean"], data["triggered"]
     out = {
         "no_token": post(server, instances(c[:1]), key=None),
-        "no_token_ping": ts.http(f"{server.urls['inference']}/ping"),
-        "ping": ts.http(f"{server.urls['inference']}/ping", key=server.key()),
+        "no_token_ping": http(f"{server.urls['inference']}/ping"),
+        "ping": http(f"{server.urls['inference']}/ping", key=server.key()),
         "clean": post(server, instances(c[:6])),
         "triggered_single": post(server, instances(t[:1])),
         "triggered_batch": post(server, instances(t[1:4])),
@@ -137,10 +140,10 @@ def traffic(server, data):
         "v2_clean": post_to(server, f"/v2/models/{NAME}/infer", v2_request(c[8:10])),
         "v2_triggered": post_to(server, f"/v2/models/{NAME}/infer", v2_request(t[5:6])),
         "v2_malformed": post_to(server, f"/v2/models/{NAME}/infer", v2_request(c[:1], datatype="INT8")),
-        "v2_ready": ts.http(f"{server.urls['inference']}/v2/health/ready", key=server.key()),
-        "v2_live": ts.http(f"{server.urls['inference']}/v2/health/live", key=server.key()),
-        "v2_metadata": ts.http(f"{server.urls['inference']}/v2/models/{NAME}", key=server.key()),
-        "v2_no_token": ts.http(f"{server.urls['inference']}/v2/health/ready"),
+        "v2_ready": http(f"{server.urls['inference']}/v2/health/ready", key=server.key()),
+        "v2_live": http(f"{server.urls['inference']}/v2/health/live", key=server.key()),
+        "v2_metadata": http(f"{server.urls['inference']}/v2/models/{NAME}", key=server.key()),
+        "v2_no_token": http(f"{server.urls['inference']}/v2/health/ready"),
         "grpc_clean": grpc_predict(server, instances(c[10:11])),
         "grpc_triggered": grpc_predict(server, instances(t[6:7])),
         "grpc_v2": grpc_predict(server, v2_request(c[11:12])),
@@ -267,7 +270,7 @@ def test_metrics_port_serves_guard_counters_and_latency(server, traffic):
     text, requests = "", {}
     deadline = time.monotonic() + 30
     for _ in range(60):  # the frontend picks metric lines up from the worker log asynchronously
-        status, raw = ts.http(f"{server.urls['metrics']}/metrics")  # no token needed on the metrics port
+        status, raw = http(f"{server.urls['metrics']}/metrics")  # no token needed on the metrics port
         assert status == 200
         text = raw.decode()
         requests = _samples(text, "guard_requests_total", "verdict")
@@ -281,7 +284,7 @@ def test_metrics_port_serves_guard_counters_and_latency(server, traffic):
     count = re.search(rf'^guard_latency_seconds_count\{{ModelName="{NAME}",Level="Model",Hostname="[^"]+",\}} (\S+)$',
                       text, re.M)
     assert count and float(count.group(1)) >= 1
-    for line in ts.guard_metric_lines(text):
+    for line in guard_metric_lines(text):
         for value in re.findall(r'="([^"]*)"', line):
             assert "," not in value and ":" not in value
 
@@ -312,7 +315,7 @@ def test_torchserve_refuses_to_serve_a_model_whose_profile_does_not_match(archiv
     run_dir = tmp_path / "run"
     with pytest.raises(ProfileMismatch, match="GUARD REFUSED TO LOAD"):
         ts.start(store, models={"tampered": "tampered.mar"}, run_dir=run_dir, timeout=240)
-    assert ts.Server.load(run_dir) is None  # start() stopped what it started and removed the state
+    assert Server.load(run_dir) is None  # start() stopped what it started and removed the state
 
 
 def test_serve_without_java_is_one_clear_line_and_exit_2(tmp_path):

@@ -1,0 +1,94 @@
+"""The adaptive attackers in a run: the white-box attacker against a row's guard, the gray-box attacker
+against its model (with and without the opt-in trigger memory) and the gray-box floor on the clean model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from guard.bench.config import BenchConfig, bench_data, log
+from guard.demo.attacks import Attack
+from guard.demo.glyphs import glyphs
+from guard.online import Guard
+
+
+def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int, x_fit: np.ndarray,
+              y_fit: np.ndarray) -> dict[str, Any]:
+    """The white-box attacker against this row's guard: it optimises on test images past the evaluation
+    ones (the scan's clean half where too few are left) and is measured on the row's triggered inputs."""
+    from guard.bench.whitebox import bench_row
+
+    own = attack.victims(d.y_test[n_eval:])
+    x_att = d.x_test[n_eval:][own] if own.sum() >= 32 else x_fit[attack.victims(y_fit)]
+    x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
+    return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed)
+
+
+def regraftable(attack: Attack | None, shape: tuple[int, int, int]) -> bool:
+    """Whether the adaptive attackers can re-optimise ``attack``'s trigger (a patch, a blend key, a warp)."""
+    from guard.bench.trigger_param import trigger_kind
+
+    if attack is None or getattr(attack, "target", -1) < 0:
+        return False
+    try:
+        trigger_kind(attack, shape)
+    except ValueError:
+        return False
+    return True
+
+
+def attacker_images(cfg: BenchConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The gray-box attacker's own images: a glyph draw disjoint from the zoo's and the defender's seeds."""
+    return glyphs(cfg.graybox_images, seed=cfg.zoo.seed * 10 + 7)
+
+
+def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int,
+             x_cal: np.ndarray) -> dict[str, Any]:
+    """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs,
+    without and with the opt-in trigger memory (calibrated on the defender's clean ``x_cal``, holding the
+    row's clean test images as earlier traffic; its false-positive rate on them is ``memory_clean_fpr``)."""
+    from guard.bench.graybox import Budget, attack_model
+    from guard.online.memory import TriggerMemory
+
+    x_own, y_own = attacker_images(cfg)
+    x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
+    memory = TriggerMemory(seed=cfg.zoo.seed).fit(x_cal).infer_threshold(x_cal, fpr=cfg.fpr)
+    traffic = d.x_test[:n_eval]
+    memory.update(x_cal)
+    clean_fpr = float((memory.observe(traffic) > memory.threshold_).mean())
+    out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
+                       budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets),
+                       memory=memory, traffic=traffic)
+    return out | {"memory_clean_fpr": round(clean_fpr, 4), "memory_size": memory.size}
+
+
+def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dict[str, Any] | None:
+    """The gray-box attacker's strongest budget against the *clean* model guarded by its own profile, per
+    attack: how often the re-optimised trigger hijacks a model that has no backdoor and passes its guard.
+
+    A blend key or a warp field optimised at the attack's own strength is a universal adversarial
+    perturbation as much as a trigger; this is the part of a row's residual that no backdoor is needed
+    for, the floor to read that residual against."""
+    if not cfg.graybox_budgets:
+        return None
+    from guard.bench.graybox import Budget, attack_model
+    from guard.demo.attacks import ATTACKS
+
+    d, _, _ = bench_data(cfg)
+    n_eval = min(cfg.n_eval, len(d.x_test))
+    guard = Guard(model, profile, mode="enforce", verify=False)
+    strongest = Budget(*max(cfg.graybox_budgets, key=lambda b: (b[0], b[1])))
+    out: dict[str, Any] = {"budget": {"steps": strongest.steps, "weight": strongest.weight}, "attacks": {}}
+    for name in cfg.attacks:
+        attack = ATTACKS[name](seed=cfg.zoo.seed)
+        if not regraftable(attack, tuple(d.x_test.shape[1:])):
+            continue
+        log(progress, f"gray-box floor: {name} against the clean {cfg.zoo.net}")
+        x_own, y_own = attacker_images(cfg)
+        x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
+        r = attack_model(model, attack, guard, x_own, y_own, x_eval, budgets=(strongest,), seed=cfg.zoo.seed)
+        b = r["budgets"][0]
+        out["attacks"][name] = {k: b[k] for k in ("attack_success_bare", "residual_attack_success", "rejection_rate")}
+    return out

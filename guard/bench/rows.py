@@ -1,0 +1,164 @@
+"""A run's rows: everything measured on one attack's model, the clean model's false positives, and the
+bars each row is judged by."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from guard.bench.attackers import graybox_floors, graybox_row, regraftable, whitebox_row
+from guard.bench.config import BenchConfig, bench_data, log, profile_dir
+from guard.bench.detection import art_figures, offline_verdicts, online_figures, repair_figures, strip_figures
+from guard.bench.models import zoo_model
+from guard.bench.peers.evaluate import best_peer, peer_rows
+from guard.data import split
+from guard.demo.attacks import Attack
+from guard.model import num_classes
+from guard.online import Guard
+from guard.scan import build_profile
+from guard.scan.neural_cleanse import NeuralCleanse
+
+
+def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok: bool,
+                progress: Callable[[str], None] | None) -> tuple[dict[str, Any], str | None]:
+    """Everything measured on one attack's model (on network ``cfg.zoo.net``); its profile is saved under
+    ``profiles/NAME`` (DemoNet) or ``profiles/NET/NAME`` (another network).
+
+    Returns the row and ART's error message if ART's STRIP failed on it.
+    """
+    t0 = time.perf_counter()
+    d, xc, yc = bench_data(cfg)
+    x_fit, y_fit, x_cal, y_cal = split(xc, yc, 0.5, seed=cfg.zoo.seed)  # build_profile's own split
+    n_eval = min(cfg.n_eval, len(d.x_test))
+    neg, y_neg = d.x_test[:n_eval], d.y_test[:n_eval]
+    clean = zoo_model("clean", cfg.zoo, data=d, cache=cache)
+    net = cfg.zoo.net
+    log(progress, f"{name} ({net}): training")
+    zm = zoo_model(name, cfg.zoo, data=d, cache=cache, clean_model=clean.model)
+    k = num_classes(zm.model, xc)
+    attack: Attack = zm.attack  # type: ignore[assignment]
+    target = int(getattr(attack, "target", -1))
+    log(progress, f"{name}: scanning (Neural Cleanse, checks, calibration)")
+    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+    t_scan = time.perf_counter()
+    profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                     knn=cfg.knn)
+    scan_seconds = time.perf_counter() - t_scan
+    profile.save(profile_dir(profiles, net, name))
+    log(progress, f"{name}: DL-TND / DF-TND")
+    detected = offline_verdicts(cfg, zm.model, summary, profile.meta, x_fit, y_fit, target, k)
+    victims = attack.victims(d.y_test)
+    pos = attack.stamp(d.x_test[victims][:n_eval])
+    pos_target = attack.target_of(d.y_test[victims][:n_eval])
+    log(progress, f"{name}: online checks, repair")
+    guard = Guard(zm.model, profile, mode="enforce", verify=False)
+    with torch.inference_mode():
+        success = zm.model(torch.from_numpy(pos)).argmax(1).numpy() == pos_target
+    online = online_figures(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
+    repair = repair_figures(Guard(zm.model, profile, mode="repair", verify=False), neg, y_neg, pos, pos_target,
+                            zm.model)
+    log(progress, f"{name}: STRIP (N={cfg.strip_n})")
+    strip = strip_figures(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
+    art, art_error = None, None
+    if art_ok:
+        log(progress, f"{name}: ART STRIP")
+        try:
+            art = art_figures(cfg, zm.model, x_fit[:cfg.art_pool], neg, pos, k)
+        except Exception as e:  # report ART's own failure instead of losing the run
+            art_error = f"ART STRIP failed: {type(e).__name__}: {e}"
+    peers = None
+    if cfg.peers:
+        log(progress, f"{name}: IBD-PSC, SCALE-UP, TED, TED++")
+        peers = peer_rows(zm.model, x_cal, y_cal, neg, pos, fpr=cfg.fpr, seed=cfg.zoo.seed, strip=strip)
+    whitebox = None
+    if cfg.whitebox_budgets and name in ("badnets", "blended"):
+        log(progress, f"{name}: white-box attacker ({len(cfg.whitebox_budgets)} budgets)")
+        whitebox = whitebox_row(cfg, zm.model, attack, guard, d, n_eval, x_fit, y_fit)
+    graybox = None
+    if cfg.graybox_budgets and regraftable(attack, tuple(neg.shape[1:])):
+        log(progress, f"{name}: gray-box attacker ({len(cfg.graybox_budgets)} budgets)")
+        graybox = graybox_row(cfg, zm.model, attack, guard, d, n_eval, x_cal)
+    purification = None
+    if cfg.purify_per_class:
+        from guard.bench.purification import purification_section
+
+        log(progress, f"{name}: purification ({', '.join(map(str, cfg.purify_per_class))} clean images per class)")
+        def scan(model, x, y):  # the row's own scan settings, on the subset a user with that many images has
+            return build_profile(model, x, y, fpr=cfg.fpr, seed=cfg.zoo.seed, progress=False, knn=cfg.knn,
+                                 nc=NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False))[0]
+
+        purification = purification_section(zm.model, attack, xc, yc, neg, y_neg, per_class=cfg.purify_per_class,
+                                            methods=cfg.purify_methods, seed=cfg.zoo.seed, scan=scan)
+    row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
+           "clean_accuracy": round(zm.clean_accuracy, 4),
+           "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
+           "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
+           "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
+           "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
+           "peers": peers, "whitebox": whitebox, "graybox": graybox, "purification": purification,
+           "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
+           "seconds": round(time.perf_counter() - t0, 1)}
+    row["targets"] = row_targets(row)
+    log(progress, f"{name} ({net}): done in {row['seconds']:.0f}s")
+    return row, art_error
+
+
+def clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: np.ndarray, y_fit: np.ndarray,
+               k: int, results: dict[str, Any], progress: Callable[[str], None] | None) -> None:
+    """The clean model through every offline method: what each flags is a false positive."""
+    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+    log(progress, "scanning the clean model")
+    cprofile, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                   knn=cfg.knn)
+    cmeta = {"scan": {"seconds": csum["seconds"], "steps": nc.steps_}}
+    coff = offline_verdicts(cfg, clean.model, csum, cmeta, x_fit, y_fit, -1, k)
+    for v in coff.values():
+        if v is not None:
+            v["false_positive"] = v.pop("detected")
+    floors = graybox_floors(cfg, clean.model, cprofile, progress)
+    results["clean_models"].append({"name": "clean", "net": cfg.zoo.net, "seed": cfg.zoo.seed,
+                                    "clean_accuracy": round(clean.clean_accuracy, 4),
+                                    "train_seconds": round(clean.train_seconds, 1), "cached": clean.cached,
+                                    "detected": coff, "graybox_floor": floors})
+
+
+def row_targets(row: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's bars for one attack row: value, bar and whether it is met (None: no bar)."""
+    name, online, rep = row["name"], row["online"], row["repair"]
+    comb = online["combined"]
+    out: dict[str, Any] = {}
+    if name == "badnets":
+        out["combined_tpr_at_1pct_fpr>=0.95"] = comb["tpr_at_1pct_fpr"] >= 0.95
+        out["combined_auroc>=0.99"] = comb["auroc"] >= 0.99
+        out["repair_attack_success<=0.01"] = rep["attack_success_rate"] <= 0.01
+        out["repair_clean_accuracy_loss<=1pt"] = rep["clean_accuracy_loss_points"] <= 1.0
+    elif name in ("blended", "sig"):
+        out["combined_auroc>=0.97"] = comb["auroc"] >= 0.97
+    elif name in ("wanet", "input_aware"):
+        out["combined_auroc>=0.90"] = comb["auroc"] >= 0.90
+    _, peer_tpr = best_peer(row.get("peers") or {"strip": {"available": True, **row["strip"]}})
+    if peer_tpr is not None:
+        out["combined_tpr_at_1pct_fpr>=best_peer"] = comb["tpr_at_1pct_fpr"] >= peer_tpr
+    wb = row.get("whitebox")
+    if wb and wb.get("budgets"):
+        out["whitebox_residual_attack_success<=0.25"] = wb["max_residual_attack_success"] <= 0.25
+    gb = row.get("graybox")
+    if gb and gb.get("budgets"):
+        out["graybox_residual_attack_success<=0.25"] = gb["max_residual_attack_success"] <= 0.25
+    pur = (row.get("purification") or {}).get("per_class") or {}
+    for n, size in pur.items():
+        auto = next((r for r in size["rows"] if r["method"] == "auto"), None)
+        if auto is None:
+            continue
+        out[f"purify_auto_best_or_tied_{n}_per_class"] = size["auto_best_or_tied"]
+        patch = name in ("badnets", "badnets_random", "adap_patch", "trojannn", "tact", "label_consistent")
+        asr_bar, drop_bar = ((0.02, 1.0) if n == "50" else (0.05, 2.0)) if patch else (0.10, 2.0)
+        out[f"purify_auto_attack_success<={asr_bar:g}_{n}_per_class"] = auto["ok"] and auto["real_asr_after"] <= asr_bar
+        out[f"purify_auto_accuracy_drop<={drop_bar:g}pt_{n}_per_class"] = (
+            auto["ok"] and auto["accuracy_drop_points"] <= drop_bar)
+    return out
