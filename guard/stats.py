@@ -13,11 +13,15 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def anomaly_index(values: np.ndarray) -> np.ndarray:
-    """Neural Cleanse's anomaly index ``(median - v) / (1.4826 * MAD)`` of each value (> 0 below median)."""
+def anomaly_index(values: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Neural Cleanse's anomaly index ``(median - v) / (1.4826 * MAD)`` of each value (> 0 below median).
+
+    The median and MAD are the ``reference`` values' (a purified model's trigger norm judged against the
+    original scan's unsuspected labels), by default ``values``' own."""
     v = np.asarray(values, dtype=np.float64)
-    med = np.median(v)
-    mad = MAD_CONSISTENCY * np.median(np.abs(v - med))
+    ref = v if reference is None else np.asarray(reference, dtype=np.float64)
+    med = np.median(ref)
+    mad = MAD_CONSISTENCY * np.median(np.abs(ref - med))
     if mad <= 0:
         mad = np.finfo(np.float64).eps
     return (med - v) / mad

@@ -15,15 +15,7 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from guard.stats import MAD_CONSISTENCY
-
-
-def anomaly_against(value: float, reference: np.ndarray) -> float:
-    """Neural Cleanse's anomaly index of ``value`` against ``reference`` (positive when cheaper)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    med = np.median(ref)
-    mad = MAD_CONSISTENCY * np.median(np.abs(ref - med))
-    return float((med - value) / max(mad, np.finfo(np.float64).eps))
+from guard.stats import anomaly_index
 
 
 def residual_evidence(model: nn.Module, x: np.ndarray, profile, labels: list[int], *, num_classes: int,
@@ -53,7 +45,7 @@ def residual_evidence(model: nn.Module, x: np.ndarray, profile, labels: list[int
                 found[int(s)] = {"l1": round(l1, 3), "attack_success": round(asr, 4)}
     for s, f in found.items():
         f["l1_before"] = before.get(s)
-        f["anomaly"] = round(anomaly_against(np.log(max(f["l1"], 1e-8)), reference), 3)
+        f["anomaly"] = round(float(anomaly_index([np.log(max(f["l1"], 1e-8))], reference)[0]), 3)
         f["suspected"] = f["anomaly"] > threshold
     suspected = any(f["suspected"] for f in found.values())
     return {"suspected": suspected, "labels": {str(s): f for s, f in sorted(found.items())}, "threshold": threshold,
