@@ -34,8 +34,9 @@ def cpu_seconds() -> float:
 def choose_threads(requested: int | None) -> tuple[int, str]:
     """Torch threads for the run: as requested, else 1 on a busy machine and all cores on an idle one.
 
-    Measured here: with 2 threads on 2 cores shared with other work, OpenMP's spinning threads made a
-    batch-32 forward 18x slower than with 1 thread, so a loaded machine runs single-threaded.
+    On cores shared with other work, OpenMP's spinning threads made a forward pass many times slower
+    with one thread per core than with a single thread, so a loaded machine runs single-threaded
+    (figures: docs/benchmarks.md, 'Measurements behind the defaults').
     """
     if requested:
         return int(requested), "--threads"

@@ -108,8 +108,8 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
     at each of ``ingress_clients`` concurrent clients is measured too.
 
     ``threads`` sets ``OMP_NUM_THREADS`` for TorchServe's workers (both models alike); TorchServe
-    leaves torch at one thread per core, whose spinning made single requests 10x slower on a
-    machine shared with other work.
+    leaves torch at one thread per core, whose spinning made single requests many times slower on a
+    machine shared with other work (figures: docs/benchmarks.md, 'Measurements behind the defaults').
     """
     own_tmp = work_dir is None
     work = Path(tempfile.mkdtemp(prefix="guard-bench-ts-")) if own_tmp else Path(work_dir)

@@ -3,7 +3,8 @@
 ``build(out_dir)`` writes exactly what a user would bring: ``model.py`` (a copy of the model file),
 ``weights.pt`` (state_dict), ``clean.npz`` (clean images for the scan), ``holdout.npz`` (other
 clean images) and ``triggered.npz`` (held-out non-target images with the trigger; ``y`` holds their
-true labels). Everything is seeded; on 2 cores it takes about 10 s.
+true labels). Everything is seeded and small enough to build in seconds on 2 cores (figures:
+docs/benchmarks.md, 'Measurements behind the defaults').
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from guard.model import accuracy
 
 DEMO_TARGET = 6
 DEMO_SEED = 3
-"""The demo's seed. Neural Cleanse on demo builds of seeds 0-3 (measured): the target's anomaly
-index 2.3-3.3 (raw) and 4.6-5.3 (log scale) on every seed, but the glyph task has a naturally cheap
-class ("wedge", label 8) whose reversed mask is only about 1.5x the trigger's on some seeds (seed 0:
-log index 3.75, flagged beside the target; seed 2: target missed at raw 1.37). Seed 3 separates
-cleanly (target 2.9 raw / 4.6 log, next label 1.0 / 1.1), which is what a demo should show; the
-test population (tests/scan) measures how the scans do across seeds."""
+"""The demo's seed. On demo builds of seeds 0-3 Neural Cleanse's log-scale index stands the target
+out on every seed, but the glyph task has a naturally cheap class ("wedge", label 8) whose reversed
+mask is close to the trigger's on some seeds, so that it is flagged beside the target or the target
+is missed on the raw scale. Seed 3 separates cleanly, which is what a demo should show (figures:
+docs/benchmarks.md, 'Measurements behind the defaults'); the test population (tests/scan) measures
+how the scans do across seeds."""
 
 
 @dataclass

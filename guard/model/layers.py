@@ -142,10 +142,11 @@ def inner_layer(model: nn.Module, x: torch.Tensor, name: str | None = None, *,
     pooling, a convolutional classifier and later layers are excluded). For a token model (a vision
     transformer, whose only spatial map is its patch embedding) it is the first of its
     :func:`token_blocks`, read as :func:`token_map`: by the last block a patch trigger's token has been
-    folded into the target's class evidence (on the glyph ViT with two blocks, k-NN on the second block
-    stops about 20% of triggered inputs at 1% of clean, on the first 98%), while after one block it is still
-    a token no clean image has. ``name`` overrides the choice. Returns ``None`` where there is no such
-    layer, an MLP or a token model without a sequence of blocks (:func:`inner_layer_reason` says why).
+    folded into the target's class evidence, while after one block it is still a token no clean image
+    has; on the glyph ViT the first block's tokens separate triggered inputs far better than the last
+    block's (figures: docs/benchmarks.md, 'Measurements behind the defaults'). ``name`` overrides the
+    choice. Returns ``None`` where there is no such layer, an MLP or a token model without a sequence of
+    blocks (:func:`inner_layer_reason` says why).
     """
     return _inner(model, x, name, features)[0]
 
@@ -213,7 +214,8 @@ def token_map(t: torch.Tensor) -> torch.Tensor:
     CNN's: each dimension and its negation a channel over the tokens, so the pooled row holds every
     dimension's mean, largest and smallest value over the tokens. A CNN's maps follow a ReLU and their
     smallest value says little; a transformer's residual stream is signed, and a patch trigger shows as
-    one token far out on either side (on the glyph ViT's first block, k-NN on mean and max alone stops
-    93% of triggered inputs at 1% of clean, 98% with the negation)."""
+    one token far out on either side, which mean and max alone see on the positive side only; with the
+    negation k-NN on the glyph ViT's first block stops more triggered inputs (figures:
+    docs/benchmarks.md, 'Measurements behind the defaults')."""
     t = t.transpose(1, 2)
     return torch.cat((t, -t), 1).unsqueeze(3)

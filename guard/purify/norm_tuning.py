@@ -68,7 +68,8 @@ class NormTuning(Purifier):
     batch_stats
         Train in train mode: BatchNorm normalises each batch with its own statistics (re-estimated on
         the clean images after every epoch). False keeps the running statistics while training, which
-        leaves the gradients unnormalised: on a BatchNorm GapNet one epoch of 150 images cost 13 points.
+        leaves the gradients unnormalised, and on a BatchNorm GapNet a single epoch that way cost many
+        points of clean accuracy (figures: docs/benchmarks.md, 'Measurements behind the defaults').
 
     Other parameters: :class:`~guard.purify.base.Purifier`.
     """

@@ -45,18 +45,14 @@ accuracy that stops unlearning is not dropout noise. Masks that reach exactly 0 
 layer order, as the reference's stable sort of its mask file does. Unlearning that diverges (a
 non-finite loss or weight) is undone to the last finite state and stops; the reference has no guard.
 
-Measured here (20 clean images per class, the real trigger on unseen images,
-tests/purify/test_rnp.py): on GapNet (BatchNorm, global pooling, BadNets) unlearning sent every
-held-out image to the target on the model checked, as the paper describes, and RNP's order holds the
-backdoor: its first 12 of 160 neurons left 1-14% of a 99.8% attack at 1.4-6.5 points of accuracy
-over 12 models, and the purification's bounded steps a median 13% (3-67%) at 0.9-4.6 points over 13. On
-DemoNet (no normalisation) ascent sends every image to a label that is not the target (or diverges
-with more images), the mask never wins accuracy back and its lowest values fall on clean neurons:
-RNP does not remove it (the zoo's Blended DemoNet, 84% accurate and 60% attack success: one neuron
-pruned, 48% left). On the attack zoo's width-8 ResNet-18 (BatchNorm) the order did not hold the
-backdoor either: the purification kept 30 of 600 neurons and left 94% of BadNets and 81% of Blended (20
-per class); with 100 per class BadNets was refused (the first step cost 10 points) and Blended kept
-97%.
+Where it works (tests/purify/test_rnp.py, the real trigger on unseen images): on GapNet (BatchNorm,
+global pooling, BadNets) unlearning sent the held-out images to the target on the model checked, as the
+paper describes, and RNP's lowest masks fall on the backdoor's neurons, so a few pruned neurons remove
+most of the attack at a few points of accuracy. Where it does not: on DemoNet (no normalisation) ascent
+sends every image to a label that is not the target (or diverges with more images), the mask never wins
+accuracy back and its lowest values fall on clean neurons, so RNP does not remove the backdoor; on the
+attack zoo's width-8 ResNet-18 (BatchNorm) the order did not hold the backdoor either (figures:
+docs/benchmarks.md, 'Measurements behind the defaults').
 """
 
 from __future__ import annotations
@@ -220,7 +216,8 @@ class RNP:
 class RNPPruning(Purifier):
     """``--method rnp``: learn :class:`RNP`'s masks on the learning images, then offer switching off
     the lowest-mask neurons in steps (masks under ``threshold``, the reference's 0.2, at most
-    ``max_share`` of the neurons: twice ANP's, on GapNet the backdoor took 8 to 14 of 160 neurons).
+    ``max_share`` of the neurons: twice ANP's, enough for the share of neurons the backdoor took on
+    GapNet; figures: docs/benchmarks.md, 'Measurements behind the defaults').
     Needs no reversed trigger; with none the most pruned state within the bound is kept. Other
     parameters: :class:`~guard.purify.base.Purifier`."""
 

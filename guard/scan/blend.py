@@ -13,10 +13,11 @@ with clearly less. A label's *lead* is the share of opacity it saves over the ea
 (``1 - alpha_k / min_{j != k} alpha_j``); a label whose lead is over ``threshold`` is suspect.
 
 The bar, 0.175, was set on the calibration population of ``tests/scan/blend_calibration.py`` (36 glyph
-models, seeds disjoint from the test population): the largest lead was 0.006-0.124 on the 24 clean
-models and 0.227-0.330 on the 4 blended ones (their target every time); the bar is midway. Two of the
-8 patch models' targets also led (0.159, 0.163); the rest stayed in the pack, which is Neural
-Cleanse's and DF-TND's ground. About 6 s for a 10-class glyph model on two cores.
+models, seeds disjoint from the test population): midway between the clean models' largest leads and
+the blended ones' (the blended models' largest lead was their target every time). A few patch models'
+targets also led, below the bar; the rest stayed in the pack, which is Neural Cleanse's and DF-TND's
+ground. A scan of a 10-class glyph model takes seconds on two cores (figures: docs/benchmarks.md,
+'Measurements behind the defaults').
 """
 
 from __future__ import annotations

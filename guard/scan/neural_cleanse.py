@@ -10,16 +10,16 @@ A label stops once its mask has converged: ``early_stop_patience`` rounds in a r
 L1 norm improved by less than ``1 - early_stop_threshold`` (by default: not at all; the reference
 code uses 0.99, a 1% improvement).
 
-With ``lr=0.2, batch_size=16, max_rounds=100`` (fewer, larger steps) the scan of a ResNet-18 layout
-(width 16, 10 labels) took a quarter of the image passes and the target's mask still shrank to about
-5 pixels; the defaults stay the published ones until that setting is checked on every test model.
+With ``lr=0.2, batch_size=16, max_rounds=100`` (fewer, larger steps) a scan of the ResNet-18 layout
+needed far fewer image passes and still found the target's small mask; the defaults stay the published
+ones until that setting is checked on every test model (figures: docs/benchmarks.md, 'Measurements
+behind the defaults').
 
 What a step costs: one forward and backward over (labels x ``batch_size``) stamped images. With
 ``channels_last=True`` a convolutional net runs them channels-last (the model is converted for the
-fit and back): forward and backward at 320 images were 1.2-1.4x cheaper on a quiet 2-core CPU
-(DemoNet 1.34x, ResNet-18 layout at width 8 / 16 1.44x / 1.29x, the all-convolutional net 1.17x) and
-2-3x on a loaded one; off by default, since the changed summation order moves the optimisation's
-path and the detection floors were measured without it.
+fit and back), which made a step cheaper on the CPUs it was tried on (figures: docs/benchmarks.md,
+'Measurements behind the defaults'); off by default, since the changed summation order moves the
+optimisation's path and the detection floors were measured without it.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ class NeuralCleanse:
     A label is flagged when it passes the paper's MAD test (anomaly index above ``threshold``, on the
     raw or the log-scale norms, below the median) *and* its trigger costs at most ``isolation`` times
     the cheapest natural label's (a label the MAD test leaves alone). Among ten labels the MAD of nine
-    others is a noisy scale: the largest index of ten natural labels passes 2 about a third of the time
-    (normal null, simulated), and on seeded clean glyph models the MAD test alone flagged 4 of 24. A
-    backdoor's trigger stands apart from every natural label instead: on that calibration population
-    (tests/scan/nc_calibration.py) the cheapest label of a clean model cost 0.72 to 1.0 times the
-    cheapest natural one, a patch target 0.21 to 0.42 times.
+    others is a noisy scale: the largest index of ten natural labels often passes 2 (simulated under a
+    normal null), and the MAD test alone flagged several of the seeded clean glyph models. A backdoor's
+    trigger stands apart from every natural label instead: on that calibration population
+    (tests/scan/nc_calibration.py) a clean model's cheapest label cost not much less than its
+    cheapest natural one and a patch target a fraction of it, and the default ``isolation`` lies
+    between the two (figures: docs/benchmarks.md, 'Measurements behind the defaults').
     ``isolation=1.0`` gives the published rule alone. A screened scan (below) does not apply it: its
     candidates are the cheapest of many labels by construction, and on the composed-glyph 100- and
     1000-class worlds the bar hid the 1000-class target; the raised MAD bar holds them instead.
@@ -65,17 +66,18 @@ class NeuralCleanse:
     cost, from a faint mask over the whole image (``screen_mask_start``): a backdoor target's pattern
     takes its images to the target within a few steps and then sheds the mask down to a few pixels, a
     natural label cannot, so the labels with the lowest loss over the steps are the ``candidates``.
-    Measured on the composed-glyph worlds, the target's rank in the screening: at 100 labels first
-    from masks of 0.1 or 0.2, below 20th from 0.02 or 0.05 (masks that have to grow before any label
-    is reached); at 1000 labels 3rd from 0.1, 13th from 0.02 and below 5th from 0.2. Hence 0.1; the
-    margin at 1000 labels is two places. The full optimisation then
+    The starting mask 0.1 is the one that ranked the target among the candidates on the composed-glyph
+    worlds at both 100 and 1000 labels: fainter masks have to grow before any label is reached, and
+    0.2 lost the 1000-class target; the margin at 1000 labels is small (figures: docs/benchmarks.md,
+    'Measurements behind the defaults'). The full optimisation then
     runs on the candidates and on ``references`` labels drawn at random from the rest, which give the
     MAD test a representative median and spread. The candidates are by construction the cheapest of
     all labels, so the MAD test's bar ``threshold_`` is raised for the number of labels they were
     picked from (:func:`guard.stats.family_threshold`: the chance that a natural label passes stays
-    what the published 2.0 gives among 10 labels; 2.84 at 100 labels, 3.51 at 1000). Measured on the
-    composed-glyph worlds: the target's index 10.1 at 100 labels and 7.4 at 1000, the largest natural
-    label's 1.95 and 1.72; their clean twins' largest 1.83 and 1.37. ``screened_`` records what the first stage chose.
+    what the published 2.0 gives among 10 labels; 2.84 at 100 labels, 3.51 at 1000). On the
+    composed-glyph worlds at 100 and 1000 labels the raised bar flagged the backdoored models' target
+    and no other label, and nothing in their clean twins (figures: docs/benchmarks.md, 'Measurements
+    behind the defaults'). ``screened_`` records what the first stage chose.
 
     Learned attributes: ``masks_`` (K, 1, H, W), ``patterns_`` (K, C, H, W), ``l1_norms_``,
     ``attack_success_``, ``anomaly_index_``, ``log_anomaly_index_``, ``isolation_``, ``threshold_`` (the bar the

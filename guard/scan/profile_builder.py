@@ -61,17 +61,18 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     each check's own threshold at ``fpr`` (they name the reasons of a verdict) and the ensemble that
     decides (:class:`~guard.online.ensemble.FisherEnsemble`, one threshold that lets ``fpr`` of them
     through), whose checks are weighted by how well they separate the scan's reversed triggers,
-    stamped on clean images, from clean scores. Measured: calibrating on one held-out half (a few
-    hundred images) let 2-2.8% of new
-    clean images through at a calibrated 1% on three networks; cross-fitting, 1.2-2.2%. ``knn`` adds the
-    nearest-neighbour feature check (:class:`~guard.online.checks.KNNCheck`), which covers
-    input-specific triggers that no reversed trigger describes (WaNet, input-aware); ``consistency``
-    the inner-layer check (:class:`~guard.online.checks.ConsistencyCheck`, on the layer ``inner`` or
-    the one :func:`~guard.model.inner_layer` finds), which covers mild whole-image triggers (Blended);
-    with both, the nearest-neighbour check on that inner layer
-    (:class:`~guard.online.checks.InnerKNNCheck`) sees the Blended trigger best; ``inner_knn=False``
-    leaves that one out (its batch-1 score took 6 us in the bench's breakdown on DemoNet; side by side,
-    the guard's overhead with and without it was within the measurement's noise). Each costs one small
+    stamped on clean images, from clean scores. Cross-fitting because a threshold calibrated on one
+    held-out half (a few hundred images) let clearly more new clean images through than the calibrated
+    ``fpr`` on three networks, and cross-fitting came closer (figures: docs/benchmarks.md, 'Measurements
+    behind the defaults'). ``knn`` adds the nearest-neighbour feature check
+    (:class:`~guard.online.checks.KNNCheck`), which covers input-specific triggers that no reversed
+    trigger describes (WaNet, input-aware); ``consistency`` the inner-layer check
+    (:class:`~guard.online.checks.ConsistencyCheck`, on the layer ``inner`` or the one
+    :func:`~guard.model.inner_layer` finds), which covers mild whole-image triggers (Blended); with both,
+    the nearest-neighbour check on that inner layer (:class:`~guard.online.checks.InnerKNNCheck`) sees
+    the Blended trigger best; ``inner_knn=False`` leaves that one out (it is on by default because its
+    cost is small: side by side, the guard's overhead with and without it was within the measurement's
+    noise; figures: docs/benchmarks.md, 'Measurements behind the defaults'). Each costs one small
     matrix product per query. ``memory`` adds the opt-in stateful trigger memory
     (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
     at ``fpr``), which catches a fixed trigger from its second query on; figures and cost in
@@ -152,7 +153,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         tensors[f"neurons.{s}"] = idx.astype(np.int64)
     min_l1 = min((float(nc.l1_norms_[nc.labels_.index(s)]) for s in suspects), default=None)
     # a few seed pixels, each dilated to its 3x3 neighbourhood: enough to cover a compact trigger,
-    # few enough to leave the object intact (measured on the demo: 4-6 seeds stop >= 99%)
+    # few enough to leave the object intact (the demo's figures: docs/benchmarks.md, 'Measurements behind
+    # the defaults')
     repair_pixels = int(max(4, round(0.5 * min_l1))) if min_l1 else int(max(4, 0.005 * x.shape[2] * x.shape[3]))
     seconds = time.perf_counter() - t0
     scan = Scan(method="neural_cleanse", threshold=float(nc.threshold_),

@@ -50,11 +50,12 @@ Where this differs: the reference flattens every activation (``view(N, -1)``), w
 ``R x (sum of layer sizes)`` floats and grows with the image. Here a spatial map ``(N, C, H, W)`` is
 averaged over a grid of at most 4 x 4 cells (``spatial``), fewer where ``C`` times the cells would
 pass ``max_dim`` floats, and a token sequence ``(N, T, D)`` over its tokens, so a layer costs at most
-``max_dim`` floats per reference. A patch trigger needs the grid: on the BadNets DemoNet (300 clean
-references, 300 + 300 held-out inputs) TED's AUROC is 0.82 with one mean per channel, 0.99 on the
-4 x 4 grid and 0.99 flattened. On the glyph ViT (two blocks) neither helps much: TED 0.87 averaged
-over tokens, 0.84 flattened; TED++ 0.71 and 0.86. Ranks count the references strictly closer than the
-nearest same-class one, which is the sorted position without depending on how a sort breaks ties.
+``max_dim`` floats per reference. A patch trigger needs the grid: on the BadNets DemoNet one mean per
+channel loses much of TED's separation, while the 4 x 4 grid keeps what flattening gives; on the glyph
+ViT (two blocks) neither averaging nor flattening lets TED or TED++ separate well (figures:
+docs/benchmarks.md, 'Measurements behind the defaults'). Ranks count the references strictly closer
+than the nearest same-class one, which is the sorted position without depending on how a sort breaks
+ties.
 If the clean trajectories do not vary at all (every rank 0 at every layer), PCA has nothing to weigh
 and the score is the norm of the standardised trajectory.
 """

@@ -3,7 +3,7 @@
 "Label-Consistent Backdoor Attacks": a dirty-label poison is easy to spot by its wrong label, so the
 attacker poisons only images of the target class and keeps their labels. Stamped as they are, such
 images are learned from their content and the trigger is ignored (the plain clean-label SIG attack
-stays under 10% on the demo budget, see :mod:`guard.demo.attacks._registry`). Turner et al. first make
+barely takes on the demo budget, see :mod:`guard.demo.attacks._registry`). Turner et al. first make
 the images hard to classify from their content, with an adversarial perturbation from a clean model
 (projected gradient descent within an L-infinity ball of ``eps``, or an interpolation in a GAN's latent
 space), so that the trigger is the easiest feature that explains their label. Their trigger is a

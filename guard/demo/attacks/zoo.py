@@ -56,7 +56,8 @@ def zoo_data(*, seed: int = 0, n_train: int = 3000, n_test: int = 1000) -> ZooDa
 
 #: Width of the zoo's ResNet-18 (the CIFAR layout of :mod:`guard.demo.nets.resnet` at a reduced width,
 #: so that it trains on a CPU): at width 8 it has about as many weights as DemoNet (176k and 156k) and
-#: an epoch took 2.3 times less than at the module's width 16.
+#: an epoch takes far less time than at the module's width 16 (figures: docs/benchmarks.md,
+#: 'Measurements behind the defaults').
 RESNET_WIDTH = 8
 
 
@@ -77,9 +78,10 @@ def _resnet18() -> nn.Module:
 NETS: dict[str, Callable[[], nn.Module]] = {"demo_net": _demo_net, "resnet18": _resnet18}
 #: Adam's peak learning rate per network.
 NET_LR: dict[str, float] = {"demo_net": LR, "resnet18": LR}
-#: Multiple of the zoo's epochs per network (on top of the attack's :data:`EPOCH_SCALES` entry). Measured
-#: on 3000 images: at 6 epochs the ResNet reached BadNets' and Blended's floors but Adap-Patch only 84%
-#: attack success; at 9 epochs Adap-Patch reached 100% (clean accuracy 100% either way).
+#: Multiple of the zoo's epochs per network (on top of the attack's :data:`EPOCH_SCALES` entry). On 3000
+#: images 6 epochs left the ResNet's Adap-Patch short of its floor (BadNets and Blended reached theirs)
+#: and 9 epochs reached it, at no cost in clean accuracy (figures: docs/benchmarks.md, 'Measurements
+#: behind the defaults').
 NET_EPOCH_SCALES: dict[str, float] = {"demo_net": 1.0, "resnet18": 1.5}
 
 #: The network modules under :mod:`guard.demo.nets` that define each zoo network.

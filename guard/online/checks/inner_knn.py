@@ -27,8 +27,8 @@ class InnerKNNCheck(KNNCheck):
     nearest-neighbour distance sees that mode where a single Gaussian per class (the consistency
     check's discriminant) blurs it. Tracking an input's neighbours over layers is the idea of TED
     (topological evolution dynamics) and deep k-NN, at the cost of hooks only: the inner layer is
-    already tapped. Measured on the benchmark's Blended model: AUROC 0.996, 96% of triggered inputs
-    at 1% FPR, where the feature-layer kNN check reaches 0.957 and 43%.
+    already tapped. On the benchmark's Blended model it separates triggered inputs far better than the
+    feature-layer kNN check (figures: docs/benchmarks.md, 'Measurements behind the defaults').
     """
 
     name = "inner_knn"

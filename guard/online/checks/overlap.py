@@ -35,8 +35,9 @@ class OverlapCheck(Check):
     Per label: ``1 - sum(m * |x - p|) / (C * sum(m))``, standardised on clean inputs; the score is
     the largest *absolute* deviation over the suspect labels. Two-sided on purpose: the reversed
     pattern is one trigger that works, not the attacker's, and on the demo model a stamped patch
-    inside the mask sits consistently *farther* from the reversed pattern than clean pixels do
-    (one-sided AUROC 0.05, two-sided well above 0.5). Catches a trigger where the reversed mask found it.
+    inside the mask sits consistently *farther* from the reversed pattern than clean pixels do, so a
+    one-sided score ranks triggered inputs below clean ones (figures: docs/benchmarks.md, 'Measurements
+    behind the defaults'). Catches a trigger where the reversed mask found it.
     """
 
     name = "overlap"
