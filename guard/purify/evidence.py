@@ -58,8 +58,7 @@ class Evidence:
         from guard.scan.blend import BlendReversal
 
         br = BlendReversal(seed=seed, progress=progress).fit(model, x, y)
-        alphas = np.asarray(br.alphas, dtype=np.float32)
-        opacity = alphas[np.abs(alphas[:, None] - br.alpha_needed_[None]).argmin(0)]
+        opacity = br.opacity_
         labels = [int(s) for s in br.suspect_labels_]
         info = {"suspect_labels": labels, "lead": [round(float(v), 3) for v in br.lead_],
                 "threshold": br.threshold, "seconds": round(br.seconds_, 1)}

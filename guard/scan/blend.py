@@ -42,7 +42,8 @@ class BlendReversal:
     of ``alphas``, ``alpha_needed_`` (K,) the opacity each label needs for ``success`` of it
     (censored at the last opacity), ``lead_`` (K,) the share of opacity it saves over the easiest other
     label, ``patterns_`` (K, C, H, W) each label's pattern at the grid opacity nearest its need,
-    ``suspect_labels_``, ``steps_``, ``seconds_``.
+    ``opacity_`` (K,) that grid opacity (the one to stamp ``patterns_`` at), ``suspect_labels_``,
+    ``steps_``, ``seconds_``.
     """
 
     def __init__(self, *, alphas: Sequence[float] = (0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2),
@@ -117,6 +118,7 @@ class BlendReversal:
         self.alpha_needed_ = crossing(np.asarray(alphas), success, self.success)
         nearest = np.abs(np.asarray(alphas)[:, None] - self.alpha_needed_[None]).argmin(0)
         self.patterns_ = patterns[nearest, np.arange(k)]
+        self.opacity_ = np.asarray(alphas, dtype=np.float32)[nearest]
         self._decide()
         self.steps_ = self._total_steps(len(alphas))
         self.seconds_ = time.perf_counter() - t0
