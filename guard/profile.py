@@ -4,24 +4,28 @@ A profile is a directory with ``profile.json`` (schema version, model fingerprin
 classes, feature and inner layer, per-label scan results, suspect labels, each check's threshold and
 the FPR they were calibrated for, the ensemble, policy, repair settings) and ``tensors.safetensors``
 (masks, patterns, the checks' and the ensemble's fitted arrays). :class:`Profile` is the typed form
-of both; ``profile.json`` is validated field by field on load (:class:`~guard.errors.ProfileError`
-names the bad field). Writes are atomic (a temporary sibling directory renamed into place); loads
-verify schema and hash and refuse a mismatch rather than guarding a model with another model's
-thresholds. Profiles of schema version 1 are migrated on load (in memory; saving writes version 2).
+of both; ``profile.json`` is validated on load against its schema, declared once as pydantic models
+(:class:`_ProfileJSON`): a bad, unknown or misspelled field is a :class:`~guard.errors.ProfileError`
+naming the file and the field path. Writes are atomic (a temporary sibling directory renamed into
+place); loads verify schema and hash and refuse a mismatch rather than guarding a model with another
+model's thresholds. Profiles of schema version 1 are migrated on load (in memory; saving writes version 2).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_args
 
 import numpy as np
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from safetensors.numpy import load_file, save_file
 
 from guard.errors import ProfileError, ProfileMismatch
@@ -192,90 +196,34 @@ class Profile:
 
     @classmethod
     def from_json(cls, meta: Any, tensors: dict[str, np.ndarray] | None = None, *, where: str = JSON_NAME) -> Profile:
-        """Validate ``profile.json``'s content (current schema) and build the profile."""
-        v = _Validator(where)
-        m = v.obj(meta, "")
-        ver = m.get("schema_version")
-        if ver != SCHEMA_VERSION:
+        """Validate ``profile.json``'s content (current schema, :class:`_ProfileJSON`) and build the profile.
+
+        A bad field raises :class:`~guard.errors.ProfileError` as one line naming ``where`` and the field's
+        path; a schema version other than the current one raises :class:`~guard.errors.ProfileMismatch`.
+        """
+        if not isinstance(meta, dict):
+            raise ProfileError(f"{where}: the top level must be an object")
+        ver = meta.get("schema_version")
+        if ver != SCHEMA_VERSION:  # before the schema: another version's fields are not this one's
             raise ProfileMismatch(f"{where}: schema_version {ver!r} is not {SCHEMA_VERSION}: "
                                   "rescan the model with this guard")
-        sha = v.str(m, "model_sha256")
-        if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
-            raise ProfileError(f"{where}: model_sha256 must be 64 lowercase hex digits")
-        shape = v.list(m, "input_shape", v.int_item)
-        if len(shape) != 3 or min(shape) < 1:
-            raise ProfileError(f"{where}: input_shape must be three positive integers (C, H, W)")
-        fpr = v.num(m, "fpr")
-        if not 0 < fpr < 0.5:
-            raise ProfileError(f"{where}: fpr must be in (0, 0.5), got {fpr}")
-        checks = {}
-        for name, entry in v.obj(m.get("checks"), "checks").items():
-            e = v.obj(entry, f"checks.{name}")
-            checks[name] = CheckEntry(threshold=v.num(e, "threshold", f"checks.{name}."),
-                                      settings={k: x for k, x in e.items() if k != "threshold"})
-        if not checks:
-            raise ProfileError(f"{where}: checks must name at least one calibrated check")
-        ensemble = None
-        if m.get("ensemble") is not None:
-            e = v.obj(m["ensemble"], "ensemble")
-            ensemble = EnsembleEntry(method=v.str(e, "method", "ensemble."),
-                                     threshold=v.num(e, "threshold", "ensemble."),
-                                     settings={k: x for k, x in e.items() if k not in ("method", "threshold")})
-        policy = v.obj(m.get("policy", {}), "policy")
-        mode = policy.get("mode", "enforce")
-        if mode not in MODES:
-            raise ProfileError(f"{where}: policy.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        repair = v.obj(m.get("repair", {}), "repair")
-        pixels = v.int(repair, "pixels", "repair.") if "pixels" in repair else 16
-        scan = None
-        if m.get("scan") is not None:
-            s = v.obj(m["scan"], "scan")
-            per_label = []
-            for i, r in enumerate(v.list(s, "per_label", None, "scan.")):
-                r = v.obj(r, f"scan.per_label[{i}]")
-                p = f"scan.per_label[{i}]."
-                per_label.append(LabelScan(
-                    label=v.int(r, "label", p), l1_norm=v.num(r, "l1_norm", p),
-                    anomaly_index=v.num(r, "anomaly_index", p),
-                    log_anomaly_index=v.num(r, "log_anomaly_index", p), suspect=v.bool(r, "suspect", p),
-                    attack_success=v.num(r, "attack_success", p) if r.get("attack_success") is not None else None,
-                    converged=v.bool(r, "converged", p) if r.get("converged") is not None else None,
-                    isolation=v.num(r, "isolation", p) if r.get("isolation") is not None else None))
-            scan = Scan(method=v.str(s, "method", "scan."), threshold=v.num(s, "threshold", "scan."),
-                        per_label=per_label,
-                        seed=s.get("seed"), steps=s.get("steps"), seconds=s.get("seconds"),
-                        samples=dict(s.get("samples") or {}))
-        calibration = None
-        if m.get("calibration") is not None:
-            c = v.obj(m["calibration"], "calibration")
-            calibration = Calibration(samples=v.int(c, "samples", "calibration."),
-                                      realised_fpr=v.num(c, "realised_fpr", "calibration."))
-        layer = v.str(m, "feature_layer")
-        inner = m.get("inner_layer")
-        if inner is not None and not isinstance(inner, str):
-            raise ProfileError(f"{where}: inner_layer must be a string or null")
-        memory = None
-        if m.get("memory") is not None:
-            e = v.obj(m["memory"], "memory")
-            known = ("size", "n_features", "duplicate", "seed", "threshold", "fpr")
-            unknown = sorted(set(e) - set(known))
-            if unknown:
-                raise ProfileError(f"{where}: memory has unknown field(s) {', '.join(unknown)}")
-            memory = {k: (v.int if k in ("size", "n_features", "seed") else v.num)(e, k, "memory.") for k in known}
-            if memory["size"] < 1 or memory["n_features"] < 1 or not 0 < memory["fpr"] < 0.5:
-                raise ProfileError(f"{where}: memory needs size and n_features >= 1 and fpr in (0, 0.5)")
-        off = v.obj(m.get("checks_off", {}), "checks_off")
-        if not all(isinstance(r, str) for r in off.values()):
-            raise ProfileError(f"{where}: checks_off must map check names to reasons (strings)")
-        return cls(model_sha256=sha, input_shape=tuple(shape), num_classes=v.int(m, "num_classes"),
-                   feature_layer=layer, inner_layer=inner, fpr=fpr, checks=checks, ensemble=ensemble,
-                   policy=Policy(mode=mode), repair=RepairSettings(pixels=pixels), scan=scan,
-                   suspect_labels=v.list(m, "suspect_labels", v.int_item) if "suspect_labels" in m else [],
-                   suspect_neurons={str(k): list(x)
-                                    for k, x in v.obj(m.get("suspect_neurons", {}), "suspect_neurons").items()},
-                   calibration=calibration, created=m.get("created"), source=dict(m.get("source") or {}),
-                   checks_off={str(k): r for k, r in off.items()}, memory=memory,
-                   tensors=dict(tensors or {}))
+        try:
+            m = _ProfileJSON.model_validate(meta)
+        except ValidationError as e:
+            raise _profile_error(e, where) from None
+        scan = None if m.scan is None else Scan(**m.scan.model_dump(exclude={"per_label"}),
+                                                per_label=[LabelScan(**r.model_dump()) for r in m.scan.per_label])
+        ensemble = None if m.ensemble is None else EnsembleEntry(m.ensemble.method, m.ensemble.threshold,
+                                                                 dict(m.ensemble.model_extra or {}))
+        return cls(model_sha256=m.model_sha256, input_shape=tuple(m.input_shape), num_classes=m.num_classes,
+                   feature_layer=m.feature_layer, inner_layer=m.inner_layer, fpr=m.fpr,
+                   checks={n: CheckEntry(c.threshold, dict(c.model_extra or {})) for n, c in m.checks.items()},
+                   ensemble=ensemble, policy=Policy(**m.policy.model_dump()),
+                   repair=RepairSettings(**m.repair.model_dump()), scan=scan, suspect_labels=m.suspect_labels,
+                   suspect_neurons=m.suspect_neurons,
+                   calibration=None if m.calibration is None else Calibration(**m.calibration.model_dump()),
+                   created=m.created, source=dict(m.source or {}), checks_off=m.checks_off,
+                   memory=None if m.memory is None else m.memory.model_dump(), tensors=dict(tensors or {}))
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
@@ -371,51 +319,162 @@ def _migrate_v1(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[d
     return meta, tensors
 
 
-class _Validator:
-    """Typed reads of ``profile.json`` fields that raise :class:`ProfileError` naming the field."""
+# ---------------------------------------------------------------------- the schema of profile.json
+class _Fixed(BaseModel):
+    """A section of ``profile.json`` with a fixed set of fields, as :meth:`Profile.to_json` writes it: an
+    unknown (or misspelled) field is refused, and values are taken as JSON typed them (no ``"3"`` for 3,
+    no ``1`` for true, no NaN or infinity; an integer is a valid number)."""
 
-    def __init__(self, where: str):
-        self.where = where
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    def fail(self, path: str, what: str):
-        raise ProfileError(f"{self.where}: {path} must be {what}")
 
-    def obj(self, value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(path or "the top level", "an object")
+def _rule(test: Callable[[Any], Any], what: str) -> AfterValidator:
+    """A check the types cannot say (a range, a format); it fails as ``PATH what`` (``{!r}`` in ``what``
+    stands for the value)."""
+
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(what.format(value))
         return value
 
-    def num(self, m: dict, key: str, prefix: str = "") -> float:
-        x = m.get(key)
-        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
-            self.fail(prefix + key, "a number")
-        return float(x)
+    return AfterValidator(check)
 
-    def int(self, m: dict, key: str, prefix: str = "") -> int:
-        x = m.get(key)
-        if isinstance(x, bool) or not isinstance(x, int):
-            self.fail(prefix + key, "an integer")
-        return x
 
-    def int_item(self, x: Any, path: str) -> int:
-        if isinstance(x, bool) or not isinstance(x, int):
-            self.fail(path, "an integer")
-        return x
+_Name = Annotated[str, Field(min_length=1)]
+_Fpr = Annotated[float, _rule(lambda f: 0 < f < 0.5, "must be in (0, 0.5), got {!r}")]
+_Positive = Annotated[int, _rule(lambda n: n >= 1, "must be >= 1, got {!r}")]
 
-    def bool(self, m: dict, key: str, prefix: str = "") -> bool:
-        x = m.get(key)
-        if not isinstance(x, bool):
-            self.fail(prefix + key, "true or false")
-        return x
 
-    def str(self, m: dict, key: str, prefix: str = "") -> str:
-        x = m.get(key)
-        if not isinstance(x, str) or not x:
-            self.fail(prefix + key, "a non-empty string")
-        return x
+class _LabelScanJSON(_Fixed):
+    """:class:`LabelScan`."""
 
-    def list(self, m: dict, key: str, item=None, prefix: str = "") -> list:
-        x = m.get(key)
-        if not isinstance(x, list):
-            self.fail(prefix + key, "a list")
-        return [item(v, f"{prefix}{key}[{i}]") for i, v in enumerate(x)] if item else x
+    label: int
+    l1_norm: float
+    anomaly_index: float
+    log_anomaly_index: float
+    suspect: bool
+    attack_success: float | None = None
+    converged: bool | None = None
+    isolation: float | None = None
+
+
+class _ScanJSON(_Fixed):
+    """:class:`Scan`."""
+
+    method: _Name
+    threshold: float
+    per_label: list[_LabelScanJSON]
+    seed: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+    samples: dict[str, int] = {}
+
+
+class _CheckJSON(_Fixed):
+    """:class:`CheckEntry`, flattened: the threshold beside the settings, which are the check's own
+    (any keys, kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    threshold: float
+
+
+class _EnsembleJSON(_CheckJSON):
+    """:class:`EnsembleEntry`, flattened like a check's entry."""
+
+    method: _Name
+
+
+class _PolicyJSON(_Fixed):
+    """:class:`Policy`."""
+
+    mode: Annotated[str, _rule(lambda m: m in MODES, f"must be one of {', '.join(MODES)}, got {{!r}}")] = "enforce"
+
+
+class _RepairJSON(_Fixed):
+    """:class:`RepairSettings`."""
+
+    pixels: int = 16
+
+
+class _CalibrationJSON(_Fixed):
+    """:class:`Calibration`."""
+
+    samples: int
+    realised_fpr: float
+
+
+class _MemoryJSON(_Fixed):
+    """The trigger memory's settings (:meth:`guard.online.memory.TriggerMemory.to_settings`), all required."""
+
+    size: _Positive
+    n_features: _Positive
+    duplicate: float
+    seed: int
+    threshold: float
+    fpr: _Fpr
+
+
+class _ProfileJSON(_Fixed):
+    """``profile.json``, schema version 2, field for field as :meth:`Profile.to_json` writes it. Open maps
+    by design: ``checks`` (by check name, each with its own settings), ``ensemble``'s settings, ``source``,
+    ``checks_off``, ``suspect_neurons`` and ``scan.samples``."""
+
+    schema_version: int
+    model_sha256: Annotated[str, _rule(lambda s: re.fullmatch("[0-9a-f]{64}", s), "must be 64 lowercase hex digits")]
+    input_shape: Annotated[list[int], _rule(lambda s: len(s) == 3 and min(s) >= 1,
+                                            "must be three positive integers (C, H, W), got {!r}")]
+    num_classes: int
+    feature_layer: _Name
+    inner_layer: str | None = None
+    created: str | None = None
+    source: dict[str, Any] | None = None
+    checks_off: dict[str, str] = {}
+    scan: _ScanJSON | None = None
+    suspect_labels: list[int] = []
+    suspect_neurons: dict[str, list[int]] = {}
+    fpr: _Fpr
+    checks: Annotated[dict[str, _CheckJSON], _rule(bool, "must name at least one calibrated check")]
+    ensemble: _EnsembleJSON | None = None
+    calibration: _CalibrationJSON | None = None
+    policy: _PolicyJSON = Field(default_factory=_PolicyJSON)
+    repair: _RepairJSON = Field(default_factory=_RepairJSON)
+    tensor_names: list[str] = []
+    memory: _MemoryJSON | None = None
+
+
+_MUST_BE = {"float_type": "a number", "finite_number": "a finite number", "int_type": "an integer",
+            "bool_type": "true or false", "string_type": "a string", "string_too_short": "a non-empty string",
+            "list_type": "a list", "dict_type": "an object", "model_type": "an object"}
+
+
+def _profile_error(e: ValidationError, where: str) -> ProfileError:
+    """pydantic's first error as one line naming the file and the field path (``profile.json:
+    scan.per_label[0].l1_norm must be a number``); an unknown field names the close field it may mean."""
+    errors = e.errors()  # an unknown field first: a misspelled required field is also a missing one
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    loc = err["loc"]
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "the top level"
+    if err["type"] == "extra_forbidden":
+        close = get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
+        text = f"unknown field {path}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    elif err["type"] == "missing":
+        text = f"{path} is missing"
+    elif err["type"] == "value_error":
+        text = f"{path} {err['ctx']['error']}"
+    else:
+        text = f"{path} must be {_MUST_BE[err['type']]}" if err["type"] in _MUST_BE else f"{path}: {err['msg']}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ProfileError(f"{where}: {text}{more}")
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the schema model at ``loc`` (a path into :class:`_ProfileJSON`), for hints."""
+
+    def is_model(tp: Any) -> bool:
+        return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+    tp: Any = _ProfileJSON
+    for part in loc:  # a model's field, or a list's or a map's item (its type's last argument)
+        tp = tp.model_fields[part].annotation if is_model(tp) else get_args(tp)[-1]
+        tp = next(a for a in get_args(tp) if a is not type(None)) if type(None) in get_args(tp) else tp
+    return list(tp.model_fields) if is_model(tp) else []

@@ -114,15 +114,39 @@ def test_schema_1_profiles_are_migrated_on_load(demo_profile, demo_world, tmp_pa
     (lambda m: m["ensemble"].update(threshold=None), "ensemble.threshold must be a number"),
     (lambda m: m["scan"]["per_label"][0].update(l1_norm="x"), r"scan.per_label\[0\].l1_norm must be a number"),
     (lambda m: m.update(checks=[]), "checks must be an object"),
+    (lambda m: m.update(bogus=1), "unknown field bogus$"),
+    (lambda m: m.update(suspect_label=m.pop("suspect_labels")),
+     r"unknown field suspect_label \(did you mean 'suspect_labels'\?\)"),
+    (lambda m: m["scan"]["per_label"][1].update(suspekt=m["scan"]["per_label"][1].pop("suspect")),
+     r"unknown field scan.per_label\[1\].suspekt \(did you mean 'suspect'\?\)"),
+    (lambda m: m["policy"].update(mood="shadow"), r"unknown field policy.mood \(did you mean 'mode'\?\)"),
+    (lambda m: m["scan"]["samples"].update(fit="10"), "scan.samples.fit must be an integer"),
+    (lambda m: m["scan"]["per_label"][2].update(suspect=1), r"scan.per_label\[2\].suspect must be true or false"),
+    (lambda m: m["calibration"].pop("realised_fpr"), "calibration.realised_fpr is missing"),
+    (lambda m: m.update(model_sha256="A" * 64), "model_sha256 must be 64 lowercase hex digits"),
 ])
 def test_a_malformed_field_is_named(demo_profile, tmp_path, edit, message):
+    """One line naming the file and the field's path (exit code 2 on the CLI); unknown fields are refused
+    with the close field name they may mean."""
     Profile.load(demo_profile).save(tmp_path / "p")
     j = tmp_path / "p" / "profile.json"
     meta = json.loads(j.read_text())
     edit(meta)
     j.write_text(json.dumps(meta))
-    with pytest.raises(ProfileError, match=message):
+    with pytest.raises(ProfileError, match=message) as e:
         Profile.load(tmp_path / "p")
+    assert str(e.value).startswith(f"{j}: ") and "\n" not in str(e.value) and e.value.exit_code == 2
+
+
+def test_check_and_ensemble_settings_stay_open(demo_profile):
+    """A check's entry and the ensemble's carry their own settings: keys the schema does not know are kept."""
+    q = Profile.load(demo_profile)
+    meta = q.to_json()
+    meta["checks"]["knn"]["new_setting"] = [1, "a"]
+    meta["ensemble"]["new_setting"] = {"x": 1}
+    p = Profile.from_json(meta, q.tensors)
+    assert p.checks["knn"].settings["new_setting"] == [1, "a"] and p.ensemble.settings["new_setting"] == {"x": 1}
+    assert p.to_json() == meta
 
 
 def test_profile_docstring_example_runs():
