@@ -82,8 +82,9 @@ def _pin_numpy_blas() -> None:
     """Run numpy's BLAS single-threaded (process-wide).
 
     The checks multiply matrices of a few hundred elements; BLAS worker threads buy nothing there
-    and, spinning against torch's own threads, made batch-32 scoring 3x slower than the forward pass
-    in our measurements. torch's thread pool is untouched.
+    and, spinning against torch's own threads, made batch-32 scoring slower than the forward pass
+    itself (figures: docs/benchmarks.md, 'Measurements behind the defaults'). torch's thread pool is
+    untouched.
     """
     from threadpoolctl import threadpool_limits
 
@@ -197,7 +198,8 @@ class Guard:
     @contextlib.contextmanager
     def session(self) -> Iterator[Guard]:
         """Keep the feature hook registered for a block of calls, a serving worker's lifetime, instead of
-        registering and removing it on every call (about 6 us of a batch-1 call). The hook is removed when
+        registering and removing it on every call (a measurable share of a batch-1 call's fixed cost,
+        docs/benchmarks.md). The hook is removed when
         the block exits, exceptions included; nested sessions share the outer one's hook."""
         if self._tap is not None:
             yield self
