@@ -89,11 +89,17 @@ class Candidates:
 
     def rereverse(self, model: nn.Module, round_: int, *, seed: int = 0, device: str = "cpu",
                   progress: bool | None = None) -> list[Trigger]:
-        """Neural Cleanse again, on the partly purified ``model``, for the suspect labels only: what still
-        fires the backdoor once the triggers found so far are unlearned (a backdoor with several
-        triggers, or one the first reversal only partly found, shows another one here). The new
-        triggers, where found and pasted anywhere, join the scoring list and are returned for
-        unlearning; their L1 norms go to ``details["re_reversed_l1"]``."""
+        """The suspect labels' triggers reversed again on the partly purified ``model``, the way the
+        evidence found them: what still fires the backdoor once the triggers found so far are unlearned
+        (a backdoor with several triggers, or one the first reversal only partly found, shows another
+        one here). The new triggers join the scoring list and are returned for unlearning.
+
+        Patch evidence: Neural Cleanse for the suspect labels, each trigger where found and pasted
+        anywhere; L1 norms to ``details["re_reversed_l1"]``. Blend evidence: a key at the evidence's
+        opacity and one at the opacity natural labels need (:func:`~guard.scan.blend.blend_keys`);
+        their success to ``details["re_reversed_blend"]``."""
+        if self.evidence.kind == "blend":
+            return self._rereverse_blend(model, round_, seed=seed)
         from guard.scan.neural_cleanse import NeuralCleanse
 
         labels = self.evidence.labels
@@ -104,6 +110,23 @@ class Candidates:
         moved = anywhere(new)
         self.scoring.extend([(s, Trigger(t.mask, t.pattern)) for s, t in new] + moved)
         return [t for _, t in new + moved]
+
+    def _rereverse_blend(self, model: nn.Module, round_: int, *, seed: int) -> list[Trigger]:
+        from guard.scan.blend import blend_keys
+
+        ev, shape = self.evidence, self.x.shape[2:]
+        found, rows = [], []
+        for i, label in enumerate(ev.labels):
+            found_at = round(float(ev.masks[i].max()), 4)
+            opacities = sorted({found_at, *([ev.natural_opacity] if ev.natural_opacity else [])})
+            for alpha in opacities:
+                keys, success = blend_keys(model, self.x, self.y, [label], alpha=alpha, seed=seed + round_)
+                t = Trigger(torch.full((1, *shape), alpha), torch.from_numpy(keys[0]))
+                found.append(t)
+                self.scoring.append((label, t))
+                rows.append({"label": label, "opacity": alpha, "success": round(float(success[0]), 3)})
+        self.details.setdefault("re_reversed_blend", []).append(rows)
+        return found
 
     def rereversal(self, triggers: list[Trigger], *, every: int, seed: int = 0, device: str = "cpu",
                    progress: bool | None = None):
@@ -214,7 +237,7 @@ class Purifier:
             # fires on every earlier state, must not flatten the differences the others show
             return float(np.mean([trigger_success(mdl, x, y, s, t, seed=self.seed) for s, t in c.scoring]))
 
-        sel.finish(work, score if c.scoring else None)
+        sel.finish(work, score if c.scoring else None, tie=1.0 / max(len(x), 1))  # one image's worth
         self.ok_ = sel.step != "original"
         self.selected_ = sel.step
         self.history_ = sel.history

@@ -19,11 +19,18 @@ from guard.purify.triggers import Trigger, anywhere, reversed_triggers
 @dataclass
 class Evidence:
     """Suspect ``labels`` and one reversed trigger each: ``masks`` ``(n, 1, H, W)`` and ``patterns``
-    ``(n, C, H, W)`` in raw pixel space (rows in the order of ``labels``)."""
+    ``(n, C, H, W)`` in raw pixel space (rows in the order of ``labels``).
+
+    ``kind`` says how the triggers were found, so that a method reverses them again the same way:
+    ``"patch"`` (Neural Cleanse: a region, from the profile) or ``"blend"`` (a key over the whole image
+    at one opacity, from the blend reversal); for a blend, ``natural_opacity`` is the opacity the
+    unsuspected labels needed (the median), the strength at which any label's key wins."""
 
     labels: list[int] = field(default_factory=list)
     masks: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
     patterns: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
+    kind: str = "patch"
+    natural_opacity: float | None = None
 
     @classmethod
     def from_profile(cls, profile, labels: list[int] | None = None) -> Evidence:
@@ -66,7 +73,9 @@ class Evidence:
             return cls(), info
         h, w = x.shape[-2:]
         masks = np.stack([np.full((1, h, w), opacity[s], np.float32) for s in labels])
-        return cls(labels, masks, br.patterns_[labels].astype(np.float32)), info
+        natural = np.delete(br.alpha_needed_, labels)
+        return cls(labels, masks, br.patterns_[labels].astype(np.float32), kind="blend",
+                   natural_opacity=float(np.median(natural)) if len(natural) else None), info
 
     def __bool__(self) -> bool:
         return bool(self.labels)

@@ -46,17 +46,28 @@ class Selection:
             self.kept.append((step, acc, state_of(model)))
         return within
 
-    def finish(self, model: nn.Module, score: Callable[[nn.Module], float] | None) -> None:
-        """Pick the kept candidate with the lowest ``score(model)`` (then the higher accuracy, then the
-        later one); with ``score`` None, the last one kept (the method's own choice)."""
+    def finish(self, model: nn.Module, score: Callable[[nn.Module], float] | None, *, tie: float = 0.0) -> None:
+        """Pick the kept candidate with the lowest ``score(model)``, scores within ``tie`` of the lowest
+        counting as tied (then the higher accuracy, then the later one); with ``score`` None, the last one
+        kept (the method's own choice).
+
+        ``tie`` is what one scoring image is worth: two states the known triggers move alike to within an
+        image are not told apart by them, and the one that kept more accuracy is the better."""
+        if not self.kept:
+            return
+        if score is None:
+            self.step, _, self.state = self.kept[-1]
+            return
         probe = copy.deepcopy(model)
+        scores = []
+        for step, _, state in self.kept:
+            probe.load_state_dict(state)
+            s = score(probe.eval())
+            next(h for h in self.history if h["step"] == step)["trigger_success"] = s
+            scores.append(s)
+        floor = min(scores) + tie
         best = None
-        for step, acc, state in self.kept:
-            s = 0.0
-            if score is not None:
-                probe.load_state_dict(state)
-                s = score(probe.eval())
-                next(h for h in self.history if h["step"] == step)["trigger_success"] = s
-            key = (s, -acc) if score is not None else (0.0, 0.0)
-            if best is None or key <= best:
-                best, self.step, self.state = key, step, state
+        for (step, acc, state), s in zip(self.kept, scores):
+            if s <= floor and (best is None or acc >= best):
+                best, self.step, self.state = acc, step, state
+

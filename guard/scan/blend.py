@@ -160,3 +160,36 @@ def crossing(alphas: np.ndarray, success: np.ndarray, level: float) -> np.ndarra
         lo, hi = success[i - 1, j], success[i, j]
         out[j] = float(alphas[i - 1] + (alphas[i] - alphas[i - 1]) * (level - lo) / max(hi - lo, 1e-9))
     return out
+
+
+def blend_keys(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: Sequence[int], *, alpha: float,
+               steps: int = 200, lr: float = 0.1, batch_size: int = 64, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The blend question for a few ``labels`` at one opacity: for each, the full-image pattern ``p`` that
+    sends ``(1 - alpha) x + alpha p`` to it, optimised on the clean ``x`` of other classes (labels ``y``).
+
+    Returns the patterns ``(n, C, H, W)`` and each one's success on those images. A purification asks it
+    again of the model it is tuning (:meth:`guard.purify.base.Candidates.rereverse`): once the key found
+    by the scan is unlearned, what key still carries images to the suspect label."""
+    patterns = np.zeros((len(labels), *x.shape[1:]), dtype=np.float32)
+    success = np.zeros(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    with frozen(model):
+        for i, label in enumerate(labels):
+            others = torch.from_numpy(np.ascontiguousarray(x[np.asarray(y) != label], dtype=np.float32))
+            if not len(others):
+                continue
+            raw = torch.zeros((1, *x.shape[1:]), requires_grad=True)
+            opt = torch.optim.Adam([raw], lr=lr)
+            target = torch.full((batch_size,), int(label), dtype=torch.long)
+            for _ in range(steps):
+                batch = others[torch.randint(0, len(others), (batch_size,), generator=gen)]
+                loss = nn.functional.cross_entropy(model((1 - alpha) * batch + alpha * from_raw(raw)), target)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                key = from_raw(raw)
+                patterns[i] = key[0].numpy()
+                success[i] = float((model((1 - alpha) * others + alpha * key).argmax(1) == label).float().mean())
+    return patterns, success

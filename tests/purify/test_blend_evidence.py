@@ -48,9 +48,8 @@ def test_blend_reversal_names_the_target_and_a_key(blended):
 def test_purify_unlearns_the_blend_key_when_the_profile_names_no_label(blended, badnets_profile):
     """purify() with a profile whose scan suspected nothing: the blend reversal supplies the evidence, the
     before verdict says so, the real key's success falls and the same reversal on the purified model no
-    longer sees the target lead. Measured with 20 images per class on a 2-core AMD EPYC: 92.4% -> 3.9%
-    at 3.1 points here (over the 2-point goal: the 50 held-out images saw none of it), 97.5% -> 0.3% at
-    3.0 on the bench zoo's blended DemoNet; the floors leave room for other CPUs."""
+    longer sees the target lead (figures with 20 images per class: docs/benchmarks.md, 'Purification');
+    the floors leave room for other CPUs."""
     from guard.profile import Profile
     from guard.purify import purify
     from guard.purify.residual import blend_residual
@@ -74,3 +73,24 @@ def test_purify_unlearns_the_blend_key_when_the_profile_names_no_label(blended, 
     res = blend_residual(purified, xs, ys, [attack.target], seed=0)
     assert res["method"] == "blend-reversal" and not res["suspected"]
     assert blend_residual(model, xs, ys, [attack.target], seed=0)["suspected"]  # the original still leads
+
+
+def test_blend_evidence_is_reversed_again_as_a_blend(blended):
+    """A purification tuning on blend evidence asks the blend question again of the model it tunes: one key
+    at the opacity the scan found, one at the opacity natural labels need, both full-image masks, recorded
+    in the details and added to the triggers that score the candidates. On the backdoored model the key at
+    the natural opacity still carries most images to the target."""
+    from guard.purify import Evidence
+    from guard.purify.base import Candidates
+
+    model, attack, xs, ys, _, _ = blended
+    evidence, _ = Evidence.from_blend_reversal(model, xs, ys, seed=0)
+    assert evidence.kind == "blend" and 0 < evidence.masks.max() < evidence.natural_opacity < 0.5
+    c = Candidates(xs, ys, evidence, selection=None, original=model, num_classes=10)
+    found = c.rereverse(model, 1, seed=0)
+    (rows,) = c.details["re_reversed_blend"]
+    assert [r["label"] for r in rows] == [attack.target] * 2 == [label for label, _ in c.scoring]
+    assert [r["opacity"] for r in rows] == sorted({round(float(evidence.masks.max()), 4), evidence.natural_opacity})
+    assert len(found) == 2
+    assert all(t.mask.shape == (1, *xs.shape[2:]) and bool((t.mask == t.mask.max()).all()) for t in found)
+    assert rows[1]["success"] >= 0.5
