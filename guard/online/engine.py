@@ -94,18 +94,16 @@ def _pin_numpy_blas() -> None:
 class Guard:
     """Wrap ``model`` with ``profile`` and decide pass | repaired | rejected | flagged per input.
 
-    ``memory`` (opt-in: ``None``, the default, takes it from the profile when ``guard scan --memory``
-    calibrated one; ``False`` turns it off; or a calibrated :class:`~guard.online.memory.TriggerMemory`)
-    adds the stateful check:
-    an input whose trigger-like residual matches a recent query's is rejected (flagged in shadow mode,
-    never repaired) with the reason ``repeated_trigger``; its score is the last column of a result's
-    ``scores``. It costs a few hundred microseconds per input on a 2-core CPU and holds the last queries'
-    residuals in memory. ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints
-    the located trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as
-    the model did and flags. An input is suspect when the checks' calibrated ensemble
-    (:mod:`guard.online.ensemble`) is over its threshold. The model's fingerprint must match the profile's unless
-    ``verify=False`` (the caller already checked it). ``single_thread_blas`` pins numpy's BLAS to one
-    thread for the process (see :func:`_pin_numpy_blas`).
+    ``memory`` (opt-in: ``None``, the default, takes it from the profile when ``guard scan --memory`` calibrated
+    one; ``False`` turns it off; or a calibrated :class:`~guard.online.memory.TriggerMemory`) adds the stateful
+    check: an input whose trigger-like residual matches a recent query's is rejected (flagged in shadow mode, never
+    repaired) with the reason ``repeated_trigger``; its score is the last column of a result's ``scores``. It costs
+    about one more small forward per input (docs/benchmarks.md) and holds the last queries' residuals in memory.
+    ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints the located
+    trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as the model did and flags. An
+    input is suspect when the checks' calibrated ensemble (:mod:`guard.online.ensemble`) is over its threshold. The
+    model's fingerprint must match the profile's unless ``verify=False`` (the caller already checked it).
+    ``single_thread_blas`` pins numpy's BLAS to one thread for the process (see :func:`_pin_numpy_blas`).
 
     >>> import numpy as np, torch
     >>> from guard.scan import build_profile
@@ -153,14 +151,7 @@ class Guard:
             raise ModelError("the profile has no calibrated checks")
         self.thresholds = np.asarray([c.threshold_ for c in self.checks])
         self.names = [c.name for c in self.checks]
-        if profile.ensemble is not None:
-            rule = RULES.get(profile.ensemble.method)
-            self.ensemble: FisherEnsemble | UnionRule = self._restore(f"ensemble {profile.ensemble.method}", rule,
-                                                                      *profile.ensemble_state())
-            if self.ensemble.refs_.shape[0] != len(self.checks):
-                raise ModelError("the profile's ensemble does not match its checks: rescan the model")
-        else:  # a profile from before the ensemble: any check over its own threshold
-            self.ensemble = UnionRule(self.thresholds)
+        self.ensemble = self._decision_rule()
         self.fill = profile.tensors["fill"].astype(np.float32)
         self.repair_pixels = int(profile.repair.pixels)
         neuron = next((c for c in self.checks if c.name == "neuron"), None)
@@ -171,15 +162,7 @@ class Guard:
         self._one = scoring.scorer(self._kernels, self._rule[0], raw_inner=True)
         self._no_inner = np.zeros((1, 1, 1, 1), np.float32)
         self._tap: FeatureTap | None = None  # held open by session()
-        if memory is None or memory is True:  # as the profile says (True: and refuse a profile without one)
-            if profile.memory is None and memory is True:
-                raise ProfileError("the profile has no trigger memory: rescan with guard scan --memory")
-            memory = None if profile.memory is None else TriggerMemory.from_settings(profile.memory,
-                                                                                  tuple(profile.input_shape))
-        elif memory is False:
-            memory = None
-        if memory is not None and getattr(memory, "threshold_", None) is None:
-            raise ModelError("the trigger memory is not calibrated: call infer_threshold on clean images first")
+        memory = _memory_of(profile, memory)
         self.memory = memory
         if memory is not None:
             self._memory_names = [*self.names, REPEATED_TRIGGER]
@@ -194,6 +177,17 @@ class Guard:
         except (KeyError, TypeError, ValueError) as e:
             raise ProfileError(f"the profile's {name} entry is incomplete or malformed ({e!r}): "
                                "rescan the model") from e
+
+    def _decision_rule(self) -> FisherEnsemble | UnionRule:
+        """The profile's calibrated ensemble over the checks, or, for a profile from before the ensemble,
+        the union of the checks' own thresholds."""
+        if self.profile.ensemble is None:
+            return UnionRule(self.thresholds)
+        rule = self._restore(f"ensemble {self.profile.ensemble.method}", RULES.get(self.profile.ensemble.method),
+                             *self.profile.ensemble_state())
+        if rule.refs_.shape[0] != len(self.checks):
+            raise ModelError("the profile's ensemble does not match its checks: rescan the model")
+        return rule
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Guard]:
@@ -339,3 +333,18 @@ class Guard:
                                 neuron_weights=w, neuron_bias=b, masks=self._masks)
         rec = self._forward(repair.apply(x, region, self.fill))
         return rec.logits, self.scores(rec)
+
+
+def _memory_of(profile: Profile, memory: TriggerMemory | bool | None) -> TriggerMemory | None:
+    """The trigger memory a guard runs with: the profile's when ``memory`` is None (True: and refuse a
+    profile without one), none when False, else the calibrated one given."""
+    if memory is None or memory is True:
+        if profile.memory is None and memory is True:
+            raise ProfileError("the profile has no trigger memory: rescan with guard scan --memory")
+        memory = None if profile.memory is None else TriggerMemory.from_settings(profile.memory,
+                                                                              tuple(profile.input_shape))
+    elif memory is False:
+        memory = None
+    if memory is not None and getattr(memory, "threshold_", None) is None:
+        raise ModelError("the trigger memory is not calibrated: call infer_threshold on clean images first")
+    return memory
