@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from guard.modes import MODES
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES
 
 HELP = "package model + weights + profile with the guard handler into a TorchServe .mar"
@@ -56,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", metavar="MEAN,STD", help="normalisation the model expects (as given to guard scan)")
     p.add_argument("--profile", required=True, help="profile directory written by guard scan")
     p.add_argument("--export-path", required=True, help="directory to write NAME.mar to (created if missing)")
-    p.add_argument("--mode", choices=["enforce", "repair", "shadow"],
+    p.add_argument("--mode", choices=MODES,
                    help="policy served (default: the profile's own mode)")
     p.add_argument("--fail-open", action="store_true",
                    help="if the guard itself fails on a batch, answer the bare model's prediction marked "

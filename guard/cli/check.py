@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from guard.cli._common import add_model_arguments, load_model_from, print_json
+from guard.modes import MODES
 
 HELP = "replay the guard offline on a dataset and count verdicts"
 
@@ -14,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--profile", required=True, help="profile directory written by guard scan")
     p.add_argument("--data", required=True, help=".npz (x, y) or image folder to replay")
-    p.add_argument("--mode", choices=["enforce", "repair", "shadow"], help="override the profile's mode")
+    p.add_argument("--mode", choices=MODES, help="override the profile's mode")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", action="store_true")
 

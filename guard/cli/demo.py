@@ -15,13 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
+from guard.modes import MODES
+
 HELP = "end-to-end demo: build, scan, archive, serve, query, show metrics"
 MODEL_NAME = "demo"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="working directory (default ./demo-out)")
-    p.add_argument("--mode", choices=["enforce", "repair", "shadow"], default="enforce",
+    p.add_argument("--mode", choices=MODES, default="enforce",
                    help="policy to serve (default enforce)")
     p.add_argument("--queries", type=int, default=24, help="clean and triggered images to send each (default 24)")
     p.add_argument("--keep-running", action="store_true", help="leave TorchServe running afterwards")

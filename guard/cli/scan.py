@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, parse_device, print_json
+from guard.modes import MODES
 from guard.serving.integrity import model_input_shape
 
 HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
@@ -19,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="clean images: .npz (x, y) or a folder of class subfolders")
     p.add_argument("--out", required=True, help="profile directory to write")
     p.add_argument("--fpr", type=fpr_arg, default=0.01, help="false-positive rate the checks are calibrated for")
-    p.add_argument("--mode", choices=["enforce", "repair", "shadow"], default="enforce",
+    p.add_argument("--mode", choices=MODES, default="enforce",
                    help="default policy stored in the profile")
     p.add_argument("--inner-layer", metavar="NAME",
                    help="module whose output the consistency check reads (default: the last spatial block, "

@@ -307,12 +307,7 @@ class Guard:
         """The bare model's answers for a batch, marked verdict ``error`` with reason ``guard_error``:
         what a fail-open service returns when the guard itself failed. No checks run; ``x`` is only
         converted to float32, so this works on input the guard could not score."""
-        xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        with torch.inference_mode():
-            logits = self.model(xt.float()).numpy()
-        probs = softmax(logits)
-        return [Decision(int(lab), [round(float(v), 6) for v in p], "error", ["guard_error"], {})
-                for lab, p in zip(logits.argmax(1), probs)]
+        return [Decision(label, p, "error", ["guard_error"], {}) for label, p in bare_predictions(self.model, x)]
 
     def statistic(self, scores: np.ndarray) -> np.ndarray:
         """``(N,)`` the ensemble's combined score of ``(N, n_checks)`` check scores (higher = more suspect)."""
@@ -348,3 +343,12 @@ def _memory_of(profile: Profile, memory: TriggerMemory | bool | None) -> Trigger
     if memory is not None and getattr(memory, "threshold_", None) is None:
         raise ModelError("the trigger memory is not calibrated: call infer_threshold on clean images first")
     return memory
+
+
+def bare_predictions(model: nn.Module, x: np.ndarray | torch.Tensor) -> list[tuple[int, list[float]]]:
+    """The bare model's label and probabilities per input, rounded as the guard's own answers are: what the
+    stock handler serves and what a fail-open guard falls back to."""
+    xt = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    with torch.inference_mode():
+        p = softmax(model(xt.float()).numpy())
+    return [(int(row.argmax()), [round(float(v), 6) for v in row]) for row in p]

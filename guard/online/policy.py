@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MODES = ("enforce", "repair", "shadow")
+from guard.modes import MODES
+
 VERDICTS = ("pass", "repaired", "rejected", "flagged")
 
 

@@ -42,6 +42,7 @@ import torch
 from guard.errors import GuardError, PayloadTooLarge
 from guard.model import fingerprint, load_model
 from guard.online import Decision, Guard
+from guard.online.engine import bare_predictions
 from guard.online.policy import check_mode
 from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
@@ -49,11 +50,12 @@ from guard.serving.decode import V2, Decoded, decode_payload
 from guard.serving.integrity import check_profile_digest
 from guard.serving.metrics import MetricsSink, record_decisions
 from guard.serving.trail import AuditLog
-from guard.stats import softmax
 
 logger = logging.getLogger(__name__)
 
-BASELINE_MAX_REQUEST_BYTES = 6_553_500  # TorchServe's own max_request_size default
+TORCHSERVE_MAX_REQUEST_SIZE = 6_553_500
+"""TorchServe 0.12's own ``max_request_size`` default: the stock handler's bound, and the floor of the frontend
+bound ``guard serve`` writes (:func:`guard.torchserve.config.frontend_max_request_size`)."""
 JSON = "application/json"
 
 
@@ -145,13 +147,6 @@ class ArchiveConfig:
     def load_model(self, model_dir: Path) -> torch.nn.Module:
         return load_model(model_dir / self.model_file, model_dir / self.weights, model_class_name=self.model_class,
                           normalize=self.normalize)
-
-
-def bare_predictions(model: torch.nn.Module, x: np.ndarray) -> list[tuple[int, list[float]]]:
-    """The bare model's label and probabilities per instance, rounded as the guard's own answers are."""
-    with torch.inference_mode():
-        p = softmax(model(torch.from_numpy(x)).numpy())
-    return [(int(row.argmax()), [round(float(v), 6) for v in row]) for row in p]
 
 
 def v2_body(model_name: str, answers: Sequence[Mapping[str, Any]], *, request_id: str | None = None) -> dict[str, Any]:
@@ -418,7 +413,7 @@ class BaselineService(_BatchService):
     (the profile only for its input shape; mode and fail_open are ignored)."""
 
     def __init__(self, model: torch.nn.Module, input_shape: tuple[int, int, int], *,
-                 max_request_bytes: int = BASELINE_MAX_REQUEST_BYTES, model_name: str = ""):
+                 max_request_bytes: int = TORCHSERVE_MAX_REQUEST_SIZE, model_name: str = ""):
         self.model = model.eval()
         self.model_name = model_name
         self.input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
@@ -430,7 +425,7 @@ class BaselineService(_BatchService):
                             model_name: str = "") -> BaselineService:
         """Load the model of the archive unpacked in ``model_dir`` (weights only); no profile checks."""
         model_dir = Path(model_dir)
-        cfg = ArchiveConfig.parse(config, manifest=manifest, default_max_request_bytes=BASELINE_MAX_REQUEST_BYTES)
+        cfg = ArchiveConfig.parse(config, manifest=manifest, default_max_request_bytes=TORCHSERVE_MAX_REQUEST_SIZE)
         meta = json.loads((model_dir / cfg.profile / "profile.json").read_text())
         return cls(cfg.load_model(model_dir), tuple(meta["input_shape"]), max_request_bytes=cfg.max_request_bytes,
                    model_name=model_name)
@@ -442,5 +437,5 @@ class BaselineService(_BatchService):
         return Reply(200, self._body(decoded, list(answers)))
 
 
-__all__ = ["ArchiveConfig", "BaselineService", "GuardService", "Reply", "Request", "bare_predictions",
+__all__ = ["ArchiveConfig", "BaselineService", "GuardService", "Reply", "Request",
            "handler_section", "v2_body"]

@@ -12,12 +12,12 @@ from pathlib import Path
 from guard._assets import deploy_file
 from guard.errors import InputError
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES as HANDLER_DEFAULT_MAX_REQUEST_BYTES
+from guard.serving.service import TORCHSERVE_MAX_REQUEST_SIZE, handler_section
 from guard.torchserve.ports import free_ports, worker_port
 
 DEPLOY = deploy_file("config.properties").parent  # the installed serving configs (guard/_assets)
 
 
-TS_DEFAULT_MAX_REQUEST_SIZE = 6_553_500  # TorchServe 0.12's max_request_size default
 
 
 def read_properties(path: Path) -> dict[str, str]:
@@ -65,7 +65,7 @@ def archive_max_request_bytes(mar: Path) -> int:
     try:
         with zipfile.ZipFile(mar) as z:
             cfg = yaml.safe_load(z.read("model-config.yaml")) or {}
-        return int((cfg.get("handler") or {}).get("max_request_bytes", HANDLER_DEFAULT_MAX_REQUEST_BYTES))
+        return int(handler_section(cfg).get("max_request_bytes", HANDLER_DEFAULT_MAX_REQUEST_BYTES))
     except (OSError, KeyError, ValueError, TypeError, AttributeError, zipfile.BadZipFile, yaml.YAMLError):
         return HANDLER_DEFAULT_MAX_REQUEST_BYTES
 
@@ -76,7 +76,7 @@ def frontend_max_request_size(handler_bounds: list[int], configured: int | None 
     Twice the largest bound (so over-bound bodies up to that size reach the handler, which answers a JSON
     413), never below TorchServe's default nor below an explicitly ``configured`` larger value.
     """
-    return max(2 * max(handler_bounds or [HANDLER_DEFAULT_MAX_REQUEST_BYTES]), TS_DEFAULT_MAX_REQUEST_SIZE,
+    return max(2 * max(handler_bounds or [HANDLER_DEFAULT_MAX_REQUEST_BYTES]), TORCHSERVE_MAX_REQUEST_SIZE,
                int(configured or 0))
 
 

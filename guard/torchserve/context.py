@@ -99,15 +99,13 @@ def request_headers(context: Any, idx: int) -> dict[str, Any]:
 
 
 def content_type(headers: dict[str, Any], row: Any) -> str | None:
-    """The body parameter's content type if TorchServe recorded one, else the HTTP header."""
+    """The body parameter's content type if TorchServe recorded one (a multipart part's); None otherwise,
+    and the service reads the HTTP ``Content-Type`` header from ``headers`` itself."""
     if isinstance(row, dict):
         for name in ("body", "data", *row.keys()):
             part = headers.get(name)
             if isinstance(part, dict) and part.get("content-type"):
                 return str(part["content-type"])
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == "content-type" and isinstance(value, str):
-            return value
     return None
 
 
