@@ -4,11 +4,12 @@ A profile is a directory with ``profile.json`` (schema version, model fingerprin
 classes, feature and inner layer, per-label scan results, suspect labels, each check's threshold and
 the FPR they were calibrated for, the ensemble, policy, repair settings) and ``tensors.safetensors``
 (masks, patterns, the checks' and the ensemble's fitted arrays). :class:`Profile` is the typed form
-of both; ``profile.json`` is validated on load against its schema, declared once as pydantic models
-(:class:`_ProfileJSON`): a bad, unknown or misspelled field is a :class:`~guard.errors.ProfileError`
-naming the file and the field path. Writes are atomic (a temporary sibling directory renamed into
-place); loads verify schema and hash and refuse a mismatch rather than guarding a model with another
-model's thresholds. Profiles of schema version 1 are migrated on load (in memory; saving writes version 2).
+of both; ``profile.json`` is validated on load against its schema, declared once: the dataclasses below,
+each field's rule (a range, a format) in its ``Annotated`` type, read by pydantic (plain construction checks
+nothing). A bad, unknown or misspelled field is a :class:`~guard.errors.ProfileError` naming the file and
+the field path. Writes are atomic (a temporary sibling directory renamed into place); loads verify schema
+and hash and refuse a mismatch rather than guarding a model with another model's thresholds. Profiles of
+schema version 1 are migrated on load (in memory; saving writes version 2).
 """
 
 from __future__ import annotations
@@ -19,13 +20,13 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from difflib import get_close_matches
 from pathlib import Path
-from typing import Annotated, Any, get_args
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import numpy as np
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 from safetensors.numpy import load_file, save_file
 
 from guard.errors import ProfileError, ProfileMismatch
@@ -37,11 +38,38 @@ JSON_NAME = "profile.json"
 TENSORS_NAME = "tensors.safetensors"
 MODES = ("enforce", "repair", "shadow")
 
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+"""How ``profile.json``'s sections are read (each dataclass's ``__pydantic_config__``): an unknown (or
+misspelled) field is refused, and values are taken as JSON typed them (no ``"3"`` for 3, no ``1`` for true,
+no NaN or infinity; an integer is a valid number)."""
+
+
+def _rule(test: Callable[[Any], Any], what: str) -> AfterValidator:
+    """A check the types cannot say (a range, a format), applied when ``profile.json`` is read; it fails as
+    ``PATH what`` (``{!r}`` in ``what`` stands for the value)."""
+
+    def check(value: Any) -> Any:
+        if not test(value):  # a JSON array read as a tuple shows as the list it was
+            raise ValueError(what.format(list(value) if isinstance(value, tuple) else value))
+        return value
+
+    return AfterValidator(check)
+
+
+_Name = Annotated[str, Field(min_length=1)]
+_Fpr = Annotated[float, _rule(lambda f: 0 < f < 0.5, "must be in (0, 0.5), got {!r}")]
+_Positive = Annotated[int, _rule(lambda n: n >= 1, "must be >= 1, got {!r}")]
+_Mode = Annotated[str, _rule(lambda m: m in MODES, f"must be one of {', '.join(MODES)}, got {{!r}}")]
+_Sha256 = Annotated[str, _rule(lambda s: re.fullmatch("[0-9a-f]{64}", s), "must be 64 lowercase hex digits")]
+_Shape = Annotated[tuple[int, ...], _rule(lambda s: len(s) == 3 and min(s) >= 1,
+                                          "must be three positive integers (C, H, W), got {!r}")]
+
 
 @dataclass
 class LabelScan:
     """One label's trigger-reversal result."""
 
+    __pydantic_config__ = _STRICT
     label: int
     l1_norm: float
     anomaly_index: float
@@ -56,7 +84,8 @@ class LabelScan:
 class Scan:
     """How the scan ran and what it found per label."""
 
-    method: str
+    __pydantic_config__ = _STRICT
+    method: _Name
     threshold: float
     per_label: list[LabelScan]
     seed: int | None = None
@@ -79,23 +108,26 @@ class EnsembleEntry:
     """The decision rule: ``method`` (a name in :data:`guard.online.ensemble.RULES`), its threshold on
     the combined statistic (at the profile's ``fpr``) and settings; its arrays are ``ensemble.*``."""
 
-    method: str
+    method: _Name
     threshold: float
     settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class Policy:
-    mode: str = "enforce"
+    __pydantic_config__ = _STRICT
+    mode: _Mode = "enforce"
 
 
 @dataclass
 class RepairSettings:
+    __pydantic_config__ = _STRICT
     pixels: int = 16
 
 
 @dataclass
 class Calibration:
+    __pydantic_config__ = _STRICT
     samples: int
     realised_fpr: float
 
@@ -119,11 +151,11 @@ class Profile:
     (3.5, 0.01, (1, 4, 4))
     """
 
-    model_sha256: str
-    input_shape: tuple[int, ...]
+    model_sha256: _Sha256
+    input_shape: _Shape
     num_classes: int
-    feature_layer: str
-    fpr: float
+    feature_layer: _Name
+    fpr: _Fpr
     checks: dict[str, CheckEntry]
     inner_layer: str | None = None
     ensemble: EnsembleEntry | None = None
@@ -196,7 +228,8 @@ class Profile:
 
     @classmethod
     def from_json(cls, meta: Any, tensors: dict[str, np.ndarray] | None = None, *, where: str = JSON_NAME) -> Profile:
-        """Validate ``profile.json``'s content (current schema, :class:`_ProfileJSON`) and build the profile.
+        """Validate ``profile.json``'s content (current schema, :class:`_ProfileJSON`; JSON values, as
+        :func:`json.loads` gives them) and build the profile.
 
         A bad field raises :class:`~guard.errors.ProfileError` as one line naming ``where`` and the field's
         path; a schema version other than the current one raises :class:`~guard.errors.ProfileMismatch`.
@@ -207,23 +240,16 @@ class Profile:
         if ver != SCHEMA_VERSION:  # before the schema: another version's fields are not this one's
             raise ProfileMismatch(f"{where}: schema_version {ver!r} is not {SCHEMA_VERSION}: "
                                   "rescan the model with this guard")
-        try:
-            m = _ProfileJSON.model_validate(meta)
+        try:  # as JSON text: strict pydantic takes a dataclass from a JSON object, not from a Python dict
+            m = _ProfileJSON.model_validate_json(json.dumps(meta))
         except ValidationError as e:
             raise _profile_error(e, where) from None
-        scan = None if m.scan is None else Scan(**m.scan.model_dump(exclude={"per_label"}),
-                                                per_label=[LabelScan(**r.model_dump()) for r in m.scan.per_label])
-        ensemble = None if m.ensemble is None else EnsembleEntry(m.ensemble.method, m.ensemble.threshold,
-                                                                 dict(m.ensemble.model_extra or {}))
-        return cls(model_sha256=m.model_sha256, input_shape=tuple(m.input_shape), num_classes=m.num_classes,
-                   feature_layer=m.feature_layer, inner_layer=m.inner_layer, fpr=m.fpr,
-                   checks={n: CheckEntry(c.threshold, dict(c.model_extra or {})) for n, c in m.checks.items()},
-                   ensemble=ensemble, policy=Policy(**m.policy.model_dump()),
-                   repair=RepairSettings(**m.repair.model_dump()), scan=scan, suspect_labels=m.suspect_labels,
-                   suspect_neurons=m.suspect_neurons,
-                   calibration=None if m.calibration is None else Calibration(**m.calibration.model_dump()),
-                   created=m.created, source=dict(m.source or {}), checks_off=m.checks_off,
-                   memory=None if m.memory is None else m.memory.model_dump(), tensors=dict(tensors or {}))
+        same = {f.name: getattr(m, f.name) for f in fields(Profile) if f.name != "tensors"}  # as the file has them
+        return cls(**same | dict(checks={n: _settings_apart(CheckEntry, c) for n, c in m.checks.items()},
+                                 ensemble=None if m.ensemble is None else _settings_apart(EnsembleEntry, m.ensemble),
+                                 source=dict(m.source or {}),
+                                 memory=None if m.memory is None else m.memory.model_dump()),
+                   tensors=dict(tensors or {}))
 
     # ------------------------------------------------------------------ files
     def save(self, directory: str | Path) -> Path:
@@ -320,92 +346,30 @@ def _migrate_v1(meta: dict[str, Any], tensors: dict[str, np.ndarray]) -> tuple[d
 
 
 # ---------------------------------------------------------------------- the schema of profile.json
-class _Fixed(BaseModel):
-    """A section of ``profile.json`` with a fixed set of fields, as :meth:`Profile.to_json` writes it: an
-    unknown (or misspelled) field is refused, and values are taken as JSON typed them (no ``"3"`` for 3,
-    no ``1`` for true, no NaN or infinity; an integer is a valid number)."""
+def _model_of(cls: type, *, omit: tuple[str, ...] = (), extra: Literal["forbid", "allow"] = "forbid",
+              **more: Any) -> type[BaseModel]:
+    """A pydantic model of dataclass ``cls``'s fields (types, rules and defaults) less ``omit``, with ``more``
+    (``name=(type, default)``) added or put instead: a section of ``profile.json`` laid out unlike ``cls``."""
 
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    def default(f: Any) -> Any:  # a dataclass field's default as pydantic takes it (``...``: required)
+        if f.default_factory is not MISSING:
+            return Field(default_factory=f.default_factory)
+        return ... if f.default is MISSING else f.default
 
-
-def _rule(test: Callable[[Any], Any], what: str) -> AfterValidator:
-    """A check the types cannot say (a range, a format); it fails as ``PATH what`` (``{!r}`` in ``what``
-    stands for the value)."""
-
-    def check(value: Any) -> Any:
-        if not test(value):
-            raise ValueError(what.format(value))
-        return value
-
-    return AfterValidator(check)
+    hints = get_type_hints(cls, include_extras=True)
+    own = {f.name: (hints[f.name], default(f)) for f in fields(cls) if f.name not in omit}
+    return create_model(f"_{cls.__name__}JSON", __config__=ConfigDict(_STRICT, extra=extra), **own | more)
 
 
-_Name = Annotated[str, Field(min_length=1)]
-_Fpr = Annotated[float, _rule(lambda f: 0 < f < 0.5, "must be in (0, 0.5), got {!r}")]
-_Positive = Annotated[int, _rule(lambda n: n >= 1, "must be >= 1, got {!r}")]
+def _settings_apart(cls: type, m: BaseModel) -> Any:
+    """``cls`` (:class:`CheckEntry`, :class:`EnsembleEntry`) from its flat entry: the fields beside the settings."""
+    return cls(**{k: getattr(m, k) for k in type(m).model_fields}, settings=dict(m.model_extra or {}))
 
 
-class _LabelScanJSON(_Fixed):
-    """:class:`LabelScan`."""
-
-    label: int
-    l1_norm: float
-    anomaly_index: float
-    log_anomaly_index: float
-    suspect: bool
-    attack_success: float | None = None
-    converged: bool | None = None
-    isolation: float | None = None
-
-
-class _ScanJSON(_Fixed):
-    """:class:`Scan`."""
-
-    method: _Name
-    threshold: float
-    per_label: list[_LabelScanJSON]
-    seed: int | None = None
-    steps: int | None = None
-    seconds: float | None = None
-    samples: dict[str, int] = {}
-
-
-class _CheckJSON(_Fixed):
-    """:class:`CheckEntry`, flattened: the threshold beside the settings, which are the check's own
-    (any keys, kept as they are)."""
-
-    model_config = ConfigDict(extra="allow")
-    threshold: float
-
-
-class _EnsembleJSON(_CheckJSON):
-    """:class:`EnsembleEntry`, flattened like a check's entry."""
-
-    method: _Name
-
-
-class _PolicyJSON(_Fixed):
-    """:class:`Policy`."""
-
-    mode: Annotated[str, _rule(lambda m: m in MODES, f"must be one of {', '.join(MODES)}, got {{!r}}")] = "enforce"
-
-
-class _RepairJSON(_Fixed):
-    """:class:`RepairSettings`."""
-
-    pixels: int = 16
-
-
-class _CalibrationJSON(_Fixed):
-    """:class:`Calibration`."""
-
-    samples: int
-    realised_fpr: float
-
-
-class _MemoryJSON(_Fixed):
+class _MemoryJSON(BaseModel):
     """The trigger memory's settings (:meth:`guard.online.memory.TriggerMemory.to_settings`), all required."""
 
+    model_config = _STRICT
     size: _Positive
     n_features: _Positive
     duplicate: float
@@ -414,47 +378,34 @@ class _MemoryJSON(_Fixed):
     fpr: _Fpr
 
 
-class _ProfileJSON(_Fixed):
-    """``profile.json``, schema version 2, field for field as :meth:`Profile.to_json` writes it. Open maps
-    by design: ``checks`` (by check name, each with its own settings), ``ensemble``'s settings, ``source``,
-    ``checks_off``, ``suspect_neurons`` and ``scan.samples``."""
-
-    schema_version: int
-    model_sha256: Annotated[str, _rule(lambda s: re.fullmatch("[0-9a-f]{64}", s), "must be 64 lowercase hex digits")]
-    input_shape: Annotated[list[int], _rule(lambda s: len(s) == 3 and min(s) >= 1,
-                                            "must be three positive integers (C, H, W), got {!r}")]
-    num_classes: int
-    feature_layer: _Name
-    inner_layer: str | None = None
-    created: str | None = None
-    source: dict[str, Any] | None = None
-    checks_off: dict[str, str] = {}
-    scan: _ScanJSON | None = None
-    suspect_labels: list[int] = []
-    suspect_neurons: dict[str, list[int]] = {}
-    fpr: _Fpr
-    checks: Annotated[dict[str, _CheckJSON], _rule(bool, "must name at least one calibrated check")]
-    ensemble: _EnsembleJSON | None = None
-    calibration: _CalibrationJSON | None = None
-    policy: _PolicyJSON = Field(default_factory=_PolicyJSON)
-    repair: _RepairJSON = Field(default_factory=_RepairJSON)
-    tensor_names: list[str] = []
-    memory: _MemoryJSON | None = None
+# A check's entry and the ensemble's are flat: the fixed fields beside the settings (the check's own, any keys).
+_CheckJSON = _model_of(CheckEntry, omit=("settings",), extra="allow")
+_EnsembleJSON = _model_of(EnsembleEntry, omit=("settings",), extra="allow")
+_ProfileJSON = _model_of(
+    Profile, omit=("tensors",), schema_version=(int, ...), tensor_names=(list[str], []),
+    checks=(Annotated[dict[str, _CheckJSON], _rule(bool, "must name at least one calibrated check")], ...),
+    ensemble=(_EnsembleJSON | None, None), memory=(_MemoryJSON | None, None), source=(dict[str, Any] | None, None))
+"""``profile.json``, schema version 2, as :meth:`Profile.to_json` writes it: :class:`Profile`'s fields but the
+tensors, with the file's schema version and tensor names, the flat checks and ensemble, the memory's settings
+and a null source allowed. Open maps by design: ``checks`` (by check name), their and the ensemble's settings,
+``source``, ``checks_off``, ``suspect_neurons`` and ``scan.samples``."""
 
 
 _MUST_BE = {"float_type": "a number", "finite_number": "a finite number", "int_type": "an integer",
             "bool_type": "true or false", "string_type": "a string", "string_too_short": "a non-empty string",
-            "list_type": "a list", "dict_type": "an object", "model_type": "an object"}
+            "list_type": "a list", "tuple_type": "a list", "dict_type": "an object", "model_type": "an object",
+            "dataclass_type": "an object"}
+_UNKNOWN = ("extra_forbidden", "unexpected_keyword_argument")  # a model's unknown field, a dataclass's
 
 
 def _profile_error(e: ValidationError, where: str) -> ProfileError:
     """pydantic's first error as one line naming the file and the field path (``profile.json:
     scan.per_label[0].l1_norm must be a number``); an unknown field names the close field it may mean."""
     errors = e.errors()  # an unknown field first: a misspelled required field is also a missing one
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
+    err = next((x for x in errors if x["type"] in _UNKNOWN), errors[0])
     loc = err["loc"]
     path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "the top level"
-    if err["type"] == "extra_forbidden":
+    if err["type"] in _UNKNOWN:
         close = get_close_matches(str(loc[-1]), _fields_at(loc[:-1]), n=1)
         text = f"unknown field {path}" + (f" (did you mean {close[0]!r}?)" if close else "")
     elif err["type"] == "missing":
@@ -468,13 +419,15 @@ def _profile_error(e: ValidationError, where: str) -> ProfileError:
 
 
 def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
-    """The field names of the schema model at ``loc`` (a path into :class:`_ProfileJSON`), for hints."""
+    """The field names of the section at ``loc`` (a path into :class:`_ProfileJSON`), for hints."""
 
-    def is_model(tp: Any) -> bool:
-        return isinstance(tp, type) and issubclass(tp, BaseModel)
+    def types(tp: Any) -> dict[str, Any]:  # a model's or a dataclass's fields' types; none for other types
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            return {n: f.annotation for n, f in tp.model_fields.items()}
+        return get_type_hints(tp) if is_dataclass(tp) else {}
 
     tp: Any = _ProfileJSON
-    for part in loc:  # a model's field, or a list's or a map's item (its type's last argument)
-        tp = tp.model_fields[part].annotation if is_model(tp) else get_args(tp)[-1]
+    for part in loc:  # a section's field, or a list's or a map's item (its type's last argument)
+        tp = types(tp)[part] if types(tp) else get_args(tp)[-1]
         tp = next(a for a in get_args(tp) if a is not type(None)) if type(None) in get_args(tp) else tp
-    return list(tp.model_fields) if is_model(tp) else []
+    return list(types(tp))
