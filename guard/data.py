@@ -1,7 +1,7 @@
 """Datasets: validated ``.npz`` and image-folder loaders, and a seeded stratified split.
 
 The data contract (docs/design.md): ``x`` float32 ``(N, C, H, W)`` in [0, 1] and ``y`` int64 ``(N,)``;
-the same range and shape checks as every guarded call (:func:`guard.online.inputs.validate_batch`). The
+the same range and shape checks as every guarded call (:func:`guard.inputs.validate_batch`). The
 demo worlds' generators live in :mod:`guard.demo`.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from guard.errors import InputError
-from guard.online.inputs import validate_batch
+from guard.inputs import validate_batch
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 

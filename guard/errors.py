@@ -31,7 +31,7 @@ class InputError(GuardError):
     """Bad input: wrong shape, non-finite or out-of-range values, unreadable file, bad arguments.
 
     >>> import numpy as np
-    >>> from guard.online.inputs import validate_batch
+    >>> from guard.inputs import validate_batch
     >>> validate_batch(np.full((1, 1, 2, 2), 2.0))
     Traceback (most recent call last):
     ...

@@ -30,13 +30,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from safetensors.numpy import load_file, save_file
 
 from guard.errors import ProfileError, ProfileMismatch
+from guard.modes import MODES
 
 SCHEMA_VERSION = 2
 MIGRATES_FROM = (1,)
 """Older schema versions :meth:`Profile.load` migrates in memory."""
 JSON_NAME = "profile.json"
 TENSORS_NAME = "tensors.safetensors"
-MODES = ("enforce", "repair", "shadow")
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 """How ``profile.json``'s sections are read (each dataclass's ``__pydantic_config__``): an unknown (or

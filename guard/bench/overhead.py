@@ -70,7 +70,7 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
     result) and ``run_in_session`` (the same with the hook held, as the handler runs it).
     ``run_in_session - bare_forward`` is the guard's cost in serving.
     """
-    from guard.online.inputs import validate_batch
+    from guard.inputs import validate_batch
 
     xb = np.ascontiguousarray(x[:1])
     xt = torch.from_numpy(xb)

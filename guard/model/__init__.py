@@ -13,6 +13,7 @@ from guard.model.evaluation import accuracy, check_labels, frozen, predict
 from guard.model.hooks import FeatureTap, HookSet
 from guard.model.identity import fingerprint
 from guard.model.layers import (
+                                check_input_shape,
                                 feature_layer,
                                 find_classifier,
                                 inner_layer,
@@ -26,7 +27,7 @@ from guard.model.layers import (
 )
 from guard.model.loading import Normalized, load_model, load_state_dict, model_class, parse_normalize
 
-__all__ = ["FeatureTap", "HookSet", "Normalized", "accuracy", "check_labels", "feature_layer", "find_classifier",
-           "fingerprint", "frozen", "inner_layer", "inner_layer_reason", "input_shape", "load_model",
-           "load_state_dict", "model_class", "num_classes", "parse_normalize", "pool_features", "predict",
-           "probe_input", "token_blocks", "token_map"]
+__all__ = ["FeatureTap", "HookSet", "Normalized", "accuracy", "check_input_shape", "check_labels", "feature_layer",
+           "find_classifier", "fingerprint", "frozen", "inner_layer", "inner_layer_reason", "input_shape",
+           "load_model", "load_state_dict", "model_class", "num_classes", "parse_normalize", "pool_features",
+           "predict", "probe_input", "token_blocks", "token_map"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.errors import ModelError
+from guard.errors import InputError, ModelError
 from guard.model.evaluation import frozen
 
 _PROBE_SIZES = (32, 28, 16, 64, 96, 128, 224)
@@ -219,3 +219,16 @@ def token_map(t: torch.Tensor) -> torch.Tensor:
     docs/benchmarks.md, 'Measurements behind the defaults')."""
     t = t.transpose(1, 2)
     return torch.cat((t, -t), 1).unsqueeze(3)
+
+
+def check_input_shape(model: nn.Module, data_shape: Sequence[int]) -> None:
+    """InputError unless ``model`` takes one zero image of ``data_shape`` ``(C, H, W)`` and returns
+    ``(N, classes)`` logits: a shape mismatch becomes one readable line instead of a stack trace."""
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1, *(int(s) for s in data_shape))))
+    except Exception as e:
+        raise InputError(f"the model does not accept inputs of shape {tuple(data_shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+    if out.ndim != 2:
+        raise InputError(f"the model must return (N, classes) logits, got shape {tuple(out.shape)}")

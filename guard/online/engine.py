@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from guard.errors import ModelError, ProfileError
+from guard.inputs import validate_batch
 from guard.model import FeatureTap, feature_layer, fingerprint
 from guard.online import repair, scoring
 from guard.online.checks import CHECKS, Check, Record, pool
 from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
-from guard.online.inputs import validate_batch
 from guard.online.memory import TriggerMemory
 from guard.online.policy import Decision, check_mode
 from guard.profile import Profile

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from guard.errors import InputError, PayloadTooLarge
-from guard.online.inputs import validate_batch
+from guard.inputs import validate_batch
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"

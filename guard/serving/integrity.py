@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from guard.errors import InputError, ProfileError
+from guard.errors import ProfileError
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +57,4 @@ def check_profile_digest(profile_dir: str | Path, expected: Any) -> None:
                            "packed (SHA-256 mismatch): the profile was modified after archiving")
 
 
-def model_input_shape(model: Any, data_shape: tuple[int, ...]) -> None:
-    """Run one zero image through the model to turn a shape mismatch into a clear input error."""
-    import torch
-
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros((1, *data_shape)))
-    except Exception as e:
-        raise InputError(f"the model does not accept inputs of shape {tuple(data_shape)}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
-    if out.ndim != 2:
-        raise InputError(f"the model must return (N, classes) logits, got shape {tuple(out.shape)}")
-
-
-__all__ = ["check_profile_digest", "model_input_shape", "profile_digest"]
+__all__ = ["check_profile_digest", "profile_digest"]

@@ -1,4 +1,4 @@
-"""The compiled scorer (guard/online/scoring.py, the range kernel of guard/online/inputs.py): same numbers and
+"""The compiled scorer (guard/online/scoring.py, the range kernel of guard/inputs.py): same numbers and
 decisions as the numpy path, used where it applies, and a clean fallback without numba."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from guard import Guard, InputError, Profile, _numba, load_model
 from guard.data import load_npz
-from guard.online.inputs import _in_unit_range, _numpy_in_unit_range, validate_batch
+from guard.inputs import _in_unit_range, _numpy_in_unit_range, validate_batch
 
 needs_numba = pytest.mark.skipif(not _numba.available(), reason="numba not installed or GUARD_JIT=0")
 
