@@ -53,7 +53,7 @@ def _raw_row(g, i):
     return pool_row(g[i].reshape(g.shape[1], -1))
 
 
-def _stamp(*fns) -> str:
+def _source_digest(*fns) -> str:
     """A digest of the source files defining ``fns`` and of this one. The compiled scorer is cached on
     disk keyed by its closure; the digest in it makes a kernel's edit compile a new one rather than
     load a stale one (numba itself only watches the file of the function it caches)."""
@@ -87,10 +87,10 @@ def scorer(kernels: tuple, rule=None, raw_inner: bool = False):
     k0, k1, k2, k3, k4, k5, k6, k7 = tuple(kernels) + (_skip,) * (MAX_CHECKS - n)
     rule_k = _no_rule if rule is None else rule
     inner_row = _raw_row if raw_inner else _pooled_row
-    stamp = _stamp(*kernels, rule_k)
+    digest = _source_digest(*kernels, rule_k)
 
     def run(params, rule_params, x, logits, f, g, out):  # pragma: no cover - compiled
-        assert stamp  # in the closure, so in the on-disk cache's key
+        assert digest  # in the closure, so in the on-disk cache's key
         for i in range(x.shape[0]):
             pred = np.argmax(logits[i])
             xi, fi, gi, s = x[i].reshape(-1), f[i], inner_row(g, i), out[i]
@@ -112,10 +112,10 @@ def rule_rows(rule):
     """``run(rule_params, scores, contrib, stat)``: a decision rule's kernel over ``N`` rows of scores."""
     if _numba.njit is None:
         return functools.partial(_numpy_rule_rows, rule)
-    stamp = _stamp(rule)
+    digest = _source_digest(rule)
 
     def run(rule_params, scores, contrib, stat):  # pragma: no cover - compiled
-        assert stamp
+        assert digest
         for i in range(scores.shape[0]):
             stat[i] = rule(rule_params, scores[i], contrib[i])
 
