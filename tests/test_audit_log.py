@@ -30,7 +30,7 @@ def decision(verdict: str, label: int | None = 6) -> Decision:
 def test_only_non_pass_verdicts_are_written_with_what_the_client_was_told(tmp_path):
     path = tmp_path / "audit.log"
     with AuditLog(path, model="demo", model_sha256=SHA, mode="enforce") as log:
-        written = [log.record(request_id=f"r{i}", instance=0, status=200 if v != "rejected" else 403,
+        written = [log.write(request_id=f"r{i}", instance=0, status=200 if v != "rejected" else 403,
                               decision=decision(v)) for i, v in enumerate(["pass", "rejected", "repaired",
                                                                           "flagged", "error"])]
     assert written[0] is None and all(w is not None for w in written[1:])
@@ -45,7 +45,7 @@ def test_only_non_pass_verdicts_are_written_with_what_the_client_was_told(tmp_pa
         {k: sent[k] for k in ("label", "reasons", "scores", "verdict")}
     assert rejected["time"].endswith("Z") and "T" in rejected["time"]
     assert "payload" not in rejected  # never the payload by default
-    assert lines == written[1:]  # the file holds exactly what record() returned
+    assert lines == written[1:]  # the file holds exactly what write() returned
     # one JSON object per line, nothing else in the file
     assert all(json.loads(raw) for raw in path.read_text().splitlines())
 
@@ -53,10 +53,10 @@ def test_only_non_pass_verdicts_are_written_with_what_the_client_was_told(tmp_pa
 def test_payload_only_with_log_payloads_and_it_round_trips_exactly(tmp_path):
     x = np.random.default_rng(0).random((3, 4, 4)).astype(np.float32)
     with AuditLog(tmp_path / "a.log", model="m", model_sha256=SHA, mode="enforce") as log:
-        assert "payload" not in log.record(request_id="a", instance=0, status=403, decision=decision("rejected"),
+        assert "payload" not in log.write(request_id="a", instance=0, status=403, decision=decision("rejected"),
                                            payload=x)
     with AuditLog(tmp_path / "b.log", model="m", model_sha256=SHA, mode="enforce", log_payloads=True) as log:
-        log.record(request_id="b", instance=1, status=200, decision=decision("flagged"), payload=x)
+        log.write(request_id="b", instance=1, status=200, decision=decision("flagged"), payload=x)
     (line,) = read_lines(tmp_path / "b.log")
     np.testing.assert_array_equal(decode_payload(line["payload"]), x)
 
@@ -65,7 +65,7 @@ def test_rotates_by_size_and_keeps_every_line_across_backups(tmp_path):
     path = tmp_path / "audit.log"
     with AuditLog(path, model="m", model_sha256=SHA, mode="shadow", max_bytes=2000, backups=50) as log:
         for i in range(40):
-            log.record(request_id=f"r{i:03d}", instance=0, status=200, decision=decision("flagged"))
+            log.write(request_id=f"r{i:03d}", instance=0, status=200, decision=decision("flagged"))
     backups = sorted(p.name for p in tmp_path.iterdir() if p.name != "audit.log")
     assert backups and all(p.startswith("audit.log.") for p in backups)
     assert all(p.stat().st_size <= 2000 for p in tmp_path.iterdir())
@@ -76,7 +76,7 @@ def test_rotation_drops_the_oldest_beyond_the_backup_count(tmp_path):
     path = tmp_path / "audit.log"
     with AuditLog(path, model="m", model_sha256=SHA, mode="shadow", max_bytes=1000, backups=2) as log:
         for i in range(60):
-            log.record(request_id=f"r{i:03d}", instance=0, status=200, decision=decision("flagged"))
+            log.write(request_id=f"r{i:03d}", instance=0, status=200, decision=decision("flagged"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.log", "audit.log.1", "audit.log.2"]
     ids = [ln["request_id"] for ln in read_lines(path)]
     assert ids == sorted(ids) and ids[-1] == "r059" and len(ids) < 60
@@ -85,14 +85,14 @@ def test_rotation_drops_the_oldest_beyond_the_backup_count(tmp_path):
 def test_non_finite_scores_are_written_as_null_never_failing_the_request(tmp_path):
     d = Decision(None, None, "rejected", ["neuron"], {"neuron": float("inf"), "feature": float("nan")})
     with AuditLog(tmp_path / "a.log", model="m", model_sha256=SHA, mode="enforce") as log:
-        entry = log.record(request_id="x", instance=0, status=403, decision=d)
+        entry = log.write(request_id="x", instance=0, status=403, decision=d)
     assert entry["scores"] == {"neuron": None, "feature": None}
     assert read_lines(tmp_path / "a.log")[0]["scores"] == {"neuron": None, "feature": None}
 
 
 def test_lines_do_not_reach_other_loggers(tmp_path, caplog):
     with caplog.at_level("DEBUG"), AuditLog(tmp_path / "a.log", model="m", model_sha256=SHA, mode="enforce") as log:
-        log.record(request_id="secret-id", instance=0, status=403, decision=decision("rejected"))
+        log.write(request_id="secret-id", instance=0, status=403, decision=decision("rejected"))
     assert not [r for r in caplog.records if "secret-id" in r.getMessage()]
 
 

@@ -7,12 +7,12 @@ import numpy as np
 from guard.online.engine import GuardResult
 from guard.online.ensemble import UnionRule
 from guard.online.policy import Decision
-from guard.serving.metrics import InMemorySink, record_decisions
+from guard.serving.metrics import InMemorySink, count_decisions
 
 
 def test_each_refused_input_counts_once_under_its_main_reason():
     sink = InMemorySink()
-    record_decisions(sink, [Decision(1, [1.0], "pass"), Decision(None, None, "rejected", ["knn", "feature"]),
+    count_decisions(sink, [Decision(1, [1.0], "pass"), Decision(None, None, "rejected", ["knn", "feature"]),
                             Decision(None, None, "rejected", ["feature"]), Decision(3, [1.0], "flagged", []),
                             Decision(2, [1.0], "repaired", ["neuron"])])
     assert sink.requests_total == {"pass": 1, "rejected": 2, "flagged": 1, "repaired": 1}

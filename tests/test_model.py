@@ -131,11 +131,11 @@ def test_num_classes_from_a_batch_a_tensor_or_a_shape_and_the_model_left_as_it_w
 
 def test_check_labels_names_the_range_and_the_classes():
     from guard.errors import InputError
-    from guard.model import check_labels
+    from guard.model import validate_labels
 
-    check_labels(np.array([0, 4]), 5)
-    check_labels(None, 5)
+    validate_labels(np.array([0, 4]), 5)
+    validate_labels(None, 5)
     with pytest.raises(InputError, match=r"from 0 to 5 but the model has 5 classes \(0\.\.4\)"):
-        check_labels(np.array([0, 5]), 5)
+        validate_labels(np.array([0, 5]), 5)
     with pytest.raises(InputError, match="from -1 to 2"):
-        check_labels(np.array([-1, 2]), 5)
+        validate_labels(np.array([-1, 2]), 5)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from guard.errors import InputError
-from guard.model import check_labels, feature_layer, fingerprint
+from guard.model import feature_layer, fingerprint, validate_labels
 from guard.model import num_classes as count_classes
 from guard.profile import Profile
 from guard.scan.blend import BlendReversal
@@ -123,7 +123,7 @@ def validate(model: nn.Module, x: np.ndarray | None, y: np.ndarray | None, metho
              num_classes: int, dl: DLTND | None = None, nc_from_profile: bool = False) -> None:
     """Refuse input the selected methods cannot use, before any optimisation starts."""
     need = _require_data(methods, x, nc_from_profile=nc_from_profile)
-    check_labels(y, num_classes)
+    validate_labels(y, num_classes)
     if x is not None and "nc" in need and len(x) < NC_MIN_IMAGES:
         raise InputError(f"Neural Cleanse needs at least {NC_MIN_IMAGES} clean images, got {len(x)}")
     if "dl-tnd" in methods:

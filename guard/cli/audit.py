@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from guard.cli._common import add_model_arguments, load_model_from, print_json
-from guard.model import check_input_shape
+from guard.model import validate_input_shape
 
 HELP = "audit a model (Neural Cleanse, DL-TND, DF-TND) and write report.json + report.html"
 
@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
     if args.data:
         shape = profile.input_shape if profile else None
         x, y = load_data(args.data, shape=shape, need_labels="dl-tnd" in methods)
-        check_input_shape(model, x.shape[1:])
+        validate_input_shape(model, x.shape[1:])
     elif args.input_shape:
-        check_input_shape(model, args.input_shape)
+        validate_input_shape(model, args.input_shape)
     source = {"model_file": Path(args.model_file).name, "weights": Path(args.weights).name,
               "data": str(args.data) if args.data else None, "profile": args.profile,
               "normalize": args.normalize, "model_class": args.model_class}

@@ -30,7 +30,7 @@ import argparse
 from pathlib import Path
 
 from guard.cli._common import add_model_arguments, load_model_from, open_interval, print_json
-from guard.model import check_input_shape
+from guard.model import validate_input_shape
 
 HELP = "remove a backdoor from a model (the best of several methods by default) within a clean-accuracy bound"
 
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model_from(args)
     profile = Profile.load(args.profile, model_sha256=fingerprint(model))
     x, y = load_data(args.data, shape=profile.input_shape)
-    check_input_shape(model, x.shape[1:])
+    validate_input_shape(model, x.shape[1:])
     result = purify(model, x, y, profile, method=args.method, max_drop=args.max_drop / 100,
                     holdout_share=args.holdout, share=args.share, epochs=args.epochs, lr=args.lr, seed=args.seed,
                     rescan=not args.no_rescan, online=not args.no_online, progress=None, device=device)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, parse_device, print_json
-from guard.model import check_input_shape
+from guard.model import validate_input_shape
 from guard.modes import MODES
 
 HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--screen-above must be >= 0, got {args.screen_above}")
     model = load_model_from(args)
     x, y = load_data(args.data)
-    check_input_shape(model, x.shape[1:])
+    validate_input_shape(model, x.shape[1:])
     progress = None if not args.json else sys.stderr.isatty()
     screen = {} if args.screen_above is None else {"screen_above": args.screen_above}
     source = {"model_file": str(Path(args.model_file).name), "weights": str(Path(args.weights).name),

@@ -9,11 +9,10 @@
 * :mod:`guard.model.evaluation`: labels and accuracy on a batch, :func:`frozen`.
 """
 
-from guard.model.evaluation import accuracy, check_labels, frozen, predict
+from guard.model.evaluation import accuracy, frozen, predict, validate_labels
 from guard.model.hooks import FeatureTap, HookSet
 from guard.model.identity import fingerprint
 from guard.model.layers import (
-                                check_input_shape,
                                 feature_layer,
                                 find_classifier,
                                 inner_layer,
@@ -24,10 +23,11 @@ from guard.model.layers import (
                                 probe_input,
                                 token_blocks,
                                 token_map,
+                                validate_input_shape,
 )
 from guard.model.loading import Normalized, load_model, load_state_dict, model_class, parse_normalize
 
-__all__ = ["FeatureTap", "HookSet", "Normalized", "accuracy", "check_input_shape", "check_labels", "feature_layer",
-           "find_classifier", "fingerprint", "frozen", "inner_layer", "inner_layer_reason", "input_shape",
-           "load_model", "load_state_dict", "model_class", "num_classes", "parse_normalize", "pool_features",
-           "predict", "probe_input", "token_blocks", "token_map"]
+__all__ = ["accuracy", "feature_layer", "FeatureTap", "find_classifier", "fingerprint", "frozen", "HookSet",
+           "inner_layer", "inner_layer_reason", "input_shape", "load_model", "load_state_dict", "model_class",
+           "Normalized", "num_classes", "parse_normalize", "pool_features", "predict", "probe_input", "token_blocks",
+           "token_map", "validate_input_shape", "validate_labels"]

@@ -12,7 +12,7 @@ from torch import nn
 from guard.errors import InputError
 
 
-def check_labels(y: np.ndarray | None, k: int) -> None:
+def validate_labels(y: np.ndarray | None, k: int) -> None:
     """InputError unless every label of ``y`` is one of the model's ``k`` classes (``0 .. k - 1``)."""
     if y is None or not np.size(y):
         return

@@ -66,10 +66,10 @@ def _leaf_calls(model: nn.Module, x: torch.Tensor, *, leaves: bool = True
     handles = []
 
     def hook(name):
-        def record(module, args, out):
+        def keep(module, args, out):
             if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
                 calls.append((name, tuple(args[0].shape), tuple(out.shape)))
-        return record
+        return keep
 
     try:
         for n, m in model.named_modules():
@@ -221,7 +221,7 @@ def token_map(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((t, -t), 1).unsqueeze(3)
 
 
-def check_input_shape(model: nn.Module, data_shape: Sequence[int]) -> None:
+def validate_input_shape(model: nn.Module, data_shape: Sequence[int]) -> None:
     """InputError unless ``model`` takes one zero image of ``data_shape`` ``(C, H, W)`` and returns
     ``(N, classes)`` logits: a shape mismatch becomes one readable line instead of a stack trace."""
     try:

@@ -18,7 +18,7 @@ from guard.online import repair, scoring
 from guard.online.checks import CHECKS, Check, Record, pool
 from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
 from guard.online.memory import TriggerMemory
-from guard.online.policy import Decision, check_mode
+from guard.online.policy import Decision, validate_mode
 from guard.profile import Profile
 from guard.stats import softmax
 
@@ -136,7 +136,7 @@ class Guard:
         if single_thread_blas:
             _pin_numpy_blas()
         self.profile = profile
-        self.mode = check_mode(mode or profile.policy.mode)
+        self.mode = validate_mode(mode or profile.policy.mode)
         self.input_shape = profile.input_shape
         self.layer = profile.feature_layer
         self._layer_module = feature_layer(model, self.layer)[1]

@@ -10,7 +10,7 @@ from guard.modes import MODES
 VERDICTS = ("pass", "repaired", "rejected", "flagged")
 
 
-def check_mode(mode: str) -> str:
+def validate_mode(mode: str) -> str:
     from guard.errors import InputError
 
     if mode not in MODES:

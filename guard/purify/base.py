@@ -34,7 +34,7 @@ MIN_PER_CLASS = 10
 images per class, too few to bound the accuracy drop, and the learning part too few to fine-tune on."""
 
 
-def check_data(y: np.ndarray, k: int, method: str, *, need: int = MIN_PER_CLASS) -> None:
+def validate_data(y: np.ndarray, k: int, method: str, *, need: int = MIN_PER_CLASS) -> None:
     """Refuse (InputError) when a class has fewer than ``need`` clean images."""
     counts = np.bincount(y, minlength=k)
     worst = int(counts.argmin())

@@ -26,10 +26,10 @@ from torch import nn
 
 from guard.data import split
 from guard.errors import InputError
-from guard.model import check_labels, num_classes
+from guard.model import num_classes, validate_labels
 from guard.purify.anp import ANPPruning
 from guard.purify.auto import Auto
-from guard.purify.base import Purifier, check_data
+from guard.purify.base import Purifier, validate_data
 from guard.purify.combined import CombinedUnlearning
 from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
@@ -119,10 +119,10 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
 
     model.eval()
     k = num_classes(model, x)
-    check_labels(y, k)
+    validate_labels(y, k)
     est = make_purifier(method, max_drop=max_drop, seed=seed, progress=progress, device=device, share=share,
                         epochs=epochs, lr=lr)
-    check_data(y, k, method)
+    validate_data(y, k, method)
     evidence = Evidence.from_profile(profile)
     x_tr, y_tr, xv, yv = split(x, y, 1 - holdout_share, seed=seed)
     source = {"source": "profile" if evidence else None}

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from guard._progress import Progress
-from guard.model import check_labels, frozen
+from guard.model import frozen, validate_labels
 from guard.scan.trigger import from_raw, stamp_all
 from guard.stats import largest_other
 
@@ -87,7 +87,7 @@ class BlendReversal:
             with torch.no_grad():
                 logits = model(eval_x[:1])
                 k = num_classes or int(logits.shape[1])
-                check_labels(y, k)
+                validate_labels(y, k)
                 eval_y = (y[ev] if y is not None else model(eval_x).argmax(1).numpy()).astype(np.int64)
             target = torch.arange(k).repeat_interleave(self.batch_size)
             success = np.zeros((len(alphas), k))

@@ -14,18 +14,18 @@ from guard.data import split
 from guard.errors import InputError
 from guard.model import (
     FeatureTap,
-    check_labels,
     feature_layer,
     fingerprint,
     frozen,
     inner_layer,
     inner_layer_reason,
     num_classes,
+    validate_labels,
 )
 from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record, pool
 from guard.online.checks.inner_knn import InnerKNNCheck
 from guard.online.ensemble import FisherEnsemble
-from guard.online.policy import check_mode
+from guard.online.policy import validate_mode
 from guard.online.scoring import score_checks
 from guard.profile import Calibration, LabelScan, Policy, Profile, RepairSettings, Scan
 from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
@@ -94,7 +94,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     """
     if not 0 < fpr < 0.5:
         raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
-    check_mode(mode)
+    validate_mode(mode)
     t0 = time.perf_counter()
     model.eval()
     layer_name, _ = feature_layer(model, layer, input_shape=x.shape[1:])
@@ -108,7 +108,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         checks_off["inner_knn"] = checks_off["consistency"]
     elif knn and not inner_knn:
         checks_off["inner_knn"] = "turned off (inner_knn=False)"
-    check_labels(y, k)
+    validate_labels(y, k)
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
     if len(x_cal) < 20 or len(x_fit) < 20:
         raise InputError(f"need at least 40 clean images to scan and calibrate, got {len(x)}")

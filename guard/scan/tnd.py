@@ -45,7 +45,7 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.errors import InputError
-from guard.model import FeatureTap, check_labels, frozen
+from guard.model import FeatureTap, frozen, validate_labels
 from guard.model import num_classes as count_classes
 from guard.scan.trigger import from_raw, stamp_all, to_raw
 from guard.stats import anomaly_index, largest_other
@@ -139,7 +139,7 @@ class DLTND:
         t0 = time.perf_counter()
         k_all = num_classes or count_classes(model, x)
         y = np.asarray(y, dtype=np.int64)
-        check_labels(y, k_all)
+        validate_labels(y, k_all)
         xs, ys = per_class_subset(x, y, k_all, self.samples_per_class, minimum=self.min_samples_per_class,
                                   seed=self.seed)
         labels = list(range(k_all)) if self.labels is None else [int(v) for v in self.labels]

@@ -35,7 +35,7 @@ def profile_digest(directory: str | Path) -> dict[str, str]:
     return out
 
 
-def check_profile_digest(profile_dir: str | Path, expected: Any) -> None:
+def verify_profile_digest(profile_dir: str | Path, expected: Any) -> None:
     """Raise :class:`ProfileError` when the profile's files differ from the recorded ``expected`` digest.
 
     An archive that records no digest (made before ``guard archive`` wrote one) loads with a warning:
@@ -57,4 +57,4 @@ def check_profile_digest(profile_dir: str | Path, expected: Any) -> None:
                            "packed (SHA-256 mismatch): the profile was modified after archiving")
 
 
-__all__ = ["check_profile_digest", "profile_digest"]
+__all__ = ["verify_profile_digest", "profile_digest"]

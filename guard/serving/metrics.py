@@ -58,7 +58,7 @@ class MetricsSink(Protocol):
         """Observe the guard's own time for one batch, in seconds."""
 
 
-def record_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
+def count_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
     """Count each decision's verdict, and each rejected or flagged one once under its main reason.
 
     ``decisions`` are :class:`guard.online.Decision` (or anything with ``verdict`` and ``reasons``);
@@ -101,4 +101,4 @@ class InMemorySink:
 
 
 __all__ = ["LATENCY", "REJECTIONS", "REQUESTS", "InMemorySink", "MetricsSink", "label_value",
-           "record_decisions"]
+           "count_decisions"]

@@ -43,12 +43,12 @@ from guard.errors import GuardError, PayloadTooLarge
 from guard.model import fingerprint, load_model
 from guard.online import Decision, Guard
 from guard.online.engine import bare_predictions
-from guard.online.policy import check_mode
+from guard.online.policy import validate_mode
 from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
 from guard.serving.decode import V2, Decoded, decode_payload
-from guard.serving.integrity import check_profile_digest
-from guard.serving.metrics import MetricsSink, record_decisions
+from guard.serving.integrity import verify_profile_digest
+from guard.serving.metrics import MetricsSink, count_decisions
 from guard.serving.trail import AuditLog
 
 logger = logging.getLogger(__name__)
@@ -329,11 +329,11 @@ class GuardService(_BatchService):
     def _load(cls, model_dir: Path, config: Any, *, manifest: Mapping[str, Any] | None, model_name: str,
               sink: MetricsSink | None) -> GuardService:
         cfg = ArchiveConfig.parse(config, manifest=manifest)
-        mode = check_mode(cfg.mode)
+        mode = validate_mode(cfg.mode)
         model = cfg.load_model(model_dir)
         profile_dir = model_dir / cfg.profile
         if profile_dir.is_dir():  # a missing directory is Profile.load's clear error
-            check_profile_digest(profile_dir, cfg.profile_sha256)
+            verify_profile_digest(profile_dir, cfg.profile_sha256)
         profile = Profile.load(profile_dir, model_sha256=fingerprint(model))
         guard = Guard(model, profile, mode=mode, verify=False)
         try:
@@ -389,7 +389,7 @@ class GuardService(_BatchService):
         return decisions, ""
 
     def _reply(self, request: Request, decoded: Decoded, answers: Sequence[Decision]) -> Reply:
-        record_decisions(self.sink, answers)
+        count_decisions(self.sink, answers)
         status = 403 if len(answers) == 1 and answers[0].verdict == "rejected" else 200
         out = [d.to_dict() for d in answers]
         if self.audit is not None:
@@ -402,7 +402,7 @@ class GuardService(_BatchService):
             if answer["verdict"] == "pass":
                 continue
             try:
-                self.audit.record(request_id=request_id, instance=j, status=status, decision=answer, payload=x[j])
+                self.audit.write(request_id=request_id, instance=j, status=status, decision=answer, payload=x[j])
             except Exception:  # the trail must not turn an answer into a 5xx
                 logger.exception("guard: audit line for request %s not written", request_id)
 

@@ -1,7 +1,7 @@
 """Audit trail: one JSON line for every instance the guard rejected, repaired or flagged.
 
 Why: metrics say *how many* inputs were refused; an incident review needs *which* requests, when, for
-which model and why. The handler calls :meth:`AuditLog.record` for every answered instance and the
+which model and why. The handler calls :meth:`AuditLog.write` for every answered instance and the
 log keeps the ones worth auditing (verdict ``rejected``, ``repaired``, ``flagged``, and ``error``,
 which under ``fail_open`` marks an answer the guard did not check). A ``pass`` is not logged: the
 trail stays small and mostly holds what someone should look at.
@@ -136,7 +136,7 @@ class AuditLog:
                    max_bytes=int(cfg.get("audit_max_bytes", DEFAULT_MAX_BYTES)),
                    backups=int(cfg.get("audit_backups", DEFAULT_BACKUPS)), log_payloads=bool(log_payloads))
 
-    def record(self, *, request_id: str | None, instance: int, status: int, decision: Any,
+    def write(self, *, request_id: str | None, instance: int, status: int, decision: Any,
                payload: np.ndarray | None = None) -> dict[str, Any] | None:
         """Write the line of one answered instance if its verdict is audited; return it (or None).
 

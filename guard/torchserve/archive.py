@@ -39,8 +39,8 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
     (exit 3) when the profile belongs to another model, ``InputError``/``ModelError``/``ProfileError``
     (exit 2) for anything else wrong with the inputs.
     """
-    from guard.model import check_input_shape, fingerprint, load_model
-    from guard.online.policy import check_mode
+    from guard.model import fingerprint, load_model, validate_input_shape
+    from guard.online.policy import validate_mode
     from guard.profile import JSON_NAME, TENSORS_NAME, Profile
     from guard.serving.integrity import profile_digest
     from guard.torchserve.server import HANDLER, require_script
@@ -53,8 +53,8 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
         raise InputError(f"handler file not found: {handler_file} (pass --handler PATH/guarded_handler.py)")
     model = load_model(model_file, weights, model_class_name=model_class, normalize=normalize)
     prof = Profile.load(profile_dir, model_sha256=fingerprint(model))
-    check_input_shape(model, prof.input_shape)
-    served_mode = check_mode(mode or prof.meta.get("policy", {}).get("mode", "enforce"))
+    validate_input_shape(model, prof.input_shape)
+    served_mode = validate_mode(mode or prof.meta.get("policy", {}).get("mode", "enforce"))
     if model_file.name in (handler_file.name, "model-config.yaml") or weights.name == model_file.name:
         raise InputError(f"rename {model_file.name}: it would clash with another file in the archive")
 

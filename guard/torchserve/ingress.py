@@ -127,7 +127,7 @@ def command(nginx: str, prefix: Path) -> list[str]:
             "-g", "daemon off;"]
 
 
-def check_config(nginx: str, prefix: Path) -> None:
+def validate_nginx_config(nginx: str, prefix: Path) -> None:
     """``nginx -t`` on the rendered config: a clear error before anything starts."""
     cmd = command(nginx, prefix)
     done = subprocess.run([*cmd[:-2], "-t", "-q"], capture_output=True, text=True, timeout=30)
@@ -136,5 +136,5 @@ def check_config(nginx: str, prefix: Path) -> None:
                            f"{(done.stderr or done.stdout).strip()[-1000:]}")
 
 
-__all__ = ["INGRESSES", "IngressError", "check_config", "command", "make_keys", "render", "require_nginx",
+__all__ = ["INGRESSES", "IngressError", "validate_nginx_config", "command", "make_keys", "render", "require_nginx",
            "template_values", "write_config"]

@@ -195,4 +195,4 @@ def _write_ingress(nginx: str, prefix: Path, run: Path, *, host: str, ports: tup
         keys={k: v["key"] for k, v in keys.items()} if keys else None,
         key_hint=f"keys in {run / 'key_file.json'}", log_dir=prefix)
     ingress_mod.write_config(prefix, values)
-    ingress_mod.check_config(nginx, prefix)
+    ingress_mod.validate_nginx_config(nginx, prefix)

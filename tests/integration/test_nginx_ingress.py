@@ -76,7 +76,7 @@ def front(tmp_path_factory):
                                      keys=KEYS, key_hint="keys in /run/key_file.json", log_dir=prefix, workers="1")
     values["GUARD_UPSTREAM_TIMEOUT"] = "1"
     ingress.write_config(prefix, values)
-    ingress.check_config(nginx, prefix)
+    ingress.validate_nginx_config(nginx, prefix)
     proc = subprocess.Popen(ingress.command(nginx, prefix), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20

@@ -12,7 +12,7 @@ each client was told (verdict, reasons) is recorded. Checked through Prometheus'
 * ``sum by (verdict) (guard_requests_total)`` equals the verdicts the clients got, per verdict;
 * ``sum(guard_rejections_total)`` equals the rejected answers, and ``sum by (reason)`` their main
   reasons: guard counts each rejected instance once, under the first (strongest) of the reasons the
-  client was told (guard/metrics.py ``record_decisions``);
+  client was told (guard/metrics.py ``count_decisions``);
 * one ``guard_latency_seconds`` observation per batch (batch size 1: one per request);
 * the dashboard's model variable resolves to the served model, and GuardHighRejectionRate goes
   pending on this traffic (a third rejected) while GuardErrors and GuardEndpointDown stay quiet;
