@@ -43,6 +43,18 @@ class Strip:
     is set at, ``batch_size`` how many superimposed images go through the model per forward pass.
     Learned: ``pool_`` (the clean images superimposed on inputs), ``threshold_`` (a score above it is
     flagged), ``clean_mean_``/``clean_std_`` (the normal fit of the clean entropies), ``seconds_``.
+
+    Parameters
+    ----------
+    n
+        Superimposed copies per input, each with a clean pool image drawn at random; the paper's 100.
+    frr
+        False rejection rate the boundary is set at (the point of the normal fit to the clean
+        entropies); the paper's 0.01.
+    batch_size
+        Superimposed images per forward pass (``batch_size // n`` inputs, at least one); 1000.
+    seed
+        Seeds the draws of pool images (the calibration's apart from the scoring's).
     """
 
     def __init__(self, *, n: int = 100, frr: float = 0.01, batch_size: int = 1000, seed: int = 0):

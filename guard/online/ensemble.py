@@ -113,6 +113,13 @@ class FisherEnsemble(_Rule):
     three blind checks' noise drowns it in the plain sum but not in the weighted one; on the DemoNet,
     ResNet-18 and all-convolutional rows the two agree (figures: docs/benchmarks.md, 'Measurements
     behind the defaults').
+
+    Parameters
+    ----------
+    tail_share
+        Share of the calibration scores (the top ones, at least 2) whose excesses over the next one fit
+        each check's exponential tail, in (0, 1); 0.1 leaves the empirical distribution the bulk of the
+        sample and the tail fit enough points on a few hundred calibration images.
     """
 
     method = "fisher"
@@ -204,6 +211,11 @@ class UnionRule(_Rule):
 
     ``statistic`` is the largest margin over a threshold relative to it, so ``threshold_ = 0`` gives
     exactly the union's decisions.
+
+    Parameters
+    ----------
+    thresholds
+        ``(n_checks,)`` each check's own threshold, as the profile stored it, in the checks' order.
     """
 
     method = "union"

@@ -34,6 +34,26 @@ class ANP:
     ``fit(model, x, y)`` leaves the caller's model untouched. Learned attributes: ``units_`` (layer
     names), ``mask_values_`` (one array per layer), ``order_`` ((layer index, channel) pairs, lowest
     mask first), ``seconds_``. :meth:`prune` switches off the first ``n`` of ``order_`` on a model.
+
+    Parameters
+    ----------
+    eps
+        Bound on the adversary's relative perturbation of each neuron's weight and bias
+        (``|delta| <= eps``); the paper's 0.4.
+    step
+        Size of the adversary's one signed-gradient step from its random start; the paper's 0.2.
+    alpha
+        Weight of the natural loss against the perturbed one in the mask's objective; the paper's 0.2.
+    lr
+        SGD learning rate on the masks (momentum 0.9); the paper's 0.2.
+    iterations
+        Mask updates; 100, the paper's 2000 iterations on 1% of CIFAR-10 scaled to a few hundred images.
+    batch_size
+        Clean images per update (all of them when fewer); 32.
+    seed
+        Seeds the batches and the adversary's random starts.
+    progress
+        Progress bar on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
     """
 
     def __init__(self, *, eps: float = 0.4, step: float = 0.2, alpha: float = 0.2, lr: float = 0.2,
@@ -100,7 +120,20 @@ class ANPPruning(Purifier):
     """``--method anp``: learn :class:`ANP`'s masks on the learning images, then offer switching off
     the lowest-mask neurons in steps (masks under ``threshold``, at most ``max_share`` of the neurons)
     to the accuracy-bounded selection. Clean images only; reversed triggers, when the profile has
-    them, only score the candidates. Other parameters: :class:`~guard.purify.base.Purifier`."""
+    them, only score the candidates.
+
+    Parameters
+    ----------
+    threshold
+        Only neurons whose mask is under this are offered for switching off; 0.2.
+    max_share
+        At most this share of the neurons is switched off; 0.05 (RNP's 0.1 is twice it).
+    iterations
+        :class:`ANP`'s mask updates; 100.
+
+    Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
+    ``progress``, ``device``).
+    """
 
     method = "anp"
 

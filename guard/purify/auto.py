@@ -42,9 +42,11 @@ class Auto(Purifier):
     Parameters
     ----------
     methods
-        Method names to try (default: :func:`candidate_methods`).
+        Method names to try (``--method`` names; None: :func:`candidate_methods`, the ones that fit the
+        model and the evidence).
 
-    Other parameters: :class:`~guard.purify.base.Purifier`.
+    Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
+    ``progress``, ``device``).
     """
 
     method = "auto"

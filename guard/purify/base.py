@@ -169,17 +169,21 @@ def pruned_count(tag: str, selected: str | None) -> int:
 class Purifier:
     """Base of the purification estimators (keyword-only hyperparameters, ``fit`` returns ``self``).
 
-    Parameters shared by every method
-    ---------------------------------
+    Every method takes these; a method's own class lists only its own parameters and passes the other
+    keywords here.
+
+    Parameters
+    ----------
     max_drop
         Largest clean-accuracy drop (a fraction, 0.02 = 2 points) on the held-out images a selected
-        state may have.
+        state may have; 0.02, the bound ``guard purify --max-accuracy-drop`` defaults to.
     holdout_share
-        Share of the clean images held out for the bound when ``fit`` is not given ``validation``.
+        Share of the clean images held out for the bound when ``fit`` is not given ``validation``
+        (stratified); 0.25, which with :data:`MIN_PER_CLASS` images leaves at least 2 per class.
     seed
         Seeds every draw (split, batches, stamps, optimisations).
     progress
-        Progress bars (None: when stderr is a terminal).
+        Progress bars on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
     device
         Where Neural Cleanse optimisations run (``cpu`` or ``cuda[:N]``); fine-tuning on a few hundred
         images stays on the CPU.

@@ -33,18 +33,21 @@ class CombinedUnlearning(Purifier):
     Parameters
     ----------
     share
-        Share of each batch stamped (at least 0.5 is used).
+        Share of each batch stamped with a reversed trigger (at least 0.5 is used); 0.5.
     epochs, lr
-        Unlearning epochs (Adam) and learning rate; it stops early after ``patience`` epochs in a row
-        over the bound.
+        Unlearning epochs (Adam) and learning rate; None: three re-reversal rounds (``3 * every``),
+        lr 1e-3.
     every
-        Epochs between re-reversals of the suspect labels' triggers on the partly purified model.
+        Epochs between re-reversals of the suspect labels' triggers on the partly purified model; 4.
     distill
-        Weight of the term that keeps clean predictions where the original model had them.
+        Weight of the term that keeps clean predictions where the original model had them; 1.0.
     prune_share
-        At most this share of the feature neurons is offered for switching off.
+        At most this share of the feature neurons is offered for switching off; 0.25.
+    patience
+        Unlearning stops after this many epochs in a row over the bound; 4.
 
-    Other parameters: :class:`~guard.purify.base.Purifier`; ``details_`` adds ``re_reversed_l1``.
+    Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
+    ``progress``, ``device``); ``details_`` adds ``re_reversed_l1``.
     """
 
     method = "combined"

@@ -53,25 +53,28 @@ class NormTuning(Purifier):
     Parameters
     ----------
     tail
-        How many of the last layers with weights are trained besides the normalisation layers.
+        How many of the last layers with weights are trained besides the normalisation layers; 4.
     share
-        Share of each batch stamped with a reversed trigger (when the profile has one).
+        Share of each batch stamped with a reversed trigger (when the profile has one); 0.5.
     every
         Epochs between re-reversals of the suspect labels' triggers on the partly purified model (0:
-        only the profile's triggers).
+        only the profile's triggers); 5.
     adversarial
         Add SAU's shared adversarial images (None: only when the profile names no suspect label).
     distill
-        Weight of the term that keeps clean predictions where the original model had them.
+        Weight of the term that keeps clean predictions where the original model had them; 1.0.
     epochs, lr, batch_size
-        The fine-tuning (Adam); it stops early after ``patience`` epochs in a row over the bound.
+        The fine-tuning (Adam): None epochs is 20, lr 2e-3, batches of 32.
+    patience
+        Tuning stops after this many epochs in a row over the bound; 4.
     batch_stats
         Train in train mode: BatchNorm normalises each batch with its own statistics (re-estimated on
         the clean images after every epoch). False keeps the running statistics while training, which
         leaves the gradients unnormalised, and on a BatchNorm GapNet a single epoch that way cost many
         points of clean accuracy (figures: docs/benchmarks.md, 'Measurements behind the defaults').
 
-    Other parameters: :class:`~guard.purify.base.Purifier`.
+    Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
+    ``progress``, ``device``).
     """
 
     method = "bn-tune"

@@ -92,6 +92,33 @@ class RNP:
 
     ``batch_size`` is the reference's 128: with a few hundred images that is two or three steps an
     epoch, and the epoch budgets are the reference's too.
+
+    Parameters
+    ----------
+    unlearn_lr
+        SGD learning rate of the unlearning (gradient ascent on every weight); the reference's 0.01.
+    unlearn_epochs
+        Unlearning epochs at most; the reference's 20.
+    clean_threshold
+        Unlearning stops once the accuracy over an epoch's batches is at most this; the reference's 0.2.
+    milestones
+        Unlearning epochs after which its learning rate is divided by 10; the reference's (10, 20).
+    weight_decay
+        Weight decay of the unlearning; the reference's 5e-4.
+    momentum
+        SGD momentum of both phases; the reference's 0.9.
+    recover_lr
+        SGD learning rate on the masks while recovering; the reference's 0.2.
+    recover_epochs
+        Recovering epochs; the reference's 20.
+    alpha
+        Scale of the recovering loss; the reference's 0.2.
+    batch_size
+        Images per step in both phases; the reference's 128.
+    seed
+        Seeds the batch order and torch's global generator for the fit.
+    progress
+        Progress bar on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
     """
 
     def __init__(self, *, unlearn_lr: float = 0.01, unlearn_epochs: int = 20, clean_threshold: float = 0.2,
@@ -215,11 +242,20 @@ class RNP:
 
 class RNPPruning(Purifier):
     """``--method rnp``: learn :class:`RNP`'s masks on the learning images, then offer switching off
-    the lowest-mask neurons in steps (masks under ``threshold``, the reference's 0.2, at most
-    ``max_share`` of the neurons: twice ANP's, enough for the share of neurons the backdoor took on
-    GapNet; figures: docs/benchmarks.md, 'Measurements behind the defaults').
-    Needs no reversed trigger; with none the most pruned state within the bound is kept. Other
-    parameters: :class:`~guard.purify.base.Purifier`."""
+    the lowest-mask neurons in steps (masks under ``threshold``, at most ``max_share`` of the neurons).
+    Needs no reversed trigger; with none the most pruned state within the bound is kept.
+
+    Parameters
+    ----------
+    threshold
+        Only neurons whose mask is under this are offered for switching off; the reference's 0.2.
+    max_share
+        At most this share of the neurons is switched off; 0.1, twice ANP's, enough for the share of
+        neurons the backdoor took on GapNet (docs/benchmarks.md, 'Measurements behind the defaults').
+
+    Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
+    ``progress``, ``device``).
+    """
 
     method = "rnp"
 

@@ -51,20 +51,24 @@ class SharedAdversarialUnlearning(Purifier):
     Parameters
     ----------
     eps
-        L-infinity bound of the perturbation in raw pixels ([0, 1]).
+        L-infinity bound of the perturbation in raw pixels ([0, 1]); 0.2.
     steps
-        Signed-gradient steps of the inner maximisation.
+        Signed-gradient steps of the inner maximisation (each of ``2.5 * eps / steps``); 5.
     universal
-        One perturbation per batch (default) instead of one per image.
+        One perturbation per batch (default: it looks for what moves many images at once, as a trigger
+        does) instead of one per image.
     weight
-        Weight of the loss on the shared adversarial images (at their true labels).
+        Weight of the loss on the shared adversarial images (at their true labels); 1.0.
     distill
-        Weight of the term that keeps clean predictions where the original model had them.
+        Weight of the term that keeps clean predictions where the original model had them; 1.0.
     epochs, lr, batch_size
-        The fine-tuning (Adam; BatchNorm statistics frozen and re-estimated after every epoch); it
-        stops early after ``patience`` epochs in a row over the bound.
+        The fine-tuning (Adam; BatchNorm statistics frozen and re-estimated after every epoch): None
+        epochs is 10, lr 1e-3, batches of 32.
+    patience
+        Fine-tuning stops after this many epochs in a row over the bound; 4.
 
-    Other parameters: :class:`~guard.purify.base.Purifier`.
+    Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
+    ``progress``, ``device``).
     """
 
     method = "sau"

@@ -21,14 +21,17 @@ class NCUnlearning(Purifier):
     Parameters
     ----------
     share
-        Share of each batch stamped with a reversed trigger (kept at its true label).
+        Share of each batch stamped with a reversed trigger (kept at its true label); 0.2.
     epochs, lr, batch_size
-        The fine-tuning (Adam, BatchNorm statistics frozen); it stops early after ``patience`` epochs
-        in a row over the bound.
+        The fine-tuning (Adam, BatchNorm statistics frozen): 10 epochs, lr 1e-3, batches of 32.
     jitter
-        Pixels each stamp may move by, each way.
+        Pixels each stamp may move by, each way; 2, since a reversed trigger usually covers part of the
+        real patch and a few pixels beside it.
+    patience
+        Fine-tuning stops after this many epochs in a row over the bound; 4.
 
-    Needs a suspect label. Other parameters: :class:`~guard.purify.base.Purifier`.
+    Needs a suspect label. Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``,
+    ``holdout_share``, ``seed``, ``progress``, ``device``).
     """
 
     method = "unlearn"

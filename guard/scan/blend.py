@@ -38,6 +38,34 @@ from guard.stats import largest_other
 class BlendReversal:
     """Reverse-engineer a blended trigger per label at fixed opacities and flag a label that leads.
 
+    Parameters
+    ----------
+    alphas
+        The opacity grid the success curve is read on (increasing, each in (0, 1)); 0.04 to 0.2 in steps
+        of 0.02. A label that needs more than the last is censored there.
+    steps
+        Adam steps at the first opacity; 60.
+    refine_steps
+        Adam steps at each later opacity, which starts from the previous one's patterns; 20.
+    batch_size
+        Images each label's pattern is blended into per step; 16.
+    lr
+        Adam's learning rate on the raw (tanh) patterns; 0.1.
+    n_fit
+        Clean images the patterns are optimised on, at most (and at most a third of ``x``); 100.
+    n_eval
+        Held-out clean images the success is measured on, at most; 300.
+    success
+        Share of the held-out images of other classes a label must reach: its needed opacity is where
+        its success first crosses this; 0.5 (half of them).
+    threshold
+        A label whose lead is over this is suspect; 0.175, midway between the clean and the blended
+        models of the calibration population (docs/benchmarks.md, 'Measurements behind the defaults').
+    seed
+        Seeds the fit/held-out split, the batches and thus the patterns.
+    progress
+        Progress bar on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
+
     Learned attributes: ``attack_success_`` (A, K) success of each label's pattern at each opacity
     of ``alphas``, ``alpha_needed_`` (K,) the opacity each label needs for ``success`` of it
     (censored at the last opacity), ``lead_`` (K,) the share of opacity it saves over the easiest other

@@ -88,6 +88,88 @@ class NeuralCleanse:
     for the fit and back afterwards, and the random draws stay on the CPU generator, so a seed gives
     the same initial triggers and batches on every device.
 
+    Parameters
+    ----------
+    lr
+        Adam's learning rate on the raw (tanh) masks and patterns; the published 0.1 (betas (0.5, 0.9)).
+        Fewer, larger steps (``lr=0.2, batch_size=16, max_rounds=100``) have not been checked on every
+        test model (docs/benchmarks.md, 'Measurements behind the defaults').
+    batch_size
+        Clean images each label's trigger is stamped on per step; a step forwards labels x
+        ``batch_size`` images. The published 32.
+    init_cost
+        L1 weight of the mask, set once a label's attack has succeeded ``patience`` rounds in a row (0
+        until then, so the trigger first learns to work); the published 1e-3.
+    attack_succ_threshold
+        Share of a round's stamped images that must reach the label for the round to count as a success
+        (and for its trigger to be kept as the label's best); the published 0.99.
+    patience
+        Rounds in a row on one side of ``attack_succ_threshold`` before the cost is set (succeeding
+        rounds), raised (succeeding) or lowered (failing); the published 5.
+    early_stop_patience
+        A label stops after this many stalled rounds in a row (its best L1 norm no better than
+        ``early_stop_threshold`` times the round before's); 25, five times ``patience``. Re-reversals
+        during purification use 10.
+    early_stop_threshold
+        Ratio of a round's best L1 norm to the previous round's at or above which the round counts as
+        stalled. 1.0: stalled unless it improved at all; 0.99 would count an improvement under 1% as
+        stalled, as the reference code does.
+    steps_per_round
+        Adam steps per round: a round is the unit the cost schedule, early stopping and ``max_rounds``
+        count in, and its attack success and L1 norm are averaged over its steps. 2 lets the schedule
+        react every couple of steps.
+    max_rounds
+        Rounds at most (``max_rounds * steps_per_round`` steps per label); a label that converges stops
+        sooner. 200; purification's re-reversals, which start from a known suspect, use 60.
+    cost_multiplier
+        Factor the cost is raised by after ``patience`` succeeding rounds; after ``patience`` failing
+        rounds it is divided by ``cost_multiplier ** 1.5``. The published 1.5.
+    threshold
+        Bar on the MAD anomaly index (raw or log-scale norms, below the median); the published 2.0. A
+        screened scan raises it for the number of labels it screened (``threshold_``).
+    isolation
+        A flagged label's L1 norm may be at most this times the cheapest natural label's (unscreened
+        scans only; 1.0 gives the published rule alone). 0.6 lies between clean and patch-backdoored
+        models on the calibration population (docs/benchmarks.md, 'Measurements behind the defaults').
+    labels
+        Optimise only these labels (no screening); None: every label, or the screened ones. Purification
+        re-reverses the suspect labels this way.
+    seed
+        Seeds every draw: each label's initial trigger (from ``(seed, label)``, so it is the same alone
+        or batched), the batches and the screening's references.
+    progress
+        Progress bar on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
+    device
+        Where the optimisation runs (``"cpu"``, ``"cuda[:N]"``); the model is moved there and back.
+    screen_above
+        Label counts above which the scan screens labels first; None never screens, 0 always.
+        :data:`SCREEN_ABOVE` (25): below it the two stages cost as much as optimising every label.
+    candidates
+        Labels with the lowest screening scores that the full optimisation runs on; 5.
+    references
+        Labels drawn at random from the rest that run in full beside the candidates, so that the MAD
+        test has a representative median and spread; 10.
+    screen_steps
+        Adam steps each label gets in the screening; its score is its mean loss over all of them (how fast
+        it gets there). 30: a target's pattern reaches it within a few, and a label's screening costs
+        about a tenth of its full optimisation (:data:`SCREEN_ABOVE`).
+    screen_batch
+        Images per label per screening step; 4, which keeps the screening's cost per label small.
+    screen_cost
+        The screening's fixed L1 weight (no schedule), 1e-3 (the full optimisation's ``init_cost``)
+        from the first step: a label's score charges for the mask it needs as well as the cross-entropy.
+    screen_chunk
+        Labels per batched screening problem (``screen_chunk * screen_batch`` images per step), which
+        bounds its memory; 128.
+    screen_mask_start
+        Value of the faint whole-image mask every screened label starts from; 0.1 ranked the target among
+        the candidates at both 100 and 1000 labels (docs/benchmarks.md, 'Measurements behind the
+        defaults').
+    channels_last
+        Run a convolutional net channels-last during the fit (cheaper steps on the CPUs tried); off by
+        default because the changed summation order moves the optimisation's path and the detection
+        floors were measured without it.
+
     >>> import numpy as np, torch
     >>> from guard import NeuralCleanse
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS

@@ -99,6 +99,50 @@ def per_class_subset(x: np.ndarray, y: np.ndarray, classes: int, n: int, *, mini
 class DLTND:
     """Data-limited TrojanNet detector: universal vs per-image perturbations, per label.
 
+    Parameters
+    ----------
+    samples_per_class
+        Clean images of each class used at most (a seeded pick); 5, the few images the method is meant
+        for, which keeps the per-image problem (labels x images perturbations) small.
+    min_samples_per_class
+        ``fit`` refuses (InputError) a class with fewer images; 3, so that a label's universal
+        perturbation is tested on several images of every other class.
+    margin_clamp
+        CW logit margins are clamped at this (logits): an image that far past its margin stops pulling;
+        the reference code's -15.
+    lr
+        Adam's learning rate of the universal perturbations (mask and raw pattern); 0.1.
+    iterations
+        Joint mask and pattern steps per binary-search step; 40 (the reference's 101, twice for its
+        alternating updates, shrunk to a CPU budget of seconds).
+    search_steps
+        Binary-search steps on each label's L1 weight; 5 (the reference's 8-12, shrunk likewise).
+    reg_range
+        ``(low, high)`` of the L1 weight the search runs over, on a log scale (it starts at their
+        geometric mean); (1e-3, 1e2).
+    success_share
+        A universal perturbation succeeds when more than this share of the images meet their margin;
+        the reference's 0.7.
+    min_area
+        A universal mask with L1 norm (pixels) at or below this counts as trivial: it is neither chosen
+        nor used in the refinement; 0.5.
+    per_image_lr, per_image_iterations, per_image_reg
+        The per-image perturbations: Adam's learning rate (0.1), steps (40) and fixed L1 weight (0.05;
+        no search, one perturbation per image and label).
+    refine_ratio
+        The reference's refinement: a successful search step whose mask is within this factor of the
+        smallest mask over all labels may replace a label's similarities; 1.1.
+    quantile
+        Quantile of a label's similarities that is its score; the reference's 25th percentile, 0.25.
+    threshold
+        A label is suspect when its score is over this; the reference's 0.75.
+    labels
+        Labels examined (None: every label).
+    seed
+        Seeds the per-class pick and the initial patterns.
+    progress
+        Progress bar on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
+
     Learned attributes: ``labels_``, ``similarity_`` (K, M) cosine similarity per label and
     non-label image (NaN where an image is of that label), ``score_`` (K,) the ``quantile`` of each
     row, ``suspect_labels_``, ``masks_`` (K, 1, H, W) and ``patterns_`` (K, C, H, W) of the chosen
@@ -301,6 +345,35 @@ class DFTND:
     index of the increases (bar 2.5) separated that population worse, with false alarms on clean models
     and misses on patch ones; it is still reported (figures: docs/benchmarks.md, 'Measurements behind the
     defaults').
+
+    Parameters
+    ----------
+    n_seeds
+        Uniform-noise images the triggers are recovered from; 10.
+    gamma
+        L1 weight of the mask in the objective; 3e-3 left the widest gap between the patch and the clean
+        models of the glyph population (docs/benchmarks.md, 'Measurements behind the defaults').
+    step_size
+        Signed-gradient step of the mask and the pattern (pixels in [0, 1]); the mask's soft threshold is
+        ``step_size * gamma``. 0.1.
+    weight_step
+        Signed-gradient step of the simplex weights over the feature layer, before the projection; 0.1.
+    iterations
+        Steps per phase (two phases: per seed, then from the seed average); 150.
+    threshold
+        Bar on the top label's dominance (its increase over the runner-up's); 2.2, set on a calibration
+        population (docs/benchmarks.md, 'Measurements behind the defaults').
+    min_increase
+        The top label's logit increase must also be over this (logits), so that a ratio of small
+        increases (the runner-up floored at :data:`DOMINANCE_FLOOR`) does not flag; 10 (the reference's
+        only bar is a fixed 100, tuned to its ResNets).
+    layer
+        Name of the module whose input is the feature layer the weights act on (None: the classifier,
+        :func:`guard.model.feature_layer`).
+    seed
+        Seeds the noise images and the initial patterns.
+    progress
+        Progress bar on stderr; None: when stderr is a terminal (or ``GUARD_PROGRESS=1``).
 
     Learned attributes: ``logit_increase_`` (K,) mean over seeds of recovered minus seed logits,
     ``dominance_`` (K,) each label's increase over the largest other one, ``anomaly_index_`` (K,)

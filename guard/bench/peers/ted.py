@@ -205,6 +205,30 @@ class TED:
     ``ref_labels_`` (the references' classes), ``classes_``, ``ref_`` (per layer, the references'
     pooled activations), ``trajectories_`` (the references' leave-one-out ranks), ``detector_``.
 
+    Parameters
+    ----------
+    layers
+        Names of the modules whose outputs are traced, every call of each (None: the reference's rule,
+        :func:`traced_module`, or every leaf module when that gives fewer than two calls).
+    spatial
+        A spatial map is averaged over a grid of at most this many cells per spatial axis; None flattens,
+        as the reference does. 4: on the BadNets DemoNet the 4 x 4 grid kept what flattening gives and
+        one mean per channel lost much of it (docs/benchmarks.md, 'Measurements behind the defaults').
+    max_dim
+        Floats per image a spatial map keeps at most (its grid shrinks to stay under it, down to one mean
+        per channel); 1024 keeps the references' memory and the distance computations small.
+    n_components
+        Principal components of the outlier detector (:class:`PCAOutlier`; an int or ``'mle'``); 2, the
+        TED++ code's setting for both detectors.
+    per_class
+        References kept per class at most (a seeded pick); None keeps all, 20 reproduces TED++'s budget.
+    max_fit
+        Clean images used at most (a seeded pick); 1000, TED's notebook's most.
+    batch_size
+        Images per forward pass; 250.
+    seed
+        Seeds the picks.
+
     >>> import numpy as np, torch
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
@@ -378,6 +402,14 @@ class TEDPlusPlus(TED):
 
     Learned beyond TED's: ``radius_`` (per layer, each reference's squared tube radius; infinite for a
     class with one reference).
+
+    Parameters
+    ----------
+    alpha
+        A reference's tube radius is the distance to its ``ceil(alpha * n_c)``-th nearest reference of its
+        own class (``n_c`` references in the class); the paper's 0.5.
+    layers, spatial, max_dim, n_components, per_class, max_fit, batch_size, seed
+        As :class:`TED`'s.
     """
 
     name = "TED++"

@@ -33,6 +33,11 @@ class Check:
 
     ``STATE`` names the fitted array attributes a profile stores; ``SETTINGS`` the scalar ones (JSON).
     A check with derived attributes rebuilds them in :meth:`_restore`.
+
+    Parameters
+    ----------
+    The base takes none; a subclass's constructor takes its own settings and lists them in its class
+    docstring. What every check learns is ``threshold_`` and ``fpr_`` (:meth:`infer_threshold`).
     """
 
     name: ClassVar[str] = "check"

@@ -28,6 +28,11 @@ class ConsistencyCheck(Check):
     triggers that change the whole image mildly (Blended, SIG), which the last layer's distances see
     least (the layer-wise consistency idea of deep k-NN, Papernot and McDaniel, 2018). Because the
     squared norm of the input's own projection cancels, a score is one ``(2C, K)`` product.
+
+    Parameters
+    ----------
+    The constructor takes none: the covariance is shrunk with Ledoit-Wolf's estimate (the feature
+    check's default), and everything else is learned by ``fit`` from the clean records.
     """
 
     name = "consistency"

@@ -21,7 +21,14 @@ class FeatureCheck(Check):
     """Label-agnostic: Mahalanobis distance of the features to the clean mean of the predicted class,
     with one shrunk covariance shared by all classes (Lee et al., 2018). A backdoored input reaches
     its target label through features clean images of that label do not have, and this check needs
-    no scan result, so a model where the scan found nothing still has a calibrated guard."""
+    no scan result, so a model where the scan found nothing still has a calibrated guard.
+
+    Parameters
+    ----------
+    shrinkage
+        Fixed shrinkage of the shared covariance towards its scaled identity, in [0, 1]; None (the
+        default) uses Ledoit-Wolf's estimate from the clean features, which needs no tuning.
+    """
 
     name = "feature"
     kernel = feature_score

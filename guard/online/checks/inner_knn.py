@@ -29,6 +29,16 @@ class InnerKNNCheck(KNNCheck):
     (topological evolution dynamics) and deep k-NN, at the cost of hooks only: the inner layer is
     already tapped. On the benchmark's Blended model it separates triggered inputs far better than the
     feature-layer kNN check (figures: docs/benchmarks.md, 'Measurements behind the defaults').
+
+    Parameters
+    ----------
+    k
+        The neighbour the distance is read at; 5, as :class:`~guard.online.checks.knn.KNNCheck` (which
+        describes how small classes are handled).
+    max_bank
+        Clean fit images whose inner-layer rows the bank holds at most (a seeded pick); 2000.
+    seed
+        Seeds the pick when there are more than ``max_bank`` fit images.
     """
 
     name = "inner_knn"

@@ -43,6 +43,18 @@ class KNNCheck(Check):
     of the predicted class is far. The bank holds the L2-normalised features of at most ``max_bank``
     clean fit images (seeded pick), grouped by class: a score reads one class's rows only (a tenth of
     the bank for ten classes), one small product and a partial sort per input.
+
+    Parameters
+    ----------
+    k
+        The neighbour the distance is read at (the ``k``-th nearest of the class), 5: a single clean
+        outlier in the bank does not vouch for an input. A class with fewer than ``k`` bank rows is
+        compared with the whole bank, and ``k`` is lowered to the smallest class's count.
+    max_bank
+        Clean fit images the bank holds at most (a seeded pick); 2000 bounds the profile's size and the
+        per-input cost (a score reads one class's rows).
+    seed
+        Seeds the pick when there are more than ``max_bank`` fit images.
     """
 
     name = "knn"

@@ -18,7 +18,16 @@ def neuron_score(p, x, pred, f, g):
 @register
 class NeuronCheck(Check):
     """Activation outliers on each suspect label's suspect neurons (the features its reversed trigger
-    raises most). Score: the largest standardised mean activation over the suspect labels."""
+    raises most). Score: the largest standardised mean activation over the suspect labels.
+
+    Parameters
+    ----------
+    neurons
+        One array of feature-layer indices per suspect label: the neurons its reversed trigger raises
+        most (:func:`guard.scan.neural_cleanse.suspect_neurons`); each group's mean activation is scored.
+    dim
+        Width ``D`` of the feature layer the indices refer to.
+    """
 
     name = "neuron"
     kernel = neuron_score

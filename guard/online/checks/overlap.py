@@ -38,6 +38,14 @@ class OverlapCheck(Check):
     inside the mask sits consistently *farther* from the reversed pattern than clean pixels do, so a
     one-sided score ranks triggered inputs below clean ones (figures: docs/benchmarks.md, 'Measurements
     behind the defaults'). Catches a trigger where the reversed mask found it.
+
+    Parameters
+    ----------
+    masks
+        ``(L, 1, H, W)`` the suspect labels' reversed masks in [0, 1] (Neural Cleanse's ``masks_`` rows);
+        only their support (weights over :attr:`SUPPORT` of the largest) is scored.
+    patterns
+        ``(L, C, H, W)`` the matching reversed patterns in [0, 1] (``patterns_`` rows).
     """
 
     name = "overlap"
