@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "on, costs a fraction of a millisecond per query, per serving worker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
-                   "cuda[:N]; on a GPU the batched all-label problem runs about 10x faster than a per-label loop")
+                   "cuda[:N]; all labels are optimised as one batched problem, which is what a GPU is for "
+                   "(docs/benchmarks.md has the CPU figures)")
     p.add_argument("--max-rounds", type=int, default=200, metavar="N",
                    help="Neural Cleanse's optimisation budget in rounds of two steps (default 200, as published)")
     p.add_argument("--screen-above", type=int, metavar="K",
