@@ -155,7 +155,7 @@ class Guard:
         self.fill = profile.tensors["fill"].astype(np.float32)
         self.repair_pixels = int(profile.repair.pixels)
         neuron = next((c for c in self.checks if c.name == "neuron"), None)
-        self._neuron = (neuron.weights, neuron.bias) if neuron is not None else (None, None)
+        self._neuron = (neuron.weights_, neuron.bias_) if neuron is not None else (None, None)
         self._masks = profile.tensors.get("masks")
         self._kernels, self._params = scoring.pack(self.checks)
         self._rule = (type(self.ensemble).kernel, self.ensemble.params())
@@ -182,7 +182,7 @@ class Guard:
         """The profile's calibrated ensemble over the checks, or, for a profile from before the ensemble,
         the union of the checks' own thresholds."""
         if self.profile.ensemble is None:
-            return UnionRule(self.thresholds)
+            return UnionRule(self.thresholds).fit()
         rule = self._restore(f"ensemble {self.profile.ensemble.method}", RULES.get(self.profile.ensemble.method),
                              *self.profile.ensemble_state())
         if rule.refs_.shape[0] != len(self.checks):

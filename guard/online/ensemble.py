@@ -120,19 +120,31 @@ class FisherEnsemble(_Rule):
         Share of the calibration scores (the top ones, at least 2) whose excesses over the next one fit
         each check's exponential tail, in (0, 1); 0.1 leaves the empirical distribution the bulk of the
         sample and the tail fit enough points on a few hundred calibration images.
+
+    Attributes
+    ----------
+    refs_
+        ``(n_checks, N)`` float32, each check's calibration scores, ascending (profile key ``refs``).
+    t0_, beta_
+        ``(n_checks,)`` where each check's exponential tail starts and its mean excess (``t0``, ``beta``).
+    weights_
+        ``(n_checks,)`` each check's weight (``weights``).
+    threshold_, fpr_
+        The threshold on the statistic and the clean rate it lets through (:meth:`infer_threshold`).
     """
 
     method = "fisher"
     kernel = fisher_statistic
 
     def __init__(self, *, tail_share: float = 0.1):
-        if not 0 < tail_share < 1:
-            raise ValueError(f"tail_share must be in (0, 1), got {tail_share}")
-        self.tail_share = float(tail_share)
-        self.threshold_: float | None = None
-        self.fpr_: float | None = None
+        self.tail_share = tail_share
+
+    def _validate(self) -> None:
+        if not 0 < self.tail_share < 1:
+            raise ValueError(f"tail_share must be in (0, 1), got {self.tail_share}")
 
     def fit(self, scores: np.ndarray, *, anomalies: np.ndarray | None = None) -> FisherEnsemble:
+        self._validate()
         s = np.asarray(scores, dtype=np.float64)
         if s.ndim != 2 or len(s) < 20:
             raise ValueError(f"need (N >= 20, n_checks) calibration scores, got shape {s.shape}")
@@ -149,7 +161,7 @@ class FisherEnsemble(_Rule):
 
     def _tail_count(self, n: int) -> int:
         """How many of ``n`` calibration scores (the top ones) fit the exponential tail."""
-        return max(2, int(round(self.tail_share * n)))
+        return max(2, int(round(float(self.tail_share) * n)))
 
     def _prepare(self) -> None:
         n = self.refs_.shape[1]
@@ -173,15 +185,16 @@ class FisherEnsemble(_Rule):
 
     def to_profile(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         """``(settings, tensors)``: method, tail share and threshold (JSON); the clean tail statistics."""
-        if self.threshold_ is None:
+        if getattr(self, "threshold_", None) is None:
             raise RuntimeError("FisherEnsemble: call infer_threshold before saving")
-        return ({"method": self.method, "tail_share": self.tail_share, "threshold": float(self.threshold_)},
+        return ({"method": self.method, "tail_share": float(self.tail_share), "threshold": float(self.threshold_)},
                 {"refs": self.refs_, "t0": self.t0_.astype(np.float64), "beta": self.beta_.astype(np.float64),
                  "weights": self.weights_.astype(np.float64)})
 
     @classmethod
     def from_profile(cls, settings: dict[str, Any], tensors: dict[str, np.ndarray], *, fpr: float) -> FisherEnsemble:
         e = cls(tail_share=float(settings["tail_share"]))
+        e._validate()
         e.refs_ = np.ascontiguousarray(tensors["refs"], dtype=np.float32)
         e.t0_ = np.asarray(tensors["t0"], dtype=np.float64)
         e.beta_ = np.asarray(tensors["beta"], dtype=np.float64)
@@ -210,24 +223,39 @@ class UnionRule(_Rule):
     """The rule of profiles written before the ensemble: suspect when any check is over its threshold.
 
     ``statistic`` is the largest margin over a threshold relative to it, so ``threshold_ = 0`` gives
-    exactly the union's decisions.
+    exactly the union's decisions. It learns nothing from scores: :meth:`fit` only prepares the given
+    thresholds (``UnionRule(thresholds).fit()``).
 
     Parameters
     ----------
     thresholds
         ``(n_checks,)`` each check's own threshold, as the profile stored it, in the checks' order.
+
+    Attributes
+    ----------
+    thresholds_
+        ``(n_checks,)`` float64, ``thresholds`` as an array.
+    scale_
+        ``(n_checks,)`` float64, each threshold's absolute value (floored at 1e-12), the margins' unit.
+    threshold_
+        0, the threshold on the statistic.
     """
 
     method = "union"
     kernel = union_statistic
 
     def __init__(self, thresholds: np.ndarray):
-        self.thresholds = np.asarray(thresholds, dtype=np.float64)
-        self._scale = np.maximum(np.abs(self.thresholds), 1e-12)
+        self.thresholds = thresholds
+
+    def fit(self, scores: np.ndarray | None = None) -> UnionRule:
+        """Prepare the thresholds (``scores`` is accepted for the rules' common shape and not read)."""
+        self.thresholds_ = np.asarray(self.thresholds, dtype=np.float64)
+        self.scale_ = np.maximum(np.abs(self.thresholds_), 1e-12)
         self.threshold_ = 0.0
+        return self
 
     def params(self) -> tuple:
-        return (self.thresholds, self._scale)
+        return (self.thresholds_, self.scale_)
 
 
 RULES: dict[str, type[_Rule]] = {FisherEnsemble.method: FisherEnsemble}

@@ -79,8 +79,8 @@ class TriggerMemory:
         di, dj = np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), indexing="ij")  # edges replicated
         self.neighbours_ = np.ravel_multi_index((ch[:, None], np.clip(i[:, None] + di.ravel(), 0, h - 1),
                                                  np.clip(j[:, None] + dj.ravel(), 0, w - 1)), (c, h, w))
-        self.threshold_: float | None = None
-        self.fpr_: float | None = None
+        for stale in ("threshold_", "fpr_"):  # a threshold calibrated before this fit no longer holds
+            self.__dict__.pop(stale, None)
         self.reset()
         return self
 

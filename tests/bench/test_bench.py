@@ -211,7 +211,7 @@ def test_knn_check_contract():
         return Record(np.zeros((len(f), 1, 1, 1), np.float32), np.zeros((len(f), 4), np.float32), f)
 
     c = KNNCheck(k=5, max_bank=300).fit(rec(feats[:300]))
-    assert c.bank.shape == (300, 16) and c.starts[0] == 0 and c.stops[0] == 300  # one predicted class here
+    assert c.bank_rows_.shape == (300, 16) and c.starts_[0] == 0 and c.stops_[0] == 300  # one predicted class here
     c.infer_threshold(rec(feats[300:]), fpr=0.05)
     from guard.stats import roc_auc
 

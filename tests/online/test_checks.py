@@ -1,6 +1,8 @@
 """Each online check on its own: the alibi-detect shape, calibration that holds on unseen clean data,
 and separation of triggered from clean inputs (AUROC floors, PyOD style)."""
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,144 @@ def test_consistency_check_scores_disagreement_between_the_inner_layer_and_the_l
     np.testing.assert_array_equal(again.score(flipped), check.score(flipped))
     with pytest.raises(ValueError, match="inner layer"):
         ConsistencyCheck().fit(Record(rec.x, logits, rec.features), y)
+
+
+# ---------------------------------------------------------------- scikit-learn's estimator conventions
+# (docs/design.md): the constructor stores its parameters unchanged and computes nothing; what is
+# learned ends in ``_`` and appears with fit / infer_threshold (or a profile restore); a profile's keys
+# are the check's STATE / SETTINGS names, whatever the attributes are called.
+
+def _convention_record(n=240, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(3, 12)) * 3
+    y = rng.integers(0, 3, n)
+    f = (centres[y] + rng.normal(size=(n, 12))).astype(np.float32)
+    g = (centres[y][:, :6] + rng.normal(size=(n, 6))).astype(np.float32)
+    logits = (np.eye(3)[y] * 3 + rng.normal(size=(n, 3))).astype(np.float32)
+    return Record(rng.random((n, 1, 4, 4)).astype(np.float32), logits, f, g), y
+
+
+def _overlap_args():
+    masks = np.zeros((2, 1, 4, 4), np.float32)
+    masks[0, ..., :2, :2], masks[1, ..., 2:, 1:3] = 1.0, 0.7
+    return (masks, np.random.default_rng(1).random((2, 1, 4, 4)).astype(np.float32)), {}
+
+
+CONSTRUCT = {  # every registered check, with constructor arguments: a new check must be added here
+    "feature": lambda: ((), {"shrinkage": 0.2}),
+    "knn": lambda: ((), {"k": 4, "max_bank": 150, "seed": 3}),
+    "inner_knn": lambda: ((), {"k": 3}),
+    "consistency": lambda: ((), {}),
+    "neuron": lambda: (([np.array([2, 5]), np.array([1, 7, 9])], 12), {}),
+    "overlap": _overlap_args,
+}
+
+
+def _parameters(obj, args, kwargs) -> dict:
+    """The constructor's parameters as it was called: the objects passed, else the defaults."""
+    sig = inspect.signature(type(obj).__init__)
+    bound = sig.bind(obj, *args, **kwargs)
+    bound.apply_defaults()
+    named = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return {k: bound.arguments[k] for k in named[1:]}  # no self; no *args of a check without a constructor
+
+
+def _stored_unchanged(obj, args, kwargs, *, fitted=False):
+    """Each parameter is the very object passed (or the default): nothing converted. Before fit the
+    instance holds its parameters and nothing else: nothing computed, nothing learned."""
+    given = _parameters(obj, args, kwargs)
+    for k, v in given.items():
+        assert vars(obj).get(k) is v, f"{type(obj).__name__}.{k} is not the object passed"
+    if not fitted:
+        learned = [k for k in dir(obj) if k.endswith("_") and not k.startswith("__") and hasattr(obj, k)]
+        assert not learned, f"{type(obj).__name__}() has learned attributes before fit: {learned}"
+        assert set(vars(obj)) == set(given), f"{type(obj).__name__}() set {sorted(set(vars(obj)) - set(given))}"
+
+
+def test_the_convention_cases_cover_every_registered_check():
+    assert set(CONSTRUCT) == set(CHECKS)
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_check_keeps_the_estimator_conventions(name):
+    cls = CHECKS[name]
+    args, kwargs = CONSTRUCT[name]()
+    check = cls(*args, **kwargs)
+    _stored_unchanged(check, args, kwargs)
+    rec, y = _convention_record()
+    fit, cal, test = rec.take(slice(0, 120)), rec.take(slice(120, 200)), rec.take(slice(200, None))
+    with pytest.raises(RuntimeError, match="infer_threshold"):
+        check.fit(fit, y[:120]).predict(test)
+    _stored_unchanged(check, args, kwargs, fitted=True)
+    check.infer_threshold(cal, fpr=0.05)
+    learned = [k + "_" for k in (*cls.STATE, *cls.SETTINGS)] + ["threshold_", "fpr_"]
+    assert all(hasattr(check, k) for k in learned), learned
+    settings, tensors = check.to_profile()
+    assert set(tensors) == set(cls.STATE) and set(settings) == {"threshold", *cls.SETTINGS}  # the profile's keys
+    again = cls.from_profile(settings, tensors, fpr=0.05)
+    assert all(hasattr(again, k) for k in learned)
+    np.testing.assert_array_equal(again.score(test), check.score(test))
+    assert (again.threshold_, again.fpr_) == (check.threshold_, check.fpr_)
+
+
+def test_neuron_check_stores_its_neurons_as_given():
+    neurons = [np.array([1, 2])]
+    check = NeuronCheck(neurons, 8)
+    assert check.neurons is neurons and check.dim == 8 and not hasattr(check, "weights_")
+
+
+def test_knn_keeps_k_and_learns_the_clamped_one():
+    """``k`` stays what was asked; ``k_`` is the one used (the bank is smaller than ``k`` here), and it
+    is what the profile stores as ``k`` and a restored check reports as both."""
+    from guard.online.checks import KNNCheck
+
+    rec, _ = _convention_record(60)
+    check = KNNCheck(k=50, max_bank=30).fit(rec.take(slice(0, 30))).infer_threshold(rec.take(slice(30, None)), fpr=0.1)
+    assert (check.k, check.k_, check.params()[3]) == (50, 30, 30)
+    settings, tensors = check.to_profile()
+    assert settings["k"] == 30 and set(tensors) == {"bank_rows", "starts", "stops"}
+    again = KNNCheck.from_profile(settings, tensors, fpr=0.1)
+    assert (again.k, again.k_) == (30, 30)
+    np.testing.assert_array_equal(again.score(rec), check.score(rec))
+
+
+def test_ensemble_rules_keep_the_estimator_conventions():
+    from guard.online.ensemble import FisherEnsemble, UnionRule
+
+    rng = np.random.default_rng(0)
+    cal, x = rng.normal(size=(200, 3)).astype(np.float32), rng.normal(size=(50, 3)).astype(np.float32)
+    share = 0.2
+    e = FisherEnsemble(tail_share=share)
+    _stored_unchanged(e, (), {"tail_share": share})
+    e.fit(cal, anomalies=cal[:30] + 1).infer_threshold(cal, fpr=0.05)
+    _stored_unchanged(e, (), {"tail_share": share}, fitted=True)
+    assert all(hasattr(e, k) for k in ("refs_", "t0_", "beta_", "weights_", "threshold_", "fpr_"))
+    again = FisherEnsemble.from_profile(*e.to_profile(), fpr=0.05)
+    np.testing.assert_array_equal(again.statistic(x), e.statistic(x))
+    assert (again.threshold_, again.fpr_) == (e.threshold_, e.fpr_)
+    with pytest.raises(ValueError, match="tail_share"):  # validated where it is used, not by the constructor
+        FisherEnsemble(tail_share=0).fit(cal)
+
+    thresholds = [0.5, -1.0, 2.0]
+    u = UnionRule(thresholds)
+    _stored_unchanged(u, (thresholds,), {})
+    u.fit()
+    _stored_unchanged(u, (thresholds,), {}, fitted=True)
+    assert u.threshold_ == 0.0
+    np.testing.assert_array_equal(u.statistic(x) > u.threshold_, (x > np.array(thresholds)).any(1))
+
+
+def test_trigger_memory_keeps_the_estimator_conventions():
+    from guard.online.memory import TriggerMemory
+
+    x = np.random.default_rng(0).random((40, 1, 8, 8)).astype(np.float32)
+    kw = {"size": 8, "n_features": 16, "seed": 2}
+    mem = TriggerMemory(**kw)
+    _stored_unchanged(mem, (), kw)
+    mem.fit(x)
+    assert hasattr(mem, "index_") and not hasattr(mem, "threshold_")
+    mem.infer_threshold(x, fpr=0.1)
+    again = TriggerMemory.from_settings(mem.to_settings(), x.shape[1:])
+    np.testing.assert_array_equal(again.score(x), mem.score(x))
+    mem.fit(x)  # a new fit drops the old calibration
+    assert not hasattr(mem, "threshold_") and not hasattr(mem, "fpr_")

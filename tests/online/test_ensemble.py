@@ -26,7 +26,7 @@ def test_evidence_adds_up_across_checks():
     pos = _clean(2000, 3)
     pos[:, 0] += 2.0
     pos[:, 2] += 2.0
-    union = UnionRule(np.quantile(cal, 1 - 0.01 / 3, axis=0))
+    union = UnionRule(np.quantile(cal, 1 - 0.01 / 3, axis=0)).fit()
     assert roc_auc(e.statistic(neg), e.statistic(pos)) > roc_auc(union.statistic(neg), union.statistic(pos))
     # at the same 1% point (measured: 67% against 53%)
     assert (e.statistic(pos) > e.threshold_).mean() > (union.statistic(pos) > 0).mean() + 0.08
@@ -54,13 +54,13 @@ def test_state_round_trip_and_bad_input():
     with pytest.raises(ValueError):
         FisherEnsemble().fit(cal[:5])
     with pytest.raises(ValueError):
-        FisherEnsemble(tail_share=1.5)
+        FisherEnsemble(tail_share=1.5).fit(cal)
 
 
 def test_union_rule_reproduces_any_check_over_its_threshold():
     s = _clean(500, 5)
     t = np.quantile(s, 0.99, axis=0)
-    u = UnionRule(t)
+    u = UnionRule(t).fit()
     np.testing.assert_array_equal(u.statistic(s) > u.threshold_, (s > t).any(1))
 
 

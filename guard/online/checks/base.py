@@ -19,6 +19,7 @@ Adding a check: one file in this package defining the subclass and its kernel, a
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import numpy as np
@@ -31,8 +32,12 @@ from guard.stats import upper_threshold
 class Check:
     """Base class: subclasses set ``name`` and ``kernel`` and implement ``_fit`` and ``params``.
 
-    ``STATE`` names the fitted array attributes a profile stores; ``SETTINGS`` the scalar ones (JSON).
-    A check with derived attributes rebuilds them in :meth:`_restore`.
+    A check keeps scikit-learn's estimator conventions: the constructor only stores its parameters,
+    unchanged; everything learned is set by :meth:`fit` (or :meth:`infer_threshold`) and ends in
+    ``_``, so it does not exist before (a check restored by :meth:`from_profile` has it). ``STATE``
+    names the fitted arrays a profile stores, ``SETTINGS`` the scalar ones (JSON), by their profile
+    keys: the attribute of key ``k`` is ``k_`` (``check.feature.whiten`` is ``whiten_``). A check with
+    derived attributes rebuilds them in :meth:`_restore`.
 
     Parameters
     ----------
@@ -44,10 +49,6 @@ class Check:
     kernel: ClassVar[Any] = None
     STATE: ClassVar[tuple[str, ...]] = ()
     SETTINGS: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self):
-        self.threshold_: float | None = None
-        self.fpr_: float | None = None
 
     # ------------------------------------------------------------------ learning
     def fit(self, record: Record, y: np.ndarray | None = None) -> Check:
@@ -77,31 +78,42 @@ class Check:
         return score_checks([self], record)[:, 0]
 
     def predict(self, record: Record) -> np.ndarray:
-        if self.threshold_ is None:
+        if getattr(self, "threshold_", None) is None:
             raise RuntimeError(f"{self.name}: call infer_threshold first")
         return self.score(record) > self.threshold_
 
     # ------------------------------------------------------------------ persistence
     def to_profile(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """``(settings, tensors)``: the threshold and scalar settings (JSON), the fitted arrays."""
-        if self.threshold_ is None:
+        """``(settings, tensors)``: the threshold and scalar settings (JSON), the fitted arrays, by their
+        profile keys (``STATE``, ``SETTINGS``; attribute ``k_`` for key ``k``)."""
+        if getattr(self, "threshold_", None) is None:
             raise RuntimeError(f"{self.name}: call infer_threshold before saving")
         settings = {"threshold": float(self.threshold_)}
-        settings.update({k: getattr(self, k) for k in self.SETTINGS})
-        return settings, {k: np.asarray(getattr(self, k)) for k in self.STATE}
+        settings.update({k: getattr(self, k + "_") for k in self.SETTINGS})
+        return settings, {k: np.asarray(getattr(self, k + "_")) for k in self.STATE}
 
     @classmethod
     def from_profile(cls, settings: dict[str, Any], tensors: dict[str, np.ndarray], *, fpr: float) -> Check:
         """Rebuild a fitted, calibrated check from :meth:`to_profile`'s output (``fpr``: the profile's)."""
-        c = cls.__new__(cls)
-        Check.__init__(c)
+        c = cls.__new__(cls)  # a profile stores what the check learned, not always what it was built with
+        for k, v in cls._profile_parameters(settings, tensors).items():
+            setattr(c, k, v)
         for k in cls.SETTINGS:
-            setattr(c, k, settings[k])
+            setattr(c, k + "_", settings[k])
         for k in cls.STATE:
-            setattr(c, k, tensors[k])
+            setattr(c, k + "_", tensors[k])
         c.threshold_, c.fpr_ = float(settings["threshold"]), float(fpr)
         c._restore()
         return c
+
+    @classmethod
+    def _profile_parameters(cls, settings: dict[str, Any], tensors: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The constructor parameters a check restored from a profile reports: by default those the
+        constructor has a default for, at that default (a profile does not record them); a subclass whose
+        profile records one overrides this."""
+        sig = inspect.signature(cls.__init__).parameters.values()
+        return {p.name: p.default for p in sig
+                if p.name != "self" and p.default is not p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
     def _restore(self) -> None:
         """Rebuild what the profile does not store (derived arrays); called after fit and load."""

@@ -33,6 +33,15 @@ class ConsistencyCheck(Check):
     ----------
     The constructor takes none: the covariance is shrunk with Ledoit-Wolf's estimate (the feature
     check's default), and everything else is learned by ``fit`` from the clean records.
+
+    Attributes
+    ----------
+    proj_
+        ``(2C, K)`` float32, ``-2 whiten @ centres.T`` of the inner layer's discriminant (profile key ``proj``).
+    offset_
+        ``(K,)`` float32, each whitened class centre's squared norm (profile key ``offset``).
+    threshold_, fpr_
+        The calibrated threshold and the clean rate it lets through (:meth:`infer_threshold`).
     """
 
     name = "consistency"
@@ -45,8 +54,9 @@ class ConsistencyCheck(Check):
         whiten, centres = class_whitening(record.inner, record, y)
         # |z - c_k|^2 = |z|^2 - 2 z.c_k + |c_k|^2 with z = g @ whiten: the |z|^2 term is the same for
         # every class, so d_pred - min_k d_k only needs g @ (-2 whiten @ centres.T) + |c_k|^2
-        self.proj = (-2.0 * whiten @ centres.T).astype(np.float32)
-        self.offset = (centres ** 2).sum(1).astype(np.float32)
+        self.proj_ = (-2.0 * whiten @ centres.T).astype(np.float32)
+        self.offset_ = (centres ** 2).sum(1).astype(np.float32)
 
     def params(self):
-        return (np.ascontiguousarray(self.proj, dtype=np.float32), np.ascontiguousarray(self.offset, dtype=np.float32))
+        return (np.ascontiguousarray(self.proj_, dtype=np.float32),
+                np.ascontiguousarray(self.offset_, dtype=np.float32))

@@ -28,6 +28,17 @@ class FeatureCheck(Check):
     shrinkage
         Fixed shrinkage of the shared covariance towards its scaled identity, in [0, 1]; None (the
         default) uses Ledoit-Wolf's estimate from the clean features, which needs no tuning.
+
+    Attributes
+    ----------
+    whiten_
+        ``(D, D)`` float32, the whitening matrix of the shared covariance (profile key ``whiten``).
+    centres_
+        ``(K, D)`` float32, the whitened class centres (profile key ``centres``).
+    threshold_, fpr_
+        The calibrated threshold and the clean rate it lets through (:meth:`infer_threshold`).
+
+    A check restored from a profile reports ``shrinkage`` as None: the profile stores what was learned.
     """
 
     name = "feature"
@@ -35,17 +46,13 @@ class FeatureCheck(Check):
     STATE = ("whiten", "centres")
 
     def __init__(self, *, shrinkage: float | None = None):
-        super().__init__()
         self.shrinkage = shrinkage
 
     def _fit(self, record, y):
         whiten, centres = class_whitening(record.features, record, y, shrinkage=self.shrinkage)
-        self.whiten = whiten.astype(np.float32)
-        self.centres = centres.astype(np.float32)
-
-    def _restore(self):
-        self.shrinkage = getattr(self, "shrinkage", None)
+        self.whiten_ = whiten.astype(np.float32)
+        self.centres_ = centres.astype(np.float32)
 
     def params(self):
-        return (np.ascontiguousarray(self.whiten, dtype=np.float32),
-                np.ascontiguousarray(self.centres, dtype=np.float32))
+        return (np.ascontiguousarray(self.whiten_, dtype=np.float32),
+                np.ascontiguousarray(self.centres_, dtype=np.float32))

@@ -39,6 +39,11 @@ class InnerKNNCheck(KNNCheck):
         Clean fit images whose inner-layer rows the bank holds at most (a seeded pick); 2000.
     seed
         Seeds the pick when there are more than ``max_bank`` fit images.
+
+    Attributes
+    ----------
+    bank_rows_, starts_, stops_, k_, threshold_, fpr_
+        As :class:`~guard.online.checks.knn.KNNCheck`'s, the bank holding inner-layer rows.
     """
 
     name = "inner_knn"

@@ -49,12 +49,28 @@ class KNNCheck(Check):
     k
         The neighbour the distance is read at (the ``k``-th nearest of the class), 5: a single clean
         outlier in the bank does not vouch for an input. A class with fewer than ``k`` bank rows is
-        compared with the whole bank, and ``k`` is lowered to the smallest class's count.
+        compared with the whole bank, and the ``k`` used (``k_``) is lowered to the smallest class's count.
     max_bank
         Clean fit images the bank holds at most (a seeded pick); 2000 bounds the profile's size and the
         per-input cost (a score reads one class's rows).
     seed
         Seeds the pick when there are more than ``max_bank`` fit images.
+
+    Attributes
+    ----------
+    bank_rows_
+        ``(M, D)`` float32, the L2-normalised clean rows, grouped by class (profile key ``bank_rows``).
+    starts_, stops_
+        ``(K,)`` int64, each class's rows in the bank (the whole bank for a class with fewer than ``k``;
+        profile keys ``starts``, ``stops``).
+    k_
+        The neighbour the distance is read at, ``k`` lowered to the smallest class's count (the
+        profile's setting ``k``).
+    threshold_, fpr_
+        The calibrated threshold and the clean rate it lets through (:meth:`infer_threshold`).
+
+    A check restored from a profile reports ``k`` as the profile's ``k``, ``max_bank`` as its bank's
+    size and ``seed`` as 0.
     """
 
     name = "knn"
@@ -63,15 +79,9 @@ class KNNCheck(Check):
     SETTINGS = ("k",)
 
     def __init__(self, *, k: int = 5, max_bank: int = 2000, seed: int = 0):
-        super().__init__()
-        self.k = int(k)
-        self.max_bank = int(max_bank)
-        self.seed = int(seed)
-
-    @property
-    def bank(self) -> np.ndarray:
-        """``(M, D)`` the L2-normalised clean features, rows grouped by class (``starts``/``stops``)."""
-        return self.bank_rows
+        self.k = k
+        self.max_bank = max_bank
+        self.seed = seed
 
     @staticmethod
     def _unit(f: np.ndarray) -> np.ndarray:
@@ -85,24 +95,27 @@ class KNNCheck(Check):
     def _fit(self, record, y):
         f = self.rows(record)
         labels = np.asarray(record.logits.argmax(1) if y is None else y, dtype=np.int64)
-        if len(f) > self.max_bank:
-            pick = np.sort(np.random.default_rng(self.seed).choice(len(f), self.max_bank, replace=False))
+        max_bank, k = int(self.max_bank), int(self.k)
+        if len(f) > max_bank:
+            pick = np.sort(np.random.default_rng(int(self.seed)).choice(len(f), max_bank, replace=False))
             f, labels = f[pick], labels[pick]
         order = np.argsort(labels, kind="stable")
-        self.bank_rows = np.ascontiguousarray(self._unit(f[order]))  # (M, D), rows grouped by class
+        self.bank_rows_ = np.ascontiguousarray(self._unit(f[order]))  # (M, D), rows grouped by class
         n_classes = record.logits.shape[1]
         edges = np.searchsorted(labels[order], np.arange(n_classes + 1))
-        self.starts, self.stops = edges[:-1].astype(np.int64), edges[1:].astype(np.int64)
+        self.starts_, self.stops_ = edges[:-1].astype(np.int64), edges[1:].astype(np.int64)
         # a class with fewer than k clean images is compared with the whole bank
-        small = (self.stops - self.starts) < max(self.k, 1)
-        self.starts[small], self.stops[small] = 0, len(self.bank_rows)
-        self.k = int(min(max(self.k, 1), int((self.stops - self.starts).min())))
+        small = (self.stops_ - self.starts_) < max(k, 1)
+        self.starts_[small], self.stops_[small] = 0, len(self.bank_rows_)
+        self.k_ = int(min(max(k, 1), int((self.stops_ - self.starts_).min())))
+
+    @classmethod
+    def _profile_parameters(cls, settings, tensors):
+        return {"k": int(settings["k"]), "max_bank": len(tensors["bank_rows"]), "seed": 0}
 
     def _restore(self):
-        self.k = int(self.k)
-        if not hasattr(self, "max_bank"):
-            self.max_bank, self.seed = len(self.bank_rows), 0
+        self.k_ = int(self.k_)
 
     def params(self):
-        return (np.ascontiguousarray(self.bank_rows, dtype=np.float32), np.asarray(self.starts, np.int64),
-                np.asarray(self.stops, np.int64), int(self.k))
+        return (np.ascontiguousarray(self.bank_rows_, dtype=np.float32), np.asarray(self.starts_, np.int64),
+                np.asarray(self.stops_, np.int64), int(self.k_))

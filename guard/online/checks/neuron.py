@@ -27,6 +27,19 @@ class NeuronCheck(Check):
         most (:func:`guard.scan.neural_cleanse.suspect_neurons`); each group's mean activation is scored.
     dim
         Width ``D`` of the feature layer the indices refer to.
+
+    Attributes
+    ----------
+    weights_
+        ``(D, L)`` float32, column ``l`` averages label ``l``'s neurons and divides by the clean
+        standard deviation of that mean (profile key ``weights``).
+    bias_
+        ``(L,)`` float32, minus the clean mean over that deviation (profile key ``bias``).
+    threshold_, fpr_
+        The calibrated threshold and the clean rate it lets through (:meth:`infer_threshold`).
+
+    A check restored from a profile has the attributes but not ``neurons`` and ``dim``, which the
+    profile does not store.
     """
 
     name = "neuron"
@@ -34,17 +47,17 @@ class NeuronCheck(Check):
     STATE = ("weights", "bias")
 
     def __init__(self, neurons: list[np.ndarray], dim: int):
-        super().__init__()
-        w = np.zeros((dim, len(neurons)), dtype=np.float32)
-        for k, idx in enumerate(neurons):
-            w[np.asarray(idx, dtype=np.int64), k] = 1.0 / max(len(idx), 1)
-        self.weights = w
-        self.bias = np.zeros(len(neurons), dtype=np.float32)
+        self.neurons = neurons
+        self.dim = dim
 
     def _fit(self, record, y):
-        mu, sd = standardiser(record.features @ self.weights)
-        self.weights = (self.weights / sd).astype(np.float32)
-        self.bias = (-mu / sd).astype(np.float32)
+        w = np.zeros((self.dim, len(self.neurons)), dtype=np.float32)
+        for k, idx in enumerate(self.neurons):
+            w[np.asarray(idx, dtype=np.int64), k] = 1.0 / max(len(idx), 1)
+        mu, sd = standardiser(record.features @ w)
+        self.weights_ = (w / sd).astype(np.float32)
+        self.bias_ = (-mu / sd).astype(np.float32)
 
     def params(self):
-        return (np.ascontiguousarray(self.weights, dtype=np.float32), np.ascontiguousarray(self.bias, dtype=np.float32))
+        return (np.ascontiguousarray(self.weights_, dtype=np.float32),
+                np.ascontiguousarray(self.bias_, dtype=np.float32))

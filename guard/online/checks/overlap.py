@@ -46,6 +46,21 @@ class OverlapCheck(Check):
         only their support (weights over :attr:`SUPPORT` of the largest) is scored.
     patterns
         ``(L, C, H, W)`` the matching reversed patterns in [0, 1] (``patterns_`` rows).
+
+    Attributes
+    ----------
+    m_
+        ``(L, C*H*W)`` float32, the masks broadcast over the channels and normalised by ``C * sum(m)``
+        (profile key ``m``).
+    p_
+        ``(L, C*H*W)`` float32, the patterns, flattened (profile key ``p``).
+    mu_, sd_
+        ``(L,)`` float32, each label's clean match mean and standard deviation (profile keys ``mu``, ``sd``).
+    threshold_, fpr_
+        The calibrated threshold and the clean rate it lets through (:meth:`infer_threshold`).
+
+    A check restored from a profile has the attributes but not ``masks`` and ``patterns``, which the
+    profile stores normalised.
     """
 
     name = "overlap"
@@ -58,25 +73,25 @@ class OverlapCheck(Check):
     gather and a few hundred operations per input instead of the whole image."""
 
     def __init__(self, masks: np.ndarray, patterns: np.ndarray):
-        super().__init__()
-        c = patterns.shape[1]
-        m = np.broadcast_to(masks, patterns.shape).reshape(len(masks), -1).astype(np.float32)
-        self.m = m / (c * np.maximum(masks.reshape(len(masks), -1).sum(1, keepdims=True), 1e-6))
-        self.p = patterns.reshape(len(patterns), -1).astype(np.float32)
-        self.mu = np.zeros(len(masks), dtype=np.float32)
-        self.sd = np.ones(len(masks), dtype=np.float32)
-        self._restore()
+        self.masks = masks
+        self.patterns = patterns
 
     def _restore(self) -> None:
-        self._idx = np.flatnonzero(self.m.max(0) > self.SUPPORT * max(float(self.m.max()), 1e-12)).astype(np.int64)
-        self._m_s = np.ascontiguousarray(self.m[:, self._idx], dtype=np.float32)
-        self._p_s = np.ascontiguousarray(self.p[:, self._idx], dtype=np.float32)
+        """The masks' support and the masks and patterns on it (what the kernel reads)."""
+        self._idx = np.flatnonzero(self.m_.max(0) > self.SUPPORT * max(float(self.m_.max()), 1e-12)).astype(np.int64)
+        self._m_s = np.ascontiguousarray(self.m_[:, self._idx], dtype=np.float32)
+        self._p_s = np.ascontiguousarray(self.p_[:, self._idx], dtype=np.float32)
 
     def _fit(self, record, y):
+        masks, patterns = np.asarray(self.masks), np.asarray(self.patterns)
+        c = patterns.shape[1]
+        m = np.broadcast_to(masks, patterns.shape).reshape(len(masks), -1).astype(np.float32)
+        self.m_ = m / (c * np.maximum(masks.reshape(len(masks), -1).sum(1, keepdims=True), 1e-6))
+        self.p_ = patterns.reshape(len(patterns), -1).astype(np.float32)
         self._restore()
         flat = np.ascontiguousarray(record.x, dtype=np.float32).reshape(len(record.x), -1)
         match = np.array([[overlap_match(row[self._idx], p, m) for p, m in zip(self._p_s, self._m_s)] for row in flat])
-        self.mu, self.sd = standardiser(match.reshape(len(flat), len(self._p_s)))
+        self.mu_, self.sd_ = standardiser(match.reshape(len(flat), len(self._p_s)))
 
     def params(self):
-        return (self._idx, self._p_s, self._m_s, np.asarray(self.mu, np.float32), np.asarray(self.sd, np.float32))
+        return (self._idx, self._p_s, self._m_s, np.asarray(self.mu_, np.float32), np.asarray(self.sd_, np.float32))
