@@ -111,13 +111,31 @@ def test_shared_perturbation_stays_in_the_ball_and_moves_both_models_together():
 
 
 @pytest.fixture(scope="module")
+def bn_tuned(badnets_world, badnets_profile):
+    """The demo model, 20 clean images per class, its profile, and BatchNorm-aware tuning fitted on them
+    once (two tests read the same fit)."""
+    from guard.data import load_npz
+    from guard.model import load_model
+    from guard.profile import Profile
+
+    model = load_model(badnets_world.model_file, badnets_world.weights)
+    x, y = load_npz(badnets_world.clean)
+    xs, ys = per_class_subset(x, y, 20, seed=0)
+    profile = Profile.load(badnets_profile)
+    sha = fingerprint(model)
+    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=Evidence.from_profile(profile))
+    assert fingerprint(model) == sha  # the caller's model is untouched
+    return model, xs, ys, profile, est
+
+
+@pytest.fixture(scope="module")
 def gap(gap_world):
     w = gap_world
     xs, ys = per_class_subset(w.x_train, w.y_train, 20, seed=0)
     return w.model, w.attack, xs, ys, w.x_test, w.y_test
 
 
-def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_world, badnets_profile):
+def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_world, bn_tuned):
     """BatchNorm-aware tuning on DemoNet (no BatchNorm: the tail of four layers is tuned, the first conv
     stays) with 20 clean images per class and the profile's reversed trigger: the attacker's real
     trigger, never shown, measured 99.0% -> 0.0% at 2.5 points of test accuracy (one 2-core AMD EPYC;
@@ -125,17 +143,10 @@ def test_norm_tuning_removes_the_demo_backdoor_with_20_images_per_class(badnets_
     0.6 points). The 50 held-out images saw no drop over 2 points, one image's share: the floor on the
     1000 test images leaves room for that resolution and for other CPUs."""
     from guard.data import load_npz
-    from guard.model import load_model
-    from guard.profile import Profile
 
-    model = load_model(badnets_world.model_file, badnets_world.weights)
-    x, y = load_npz(badnets_world.clean)
+    model, _, _, _, est = bn_tuned
     xt, yt = load_npz(badnets_world.holdout)
-    xs, ys = per_class_subset(x, y, 20, seed=0)
-    sha = fingerprint(model)
-    evidence = Evidence.from_profile(Profile.load(badnets_profile))
-    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=evidence)
-    assert fingerprint(model) == sha and est.ok_
+    assert est.ok_
     info = est.details_["bn_tune"]
     assert not info["batchnorm"] and info["tuned_parameters"] < info["parameters"] and not info["adversarial"]
     purified = est.apply(model)
@@ -185,25 +196,18 @@ def test_sau_needs_no_reversed_trigger(gap):
     assert est.selected_ in ("original", "sau:1") and [h["step"] for h in est.history_] == ["original", "sau:1"]
 
 
-def test_residual_evidence_sees_an_intact_backdoor_and_not_a_removed_one(badnets_world, badnets_profile):
+def test_residual_evidence_sees_an_intact_backdoor_and_not_a_removed_one(bn_tuned):
     """The suspect label's trigger reversed again (two starts) and judged against the original scan's other
     labels: on the unpurified demo model it is as cheap as the scan found it (suspected); after
     BatchNorm-aware tuning removed the real trigger, it is not."""
-    from guard.data import load_npz
-    from guard.model import load_model
-    from guard.profile import Profile
     from guard.purify.residual import residual_evidence
     from guard.stats import anomaly_index
 
     # a norm judged against another scan's: far below its median is suspected, inside its spread is not
     assert anomaly_index([1.0], [5.0, 6.0, 7.0, 6.0])[0] > 2 > anomaly_index([5.5], [5.0, 6.0, 7.0])[0]
-    model = load_model(badnets_world.model_file, badnets_world.weights)
-    x, y = load_npz(badnets_world.clean)
-    xs, ys = per_class_subset(x, y, 20, seed=0)
-    profile = Profile.load(badnets_profile)
+    model, xs, _, profile, est = bn_tuned
     intact = residual_evidence(model, xs, profile, [6], num_classes=10)
     assert intact["suspected"] and intact["labels"]["6"]["attack_success"] > 0.9
-    est = NormTuning(seed=0, progress=False).fit(model, xs, ys, evidence=Evidence.from_profile(profile))
     removed = residual_evidence(est.model_, xs, profile, [6], num_classes=10)
     print(f"\nresidual: intact {intact['labels']['6']}, purified {removed['labels']['6']}")
     assert not removed["suspected"]
