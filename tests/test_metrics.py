@@ -25,7 +25,7 @@ def test_reasons_are_ordered_by_their_strength():
     scores = np.array([[120.0, 0.9, 2.0], [101.0, 0.1, 9.0], [1.0, 0.1, 1.0]], np.float32)
     thresholds = np.array([100.0, 0.3, 3.0])
     over = scores > thresholds
-    strength = UnionRule(thresholds).contributions(scores)  # margin over the threshold, relative to it
+    strength = UnionRule(thresholds).fit().contributions(scores)  # margin over the threshold, relative to it
     res = GuardResult(names, np.zeros((3, 4), np.float32), scores, thresholds, over,
                       np.array([1, 1, 0]), {}, 0.0, 0.0, strength.max(1), 0.0, strength)
     first, second, third = res.decisions
