@@ -35,8 +35,9 @@ def test_scan_json_and_exit_code(demo_world, tmp_path):
     p = guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "p", "--json")
     assert p.returncode == 1, p.stderr[-500:]
     summary = json.loads(p.stdout)
-    assert summary["suspect_labels"] == [6]
+    assert summary["suspect_labels"] == [6] and summary["verdict"] == "backdoored"
     assert set(summary["anomaly_index"]) == {str(i) for i in range(10)}
+    assert summary["warp"]["suspect_labels"] == [] and len(summary["warp"]["lead"]) == 10  # a patch is no warp
     assert (tmp_path / "p" / "profile.json").exists() and (tmp_path / "p" / "tensors.safetensors").exists()
 
 

@@ -40,6 +40,7 @@ from guard.purify import (
 from guard.scan.blend import BlendReversal
 from guard.scan.neural_cleanse import NeuralCleanse
 from guard.scan.tnd import DFTND, DLTND
+from guard.scan.warp import WarpReversal
 
 # names whose examples need a file outside the package (GuardService: an archive directory, run in
 # tests/serving/test_service.py)
@@ -67,7 +68,7 @@ def test_every_public_name_has_a_running_example(name):
 
 # every public estimator, detector and check documents each constructor parameter (numpy style, as
 # alibi-detect and scikit-learn do); the classes are imported explicitly so that a rename fails here
-DOCUMENTED = [NeuralCleanse, DLTND, DFTND, BlendReversal,
+DOCUMENTED = [NeuralCleanse, DLTND, DFTND, BlendReversal, WarpReversal,
               Purifier, ANP, ANPPruning, RNP, RNPPruning, NCUnlearning, FinePruning, SharedAdversarialUnlearning,
               NormTuning, CombinedUnlearning, Auto,
               Check, FeatureCheck, NeuronCheck, OverlapCheck, KNNCheck, InnerKNNCheck, ConsistencyCheck,

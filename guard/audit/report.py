@@ -242,23 +242,31 @@ def _df_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
             f'<th>anomaly index</th><th></th></tr></thead><tbody>{body}</tbody></table></section>')
 
 
+def _lead_table(b: dict[str, Any], needed_key: str, grid: list[str], images: list[str]) -> str:
+    """The per-label table of a reversal read as a lead (blend, warp): image, need, lead, success curve."""
+    flagged = set(b["suspect_labels"])
+    body = []
+    for i, r in enumerate(b["per_label"]):
+        lab = int(r["label"])
+        curve = " ".join(f"{r['attack_success'].get(a, 0):.2f}" for a in grid)
+        flag = '<span class="flag">suspect</span>' if lab in flagged else ""
+        body.append(f'<tr class="{"suspect" if lab in flagged else ""}"><td>{lab}</td>'
+                    f'<td>{images[i] if i < len(images) else ""}</td>'
+                    f'<td class="num">{_fmt(r[needed_key], 3)}</td><td class="num">{_fmt(r["lead"], 3)}</td>'
+                    f'<td class="num">{curve}</td><td>{flag}</td></tr>')
+    return "".join(body)
+
+
 def _blend_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     b = s["blend"]
-    flagged = set(b["suspect_labels"])
     chart = _label_chart(b, "lead", b["threshold"], "Blend reversal: lead over the easiest other label",
                          "lead", "chart-blend")
     patterns = arrays.get("blend.patterns")
     alphas = [f"{a:g}" for a in b["alphas"]]
-    body = []
-    for i, r in enumerate(b["per_label"]):
-        lab = int(r["label"])
-        img = (_img(png_data_uri(patterns[i], scale=3), "blend-pattern", lab, f"label {lab} blended pattern")
-               if patterns is not None and i < len(patterns) else "")
-        curve = " ".join(f"{r['attack_success'].get(a, 0):.2f}" for a in alphas)
-        flag = '<span class="flag">suspect</span>' if lab in flagged else ""
-        body.append(f'<tr class="{"suspect" if lab in flagged else ""}"><td>{lab}</td><td>{img}</td>'
-                    f'<td class="num">{_fmt(r["alpha"], 3)}</td><td class="num">{_fmt(r["lead"], 3)}</td>'
-                    f'<td class="num">{curve}</td><td>{flag}</td></tr>')
+    images = [] if patterns is None else [
+        _img(png_data_uri(p, scale=3), "blend-pattern", int(r["label"]), f'label {r["label"]} blended pattern')
+        for p, r in zip(patterns, b["per_label"])]
+    body = _lead_table(b, "alpha", alphas, images)
     return (f'<section id="blend"><h2>Blend reversal (whole-image triggers)</h2><p class="note">Per label, a '
             f'whole-image pattern blended into clean images at the opacities {", ".join(alphas)}; the opacity it '
             f'needs for half the images of other classes to go to the label, against the easiest other label. '
@@ -267,7 +275,32 @@ def _blend_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
             f'<b>{b["decision"]}</b>; suspect labels: {b["suspect_labels"] or "none"}.</p>{chart}'
             '<table id="blend-table"><thead><tr><th>label</th><th>pattern</th><th>opacity needed</th>'
             f'<th>lead</th><th>success at {", ".join(alphas)}</th><th></th></tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table></section>')
+            f'<tbody>{body}</tbody></table></section>')
+
+
+def _warp_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    b = s["warp"]
+    chart = _label_chart(b, "lead", b["threshold"], "Warp reversal: lead over the easiest other label",
+                         "lead", "chart-warp")
+    fields = arrays.get("warp.fields")
+    strengths = [f"{v:g}" for v in b["strengths"]]
+    images = []
+    if fields is not None:  # each field's displacement length, brightest where it moves the image most
+        for f, r in zip(fields, b["per_label"]):
+            length = np.sqrt((np.asarray(f, dtype=np.float32) ** 2).sum(0, keepdims=True))
+            length = length / max(float(length.max()), 1e-9)
+            images.append(_img(png_data_uri(length, scale=3), "warp-field", int(r["label"]),
+                               f'label {r["label"]} warp displacement'))
+    body = _lead_table(b, "strength", strengths, images)
+    return (f'<section id="warp"><h2>Warp reversal (warping triggers)</h2><p class="note">Per label, a smooth '
+            f'displacement field ({b["grid"]}x{b["grid"]} control points) warping clean images, its largest '
+            f'displacement bounded at {", ".join(strengths)} pixels; the displacement it needs for half the images '
+            f'of other classes to go to the label, against the easiest other label. Suspect when the label needs '
+            f'at least {b["threshold"]:.1%} less displacement than every other label. Decision: '
+            f'<b>{b["decision"]}</b>; suspect labels: {b["suspect_labels"] or "none"}.</p>{chart}'
+            '<table id="warp-table"><thead><tr><th>label</th><th>displacement</th><th>pixels needed</th>'
+            f'<th>lead</th><th>success at {", ".join(strengths)}</th><th></th></tr></thead>'
+            f'<tbody>{body}</tbody></table></section>')
 
 
 def render_html(result: AuditResult) -> str:
@@ -308,6 +341,8 @@ def render_html(result: AuditResult) -> str:
         sections.append(_df_section(s, arrays))
     if "blend" in s:
         sections.append(_blend_section(s, arrays))
+    if "warp" in s:
+        sections.append(_warp_section(s, arrays))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{_CSP}">
@@ -319,9 +354,9 @@ def render_html(result: AuditResult) -> str:
 <section id="summary"><h2>Methods</h2><table><thead><tr><th>method</th><th>decision</th><th>suspect labels</th>
 <th>time</th></tr></thead><tbody>{''.join(method_rows)}</tbody></table>
 <h2>Method agreement</h2><ul id="agreement">{per_label}{pairs}</ul>
-<p class="note">Verdict rule: backdoored when DF-TND or the blend reversal (the methods calibrated on
-clean and backdoored models) flags a label; Neural Cleanse decides when neither ran, DL-TND only
-alone, and otherwise their flags are reported here as agreement
+<p class="note">Verdict rule: backdoored when a method calibrated on clean and backdoored models flags a
+label (Neural Cleanse with its isolation bar, DF-TND, the blend reversal, the warp reversal); DL-TND
+decides only alone, and otherwise its flags are reported here as agreement
 (this audit: {html.escape(s['rule'])}).</p></section>
 {''.join(sections)}
 <section id="provenance"><h2>Provenance</h2><table>{''.join(f'<tr><th>{k}</th><td>{v}</td></tr>' for k, v in prov)}

@@ -1,18 +1,19 @@
 """The offline audit: run the selected detectors, combine their decisions, and export the result.
 
 ``run_audit`` validates its input once (so a bad data file fails in a second, not after a scan),
-runs Neural Cleanse, DL-TND, DF-TND and the blend reversal as chosen, and returns an :class:`AuditResult`: a JSON-ready
+runs Neural Cleanse, DL-TND, DF-TND, the blend reversal and the warp reversal as chosen, and returns an
+:class:`AuditResult`: a JSON-ready
 summary (``to_json``) plus the arrays the HTML report draws. ``write_metrics`` turns it into
 Prometheus text exposition for node_exporter's textfile collector.
 
-How the verdict is combined: a model is backdoored when DF-TND or the blend reversal flags it. Their
-bars were set on a calibration population of clean and backdoored glyph models (see
-``tests/scan/blend_calibration.py``), where this rule was right on 35 of 36 models. Neural Cleanse's
-and DL-TND's flags are reported (agreement in the rule and the report) but decide only when no
-calibrated method ran: on that population Neural Cleanse's MAD test flagged 4 of the 24 clean models
-(a natural cheap class that a small "plus" reaches from everywhere), and letting DL-TND or DF-TND's
-top-ranked label corroborate it called two clean models backdoored (33 of 36) while catching no
-backdoor the calibrated methods missed. A method run on its own decides alone.
+How the verdict is combined: a model is backdoored when a calibrated method flags it (:data:`DECISIVE`):
+Neural Cleanse (its MAD test *and* its isolation bar), DF-TND, the blend reversal and the warp reversal,
+whose bars were set on clean and backdoored models (``tests/scan/nc_calibration.py``,
+``tests/scan/dftnd_calibration.py``, ``tests/scan/blend_calibration.py``; the warp reversal's on the bench
+zoo, docs/benchmarks.md). Each covers a trigger family the others miss: a small patch (Neural Cleanse,
+DF-TND), a faint whole-image key (blend), a warp (warp). DL-TND's flags are reported (agreement in the
+rule and the report) but decide only when it runs alone: letting it corroborate the others called clean
+models backdoored while catching no backdoor they missed.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ from guard.profile import Profile
 from guard.scan.blend import BlendReversal
 from guard.scan.neural_cleanse import NeuralCleanse
 from guard.scan.tnd import DFTND, DLTND, infer_input_shape
+from guard.scan.warp import WarpReversal
 from guard.stats import anomaly_index
 
-METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd", "blend": "blend"}
-NEEDS_DATA = ("nc", "dl-tnd", "blend")
-DECISIVE = ("neural_cleanse", "df_tnd", "blend")  # calibrated on clean models: their flag alone decides
+METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd", "blend": "blend", "warp": "warp"}
+NEEDS_DATA = ("nc", "dl-tnd", "blend", "warp")
+DECISIVE = ("neural_cleanse", "df_tnd", "blend", "warp")  # calibrated on clean models: their flag alone decides
 NC_MIN_IMAGES = 20
 
 
@@ -81,8 +83,8 @@ class AuditResult:
 def combine(flags: dict[str, list[int]]) -> tuple[str, list[int], str]:
     """Verdict, suspect labels and the rule that fired, from each method's flagged labels.
 
-    The calibrated methods (:data:`DECISIVE`: Neural Cleanse with its isolation bar, DF-TND and the
-    blend reversal, whose bars were set on clean and backdoored models) decide; DL-TND only alone.
+    The calibrated methods (:data:`DECISIVE`: Neural Cleanse with its isolation bar, DF-TND, the blend
+    and the warp reversal, whose bars were set on clean and backdoored models) decide; DL-TND only alone.
     Its flags are otherwise reported as agreement or disagreement.
     """
     if len(flags) == 1:
@@ -163,7 +165,7 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
               methods: Sequence[str] = tuple(METHODS), seed: int = 0,
               profile: Profile | None = None, layer: str | None = None, source: dict[str, Any] | None = None,
               nc: NeuralCleanse | None = None, dl_tnd: DLTND | None = None, df_tnd: DFTND | None = None,
-              blend: BlendReversal | None = None,
+              blend: BlendReversal | None = None, warp: WarpReversal | None = None,
               nc_max_images: int = 500, input_shape: Sequence[int] | None = None,
               progress: bool | None = None) -> AuditResult:
     """Audit ``model`` with the chosen methods on clean ``(x, y)`` (``x`` may be None for DF-TND alone).
@@ -253,6 +255,20 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         arrays["blend.patterns"] = bl.patterns_
         flags["blend"] = list(bl.suspect_labels_)
         timings["blend"] = round(time.perf_counter() - t, 2)
+    if "warp" in methods:
+        t = time.perf_counter()
+        wr = warp or WarpReversal(seed=seed, progress=progress)
+        wr.fit(model, x, y, num_classes=num_classes)
+        blocks["warp"] = {"method": "Warp reversal", "statistic": "each label's lead: 1 - the displacement its "
+                          f"reversed smooth warp needs for {wr.success:.0%} attack success over the displacement "
+                          "the easiest other label needs", "threshold": wr.threshold,
+                          "per_label": wr.per_label(), "suspect_labels": list(wr.suspect_labels_),
+                          "decision": "backdoored" if wr.suspect_labels_ else "clean",
+                          "strengths": [float(v) for v in wr.strengths], "grid": int(wr.grid),
+                          "steps": wr.steps_, "seconds": round(wr.seconds_, 2)}
+        arrays["warp.fields"] = wr.fields_
+        flags["warp"] = list(wr.suspect_labels_)
+        timings["warp"] = round(time.perf_counter() - t, 2)
     verdict, suspects, rule = combine(flags)
     timings["total"] = round(time.perf_counter() - t0, 2)
     summary: dict[str, Any] = {
@@ -300,8 +316,9 @@ def write_metrics(result: AuditResult, path: str | Path) -> Path:
     """Write the audit as Prometheus text exposition for node_exporter's textfile collector.
 
     Series: ``guard_audit_verdict`` (1 backdoored, 0 clean), ``guard_audit_anomaly_index{method,label}``,
-    ``guard_audit_suspect{method,label}``, ``guard_audit_blend_lead{label}`` (the blend reversal's
-    statistic), ``guard_audit_duration_seconds`` (whole audit) and
+    ``guard_audit_suspect{method,label}``, ``guard_audit_blend_lead{label}`` and
+    ``guard_audit_warp_lead{label}`` (the blend and warp reversals' statistic),
+    ``guard_audit_duration_seconds`` (whole audit) and
     ``guard_audit_method_duration_seconds{method}``, ``guard_audit_last_run_timestamp_seconds``; every
     series carries ``model`` (the first 16 hex digits of the model's SHA-256). The write is atomic
     (``write_to_textfile`` renames a temporary file), so the collector never reads half a file.
@@ -331,6 +348,11 @@ def write_metrics(result: AuditResult, path: str | Path) -> Path:
         lead = Gauge("guard_audit_blend_lead", "Blend reversal: share of opacity a label's whole-image trigger "
                      "saves over the easiest other label's (higher = more suspect)", ["model", "label"], registry=reg)
         for r in s["blend"]["per_label"]:
+            lead.labels(model, str(r["label"])).set(r["lead"])
+    if "warp" in s:
+        lead = Gauge("guard_audit_warp_lead", "Warp reversal: share of displacement a label's smooth warp "
+                     "saves over the easiest other label's (higher = more suspect)", ["model", "label"], registry=reg)
+        for r in s["warp"]["per_label"]:
             lead.labels(model, str(r["label"])).set(r["lead"])
     Gauge("guard_audit_duration_seconds", "Wall-clock seconds of the whole audit", ["model"],
           registry=reg).labels(model).set(s["timings"]["total"])

@@ -27,10 +27,10 @@ def _shape(text: str) -> tuple[int, int, int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--data", help="clean images: .npz (x, y) or a folder of class subfolders "
-                   "(needed by nc, dl-tnd and blend; df-tnd runs without)")
+                   "(needed by nc, dl-tnd, blend and warp; df-tnd runs without)")
     p.add_argument("--out", required=True, help="report directory (must not exist or be empty, unless --force)")
-    p.add_argument("--methods", default="nc,dl-tnd,df-tnd,blend",
-                   help="comma-separated subset of nc,dl-tnd,df-tnd,blend")
+    p.add_argument("--methods", default="nc,dl-tnd,df-tnd,blend,warp",
+                   help="comma-separated subset of nc,dl-tnd,df-tnd,blend,warp")
     p.add_argument("--profile", help="profile directory of this model: reuse its Neural Cleanse scan "
                    "(exit 3 if it belongs to another model)")
     p.add_argument("--input-shape", type=_shape, metavar="C,H,W",

@@ -1,6 +1,8 @@
 """Scan a model with Neural Cleanse (all labels in one batched problem), pick suspect neurons,
-calibrate every online check on held-out clean images, and write a profile bound to the model.
-Exit 0 when nothing is suspected, 1 when a backdoor is suspected."""
+calibrate every online check on held-out clean images, and write a profile bound to the model; then
+ask the warp reversal whether a smooth warp carries the images to one label (a warping trigger, which
+Neural Cleanse's small-region question does not find). Exit 0 when nothing is suspected, 1 when
+either finds a backdoor."""
 
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen-above", type=int, metavar="K",
                    help="with more than K classes, screen labels first and optimise only the candidates and "
                         "random references in full (default 25; 0 screens always)")
+    p.add_argument("--no-warp", action="store_true",
+                   help="skip the warp reversal (then only Neural Cleanse decides the exit code)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
 
 
@@ -67,6 +71,16 @@ def run(args: argparse.Namespace) -> int:
                                                       max_rounds=args.max_rounds, **screen))
     profile.save(args.out)
     summary["profile"] = str(args.out)
+    warped: list[int] = []
+    if not args.no_warp:
+        from guard.scan.warp import WarpReversal
+
+        wr = WarpReversal(seed=args.seed, progress=progress).fit(model, x, y)
+        warped = list(wr.suspect_labels_)
+        summary["warp"] = {"suspect_labels": warped, "threshold": wr.threshold,
+                           "lead": {str(j): round(float(v), 4) for j, v in enumerate(wr.lead_)},
+                           "seconds": round(wr.seconds_, 2)}
+    summary["verdict"] = "backdoored" if summary["suspect_labels"] or warped else "clean"
     if args.json:
         print_json(summary)
     else:
@@ -76,4 +90,9 @@ def run(args: argparse.Namespace) -> int:
         for lab, ai in summary["anomaly_index"].items():
             print(f"  label {lab:>3}: L1 {summary['l1_norm'][lab]:8.2f}  anomaly index {ai:6.2f}  "
                   f"(log-scale {summary['log_anomaly_index'][lab]:6.2f})")
-    return 1 if summary["suspect_labels"] else 0
+        if "warp" in summary:
+            print(f"warp reversal in {summary['warp']['seconds']:.1f}s: suspect labels {warped or 'none'} (a smooth "
+                  f"warp carries images there with {summary['warp']['threshold']:.0%}+ less displacement than to "
+                  "any other label)" if warped else
+                  f"warp reversal in {summary['warp']['seconds']:.1f}s: no label stands out")
+    return 1 if summary["verdict"] == "backdoored" else 0

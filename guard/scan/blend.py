@@ -155,11 +155,7 @@ class BlendReversal:
     def _decide(self) -> None:
         """``lead_`` and ``suspect_labels_`` from ``alpha_needed_``: a label's lead is the share of opacity
         it saves over the easiest *other* label (about 0 for the pack, > 0 for a label ahead of it)."""
-        needed = self.alpha_needed_
-        if len(needed) < 2:  # one label has no other to lead
-            self.lead_ = np.zeros(len(needed))
-        else:
-            self.lead_ = 1.0 - needed / np.maximum(-largest_other(-needed), 1e-9)
+        self.lead_ = leads(self.alpha_needed_)
         self.suspect_labels_ = [int(j) for j in np.flatnonzero(self.lead_ > self.threshold)]
 
     def _total_steps(self, n_alphas: int) -> int:
@@ -171,6 +167,15 @@ class BlendReversal:
                  "attack_success": {f"{a:g}": round(float(self.attack_success_[i, j]), 4)
                                     for i, a in enumerate(self.alphas)},
                  "suspect": j in self.suspect_labels_} for j in range(len(self.lead_))]
+
+
+def leads(needed: np.ndarray) -> np.ndarray:
+    """``(K,)`` the share of ``needed`` (opacity, strength: what each label needs) a label saves over the
+    easiest *other* label: about 0 for the pack, > 0 for a label ahead of it; 0 when there is no other."""
+    needed = np.asarray(needed, dtype=np.float64)
+    if len(needed) < 2:
+        return np.zeros(len(needed))
+    return 1.0 - needed / np.maximum(-largest_other(-needed), 1e-9)
 
 
 def crossing(alphas: np.ndarray, success: np.ndarray, level: float) -> np.ndarray:

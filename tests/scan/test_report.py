@@ -16,7 +16,7 @@ def test_demo_audit_flags_the_target_within_three_minutes(demo_audit, badnets_wo
     summary = json.loads(proc.stdout)  # --json: stdout is exactly the report, progress went to stderr
     assert summary["verdict"] == "backdoored"
     assert summary["suspect_labels"] == [6]
-    for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend"):
+    for key in ("neural_cleanse", "dl_tnd", "df_tnd", "blend", "warp"):
         block = summary[key]
         assert len(block["per_label"]) == 10 and block["decision"] in ("clean", "backdoored")
     assert summary["neural_cleanse"]["suspect_labels"] == [6]
@@ -30,7 +30,7 @@ def test_demo_audit_flags_the_target_within_three_minutes(demo_audit, badnets_wo
 def test_report_html_is_self_contained(demo_audit):
     html = (demo_audit.out / "report.html").read_text()
     assert 'id="verdict"' in html and "Backdoor suspected" in html
-    for section in ("neural-cleanse", "dl-tnd", "df-tnd", "blend"):
+    for section in ("neural-cleanse", "dl-tnd", "df-tnd", "blend", "warp"):
         assert f'<section id="{section}">' in html
     # no network: no external URL anywhere, images inline, a CSP that forbids fetches
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:|#)""", html)
@@ -78,10 +78,12 @@ def test_metrics_textfile(demo_audit):
     assert methods == {"neural_cleanse", "dl_tnd", "df_tnd"}
     assert len(ai) == 30
     sus = fams["guard_audit_suspect"].samples
-    assert {s.labels["method"] for s in sus} == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"} and len(sus) == 40
+    assert {s.labels["method"] for s in sus} == {"neural_cleanse", "dl_tnd", "df_tnd", "blend", "warp"}
+    assert len(sus) == 50
     assert [s.labels["label"] for s in sus if s.labels["method"] == "neural_cleanse" and s.value == 1] == ["6"]
     lead = fams["guard_audit_blend_lead"].samples
     assert len(lead) == 10 and all(-1.5 < s.value < 1 for s in lead)
+    assert len(fams["guard_audit_warp_lead"].samples) == 10
     nc6 = [s.value for s in ai if s.labels["method"] == "neural_cleanse" and s.labels["label"] == "6"][0]
     assert nc6 > 2
     assert fams["guard_audit_duration_seconds"].samples[0].value > 0
