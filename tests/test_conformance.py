@@ -9,14 +9,16 @@ import torch
 
 from guard import Guard, Profile, load_model
 from guard.data import load_npz
-from guard.scan import BlendReversal, NeuralCleanse, build_profile
+from guard.scan import BlendReversal, NeuralCleanse, WarpReversal, build_profile
 
 
 def _detectors():
     found = [("neural_cleanse", lambda seed: NeuralCleanse(seed=seed, max_rounds=8, progress=False),
               lambda est, m, x, y: est.fit(m, x)),
              ("blend", lambda seed: BlendReversal(seed=seed, steps=10, refine_steps=4, progress=False),
-              lambda est, m, x, y: est.fit(m, x, y))]
+              lambda est, m, x, y: est.fit(m, x, y)),
+             ("warp", lambda seed: WarpReversal(seed=seed, strengths=(0.5, 2.0), steps=10, refine_steps=4,
+                                                progress=False), lambda est, m, x, y: est.fit(m, x, y))]
     try:
         from guard.scan.tnd import DFTND, DLTND
 

@@ -241,34 +241,24 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         arrays["df_tnd.mask"], arrays["df_tnd.pattern"] = df.mask_, df.pattern_
         flags["df_tnd"] = list(df.suspect_labels_)
         timings["df_tnd"] = round(time.perf_counter() - t, 2)
-    if "blend" in methods:
+    reversals = {"blend": (blend or BlendReversal(seed=seed, progress=progress), "Blend reversal",
+                           "opacity its reversed whole-image pattern", "patterns_", "patterns"),
+                 "warp": (warp or WarpReversal(seed=seed, progress=progress), "Warp reversal",
+                          "displacement its reversed smooth warp", "fields_", "fields")}
+    for name, (est, title, need, learned, array) in reversals.items():
+        if name not in methods:
+            continue
         t = time.perf_counter()
-        bl = blend or BlendReversal(seed=seed, progress=progress)
-        bl.fit(model, x, y, num_classes=num_classes)
-        blocks["blend"] = {"method": "Blend reversal", "statistic": "each label's lead: 1 - the opacity its "
-                           f"reversed whole-image pattern needs for {bl.success:.0%} attack success over the "
-                           "opacity the easiest other label needs", "threshold": bl.threshold,
-                           "per_label": bl.per_label(), "suspect_labels": list(bl.suspect_labels_),
-                           "decision": "backdoored" if bl.suspect_labels_ else "clean",
-                           "alphas": [float(a) for a in bl.alphas], "steps": bl.steps_,
-                           "seconds": round(bl.seconds_, 2)}
-        arrays["blend.patterns"] = bl.patterns_
-        flags["blend"] = list(bl.suspect_labels_)
-        timings["blend"] = round(time.perf_counter() - t, 2)
-    if "warp" in methods:
-        t = time.perf_counter()
-        wr = warp or WarpReversal(seed=seed, progress=progress)
-        wr.fit(model, x, y, num_classes=num_classes)
-        blocks["warp"] = {"method": "Warp reversal", "statistic": "each label's lead: 1 - the displacement its "
-                          f"reversed smooth warp needs for {wr.success:.0%} attack success over the displacement "
-                          "the easiest other label needs", "threshold": wr.threshold,
-                          "per_label": wr.per_label(), "suspect_labels": list(wr.suspect_labels_),
-                          "decision": "backdoored" if wr.suspect_labels_ else "clean",
-                          "strengths": [float(v) for v in wr.strengths], "grid": int(wr.grid),
-                          "steps": wr.steps_, "seconds": round(wr.seconds_, 2)}
-        arrays["warp.fields"] = wr.fields_
-        flags["warp"] = list(wr.suspect_labels_)
-        timings["warp"] = round(time.perf_counter() - t, 2)
+        est.fit(model, x, y, num_classes=num_classes)
+        blocks[name] = {"method": title, "statistic": f"each label's lead: 1 - the {need} needs for "
+                        f"{est.success:.0%} attack success over what the easiest other label needs",
+                        "threshold": est.threshold, "per_label": est.per_label(),
+                        "suspect_labels": list(est.suspect_labels_),
+                        "decision": "backdoored" if est.suspect_labels_ else "clean",
+                        **_grid(est), "steps": est.steps_, "seconds": round(est.seconds_, 2)}
+        arrays[f"{name}.{array}"] = getattr(est, learned)
+        flags[name] = list(est.suspect_labels_)
+        timings[name] = round(time.perf_counter() - t, 2)
     verdict, suspects, rule = combine(flags)
     timings["total"] = round(time.perf_counter() - t0, 2)
     summary: dict[str, Any] = {
@@ -294,6 +284,13 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         **blocks,
     }
     return AuditResult(summary=summary, arrays=arrays)
+
+
+def _grid(est: BlendReversal | WarpReversal) -> dict[str, Any]:
+    """The grid a reversal's success curve was read on, as its audit block records it."""
+    if isinstance(est, WarpReversal):
+        return {"strengths": [float(v) for v in est.strengths], "grid": int(est.grid)}
+    return {"alphas": [float(a) for a in est.alphas]}
 
 
 def anomaly_indices(summary: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:

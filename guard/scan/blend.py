@@ -101,22 +101,11 @@ class BlendReversal:
         alphas = [float(a) for a in self.alphas]
         if not alphas or any(not 0.0 < a < 1.0 for a in alphas) or alphas != sorted(set(alphas)):
             raise ValueError(f"alphas must be increasing opacities in (0, 1), got {self.alphas!r}")
-        rng = np.random.default_rng(self.seed)
-        order = rng.permutation(len(x))
-        n_fit = min(self.n_fit, max(1, len(x) // 3))
-        fit_x = torch.from_numpy(np.ascontiguousarray(x[order[:n_fit]], dtype=np.float32))
-        ev = order[n_fit:n_fit + self.n_eval] if len(x) > n_fit else order
-        eval_x = torch.from_numpy(np.ascontiguousarray(x[ev], dtype=np.float32))
+        fit_x, eval_x, eval_y, k = reversal_data(model, x, y, n_fit=self.n_fit, n_eval=self.n_eval, seed=self.seed,
+                                                 num_classes=num_classes)
         gen = torch.Generator().manual_seed(self.seed)
         shape = tuple(x.shape[1:])
-        if y is not None:
-            y = np.asarray(y)
         with frozen(model), Progress("blend", self._total_steps(len(alphas)), enabled=self.progress) as bar:
-            with torch.no_grad():
-                logits = model(eval_x[:1])
-                k = num_classes or int(logits.shape[1])
-                validate_labels(y, k)
-                eval_y = (y[ev] if y is not None else model(eval_x).argmax(1).numpy()).astype(np.int64)
             target = torch.arange(k).repeat_interleave(self.batch_size)
             success = np.zeros((len(alphas), k))
             patterns = np.zeros((len(alphas), k, *shape), dtype=np.float32)
@@ -167,6 +156,23 @@ class BlendReversal:
                  "attack_success": {f"{a:g}": round(float(self.attack_success_[i, j]), 4)
                                     for i, a in enumerate(self.alphas)},
                  "suspect": j in self.suspect_labels_} for j in range(len(self.lead_))]
+
+
+def reversal_data(model: nn.Module, x: np.ndarray, y: np.ndarray | None, *, n_fit: int, n_eval: int, seed: int,
+                  num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+    """What a reversal (blend, warp) learns and judges on: ``n_fit`` clean images to optimise on (at most a
+    third of ``x``), up to ``n_eval`` held-out ones with their labels (``y``, else the model's own
+    predictions), and the class count (``num_classes``, else the logits'), ``y`` checked against it."""
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_fit = min(n_fit, max(1, len(x) // 3))
+    fit_x = torch.from_numpy(np.ascontiguousarray(x[order[:n_fit]], dtype=np.float32))
+    ev = order[n_fit:n_fit + n_eval] if len(x) > n_fit else order
+    eval_x = torch.from_numpy(np.ascontiguousarray(x[ev], dtype=np.float32))
+    with frozen(model), torch.no_grad():
+        k = num_classes or int(model(eval_x[:1]).shape[1])
+        validate_labels(y, k)
+        eval_y = np.asarray(y)[ev] if y is not None else model(eval_x).argmax(1).numpy()
+    return fit_x, eval_x, eval_y.astype(np.int64), k
 
 
 def leads(needed: np.ndarray) -> np.ndarray:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from guard._progress import Progress
-from guard.model import frozen, validate_labels
-from guard.scan.blend import crossing, leads
+from guard.model import frozen
+from guard.scan.blend import crossing, leads, reversal_data
 
 
 def warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
@@ -124,22 +124,12 @@ class WarpReversal:
             raise ValueError(f"strengths must be increasing and positive, got {self.strengths!r}")
         if int(self.grid) < 2:
             raise ValueError(f"grid must be at least 2 control points per side, got {self.grid!r}")
-        rng = np.random.default_rng(self.seed)
-        order = rng.permutation(len(x))
-        n_fit = min(self.n_fit, max(1, len(x) // 3))
-        fit_x = torch.from_numpy(np.ascontiguousarray(x[order[:n_fit]], dtype=np.float32))
-        ev = order[n_fit:n_fit + self.n_eval] if len(x) > n_fit else order
-        eval_x = torch.from_numpy(np.ascontiguousarray(x[ev], dtype=np.float32))
+        fit_x, eval_x, eval_y, k = reversal_data(model, x, y, n_fit=self.n_fit, n_eval=self.n_eval, seed=self.seed,
+                                                 num_classes=num_classes)
         gen = torch.Generator().manual_seed(self.seed)
         size = tuple(x.shape[2:])
-        if y is not None:
-            y = np.asarray(y)
         steps = self.steps + (len(strengths) - 1) * self.refine_steps
         with frozen(model), Progress("warp", steps, enabled=self.progress) as bar:
-            with torch.no_grad():
-                k = num_classes or int(model(eval_x[:1]).shape[1])
-                validate_labels(y, k)
-                eval_y = (y[ev] if y is not None else model(eval_x).argmax(1).numpy()).astype(np.int64)
             target = torch.arange(k).repeat_interleave(self.batch_size)
             success = np.zeros((len(strengths), k))
             fields = np.zeros((len(strengths), k, 2, *size), dtype=np.float32)
