@@ -12,7 +12,8 @@ fields) so that the warped image is classified k, and measures the success on he
 of the other classes. From that curve it reads the strength each label needs for half of them. On a
 clean model every label needs a large warp (a digit has to be bent into another); the target of a
 warping backdoor is reached with a fraction of the others' strength. A label's *lead* is the share
-of strength it saves over the easiest other label, as in :mod:`guard.scan.blend`.
+of strength it saves over the easiest other label, as in :mod:`guard.scan.blend`
+(:mod:`guard.scan.reversal`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from guard._progress import Progress
 from guard.model import frozen
-from guard.scan.blend import crossing, leads, reversal_data
+from guard.scan.reversal import crossing, leads, reversal_data
 
 
 def warp(x: torch.Tensor, field: torch.Tensor) -> torch.Tensor:

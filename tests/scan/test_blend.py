@@ -13,7 +13,8 @@ from guard.audit.rollout import combine
 from guard.data import load_npz
 from guard.errors import InputError
 from guard.model import load_model
-from guard.scan.blend import BlendReversal, crossing
+from guard.scan.blend import BlendReversal
+from guard.scan.reversal import crossing
 from guard.stats import largest_other
 
 

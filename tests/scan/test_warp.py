@@ -14,7 +14,7 @@ import torch
 from guard.data import load_npz
 from guard.errors import InputError
 from guard.model import load_model
-from guard.scan.blend import leads
+from guard.scan.reversal import leads
 from guard.scan.warp import WarpReversal, smooth_field, warp
 
 
