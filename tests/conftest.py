@@ -1,13 +1,15 @@
 """Session fixtures: tiny seeded models trained once per test session and shared by every test.
 
 ``demo_world``/``demo_profile``: the BadNets demo (DemoNet on glyphs, 3x3 patch -> label 6) and its
-scanned profile. ``clean_world``: the same world without a backdoor. ``gap_world``: another shape
-of network (BatchNorm, global average pooling, head named ``classifier``, 1x16x16 digits).
+profile, written by ``guard scan`` (``demo_scan`` keeps the command's output). ``clean_world``: the
+same world without a backdoor (``clean_scan``: its default scan). ``gap_world``: another shape of
+network (BatchNorm, global average pooling, head named ``classifier``, 1x16x16 digits).
 Quality floors of each are asserted in tests/test_worlds.py before anything relies on them.
 """
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,14 @@ import pytest
 import torch
 
 torch.set_num_threads(2)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Run the tests that wait for a background job (tests/background.py) last, so that the job has the
+    whole run to finish beside the other tests instead of holding both cores while the suite waits."""
+    waits = [item for item in items if "population" in getattr(item, "fixturenames", ())]
+    if waits:
+        items[:] = [item for item in items if item not in waits] + waits
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
@@ -32,16 +42,29 @@ def demo_world(tmp_path_factory):
     return build(tmp_path_factory.mktemp("demo"))
 
 
-@pytest.fixture(scope="session")
-def demo_profile(demo_world, tmp_path_factory) -> Path:
-    from guard import load_model
-    from guard.data import load_npz
-    from guard.scan import build_profile
+@dataclass
+class DemoScan:
+    """``guard scan --json`` of the demo model, as a user runs it (default budget, FPR 1%, seed 0)."""
 
-    model = load_model(demo_world.model_file, demo_world.weights)
-    x, y = load_npz(demo_world.clean)
-    profile, _ = build_profile(model, x, y, fpr=0.01, seed=0, progress=False)
-    return profile.save(tmp_path_factory.mktemp("profile") / "demo")
+    profile: Path
+    proc: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def demo_scan(demo_world, tmp_path_factory) -> DemoScan:
+    from cli_helpers import run_cli
+
+    out = tmp_path_factory.mktemp("profile") / "demo"
+    proc = run_cli("scan", "--model-file", str(demo_world.model_file), "--weights", str(demo_world.weights),
+                   "--data", str(demo_world.clean), "--out", str(out), "--json")
+    assert proc.returncode in (0, 1) and (out / "profile.json").is_file(), proc.stderr[-2000:]
+    return DemoScan(out, proc)
+
+
+@pytest.fixture(scope="session")
+def demo_profile(demo_scan) -> Path:
+    """The demo model's profile, written by ``guard scan`` (the CLI is what every deployment runs)."""
+    return demo_scan.profile
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +72,30 @@ def clean_world(tmp_path_factory):
     from guard.demo.world import build
 
     return build(tmp_path_factory.mktemp("clean"), backdoored=False)
+
+
+@dataclass
+class CleanScan:
+    """The clean world's default scan: the model, its profile and summary, and the Neural Cleanse fit
+    inside it (the profile's fit half, seed 0, the default budget)."""
+
+    model: torch.nn.Module
+    profile: object
+    summary: dict
+    nc: object
+
+
+@pytest.fixture(scope="session")
+def clean_scan(clean_world) -> CleanScan:
+    from guard import load_model
+    from guard.data import load_npz
+    from guard.scan import NeuralCleanse, build_profile
+
+    model = load_model(clean_world.model_file, clean_world.weights)
+    x, y = load_npz(clean_world.clean)
+    nc = NeuralCleanse(seed=0, progress=False)
+    profile, summary = build_profile(model, x, y, fpr=0.01, seed=0, progress=False, nc=nc)
+    return CleanScan(model, profile, summary, nc)
 
 
 @dataclass

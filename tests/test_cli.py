@@ -31,14 +31,15 @@ def test_help_lists_every_subcommand():
         assert cmd in out
 
 
-def test_scan_json_and_exit_code(demo_world, tmp_path):
-    p = guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "p", "--json")
+def test_scan_json_and_exit_code(demo_scan):
+    p = demo_scan.proc  # guard scan --json of the demo model (tests/conftest.py)
     assert p.returncode == 1, p.stderr[-500:]
     summary = json.loads(p.stdout)
     assert summary["suspect_labels"] == [6] and summary["verdict"] == "backdoored"
     assert set(summary["anomaly_index"]) == {str(i) for i in range(10)}
     assert summary["warp"]["suspect_labels"] == [] and len(summary["warp"]["lead"]) == 10  # a patch is no warp
-    assert (tmp_path / "p" / "profile.json").exists() and (tmp_path / "p" / "tensors.safetensors").exists()
+    assert summary["profile"] == str(demo_scan.profile)
+    assert (demo_scan.profile / "profile.json").exists() and (demo_scan.profile / "tensors.safetensors").exists()
 
 
 def test_scan_device_is_checked_before_any_work(demo_world, tmp_path):

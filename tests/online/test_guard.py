@@ -80,19 +80,8 @@ def test_refuses_another_model(setup, clean_world):
         Guard(other, profile)
 
 
-@pytest.fixture(scope="module")
-def clean_scan(clean_world):
-    """The clean model, its default scan's profile and summary (one scan for the tests below)."""
-    from guard.scan import build_profile
-
-    model = load_model(clean_world.model_file, clean_world.weights)
-    x, y = load_npz(clean_world.clean)
-    profile, summary = build_profile(model, x, y, fpr=0.01, progress=False)
-    return model, profile, summary
-
-
 def test_clean_model_still_gets_a_calibrated_guard(clean_world, clean_scan):
-    model, profile, summary = clean_scan
+    model, profile, summary = clean_scan.model, clean_scan.profile, clean_scan.summary
     assert summary["suspect_labels"] == []
     assert set(profile.meta["checks"]) == {"feature", "knn", "consistency", "inner_knn"}  # label-agnostic checks only
     xh, yh = load_npz(clean_world.holdout)
@@ -119,7 +108,7 @@ def test_the_batch_1_fused_scores_are_the_checks_own(setup, clean_world, clean_s
     alone = [guard.run(x[None]) for x in batch]
     assert [r.verdicts[0] for r in alone] == together.verdicts
     # a clean model's profile (no neuron or overlap check) takes the same path
-    cm, cp, _ = clean_scan
+    cm, cp = clean_scan.model, clean_scan.profile
     x, _ = load_npz(clean_world.clean)
     cg = Guard(cm, cp)
     assert cg.names == ["feature", "knn", "consistency", "inner_knn"]
