@@ -95,6 +95,25 @@ class Scan:
 
 
 @dataclass
+class WarpScan:
+    """The warp reversal's result as ``guard scan`` stores it (:meth:`guard.scan.warp.WarpReversal.to_profile`):
+    its bar on the lead, the labels over it, one record per label, the strength grid it read the success
+    curves on and how it ran; the reversed fields are the tensor ``warp.fields``. ``guard audit --profile``
+    reuses it instead of reversing the warps again."""
+
+    __pydantic_config__ = _STRICT
+    threshold: float
+    suspect_labels: list[int]
+    per_label: list[dict[str, Any]]
+    strengths: list[float]
+    grid: int
+    success: float
+    seed: int | None = None
+    steps: int | None = None
+    seconds: float | None = None
+
+
+@dataclass
 class CheckEntry:
     """A calibrated check: its threshold (at the profile's ``fpr``) and its scalar settings; its arrays
     are the tensors ``check.NAME.*``."""
@@ -172,6 +191,8 @@ class Profile:
     memory: dict[str, Any] | None = None
     """The opt-in trigger memory's calibrated settings (:meth:`guard.online.memory.TriggerMemory.to_settings`);
     None when the scan did not add it."""
+    warp: WarpScan | None = None
+    """The warp reversal's result (:class:`WarpScan`); None when the scan did not run it."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ state of checks and ensemble
@@ -197,6 +218,11 @@ class Profile:
         e = self.ensemble
         return {**e.settings, "method": e.method, "threshold": e.threshold}, self._under("ensemble.")
 
+    def set_warp(self, result: dict[str, Any], fields: np.ndarray) -> None:
+        """Store the warp reversal's :meth:`~guard.scan.warp.WarpReversal.to_profile` output."""
+        self.warp = WarpScan(**result)
+        self.tensors["warp.fields"] = np.asarray(fields, dtype=np.float32)
+
     def _under(self, prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
@@ -219,6 +245,8 @@ class Profile:
                                "tensor_names": sorted(self.tensors)}
         if self.memory is not None:  # absent, not null, when off: profiles without it stay as they were
             out["memory"] = dict(self.memory)
+        if self.warp is not None:  # likewise absent when the scan did not run the warp reversal
+            out["warp"] = asdict(self.warp)
         return out
 
     @property

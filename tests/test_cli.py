@@ -39,6 +39,9 @@ def test_scan_json_and_exit_code(demo_scan):
     assert set(summary["anomaly_index"]) == {str(i) for i in range(10)}
     assert summary["warp"]["suspect_labels"] == [] and len(summary["warp"]["lead"]) == 10  # a patch is no warp
     assert summary["profile"] == str(demo_scan.profile)
+    stored = json.loads((demo_scan.profile / "profile.json").read_text())["warp"]  # audit --profile reuses it
+    assert stored["suspect_labels"] == [] and [r["lead"] for r in stored["per_label"]] == \
+        [summary["warp"]["lead"][str(j)] for j in range(10)]
     assert (demo_scan.profile / "profile.json").exists() and (demo_scan.profile / "tensors.safetensors").exists()
 
 

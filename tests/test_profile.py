@@ -124,6 +124,8 @@ def test_schema_1_profiles_are_migrated_on_load(demo_profile, demo_world, tmp_pa
     (lambda m: m["scan"]["per_label"][2].update(suspect=1), r"scan.per_label\[2\].suspect must be true or false"),
     (lambda m: m["calibration"].pop("realised_fpr"), "calibration.realised_fpr is missing"),
     (lambda m: m.update(model_sha256="A" * 64), "model_sha256 must be 64 lowercase hex digits"),
+    (lambda m: m["warp"].update(threshold="x"), "warp.threshold must be a number"),
+    (lambda m: m["warp"].pop("per_label"), "warp.per_label is missing"),
 ])
 def test_a_malformed_field_is_named(demo_profile, tmp_path, edit, message):
     """One line naming the file and the field's path (exit code 2 on the CLI); unknown fields are refused

@@ -292,7 +292,8 @@ def _warp_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
             images.append(_img(png_data_uri(length, scale=3), "warp-field", int(r["label"]),
                                f'label {r["label"]} warp displacement'))
     body = _lead_table(b, "strength", strengths, images)
-    return (f'<section id="warp"><h2>Warp reversal (warping triggers)</h2><p class="note">Per label, a smooth '
+    src = " (reused from the profile)" if b.get("source") == "profile" else ""
+    return (f'<section id="warp"><h2>Warp reversal (warping triggers){src}</h2><p class="note">Per label, a smooth '
             f'displacement field ({b["grid"]}x{b["grid"]} control points) warping clean images, its largest '
             f'displacement bounded at {", ".join(strengths)} pixels; the displacement it needs for half the images '
             f'of other classes to go to the label, against the easiest other label. Suspect when the label needs '

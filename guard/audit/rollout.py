@@ -172,7 +172,7 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
 
     Estimator instances may be passed to change hyperparameters; by default each is seeded with
     ``seed``. A ``profile`` (already checked against the model by the caller) supplies the Neural
-    Cleanse results instead of a new scan.
+    Cleanse results instead of a new scan, and the warp reversal's when ``guard scan`` stored them.
     """
     t0 = time.perf_counter()
     methods = parse_methods(list(methods))
@@ -249,15 +249,23 @@ def run_audit(model: nn.Module, x: np.ndarray | None = None, y: np.ndarray | Non
         if name not in methods:
             continue
         t = time.perf_counter()
-        est.fit(model, x, y, num_classes=num_classes)
+        stored = profile.warp if name == "warp" and profile is not None else None
+        if stored is not None:  # guard scan ran the warp reversal and kept its result in the profile
+            fit = {"threshold": stored.threshold, "per_label": stored.per_label,
+                   "suspect_labels": list(stored.suspect_labels), "strengths": list(stored.strengths),
+                   "grid": stored.grid, "steps": stored.steps, "seconds": stored.seconds, "source": "profile"}
+            success, found = stored.success, profile.tensors["warp.fields"]
+        else:
+            est.fit(model, x, y, num_classes=num_classes)
+            fit = {"threshold": est.threshold, "per_label": est.per_label(),
+                   "suspect_labels": list(est.suspect_labels_), **_grid(est), "steps": est.steps_,
+                   "seconds": round(est.seconds_, 2), "source": "scan"}
+            success, found = est.success, getattr(est, learned)
         blocks[name] = {"method": title, "statistic": f"each label's lead: 1 - the {need} needs for "
-                        f"{est.success:.0%} attack success over what the easiest other label needs",
-                        "threshold": est.threshold, "per_label": est.per_label(),
-                        "suspect_labels": list(est.suspect_labels_),
-                        "decision": "backdoored" if est.suspect_labels_ else "clean",
-                        **_grid(est), "steps": est.steps_, "seconds": round(est.seconds_, 2)}
-        arrays[f"{name}.{array}"] = getattr(est, learned)
-        flags[name] = list(est.suspect_labels_)
+                        f"{success:.0%} attack success over what the easiest other label needs",
+                        "decision": "backdoored" if fit["suspect_labels"] else "clean", **fit}
+        arrays[f"{name}.{array}"] = found
+        flags[name] = list(fit["suspect_labels"])
         timings[name] = round(time.perf_counter() - t, 2)
     verdict, suspects, rule = combine(flags)
     timings["total"] = round(time.perf_counter() - t0, 2)

@@ -61,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         flag = "  <- suspect" if r["suspect"] else ""
         print(f"  label {r['label']:>3}: L1 {r['l1_norm']:8.2f}  index {r['anomaly_index']:6.2f} "
               f"(log {r['log_anomaly_index']:6.2f}){flag}")
+    if profile.warp is not None:
+        w = profile.warp
+        lead = max(w.per_label, key=lambda r: r["lead"])
+        print(f"warp reversal: suspect labels {w.suspect_labels or 'none'} (largest lead {lead['lead']:.2f} at "
+              f"label {lead['label']}, bar {w.threshold:g})")
     if sha:
         print("verified: the profile matches this model")
     return 0

@@ -1,8 +1,8 @@
 """Scan a model with Neural Cleanse (all labels in one batched problem), pick suspect neurons,
 calibrate every online check on held-out clean images, and write a profile bound to the model; then
 ask the warp reversal whether a smooth warp carries the images to one label (a warping trigger, which
-Neural Cleanse's small-region question does not find). Exit 0 when nothing is suspected, 1 when
-either finds a backdoor."""
+Neural Cleanse's small-region question does not find) and add its result to the profile (``guard audit
+--profile`` reuses both). Exit 0 when nothing is suspected, 1 when either finds a backdoor."""
 
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
 
         wr = WarpReversal(seed=args.seed, progress=progress).fit(model, x, y)
         warped = list(wr.suspect_labels_)
+        profile.set_warp(*wr.to_profile())  # the profile is on disk without it already; now with it
+        profile.save(args.out)
         summary["warp"] = {"suspect_labels": warped, "threshold": wr.threshold,
                            "lead": {str(j): round(float(v), 4) for j, v in enumerate(wr.lead_)},
                            "seconds": round(wr.seconds_, 2)}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -174,3 +175,11 @@ class WarpReversal:
                  "attack_success": {f"{s:g}": round(float(self.attack_success_[i, j]), 4)
                                     for i, s in enumerate(self.strengths)},
                  "suspect": j in self.suspect_labels_} for j in range(len(self.lead_))]
+
+    def to_profile(self) -> tuple[dict[str, Any], np.ndarray]:
+        """What a profile keeps of the fit (:meth:`guard.profile.Profile.set_warp`): the result's fields and
+        the reversed fields ``(k, 2, H, W)``, so that an audit of the same model can reuse them."""
+        return ({"threshold": float(self.threshold), "suspect_labels": list(self.suspect_labels_),
+                 "per_label": self.per_label(), "strengths": [float(v) for v in self.strengths],
+                 "grid": int(self.grid), "success": float(self.success), "seed": int(self.seed),
+                 "steps": int(self.steps_), "seconds": round(float(self.seconds_), 2)}, self.fields_)

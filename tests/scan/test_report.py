@@ -20,7 +20,7 @@ def test_demo_audit_flags_the_target_within_three_minutes(demo_audit, badnets_wo
         block = summary[key]
         assert len(block["per_label"]) == 10 and block["decision"] in ("clean", "backdoored")
     assert summary["neural_cleanse"]["suspect_labels"] == [6]
-    assert "dl-tnd [" in proc.stderr and "warp [" in proc.stderr  # progress bars live on stderr
+    assert "dl-tnd [" in proc.stderr  # progress bars live on stderr (NC and warp come from the profile)
     on_disk = json.loads((demo_audit.out / "report.json").read_text())
     assert on_disk == summary
     print(f"\naudit timings: {summary['timings']}")  # speed belongs to guard bench, not a timed test

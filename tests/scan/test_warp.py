@@ -71,9 +71,42 @@ def test_bad_settings_and_labels_are_refused(demo):
         WarpReversal(progress=False).fit(model, x, y2)
 
 
-def test_warp_in_the_demo_audit(demo_audit):
+def test_warp_in_the_demo_audit(demo_audit, badnets_profile):
+    """The demo audit runs with the scan's profile: the warp reversal's result comes from it (guard scan
+    stored it) and is reported as reused."""
+    from guard import Profile
+
     block = json.loads((demo_audit.out / "report.json").read_text())["warp"]
     assert block["suspect_labels"] == [] and block["decision"] == "clean"
     assert len(block["per_label"]) == 10 and block["threshold"] == WarpReversal().threshold
-    assert 'id="warp-table"' in (demo_audit.out / "report.html").read_text()
+    stored = Profile.load(badnets_profile)
+    assert block["source"] == "profile" and block["per_label"] == stored.warp.per_label
+    html = (demo_audit.out / "report.html").read_text()
+    assert 'id="warp-table"' in html and "Warp reversal (warping triggers) (reused from the profile)" in html
     assert "guard_audit_warp_lead{" in demo_audit.metrics.read_text()
+
+
+def test_the_profile_keeps_the_fit_and_an_audit_without_it_fits_again(demo, tmp_path):
+    """to_profile/set_warp round-trip through profile.json and safetensors; a profile without the warp
+    result has no ``warp`` key at all, and run_audit then fits the reversal itself."""
+    from guard import Profile
+    from guard.audit.rollout import run_audit
+    from guard.profile import CheckEntry
+
+    model, x, y = demo
+    wr = WarpReversal(strengths=(0.5, 2.0), steps=4, refine_steps=2, n_fit=20, n_eval=40, progress=False)
+    wr.fit(model, x, y)
+    p = Profile(model_sha256="0" * 64, input_shape=tuple(x.shape[1:]), num_classes=10, feature_layer="fc",
+                fpr=0.01, checks={"feature": CheckEntry(threshold=1.0)})
+    p.save(tmp_path / "bare")
+    assert "warp" not in json.loads((tmp_path / "bare" / "profile.json").read_text())
+    p.set_warp(*wr.to_profile())
+    q = Profile.load(p.save(tmp_path / "with"))
+    assert q.warp == p.warp and q.warp.per_label == wr.per_label() and q.warp.strengths == [0.5, 2.0]
+    np.testing.assert_array_equal(q.tensors["warp.fields"], wr.fields_)
+    res = run_audit(model, x, y, methods=("warp",), profile=q, progress=False)
+    assert res.summary["warp"]["source"] == "profile" and res.summary["warp"]["per_label"] == wr.per_label()
+    refit = run_audit(model, x, y, methods=("warp",), profile=Profile.load(tmp_path / "bare"), progress=False,
+                      warp=WarpReversal(strengths=(0.5, 2.0), steps=4, refine_steps=2, n_fit=20, n_eval=40,
+                                        progress=False))
+    assert refit.summary["warp"]["source"] == "scan" and refit.summary["warp"]["per_label"] == wr.per_label()
