@@ -102,6 +102,9 @@ def test_inspect_verifies(demo_world, demo_profile):
     assert p.returncode == 0
     meta = json.loads(p.stdout)
     assert meta["verified"] and meta["suspect_labels"] == [6]
+    assert meta["warp"]["suspect_labels"] == []  # guard scan stored the warp reversal's result
+    text = guard("inspect", demo_profile).stdout
+    assert "warp reversal: suspect labels none (largest lead" in text and "suspect labels: [6]" in text
 
 
 @pytest.mark.parametrize("argv", [["scan"], ["check", "--profile"], ["nonsense"]])
