@@ -5,8 +5,8 @@ shows a test that needs it; the fixture waits for them (bounded), and the sessio
 whatever still runs. A job writes its result as JSON under its own directory; nothing is unpickled.
 Measured on a 2-core AMD EPYC: the suite keeps both cores about 95% busy, so a background job buys
 little wall time by overlap; the population gains by running as two single-threaded jobs (twelve
-models then took 5.7 minutes where one two-threaded process took 6.7), and the tests that wait for a
-job run last (tests/conftest.py), so the job has the whole run to finish in.
+glyph models: 5.7 minutes as two such jobs, 6.7 as one two-threaded process), and the tests that wait
+for a job run last (tests/conftest.py), so the job has the whole run to finish in.
 """
 
 from __future__ import annotations

@@ -69,19 +69,20 @@ def run(args: argparse.Namespace) -> int:
                                      memory=args.memory,
                                      nc=NeuralCleanse(seed=args.seed, progress=progress, device=device,
                                                       max_rounds=args.max_rounds, **screen))
-    profile.save(args.out)
     summary["profile"] = str(args.out)
     warped: list[int] = []
-    if not args.no_warp:
-        from guard.scan.warp import WarpReversal
+    try:
+        if not args.no_warp:
+            from guard.scan.warp import WarpReversal
 
-        wr = WarpReversal(seed=args.seed, progress=progress).fit(model, x, y)
-        warped = list(wr.suspect_labels_)
-        profile.set_warp(*wr.to_profile())  # the profile is on disk without it already; now with it
+            wr = WarpReversal(seed=args.seed, progress=progress).fit(model, x, y)
+            warped = list(wr.suspect_labels_)
+            profile.set_warp(*wr.to_profile())
+            summary["warp"] = {"suspect_labels": warped, "threshold": wr.threshold,
+                               "lead": {str(j): round(float(v), 4) for j, v in enumerate(wr.lead_)},
+                               "seconds": round(wr.seconds_, 2)}
+    finally:  # written once, with the warp result; without it when the reversal fails or is interrupted
         profile.save(args.out)
-        summary["warp"] = {"suspect_labels": warped, "threshold": wr.threshold,
-                           "lead": {str(j): round(float(v), 4) for j, v in enumerate(wr.lead_)},
-                           "seconds": round(wr.seconds_, 2)}
     summary["verdict"] = "backdoored" if summary["suspect_labels"] or warped else "clean"
     if args.json:
         print_json(summary)
