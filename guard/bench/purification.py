@@ -135,7 +135,8 @@ def purification_section(model: nn.Module, attack, x: np.ndarray, y: np.ndarray,
     """``guard bench``'s ``attacks[*].purification``: :func:`purification_rows` at each ``per_class``
     (a fresh scan of each subset, as a user with that many images would run), rounded, with the best
     row per size (within the bound, the lowest real-trigger success, then the smallest drop) and
-    whether ``auto`` is best or tied (within one test image's share of attack success and 0.5 points)."""
+    whether ``auto`` is best or tied (within one triggered test image's share of attack success, the
+    figures' resolution, and 0.5 points)."""
     sizes = {}
     for n in per_class:
         rows = [_rounded(r) for r in purification_rows(model, attack, x, y, x_test, y_test, methods=methods,
@@ -143,7 +144,7 @@ def purification_section(model: nn.Module, attack, x: np.ndarray, y: np.ndarray,
         done = [r for r in rows if r["method"] not in ("original",) and r["ok"]]
         best = min(done, key=lambda r: (r["real_asr_after"], r["accuracy_drop_points"]), default=None)
         auto = next((r for r in rows if r["method"] == "auto"), None)
-        tol = 1 / max(len(y_test), 1)
+        tol = 1 / max(int(np.sum(attack.victims(y_test))), 1) + 5e-5  # one image; the rows are rounded to 1e-4
         tied = (auto is not None and best is not None and auto["ok"]
                 and auto["real_asr_after"] <= best["real_asr_after"] + tol
                 and auto["accuracy_drop_points"] <= best["accuracy_drop_points"] + 0.5)

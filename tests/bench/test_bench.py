@@ -263,3 +263,20 @@ def test_finished_rows_are_saved_and_a_rerun_resumes_them(tmp_path, monkeypatch)
     assert saved.name.startswith("demo_net-badnets-")
     other = runner._saved_row(replace(cfg, n_eval=cfg.n_eval + 1), "badnets", *args)
     assert len(calls) == 2 and "resumed" not in other[0] and len(list((tmp_path / "rows").glob("*.json"))) == 2
+
+
+def test_purification_targets_show_what_auto_measured():
+    from guard.bench.report import _purify_measured
+
+    def r(method, asr, drop, ok=True):
+        return {"method": method, "ok": ok, "real_asr_after": asr, "accuracy_drop_points": drop}
+
+    row = {"purification": {"per_class": {"50": {"rows": [r("original", 0.99, 0.0), r("auto", 0.009, 0.8),
+                                                          r("auto:combined", 0.003, 0.2)],
+                                                 "best": "auto:combined", "auto_best_or_tied": False}}}}
+    assert (_purify_measured(row, "purify_auto_best_or_tied_50_per_class")
+            == "auto 0.9%, 0.8 pt vs auto:combined 0.3%, 0.2 pt")
+    assert _purify_measured(row, "purify_auto_attack_success<=0.1_50_per_class") == "0.9%"
+    assert _purify_measured(row, "purify_auto_accuracy_drop<=2pt_50_per_class") == "0.8 pt"
+    row["purification"]["per_class"]["50"]["rows"][1]["ok"] = False
+    assert _purify_measured(row, "purify_auto_attack_success<=0.1_50_per_class") == "refused"
