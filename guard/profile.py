@@ -177,6 +177,9 @@ class Profile:
     fpr: _Fpr
     checks: dict[str, CheckEntry]
     inner_layer: str | None = None
+    token_blocks: list[str] | None = None
+    """A token model's blocks whose token statistics the ``token`` check reads (tensors ``tokens.mean.I`` and
+    ``tokens.whiten.I``, :class:`~guard.model.tokens.TokenStatistics`); None for other models."""
     ensemble: EnsembleEntry | None = None
     policy: Policy = field(default_factory=Policy)
     repair: RepairSettings = field(default_factory=RepairSettings)
@@ -223,6 +226,16 @@ class Profile:
         self.warp = WarpScan(**result)
         self.tensors["warp.fields"] = np.asarray(fields, dtype=np.float32)
 
+    def set_tokens(self, blocks: list[str], tensors: dict[str, np.ndarray]) -> None:
+        """Store :meth:`guard.model.tokens.TokenStatistics.to_profile`'s output."""
+        self.token_blocks = list(blocks)
+        self.tensors.update({f"tokens.{k}": v for k, v in tensors.items()})
+
+    def token_state(self) -> tuple[list[str], dict[str, np.ndarray]] | None:
+        """``(blocks, tensors)`` as :meth:`guard.model.tokens.TokenStatistics.from_profile` takes them; None
+        when the profile has no token statistics."""
+        return None if self.token_blocks is None else (list(self.token_blocks), self._under("tokens."))
+
     def _under(self, prefix: str) -> dict[str, np.ndarray]:
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
@@ -247,6 +260,8 @@ class Profile:
             out["memory"] = dict(self.memory)
         if self.warp is not None:  # likewise absent when the scan did not run the warp reversal
             out["warp"] = asdict(self.warp)
+        if self.token_blocks is not None:  # and for models that are not token models
+            out["token_blocks"] = list(self.token_blocks)
         return out
 
     @property

@@ -5,8 +5,9 @@ The convolutional ones are trained once per session on the glyph task with a 3x3
 accuracy and attack success floors asserted first), written as a user's model file (the ResNet file
 defines its blocks beside the network), then loaded, scanned and guarded with no architecture-specific
 flag. The ViT is checked for what guard must do with a token model (find its head, read its first
-block's tokens as the inner layer, scan and guard it) on a briefly trained copy, and for detection on
-one trained to the glyph task (DEPTH 2, 4000 images, 25 epochs: about 75 s on two cores).
+block's tokens as the inner layer and every block's token statistics, scan and guard it) on a briefly
+trained copy, and for detection on one trained to the glyph task (DEPTH 2, 4000 images, 25 epochs:
+about 75 s on two cores).
 """
 
 from __future__ import annotations
@@ -114,10 +115,12 @@ def test_token_models_read_their_first_block_as_the_inner_layer(tmp_path):
     profile.save(tmp_path / "p")
     loaded = Profile.load(tmp_path / "p")
     assert loaded.inner_layer == "blocks.0"
-    assert {"consistency", "inner_knn"} <= set(loaded.checks) and not loaded.checks_off
+    assert {"consistency", "inner_knn", "token"} <= set(loaded.checks) and not loaded.checks_off
+    assert loaded.token_blocks == ["blocks.0", "blocks.1"]
     shown = subprocess.run([sys.executable, "-m", "guard.cli", "inspect", str(tmp_path / "p")], capture_output=True,
                            text=True, timeout=120)
     assert shown.returncode == 0 and "inner layer blocks.0" in shown.stdout
+    assert "token statistics at blocks blocks.0, blocks.1" in shown.stdout
     guard = Guard(model, loaded)
     xh = load_npz(w.holdout)[0][:8]
     decisions = guard.predict(xh)
@@ -193,11 +196,12 @@ def vit_world(tmp_path_factory):
 
 def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):
     """Triggered inputs stopped at <= 3% of held-out clean ones, calibrated at 1% (measured on this
-    world: 90.8% stopped at 1.8% of clean; the floor leaves room for another CPU's rounding).
+    world: 99.9% stopped at 0.6% of clean; the floor leaves room for another CPU's rounding).
 
-    Only the first block's k-NN check sees this trigger on the ViT (the head's features of a
-    triggered input look like the target class's); the ensemble weights its checks by how the scan's
-    reversed triggers move them, so the three others do not drown it.
+    The head's features of a triggered input look like the target class's; the trigger's token stands
+    out from the clean tokens at its position at every block (the token check), and the ensemble
+    weights its checks by how the scan's reversed triggers move them, so the others do not drown it.
+    The profile says which blocks it reads, and ``guard inspect`` prints them.
     """
     from guard.scan import NeuralCleanse, build_profile
 
@@ -208,13 +212,14 @@ def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):
     profile, summary = build_profile(model, x, y, fpr=0.01, seed=0, progress=False,
                                      nc=NeuralCleanse(seed=0, max_rounds=40, progress=False))
     weights = summary["ensemble"]["weights"]
-    assert max(weights, key=weights.get) == "inner_knn", weights
+    assert max(weights, key=weights.get) == "token", weights
+    assert profile.token_blocks == ["blocks.0", "blocks.1"]
     guard = Guard(model, profile)
     xh, _ = load_npz(w.holdout)
     xt, _ = load_npz(w.triggered)
     clean_flagged = float(np.mean(guard.run(xh).verdict_codes != 0))
     stopped = float(np.mean(guard.run(xt).verdict_codes != 0))
-    assert stopped >= 0.85 and clean_flagged <= 0.03, (stopped, clean_flagged)
+    assert stopped >= 0.95 and clean_flagged <= 0.03, (stopped, clean_flagged)
 
 
 def test_cli_scans_a_resnet_file_without_flags_and_says_which_class(arch_worlds, tmp_path):

@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"profile {args.profile}: model {profile.model_sha256[:16]}…, input {profile.input_shape}, "
           f"{meta['num_classes']} classes, feature layer {meta['feature_layer']}, "
           f"inner layer {meta.get('inner_layer') or 'none'}")
+    if meta.get("token_blocks"):
+        print(f"  token statistics at blocks {', '.join(meta['token_blocks'])} (the token check)")
     for name, reason in (meta.get("checks_off") or {}).items():
         print(f"  check {name} is off: {reason}")
     print(f"suspect labels: {profile.suspect_labels or 'none'}; mode {meta['policy']['mode']}; fpr {meta['fpr']}")

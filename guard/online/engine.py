@@ -14,6 +14,7 @@ from torch import nn
 from guard.errors import ModelError, ProfileError
 from guard.inputs import validate_batch
 from guard.model import FeatureTap, feature_layer, fingerprint
+from guard.model.tokens import TokenStatistics
 from guard.online import repair, scoring
 from guard.online.checks import CHECKS, Check, Record, pool
 from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
@@ -145,6 +146,7 @@ class Guard:
         if self.inner is not None and self.inner not in modules:
             raise ModelError(f"the profile's inner layer {self.inner!r} is not a module of the model")
         self._inner_module = modules[self.inner] if self.inner else None
+        self._tokens = _tokens_of(profile, modules)
         self.checks: list[Check] = [self._restore(name, CHECKS.get(name), *profile.check_state(name))
                                     for name in profile.checks]
         if not self.checks:
@@ -198,7 +200,7 @@ class Guard:
         if self._tap is not None:
             yield self
             return
-        with FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
+        with FeatureTap(self.model, self._layer_module, inner=self._inner_module, tokens=self._tokens) as tap:
             self._tap = tap
             try:
                 yield self
@@ -223,7 +225,8 @@ class Guard:
                 logits = self.model(torch.from_numpy(x))
             tap = self._tap
         else:
-            with torch.inference_mode(), FeatureTap(self.model, self._layer_module, inner=self._inner_module) as tap:
+            with torch.inference_mode(), FeatureTap(self.model, self._layer_module, inner=self._inner_module,
+                                                    tokens=self._tokens) as tap:
                 logits = self.model(torch.from_numpy(x))
         return logits.numpy(), tap.features.numpy(), tap.inner if self._inner_module is not None else None
 
@@ -328,6 +331,22 @@ class Guard:
                                 neuron_weights=w, neuron_bias=b, masks=self._masks)
         rec = self._forward(repair.apply(x, region, self.fill))
         return rec.logits, self.scores(rec)
+
+
+def _tokens_of(profile: Profile, modules: dict[str, nn.Module]) -> TokenStatistics | None:
+    """The profile's token statistics (None when it has none); ModelError or ProfileError when unusable."""
+    state = profile.token_state()
+    if state is None:
+        return None
+    blocks, tensors = state
+    missing = [b for b in blocks if b not in modules]
+    if missing:
+        raise ModelError(f"the profile's token blocks {missing} are not modules of the model")
+    try:
+        return TokenStatistics.from_profile(blocks, tensors)
+    except (KeyError, ValueError) as e:
+        raise ProfileError(f"the profile's token statistics are incomplete or malformed ({e!r}): rescan the model"
+                           ) from e
 
 
 def _memory_of(profile: Profile, memory: TriggerMemory | bool | None) -> TriggerMemory | None:

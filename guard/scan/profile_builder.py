@@ -20,9 +20,20 @@ from guard.model import (
     inner_layer,
     inner_layer_reason,
     num_classes,
+    token_blocks,
     validate_labels,
 )
-from guard.online.checks import ConsistencyCheck, FeatureCheck, KNNCheck, NeuronCheck, OverlapCheck, Record, pool
+from guard.model.tokens import TokenStatistics, pick_blocks
+from guard.online.checks import (
+    ConsistencyCheck,
+    FeatureCheck,
+    KNNCheck,
+    NeuronCheck,
+    OverlapCheck,
+    Record,
+    TokenCheck,
+    pool,
+)
 from guard.online.checks.inner_knn import InnerKNNCheck
 from guard.online.ensemble import FisherEnsemble
 from guard.online.policy import validate_mode
@@ -33,11 +44,12 @@ from guard.scan.trigger import stamp
 
 
 def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner: str | None = None,
-            batch_size: int = 256) -> Record:
-    """Forward ``x`` in batches with the feature tap (and the inner layer's, pooled); one :class:`Record`."""
+            tokens: TokenStatistics | None = None, batch_size: int = 256) -> Record:
+    """Forward ``x`` in batches with the feature tap (and the inner layer's, pooled, with the token
+    statistics ``tokens`` where given); one :class:`Record`."""
     logits, feats, inners = [], [], []
     inner_module = dict(model.named_modules())[inner] if inner else None
-    with frozen(model), torch.inference_mode(), FeatureTap(model, layer, inner=inner_module) as tap:
+    with frozen(model), torch.inference_mode(), FeatureTap(model, layer, inner=inner_module, tokens=tokens) as tap:
         for i in range(0, len(x), batch_size):
             logits.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).numpy())
             feats.append(tap.features.numpy().copy())
@@ -51,7 +63,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
                   inner: str | None = None, folds: int = 5, inner_knn: bool = True,
-                  memory: bool = False) -> tuple[Profile, dict[str, Any]]:
+                  memory: bool = False, tokens: bool = True) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -73,7 +85,12 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     the Blended trigger best; ``inner_knn=False`` leaves that one out (it is on by default because its
     cost is small: side by side, the guard's overhead with and without it was within the measurement's
     noise; figures: docs/benchmarks.md, 'Measurements behind the defaults'). Each costs one small
-    matrix product per query. ``memory`` adds the opt-in stateful trigger memory
+    matrix product per query. On a token model (a vision transformer, whose inner layer is its first
+    block) ``tokens`` adds the ``token`` check (:class:`~guard.online.checks.TokenCheck`): each of up to
+    four blocks' largest deviation of a token from the clean tokens at its position
+    (:class:`~guard.model.tokens.TokenStatistics`, fitted on all the clean images), which sees a patch
+    trigger's token at whichever block it shows; it costs one ``(T, D) x (D, D)`` product per block.
+    ``memory`` adds the opt-in stateful trigger memory
     (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
     at ``fpr``), which catches a fixed trigger from its second query on; figures and cost in
     docs/benchmarks.md.
@@ -109,6 +126,11 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     elif knn and not inner_knn:
         checks_off["inner_knn"] = "turned off (inner_knn=False)"
     validate_labels(y, k)
+    token_stats = None
+    if tokens and inner_name is not None:
+        blocks = token_blocks(model, probe, layer_name)
+        if inner_name in blocks:  # a token model read at its first block (not a map the user named)
+            token_stats = TokenStatistics().fit(model, x, pick_blocks(blocks))
     x_fit, y_fit, x_cal, y_cal = split(x, y, 1 - calibration_share, seed=seed)
     if len(x_cal) < 20 or len(x_fit) < 20:
         raise InputError(f"need at least 40 clean images to scan and calibrate, got {len(x)}")
@@ -129,17 +151,20 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
             out.append(ConsistencyCheck().fit(rec, labels))
             if knn and inner_knn:
                 out.append(InnerKNNCheck(seed=seed).fit(rec))
+            if token_stats is not None:
+                out.append(TokenCheck(blocks=len(token_stats.blocks_)).fit(rec))
         if suspects:
             out.append(NeuronCheck([neurons[s] for s in suspects], rec.features.shape[1]).fit(rec))
             out.append(OverlapCheck(nc.masks_[rows], nc.patterns_[rows]).fit(rec))
         return out
 
-    rec_all = records(model, x, layer=layer_name, inner=inner_name)
+    rec_all = records(model, x, layer=layer_name, inner=inner_name, tokens=token_stats)
     checks = fitted(rec_all, y)
     cal_scores = _cross_fitted_scores(fitted, rec_all, y, folds=folds, seed=seed)
     for j, c in enumerate(checks):
         c.calibrate(cal_scores[:, j], fpr=fpr)
-    stamped = _reversed_trigger_scores(model, checks, nc, x, y, layer=layer_name, inner=inner_name, seed=seed)
+    stamped = _reversed_trigger_scores(model, checks, nc, x, y, layer=layer_name, inner=inner_name,
+                                       tokens=token_stats, seed=seed)
     ensemble = FisherEnsemble().fit(cal_scores, anomalies=stamped).infer_threshold(cal_scores, fpr=fpr)
     realised = float((ensemble.statistic(cal_scores) > ensemble.threshold_).mean())
 
@@ -168,6 +193,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                       calibration=Calibration(samples=len(x), realised_fpr=realised),
                       created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                       source=source or {}, checks_off=checks_off, tensors=tensors)
+    if token_stats is not None:
+        profile.set_tokens(*token_stats.to_profile())
     for c in checks:
         profile.add_check(c.name, *c.to_profile())
     profile.set_ensemble(*ensemble.to_profile())
@@ -194,7 +221,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
 
 
 def _reversed_trigger_scores(model: nn.Module, checks: list, nc: NeuralCleanse, x: np.ndarray, y: np.ndarray, *,
-                              layer: str, inner: str | None, seed: int, per_label: int = 64) -> np.ndarray:
+                              layer: str, inner: str | None, tokens: TokenStatistics | None, seed: int,
+                              per_label: int = 64) -> np.ndarray:
     """``(M, n_checks)`` scores of clean images carrying the scan's reversed triggers, one per optimised
     label, each on up to ``per_label`` seeded images of other labels: inputs the model is known to treat
     abnormally, which weight the ensemble's checks (:func:`~guard.online.ensemble.separation_weights`)."""
@@ -208,7 +236,7 @@ def _reversed_trigger_scores(model: nn.Module, checks: list, nc: NeuralCleanse, 
         parts.append(stamp(x[idx], nc.masks_[row], nc.patterns_[row]))
     if not parts:
         return np.zeros((0, len(checks)), np.float32)
-    return score_checks(checks, records(model, np.concatenate(parts), layer=layer, inner=inner))
+    return score_checks(checks, records(model, np.concatenate(parts), layer=layer, inner=inner, tokens=tokens))
 
 
 def _cross_fitted_scores(fitted, rec: Record, y: np.ndarray, *, folds: int, seed: int) -> np.ndarray:

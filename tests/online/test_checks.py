@@ -138,6 +138,7 @@ CONSTRUCT = {  # every registered check, with constructor arguments: a new check
     "consistency": lambda: ((), {}),
     "neuron": lambda: (([np.array([2, 5]), np.array([1, 7, 9])], 12), {}),
     "overlap": _overlap_args,
+    "token": lambda: ((), {"blocks": 2, "quantile": 0.95}),
 }
 
 
