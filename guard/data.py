@@ -105,3 +105,20 @@ def split(x: np.ndarray, y: np.ndarray, fraction: float, *, seed: int = 0):
     a = np.sort(np.concatenate(a_idx))
     b = np.sort(np.concatenate(b_idx))
     return x[a], y[a], x[b], y[b]
+
+
+def validate_per_class(y: np.ndarray, k: int, minimum: int) -> None:
+    """InputError unless each of the ``k`` classes has at least ``minimum`` images in ``y`` (0: no minimum).
+
+    The message names how many classes are short and the first few with their counts, and what helps."""
+    if minimum <= 0:
+        return
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=k)[:k]
+    short = np.flatnonzero(counts < minimum)
+    if len(short):
+        shown = ", ".join(f"{c} ({counts[c]})" for c in short[:8])
+        more = f" and {len(short) - 8} more" if len(short) > 8 else ""
+        raise InputError(f"{len(short)} of {k} classes have fewer than {minimum} clean images (class (images): "
+                         f"{shown}{more}); add images of those classes, or lower --min-per-class (0 scans "
+                         "anyway: the checks are then not calibrated for those classes)")
+

@@ -6,8 +6,9 @@ accuracy and attack success floors asserted first), written as a user's model fi
 defines its blocks beside the network), then loaded, scanned and guarded with no architecture-specific
 flag. The ViT is checked for what guard must do with a token model (find its head, read its first
 block's tokens as the inner layer and every block's token statistics, scan and guard it) on a briefly
-trained copy, and for detection on one trained to the glyph task (DEPTH 2, 4000 images, 25 epochs:
-about 75 s on two cores).
+trained copy; detection is asserted on a transformer of another layout (timm's names, tokens averaged
+instead of a class token, ``tests/nets/timm_vit.py``) trained to the glyph task (depth 2, 4000 images,
+25 epochs: about 75 s on two cores).
 """
 
 from __future__ import annotations
@@ -188,20 +189,23 @@ def test_guard_stops_the_trigger_at_a_calibrated_clean_rate(arch_worlds, arch_pr
 
 @pytest.fixture(scope="session")
 def vit_world(tmp_path_factory):
-    """The small ViT (DEPTH 2, patch 4, class token) trained on the glyph task with a BadNets patch."""
+    """A ViT laid out as timm names it, tokens averaged (no class token; ``tests/nets/timm_vit.py``: patch 4,
+    width 64, depth 2), trained on the glyph task with a BadNets patch: not the bundled ViT's layout."""
+    from pathlib import Path
+
     from guard.demo.world import build
 
-    return build(tmp_path_factory.mktemp("vit-trained"), net="vit", seed=1, **VIT_TRAIN, DEPTH=2)
+    source = (Path(__file__).parent / "nets" / "timm_vit.py").read_text()
+    return build(tmp_path_factory.mktemp("vit-trained"), source=source, seed=1, **VIT_TRAIN)
 
 
 def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):
     """Triggered inputs stopped at <= 3% of held-out clean ones, calibrated at 1% (measured on this
-    world: 99.9% stopped at 0.6% of clean; the floor leaves room for another CPU's rounding).
+    world: 100% stopped at 1.0% of clean; the floor leaves room for another CPU's rounding).
 
     The head's features of a triggered input look like the target class's; the trigger's token stands
     out from the clean tokens at its position at every block (the token check), and the ensemble
     weights its checks by how the scan's reversed triggers move them, so the others do not drown it.
-    The profile says which blocks it reads, and ``guard inspect`` prints them.
     """
     from guard.scan import NeuralCleanse, build_profile
 
@@ -213,7 +217,7 @@ def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):
                                      nc=NeuralCleanse(seed=0, max_rounds=40, progress=False))
     weights = summary["ensemble"]["weights"]
     assert max(weights, key=weights.get) == "token", weights
-    assert profile.token_blocks == ["blocks.0", "blocks.1"]
+    assert profile.token_blocks == ["blocks.0", "blocks.1"] and profile.feature_layer == "head"
     guard = Guard(model, profile)
     xh, _ = load_npz(w.holdout)
     xt, _ = load_npz(w.triggered)

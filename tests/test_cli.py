@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from guard.cli import COMMANDS
+from guard.data import load_npz
 
 
 def guard(*args):
@@ -87,6 +88,16 @@ def test_bad_inputs_exit_2_with_one_line(demo_world, tmp_path):
                          "--out", tmp_path / "o"), 2)
     one_line_error(guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "o",
                          "--fpr", "2"), 2)
+    x, y = load_npz(demo_world.clean)
+    few = tmp_path / "few.npz"  # class 3 has one image: the scan refuses, names it and says what helps
+    keep = np.concatenate([np.flatnonzero(y != 3)[:120], np.flatnonzero(y == 3)[:1]])
+    np.savez(few, x=x[keep], y=y[keep])
+    p = guard("scan", *model_args(demo_world), "--data", few, "--out", tmp_path / "o")
+    one_line_error(p, 2)
+    assert "1 of 10 classes have fewer than 2 clean images (class (images): 3 (1))" in p.stderr
+    assert "--min-per-class" in p.stderr
+    one_line_error(guard("scan", *model_args(demo_world), "--data", few, "--out", tmp_path / "o",
+                         "--min-per-class", "-1"), 2)
     assert not (tmp_path / "o").exists()
 
 

@@ -76,12 +76,13 @@ def _knn(p: tuple, inner: bool = False) -> Callable:
     bank, starts, stops, k = _t(p[0]), np.asarray(p[1]), np.asarray(p[2]), int(p[3])
     rows = torch.arange(len(bank))
     member = torch.stack([(rows >= int(a)) & (rows < int(b)) for a, b in zip(starts, stops)])  # (K, M)
+    reach = torch.from_numpy(np.minimum(k, stops - starts).astype(np.int64)) - 1  # a class under k rows: its farthest
 
     def score(x, pred, f, g):
         v = g if inner else f
         sim = v @ bank.T  # (N, M): cosine similarity times |v|
         sim = sim.masked_fill(~member[pred], float("-inf"))
-        kth = sim.topk(k, dim=1).values[:, -1]
+        kth = sim.topk(k, dim=1).values.gather(1, reach[pred][:, None])[:, 0]
         return 1.0 - kth / v.norm(dim=1).clamp_min(1e-12)
     return score
 

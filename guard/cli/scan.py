@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the stateful trigger memory: reject a query whose trigger-like residual matches a "
                         "recent query's (reason repeated_trigger); catches a fixed trigger from its second query "
                         "on, costs a fraction of a millisecond per query, per serving worker")
+    p.add_argument("--min-per-class", type=int, default=None, metavar="N",
+                   help="refuse data with fewer than N clean images of some class (default 2; 0 scans anyway)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
                    "cuda[:N]; all labels are optimised as one batched problem, which is what a GPU is for "
@@ -50,8 +52,12 @@ def run(args: argparse.Namespace) -> int:
     from guard.data import load_data
     from guard.errors import InputError
     from guard.scan import NeuralCleanse, build_profile
+    from guard.scan.profile_builder import MIN_PER_CLASS
 
     device = parse_device(args.device)
+    min_per_class = MIN_PER_CLASS if args.min_per_class is None else args.min_per_class
+    if min_per_class < 0:
+        raise InputError(f"--min-per-class must be >= 0, got {args.min_per_class}")
     if args.max_rounds < 1:
         raise InputError(f"--max-rounds must be >= 1, got {args.max_rounds}")
     if args.screen_above is not None and args.screen_above < 0:
@@ -66,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     profile, summary = build_profile(model, x, y, fpr=args.fpr, seed=args.seed, mode=args.mode,
                                      layer=args.feature_layer, source=source, progress=progress,
                                      consistency=not args.no_consistency, inner=args.inner_layer,
-                                     memory=args.memory,
+                                     memory=args.memory, min_per_class=min_per_class,
                                      nc=NeuralCleanse(seed=args.seed, progress=progress, device=device,
                                                       max_rounds=args.max_rounds, **screen))
     summary["profile"] = str(args.out)

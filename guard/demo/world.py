@@ -61,17 +61,19 @@ def net_source(net: str, *, classes: int = 10, **constants: object) -> str:
 def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool = True, seed: int = DEMO_SEED,
           n_train: int = 6000, n_clean: int = 2000, n_holdout: int = 1000, epochs: int = 5,
           poison_rate: float = 0.1, net: str = "demo_net", classes: int = 10, size: int = 32,
-          lr: float = 2e-3, **constants: object) -> DemoWorld:
+          lr: float = 2e-3, source: str | None = None, **constants: object) -> DemoWorld:
     """Train and write a demo model (BadNets 3x3 patch to label 6 by default) and its data files.
 
     ``net`` names a bundled model file (:func:`guard.demo.nets.net_file`), written with ``classes``
     and the module ``constants`` given; ``classes`` 100 or 1000 composes glyphs (:func:`glyphs`).
+    ``source`` is a model file's text to train instead of a bundled one (written as it is; its network
+    class is picked as :func:`guard.model.load_model` picks it), e.g. a layout this package does not ship.
     """
     from guard.model import model_class
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "model.py").write_text(net_source(net, classes=classes, **constants))
+    (out / "model.py").write_text(net_source(net, classes=classes, **constants) if source is None else source)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     x, y = glyphs(n_train, seed=seed * 10 + 1, size=size, classes=classes)
     xc, yc = glyphs(n_clean, seed=seed * 10 + 2, size=size, classes=classes)
@@ -92,7 +94,8 @@ def build(out_dir: str | Path, *, attack: Attack | None = None, backdoored: bool
     asr = attack_success(model, probe, xh, yh)
     (out / "world.json").write_text(json.dumps({
         "backdoored": backdoored, "target": probe.target if backdoored else None,
-        "attack": type(probe).__name__ if backdoored else None, "seed": seed, "net": net, "classes": classes,
+        "attack": type(probe).__name__ if backdoored else None, "seed": seed,
+        "net": net if source is None else "model file", "classes": classes,
         "clean_accuracy": acc, "attack_success": asr}, indent=2) + "\n")
     return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
                      out / "triggered.npz", acc, asr, atk)

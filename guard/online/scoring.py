@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import sys
+import types
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -54,16 +54,38 @@ def _raw_row(g, i):
 
 
 def _source_digest(*fns) -> str:
-    """A digest of the source files defining ``fns`` and of this one. The compiled scorer is cached on
-    disk keyed by its closure; the digest in it makes a kernel's edit compile a new one rather than
-    load a stale one (numba itself only watches the file of the function it caches)."""
+    """A digest of the code this process runs for ``fns``: every function of the modules defining them, of
+    this one and of :mod:`guard.online.kernels`, as compiled in memory (each code object's bytecode, names
+    and constants, nested functions included: :func:`_code_bytes`). The compiled scorer is cached on disk
+    keyed by its closure; the digest in it makes a kernel's change compile a new one rather than load a
+    stale one (numba itself only watches the file of the function it caches). It is taken from the loaded
+    code, not the files on disk: a process that imported a module before its file changed (a package
+    upgraded under a running server) would otherwise store its old kernels under the new files' key, and
+    every later process would load them (seen once: a k-NN kernel of the previous version answering for
+    the new one)."""
     h = hashlib.sha256()
     for name in sorted({fn.__module__ for fn in fns} | {__name__, "guard.online.kernels"}):
-        try:
-            h.update(inspect.getsource(sys.modules[name]).encode())
-        except (OSError, TypeError):  # no source (a frozen install): the module name alone
-            h.update(name.encode())
+        h.update(name.encode())
+        for attr, obj in sorted(vars(sys.modules[name]).items()):
+            fn = getattr(obj, "py_func", obj)  # a numba dispatcher or register_jitable wrapper: its Python function
+            if isinstance(fn, types.FunctionType) and fn.__module__ == name:
+                h.update(attr.encode())
+                h.update(_code_bytes(fn.__code__))
     return h.hexdigest()
+
+
+def _code_bytes(code: types.CodeType) -> bytes:
+    """A code object's bytecode, names and constants (nested code objects recursively), the same in every
+    process that loaded the same code (``marshal`` is not: it depends on reference counts)."""
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_freevars)).encode()]
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            parts.append(_code_bytes(c))
+        elif isinstance(c, frozenset):  # its order follows the string hash seed
+            parts.append(repr(sorted(map(repr, c))).encode())
+        else:
+            parts.append(repr(c).encode())
+    return b"\0".join(parts)
 
 
 @functools.lru_cache(maxsize=64)

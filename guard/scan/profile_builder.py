@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.data import split
+from guard.data import split, validate_per_class
 from guard.errors import InputError
 from guard.model import (
     FeatureTap,
@@ -42,6 +42,11 @@ from guard.profile import Calibration, LabelScan, Policy, Profile, RepairSetting
 from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
 from guard.scan.trigger import stamp
 
+MIN_PER_CLASS = 2
+"""Clean images per class ``guard scan`` asks for by default: at 100 classes two per class named the target and
+calibrated the guard as well as ten did (docs/benchmarks.md, 'Measurements behind the defaults'); one per
+class leaves the trigger reversal or the calibration without the class."""
+
 
 def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner: str | None = None,
             tokens: TokenStatistics | None = None, batch_size: int = 256) -> Record:
@@ -63,7 +68,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
                   inner: str | None = None, folds: int = 5, inner_knn: bool = True,
-                  memory: bool = False, tokens: bool = True) -> tuple[Profile, dict[str, Any]]:
+                  memory: bool = False, tokens: bool = True, min_per_class: int = 0
+                  ) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -90,7 +96,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     four blocks' largest deviation of a token from the clean tokens at its position
     (:class:`~guard.model.tokens.TokenStatistics`, fitted on all the clean images), which sees a patch
     trigger's token at whichever block it shows; it costs one ``(T, D) x (D, D)`` product per block.
-    ``memory`` adds the opt-in stateful trigger memory
+    ``min_per_class`` refuses (InputError) data with fewer clean images of some class (0, the default here:
+    no minimum; ``guard scan`` asks for :data:`MIN_PER_CLASS`). ``memory`` adds the opt-in stateful trigger memory
     (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
     at ``fpr``), which catches a fixed trigger from its second query on; figures and cost in
     docs/benchmarks.md.
@@ -126,6 +133,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     elif knn and not inner_knn:
         checks_off["inner_knn"] = "turned off (inner_knn=False)"
     validate_labels(y, k)
+    validate_per_class(y, k, min_per_class)
     token_stats = None
     if tokens and inner_name is not None:
         blocks = token_blocks(model, probe, layer_name)

@@ -151,3 +151,25 @@ def test_without_a_writable_cache_the_kernels_compile_per_process(monkeypatch):
     monkeypatch.setattr(_numba, "njit", njit)
     add_one = _numba.compiled(nogil=True)(lambda a: a + 1)
     assert asked == [True, False] and add_one(1) == 2
+
+
+def test_scorer_digest_follows_the_loaded_code_not_the_file(tmp_path, monkeypatch):
+    """The compiled scorer's on-disk cache is keyed by a digest of the kernels' code: the code this process
+    loaded, so a process that imported a module before its file changed does not file its old kernels
+    under the new file's key."""
+    import importlib
+    import sys
+
+    from guard.online.scoring import _source_digest
+
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    src = tmp_path / "guard_digest_probe.py"
+    src.write_text("def k(p, x, pred, f, g):\n    return 1.0\n")
+    mod = importlib.import_module("guard_digest_probe")
+    monkeypatch.setitem(sys.modules, "guard_digest_probe", mod)
+    before = _source_digest(mod.k)
+    src.write_text("def k(p, x, pred, f, g):\n    return 20.0 + x[0]\n")
+    assert _source_digest(mod.k) == before  # the file changed; the loaded code did not
+    mod = importlib.reload(mod)
+    assert _source_digest(mod.k) != before
