@@ -30,7 +30,7 @@ class Scored(Protocol):
     def params(self) -> tuple: ...
 
 MAX_CHECKS = 8
-"""How many checks one compiled scorer holds (a profile uses at most the six registered ones)."""
+"""How many checks one compiled scorer holds (a profile uses at most the seven registered ones)."""
 
 
 @kernel
