@@ -143,6 +143,7 @@ def test_scan_of_a_token_model_adds_the_token_check_and_the_guard_reads_it(tiny,
     assert json.loads((tmp_path / "p" / "profile.json").read_text())["token_blocks"] == tiny_profile.token_blocks
     loaded = Profile.load(tmp_path / "p")
     guard = Guard(model, loaded)
+    assert guard.token_statistics.blocks_ == tiny_profile.token_blocks
     j = guard.names.index("token")
     clean = guard.run(x[:100]).scores[:, j]
     odd = guard.run(_patched(x[:100])).scores[:, j]

@@ -188,7 +188,7 @@ class Surrogate:
 
     def statistic(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(statistic, logits)`` of a batch ``x`` in [0, 1], differentiable in ``x``."""
-        with FeatureTap(self.model, self._layer, inner=self._inner, tokens=self.guard._tokens) as tap:
+        with FeatureTap(self.model, self._layer, inner=self._inner, tokens=self.guard.token_statistics) as tap:
             logits = self.model(x)
         f = tap.features
         g = None

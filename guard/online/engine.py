@@ -191,6 +191,11 @@ class Guard:
             raise ModelError("the profile's ensemble does not match its checks: rescan the model")
         return rule
 
+    @property
+    def token_statistics(self) -> TokenStatistics | None:
+        """The profile's token statistics that the tap computes (None for a model that is not a token model)."""
+        return self._tokens
+
     @contextlib.contextmanager
     def session(self) -> Iterator[Guard]:
         """Keep the feature hook registered for a block of calls, a serving worker's lifetime, instead of
