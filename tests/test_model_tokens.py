@@ -165,3 +165,21 @@ def test_a_profile_with_broken_token_statistics_is_refused(tiny, tiny_profile):
 def test_a_cnn_profile_has_no_token_blocks(clean_scan):
     assert clean_scan.profile.token_blocks is None
     assert "token_blocks" not in clean_scan.profile.to_json() and "token" not in clean_scan.profile.checks
+
+
+def test_white_box_surrogate_reproduces_the_token_check(tiny, tiny_profile):
+    """The bench's white-box attacker sees the token check: its torch score is the guard's."""
+    from guard.bench.whitebox import SURROGATES, Surrogate
+
+    model, x, _ = tiny
+    guard = Guard(model, tiny_profile)
+    sur = Surrogate(guard)
+    assert "token" in sur.in_surrogate
+    j = guard.names.index("token")
+    batch = np.concatenate([x[:40], _patched(x[:40])])
+    score = SURROGATES["token"](guard.checks[j].params())
+    with FeatureTap(model, "head", inner=model.blocks[0], tokens=guard.token_statistics) as tap, torch.no_grad():
+        model(torch.from_numpy(batch))
+        a = tap.inner.reshape(len(batch), tap.inner.shape[1], -1)
+        g = torch.cat([a.mean(2), a.amax(2)], 1)
+    np.testing.assert_allclose(score(None, None, None, g).numpy(), guard.run(batch).scores[:, j], rtol=1e-4)

@@ -13,6 +13,8 @@ from that fitted state, each check's score (:mod:`guard.online.checks`) and the 
   inner layer's pooled (mean, max) activations (exact; max and min give subgradients);
 * ``neuron``: the largest standardised suspect-neuron activation (exact);
 * ``overlap``: the largest absolute standardised match with a reversed pattern inside its mask (exact);
+* ``token``: each block's token statistic (computed by the tap, differentiable) over its clean scale, the
+  largest (exact);
 * Fisher's ensemble: each check's ``-log`` clean tail probability. Inside the calibration sample the
   real rule counts calibration scores at least as high (a step function, no gradient); the surrogate
   counts with a sigmoid of width ``tau`` (a share of the check's clean score spread) instead. Past the
@@ -114,9 +116,17 @@ def _overlap(p: tuple) -> Callable:
     return score
 
 
+def _token(p: tuple) -> Callable:
+    first, scale = int(p[0]), _t(p[1])
+
+    def score(x, pred, f, g):
+        return (g[:, first:first + len(scale)] / scale).max(1).values
+    return score
+
+
 SURROGATES: dict[str, Callable[[tuple], Callable]] = {
     "feature": _feature, "knn": _knn, "inner_knn": lambda p: _knn(p, inner=True), "consistency": _consistency,
-    "neuron": _neuron, "overlap": _overlap}
+    "neuron": _neuron, "overlap": _overlap, "token": _token}
 """Torch re-implementations of the online checks' scores, by check name, built from a check's ``params()``."""
 
 
