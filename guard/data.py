@@ -121,4 +121,3 @@ def validate_per_class(y: np.ndarray, k: int, minimum: int) -> None:
         raise InputError(f"{len(short)} of {k} classes have fewer than {minimum} clean images (class (images): "
                          f"{shown}{more}); add images of those classes, or lower --min-per-class (0 scans "
                          "anyway: the checks are then not calibrated for those classes)")
-

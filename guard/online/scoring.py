@@ -61,8 +61,7 @@ def _source_digest(*fns) -> str:
     stale one (numba itself only watches the file of the function it caches). It is taken from the loaded
     code, not the files on disk: a process that imported a module before its file changed (a package
     upgraded under a running server) would otherwise store its old kernels under the new files' key, and
-    every later process would load them (seen once: a k-NN kernel of the previous version answering for
-    the new one)."""
+    every later process would load them."""
     h = hashlib.sha256()
     for name in sorted({fn.__module__ for fn in fns} | {__name__, "guard.online.kernels"}):
         h.update(name.encode())

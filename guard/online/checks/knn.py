@@ -52,9 +52,9 @@ class KNNCheck(Check):
         The neighbour the distance is read at (the ``k``-th nearest of the class), 5: a single clean
         outlier in the bank does not vouch for an input. A class with fewer than ``k`` bank rows is read
         at its farthest row, and a class with none is compared with the whole bank. (Comparing every class
-        under ``k`` rows with the whole bank made the cross-fitted calibration, whose folds hold four
-        fifths of each class, read classes of ``k`` to ``k / 0.8`` images differently from the served check:
-        at 100 classes with 5 images each it let 10% of held-out clean images through at 1%;
+        under ``k`` rows with the whole bank would read classes of ``k`` to ``k / 0.8`` images one way in the
+        cross-fitted calibration, whose folds hold four fifths of each class, and the other in the served
+        check: at 100 classes with 5 images each that rejects 10% of held-out clean images at 1%;
         docs/benchmarks.md, 'Measurements behind the defaults'.)
     max_bank
         Clean fit images the bank holds at most (a seeded pick); 2000 bounds the profile's size and the

@@ -73,7 +73,7 @@ class TokenCheck(Check):
 
     @classmethod
     def _profile_parameters(cls, settings, tensors):
-        return {"blocks": len(tensors["scale"]), "quantile": 0.99}
+        return {**super()._profile_parameters(settings, tensors), "blocks": len(tensors["scale"])}
 
     def _restore(self):
         self.first_ = int(self.first_)
