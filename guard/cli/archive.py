@@ -24,6 +24,7 @@ import sys
 
 from guard.modes import MODES
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES
+from guard.serving.metrics import DEFAULT_FLUSH_SECONDS
 
 HELP = "package model + weights + profile with the guard handler into a TorchServe .mar"
 
@@ -45,6 +46,16 @@ def _non_negative(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if v < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
     return v
 
 
@@ -75,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default guard-audit-{model}.log there; env GUARD_AUDIT_LOG overrides)")
     p.add_argument("--audit-max-bytes", type=_positive, default=None, metavar="N",
                    help="rotate the audit log at N bytes (default 10 MiB, 5 backups)")
+    p.add_argument("--metrics-flush-seconds", type=_seconds, default=DEFAULT_FLUSH_SECONDS, metavar="S",
+                   help="the worker sums pass counts and reports them at most every S seconds; anything but a "
+                        f"pass is reported with its batch; 0 reports every batch (default {DEFAULT_FLUSH_SECONDS:g})")
     p.add_argument("--model-version", default="1.0", help="archive version (default 1.0)")
     p.add_argument("--handler", help="handler file (default: the guarded handler installed with guard)")
     p.add_argument("--force", action="store_true", help="overwrite an existing NAME.mar")
@@ -89,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         fail_open=args.fail_open, batch_size=args.batch_size, max_batch_delay=args.max_batch_delay,
         workers=args.workers, max_request_bytes=args.max_request_bytes, model_version=args.model_version,
         handler=args.handler, force=args.force, log_payloads=args.log_payloads, audit_log=args.audit_log,
-        audit_max_bytes=args.audit_max_bytes)
+        audit_max_bytes=args.audit_max_bytes, metrics_flush_seconds=args.metrics_flush_seconds)
     h = config["handler"]
     if h["fail_open"]:
         print("WARNING: --fail-open: if the guard itself fails, this archive serves the bare model's answers "

@@ -12,6 +12,12 @@ alert rules query them):
 * ``guard_latency_seconds``: histogram of the guard's own work per batch, in seconds (TorchServe's
   buckets are fixed on the seconds scale).
 
+Served models report through a :class:`BatchedSink`: every metric update a TorchServe worker makes is a
+log line that its frontend reads and parses, and one line per counter per request cost a guarded endpoint
+about a tenth of its throughput (docs/benchmarks.md, 'Serving cost'). The counters are summed in the
+worker and reported at most once per interval (at once for a batch with anything but ``pass`` in it), and
+the latency histogram observes at most :data:`LATENCY_SAMPLES` batches per interval.
+
 Label values are sanitised (:func:`label_value`): TorchServe serialises dimensions as
 ``name:value,name:value`` in its metric log lines, so a ``,`` or ``:`` in a value would corrupt them.
 
@@ -22,8 +28,9 @@ here knows TorchServe.
 from __future__ import annotations
 
 import re
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 REQUESTS = "guard_requests_total"
@@ -56,6 +63,9 @@ class MetricsSink(Protocol):
 
     def latency(self, seconds: float) -> None:
         """Observe the guard's own time for one batch, in seconds."""
+
+    def flush(self) -> None:
+        """Report what is buffered (nothing to do for a sink that reports every call as it comes)."""
 
 
 def count_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
@@ -90,6 +100,9 @@ class InMemorySink:
     def latency(self, seconds: float) -> None:
         self.latencies.append(float(seconds))
 
+    def flush(self) -> None:
+        pass
+
     def render(self) -> str:
         """Prometheus-style text lines (no HELP/TYPE) of the counters, sorted, for printing."""
         lines = [f'{REQUESTS}{{verdict="{k}"}} {v}' for k, v in sorted(self.requests_total.items())]
@@ -100,5 +113,71 @@ class InMemorySink:
         return "\n".join(lines)
 
 
-__all__ = ["LATENCY", "REJECTIONS", "REQUESTS", "InMemorySink", "MetricsSink", "label_value",
+DEFAULT_FLUSH_SECONDS = 1.0
+"""How long a served model's pass counts may wait in the worker before they are reported."""
+LATENCY_SAMPLES = 10
+"""Latency observations per flush interval at most (the first batch after each tenth of it)."""
+
+
+class BatchedSink:
+    """Sums counters in memory and reports them to ``sink`` in one update per label, off the per-request path.
+
+    :meth:`flush` (the service calls it after each batch) reports the sums when ``interval`` seconds have passed
+    since the last report, or at once when anything but a ``pass`` was counted since: a rejection, a flag, a
+    repair or an error reaches the metrics port with the batch that caused it, so alerts are not delayed. Only
+    ``pass`` counts wait, at most ``interval`` seconds plus the gap to the next batch; a worker that dies loses
+    the pass counts of its last interval (rejections are never pending: they were reported with their batch,
+    and every one also has its audit-trail line). The latency histogram observes the first batch after each
+    ``interval / LATENCY_SAMPLES`` seconds (a sample independent of the latency itself; its ``_count`` is the
+    number of observed batches, not of all batches). ``interval=0`` reports every call as it comes.
+    """
+
+    def __init__(self, sink: MetricsSink, *, interval: float = DEFAULT_FLUSH_SECONDS,
+                 clock: Callable[[], float] = time.monotonic):
+        if not interval >= 0:
+            raise ValueError(f"interval must be >= 0 seconds, got {interval!r}")
+        self.sink = sink
+        self.interval = float(interval)
+        self._clock = clock
+        self._requests: Counter[str] = Counter()
+        self._rejections: Counter[str] = Counter()
+        self._urgent = False
+        self._last_flush = self._last_latency = -float("inf")
+
+    def requests(self, verdict: str, count: int = 1) -> None:
+        self._requests[verdict] += count
+        self._urgent = self._urgent or verdict != "pass"
+
+    def rejections(self, reason: str, count: int = 1) -> None:
+        self._rejections[reason] += count
+        self._urgent = True
+
+    def latency(self, seconds: float) -> None:
+        now = self._clock()
+        if now - self._last_latency >= self.interval / LATENCY_SAMPLES:
+            self._last_latency = now
+            self.sink.latency(seconds)
+
+    @property
+    def pending(self) -> int:
+        """Counts summed and not reported yet."""
+        return sum(self._requests.values()) + sum(self._rejections.values())
+
+    def flush(self, *, force: bool = False) -> None:
+        """Report the sums if due (see the class); ``force`` reports them now."""
+        now = self._clock()
+        if not (force or self._urgent or now - self._last_flush >= self.interval):
+            return
+        self._last_flush, self._urgent = now, False
+        requests, rejections = self._requests, self._rejections
+        self._requests, self._rejections = Counter(), Counter()
+        for verdict, n in requests.items():
+            self.sink.requests(verdict, n)
+        for reason, n in rejections.items():
+            self.sink.rejections(reason, n)
+        self.sink.flush()
+
+
+__all__ = ["DEFAULT_FLUSH_SECONDS", "LATENCY", "LATENCY_SAMPLES", "REJECTIONS", "REQUESTS", "BatchedSink",
+           "InMemorySink", "MetricsSink", "label_value",
            "count_decisions"]

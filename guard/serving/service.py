@@ -48,7 +48,7 @@ from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
 from guard.serving.decode import V2, Decoded, decode_payload
 from guard.serving.integrity import verify_profile_digest
-from guard.serving.metrics import MetricsSink, count_decisions
+from guard.serving.metrics import DEFAULT_FLUSH_SECONDS, BatchedSink, MetricsSink, count_decisions
 from guard.serving.trail import AuditLog
 
 logger = logging.getLogger(__name__)
@@ -107,7 +107,8 @@ class ArchiveConfig:
 
     ``section`` keeps the raw mapping for the audit-log keys (``audit_log``, ``audit_max_bytes``,
     ``audit_backups``, ``log_payloads``); ``mode`` is checked by the guarded service only (the baseline
-    ignores it).
+    ignores it). ``metrics_flush_seconds`` is how long pass counts may wait in the worker before they are
+    reported (:class:`~guard.serving.metrics.BatchedSink`; 0 reports every batch as it comes).
     """
 
     model_file: str
@@ -120,6 +121,7 @@ class ArchiveConfig:
     profile: str
     profile_sha256: Any
     section: dict[str, Any]
+    metrics_flush_seconds: float = DEFAULT_FLUSH_SECONDS
 
     @classmethod
     def parse(cls, config: Any, *, manifest: Mapping[str, Any] | None = None,
@@ -138,11 +140,18 @@ class ArchiveConfig:
             raise GuardError(f"max_request_bytes must be an integer, got {raw_max!r}") from None
         if max_request_bytes <= 0:
             raise GuardError(f"max_request_bytes must be > 0, got {max_request_bytes}")
+        raw_flush = cfg.get("metrics_flush_seconds", DEFAULT_FLUSH_SECONDS)
+        try:
+            flush = float(raw_flush)
+        except (TypeError, ValueError):
+            raise GuardError(f"metrics_flush_seconds must be a number, got {raw_flush!r}") from None
+        if not 0 <= flush <= 3600:
+            raise GuardError(f"metrics_flush_seconds must be between 0 and 3600, got {flush}")
         return cls(model_file=str(model_file), weights=str(weights), model_class=cfg.get("model_class") or None,
                    normalize=cfg.get("normalize") or None, mode=str(cfg.get("mode", "enforce")),
                    fail_open=_as_bool(cfg.get("fail_open", False)), max_request_bytes=max_request_bytes,
                    profile=str(cfg.get("profile", PROFILE_DIR)), profile_sha256=cfg.get("profile_sha256"),
-                   section=cfg)
+                   section=cfg, metrics_flush_seconds=flush)
 
     def load_model(self, model_dir: Path) -> torch.nn.Module:
         return load_model(model_dir / self.model_file, model_dir / self.weights, model_class_name=self.model_class,
@@ -188,6 +197,9 @@ class _NoSink:
         pass
 
     def latency(self, seconds: float) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
 
@@ -251,6 +263,7 @@ class _BatchService:
             else:
                 replies.append(self._reply(request, item, answers[cursor:cursor + n]))
             cursor += n
+        self.sink.flush()
         return replies
 
     def _answer(self, x: np.ndarray) -> tuple[Sequence[Any] | None, str]:
@@ -341,6 +354,8 @@ class GuardService(_BatchService):
                                          mode=mode, model_dir=model_dir)
         except (OSError, ValueError, TypeError) as e:
             raise GuardError(f"cannot open the audit log: {e}") from None
+        if sink is not None:
+            sink = BatchedSink(sink, interval=cfg.metrics_flush_seconds)
         service = cls(guard, fail_open=cfg.fail_open, max_request_bytes=cfg.max_request_bytes, audit=audit,
                       sink=sink, model_name=model_name)
         try:
@@ -359,7 +374,9 @@ class GuardService(_BatchService):
         return self
 
     def close(self) -> None:
-        """Release the feature hook and close the audit trail."""
+        """Report the buffered counts, release the feature hook and close the audit trail."""
+        if isinstance(self.sink, BatchedSink):
+            self.sink.flush(force=True)
         self._session.close()
         if self.audit is not None:
             self.audit.close()

@@ -5,7 +5,7 @@ built for another model): an archive must never carry a profile that its handler
 load. The archive holds the model file, the state_dict, the handler (``guarded_handler.py``, installed
 with guard: :mod:`guard._assets`), the profile as ``guard-profile/`` and a ``model-config.yaml`` with
 TorchServe's worker and batching settings and a ``handler:`` section (mode, fail_open,
-max_request_bytes, the profile's SHA-256 digest, the audit-log settings) that
+max_request_bytes, the profile's SHA-256 digest, the audit-log and metrics settings) that
 :class:`guard.serving.service.GuardService` reads at load. The digest lets the service refuse a
 profile edited inside the archive (:mod:`guard.serving.integrity`).
 """
@@ -24,6 +24,7 @@ import yaml
 
 from guard.errors import InputError
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR
+from guard.serving.metrics import DEFAULT_FLUSH_SECONDS
 
 
 def make_archive(*, name: str, model_file: str | Path, weights: str | Path, profile: str | Path,
@@ -32,8 +33,12 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
                  max_batch_delay: int = 100, workers: int = 1,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model_version: str = "1.0",
                  handler: str | Path | None = None, force: bool = False, log_payloads: bool = False,
-                 audit_log: str | None = None, audit_max_bytes: int | None = None) -> tuple[Path, dict[str, Any]]:
+                 audit_log: str | None = None, audit_max_bytes: int | None = None,
+                 metrics_flush_seconds: float = DEFAULT_FLUSH_SECONDS) -> tuple[Path, dict[str, Any]]:
     """Verify the profile against the model, then write ``export_path/NAME.mar``.
+
+    ``metrics_flush_seconds`` is how long the worker may sum pass counts before it reports them
+    (:class:`~guard.serving.metrics.BatchedSink`; 0: every batch as it comes).
 
     Returns the archive path and the model-config written into it. Raises ``ProfileMismatch``
     (exit 3) when the profile belongs to another model, ``InputError``/``ModelError``/``ProfileError``
@@ -55,6 +60,8 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
     prof = Profile.load(profile_dir, model_sha256=fingerprint(model))
     validate_input_shape(model, prof.input_shape)
     served_mode = validate_mode(mode or prof.meta.get("policy", {}).get("mode", "enforce"))
+    if not 0 <= metrics_flush_seconds <= 3600:
+        raise InputError(f"--metrics-flush-seconds must be between 0 and 3600, got {metrics_flush_seconds}")
     if model_file.name in (handler_file.name, "model-config.yaml") or weights.name == model_file.name:
         raise InputError(f"rename {model_file.name}: it would clash with another file in the archive")
 
@@ -71,7 +78,7 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
             "mode": served_mode, "fail_open": bool(fail_open), "max_request_bytes": int(max_request_bytes),
             "profile": PROFILE_DIR, "model_file": model_file.name, "weights": weights.name,
             "model_sha256": prof.model_sha256, "profile_sha256": profile_digest(profile_dir),
-            "log_payloads": bool(log_payloads),
+            "log_payloads": bool(log_payloads), "metrics_flush_seconds": float(metrics_flush_seconds),
         },
     }
     if audit_log:

@@ -273,10 +273,10 @@ def test_request_and_rejection_counters_equal_what_the_clients_were_told(prometh
     assert prometheus.by("sum by (reason) (guard_rejections_total)", "reason") == dict(reasons)
     rejections = prometheus.scalar("sum(guard_rejections_total)")
     assert rejections == verdicts["rejected"] == sum(reasons.values())  # one per rejected answer
-    # one guard_latency_seconds observation per batch, and batch size 1: one per request
-    count = poll(lambda: prometheus.scalar("sum(guard_latency_seconds_count)"), lambda v: v == len(traffic),
-                 seconds=30)
-    assert count == len(traffic)
+    # guard_latency_seconds observes a sample of the batches (at most ten per second of traffic; the first one
+    # always): batch size 1, so between one and one per request
+    count = poll(lambda: prometheus.scalar("sum(guard_latency_seconds_count)"), lambda v: v >= 1, seconds=30)
+    assert 1 <= count <= len(traffic)
     # every series carries TorchServe's model labels, as the dashboard and the rules group by them
     for name in ("guard_requests_total", "guard_rejections_total", "guard_latency_seconds_count"):
         labels = [r["metric"] for r in prometheus.query(name)]

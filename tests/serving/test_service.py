@@ -25,7 +25,7 @@ from guard.errors import GuardError, InputError, ProfileError, ProfileMismatch
 from guard.serving import REFUSAL_MARK
 from guard.serving import service as service_module
 from guard.serving.integrity import profile_digest
-from guard.serving.metrics import InMemorySink
+from guard.serving.metrics import BatchedSink, InMemorySink
 from guard.serving.service import BaselineService, GuardService, Reply, Request
 from guard.serving.trail import read_lines
 
@@ -213,10 +213,31 @@ def test_refuses_a_profile_built_for_another_model(demo_world, demo_profile, tmp
 
 
 @pytest.mark.parametrize("change, error", [({"mode": "yolo"}, InputError), ({"max_request_bytes": 0}, GuardError),
-                                           ({"model_file": None, "weights": None}, GuardError)])
+                                           ({"model_file": None, "weights": None}, GuardError),
+                                           ({"metrics_flush_seconds": "soon"}, GuardError),
+                                           ({"metrics_flush_seconds": -1}, GuardError)])
 def test_refuses_a_bad_handler_section(demo_world, demo_profile, tmp_path, caplog, change, error):
     d, config = archive_dir(demo_world, demo_profile, tmp_path / "a", **change)
     _refused(d, config, error, caplog)
+
+
+def test_a_served_model_reports_pass_counts_summed_and_refusals_with_their_batch(demo_world, demo_profile, tmp_path,
+                                                                                 data):
+    d, config = archive_dir(demo_world, demo_profile, tmp_path / "a", metrics_flush_seconds=30)
+    counted = InMemorySink()
+    with GuardService.from_archive_config(d, config, model_name="demo", sink=counted) as svc:
+        assert isinstance(svc.sink, BatchedSink) and svc.sink.interval == 30
+        for x in data["clean"][:3]:
+            svc.handle([req(x[None])])
+        # the first batch is reported at once (the series appear with the first traffic), the next passes wait
+        assert counted.requests_total == {"pass": 1} and svc.sink.pending == 2
+        assert len(counted.latencies) == 1  # the first batch's latency; the next ones within 3 s are not sampled
+        (reply,) = svc.handle([req(data["triggered"][:1])])
+        assert reply.status == 403
+        assert dict(counted.requests_total) == {"pass": 3, "rejected": 1}
+        assert sum(counted.rejections_total.values()) == 1
+        svc.handle([req(data["clean"][3:4])])
+    assert counted.requests_total["pass"] == 4  # close() reports what was pending
 
 
 def test_an_archive_without_a_digest_loads_with_a_warning(demo_world, demo_profile, tmp_path, caplog):
