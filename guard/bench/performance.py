@@ -57,6 +57,10 @@ def performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str,
         over[f"batch_{b}"] = measure_overhead(model, guard, neg, batch_size=b, repeats=cfg.overhead_repeats)
     perf["overhead"] = over
     perf["overhead_breakdown_batch_1_us"] = overhead_breakdown(guard, neg, repeats=cfg.overhead_repeats)
+    log(progress, "performance: a served request's stages, guarded and baseline")
+    from guard.bench.breakdown import serving_breakdown
+
+    perf["serving_breakdown_us"] = serving_breakdown(guard, neg, ctx.get("triggered"), repeats=cfg.overhead_repeats)
     if cfg.flip_check:
         from guard.bench.mirror import flip_cost
 

@@ -222,6 +222,11 @@ def render(results: dict[str, Any]) -> str:
     if bd:
         parts = ", ".join(f"{k} {('yes' if v else 'no') if isinstance(v, bool) else f'{v:.1f}'}" for k, v in bd.items())
         lines.append(f"| guard batch-1 breakdown (median µs) | {parts} |")
+    sb = p.get("serving_breakdown_us")
+    if sb:
+        for side in ("guarded", "baseline"):
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in sb[side].items())
+            lines.append(f"| a served request's stages in the worker, {side} handler (median µs) | {parts} |")
     sc = p.get("scan") or {}
     lines.append(f"| scan seconds (median over attacks): profile (NC + checks) / DL-TND / DF-TND "
                  f"| {_f(p.get('scan_seconds'), 1)} / {_f(sc.get('dl_tnd_median'), 1)} / "

@@ -133,6 +133,7 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         zm = zoo_model(name, on_net(cfg, cfg.nets[0]).zoo, data=d, cache=cache, clean_model=clean.model)
         row = first[names.index(name)]
         ctx = {"name": name, "net": cfg.nets[0], "model": zm.model, "target": row["target"],
+               "triggered": None if zm.attack is None else zm.attack.stamp(neg[:8]),
                "profile": Profile.load(profile_dir(profiles, cfg.nets[0], name), model_sha256=fingerprint(zm.model))}
     results["performance"] = performance(cfg, ctx, results, xc, x_fit, neg, k, progress, cache=cache,
                                           profiles=profiles)

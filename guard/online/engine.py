@@ -40,7 +40,8 @@ class GuardResult:
     ``strength`` orders them (each check's contribution to the statistic, strongest first). For
     repaired inputs ``logits`` are the repaired image's and ``repaired_scores`` its re-scored checks.
     ``guard_ms`` is the guard's own time (validation, checks, policy, repair), ``forward_ms`` the
-    model's tapped forward pass.
+    model's tapped forward pass; ``stages_ms`` splits the call into ``validate``, ``forward``, ``scoring``
+    (the checks and the ensemble) and ``policy`` (verdicts, reasons, repair and the trigger memory).
     """
 
     names: list[str]
@@ -55,6 +56,7 @@ class GuardResult:
     statistic: np.ndarray
     ensemble_threshold: float
     strength: np.ndarray
+    stages_ms: dict[str, float] | None = None
 
     @property
     def verdicts(self) -> list[str]:
@@ -62,20 +64,27 @@ class GuardResult:
 
     @property
     def decisions(self) -> list[Decision]:
-        probs = softmax(self.logits)
-        labels = self.logits.argmax(1)
+        probs = np.round(softmax(self.logits).astype(np.float64), 6).tolist()
+        labels = self.logits.argmax(1).tolist()
+        scores = np.round(self.scores.astype(np.float64), 4).tolist()
+        stats = np.round(np.asarray(self.statistic, dtype=np.float64), 4).tolist()
+        fired_any = self.over.any(1).tolist()
+        names = self.names
         out = []
         for i, verdict in enumerate(self.verdicts):
-            fired = np.flatnonzero(self.over[i])
-            reasons = [self.names[j] for j in fired[np.argsort(-self.strength[i, fired], kind="stable")]]
-            sc = {n: round(float(self.scores[i, j]), 4) for j, n in enumerate(self.names)}
-            sc["ensemble"] = round(float(self.statistic[i]), 4)
+            reasons: list[str] = []
+            if fired_any[i]:
+                fired = np.flatnonzero(self.over[i])
+                reasons = [names[j] for j in fired[np.argsort(-self.strength[i, fired], kind="stable")]]
+            sc = dict(zip(names, scores[i]))
+            sc["ensemble"] = stats[i]
             if i in self.repaired_scores:
-                sc.update({f"{n}_repaired": round(float(v), 4) for n, v in zip(self.names, self.repaired_scores[i])})
+                sc.update(zip([f"{n}_repaired" for n in names],
+                              np.round(np.asarray(self.repaired_scores[i], dtype=np.float64), 4).tolist()))
             if verdict == "rejected":
                 out.append(Decision(None, None, verdict, reasons, sc))
             else:
-                out.append(Decision(int(labels[i]), [round(float(v), 6) for v in probs[i]], verdict, reasons, sc))
+                out.append(Decision(labels[i], probs[i], verdict, reasons, sc))
         return out
 
 
@@ -280,6 +289,7 @@ class Guard:
             logits = rec.logits
             t2 = time.perf_counter()
             s, strength, stat = self._evaluate(rec)
+        ts = time.perf_counter()
         suspect = stat > self.ensemble.threshold_
         any_suspect = bool(suspect[0]) if len(suspect) == 1 else bool(suspect.any())
         if any_suspect:  # every suspect input names a reason: its own-threshold checks, else the strongest
@@ -309,7 +319,9 @@ class Guard:
             codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()
         return GuardResult(names, logits, s, thresholds, over, codes, repaired, (t2 - t1) * 1e3,
-                           ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength)
+                           ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength,
+                           {"validate": (t1 - t0) * 1e3, "forward": (t2 - t1) * 1e3, "scoring": (ts - t2) * 1e3,
+                            "policy": (t3 - ts) * 1e3})
 
     def unguarded(self, x: np.ndarray | torch.Tensor) -> list[Decision]:
         """The bare model's answers for a batch, marked verdict ``error`` with reason ``guard_error``:

@@ -130,6 +130,12 @@ def test_performance_fields(tiny):
     nc = p["nc_batched"]
     assert nc["labels"] == 10 and len(nc["batched"]["l1_norms"]) == len(nc["per_label_loop"]["l1_norms"]) == 10
     assert p["scan_seconds"] > 0 and p["scan"]["per_attack"]["badnets"] > 0
+    sb = p["serving_breakdown_us"]
+    stages = ("decode", "answers", "metrics", "encode", "run.validate", "run.forward", "run.scoring", "run.policy",
+              "audit_per_refused_instance", "stages_sum", "whole")
+    assert all(sb["guarded"][k] > 0 for k in stages), sb
+    assert set(sb["baseline"]) == {"decode", "forward_and_answer", "encode", "stages_sum", "whole"}
+    assert sb["guarded"]["run.forward"] > sb["guarded"]["run.scoring"]  # the model dominates a request
     bd = p["overhead_breakdown_batch_1_us"]
     assert {"bare_forward", "tapped_forward", "validate", "run", "check.feature", "check.knn"} <= set(bd)
     assert p["flip_check_cost_batch_1"]["ratio"] > 1
