@@ -65,6 +65,10 @@ class BenchConfig:
     ts_requests: int = 50
     ts_rounds: int = 10
     ts_concurrency: int = 4
+    # guarded over baseline also at these client counts and archive batch sizes (dynamic batching), on
+    # TorchServe's port and through the ingress; () skips the grid
+    ts_grid_clients: tuple[int, ...] = (4, 16)
+    ts_grid_batch_sizes: tuple[int, ...] = (1, 8)
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
     flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
     scaling: bool = True  # Neural Cleanse's scan seconds at 10, 100 and 1000 classes (composed glyphs)

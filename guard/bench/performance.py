@@ -102,7 +102,8 @@ def resnet18_performance(cfg: BenchConfig, neg: np.ndarray, cache: Path, profile
     ts = None
     if cfg.torchserve and (shutil.which("java") is not None or os.environ.get("JAVA_HOME")):
         ts = {"requests": cfg.ts_requests, "rounds": cfg.ts_rounds, "concurrency": cfg.ts_concurrency,
-              "threads": torch.get_num_threads()}
+              "threads": torch.get_num_threads(), "grid_clients": cfg.ts_grid_clients,
+              "grid_batch_sizes": cfg.ts_grid_batch_sizes}
     out = net_performance(zm.model, profile, neg, model_file("resnet18"), repeats=cfg.overhead_repeats,
                           torchserve=ts)
     if cfg.torchserve and ts is None:
@@ -132,7 +133,8 @@ def torchserve_figures(cfg: BenchConfig, model: nn.Module, profile, x: np.ndarra
         prof_dir = profile.save(work / "profile")
         return torchserve_throughput(work / "model.py", work / "weights.pt", prof_dir, x, requests=cfg.ts_requests,
                                      rounds=cfg.ts_rounds, concurrency=cfg.ts_concurrency, work_dir=work / "ts",
-                                     threads=torch.get_num_threads())
+                                     threads=torch.get_num_threads(), grid_clients=cfg.ts_grid_clients,
+                                     grid_batch_sizes=cfg.ts_grid_batch_sizes)
     except (GuardError, ServeError, OSError) as e:
         return {"error": f"{type(e).__name__}: {str(e)[:2000]}"}
     finally:

@@ -76,6 +76,17 @@ def _purify_measured(row: dict[str, Any], bar: str) -> str:
     return f"{_f(auto['accuracy_drop_points'], 1)} pt" if auto.get("ok") else "refused"
 
 
+def _grid_lines(grid: list[dict[str, Any]], net: str) -> list[str]:
+    """One performance row per (route, batch size, clients) of a TorchServe throughput grid."""
+    out = []
+    for cell in grid:
+        route = "through nginx" if cell["route"] == "via_ingress" else "on TorchServe's port"
+        out.append(f"| {net} TorchServe throughput guarded / baseline, batch size {cell['batch_size']}, "
+                   f"{cell['clients']} clients, {route} | {_f(cell['ratio'])} ({cell['guarded_rps_median']} vs "
+                   f"{cell['baseline_rps_median']} req/s; rounds {cell['pair_ratios']}) |")
+    return out
+
+
 def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     """(scope, bar, measured, met) for every target the benchmark checks."""
     rows: list[tuple[str, str, str, bool | None]] = []
@@ -248,9 +259,12 @@ def render(results: dict[str, Any]) -> str:
         for clients, ratio in (ts.get("ingress_throughput_ratio") or {}).items():
             lines.append(f"| guarded throughput through the nginx ingress / TorchServe's port directly, {clients} "
                          f"clients | {_f(ratio)} |")
+        lines += _grid_lines(ts.get("grid") or [], "DemoNet")
     else:
         why = ts.get("skipped") or ts.get("error", "")[:200]
         lines.append(f"| TorchServe throughput guarded / baseline | n/a ({why}) |")
+    rn_ts = (rn or {}).get("torchserve") or {}
+    lines += _grid_lines(rn_ts.get("grid") or [], "ResNet-18 layout")
     lines += ["", "## Targets", "", "| scope | target | measured | met |", "|---|---|---|---|"]
     for scope, bar, meas, met in targets(results):
         lines.append(f"| {scope} | {bar} | {meas} | {'n/a' if met is None else ('yes' if met else '**no**')} |")

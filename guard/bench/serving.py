@@ -97,12 +97,34 @@ def _ingress_cost(server: Server, key: str | None, bodies: list[bytes], *, reque
     return out
 
 
+def _pair(urls: dict[str, str], key: str | None, bodies: list[bytes], *, requests: int, rounds: int,
+          concurrency: int) -> dict[str, Any]:
+    """Guarded and baseline at one load, ``rounds`` rounds in rotating order; the median of the per-round ratios."""
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
+    names = list(urls)
+    for r in range(rounds):
+        for m in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            runs[m].append(_load(urls[m], key, bodies, requests=requests, concurrency=concurrency))
+    # one ratio per round (the series of a round saw the same machine load), then their median
+    pairs = [g["rps"] / b["rps"] for g, b in zip(runs["guarded"], runs["baseline"]) if b["rps"] > 0]
+    return {"ratio": round(float(np.median(pairs)), 3) if pairs else None, "pair_ratios": [round(v, 3) for v in pairs],
+            "guarded_rps_median": round(float(np.median([v["rps"] for v in runs["guarded"]])), 2),
+            "baseline_rps_median": round(float(np.median([v["rps"] for v in runs["baseline"]])), 2), "rounds": runs}
+
+
 def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x: np.ndarray, *,
                           requests: int = 100, rounds: int = 3, concurrency: int = 4, batch_size: int = 1,
                           max_batch_delay: int = 5, work_dir: Path | None = None,
                           start_timeout: float = 300.0, threads: int | None = None, ingress: str | None = None,
-                          ingress_clients: tuple[int, ...] = (4, 16)) -> dict[str, Any]:
+                          ingress_clients: tuple[int, ...] = (4, 16), grid_clients: tuple[int, ...] = (),
+                          grid_batch_sizes: tuple[int, ...] = ()) -> dict[str, Any]:
     """Guarded over baseline TorchServe throughput for the model; ``x`` supplies the request images.
+
+    The headline figure (``torchserve_throughput_ratio``) is at ``batch_size`` and ``concurrency``. With
+    ``grid_clients`` and ``grid_batch_sizes`` the same ratio is measured for every client count and archive batch
+    size given (TorchServe's dynamic batching: ``batchSize`` and ``maxBatchDelay`` ``max_batch_delay`` ms), on
+    TorchServe's own port and, with the ingress, through nginx: ``grid`` holds one entry per (route, batch size,
+    clients), each ``requests`` requests per client thread.
 
     ``ingress``: ``"nginx"`` (the default when nginx is on PATH) or ``"none"``; with nginx, the ingress's cost
     at each of ``ingress_clients`` concurrent clients is measured too.
@@ -116,19 +138,22 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
     work.mkdir(parents=True, exist_ok=True)
     store = work / "model-store"
     common = dict(model_file=model_file, weights=weights, profile=profile_dir, export_path=store,
-                  batch_size=batch_size, max_batch_delay=max_batch_delay, workers=1, mode="enforce", force=True)
+                  max_batch_delay=max_batch_delay, workers=1, mode="enforce", force=True)
     server = None
     ingress = ingress or ("nginx" if shutil.which("nginx") else "none")
+    sizes = sorted({int(batch_size), *map(int, grid_batch_sizes)})
+    names = {b: ("guarded", "baseline") if b == batch_size else (f"guarded_b{b}", f"baseline_b{b}") for b in sizes}
     try:
-        make_archive(name="guarded", **common)
-        make_archive(name="baseline", handler=BASELINE_HANDLER, **common)
+        for b, (g, base) in names.items():
+            make_archive(name=g, batch_size=b, **common)
+            make_archive(name=base, handler=BASELINE_HANDLER, batch_size=b, **common)
         bodies = [json.dumps({"instances": [np.round(x[i], 4).tolist()]}).encode() for i in range(min(len(x), 32))]
         t0 = time.perf_counter()
         saved = os.environ.get("OMP_NUM_THREADS")
         if threads:
             os.environ["OMP_NUM_THREADS"] = str(int(threads))  # ts.start copies os.environ for TorchServe
         try:
-            server = ts.start(store, models={"guarded": "guarded.mar", "baseline": "baseline.mar"},
+            server = ts.start(store, models={m: f"{m}.mar" for pair in names.values() for m in pair},
                               run_dir=work / "run", token_auth=True, timeout=start_timeout, ingress=ingress)
         finally:
             if saved is None:
@@ -137,31 +162,39 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
                 os.environ["OMP_NUM_THREADS"] = saved
         start_seconds = time.perf_counter() - t0
         key = server.key("inference")
-        urls = {m: f"{server.urls['inference']}/predictions/{m}" for m in ("guarded", "baseline")}
-        for m in ("guarded", "baseline"):  # warm both workers
-            _load(urls[m], key, bodies, requests=max(2, requests // 10), concurrency=concurrency)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
-        names = list(urls)
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]  # rotate who goes first
-            for m in order:
-                runs[m].append(_load(urls[m], key, bodies, requests=requests, concurrency=concurrency))
-        med = {m: float(np.median([v["rps"] for v in runs[m]])) for m in runs}
-        # one ratio per round (the series of a round saw the same machine load), then their median
-        pairs = [g["rps"] / b["rps"] for g, b in zip(runs["guarded"], runs["baseline"]) if b["rps"] > 0]
-        ratio = float(np.median(pairs)) if pairs else float("nan")
+        bases = {"via_ingress" if ingress == "nginx" else "direct": server.urls["inference"]}
+        if ingress == "nginx":
+            bases["direct"] = server.upstream["inference"]
+
+        def urls(route: str, b: int) -> dict[str, str]:
+            return {side: f"{bases[route]}/predictions/{m}" for side, m in zip(("guarded", "baseline"), names[b])}
+
+        first = next(iter(bases))
+        for b in sizes:  # warm every worker
+            for u in urls(first, b).values():
+                _load(u, key, bodies, requests=max(2, requests // 10), concurrency=concurrency)
+        head = _pair(urls(first, batch_size), key, bodies, requests=requests, rounds=rounds, concurrency=concurrency)
+        grid = []
+        for route in bases if grid_clients else ():
+            for b in sizes:
+                for c in grid_clients:
+                    cell = (head if (route, b, c) == (first, batch_size, concurrency) else
+                            _pair(urls(route, b), key, bodies, requests=requests, rounds=rounds, concurrency=c))
+                    grid.append({"route": route, "batch_size": b, "clients": c,
+                                 **{k: v for k, v in cell.items() if k != "rounds"}})
         ingress_cost = (_ingress_cost(server, key, bodies, requests=requests, rounds=rounds, clients=ingress_clients)
                         if ingress == "nginx" else {})
-        return {"torchserve_throughput_ratio": round(ratio, 3), "pair_ratios": [round(v, 3) for v in pairs],
+        return {"torchserve_throughput_ratio": head["ratio"], "pair_ratios": head["pair_ratios"],
                 "ingress_throughput_ratio": ingress_cost.get("ratio"),
                 "ingress_pair_ratios": ingress_cost.get("pairs"), "ingress_rounds": ingress_cost.get("rounds"),
-                "guarded_rps_median": round(med["guarded"], 2),
-                "baseline_rps_median": round(med["baseline"], 2), "rounds": runs,
+                "guarded_rps_median": head["guarded_rps_median"], "baseline_rps_median": head["baseline_rps_median"],
+                "rounds": head["rounds"], "grid": grid,
                 "config": {"requests_per_thread": requests, "concurrency": concurrency, "rounds": rounds,
                            "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "workers": 1,
-                           "worker_omp_threads": threads,
+                           "worker_omp_threads": threads, "grid_clients": list(grid_clients),
+                           "grid_batch_sizes": sizes if grid_clients else [],
                            "token_auth": True, "ingress": ingress, "ingress_clients": list(ingress_clients),
-                           "body": "JSON, one 3x32x32 instance"},
+                           "route": first, "body": "JSON, one 3x32x32 instance"},
                 "start_seconds": round(start_seconds, 1)}
     finally:
         if server is not None:

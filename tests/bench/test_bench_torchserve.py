@@ -51,10 +51,17 @@ def test_guarded_and_baseline_handlers_both_serve_and_are_compared(tiny_world, t
     serving._load = spy
     try:
         r = serving.torchserve_throughput(d / "model.py", d / "weights.pt", profile_dir, x, requests=3, rounds=2,
-                                          concurrency=2, work_dir=tmp_path / "ts", start_timeout=300)
+                                          concurrency=2, work_dir=tmp_path / "ts", start_timeout=300,
+                                          grid_clients=(2, 3), grid_batch_sizes=(1, 4))
     finally:
         serving._load = original
     assert r["torchserve_throughput_ratio"] > 0 and len(r["pair_ratios"]) == 2
+    # the grid: every route, archive batch size and client count, each with its own ratio
+    routes = {"direct", "via_ingress"} if shutil.which("nginx") else {"direct"}
+    cells = {(c["route"], c["batch_size"], c["clients"]) for c in r["grid"]}
+    assert cells == {(route, b, n) for route in routes for b in (1, 4) for n in (2, 3)}
+    assert all(c["ratio"] > 0 and len(c["pair_ratios"]) == 2 for c in r["grid"])
+    assert {"guarded_b4", "baseline_b4"} <= set(seen)  # the batch-4 archives answered too
     if shutil.which("nginx"):  # the ingress's cost, through nginx / TorchServe's port, at 4 and 16 clients
         assert r["config"]["ingress"] == "nginx" and set(r["ingress_throughput_ratio"]) == {"4", "16"}
         assert all(v > 0 for v in r["ingress_throughput_ratio"].values())

@@ -173,6 +173,19 @@ def test_the_worker_was_never_restarted_by_the_load(server, loads):
     assert worker_pid(server, GUARDED) == loads["pid_before"]
 
 
+def test_dynamic_batching_formed_batches_and_each_request_got_its_own_answer(server, loads):
+    # the archive asks TorchServe for batches of up to 8 within 10 ms; 16 clients keep the queue full, so the
+    # worker must have been handed fewer batches than requests (its log has one line per batch it received)
+    rep: load.LoadReport = loads["guarded"]
+    log = (server.run_dir / "logs" / "model_log.log").read_text(errors="replace")
+    batches = sum(1 for line in log.splitlines()
+                  if f"-{GUARDED}_" in line and "Backend received inference" in line)
+    handled = sum(1 for o in rep.outcomes if o.status in (200, 400, 403, 413))
+    assert 0 < batches < 0.8 * handled, (batches, handled)
+    # and each request of a batch was answered on its own: single triggered images 403, clean ones 200
+    assert rep.unexpected({"clean": (200,), "triggered": (403,), "malformed": (400,), "oversized": (413,)}) == []
+
+
 def test_baseline_load_has_no_5xx_and_the_figures_are_written(loads):
     rep: load.LoadReport = loads["baseline"]
     assert rep.sent == TOTAL and rep.server_errors() == []
