@@ -100,7 +100,9 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         import multiprocessing as mp
 
         log(progress, f"{len(todo)} attacks in {jobs} worker processes (1 thread each)")
-        pool = mp.get_context("spawn").Pool(jobs)
+        from guard._malloc import retain_freed_memory
+
+        pool = mp.get_context("spawn").Pool(jobs, initializer=retain_freed_memory)
         try:
             pending = pool.map_async(_job, todo, chunksize=1)
             threads = torch.get_num_threads()

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    from guard._malloc import retain_freed_memory
+
+    retain_freed_memory()  # scans and benchmarks reallocate the same large buffers at every step
     try:
         return int(args._run(args) or 0)
     except GuardError as e:
