@@ -3,9 +3,11 @@ config `guard serve` writes (loopback, absolute paths, free gRPC/worker ports, t
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -105,3 +107,11 @@ def test_stop_without_a_server_is_a_no_op(tmp_path, capsys):
 def test_http_refuses_other_hosts():
     with pytest.raises(Exception, match="loopback"):
         http("http://example.com/")
+
+
+def test_the_default_request_bound_leaves_room_for_json_instances_of_the_input():
+    from guard.serving import default_max_request_bytes
+
+    assert default_max_request_bytes((3, 32, 32)) == 1_048_576  # small inputs: 1 MiB
+    one_224 = len(json.dumps([np.round(np.random.default_rng(0).random((3, 224, 224)), 4).tolist()]))
+    assert default_max_request_bytes((3, 224, 224)) >= 3 * one_224  # several 224x224 instances fit

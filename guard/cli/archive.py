@@ -9,7 +9,8 @@ model file, the state_dict, the guarded handler (``handlers/guarded_handler.py``
 ``handler:`` section (mode, fail_open, max_request_bytes, the profile's SHA-256 digest, the audit-log
 settings) that the handler reads at load.
 
-Hardening defaults: requests above 1 MiB answer 413 (``--max-request-bytes``; ``guard serve`` sets
+Hardening defaults: requests above room for four JSON instances of the model's input (1 MiB at least: 1 MiB
+for 3x32x32, 4.8 MB for 3x224x224) answer 413 (``--max-request-bytes``; ``guard serve`` sets
 TorchServe's own ``max_request_size`` above it so guard's JSON 413 is what clients see); the handler
 fails closed unless ``--fail-open`` is given (and then warns at every load); the audit trail never
 holds request payloads unless ``--log-payloads``. The digest of the profile's files lets the handler
@@ -77,8 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-delay", type=_non_negative, default=100, metavar="MS",
                    help="TorchServe maxBatchDelay in ms (default 100)")
     p.add_argument("--workers", type=_positive, default=1, help="minWorkers = maxWorkers (default 1)")
-    p.add_argument("--max-request-bytes", type=_positive, default=DEFAULT_MAX_REQUEST_BYTES,
-                   help=f"larger request bodies answer 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--max-request-bytes", type=_positive, default=None,
+                   help="larger request bodies answer 413 (default: room for 4 JSON instances of the model's input, "
+                        f"at least {DEFAULT_MAX_REQUEST_BYTES})")
     p.add_argument("--log-payloads", action="store_true",
                    help="write the decoded request instance into each audit-log line (default: never)")
     p.add_argument("--audit-log", metavar="PATH",

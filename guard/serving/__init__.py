@@ -7,6 +7,20 @@ The constants below are shared with the server supervisor, which must not import
 # Larger request bodies answer 413 (guard archive --max-request-bytes). guard serve sets TorchServe's own
 # max_request_size above it, so this JSON 413 is what a client sees, not the frontend's.
 DEFAULT_MAX_REQUEST_BYTES = 1_048_576
+JSON_BYTES_PER_VALUE = 8  # "0.1234, " at the 4 decimals clients usually send
+ROOM_FOR_INSTANCES = 4
+
+
+def default_max_request_bytes(input_shape) -> int:
+    """The bound ``guard archive`` writes when none is given: room for :data:`ROOM_FOR_INSTANCES` JSON instances of
+    the model's input at :data:`JSON_BYTES_PER_VALUE` bytes a value, never below 1 MiB. One 3x224x224 instance
+    is about 1.2 MB as JSON, so a fixed 1 MiB would refuse every JSON request to a 224x224 model."""
+    values = 1
+    for d in input_shape:
+        values *= int(d)
+    return max(DEFAULT_MAX_REQUEST_BYTES, ROOM_FOR_INSTANCES * JSON_BYTES_PER_VALUE * values)
+
+
 # The line a refused load logs; the supervisor watches TorchServe's log for it.
 REFUSAL_MARK = "GUARD REFUSED TO LOAD"
 # The profile's directory inside an archive (guard archive writes it, the service reads it by default).

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from guard.errors import InputError
-from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR
+from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, default_max_request_bytes
 from guard.serving.metrics import DEFAULT_FLUSH_SECONDS
 
 
@@ -31,12 +31,14 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
                  export_path: str | Path, model_class: str | None = None, normalize: str | None = None,
                  mode: str | None = None, fail_open: bool = False, batch_size: int = 1,
                  max_batch_delay: int = 100, workers: int = 1,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, model_version: str = "1.0",
+                 max_request_bytes: int | None = None, model_version: str = "1.0",
                  handler: str | Path | None = None, force: bool = False, log_payloads: bool = False,
                  audit_log: str | None = None, audit_max_bytes: int | None = None,
                  metrics_flush_seconds: float = DEFAULT_FLUSH_SECONDS) -> tuple[Path, dict[str, Any]]:
     """Verify the profile against the model, then write ``export_path/NAME.mar``.
 
+    ``max_request_bytes`` bounds request bodies (413 above it); ``None``: room for a few JSON instances of the
+    profile's input shape (:func:`~guard.serving.default_max_request_bytes`, at least 1 MiB).
     ``metrics_flush_seconds`` is how long the worker may sum pass counts before it reports them
     (:class:`~guard.serving.metrics.BatchedSink`; 0: every batch as it comes).
 
@@ -59,6 +61,8 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
     model = load_model(model_file, weights, model_class_name=model_class, normalize=normalize)
     prof = Profile.load(profile_dir, model_sha256=fingerprint(model))
     validate_input_shape(model, prof.input_shape)
+    if max_request_bytes is None:
+        max_request_bytes = default_max_request_bytes(prof.input_shape)
     served_mode = validate_mode(mode or prof.meta.get("policy", {}).get("mode", "enforce"))
     if not 0 <= metrics_flush_seconds <= 3600:
         raise InputError(f"--metrics-flush-seconds must be between 0 and 3600, got {metrics_flush_seconds}")

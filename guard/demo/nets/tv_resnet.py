@@ -1,6 +1,7 @@
-"""A test network this package does not ship: ResNet-18 laid out as torchvision names it (``conv1`` 7x7 stride 2,
-``bn1``, ``relu``, ``maxpool``, ``layer1``..``layer4`` of ``BasicBlock`` with ``downsample``, ``avgpool``, ``fc``),
-the ImageNet stem that 224x224 models use, at reduced width."""
+"""ResNet18: ResNet-18 laid out as torchvision names it (``conv1`` 7x7 stride 2, ``bn1``, ``relu``, ``maxpool``,
+``layer1``..``layer4`` of ``BasicBlock`` with ``downsample``, ``avgpool``, ``fc``): the ImageNet stem that
+224x224 models use (the input shrinks by 4 before the first block), at reduced width. Any input size of at
+least 32 works (adaptive average pooling). ``WIDTH`` and ``NUM_CLASSES`` are module constants."""
 import torch
 from torch import nn
 
