@@ -72,6 +72,8 @@ class BenchConfig:
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
     flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
     scaling: bool = True  # Neural Cleanse's scan seconds at 10, 100 and 1000 classes (composed glyphs)
+    # guard scan's seconds at 32x32, 64x64 and 224x224 (guard.bench.input_sizes): the full preset's, with scaling
+    size_scaling: bool = False
     resnet18_performance: bool = True  # overhead and TorchServe throughput on a BadNets ResNet-18 layout model
     peers: bool = True  # IBD-PSC and SCALE-UP next to STRIP (guard.bench.peers)
     # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget; None: skip
@@ -102,7 +104,7 @@ PRESETS: dict[str, BenchConfig] = {
                          df_tnd={"iterations": 100}, purify_per_class=(20,)),
     "full": BenchConfig(preset="full", attacks=ALL_ATTACKS, zoo=ZooConfig(n_train=6000, n_test=2000, epochs=6),
                         nets=ALL_NETS, n_clean=2000, n_eval=1000, overhead_repeats=500, nc_speed_rounds=100,
-                        ts_requests=100, ts_rounds=16),
+                        ts_requests=100, ts_rounds=16, size_scaling=True),
     # the test suite's configuration: checks that the pipeline runs and fills every field, not quality
     "tiny": BenchConfig(preset="tiny", attacks=("badnets",), zoo=ZooConfig(n_train=400, n_test=200, epochs=1),
                         n_clean=120, n_eval=40, nc_max_rounds=3, strip_n=10, strip_calibration=60, art_pool=40,

@@ -42,6 +42,12 @@ def performance(cfg: BenchConfig, ctx: dict[str, Any] | None, results: dict[str,
         log(progress, "performance: Neural Cleanse at 10, 100 and 1000 classes (composed glyphs)")
         perf["scan_scaling"] = scan_seconds_by_classes(cache / "scaling", seed=cfg.zoo.seed)
         perf["scan_seconds_by_classes"] = perf["scan_scaling"]["scan_seconds_by_classes"]
+    if cfg.size_scaling and cache is not None:
+        from guard.bench.input_sizes import scan_seconds_by_size
+
+        log(progress, "performance: guard scan at 32x32, 64x64 and 224x224 (torchvision's ResNet-18 layout)")
+        perf["size_scaling"] = scan_seconds_by_size(cache / "sizes", seed=cfg.zoo.seed)
+        perf["scan_seconds_by_size"] = perf["size_scaling"]["scan_seconds_by_size"]
     if cfg.resnet18_performance and cache is not None and profiles is not None:
         log(progress, "performance: the guard on a BadNets ResNet-18 layout model")
         perf["resnet18"] = resnet18_performance(cfg, neg, cache, profiles)

@@ -246,6 +246,11 @@ def render(results: dict[str, Any]) -> str:
     if by:
         lines.append("| Neural Cleanse default scan seconds at " + " / ".join(by) + " classes (composed glyphs) | "
                      + " / ".join(f"{v:.1f}" for v in by.values()) + " |")
+    for size, d in ((p.get("size_scaling") or {}).get("by_size") or {}).items():
+        lines.append(f"| guard scan at {size}x{size} (torchvision ResNet-18 layout, BadNets {d['patch_side']}px "
+                     f"patch): profile + warp reversal seconds; verdicts; guard stopped / clean rejected | "
+                     f"{d['profile_seconds']:.0f} + {d['warp_seconds']:.0f}; NC {d['suspect_labels']}, warp "
+                     f"{d['warp_suspect_labels']}; {d['triggered_stopped']:.1%} / {d['clean_rejected']:.1%} |")
     rn = p.get("resnet18")
     if rn:
         lines.append(f"| ResNet-18 layout (BadNets): guard overhead p50 ratio batch 1 / batch 32; TorchServe "
