@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
+from guard._malloc import retain_freed_memory
+
 torch.set_num_threads(2)
+retain_freed_memory()  # as every guard command does: the scans trained and run here reuse their buffers
 
 
 def pytest_collection_modifyitems(session, config, items) -> None:

@@ -113,5 +113,5 @@ def test_the_default_request_bound_leaves_room_for_json_instances_of_the_input()
     from guard.serving import default_max_request_bytes
 
     assert default_max_request_bytes((3, 32, 32)) == 1_048_576  # small inputs: 1 MiB
-    one_224 = len(json.dumps([np.round(np.random.default_rng(0).random((3, 224, 224)), 4).tolist()]))
-    assert default_max_request_bytes((3, 224, 224)) >= 3 * one_224  # several 224x224 instances fit
+    one_224 = len(json.dumps([np.random.default_rng(0).random((3, 224, 224), dtype=np.float32).tolist()]))
+    assert default_max_request_bytes((3, 224, 224)) >= 3 * one_224  # several float32 224x224 instances fit

@@ -9,8 +9,8 @@ model file, the state_dict, the guarded handler (``handlers/guarded_handler.py``
 ``handler:`` section (mode, fail_open, max_request_bytes, the profile's SHA-256 digest, the audit-log
 settings) that the handler reads at load.
 
-Hardening defaults: requests above room for four JSON instances of the model's input (1 MiB at least: 1 MiB
-for 3x32x32, 4.8 MB for 3x224x224) answer 413 (``--max-request-bytes``; ``guard serve`` sets
+Hardening defaults: requests above room for four JSON instances of the model's input (20 bytes a value; 1 MiB
+at least: 1 MiB for 3x32x32, 12 MB for 3x224x224) answer 413 (``--max-request-bytes``; ``guard serve`` sets
 TorchServe's own ``max_request_size`` above it so guard's JSON 413 is what clients see); the handler
 fails closed unless ``--fail-open`` is given (and then warns at every load); the audit trail never
 holds request payloads unless ``--log-payloads``. The digest of the profile's files lets the handler
