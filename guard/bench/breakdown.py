@@ -25,29 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from guard.bench.overhead import median_call_us
 from guard.online import Guard
 from guard.online.engine import bare_predictions
-from guard.serving.metrics import BatchedSink, count_decisions
+from guard.serving.metrics import BatchedSink, NullSink, count_decisions
 from guard.serving.service import BaselineService, GuardService, Request
 from guard.serving.trail import AuditLog
 
 JSON = "application/json"
-
-
-class _Discard:
-    """A sink that drops what it is given: the worker's side of reporting, without TorchServe."""
-
-    def requests(self, verdict: str, count: int = 1) -> None:
-        pass
-
-    def rejections(self, reason: str, count: int = 1) -> None:
-        pass
-
-    def latency(self, seconds: float) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
 
 
 def _median_us(samples: list[float]) -> float:
@@ -70,17 +55,6 @@ def _stages(steps: list[tuple[str, Callable[[], object]]], repeats: int, warmup:
     return {name: _median_us(v) for name, v in times.items()}
 
 
-def _whole(fn: Callable[[], object], repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return _median_us(ts)
-
-
 def serving_breakdown(guard: Guard, clean: np.ndarray, triggered: np.ndarray | None = None, *,
                       repeats: int = 300, warmup: int = 30) -> dict[str, dict[str, float]]:
     """Median microseconds per stage of one single-instance request, guarded and baseline (see the module).
@@ -91,7 +65,7 @@ def serving_breakdown(guard: Guard, clean: np.ndarray, triggered: np.ndarray | N
     """
     bodies = [json.loads(json.dumps({"instances": np.round(clean[i:i + 1], 4).tolist()}))
               for i in range(min(len(clean), 16))]
-    service = GuardService(guard, sink=BatchedSink(_Discard()))
+    service = GuardService(guard, sink=BatchedSink(NullSink()))
     baseline = BaselineService(guard.model, guard.input_shape)
     state: dict = {"i": 0}
     model = guard.model
@@ -146,13 +120,14 @@ def serving_breakdown(guard: Guard, clean: np.ndarray, triggered: np.ndarray | N
                 audit = AuditLog(Path(tmp, "audit.log"), model="bench", model_sha256="0" * 64, mode="enforce")
                 xt = np.ascontiguousarray(triggered[:1], dtype=np.float32)
                 (refused,) = [d.to_dict() for d in guard.run(xt).decisions]
-                staged["audit_per_refused_instance"] = _whole(
+                staged["audit_per_refused_instance"] = median_call_us(
                     lambda: audit.write(request_id="r", instance=0, status=403, decision=refused, payload=xt[0]),
-                    repeats, warmup)
+                    repeats=repeats, warmup=warmup)
                 audit.close()
         staged["stages_sum"] = round(sum(v for k, v in staged.items()
                                          if k not in ("audit_per_refused_instance", "hooks", "bare_forward")), 2)
-        staged["whole"] = _whole(lambda: json.dumps(service.handle([request()])[0].body), repeats, warmup)
+        staged["whole"] = median_call_us(lambda: json.dumps(service.handle([request()])[0].body), repeats=repeats,
+                                         warmup=warmup)
     out: dict[str, dict[str, float]] = {"guarded": staged}
 
     def bare():
@@ -161,7 +136,8 @@ def serving_breakdown(guard: Guard, clean: np.ndarray, triggered: np.ndarray | N
     base = _stages([("decode", decode), ("forward_and_answer", bare),
                     ("encode", lambda: json.dumps({"predictions": state["bare"]}))], repeats, warmup)
     base["stages_sum"] = round(sum(base.values()), 2)
-    base["whole"] = _whole(lambda: json.dumps(baseline.handle([request()])[0].body), repeats, warmup)
+    base["whole"] = median_call_us(lambda: json.dumps(baseline.handle([request()])[0].body), repeats=repeats,
+                                   warmup=warmup)
     out["baseline"] = base
     return out
 

@@ -9,7 +9,6 @@ task the glyphs drawn at each size, the backdoor a BadNets patch to label 6 whos
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -28,14 +27,12 @@ def size_world(out_dir: Path, size: int, *, seed: int = 0, n_train: int = 2000, 
                n_clean: int = 600) -> Any:
     """The BadNets tv_resnet world at ``size`` (built in ``out_dir``, or reused when its world.json is there)."""
     from guard.demo.attacks import BadNets
-    from guard.demo.world import DEMO_TARGET, DemoWorld, build
+    from guard.demo.world import DEMO_TARGET, build, built
 
     out = Path(out_dir)
-    meta = out / "world.json"
-    if meta.is_file():
-        info = json.loads(meta.read_text())
-        return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
-                         out / "triggered.npz", info["clean_accuracy"], info["attack_success"], None)
+    done = built(out)
+    if done is not None:
+        return done
     return build(out, net="tv_resnet", size=size, seed=seed, n_train=n_train, n_clean=n_clean, n_holdout=400,
                  epochs=epochs, attack=BadNets(target=DEMO_TARGET, size=patch_side(size)))
 

@@ -68,16 +68,12 @@ def scaling_world(out_dir: Path, classes: int, *, backdoored: bool, seed: int = 
                   epochs: int = 4, n_clean: int = 1000) -> Any:
     """The composed-glyph world of ``classes`` classes (:mod:`guard.demo.nets.composed`, BadNets to label 6
     or a clean twin), built in ``out_dir`` or reused from there when its ``world.json`` is present."""
-    import json
-
-    from guard.demo.world import DemoWorld, build
+    from guard.demo.world import build, built
 
     out = Path(out_dir)
-    meta = out / "world.json"
-    if meta.is_file():
-        info = json.loads(meta.read_text())
-        return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
-                         out / "triggered.npz", info["clean_accuracy"], info["attack_success"], None)
+    done = built(out)
+    if done is not None:
+        return done
     return build(out, net="composed", classes=classes, backdoored=backdoored, seed=seed, n_train=n_train,
                  n_clean=n_clean, n_holdout=500, epochs=epochs, lr=4e-3)
 

@@ -59,6 +59,18 @@ def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int 
             "per_call_hook_p50_ratio": per_call}
 
 
+def median_call_us(fn, *, repeats: int, warmup: int) -> float:
+    """Median microseconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return round(float(np.median(ts)) * 1e6, 2)
+
+
 def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str, float | bool]:
     """Where the guard's batch-1 time goes: median microseconds of each part of ``Guard.run``.
 
@@ -77,14 +89,7 @@ def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str,
     rec = guard._forward(xb)
 
     def median_us(fn) -> float:
-        for _ in range(min(20, repeats)):
-            fn()
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return round(float(np.median(ts)) * 1e6, 2)
+        return median_call_us(fn, repeats=repeats, warmup=min(20, repeats))
 
     def bare():
         with torch.inference_mode():

@@ -45,6 +45,18 @@ class DemoWorld:
     attack: Attack | None
 
 
+def built(out_dir: str | Path) -> DemoWorld | None:
+    """The world :func:`build` already wrote in ``out_dir`` (its ``world.json`` is there), or None: how the bench
+    reuses its trained worlds from one run to the next."""
+    out = Path(out_dir)
+    meta = out / "world.json"
+    if not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    return DemoWorld(out, out / "model.py", out / "weights.pt", out / "clean.npz", out / "holdout.npz",
+                     out / "triggered.npz", info["clean_accuracy"], info["attack_success"], None)
+
+
 def net_source(net: str, *, classes: int = 10, **constants: object) -> str:
     """The bundled model file ``net`` with its module constants set (``NUM_CLASSES`` to ``classes``, and
     e.g. ``WIDTH=8``): how the demo and tests write a variant of a network as a user's model file."""

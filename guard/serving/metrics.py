@@ -83,6 +83,23 @@ def count_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
             sink.rejections(d.reasons[0] if d.reasons else "unknown")
 
 
+class NullSink:
+    """Counts nothing: the sink of a service that was given none (and the worker's side of reporting, timed
+    without TorchServe)."""
+
+    def requests(self, verdict: str, count: int = 1) -> None:
+        pass
+
+    def rejections(self, reason: str, count: int = 1) -> None:
+        pass
+
+    def latency(self, seconds: float) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 class InMemorySink:
     """Counts in plain dicts: for tests, ``guard check``-style replays and the demo's summary."""
 
@@ -179,5 +196,5 @@ class BatchedSink:
 
 
 __all__ = ["DEFAULT_FLUSH_SECONDS", "LATENCY", "LATENCY_SAMPLES", "REJECTIONS", "REQUESTS", "BatchedSink",
-           "InMemorySink", "MetricsSink", "label_value",
+           "InMemorySink", "NullSink", "MetricsSink", "label_value",
            "count_decisions"]

@@ -48,7 +48,7 @@ from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
 from guard.serving.decode import V2, Decoded, decode_payload
 from guard.serving.integrity import verify_profile_digest
-from guard.serving.metrics import DEFAULT_FLUSH_SECONDS, BatchedSink, MetricsSink, count_decisions
+from guard.serving.metrics import DEFAULT_FLUSH_SECONDS, BatchedSink, MetricsSink, NullSink, count_decisions
 from guard.serving.trail import AuditLog
 
 logger = logging.getLogger(__name__)
@@ -187,22 +187,6 @@ def v2_body(model_name: str, answers: Sequence[Mapping[str, Any]], *, request_id
     return body
 
 
-class _NoSink:
-    """Counts nothing: the sink of a service that was given none."""
-
-    def requests(self, verdict: str, count: int = 1) -> None:
-        pass
-
-    def rejections(self, reason: str, count: int = 1) -> None:
-        pass
-
-    def latency(self, seconds: float) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
 class _BatchService:
     """Decode each request on its own, answer every valid instance in one call, split the answers back.
 
@@ -308,7 +292,7 @@ class GuardService(_BatchService):
         self.fail_open = bool(fail_open)
         self.max_request_bytes = int(max_request_bytes)
         self.audit = audit
-        self.sink = sink if sink is not None else _NoSink()
+        self.sink = sink if sink is not None else NullSink()
         self.model_name = model_name
         self._session = contextlib.ExitStack()
 
@@ -435,7 +419,7 @@ class BaselineService(_BatchService):
         self.model_name = model_name
         self.input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
         self.max_request_bytes = int(max_request_bytes)
-        self.sink = _NoSink()
+        self.sink = NullSink()
 
     @classmethod
     def from_archive_config(cls, model_dir: str | Path, config: Any, *, manifest: Mapping[str, Any] | None = None,
