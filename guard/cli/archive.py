@@ -25,7 +25,7 @@ import sys
 
 from guard.modes import MODES
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES
-from guard.serving.metrics import DEFAULT_FLUSH_SECONDS
+from guard.serving.metrics import DEFAULT_FLUSH_SECONDS, flush_seconds
 
 HELP = "package model + weights + profile with the guard handler into a TorchServe .mar"
 
@@ -52,12 +52,9 @@ def _non_negative(text: str) -> int:
 
 def _seconds(text: str) -> float:
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
-    return v
+        return flush_seconds(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

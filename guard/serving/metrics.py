@@ -64,8 +64,9 @@ class MetricsSink(Protocol):
     def latency(self, seconds: float) -> None:
         """Observe the guard's own time for one batch, in seconds."""
 
-    def flush(self) -> None:
-        """Report what is buffered (nothing to do for a sink that reports every call as it comes)."""
+    def flush(self, *, force: bool = False) -> None:
+        """Report what is buffered when it is due, or now with ``force`` (nothing to do for a sink that reports
+        every call as it comes). The service calls it after each batch, and with ``force`` when it closes."""
 
 
 def count_decisions(sink: MetricsSink, decisions: Iterable[Any]) -> None:
@@ -96,7 +97,7 @@ class NullSink:
     def latency(self, seconds: float) -> None:
         pass
 
-    def flush(self) -> None:
+    def flush(self, *, force: bool = False) -> None:
         pass
 
 
@@ -117,7 +118,7 @@ class InMemorySink:
     def latency(self, seconds: float) -> None:
         self.latencies.append(float(seconds))
 
-    def flush(self) -> None:
+    def flush(self, *, force: bool = False) -> None:
         pass
 
     def render(self) -> str:
@@ -132,6 +133,20 @@ class InMemorySink:
 
 DEFAULT_FLUSH_SECONDS = 1.0
 """How long a served model's pass counts may wait in the worker before they are reported."""
+MAX_FLUSH_SECONDS = 3600.0
+"""The longest flush interval an archive may ask for."""
+
+
+def flush_seconds(value: Any) -> float:
+    """``metrics_flush_seconds`` as a number of seconds in ``[0, MAX_FLUSH_SECONDS]``; ValueError otherwise (the
+    archive command, the archive's config and the CLI each turn it into their own error)."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"metrics_flush_seconds must be a number, got {value!r}") from None
+    if not 0 <= seconds <= MAX_FLUSH_SECONDS:
+        raise ValueError(f"metrics_flush_seconds must be between 0 and {MAX_FLUSH_SECONDS:g} seconds, got {value}")
+    return seconds
 LATENCY_SAMPLES = 10
 """Latency observations per flush interval at most (the first batch after each tenth of it)."""
 
@@ -192,9 +207,8 @@ class BatchedSink:
             self.sink.requests(verdict, n)
         for reason, n in rejections.items():
             self.sink.rejections(reason, n)
-        self.sink.flush()
+        self.sink.flush(force=True)
 
 
-__all__ = ["DEFAULT_FLUSH_SECONDS", "LATENCY", "LATENCY_SAMPLES", "REJECTIONS", "REQUESTS", "BatchedSink",
-           "InMemorySink", "NullSink", "MetricsSink", "label_value",
-           "count_decisions"]
+__all__ = ["DEFAULT_FLUSH_SECONDS", "LATENCY", "LATENCY_SAMPLES", "MAX_FLUSH_SECONDS", "REJECTIONS", "REQUESTS",
+           "BatchedSink", "InMemorySink", "NullSink", "MetricsSink", "label_value", "count_decisions", "flush_seconds"]

@@ -48,7 +48,14 @@ from guard.profile import Profile
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, REFUSAL_MARK
 from guard.serving.decode import V2, Decoded, decode_payload
 from guard.serving.integrity import verify_profile_digest
-from guard.serving.metrics import DEFAULT_FLUSH_SECONDS, BatchedSink, MetricsSink, NullSink, count_decisions
+from guard.serving.metrics import (
+    DEFAULT_FLUSH_SECONDS,
+    BatchedSink,
+    MetricsSink,
+    NullSink,
+    count_decisions,
+    flush_seconds,
+)
 from guard.serving.trail import AuditLog
 
 logger = logging.getLogger(__name__)
@@ -140,13 +147,10 @@ class ArchiveConfig:
             raise GuardError(f"max_request_bytes must be an integer, got {raw_max!r}") from None
         if max_request_bytes <= 0:
             raise GuardError(f"max_request_bytes must be > 0, got {max_request_bytes}")
-        raw_flush = cfg.get("metrics_flush_seconds", DEFAULT_FLUSH_SECONDS)
         try:
-            flush = float(raw_flush)
-        except (TypeError, ValueError):
-            raise GuardError(f"metrics_flush_seconds must be a number, got {raw_flush!r}") from None
-        if not 0 <= flush <= 3600:
-            raise GuardError(f"metrics_flush_seconds must be between 0 and 3600, got {flush}")
+            flush = flush_seconds(cfg.get("metrics_flush_seconds", DEFAULT_FLUSH_SECONDS))
+        except ValueError as e:
+            raise GuardError(str(e)) from None
         return cls(model_file=str(model_file), weights=str(weights), model_class=cfg.get("model_class") or None,
                    normalize=cfg.get("normalize") or None, mode=str(cfg.get("mode", "enforce")),
                    fail_open=_as_bool(cfg.get("fail_open", False)), max_request_bytes=max_request_bytes,
@@ -359,8 +363,7 @@ class GuardService(_BatchService):
 
     def close(self) -> None:
         """Report the buffered counts, release the feature hook and close the audit trail."""
-        if isinstance(self.sink, BatchedSink):
-            self.sink.flush(force=True)
+        self.sink.flush(force=True)
         self._session.close()
         if self.audit is not None:
             self.audit.close()

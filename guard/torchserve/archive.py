@@ -24,7 +24,7 @@ import yaml
 
 from guard.errors import InputError
 from guard.serving import DEFAULT_MAX_REQUEST_BYTES, PROFILE_DIR, default_max_request_bytes
-from guard.serving.metrics import DEFAULT_FLUSH_SECONDS
+from guard.serving.metrics import DEFAULT_FLUSH_SECONDS, flush_seconds
 
 
 def make_archive(*, name: str, model_file: str | Path, weights: str | Path, profile: str | Path,
@@ -64,8 +64,10 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
     if max_request_bytes is None:
         max_request_bytes = default_max_request_bytes(prof.input_shape)
     served_mode = validate_mode(mode or prof.meta.get("policy", {}).get("mode", "enforce"))
-    if not 0 <= metrics_flush_seconds <= 3600:
-        raise InputError(f"--metrics-flush-seconds must be between 0 and 3600, got {metrics_flush_seconds}")
+    try:
+        metrics_flush_seconds = flush_seconds(metrics_flush_seconds)
+    except ValueError as e:
+        raise InputError(f"--metrics-flush-seconds: {e}") from None
     if model_file.name in (handler_file.name, "model-config.yaml") or weights.name == model_file.name:
         raise InputError(f"rename {model_file.name}: it would clash with another file in the archive")
 
@@ -82,7 +84,7 @@ def make_archive(*, name: str, model_file: str | Path, weights: str | Path, prof
             "mode": served_mode, "fail_open": bool(fail_open), "max_request_bytes": int(max_request_bytes),
             "profile": PROFILE_DIR, "model_file": model_file.name, "weights": weights.name,
             "model_sha256": prof.model_sha256, "profile_sha256": profile_digest(profile_dir),
-            "log_payloads": bool(log_payloads), "metrics_flush_seconds": float(metrics_flush_seconds),
+            "log_payloads": bool(log_payloads), "metrics_flush_seconds": metrics_flush_seconds,
         },
     }
     if audit_log:

@@ -55,7 +55,7 @@ class TorchServeSink:
     def latency(self, seconds: float) -> None:
         self._safe("add_metric", LATENCY, float(seconds), "s", None, [], self._hist)
 
-    def flush(self) -> None:
+    def flush(self, *, force: bool = False) -> None:
         """Every call above is reported as it comes (each becomes one metric log line of the worker)."""
 
 
