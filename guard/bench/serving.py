@@ -85,31 +85,28 @@ def _ingress_cost(server: Server, key: str | None, bodies: list[bytes], *, reque
             "direct": f"{server.upstream['inference']}/predictions/guarded"}
     out: dict[str, Any] = {"ratio": {}, "pairs": {}, "rounds": {}}
     for c in clients:
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
         _load(urls["direct"], key, bodies, requests=max(2, requests // 10), concurrency=c)  # warm at this load
-        for r in range(max(2, rounds)):
-            for m in (("via_ingress", "direct") if r % 2 == 0 else ("direct", "via_ingress")):
-                runs[m].append(_load(urls[m], key, bodies, requests=requests, concurrency=c))
-        pairs = [v["rps"] / d["rps"] for v, d in zip(runs["via_ingress"], runs["direct"]) if d["rps"] > 0]
-        out["ratio"][str(c)] = round(float(np.median(pairs)), 3) if pairs else None
-        out["pairs"][str(c)] = [round(v, 3) for v in pairs]
-        out["rounds"][str(c)] = runs
+        cell = _pair(urls, key, bodies, requests=requests, rounds=max(2, rounds), concurrency=c)
+        out["ratio"][str(c)], out["pairs"][str(c)], out["rounds"][str(c)] = (cell["ratio"], cell["pair_ratios"],
+                                                                             cell["rounds"])
     return out
 
 
 def _pair(urls: dict[str, str], key: str | None, bodies: list[bytes], *, requests: int, rounds: int,
           concurrency: int) -> dict[str, Any]:
-    """Guarded and baseline at one load, ``rounds`` rounds in rotating order; the median of the per-round ratios."""
+    """Two URLs at one load, ``rounds`` rounds with who goes first rotating: the median of the per-round throughput
+    ratios of the first over the second (a round's two series saw the same machine load), each side's median
+    requests/s (``rps_median``) and the rounds."""
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in urls}
     names = list(urls)
     for r in range(rounds):
-        for m in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+        for m in names[r % len(names):] + names[:r % len(names)]:
             runs[m].append(_load(urls[m], key, bodies, requests=requests, concurrency=concurrency))
-    # one ratio per round (the series of a round saw the same machine load), then their median
-    pairs = [g["rps"] / b["rps"] for g, b in zip(runs["guarded"], runs["baseline"]) if b["rps"] > 0]
+    top, bottom = names
+    pairs = [a["rps"] / b["rps"] for a, b in zip(runs[top], runs[bottom]) if b["rps"] > 0]
     return {"ratio": round(float(np.median(pairs)), 3) if pairs else None, "pair_ratios": [round(v, 3) for v in pairs],
-            "guarded_rps_median": round(float(np.median([v["rps"] for v in runs["guarded"]])), 2),
-            "baseline_rps_median": round(float(np.median([v["rps"] for v in runs["baseline"]])), 2), "rounds": runs}
+            "rps_median": {m: round(float(np.median([v["rps"] for v in runs[m]])), 2) for m in names},
+            "rounds": runs}
 
 
 def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x: np.ndarray, *,
@@ -180,14 +177,17 @@ def torchserve_throughput(model_file: Path, weights: Path, profile_dir: Path, x:
                 for c in grid_clients:
                     cell = (head if (route, b, c) == (first, batch_size, concurrency) else
                             _pair(urls(route, b), key, bodies, requests=requests, rounds=rounds, concurrency=c))
-                    grid.append({"route": route, "batch_size": b, "clients": c,
-                                 **{k: v for k, v in cell.items() if k != "rounds"}})
+                    grid.append({"route": route, "batch_size": b, "clients": c, "ratio": cell["ratio"],
+                                 "pair_ratios": cell["pair_ratios"],
+                                 "guarded_rps_median": cell["rps_median"]["guarded"],
+                                 "baseline_rps_median": cell["rps_median"]["baseline"]})
         ingress_cost = (_ingress_cost(server, key, bodies, requests=requests, rounds=rounds, clients=ingress_clients)
                         if ingress == "nginx" else {})
         return {"torchserve_throughput_ratio": head["ratio"], "pair_ratios": head["pair_ratios"],
                 "ingress_throughput_ratio": ingress_cost.get("ratio"),
                 "ingress_pair_ratios": ingress_cost.get("pairs"), "ingress_rounds": ingress_cost.get("rounds"),
-                "guarded_rps_median": head["guarded_rps_median"], "baseline_rps_median": head["baseline_rps_median"],
+                "guarded_rps_median": head["rps_median"]["guarded"],
+                "baseline_rps_median": head["rps_median"]["baseline"],
                 "rounds": head["rounds"], "grid": grid,
                 "config": {"requests_per_thread": requests, "concurrency": concurrency, "rounds": rounds,
                            "batch_size": batch_size, "max_batch_delay_ms": max_batch_delay, "workers": 1,
