@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from guard.bench.overhead import median_call_us
+from guard.bench.overhead import median_call_us, median_us
 from guard.online import Guard
 from guard.online.engine import bare_predictions
 from guard.serving.metrics import BatchedSink, NullSink, count_decisions
@@ -33,10 +33,6 @@ from guard.serving.service import BaselineService, GuardService, Request
 from guard.serving.trail import AuditLog
 
 JSON = "application/json"
-
-
-def _median_us(samples: list[float]) -> float:
-    return round(float(np.median(samples)) * 1e6, 2)
 
 
 def _stages(steps: list[tuple[str, Callable[[], object]]], repeats: int, warmup: int) -> dict[str, float]:
@@ -52,7 +48,7 @@ def _stages(steps: list[tuple[str, Callable[[], object]]], repeats: int, warmup:
         if i >= warmup:
             for name, v in per.items():
                 times.setdefault(name, []).append(v)
-    return {name: _median_us(v) for name, v in times.items()}
+    return {name: median_us(v) for name, v in times.items()}
 
 
 def serving_breakdown(guard: Guard, clean: np.ndarray, triggered: np.ndarray | None = None, *,
@@ -109,7 +105,7 @@ def serving_breakdown(guard: Guard, clean: np.ndarray, triggered: np.ndarray | N
             run()
             runs.append(state["result"].stages_ms)
         for stage in ("validate", "forward", "scoring", "policy"):
-            staged[f"run.{stage}"] = _median_us([r[stage] / 1e3 for r in runs])
+            staged[f"run.{stage}"] = median_us([r[stage] / 1e3 for r in runs])
         # what the hooks add: the bare and the tapped forward in the same place (after a decode), alternately
         both = _stages([("decode", decode), ("bare", forward), ("decode", decode), ("hooked", tapped)], repeats,
                        warmup)

@@ -59,6 +59,11 @@ def measure_overhead(model: nn.Module, guard, x: np.ndarray, *, batch_size: int 
             "per_call_hook_p50_ratio": per_call}
 
 
+def median_us(seconds) -> float:
+    """The median of durations in seconds, in microseconds (2 decimals)."""
+    return round(float(np.median(seconds)) * 1e6, 2)
+
+
 def median_call_us(fn, *, repeats: int, warmup: int) -> float:
     """Median microseconds of ``fn()`` over ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
@@ -68,7 +73,7 @@ def median_call_us(fn, *, repeats: int, warmup: int) -> float:
         t0 = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t0)
-    return round(float(np.median(ts)) * 1e6, 2)
+    return median_us(ts)
 
 
 def overhead_breakdown(guard, x: np.ndarray, *, repeats: int = 300) -> dict[str, float | bool]:

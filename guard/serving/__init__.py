@@ -4,6 +4,8 @@ The constants below are shared with the server supervisor, which must not import
 (torch) to read them.
 """
 
+import math
+
 # Larger request bodies answer 413 (guard archive --max-request-bytes). guard serve sets TorchServe's own
 # max_request_size above it, so this JSON 413 is what a client sees, not the frontend's.
 DEFAULT_MAX_REQUEST_BYTES = 1_048_576
@@ -18,9 +20,7 @@ def default_max_request_bytes(input_shape) -> int:
     the model's input at :data:`JSON_BYTES_PER_VALUE` bytes a value, never below 1 MiB. One 3x224x224 instance
     is 1.2 MB as JSON at 4 decimals and 3 MB as float32 values print, so a fixed 1 MiB would refuse every JSON
     request to a 224x224 model."""
-    values = 1
-    for d in input_shape:
-        values *= int(d)
+    values = math.prod(int(d) for d in input_shape)
     return max(DEFAULT_MAX_REQUEST_BYTES, ROOM_FOR_INSTANCES * JSON_BYTES_PER_VALUE * values)
 
 
