@@ -248,7 +248,7 @@ def _decode_instances(payload: dict, shape: tuple[int, int, int], *, max_bytes: 
 
     Each instance's shape is read along its first elements; numpy then refuses anything irregular below
     (a ragged or deeper list elsewhere raises ValueError, strings, None or objects give a non-numeric
-    dtype), so nothing walks every element in Python: that walk was most of the decoding time of a
+    dtype), so nothing walks every element in Python: such a walk would be most of the decoding time of a
     32x32x3 JSON instance (docs/benchmarks.md, 'Serving cost').
     """
     expected = "x".join(str(s) for s in shape)

@@ -13,8 +13,8 @@ alert rules query them):
   buckets are fixed on the seconds scale).
 
 Served models report through a :class:`BatchedSink`: every metric update a TorchServe worker makes is a
-log line that its frontend reads and parses, and one line per counter per request cost a guarded endpoint
-about a tenth of its throughput (docs/benchmarks.md, 'Serving cost'). The counters are summed in the
+log line that its frontend reads and parses, and one line per counter per request costs about a tenth of
+the CPU a request takes (docs/benchmarks.md, 'Serving cost'). The counters are summed in the
 worker and reported at most once per interval (at once for a batch with anything but ``pass`` in it), and
 the latency histogram observes at most :data:`LATENCY_SAMPLES` batches per interval.
 

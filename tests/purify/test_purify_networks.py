@@ -78,10 +78,10 @@ def test_gapnet_purification_removes_the_real_trigger(gap):
 def test_resnet_purification_removes_the_real_trigger(resnet_world):
     """ResNet-18 layout: bn-tune with 20 images per class takes most of the real trigger's success away at no
     measurable accuracy cost, and BatchNorm statistics are re-estimated, not left describing the layers before
-    tuning. How much is left depends on the machine: on one AMD EPYC it fell to a few percent; on another
-    (AVX-512, 2026-12-06) it leaves 27.2% (this seed), and 48.6% / 28.5% with the subset, scan and tuning
-    seeded 1 and 2, at 1.8 / 4.6 / 1.2 points of accuracy. The floor below holds on both with margin; the
-    repair target (at most 5% with 20 images per class) is not met on this world, see docs/benchmarks.md."""
+    tuning. How much is left depends on the CPU's numerics: a few percent on one 2-core AMD EPYC, 27.2% (this
+    seed; 48.6% / 28.5% with the subset, scan and tuning seeded 1 and 2) on another; the floor below holds on
+    both with margin. The repair target (at most 5% with 20 images per class) is not met on this world
+    everywhere: docs/benchmarks.md, 'The same method on another machine'."""
     model, attack, x, y, xt, yt = resnet_world
     assert accuracy(model, xt, yt) >= 0.9 and attack_success(model, attack, xt, yt) >= 0.9
     r = _scan_and_purify(model, attack, x, y)
