@@ -56,7 +56,16 @@ class GuardResult:
     statistic: np.ndarray
     ensemble_threshold: float
     strength: np.ndarray
-    stages_ms: dict[str, float] | None = None
+    marks: tuple[float, ...] = ()
+    """``Guard.run``'s clock readings (start, validated, forward done, scored, end): :attr:`stages_ms` reads them."""
+
+    @property
+    def stages_ms(self) -> dict[str, float] | None:
+        if len(self.marks) != 5:
+            return None
+        t0, t1, t2, ts, t3 = self.marks
+        return {"validate": (t1 - t0) * 1e3, "forward": (t2 - t1) * 1e3, "scoring": (ts - t2) * 1e3,
+                "policy": (t3 - ts) * 1e3}
 
     @property
     def verdicts(self) -> list[str]:
@@ -320,8 +329,7 @@ class Guard:
         t3 = time.perf_counter()
         return GuardResult(names, logits, s, thresholds, over, codes, repaired, (t2 - t1) * 1e3,
                            ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength,
-                           {"validate": (t1 - t0) * 1e3, "forward": (t2 - t1) * 1e3, "scoring": (ts - t2) * 1e3,
-                            "policy": (t3 - ts) * 1e3})
+                           (t0, t1, t2, ts, t3))
 
     def unguarded(self, x: np.ndarray | torch.Tensor) -> list[Decision]:
         """The bare model's answers for a batch, marked verdict ``error`` with reason ``guard_error``:
