@@ -6,3 +6,7 @@ no imports, so that the CLI can offer the choices without loading the profile or
 """
 
 MODES = ("enforce", "repair", "shadow")
+
+MEMORY_WATCH = ("suspects", "all", "off")
+"""What the stateful trigger memory (:mod:`guard.online.memory`) watches: the queries assigned to the scan's
+suspect labels (the default), every query, or none."""

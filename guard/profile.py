@@ -192,8 +192,9 @@ class Profile:
     checks_off: dict[str, str] = field(default_factory=dict)
     """Checks the scan left out, each with the reason (e.g. ``consistency`` on a token model)."""
     memory: dict[str, Any] | None = None
-    """The opt-in trigger memory's calibrated settings (:meth:`guard.online.memory.TriggerMemory.to_settings`);
-    None when the scan did not add it."""
+    """The trigger memory's calibrated settings (:meth:`guard.online.memory.TriggerMemory.to_settings`), with the
+    labels it watches (None: every label); None when the scan did not add it (``--memory off``, or no suspect
+    label to watch)."""
     warp: WarpScan | None = None
     """The warp reversal's result (:class:`WarpScan`); None when the scan did not run it."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -417,6 +418,7 @@ class _MemoryJSON(BaseModel):
     n_features: _Positive
     duplicate: float
     seed: int
+    labels: list[int] | None = None
     threshold: float
     fpr: _Fpr
 

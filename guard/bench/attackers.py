@@ -1,5 +1,5 @@
 """The adaptive attackers in a run: the white-box attacker against a row's guard, the gray-box attacker
-against its model (with and without the opt-in trigger memory) and the gray-box floor on the clean model."""
+against its model (with and without the trigger memory) and the gray-box floor on the clean model."""
 
 from __future__ import annotations
 
@@ -47,21 +47,21 @@ def attacker_images(cfg: BenchConfig) -> tuple[np.ndarray, np.ndarray]:
 def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int,
              x_cal: np.ndarray) -> dict[str, Any]:
     """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs,
-    without and with the opt-in trigger memory (calibrated on the defender's clean ``x_cal``, holding the
-    row's clean test images as earlier traffic; its false-positive rate on them is ``memory_clean_fpr``)."""
+    without and with the profile's trigger memory (what ``guard scan`` ships by default; none when the
+    scan suspected no label), which sees the triggered inputs among the row's clean test images after the
+    defender's clean ``x_cal`` as history (:mod:`guard.bench.stream`)."""
     from guard.bench.graybox import Budget, attack_model
     from guard.online.memory import TriggerMemory
 
     x_own, y_own = attacker_images(cfg)
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
-    memory = TriggerMemory(seed=cfg.zoo.seed).fit(x_cal).infer_threshold(x_cal, fpr=cfg.fpr)
-    traffic = d.x_test[:n_eval]
-    memory.update(x_cal)
-    clean_fpr = float((memory.observe(traffic) > memory.threshold_).mean())
+    settings = guard.profile.memory
+    memory = None if settings is None else TriggerMemory.from_settings(settings, tuple(x_cal.shape[1:]))
     out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
                        budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets),
-                       memory=memory, traffic=traffic)
-    return out | {"memory_clean_fpr": round(clean_fpr, 4), "memory_size": memory.size}
+                       memory=memory, traffic=(x_cal, d.x_test[:n_eval]))
+    return out | {"memory_labels": None if memory is None else memory.labels,
+                  "memory_size": None if memory is None else memory.size}
 
 
 def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dict[str, Any] | None:
@@ -78,7 +78,7 @@ def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dic
 
     d, _, _ = bench_data(cfg)
     n_eval = min(cfg.n_eval, len(d.x_test))
-    guard = Guard(model, profile, mode="enforce", verify=False)
+    guard = Guard(model, profile, mode="enforce", verify=False, memory=False)
     strongest = Budget(*max(cfg.graybox_budgets, key=lambda b: (b[0], b[1])))
     out: dict[str, Any] = {"budget": {"steps": strongest.steps, "weight": strongest.weight}, "attacks": {}}
     for name in cfg.attacks:

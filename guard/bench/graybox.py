@@ -53,6 +53,21 @@ class Budget:
 
 DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
 
+FRESH_NOISE = (0.05, 0.1, 0.2)
+"""Amplitudes of the uniform noise, drawn afresh for every query, that the attacker adds to its strongest
+trigger to blur what its queries share (the trigger memory's evidence): each pixel moves by at most this."""
+
+
+def with_fresh_noise(trigger, amplitude: float, seed: int):
+    """``trigger`` followed by uniform noise in ``[-amplitude, amplitude]`` drawn afresh on every call."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def noisy(xt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            noise = (torch.rand(xt.shape, generator=gen) * 2 - 1) * amplitude
+        return (trigger(xt) + noise).clamp(0, 1)
+    return noisy
+
 
 def _pooled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per input and channel: the mean over space (or tokens) and, for feature maps, the spatial std."""
@@ -145,27 +160,31 @@ def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Te
     return torch.stack(terms).mean()
 
 
-def _with_memory(guard, memory, traffic: np.ndarray | None):
-    """A function giving ``through_guard``'s figures with the memory on (``..._with_memory`` keys), or an
-    empty dict without a memory."""
-    if memory is None:
+def _with_memory(guard, memory, traffic: tuple[np.ndarray, np.ndarray] | None):
+    """A function giving the figures of ``guard`` with ``memory`` on a stream (:mod:`guard.bench.stream`:
+    the triggered inputs among ``traffic``'s clean test images, after its clean history;
+    ``..._with_memory`` keys), or an empty dict without a memory."""
+    if memory is None or traffic is None:
         return lambda trigger, x, target: {}
+    from guard.bench.stream import stream_figures
     from guard.online import Guard
 
     memory_guard = Guard(guard.model, guard.profile, mode=guard.mode, verify=False, memory=memory)
+    warm, clean = traffic
 
     def figures(trigger, x, target) -> dict[str, Any]:
-        memory.reset()
-        if traffic is not None:
-            memory.update(traffic)
-        f, _ = through_guard(memory_guard, trigger, x, target)
-        return {f"{k}_with_memory": v for k, v in f.items() if k in ("residual_attack_success", "rejection_rate")}
+        with torch.no_grad():
+            xt = trigger(as_tensor(x)).clamp(0, 1).numpy()
+        f = stream_figures(memory_guard, xt, target, clean, warm)
+        return {"residual_attack_success_with_memory": f["residual_attack_success"],
+                "clean_rejected_with_memory": f["clean_rejected"]}
     return figures
 
 
 def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_own: np.ndarray, x_eval: np.ndarray, *,
                  budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
-                 seed: int = 0, memory=None, traffic: np.ndarray | None = None) -> dict[str, Any]:
+                 seed: int = 0, memory=None, traffic: tuple[np.ndarray, np.ndarray] | None = None
+                 ) -> dict[str, Any]:
     """Re-optimise ``attack``'s trigger on the attacker's own images ``(x_own, y_own)`` at every budget and
     measure it with ``guard`` (the defender's) on ``x_eval`` (held-out images of classes the attack changes).
 
@@ -173,9 +192,11 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     (``baseline``), one row per budget with the matching loss before and after, and the layers matched.
     ``model`` keeps its weights, gradient flags and mode.
 
-    With ``memory`` (a calibrated :class:`~guard.online.memory.TriggerMemory`) each row also gives the
-    figures of the same guard with the memory on (``..._with_memory``): the memory starts holding the
-    clean ``traffic`` and the triggered inputs then arrive one after another.
+    With ``memory`` (a calibrated :class:`~guard.online.memory.TriggerMemory`) and ``traffic`` (clean history,
+    clean test images) each row also gives the figures of the same guard with the memory on
+    (``..._with_memory``), the triggered inputs arriving among the clean ones (:mod:`guard.bench.stream`),
+    and ``fresh_noise`` the strongest budget's trigger with fresh noise on every query
+    (:data:`FRESH_NOISE`), the attacker's answer to the memory.
     """
     shape = tuple(int(s) for s in x_eval.shape[1:])
     target = int(attack.target)
@@ -224,6 +245,13 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             "matching_loss_last": round(losses[-1], 4) if losses else None,
             "seconds": round(seconds, 2)})
     out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
+    if memory is not None and trained:  # the strongest budget's trigger, blurred by fresh noise on every query
+        b, trig = trained[-1][:2]
+        out["fresh_noise"] = []
+        for amp in FRESH_NOISE:
+            figures, _ = through_guard(guard, with_fresh_noise(trig, amp, seed), x_eval, target)
+            figures |= with_memory(with_fresh_noise(trig, amp, seed), x_eval, target)
+            out["fresh_noise"].append({"amplitude": amp, "steps": b.steps, "weight": b.weight} | figures)
     if memory is not None:
         out["max_residual_attack_success_with_memory"] = max(
             (r["residual_attack_success_with_memory"] for r in out["budgets"]), default=None)

@@ -196,7 +196,7 @@ def render(results: dict[str, Any]) -> str:
             v = opt.get(key) or {}
             cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
         lines.append(f"| {_label(a, results)} | " + " | ".join(cells) + " |")
-    lines += (_peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results)
+    lines += (_peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results) + _stream_lines(results)
               + _purification_lines(results))
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
@@ -345,7 +345,7 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
     lines = ["", "Gray-box attacker (weights and its own images, no profile: trigger re-optimised to keep the target "
              "while matching clean target-class statistics at every layer):", "",
              "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
-             "| through the guard with the trigger memory | clean model: bare / through its guard |",
+             "| with the trigger memory: through / clean rejected | clean model: bare / through its guard |",
              "|---|---|---|---|---|---|---|"]
     for a in rows:
         gb = a["graybox"]
@@ -357,10 +357,37 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
             ref = f"{_pct(fb['attack_success_bare'])} / {_pct(fb['residual_attack_success'])}" if same else ""
             lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
-                         f"| {_pct(b.get('residual_attack_success_with_memory'))} | {ref} |")
-        if gb.get("memory_clean_fpr") is not None:
-            lines.append(f"| {_label(a, results)} | trigger memory: {_pct(gb['memory_clean_fpr'])} of clean traffic "
-                         "rejected | | | | | |")
+                         f"| {_memory_cell(b)} | {ref} |")
+        for f in gb.get("fresh_noise") or []:
+            lines.append(f"| {_label(a, results)} | {f['steps']}, {f['weight']:g} + fresh noise ±{f['amplitude']:g} "
+                         f"| {_pct(f['attack_success_bare'])} | {_pct(f['residual_attack_success'])} "
+                         f"| {_pct(f['rejection_rate'])} | {_memory_cell(f)} | |")
+    return lines
+
+
+def _memory_cell(b: dict[str, Any]) -> str:
+    if b.get("residual_attack_success_with_memory") is None:
+        return "no memory (no suspect label)"
+    return f"{_pct(b['residual_attack_success_with_memory'])} / {_pct(b['clean_rejected_with_memory'])}"
+
+
+def _stream_lines(results: dict[str, Any]) -> list[str]:
+    """Each row's triggered inputs among its clean ones, through the default guard and without the memory."""
+    rows = [a for a in _by_net(results) if a.get("stream")]
+    if not rows:
+        return []
+    share = rows[0]["stream"]["default"]["attack_share"]
+    lines = ["", f"On a stream (one triggered query in {round(1 / share)} among the clean test images, after the "
+             "calibration images as history): triggered inputs through, clean rejected:", "",
+             "| attack | memory watches | default guard: through / clean rejected (by the memory) "
+             "| without the memory: through / clean rejected |", "|---|---|---|---|"]
+    for a in rows:
+        st = a["stream"]
+        d, w = st["default"], st["without_memory"]
+        watch = "no memory" if st["memory_labels"] is None else ", ".join(map(str, st["memory_labels"]))
+        lines.append(f"| {_label(a, results)} | {watch} | {_pct(d['residual_attack_success'])} / "
+                     f"{_pct(d['clean_rejected'])} ({_pct(d['clean_rejected_by_memory'])}) "
+                     f"| {_pct(w['residual_attack_success'])} / {_pct(w['clean_rejected'])} |")
     return lines
 
 

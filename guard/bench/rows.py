@@ -56,12 +56,13 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     pos = attack.stamp(d.x_test[victims][:n_eval])
     pos_target = attack.target_of(d.y_test[victims][:n_eval])
     log(progress, f"{name}: online checks, repair")
-    guard = Guard(zm.model, profile, mode="enforce", verify=False)
+    guard = Guard(zm.model, profile, mode="enforce", verify=False, memory=False)  # per input: stateless
     with torch.inference_mode():
         success = zm.model(torch.from_numpy(pos)).argmax(1).numpy() == pos_target
     online = online_figures(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
-    repair = repair_figures(Guard(zm.model, profile, mode="repair", verify=False), neg, y_neg, pos, pos_target,
-                            zm.model)
+    repair = repair_figures(Guard(zm.model, profile, mode="repair", verify=False, memory=False), neg, y_neg, pos,
+                            pos_target, zm.model)
+    stream = stream_row(zm.model, profile, pos, pos_target, neg, x_cal)
     log(progress, f"{name}: STRIP (N={cfg.strip_n})")
     strip = strip_figures(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
     art, art_error = None, None
@@ -99,13 +100,26 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),
            "train_seconds": round(zm.train_seconds, 1), "cached": zm.cached,
            "scan_seconds": round(scan_seconds, 2), "suspect_labels": summary["suspect_labels"],
-           "detected": detected, "online": online, "repair": repair, "strip": strip, "art_strip": art,
+           "detected": detected, "online": online, "repair": repair, "stream": stream, "strip": strip, "art_strip": art,
            "peers": peers, "whitebox": whitebox, "graybox": graybox, "purification": purification,
            "n_eval": {"clean": int(len(neg)), "triggered": int(len(pos))},
            "seconds": round(time.perf_counter() - t0, 1)}
     row["targets"] = row_targets(row)
     log(progress, f"{name} ({net}): done in {row['seconds']:.0f}s")
     return row, art_error
+
+
+def stream_row(model, profile, pos: np.ndarray, pos_target: np.ndarray, neg: np.ndarray, x_cal: np.ndarray
+               ) -> dict[str, Any]:
+    """The row's triggered inputs among its clean ones (:mod:`guard.bench.stream`), through the default guard
+    (with the profile's trigger memory, if the scan added one) and through the same guard without the memory."""
+    from guard.bench.stream import stream_figures
+
+    out: dict[str, Any] = {"memory_labels": None if profile.memory is None else profile.memory["labels"]}
+    for key, memory in (("default", None), ("without_memory", False)):
+        guard = Guard(model, profile, mode="enforce", verify=False, memory=memory)
+        out[key] = stream_figures(guard, pos, pos_target, neg, x_cal)
+    return out
 
 
 def clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: np.ndarray, y_fit: np.ndarray,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, parse_device, print_json
 from guard.model import validate_input_shape
-from guard.modes import MODES
+from guard.modes import MEMORY_WATCH, MODES
 
 HELP = "scan a model and write its profile (Neural Cleanse + calibrated online checks)"
 
@@ -28,10 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="module whose output the consistency check reads (default: the last spatial block, "
                    "found by a probe forward); --no-consistency leaves the check out")
     p.add_argument("--no-consistency", action="store_true", help="do not add the inner-layer consistency check")
-    p.add_argument("--memory", action="store_true",
-                   help="add the stateful trigger memory: reject a query whose trigger-like residual matches a "
-                        "recent query's (reason repeated_trigger); catches a fixed trigger from its second query "
-                        "on, costs a fraction of a millisecond per query, per serving worker")
+    p.add_argument("--memory", choices=MEMORY_WATCH, default="suspects",
+                   help="the stateful trigger memory: reject a query whose trigger-like residual matches a recent "
+                        "query's (reason repeated_trigger), catching a fixed trigger from its second query on; "
+                        "it watches the queries assigned to the suspect labels (default; none found: no memory), "
+                        "all labels, or is off. Tens of microseconds per query, per serving worker")
     p.add_argument("--min-per-class", type=int, default=None, metavar="N",
                    help="refuse data with fewer than N clean images of some class (default 2; 0 scans anyway)")
     p.add_argument("--seed", type=int, default=0)

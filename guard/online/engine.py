@@ -113,11 +113,12 @@ def _pin_numpy_blas() -> None:
 class Guard:
     """Wrap ``model`` with ``profile`` and decide pass | repaired | rejected | flagged per input.
 
-    ``memory`` (opt-in: ``None``, the default, takes it from the profile when ``guard scan --memory`` calibrated
-    one; ``False`` turns it off; or a calibrated :class:`~guard.online.memory.TriggerMemory`) adds the stateful
-    check: an input whose trigger-like residual matches a recent query's is rejected (flagged in shadow mode, never
-    repaired) with the reason ``repeated_trigger``; its score is the last column of a result's ``scores``. It costs
-    about one more small forward per input (docs/benchmarks.md) and holds the last queries' residuals in memory.
+    ``memory`` (``None``, the default, takes it from the profile, where ``guard scan`` calibrates one watching the
+    scan's suspect labels; ``False`` turns it off; or a calibrated :class:`~guard.online.memory.TriggerMemory`)
+    adds the stateful check: an input the model assigns to a watched label whose trigger-like residual matches a
+    recent query's is rejected (flagged in shadow mode, never repaired) with the reason ``repeated_trigger``; its
+    score is the last column of a result's ``scores``. It costs tens of microseconds per input (docs/benchmarks.md)
+    and holds the last queries' residuals in memory.
     ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints the located
     trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as the model did and flags. An
     input is suspect when the checks' calibrated ensemble (:mod:`guard.online.ensemble`) is over its threshold. The
@@ -310,6 +311,7 @@ class Guard:
             over = np.zeros(s.shape, dtype=bool)
             codes = np.zeros(len(s), dtype=np.int64)
         repaired = {}
+        predicted = logits.argmax(1) if self.memory is not None else None  # what the model answered, unrepaired
         if self.mode == "repair" and any_suspect:
             logits = logits.copy()
             idx = np.flatnonzero(suspect)
@@ -320,7 +322,7 @@ class Guard:
             repaired = {int(i): s2[j] for j, i in enumerate(idx)}
         names, thresholds = self.names, self.thresholds
         if self.memory is not None:  # the stateful check: rejected (flagged in shadow), never repaired
-            m = self.memory.observe(x)
+            m = self.memory.observe(x, predicted)
             hit = m > self.memory.threshold_
             names, thresholds = self._memory_names, self._memory_thresholds
             s, strength = np.column_stack((s, m)), np.column_stack((strength, np.where(hit, np.inf, 0.0)))
@@ -379,7 +381,7 @@ def _memory_of(profile: Profile, memory: TriggerMemory | bool | None) -> Trigger
     profile without one), none when False, else the calibrated one given."""
     if memory is None or memory is True:
         if profile.memory is None and memory is True:
-            raise ProfileError("the profile has no trigger memory: rescan with guard scan --memory")
+            raise ProfileError("the profile has no trigger memory: rescan with guard scan --memory all")
         memory = None if profile.memory is None else TriggerMemory.from_settings(profile.memory,
                                                                               tuple(profile.input_shape))
     elif memory is False:

@@ -9,6 +9,11 @@ residuals of the last ``size`` queries the guard saw and scores a new query by i
 similarity to them; a near-duplicate of a remembered query (the same image sent again, consecutive
 video frames) is not counted, since its content matches too.
 
+A backdoor's triggered queries all reach its target label, and the scan names the suspect labels: the
+memory can ``watch`` just those (``labels``). It still remembers every query (the replayed calibration
+holds for a memory of the traffic's mix), but only a query the model assigns to a watched label is
+compared and can be rejected, so the clean traffic of other labels pays no false alarms and no product.
+
 What it cannot see: the first triggered query (nothing to match yet), triggers that change with the
 input (WaNet's warp moves each image's own edges; input-aware generators), and an attacker who adds
 fresh noise of the trigger's strength to every query (which halves the correlation). It is per
@@ -33,13 +38,101 @@ True
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 
 import numpy as np
 
+from guard import _numba
 
-def _unit(v: np.ndarray) -> np.ndarray:
+
+def _numpy_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The residual at ``index`` (pixel minus its 3 x 3 neighbourhood's median) and the 4 x 4-pooled content."""
+    n = len(flat)
+    c, h, w = shape
+    res = flat[:, index] - np.partition(flat[:, neighbours], 4, axis=2)[:, :, 4]
+    x = flat.reshape(n, c, h, w)
+    pooled = x[:, :, : h - h % 4, : w - w % 4].reshape(n, c, 4, h // 4, 4, w // 4).mean((3, 5))
+    return res, pooled.reshape(n, -1).astype(np.float32)
+
+
+if _numba.njit is not None:
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _rows_kernel(flat, index, neighbours, c, h, w):  # pragma: no cover - compiled
+        n, f = flat.shape[0], index.shape[0]
+        res = np.empty((n, f), np.float32)
+        pooled = np.zeros((n, c * 16), np.float32)
+        bh, bw = h // 4, w // 4
+        for k in range(n):
+            row = flat[k]
+            for p in range(f):
+                nb = neighbours[p]  # median of the 3 x 3 neighbourhood: a branch-free 19-exchange network
+                v0, v1, v2, v3, v4 = row[nb[0]], row[nb[1]], row[nb[2]], row[nb[3]], row[nb[4]]
+                v5, v6, v7, v8 = row[nb[5]], row[nb[6]], row[nb[7]], row[nb[8]]
+                v1, v2 = min(v1, v2), max(v1, v2)
+                v4, v5 = min(v4, v5), max(v4, v5)
+                v7, v8 = min(v7, v8), max(v7, v8)
+                v0, v1 = min(v0, v1), max(v0, v1)
+                v3, v4 = min(v3, v4), max(v3, v4)
+                v6, v7 = min(v6, v7), max(v6, v7)
+                v1, v2 = min(v1, v2), max(v1, v2)
+                v4, v5 = min(v4, v5), max(v4, v5)
+                v7, v8 = min(v7, v8), max(v7, v8)
+                v0, v3 = min(v0, v3), max(v0, v3)
+                v5, v8 = min(v5, v8), max(v5, v8)
+                v4, v7 = min(v4, v7), max(v4, v7)
+                v3, v6 = min(v3, v6), max(v3, v6)
+                v1, v4 = min(v1, v4), max(v1, v4)
+                v2, v5 = min(v2, v5), max(v2, v5)
+                v4, v7 = min(v4, v7), max(v4, v7)
+                v4, v2 = min(v4, v2), max(v4, v2)
+                v6, v4 = min(v6, v4), max(v6, v4)
+                v4, v2 = min(v4, v2), max(v4, v2)
+                res[k, p] = row[index[p]] - v4
+            for ch in range(c):
+                for bi in range(4):
+                    for bj in range(4):
+                        total = np.float32(0.0)
+                        for i in range(bi * bh, (bi + 1) * bh):
+                            start = ch * h * w + i * w + bj * bw
+                            for j in range(start, start + bw):
+                                total += row[j]
+                        pooled[k, ch * 16 + bi * 4 + bj] = total / max(bh * bw, 1)
+        return res, pooled
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _unit_kernel(v):  # pragma: no cover - compiled
+        out = np.empty(v.shape, np.float32)
+        for k in range(v.shape[0]):
+            mean = np.float32(v[k].mean())
+            norm = np.float32(0.0)
+            for p in range(v.shape[1]):
+                out[k, p] = v[k, p] - mean
+                norm += out[k, p] * out[k, p]
+            out[k] /= max(np.sqrt(norm), np.float32(1e-8))
+        return out
+
+    def _raw_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`_numpy_rows` in one compiled pass over each image."""
+        return _rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
+
+    def _unit(v: np.ndarray) -> np.ndarray:
+        """:func:`_numpy_unit`, compiled."""
+        return _unit_kernel(np.ascontiguousarray(v, dtype=np.float32))
+else:  # pragma: no cover - without numba
+    _raw_rows = _numpy_rows
+
+
+def _numpy_unit(v: np.ndarray) -> np.ndarray:
+    """Each row centred and scaled to unit length (cosine similarity becomes a dot product)."""
     v = v - v.mean(1, keepdims=True)
     return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+
+
+if _numba.njit is None:  # pragma: no cover - without numba
+    _unit = _numpy_unit
 
 
 class TriggerMemory:
@@ -59,16 +152,21 @@ class TriggerMemory:
         as the same image and is ignored.
     seed:
         Draws the positions; keep it with the deployment, not in public configuration.
+    labels:
+        The watched labels (``None``: every label). Only a query whose predicted label is watched is
+        compared and scored; the others score 0 and are remembered all the same.
 
     Learned: ``index_`` (the positions, flat in ``(C, H, W)``), ``neighbours_`` (their 3 x 3 neighbourhoods,
     flat in ``(C, H, W)``, edges replicated), ``threshold_`` and ``fpr_``.
     """
 
-    def __init__(self, *, size: int = 256, n_features: int = 1536, duplicate: float = 0.98, seed: int = 0):
+    def __init__(self, *, size: int = 256, n_features: int = 1536, duplicate: float = 0.98, seed: int = 0,
+                 labels: Iterable[int] | None = None):
         self.size = size
         self.n_features = n_features
         self.duplicate = duplicate
         self.seed = seed
+        self.labels = None if labels is None else tuple(sorted({int(v) for v in labels}))
 
     def fit(self, x: np.ndarray) -> TriggerMemory:
         """Draw the compared positions for images shaped like ``x`` and start with an empty memory."""
@@ -79,6 +177,7 @@ class TriggerMemory:
         di, dj = np.meshgrid(np.arange(-1, 2), np.arange(-1, 2), indexing="ij")  # edges replicated
         self.neighbours_ = np.ravel_multi_index((ch[:, None], np.clip(i[:, None] + di.ravel(), 0, h - 1),
                                                  np.clip(j[:, None] + dj.ravel(), 0, w - 1)), (c, h, w))
+        self._shape = (c, h, w)
         for stale in ("threshold_", "fpr_"):  # a threshold calibrated before this fit no longer holds
             self.__dict__.pop(stale, None)
         self.reset()
@@ -87,7 +186,7 @@ class TriggerMemory:
     def reset(self) -> TriggerMemory:
         """Forget every remembered query."""
         self._res = np.zeros((self.size, len(self.index_)), dtype=np.float32)
-        self._content = np.zeros((self.size, 0), dtype=np.float32)
+        self._content = np.zeros((self.size, self._shape[0] * 16), dtype=np.float32)
         self._filled = 0
         self._next = 0
         self._lock = threading.Lock()  # one memory per serving worker; its threads take turns
@@ -96,15 +195,23 @@ class TriggerMemory:
     def residual(self, x: np.ndarray) -> np.ndarray:
         """``(N, n_features)`` the high-frequency residual at the drawn positions: pixel minus its 3 x 3
         neighbourhood's median (edges replicated)."""
+        return self._raw(x)[0]
+
+    def _raw(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
-        return flat[:, self.index_] - np.partition(flat[:, self.neighbours_], 4, axis=2)[:, :, 4]
+        return _raw_rows(flat, self.index_, self.neighbours_, self._shape)
 
     def _rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = np.asarray(x, dtype=np.float32)
-        res = _unit(self.residual(x))
-        n, c, h, w = x.shape
-        pooled = x[:, :, : h - h % 4, : w - w % 4].reshape(n, c, 4, h // 4, 4, w // 4).mean((3, 5))
-        return res, _unit(pooled.reshape(n, -1))
+        res, pooled = self._raw(x)
+        return _unit(res), _unit(pooled)
+
+    def watched(self, labels: np.ndarray | None, n: int) -> np.ndarray:
+        """``(n,)`` which inputs, predicted ``labels``, the memory compares (all when it watches every label)."""
+        if self.labels is None:
+            return np.ones(n, dtype=bool)
+        if labels is None:
+            raise ValueError("this memory watches some labels only: pass the inputs' predicted labels")
+        return np.isin(np.asarray(labels).reshape(-1), self.labels)
 
     def _against(self, res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray
                  ) -> np.ndarray:
@@ -117,11 +224,15 @@ class TriggerMemory:
     def _memory(self) -> tuple[np.ndarray, np.ndarray]:
         return self._res[: self._filled], self._content[: self._filled]
 
-    def score(self, x: np.ndarray) -> np.ndarray:
-        """``(N,)`` each input's largest residual similarity to the remembered queries (memory unchanged)."""
+    def score(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """``(N,)`` each input's largest residual similarity to the remembered queries (memory unchanged);
+        0 for an input whose predicted label (``labels``) is not watched."""
         res, content = self._rows(x)
+        watch = self.watched(labels, len(res))
+        out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
-            return self._against(res, content, *self._memory())
+            out[watch] = self._against(res[watch], content[watch], *self._memory())
+        return out
 
     def update(self, x: np.ndarray) -> TriggerMemory:
         """Remember the inputs of ``x`` (the oldest are forgotten past ``size``)."""
@@ -131,44 +242,48 @@ class TriggerMemory:
         return self
 
     def _push(self, res: np.ndarray, content: np.ndarray) -> None:
-        if self._content.shape[1] != content.shape[1]:
-            self._content = np.zeros((self.size, content.shape[1]), dtype=np.float32)
         for r, c in zip(res[-self.size:], content[-self.size:]):
             self._res[self._next], self._content[self._next] = r, c
             self._next = (self._next + 1) % self.size
             self._filled = min(self._filled + 1, self.size)
 
-    def observe(self, x: np.ndarray) -> np.ndarray:
-        """Score each input against the memory and the batch's earlier inputs, then remember them all."""
+    def observe(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
+        """Score each input (predicted ``labels``) against the memory and the batch's earlier inputs, then
+        remember them all; an input of a label the memory does not watch scores 0."""
         res, content = self._rows(x)
-        out = np.empty(len(res), dtype=np.float32)
+        watch = self.watched(labels, len(res))
+        out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
             for i in range(len(res)):
-                out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
+                if watch[i]:
+                    out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
                 self._push(res[i:i + 1], content[i:i + 1])
         return out
 
-    SETTINGS = ("size", "n_features", "duplicate", "seed")
+    SETTINGS = ("size", "n_features", "duplicate", "seed", "labels")
 
-    def to_settings(self) -> dict[str, float | int]:
+    def to_settings(self) -> dict[str, float | int | list[int] | None]:
         """The calibrated memory as a profile stores it (JSON numbers): its parameters, threshold and FPR."""
         if getattr(self, "threshold_", None) is None:
             raise ValueError("the trigger memory is not calibrated: call infer_threshold first")
-        return {k: getattr(self, k) for k in self.SETTINGS} | {"threshold": self.threshold_, "fpr": self.fpr_}
+        labels = None if self.labels is None else list(self.labels)
+        return {k: getattr(self, k) for k in self.SETTINGS} | {"labels": labels, "threshold": self.threshold_,
+                                                               "fpr": self.fpr_}
 
     @classmethod
     def from_settings(cls, settings: dict, input_shape: tuple[int, ...]) -> TriggerMemory:
         """A calibrated, empty memory for inputs of ``input_shape`` from :meth:`to_settings`' output (the
-        positions are drawn again from the seed)."""
+        positions are drawn again from the seed; no ``labels`` entry: every label watched)."""
         mem = cls(size=int(settings["size"]), n_features=int(settings["n_features"]),
-                  duplicate=float(settings["duplicate"]), seed=int(settings["seed"]))
+                  duplicate=float(settings["duplicate"]), seed=int(settings["seed"]), labels=settings.get("labels"))
         mem.fit(np.zeros((1, *input_shape), dtype=np.float32))
         mem.threshold_, mem.fpr_ = float(settings["threshold"]), float(settings["fpr"])
         return mem
 
     def infer_threshold(self, x: np.ndarray, *, fpr: float) -> TriggerMemory:
         """Replay clean ``x``: each image scored against a full memory of other clean images; the threshold
-        lets ``fpr`` of them through. The memory is empty afterwards."""
+        lets ``fpr`` of them through (of the watched queries: the replay is every label's, the labels
+        sharing one threshold). The memory is empty afterwards."""
         from guard.stats import upper_threshold
 
         res, content = self._rows(x)

@@ -24,6 +24,7 @@ from guard.model import (
     validate_labels,
 )
 from guard.model.tokens import TokenStatistics, pick_blocks
+from guard.modes import MEMORY_WATCH
 from guard.online.checks import (
     ConsistencyCheck,
     FeatureCheck,
@@ -68,7 +69,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
                   inner: str | None = None, folds: int = 5, inner_knn: bool = True,
-                  memory: bool = False, tokens: bool = True, min_per_class: int = 0
+                  memory: str = "suspects", tokens: bool = True, min_per_class: int = 0
                   ) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
@@ -97,10 +98,12 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     (:class:`~guard.model.tokens.TokenStatistics`, fitted on all the clean images), which sees a patch
     trigger's token at whichever block it shows; it costs one ``(T, D) x (D, D)`` product per block.
     ``min_per_class`` refuses (InputError) data with fewer clean images of some class (0, the default here:
-    no minimum; ``guard scan`` asks for :data:`MIN_PER_CLASS`). ``memory`` adds the opt-in stateful trigger memory
+    no minimum; ``guard scan`` asks for :data:`MIN_PER_CLASS`). ``memory`` adds the stateful trigger memory
     (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
-    at ``fpr``), which catches a fixed trigger from its second query on; figures and cost in
-    docs/benchmarks.md.
+    at ``fpr``), which catches a fixed trigger from its second query on: ``"suspects"`` (the default) watches
+    the scan's suspect labels (and adds nothing when there are none), ``"all"`` every label, ``"off"`` none.
+    Watching the suspects only, its false alarms fall on the clean traffic those labels get, about ``fpr``
+    times their share; figures and cost in docs/benchmarks.md.
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -118,6 +121,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     """
     if not 0 < fpr < 0.5:
         raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
+    if memory not in MEMORY_WATCH:
+        raise InputError(f"--memory must be one of {', '.join(MEMORY_WATCH)}, got {memory!r}")
     validate_mode(mode)
     t0 = time.perf_counter()
     model.eval()
@@ -206,10 +211,11 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     for c in checks:
         profile.add_check(c.name, *c.to_profile())
     profile.set_ensemble(*ensemble.to_profile())
-    if memory:
+    if memory == "all" or (memory == "suspects" and suspects):
         from guard.online.memory import TriggerMemory
 
-        profile.memory = TriggerMemory(seed=seed).fit(x).infer_threshold(x, fpr=fpr).to_settings()
+        watch = None if memory == "all" else [int(s) for s in suspects]
+        profile.memory = TriggerMemory(seed=seed, labels=watch).fit(x).infer_threshold(x, fpr=fpr).to_settings()
     meta = profile.to_json()
     summary = {
         "suspect_labels": suspects,

@@ -151,7 +151,7 @@ def test_a_profile_from_before_the_ensemble_keeps_the_union_rule(setup):
     """Profiles written before the ensemble (no ``ensemble`` entry) still load and decide as they did:
     suspect when any check is over its own threshold."""
     model, profile, (xc, _), (xt, _) = setup
-    old = dataclasses.replace(profile, ensemble=None,
+    old = dataclasses.replace(profile, ensemble=None, memory=None,  # nor the memory, added later still
                               tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
     guard = Guard(model, old)
     assert guard.ensemble.method == "union"

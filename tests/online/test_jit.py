@@ -55,8 +55,11 @@ def test_batch_1_scores_contributions_and_statistic_are_the_batch_paths(setup):
 def test_batch_1_runs_decide_as_the_batch(setup):
     model, profile, xc, xt = setup
     guard = Guard(model, profile)
+    assert guard.memory is not None, "the scan's default memory watches its suspect label"
     batch = np.concatenate([xc[:32], xt[:32]])
+    guard.memory.reset()  # the same queries in the same order meet the same memory
     alone = [guard.run(x[None]) for x in batch]
+    guard.memory.reset()
     together = guard.run(batch)
     assert [r.verdicts[0] for r in alone] == together.verdicts
     for i, r in enumerate(alone):
@@ -67,7 +70,7 @@ def test_batch_1_runs_decide_as_the_batch(setup):
 
 def test_a_union_rule_profile_takes_the_same_scorer(setup):
     model, profile, xc, _ = setup
-    old = dataclasses.replace(profile, ensemble=None,
+    old = dataclasses.replace(profile, ensemble=None, memory=None,
                               tensors={k: v for k, v in profile.tensors.items() if not k.startswith("ensemble.")})
     guard = Guard(model, old)
     assert guard.ensemble.method == "union" and guard.run(xc[:1]).verdicts == ["pass"]

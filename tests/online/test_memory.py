@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guard.demo.glyphs import glyphs
-from guard.errors import ModelError
+from guard.errors import InputError, ModelError
 from guard.online.memory import TriggerMemory
 
 
@@ -108,13 +108,16 @@ def test_the_profile_carries_the_memory_and_the_guard_takes_it_from_there(tmp_pa
     from guard.scan import build_profile
     from guard.scan.neural_cleanse import NeuralCleanse
 
-    net, plain, x = _tiny_guard_parts()
-    assert plain.memory is None and "memory" not in plain.to_json()  # off by default, absent from the JSON
-    assert Guard(net, plain).memory is None
+    net, _, x = _tiny_guard_parts()
     y = net(torch.from_numpy(x)).argmax(1).numpy()
-    profile, summary = build_profile(net, x, y, consistency=False, progress=False, memory=True,
+    plain, _ = build_profile(net, x, y, consistency=False, progress=False, memory="off",
+                             nc=NeuralCleanse(max_rounds=2, progress=False))
+    assert plain.memory is None and "memory" not in plain.to_json()  # absent from the JSON when off
+    assert Guard(net, plain).memory is None
+    profile, summary = build_profile(net, x, y, consistency=False, progress=False, memory="all",
                                      nc=NeuralCleanse(max_rounds=2, progress=False))
     assert summary["memory"] == profile.memory and profile.memory["fpr"] == 0.01
+    assert profile.memory["labels"] is None, "every label watched"
     loaded = Profile.load(profile.save(tmp_path / "p"))
     assert loaded.memory == profile.memory
     guard = Guard(net, loaded)
@@ -124,7 +127,61 @@ def test_the_profile_carries_the_memory_and_the_guard_takes_it_from_there(tmp_pa
     assert guard.warmup().memory._filled == 0, "warm-up inputs are not remembered as traffic"
     with pytest.raises(ProfileError, match="no trigger memory"):
         Guard(net, plain, memory=True)
+    with pytest.raises(InputError, match="--memory must be one of"):
+        build_profile(net, x, y, progress=False, memory="yes", nc=NeuralCleanse(max_rounds=2, progress=False))
     meta = json.loads((tmp_path / "p" / "profile.json").read_text())
     meta["memory"]["sise"] = 3
     with pytest.raises(ProfileError, match="unknown field"):
         Profile.from_json(meta, loaded.tensors)
+
+
+def test_a_memory_watching_some_labels_compares_only_their_queries_and_remembers_all(traffic):
+    """Queries the model assigns to other labels score 0 and are still remembered, so a watched query meets
+    the traffic's whole mix; an input watched without its predicted label is refused."""
+    mem = TriggerMemory(labels=[2, 2, 5]).fit(traffic[:300]).infer_threshold(traffic[:300], fpr=0.01)
+    assert mem.labels == (2, 5) and mem.to_settings()["labels"] == [2, 5]
+    key = np.random.default_rng(3).random(traffic.shape[1:], dtype=np.float32)
+    t = (0.75 * traffic[600:640] + 0.25 * key).astype(np.float32)
+    labels = np.where(np.arange(40) % 2 == 0, 2, 7)  # every other triggered query to an unwatched label
+    s = mem.observe(t, labels)
+    assert (s[labels == 7] == 0).all() and mem._filled == 40
+    assert (s[labels == 2][1:] > mem.threshold_).mean() >= 0.95, "they match the unwatched ones remembered"
+    assert (mem.score(t[:4], np.full(4, 5)) > mem.threshold_).all()
+    with pytest.raises(ValueError, match="predicted labels"):
+        mem.observe(t[:1])
+    again = TriggerMemory.from_settings(mem.to_settings(), t.shape[1:])
+    assert again.labels == (2, 5) and again.threshold_ == mem.threshold_
+
+
+def test_the_compiled_rows_match_numpy():
+    from guard.online import memory
+
+    x = np.random.default_rng(0).random((4, 3, 30, 26), dtype=np.float32)
+    mem = TriggerMemory(n_features=500).fit(x)
+    flat = x.reshape(4, -1)
+    for got, want in zip(memory._raw_rows(flat, mem.index_, mem.neighbours_, mem._shape),
+                         memory._numpy_rows(flat, mem.index_, mem.neighbours_, mem._shape)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(memory._unit(got), memory._numpy_unit(want), atol=1e-5)
+
+
+def test_the_default_scan_watches_its_suspect_labels(demo_world, demo_profile):
+    """``guard scan``'s default memory watches exactly the labels the scan suspects: the demo's target. Its
+    triggered queries repeat the trigger and match from the second on (84% of the demo's small patch queries
+    here; the per-input checks stop all of them anyway); clean queries of other labels are never compared."""
+    from guard import load_model
+    from guard.data import load_npz
+    from guard.online import Guard
+    from guard.profile import Profile
+
+    profile = Profile.load(demo_profile)
+    target = demo_world.attack.target
+    assert profile.memory is not None and profile.memory["labels"] == [target] == profile.suspect_labels
+    guard = Guard(load_model(demo_world.model_file, demo_world.weights), profile)
+    clean, _ = load_npz(demo_world.holdout)
+    r = guard.run(clean[:200])
+    predicted = r.logits.argmax(1)
+    assert (r.scores[predicted != target, -1] == 0).all() and (r.scores[predicted == target, -1] != 0).any()
+    triggered, _ = load_npz(demo_world.triggered)
+    hits = np.array(["repeated_trigger" in d.reasons for d in guard.run(triggered[:50]).decisions])
+    assert hits[1:].mean() >= 0.7

@@ -1,0 +1,64 @@
+"""The guard on a stream of traffic: triggered queries arriving among clean ones, as a deployment sees them.
+
+The per-input figures (AUROC, TPR at 1% FPR) score every input alone; the trigger memory
+(:mod:`guard.online.memory`) is a property of the stream, so it is measured here: the memory starts
+holding clean history (``warm``), then the clean test images and the triggered ones arrive interleaved,
+one triggered query in every ``1 / attack_share``, in arrival order. A triggered query counts as through
+when the guard serves the target and does not reject it; the clean figure is the share of clean queries
+rejected, by any check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+ATTACK_SHARE = 0.2
+"""One triggered query in five: the rate at which the streams interleave them with clean traffic."""
+
+
+def interleave(n_clean: int, n_triggered: int) -> np.ndarray:
+    """``(n_clean + n_triggered,)`` arrival order: True for a triggered query, spread evenly (the first
+    triggered query comes after the first gap of clean ones)."""
+    order = np.zeros(n_clean + n_triggered, dtype=bool)
+    if n_triggered:
+        order[np.linspace(0, len(order), n_triggered, endpoint=False).astype(int) + len(order) // n_triggered - 1
+              ] = True
+    return order
+
+
+def stream_figures(guard, triggered: np.ndarray, target: int | np.ndarray, clean: np.ndarray, warm: np.ndarray, *,
+                   attack_share: float = ATTACK_SHARE, batch: int = 16) -> dict[str, Any]:
+    """Run ``guard`` (with its trigger memory, if any) over ``clean`` with triggered inputs interleaved at
+    ``attack_share`` (as many of ``triggered`` as that share of the stream allows), after ``warm`` clean
+    history; ``triggered`` is already stamped, ``target`` its target label (one, or one per input). The memory,
+    if any, is emptied first and after."""
+    if not 0 < attack_share < 1:
+        raise ValueError(f"attack_share must be in (0, 1), got {attack_share}")
+    n_trig = min(len(triggered), max(1, round(len(clean) * attack_share / (1 - attack_share))))
+    order = interleave(len(clean), n_trig)
+    x = np.empty((len(order), *clean.shape[1:]), dtype=np.float32)
+    x[order], x[~order] = triggered[:n_trig], clean
+    memory = guard.memory
+    if memory is not None:
+        memory.reset()
+        memory.update(warm[-memory.size:])
+    served, rejected, by_memory = [], [], []
+    try:
+        for i in range(0, len(x), batch):
+            r = guard.run(x[i:i + batch])
+            served.append(r.logits.argmax(1))
+            rejected.append(r.verdict_codes == 1)
+            by_memory.append(r.over[:, -1] if memory is not None else np.zeros(len(r.verdict_codes), bool))
+    finally:
+        if memory is not None:
+            memory.reset()
+    served_, rejected_, by_memory_ = np.concatenate(served), np.concatenate(rejected), np.concatenate(by_memory)
+    t, c = order, ~order
+    target = np.broadcast_to(np.asarray(target), (len(triggered),))[:n_trig]
+    return {"attack_share": attack_share, "n_triggered": int(n_trig), "n_clean": int(c.sum()),
+            "residual_attack_success": round(float(((served_[t] == target) & ~rejected_[t]).mean()), 4),
+            "triggered_rejected_by_memory": round(float(by_memory_[t].mean()), 4),
+            "clean_rejected": round(float(rejected_[c].mean()), 4),
+            "clean_rejected_by_memory": round(float(by_memory_[c].mean()), 4)}
