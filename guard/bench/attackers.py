@@ -14,16 +14,28 @@ from guard.demo.glyphs import glyphs
 from guard.online import Guard
 
 
+def profile_memory(guard: Guard):
+    """The trigger memory the guard's profile carries (what ``guard scan`` ships by default; None when the
+    scan suspected no label), empty, for the bench's streams."""
+    from guard.online.memory import TriggerMemory
+
+    settings = guard.profile.memory
+    return None if settings is None else TriggerMemory.from_settings(settings, tuple(guard.input_shape))
+
+
 def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int, x_fit: np.ndarray,
-              y_fit: np.ndarray) -> dict[str, Any]:
+              y_fit: np.ndarray, x_cal: np.ndarray | None = None) -> dict[str, Any]:
     """The white-box attacker against this row's guard: it optimises on test images past the evaluation
-    ones (the scan's clean half where too few are left) and is measured on the row's triggered inputs."""
+    ones (the scan's clean half where too few are left) and is measured on the row's triggered inputs,
+    without and (given the defender's clean ``x_cal`` as history) with the profile's trigger memory."""
     from guard.bench.whitebox import bench_row
 
     own = attack.victims(d.y_test[n_eval:])
     x_att = d.x_test[n_eval:][own] if own.sum() >= 32 else x_fit[attack.victims(y_fit)]
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
-    return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed)
+    memory = profile_memory(guard) if x_cal is not None else None
+    return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed,
+                     memory=memory, traffic=None if memory is None else (x_cal, d.x_test[:n_eval]))
 
 
 def regraftable(attack: Attack | None, shape: tuple[int, int, int]) -> bool:
@@ -51,12 +63,10 @@ def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard
     scan suspected no label), which sees the triggered inputs among the row's clean test images after the
     defender's clean ``x_cal`` as history (:mod:`guard.bench.stream`)."""
     from guard.bench.graybox import Budget, attack_model
-    from guard.online.memory import TriggerMemory
 
     x_own, y_own = attacker_images(cfg)
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
-    settings = guard.profile.memory
-    memory = None if settings is None else TriggerMemory.from_settings(settings, tuple(x_cal.shape[1:]))
+    memory = profile_memory(guard)
     out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
                        budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets),
                        memory=memory, traffic=(x_cal, d.x_test[:n_eval]))

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from guard.bench.stream import fresh_noise_rows, memory_figures
 from guard.bench.trigger_param import OptimisedTrigger, as_tensor, through_guard
 from guard.demo.attacks import Attack
 from guard.model import find_classifier, frozen, probe_input
@@ -52,22 +53,6 @@ class Budget:
 
 
 DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
-
-FRESH_NOISE = (0.05, 0.1, 0.2)
-"""Amplitudes of the uniform noise, drawn afresh for every query, that the attacker adds to its strongest
-trigger to blur what its queries share (the trigger memory's evidence): each pixel moves by at most this."""
-
-
-def with_fresh_noise(trigger, amplitude: float, seed: int):
-    """``trigger`` followed by uniform noise in ``[-amplitude, amplitude]`` drawn afresh on every call."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def noisy(xt: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            noise = (torch.rand(xt.shape, generator=gen) * 2 - 1) * amplitude
-        return (trigger(xt) + noise).clamp(0, 1)
-    return noisy
-
 
 def _pooled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per input and channel: the mean over space (or tokens) and, for feature maps, the spatial std."""
@@ -160,27 +145,6 @@ def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Te
     return torch.stack(terms).mean()
 
 
-def _with_memory(guard, memory, traffic: tuple[np.ndarray, np.ndarray] | None):
-    """A function giving the figures of ``guard`` with ``memory`` on a stream (:mod:`guard.bench.stream`:
-    the triggered inputs among ``traffic``'s clean test images, after its clean history;
-    ``..._with_memory`` keys), or an empty dict without a memory."""
-    if memory is None or traffic is None:
-        return lambda trigger, x, target: {}
-    from guard.bench.stream import stream_figures
-    from guard.online import Guard
-
-    memory_guard = Guard(guard.model, guard.profile, mode=guard.mode, verify=False, memory=memory)
-    warm, clean = traffic
-
-    def figures(trigger, x, target) -> dict[str, Any]:
-        with torch.no_grad():
-            xt = trigger(as_tensor(x)).clamp(0, 1).numpy()
-        f = stream_figures(memory_guard, xt, target, clean, warm)
-        return {"residual_attack_success_with_memory": f["residual_attack_success"],
-                "clean_rejected_with_memory": f["clean_rejected"]}
-    return figures
-
-
 def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_own: np.ndarray, x_eval: np.ndarray, *,
                  budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
                  seed: int = 0, memory=None, traffic: tuple[np.ndarray, np.ndarray] | None = None
@@ -196,7 +160,7 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     clean test images) each row also gives the figures of the same guard with the memory on
     (``..._with_memory``), the triggered inputs arriving among the clean ones (:mod:`guard.bench.stream`),
     and ``fresh_noise`` the strongest budget's trigger with fresh noise on every query
-    (:data:`FRESH_NOISE`), the attacker's answer to the memory.
+    (:data:`~guard.bench.stream.FRESH_NOISE`), the attacker's answer to the memory.
     """
     shape = tuple(int(s) for s in x_eval.shape[1:])
     target = int(attack.target)
@@ -206,7 +170,7 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     base = OptimisedTrigger(attack, shape)
     stamp = lambda xt: as_tensor(attack.stamp(xt.numpy()))  # noqa: E731
     baseline, _ = through_guard(guard, stamp, x_eval, target)
-    with_memory = _with_memory(guard, memory, traffic)
+    with_memory = memory_figures(guard, memory, traffic)
     baseline |= with_memory(stamp, x_eval, target)
     out: dict[str, Any] = {"attack": type(attack).__name__, "trigger": base.kind, "n_own": int(len(x_own)),
                            "n_eval": int(len(x_eval)), "lr": lr, "batch_size": batch_size,
@@ -247,11 +211,7 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
     if memory is not None and trained:  # the strongest budget's trigger, blurred by fresh noise on every query
         b, trig = trained[-1][:2]
-        out["fresh_noise"] = []
-        for amp in FRESH_NOISE:
-            figures, _ = through_guard(guard, with_fresh_noise(trig, amp, seed), x_eval, target)
-            figures |= with_memory(with_fresh_noise(trig, amp, seed), x_eval, target)
-            out["fresh_noise"].append({"amplitude": amp, "steps": b.steps, "weight": b.weight} | figures)
+        out["fresh_noise"] = fresh_noise_rows(guard, trig, b, x_eval, target, with_memory, seed=seed)
     if memory is not None:
         out["max_residual_attack_success_with_memory"] = max(
             (r["residual_attack_success_with_memory"] for r in out["budgets"]), default=None)

@@ -322,18 +322,27 @@ def _whitebox_lines(results: dict[str, Any]) -> list[str]:
         return []
     lines = ["", "White-box attacker (trigger optimised against a differentiable copy of the guard's statistic):", "",
              "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
-             "| statistic mean (surrogate / guard; threshold) |", "|---|---|---|---|---|---|"]
+             "| statistic mean (surrogate / guard; threshold) | with the trigger memory: through / clean rejected |",
+             "|---|---|---|---|---|---|---|"]
     for a in rows:
         wb = a["whitebox"]
         for b in [dict(wb["baseline"], steps=0, weight=0.0)] + wb["budgets"]:
             lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
                          f"| {_f(b['surrogate_statistic_mean'], 1)} / {_f(b['guard_statistic_mean'], 1)}; "
-                         f"{_f(wb['ensemble_threshold'], 1)} |")
+                         f"{_f(wb['ensemble_threshold'], 1)} | {_memory_cell(b)} |")
+        lines += _noise_lines(a, wb, results, "| |")
         if wb.get("not_in_surrogate"):
             lines.append(f"| {_label(a, results)} | not in the surrogate: {', '.join(wb['not_in_surrogate'])} "
-                         "| | | | |")
+                         "| | | | | |")
     return lines
+
+
+def _noise_lines(a: dict[str, Any], section: dict[str, Any], results: dict[str, Any], tail: str) -> list[str]:
+    """An adaptive attacker's strongest trigger with fresh noise on every query, one line per amplitude."""
+    return [f"| {_label(a, results)} | {f['steps']}, {f['weight']:g} + fresh noise ±{f['amplitude']:g} "
+            f"| {_pct(f['attack_success_bare'])} | {_pct(f['residual_attack_success'])} "
+            f"| {_pct(f['rejection_rate'])} {tail} {_memory_cell(f)} |" for f in section.get("fresh_noise") or []]
 
 
 def _graybox_lines(results: dict[str, Any]) -> list[str]:
@@ -358,10 +367,7 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
                          f"| {_memory_cell(b)} | {ref} |")
-        for f in gb.get("fresh_noise") or []:
-            lines.append(f"| {_label(a, results)} | {f['steps']}, {f['weight']:g} + fresh noise ±{f['amplitude']:g} "
-                         f"| {_pct(f['attack_success_bare'])} | {_pct(f['residual_attack_success'])} "
-                         f"| {_pct(f['rejection_rate'])} | {_memory_cell(f)} | |")
+        lines += [line + " |" for line in _noise_lines(a, gb, results, "|")]
     return lines
 
 

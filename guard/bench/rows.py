@@ -79,7 +79,7 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     whitebox = None
     if cfg.whitebox_budgets and name in ("badnets", "blended"):
         log(progress, f"{name}: white-box attacker ({len(cfg.whitebox_budgets)} budgets)")
-        whitebox = whitebox_row(cfg, zm.model, attack, guard, d, n_eval, x_fit, y_fit)
+        whitebox = whitebox_row(cfg, zm.model, attack, guard, d, n_eval, x_fit, y_fit, x_cal)
     graybox = None
     if cfg.graybox_budgets and regraftable(attack, tuple(neg.shape[1:])):
         log(progress, f"{name}: gray-box attacker ({len(cfg.graybox_budgets)} budgets)")

@@ -10,12 +10,22 @@ rejected, by any check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import torch
+
+from guard.bench.trigger_param import as_tensor, through_guard
 
 ATTACK_SHARE = 0.2
 """One triggered query in five: the rate at which the streams interleave them with clean traffic."""
+
+FRESH_NOISE = (0.05, 0.1, 0.2)
+"""Amplitudes of the uniform noise, drawn afresh for every query, that an adaptive attacker adds to its
+strongest trigger to blur what its queries share (the trigger memory's evidence): each pixel moves by at
+most this."""
 
 
 def interleave(n_clean: int, n_triggered: int) -> np.ndarray:
@@ -62,3 +72,48 @@ def stream_figures(guard, triggered: np.ndarray, target: int | np.ndarray, clean
             "triggered_rejected_by_memory": round(float(by_memory_[t].mean()), 4),
             "clean_rejected": round(float(rejected_[c].mean()), 4),
             "clean_rejected_by_memory": round(float(by_memory_[c].mean()), 4)}
+
+
+def memory_figures(guard, memory, traffic: tuple[np.ndarray, np.ndarray] | None
+                   ) -> Callable[[Callable, np.ndarray, int], dict[str, Any]]:
+    """A function giving the figures of ``guard`` with ``memory`` on a stream (the triggered inputs among
+    ``traffic``'s clean test images, after its clean history; ``..._with_memory`` keys), or an empty dict
+    without a memory. ``trigger`` maps a tensor batch of clean images to triggered ones."""
+    if memory is None or traffic is None:
+        return lambda trigger, x, target: {}
+    from guard.online import Guard
+
+    memory_guard = Guard(guard.model, guard.profile, mode=guard.mode, verify=False, memory=memory)
+    warm, clean = traffic
+
+    def figures(trigger, x, target) -> dict[str, Any]:
+        with torch.no_grad():
+            xt = trigger(as_tensor(x)).clamp(0, 1).numpy()
+        f = stream_figures(memory_guard, xt, target, clean, warm)
+        return {"residual_attack_success_with_memory": f["residual_attack_success"],
+                "clean_rejected_with_memory": f["clean_rejected"]}
+    return figures
+
+
+def with_fresh_noise(trigger, amplitude: float, seed: int):
+    """``trigger`` followed by uniform noise in ``[-amplitude, amplitude]`` drawn afresh on every call."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def noisy(xt: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            noise = (torch.rand(xt.shape, generator=gen) * 2 - 1) * amplitude
+        return (trigger(xt) + noise).clamp(0, 1)
+    return noisy
+
+
+def fresh_noise_rows(guard, trigger, budget, x_eval: np.ndarray, target: int, with_memory, *, seed: int = 0
+                     ) -> list[dict[str, Any]]:
+    """``trigger`` (trained at ``budget``) with fresh noise on every query at each of :data:`FRESH_NOISE`:
+    bare attack success and residual through ``guard``, and through it with the memory (``with_memory``,
+    from :func:`memory_figures`)."""
+    rows = []
+    for amp in FRESH_NOISE:
+        figures, _ = through_guard(guard, with_fresh_noise(trigger, amp, seed), x_eval, target)
+        figures |= with_memory(with_fresh_noise(trigger, amp, seed), x_eval, target)
+        rows.append({"amplitude": amp} | asdict(budget) | figures)
+    return rows

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from guard.bench.stream import fresh_noise_rows, memory_figures
 from guard.bench.trigger_param import OptimisedTrigger, through_guard
 from guard.bench.trigger_param import as_tensor as _t
 from guard.demo.attacks import Attack
@@ -231,14 +232,17 @@ def _guard_figures(guard: Guard, surrogate: Surrogate, trigger: Callable[[torch.
 
 def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.ndarray, x_eval: np.ndarray, *,
                  budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
-                 seed: int = 0, tau_share: float = 0.05) -> dict[str, Any]:
+                 seed: int = 0, tau_share: float = 0.05, memory=None,
+                 traffic: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """Optimise ``attack``'s trigger against ``guard`` at every budget and measure it on ``x_eval``.
 
     ``x_attacker`` are the attacker's clean images and ``x_eval`` held-out clean images, both of
     classes the attack changes (stamped here). Each budget starts from the attack's own trigger.
     Returns the unoptimised trigger's figures (``baseline``), one entry per budget (``budgets``), the
     checks in and out of the surrogate and the ensemble threshold. ``model`` (the guard's) is left
-    with its weights, gradients flags and mode as they were.
+    with its weights, gradients flags and mode as they were. With ``memory`` and ``traffic`` each budget
+    also gives the figures with the trigger memory on a stream, and ``fresh_noise`` the strongest
+    budget's trigger with fresh noise on every query (:mod:`guard.bench.stream`).
     """
     if model is not guard.model:
         raise ValueError("attack_guard: pass the guard's own model")
@@ -252,8 +256,11 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
                            "baseline": _guard_figures(guard, surrogate, lambda xt: _t(attack.stamp(xt.numpy())), x_eval,
                                                       target),
                            "budgets": []}
+    with_memory = memory_figures(guard, memory, traffic)
+    out["baseline"] |= with_memory(lambda xt: _t(attack.stamp(xt.numpy())), x_eval, target)
     xa = _t(x_attacker)
     ya = torch.full((len(xa),), target, dtype=torch.long)
+    trig = None
     for b in budgets:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -271,14 +278,19 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
                 opt.step()
         row = asdict(b) | _guard_figures(guard, surrogate, trig, x_eval, target)
         row["seconds"] = round(time.perf_counter() - t0, 2)
+        row |= with_memory(trig, x_eval, target)
         out["budgets"].append(row)
+    if memory is not None and trig is not None:
+        out["fresh_noise"] = fresh_noise_rows(guard, trig, budgets[-1], x_eval, target, with_memory, seed=seed)
     return out
 
 
 def bench_row(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.ndarray, x_eval: np.ndarray, *,
-              budgets: tuple[tuple[int, float], ...], seed: int = 0) -> dict[str, Any]:
+              budgets: tuple[tuple[int, float], ...], seed: int = 0, memory=None,
+              traffic: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
     """:func:`attack_guard` as a benchmark row (``budgets`` as ``(steps, weight)`` pairs), with the worst case."""
     steps = tuple(Budget(int(s), float(w)) for s, w in budgets)
-    r = attack_guard(model, attack, guard, x_attacker, x_eval, budgets=steps, seed=seed)
+    r = attack_guard(model, attack, guard, x_attacker, x_eval, budgets=steps, seed=seed, memory=memory,
+                     traffic=traffic)
     r["max_residual_attack_success"] = max((b["residual_attack_success"] for b in r["budgets"]), default=None)
     return r

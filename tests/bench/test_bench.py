@@ -95,6 +95,9 @@ def test_every_attack_row_has_every_field(tiny):
                 assert 0.0 <= b[key] <= 1.0
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
         assert wb["max_residual_attack_success"] == max(b["residual_attack_success"] for b in wb["budgets"])
+        if a["stream"]["memory_labels"] is not None:  # the same figures with the profile's memory on a stream
+            for b in [wb["baseline"], *wb["budgets"], *wb["fresh_noise"]]:
+                assert 0 <= b["residual_attack_success_with_memory"] <= 1
         gb = a["graybox"]
         assert gb["trigger"] == "patch" and gb["layers_matched"] >= 8
         assert gb["memory_labels"] == a["stream"]["memory_labels"]
