@@ -420,6 +420,7 @@ class _MemoryJSON(BaseModel):
     seed: int
     labels: list[int] | None = None
     threshold: float
+    energy_threshold: float | None = None
     fpr: _Fpr
 
 

@@ -5,7 +5,7 @@ The per-input figures (AUROC, TPR at 1% FPR) score every input alone; the trigge
 holding clean history (``warm``), then the clean test images and the triggered ones arrive interleaved,
 one triggered query in every ``1 / attack_share``, in arrival order. A triggered query counts as through
 when the guard serves the target and does not reject it; the clean figure is the share of clean queries
-rejected, by any check.
+rejected, by any check (``..._by_memory``: by the memory's similarity or energy).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def stream_figures(guard, triggered: np.ndarray, target: int | np.ndarray, clean
             r = guard.run(x[i:i + batch])
             served.append(r.logits.argmax(1))
             rejected.append(r.verdict_codes == 1)
-            by_memory.append(r.over[:, -1] if memory is not None else np.zeros(len(r.verdict_codes), bool))
+            by_memory.append(r.over[:, -2:].any(1) if memory is not None else np.zeros(len(r.verdict_codes), bool))
     finally:
         if memory is not None:
             memory.reset()

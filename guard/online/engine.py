@@ -26,7 +26,10 @@ from guard.stats import softmax
 _VERDICT_NAMES = np.array(["pass", "rejected", "repaired", "flagged"], dtype=object)
 _SUSPECT_CODE = {"enforce": 1, "repair": 2, "shadow": 3}
 REPEATED_TRIGGER = "repeated_trigger"
-"""The reason (and score column) of the opt-in trigger memory (:mod:`guard.online.memory`)."""
+"""The reason (and score column) of the trigger memory's similarity (:mod:`guard.online.memory`)."""
+RESIDUAL_NOISE = "residual_noise"
+"""The reason (and score column) of the trigger memory's energy: a watched query's high-frequency residual
+stronger than clean images' (noise drowning a repeated trigger)."""
 
 
 @dataclass
@@ -116,9 +119,10 @@ class Guard:
     ``memory`` (``None``, the default, takes it from the profile, where ``guard scan`` calibrates one watching the
     scan's suspect labels; ``False`` turns it off; or a calibrated :class:`~guard.online.memory.TriggerMemory`)
     adds the stateful check: an input the model assigns to a watched label whose trigger-like residual matches a
-    recent query's is rejected (flagged in shadow mode, never repaired) with the reason ``repeated_trigger``; its
-    score is the last column of a result's ``scores``. It costs tens of microseconds per input (docs/benchmarks.md)
-    and holds the last queries' residuals in memory.
+    recent query's is rejected (flagged in shadow mode, never repaired) with the reason ``repeated_trigger``, and
+    one whose high-frequency residual is stronger than clean images' (noise drowning a trigger) with the reason
+    ``residual_noise``; their scores are the last two columns of a result's ``scores``. It costs tens of
+    microseconds per input (docs/benchmarks.md) and holds the last queries' residuals in memory.
     ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints the located
     trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as the model did and flags. An
     input is suspect when the checks' calibrated ensemble (:mod:`guard.online.ensemble`) is over its threshold. The
@@ -186,8 +190,8 @@ class Guard:
         memory = _memory_of(profile, memory)
         self.memory = memory
         if memory is not None:
-            self._memory_names = [*self.names, REPEATED_TRIGGER]
-            self._memory_thresholds = np.append(self.thresholds, memory.threshold_)
+            self._memory_names = [*self.names, REPEATED_TRIGGER, RESIDUAL_NOISE]
+            self._memory_thresholds = np.append(self.thresholds, [memory.threshold_, memory.energy_threshold_])
 
     def _restore(self, name: str, cls, settings: dict, tensors: dict):
         """A check or the ensemble rebuilt from its profile entry; ProfileError when the entry is unusable."""
@@ -322,11 +326,13 @@ class Guard:
             repaired = {int(i): s2[j] for j, i in enumerate(idx)}
         names, thresholds = self.names, self.thresholds
         if self.memory is not None:  # the stateful check: rejected (flagged in shadow), never repaired
-            m = self.memory.observe(x, predicted)
-            hit = m > self.memory.threshold_
+            m, e = self.memory.check(x, predicted)
+            repeated, noisy = self.memory.hits(m, e)
+            hit = repeated | noisy
             names, thresholds = self._memory_names, self._memory_thresholds
-            s, strength = np.column_stack((s, m)), np.column_stack((strength, np.where(hit, np.inf, 0.0)))
-            over = np.column_stack((over, hit))
+            s = np.column_stack((s, m, e))
+            strength = np.column_stack((strength, np.where(repeated, np.inf, 0.0), np.where(noisy, np.inf, 0.0)))
+            over = np.column_stack((over, repeated, noisy))
             codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()
         return GuardResult(names, logits, s, thresholds, over, codes, repaired, (t2 - t1) * 1e3,

@@ -14,15 +14,22 @@ memory can ``watch`` just those (``labels``). It still remembers every query (th
 holds for a memory of the traffic's mix), but only a query the model assigns to a watched label is
 compared and can be rejected, so the clean traffic of other labels pays no false alarms and no product.
 
+An attacker who knows this adds fresh noise to every query, so that what its queries share drowns in
+what they do not. To drown the trigger's residual the noise must be as strong in the same band, and
+clean images are smooth there: so a watched query whose residual is stronger than clean images' is
+rejected as well (``energy``: the residual's root mean square, calibrated on clean images). On the
+bench's Adap-Blend key the similarity catches the queries up to noise of +-0.125 and the energy from
++-0.125 on; a fainter key leaves a gap between the two (docs/benchmarks.md, 'Adaptive attackers').
+
 What it cannot see: the first triggered query (nothing to match yet), triggers that change with the
-input (WaNet's warp moves each image's own edges; input-aware generators), and an attacker who adds
-fresh noise of the trigger's strength to every query (which halves the correlation). It is per
-process: a serving worker remembers its own share of the traffic.
+input (WaNet's warp moves each image's own edges; input-aware generators), a trigger smooth enough to
+leave the high-frequency residual alone, and a trigger too rare in the traffic to be among the
+remembered queries. It is per process: a serving worker remembers its own share of the traffic.
 
 The residual is read at ``n_features`` pixel-channel positions drawn from ``seed`` when the memory is
 fitted (a deployment's secret: an attacker without the profile cannot tell which pixels are compared).
-``infer_threshold`` replays clean images against a memory of other clean images and sets the threshold
-that lets ``fpr`` of them through.
+``infer_threshold`` replays clean images against a memory of other clean images and sets the thresholds
+of the similarity and of the energy that each let half of ``fpr`` of them through.
 
 >>> import numpy as np
 >>> from guard.demo.glyphs import glyphs
@@ -157,7 +164,8 @@ class TriggerMemory:
         compared and scored; the others score 0 and are remembered all the same.
 
     Learned: ``index_`` (the positions, flat in ``(C, H, W)``), ``neighbours_`` (their 3 x 3 neighbourhoods,
-    flat in ``(C, H, W)``, edges replicated), ``threshold_`` and ``fpr_``.
+    flat in ``(C, H, W)``, edges replicated), ``threshold_`` (the similarity's), ``energy_threshold_`` and
+    ``fpr_`` (both together).
     """
 
     def __init__(self, *, size: int = 256, n_features: int = 1536, duplicate: float = 0.98, seed: int = 0,
@@ -178,7 +186,7 @@ class TriggerMemory:
         self.neighbours_ = np.ravel_multi_index((ch[:, None], np.clip(i[:, None] + di.ravel(), 0, h - 1),
                                                  np.clip(j[:, None] + dj.ravel(), 0, w - 1)), (c, h, w))
         self._shape = (c, h, w)
-        for stale in ("threshold_", "fpr_"):  # a threshold calibrated before this fit no longer holds
+        for stale in ("threshold_", "energy_threshold_", "fpr_"):  # thresholds from before this fit no longer hold
             self.__dict__.pop(stale, None)
         self.reset()
         return self
@@ -202,8 +210,15 @@ class TriggerMemory:
         return _raw_rows(flat, self.index_, self.neighbours_, self._shape)
 
     def _rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self._rows_energy(x)[:2]
+
+    def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         res, pooled = self._raw(x)
-        return _unit(res), _unit(pooled)
+        return _unit(res), _unit(pooled), res.std(1)
+
+    def energy(self, x: np.ndarray) -> np.ndarray:
+        """``(N,)`` the root mean square of each input's centred residual at the drawn positions."""
+        return self._raw(x)[0].std(1)
 
     def watched(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """``(n,)`` which inputs, predicted ``labels``, the memory compares (all when it watches every label)."""
@@ -250,7 +265,11 @@ class TriggerMemory:
     def observe(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Score each input (predicted ``labels``) against the memory and the batch's earlier inputs, then
         remember them all; an input of a label the memory does not watch scores 0."""
-        res, content = self._rows(x)
+        return self.check(x, labels)[0]
+
+    def check(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`observe`'s similarities and each watched input's :meth:`energy` (0 where not watched)."""
+        res, content, energy = self._rows_energy(x)
         watch = self.watched(labels, len(res))
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
@@ -258,7 +277,12 @@ class TriggerMemory:
                 if watch[i]:
                     out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
                 self._push(res[i:i + 1], content[i:i + 1])
-        return out
+        return out, np.where(watch, energy, 0.0).astype(np.float32)
+
+    def hits(self, similarity: np.ndarray, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Which inputs :meth:`check` found repeating a remembered query's residual, and which had a
+        residual stronger than clean images'."""
+        return similarity > self.threshold_, energy > self.energy_threshold_
 
     SETTINGS = ("size", "n_features", "duplicate", "seed", "labels")
 
@@ -267,8 +291,9 @@ class TriggerMemory:
         if getattr(self, "threshold_", None) is None:
             raise ValueError("the trigger memory is not calibrated: call infer_threshold first")
         labels = None if self.labels is None else list(self.labels)
-        return {k: getattr(self, k) for k in self.SETTINGS} | {"labels": labels, "threshold": self.threshold_,
-                                                               "fpr": self.fpr_}
+        return {k: getattr(self, k) for k in self.SETTINGS} | {
+            "labels": labels, "threshold": self.threshold_, "energy_threshold": self.energy_threshold_,
+            "fpr": self.fpr_}
 
     @classmethod
     def from_settings(cls, settings: dict, input_shape: tuple[int, ...]) -> TriggerMemory:
@@ -278,15 +303,18 @@ class TriggerMemory:
                   duplicate=float(settings["duplicate"]), seed=int(settings["seed"]), labels=settings.get("labels"))
         mem.fit(np.zeros((1, *input_shape), dtype=np.float32))
         mem.threshold_, mem.fpr_ = float(settings["threshold"]), float(settings["fpr"])
+        energy = settings.get("energy_threshold")  # absent in profiles from before the energy: no such check
+        mem.energy_threshold_ = float("inf") if energy is None else float(energy)
         return mem
 
     def infer_threshold(self, x: np.ndarray, *, fpr: float) -> TriggerMemory:
-        """Replay clean ``x``: each image scored against a full memory of other clean images; the threshold
-        lets ``fpr`` of them through (of the watched queries: the replay is every label's, the labels
-        sharing one threshold). The memory is empty afterwards."""
+        """Replay clean ``x``: each image scored against a full memory of other clean images; the similarity's
+        threshold lets half of ``fpr`` of them through and the energy's the other half (of the watched
+        queries: the replay is every label's, the labels sharing the thresholds). The memory is empty
+        afterwards."""
         from guard.stats import upper_threshold
 
-        res, content = self._rows(x)
+        res, content, energy = self._rows_energy(x)
         n = len(res)
         if n < 2:
             raise ValueError("infer_threshold needs at least two clean images")
@@ -294,7 +322,8 @@ class TriggerMemory:
         for i in range(n):  # the memory: the `size` images before i (wrapping round), never i itself
             others = (i + 1 + np.arange(min(self.size, n - 1))) % n
             scores[i] = self._against(res[i:i + 1], content[i:i + 1], res[others], content[others])[0]
-        self.threshold_ = float(upper_threshold(scores, fpr))
+        self.threshold_ = float(upper_threshold(scores, fpr / 2))
+        self.energy_threshold_ = float(upper_threshold(energy, fpr / 2))
         self.fpr_ = float(fpr)
         self.reset()
         return self

@@ -44,7 +44,7 @@ def test_a_repeated_key_is_caught_on_the_stream_with_the_memory_only():
     on = stream_figures(with_memory, triggered, served, x[400:800], x[:300])
     off = stream_figures(Guard(net, profile, mode="enforce"), triggered, served, x[400:800], x[:300])
     assert on["n_triggered"] == off["n_triggered"] == 100 and on["n_clean"] == 400
-    assert on["triggered_rejected_by_memory"] >= 0.9 and off["triggered_rejected_by_memory"] == 0
+    assert on["triggered_rejected_by_memory"] >= 0.75 and off["triggered_rejected_by_memory"] == 0
     assert on["residual_attack_success"] <= off["residual_attack_success"] - 0.5
     assert on["clean_rejected_by_memory"] <= 0.04
     assert memory._filled == 0, "the memory is emptied after the stream"
