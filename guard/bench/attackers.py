@@ -14,6 +14,13 @@ from guard.demo.glyphs import glyphs
 from guard.online import Guard
 
 
+def memory_watches(profile) -> str | list[int] | None:
+    """What the profile's trigger memory watches: its labels, ``"all"``, or None (no memory)."""
+    if profile.memory is None:
+        return None
+    return "all" if profile.memory.get("labels") is None else list(profile.memory["labels"])
+
+
 def profile_memory(guard: Guard):
     """The trigger memory the guard's profile carries (what ``guard scan`` ships by default; None when the
     scan suspected no label), empty, for the bench's streams."""
@@ -70,7 +77,7 @@ def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard
     out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
                        budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets),
                        memory=memory, traffic=(x_cal, d.x_test[:n_eval]))
-    return out | {"memory_labels": None if memory is None else memory.labels,
+    return out | {"memory_watches": memory_watches(guard.profile),
                   "memory_size": None if memory is None else memory.size}
 
 

@@ -373,7 +373,7 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
 
 def _memory_cell(b: dict[str, Any]) -> str:
     if b.get("residual_attack_success_with_memory") is None:
-        return "no memory (no suspect label)"
+        return "no memory"
     return f"{_pct(b['residual_attack_success_with_memory'])} / {_pct(b['clean_rejected_with_memory'])}"
 
 
@@ -389,8 +389,10 @@ def _stream_lines(results: dict[str, Any]) -> list[str]:
              "| without the memory: through / clean rejected |", "|---|---|---|---|"]
     for a in rows:
         st = a["stream"]
-        d, w = st["default"], st["without_memory"]
-        watch = "no memory" if st["memory_labels"] is None else ", ".join(map(str, st["memory_labels"]))
+        d, w, watches = st["default"], st["without_memory"], st["memory_watches"]
+        watch = ("no memory" if watches is None else watches if isinstance(watches, str)
+                 else ", ".join(map(str, watches)))
+        watch += "" if st.get("memory_fpr") is None else f" (FPR {100 * st['memory_fpr']:g}%)"
         lines.append(f"| {_label(a, results)} | {watch} | {_pct(d['residual_attack_success'])} / "
                      f"{_pct(d['clean_rejected'])} ({_pct(d['clean_rejected_by_memory'])}) "
                      f"| {_pct(w['residual_attack_success'])} / {_pct(w['clean_rejected'])} |")

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guard.bench.attackers import graybox_floors, graybox_row, regraftable, whitebox_row
+from guard.bench.attackers import graybox_floors, graybox_row, memory_watches, regraftable, whitebox_row
 from guard.bench.config import BenchConfig, bench_data, log, profile_dir
 from guard.bench.detection import art_figures, offline_verdicts, online_figures, repair_figures, strip_figures
 from guard.bench.models import zoo_model
@@ -115,7 +115,8 @@ def stream_row(model, profile, pos: np.ndarray, pos_target: np.ndarray, neg: np.
     (with the profile's trigger memory, if the scan added one) and through the same guard without the memory."""
     from guard.bench.stream import stream_figures
 
-    out: dict[str, Any] = {"memory_labels": None if profile.memory is None else profile.memory["labels"]}
+    out: dict[str, Any] = {"memory_watches": memory_watches(profile),
+                           "memory_fpr": None if profile.memory is None else profile.memory["fpr"]}
     for key, memory in (("default", None), ("without_memory", False)):
         guard = Guard(model, profile, mode="enforce", verify=False, memory=memory)
         out[key] = stream_figures(guard, pos, pos_target, neg, x_cal)

@@ -43,6 +43,11 @@ from guard.profile import Calibration, LabelScan, Policy, Profile, RepairSetting
 from guard.scan.neural_cleanse import NeuralCleanse, suspect_neurons
 from guard.scan.trigger import stamp
 
+UNSUSPECTED_MEMORY_SHARE = 0.1
+"""Where the scan suspects no label, the default memory watches every label at this share of the profile's FPR:
+a blend-like backdoor's target can escape Neural Cleanse, and the memory's false alarms then cost about what
+watching one label of ten at the full FPR does."""
+
 MIN_PER_CLASS = 2
 """Clean images per class ``guard scan`` asks for by default: at 100 classes two per class named the target and
 calibrated the guard as well as ten did (docs/benchmarks.md, 'Measurements behind the defaults'); one per
@@ -101,9 +106,10 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     no minimum; ``guard scan`` asks for :data:`MIN_PER_CLASS`). ``memory`` adds the stateful trigger memory
     (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
     at ``fpr``), which catches a fixed trigger from its second query on: ``"suspects"`` (the default) watches
-    the scan's suspect labels (and adds nothing when there are none), ``"all"`` every label, ``"off"`` none.
-    Watching the suspects only, its false alarms fall on the clean traffic those labels get, about ``fpr``
-    times their share; figures and cost in docs/benchmarks.md.
+    the scan's suspect labels, or, where it suspects none, every label at :data:`UNSUSPECTED_MEMORY_SHARE` of
+    ``fpr``; ``"all"`` every label at ``fpr``; ``"off"`` none. Either default way its false alarms cost about
+    a tenth of ``fpr`` of all traffic (``fpr`` times the suspects' share); figures and cost in
+    docs/benchmarks.md.
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -211,11 +217,12 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     for c in checks:
         profile.add_check(c.name, *c.to_profile())
     profile.set_ensemble(*ensemble.to_profile())
-    if memory == "all" or (memory == "suspects" and suspects):
+    if memory != "off":
         from guard.online.memory import TriggerMemory
 
-        watch = None if memory == "all" else [int(s) for s in suspects]
-        profile.memory = TriggerMemory(seed=seed, labels=watch).fit(x).infer_threshold(x, fpr=fpr).to_settings()
+        watch = [int(s) for s in suspects] if memory == "suspects" and suspects else None
+        mem_fpr = fpr if memory == "all" or watch else fpr * UNSUSPECTED_MEMORY_SHARE
+        profile.memory = TriggerMemory(seed=seed, labels=watch).fit(x).infer_threshold(x, fpr=mem_fpr).to_settings()
     meta = profile.to_json()
     summary = {
         "suspect_labels": suspects,

@@ -95,24 +95,24 @@ def test_every_attack_row_has_every_field(tiny):
                 assert 0.0 <= b[key] <= 1.0
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
         assert wb["max_residual_attack_success"] == max(b["residual_attack_success"] for b in wb["budgets"])
-        if a["stream"]["memory_labels"] is not None:  # the same figures with the profile's memory on a stream
+        if a["stream"]["memory_watches"] is not None:  # the same figures with the profile's memory on a stream
             for b in [wb["baseline"], *wb["budgets"], *wb["fresh_noise"]]:
                 assert 0 <= b["residual_attack_success_with_memory"] <= 1
         gb = a["graybox"]
         assert gb["trigger"] == "patch" and gb["layers_matched"] >= 8
-        assert gb["memory_labels"] == a["stream"]["memory_labels"]
+        assert gb["memory_watches"] == a["stream"]["memory_watches"]
         for b in gb["budgets"]:  # the profile's memory, where its scan suspected a label
-            if gb["memory_labels"] is None:
+            if gb["memory_watches"] is None:
                 assert "residual_attack_success_with_memory" not in b
             else:
                 assert b["residual_attack_success_with_memory"] <= b["residual_attack_success"] + 1e-9
                 assert 0 <= b["clean_rejected_with_memory"] <= 1
-        if gb["memory_labels"] is not None:
+        if gb["memory_watches"] is not None:
             assert [f["amplitude"] for f in gb["fresh_noise"]] == [0.05, 0.1, 0.2]
         st = a["stream"]
         assert st["default"]["n_triggered"] == st["without_memory"]["n_triggered"] >= 1
         assert st["without_memory"]["clean_rejected_by_memory"] == 0
-        if st["memory_labels"] is None:
+        if st["memory_watches"] is None:
             assert st["default"] == st["without_memory"]
         assert [(b["steps"], b["weight"]) for b in gb["budgets"]] == [tuple(b) for b in r["config"]["graybox_budgets"]]
         for b in [gb["baseline"], *gb["budgets"]]:

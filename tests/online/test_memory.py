@@ -168,7 +168,8 @@ def test_the_compiled_rows_match_numpy():
 def test_the_default_scan_watches_its_suspect_labels(demo_world, demo_profile):
     """``guard scan``'s default memory watches exactly the labels the scan suspects: the demo's target. Its
     triggered queries repeat the trigger and match from the second on (67% of the demo's small patch queries
-    here, at half the FPR each for the similarity and the energy; the per-input checks stop all of them anyway); clean queries of other labels are never compared."""
+    here, at half the FPR each for the similarity and the energy; the per-input checks stop all of them
+    anyway); clean queries of other labels are never compared."""
     from guard import load_model
     from guard.data import load_npz
     from guard.online import Guard
@@ -204,3 +205,11 @@ def test_fresh_noise_that_hides_a_repeated_key_shows_in_the_residual_energy(traf
     assert mem.to_settings()["energy_threshold"] == mem.energy_threshold_
     old = {k: v for k, v in mem.to_settings().items() if k != "energy_threshold"}
     assert TriggerMemory.from_settings(old, t.shape[1:]).energy_threshold_ == float("inf"), "an older profile"
+
+
+def test_a_scan_that_suspects_nothing_watches_every_label_at_a_tenth_of_the_fpr(clean_scan):
+    """A blend-like backdoor's target can escape Neural Cleanse, so the default memory still watches: every
+    label, at a tenth of the profile's FPR, which costs about what one suspect label of ten does."""
+    profile = clean_scan.profile
+    assert profile.suspect_labels == []
+    assert profile.memory["labels"] is None and profile.memory["fpr"] == pytest.approx(profile.fpr / 10)
