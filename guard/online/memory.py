@@ -111,13 +111,33 @@ if _numba.njit is not None:
     @_numba.compiled(nogil=True, fastmath=True)
     def _unit_kernel(v):  # pragma: no cover - compiled
         out = np.empty(v.shape, np.float32)
+        norms = np.empty(v.shape[0], np.float32)
         for k in range(v.shape[0]):
             mean = np.float32(v[k].mean())
             norm = np.float32(0.0)
             for p in range(v.shape[1]):
                 out[k, p] = v[k, p] - mean
                 norm += out[k, p] * out[k, p]
-            out[k] /= max(np.sqrt(norm), np.float32(1e-8))
+            norms[k] = np.sqrt(norm)
+            out[k] /= max(norms[k], np.float32(1e-8))
+        return out, norms
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _against_kernel(res, content, mem_res, mem_content, duplicate):  # pragma: no cover - compiled
+        out = np.empty(res.shape[0], np.float32)
+        for k in range(res.shape[0]):
+            best = np.float32(-1.0)
+            for m in range(mem_res.shape[0]):
+                same = np.float32(0.0)
+                for p in range(content.shape[1]):
+                    same += content[k, p] * mem_content[m, p]
+                if same > duplicate:  # the same image sent again: its content matches too
+                    continue
+                sim = np.float32(0.0)
+                for p in range(res.shape[1]):
+                    sim += res[k, p] * mem_res[m, p]
+                best = max(best, sim)
+            out[k] = best
         return out
 
     def _raw_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
@@ -125,17 +145,19 @@ if _numba.njit is not None:
         """:func:`_numpy_rows` in one compiled pass over each image."""
         return _rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
 
-    def _unit(v: np.ndarray) -> np.ndarray:
+    def _unit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:func:`_numpy_unit`, compiled."""
         return _unit_kernel(np.ascontiguousarray(v, dtype=np.float32))
 else:  # pragma: no cover - without numba
     _raw_rows = _numpy_rows
 
 
-def _numpy_unit(v: np.ndarray) -> np.ndarray:
-    """Each row centred and scaled to unit length (cosine similarity becomes a dot product)."""
+def _numpy_unit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row centred and scaled to unit length (cosine similarity becomes a dot product), and the centred
+    rows' lengths."""
     v = v - v.mean(1, keepdims=True)
-    return (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-8)).astype(np.float32)
+    norms = np.linalg.norm(v, axis=1)
+    return (v / np.maximum(norms, 1e-8)[:, None]).astype(np.float32), norms.astype(np.float32)
 
 
 if _numba.njit is None:  # pragma: no cover - without numba
@@ -214,7 +236,8 @@ class TriggerMemory:
 
     def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         res, pooled = self._raw(x)
-        return _unit(res), _unit(pooled), res.std(1)
+        (unit_res, norms), (unit_pooled, _) = _unit(res), _unit(pooled)
+        return unit_res, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
 
     def energy(self, x: np.ndarray) -> np.ndarray:
         """``(N,)`` the root mean square of each input's centred residual at the drawn positions."""
@@ -226,12 +249,17 @@ class TriggerMemory:
             return np.ones(n, dtype=bool)
         if labels is None:
             raise ValueError("this memory watches some labels only: pass the inputs' predicted labels")
-        return np.isin(np.asarray(labels).reshape(-1), self.labels)
+        watch = set(self.labels)
+        return np.fromiter((int(v) in watch for v in np.asarray(labels).reshape(-1)), dtype=bool, count=n)
 
     def _against(self, res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray
                  ) -> np.ndarray:
+        """Each row's largest residual similarity to the memory's rows whose content differs (re-sent images
+        do not count; -1 when every remembered row is a duplicate), 0 against an empty memory."""
         if len(mem_res) == 0:
             return np.zeros(len(res), dtype=np.float32)
+        if _numba.njit is not None:
+            return _against_kernel(res, content, mem_res, mem_content, np.float32(self.duplicate))
         sim = res @ mem_res.T
         sim[content @ mem_content.T > self.duplicate] = -1.0
         return sim.max(1)
@@ -257,8 +285,9 @@ class TriggerMemory:
         return self
 
     def _push(self, res: np.ndarray, content: np.ndarray) -> None:
-        for r, c in zip(res[-self.size:], content[-self.size:]):
-            self._res[self._next], self._content[self._next] = r, c
+        for i in range(max(0, len(res) - self.size), len(res)):
+            self._res[self._next] = res[i]
+            self._content[self._next] = content[i]
             self._next = (self._next + 1) % self.size
             self._filled = min(self._filled + 1, self.size)
 
@@ -277,7 +306,8 @@ class TriggerMemory:
                 if watch[i]:
                     out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
                 self._push(res[i:i + 1], content[i:i + 1])
-        return out, np.where(watch, energy, 0.0).astype(np.float32)
+        energy[~watch] = 0.0
+        return out, energy
 
     def hits(self, similarity: np.ndarray, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which inputs :meth:`check` found repeating a remembered query's residual, and which had a
