@@ -144,8 +144,10 @@ class Guard:
     >>> [d.verdict in ("pass", "flagged") for d in guard.predict(x[:2])]
     [True, True]
     >>> result = guard.run(x[:1])
-    >>> guard.names[0], result.scores.shape == (1, len(guard.names)), result.verdicts[0] in ("pass", "flagged")
-    ('feature', True, True)
+    >>> guard.names[0], result.verdicts[0] in ("pass", "flagged")
+    ('feature', True)
+    >>> result.names[len(guard.names):]  # the trigger memory's two columns follow the checks'
+    ['repeated_trigger', 'residual_noise']
     >>> [d.verdict for d in guard.unguarded(x[:2])]  # the bare model's answers, for fail-open serving
     ['error', 'error']
     """

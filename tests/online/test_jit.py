@@ -129,10 +129,12 @@ def test_compiled_path_covers_profiles_with_fewer_checks(clean_world, knn, consi
     guard = Guard(model, profile)
     assert guard.names[0] == "feature" and ("knn" in guard.names) == knn
     assert ("consistency" in guard.names) == consistency
+    assert guard.memory is not None  # the default memory's two columns follow the checks'
     for i in range(10):
         one = np.ascontiguousarray(x[400 + i:401 + i])
         res = guard.run(one)
-        np.testing.assert_allclose(res.scores, _per_check(guard, one), rtol=1e-3, atol=1e-4)
+        assert res.scores.shape == (1, len(guard.names) + 2)
+        np.testing.assert_allclose(res.scores[:, :len(guard.names)], _per_check(guard, one), rtol=1e-3, atol=1e-4)
         np.testing.assert_allclose(res.statistic, guard.ensemble.statistic(_per_check(guard, one)), atol=0.05)
 
 
