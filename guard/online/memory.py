@@ -148,6 +148,18 @@ if _numba.njit is not None:
     def _unit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:func:`_numpy_unit`, compiled."""
         return _unit_kernel(np.ascontiguousarray(v, dtype=np.float32))
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _unit_rows_kernel(flat, index, neighbours, c, h, w):  # pragma: no cover - compiled
+        res, pooled = _rows_kernel(flat, index, neighbours, c, h, w)
+        unit_res, norms = _unit_kernel(res)
+        unit_pooled, _ = _unit_kernel(pooled)
+        return unit_res, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
+
+    def _unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`_numpy_unit_rows` in one compiled call."""
+        return _unit_rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
 else:  # pragma: no cover - without numba
     _raw_rows = _numpy_rows
 
@@ -160,8 +172,17 @@ def _numpy_unit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (v / np.maximum(norms, 1e-8)[:, None]).astype(np.float32), norms.astype(np.float32)
 
 
+def _numpy_unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The unit residual rows, the unit pooled-content rows and each residual's root mean square."""
+    res, pooled = _raw_rows(flat, index, neighbours, shape)
+    (unit_res, norms), (unit_pooled, _) = _unit(res), _unit(pooled)
+    return unit_res, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
+
+
 if _numba.njit is None:  # pragma: no cover - without numba
     _unit = _numpy_unit
+    _unit_rows = _numpy_unit_rows
 
 
 class TriggerMemory:
@@ -235,9 +256,8 @@ class TriggerMemory:
         return self._rows_energy(x)[:2]
 
     def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        res, pooled = self._raw(x)
-        (unit_res, norms), (unit_pooled, _) = _unit(res), _unit(pooled)
-        return unit_res, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
+        flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+        return _unit_rows(flat, self.index_, self.neighbours_, self._shape)
 
     def energy(self, x: np.ndarray) -> np.ndarray:
         """``(N,)`` the root mean square of each input's centred residual at the drawn positions."""
