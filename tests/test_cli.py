@@ -116,6 +116,7 @@ def test_inspect_verifies(demo_world, demo_profile):
     assert meta["warp"]["suspect_labels"] == []  # guard scan stored the warp reversal's result
     text = guard("inspect", demo_profile).stdout
     assert "warp reversal: suspect labels none (largest lead" in text and "suspect labels: [6]" in text
+    assert meta["memory"]["labels"] == [6] and "trigger memory: watches labels [6] at fpr 0.01" in text
 
 
 @pytest.mark.parametrize("argv", [["scan"], ["check", "--profile"], ["nonsense"]])

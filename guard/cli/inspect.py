@@ -63,6 +63,14 @@ def run(args: argparse.Namespace) -> int:
         flag = "  <- suspect" if r["suspect"] else ""
         print(f"  label {r['label']:>3}: L1 {r['l1_norm']:8.2f}  index {r['anomaly_index']:6.2f} "
               f"(log {r['log_anomaly_index']:6.2f}){flag}")
+    if profile.memory is not None:
+        m = profile.memory
+        watch = "every label" if m.get("labels") is None else f"labels {m['labels']}"
+        energy = m.get("energy_threshold") or float("inf")  # absent in profiles from before the energy
+        print(f"trigger memory: watches {watch} at fpr {m['fpr']:g}, remembers {m['size']} queries "
+              f"(repeated_trigger over {m['threshold']:.3g}, residual_noise over {energy:.3g})")
+    else:
+        print("trigger memory: off")
     if profile.warp is not None:
         w = profile.warp
         lead = max(w.per_label, key=lambda r: r["lead"])
