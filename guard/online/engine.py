@@ -333,7 +333,9 @@ class Guard:
             hit = repeated | noisy
             names, thresholds = self._memory_names, self._memory_thresholds
             s, over = _with_columns(s, m, e), _with_columns(over, repeated, noisy)
-            strength = _with_columns(strength, np.where(repeated, np.inf, 0.0), np.where(noisy, np.inf, 0.0))
+            # the memory's reasons lead where the checks passed the input, and follow theirs where they did not
+            lead = np.where(suspect, -1.0, np.inf)
+            strength = _with_columns(strength, np.where(repeated, lead, 0.0), np.where(noisy, lead, 0.0))
             if hit.any():
                 codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()

@@ -89,6 +89,10 @@ def test_the_guard_acts_on_a_memory_hit_with_its_reason(mode, verdict):
     assert r.names[-2:] == ["repeated_trigger", "residual_noise"] and r.scores.shape == (20, len(guard.names) + 2)
     hits = [d for d in r.decisions[1:] if "repeated_trigger" in d.reasons]
     assert len(hits) >= 17 and all(d.verdict == verdict for d in hits)
+    suspect = r.statistic > r.ensemble_threshold
+    for i, d in enumerate(r.decisions):  # the checks' own reasons come first where they found the input suspect
+        if "repeated_trigger" in d.reasons:
+            assert (d.reasons[0] == "repeated_trigger") == (not suspect[i])
 
 
 def test_an_uncalibrated_memory_is_refused():
