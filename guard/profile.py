@@ -193,8 +193,7 @@ class Profile:
     """Checks the scan left out, each with the reason (e.g. ``consistency`` on a token model)."""
     memory: dict[str, Any] | None = None
     """The trigger memory's calibrated settings (:meth:`guard.online.memory.TriggerMemory.to_settings`), with the
-    labels it watches (None: every label); None when the scan did not add it (``--memory off``, or no suspect
-    label to watch)."""
+    labels it watches (None: every label); None when the scan did not add it (``--memory off``)."""
     warp: WarpScan | None = None
     """The warp reversal's result (:class:`WarpScan`); None when the scan did not run it."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)

@@ -22,8 +22,8 @@ def memory_watches(profile) -> str | list[int] | None:
 
 
 def profile_memory(guard: Guard):
-    """The trigger memory the guard's profile carries (what ``guard scan`` ships by default; None when the
-    scan suspected no label), empty, for the bench's streams."""
+    """The trigger memory the guard's profile carries (what ``guard scan`` ships by default; None with
+    ``--memory off``), empty, for the bench's streams."""
     from guard.online.memory import TriggerMemory
 
     settings = guard.profile.memory
@@ -66,9 +66,9 @@ def attacker_images(cfg: BenchConfig) -> tuple[np.ndarray, np.ndarray]:
 def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int,
              x_cal: np.ndarray) -> dict[str, Any]:
     """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs,
-    without and with the profile's trigger memory (what ``guard scan`` ships by default; none when the
-    scan suspected no label), which sees the triggered inputs among the row's clean test images after the
-    defender's clean ``x_cal`` as history (:mod:`guard.bench.stream`)."""
+    without and with the profile's trigger memory (what ``guard scan`` ships by default), which sees the
+    triggered inputs among the row's clean test images after the defender's clean ``x_cal`` as history
+    (:mod:`guard.bench.stream`)."""
     from guard.bench.graybox import Budget, attack_model
 
     x_own, y_own = attacker_images(cfg)

@@ -54,6 +54,7 @@ class Budget:
 
 DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
 
+
 def _pooled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per input and channel: the mean over space (or tokens) and, for feature maps, the spatial std."""
     if a.ndim == 4:

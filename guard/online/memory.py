@@ -261,7 +261,7 @@ class TriggerMemory:
 
     def energy(self, x: np.ndarray) -> np.ndarray:
         """``(N,)`` the root mean square of each input's centred residual at the drawn positions."""
-        return self._raw(x)[0].std(1)
+        return self._rows_energy(x)[2]
 
     def watched(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """``(n,)`` which inputs, predicted ``labels``, the memory compares (all when it watches every label)."""
@@ -269,8 +269,7 @@ class TriggerMemory:
             return np.ones(n, dtype=bool)
         if labels is None:
             raise ValueError("this memory watches some labels only: pass the inputs' predicted labels")
-        watch = set(self.labels)
-        return np.fromiter((int(v) in watch for v in np.asarray(labels).reshape(-1)), dtype=bool, count=n)
+        return np.fromiter((int(v) in self.labels for v in np.asarray(labels).reshape(-1)), dtype=bool, count=n)
 
     def _against(self, res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray
                  ) -> np.ndarray:

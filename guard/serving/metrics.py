@@ -147,6 +147,8 @@ def flush_seconds(value: Any) -> float:
     if not 0 <= seconds <= MAX_FLUSH_SECONDS:
         raise ValueError(f"metrics_flush_seconds must be between 0 and {MAX_FLUSH_SECONDS:g} seconds, got {value}")
     return seconds
+
+
 LATENCY_SAMPLES = 10
 """Latency observations per flush interval at most (the first batch after each tenth of it)."""
 
