@@ -42,7 +42,15 @@ def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guar
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
     memory = profile_memory(guard) if x_cal is not None else None
     return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed,
-                     memory=memory, traffic=None if memory is None else (x_cal, d.x_test[:n_eval]))
+                     memory=memory, traffic=None if memory is None else (x_cal, stream_clean(d, attack, n_eval)))
+
+
+def stream_clean(d, attack: Attack, n_eval: int) -> np.ndarray:
+    """The clean test images a row's streams interleave its triggered ones with: up to ``n_eval`` of those the
+    triggered inputs (the first ``n_eval`` of the attack's victims) are not stamped on."""
+    from guard.bench.stream import clean_traffic
+
+    return clean_traffic(d.x_test, np.flatnonzero(attack.victims(d.y_test))[:n_eval], n_eval)
 
 
 def regraftable(attack: Attack | None, shape: tuple[int, int, int]) -> bool:
@@ -75,8 +83,8 @@ def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
     memory = profile_memory(guard)
     out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
-                       budgets=tuple(Budget(int(s), float(w)) for s, w in cfg.graybox_budgets),
-                       memory=memory, traffic=(x_cal, d.x_test[:n_eval]))
+                       budgets=tuple(Budget(int(b[0]), *map(float, b[1:])) for b in cfg.graybox_budgets),
+                       memory=memory, traffic=(x_cal, stream_clean(d, attack, n_eval)))
     return out | {"memory_watches": memory_watches(guard.profile),
                   "memory_size": None if memory is None else memory.size}
 
@@ -96,7 +104,9 @@ def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dic
     d, _, _ = bench_data(cfg)
     n_eval = min(cfg.n_eval, len(d.x_test))
     guard = Guard(model, profile, mode="enforce", verify=False, memory=False)
-    strongest = Budget(*max(cfg.graybox_budgets, key=lambda b: (b[0], b[1])))
+    plain = [b for b in cfg.graybox_budgets if len(b) < 3 or not b[2]] or list(cfg.graybox_budgets)
+    steps, weight = max((b[0], b[1]) for b in plain)
+    strongest = Budget(int(steps), float(weight))
     out: dict[str, Any] = {"budget": {"steps": strongest.steps, "weight": strongest.weight}, "attacks": {}}
     for name in cfg.attacks:
         attack = ATTACKS[name](seed=cfg.zoo.seed)

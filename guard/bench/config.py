@@ -76,11 +76,14 @@ class BenchConfig:
     size_scaling: bool = False
     resnet18_performance: bool = True  # overhead and TorchServe throughput on a BadNets ResNet-18 layout model
     peers: bool = True  # IBD-PSC and SCALE-UP next to STRIP (guard.bench.peers)
-    # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget; None: skip
-    whitebox_budgets: tuple[tuple[int, float], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0))
+    # the white-box attacker on the badnets and blended rows: (Adam steps, surrogate weight) per budget, and a
+    # third number where the attacker also evades the trigger memory (that loss's weight); None: skip
+    whitebox_budgets: tuple[tuple[float, ...], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0), (300, 3.0, 10.0))
     # the gray-box attacker on every row whose trigger it can re-optimise (patch, blend key, warp field):
-    # (Adam steps, moment-matching weight) per budget, and how many images of its own it draws; None: skip
-    graybox_budgets: tuple[tuple[int, float], ...] | None = ((100, 1.0), (300, 1.0), (300, 3.0), (300, 10.0))
+    # (Adam steps, moment-matching weight[, memory-evasion weight]) per budget, and how many images of its own
+    # it draws; None: skip
+    graybox_budgets: tuple[tuple[float, ...], ...] | None = ((100, 1.0), (300, 1.0), (300, 3.0), (300, 10.0),
+                                                             (300, 1.0, 3.0), (300, 10.0, 10.0))
     graybox_images: int = 1500
     # purification with this many clean images per class (a fresh scan of each subset), every method of
     # guard.bench.purification.METHODS judged with the real trigger, and the comeback rows; None: skip
@@ -112,7 +115,8 @@ PRESETS: dict[str, BenchConfig] = {
                         df_tnd={"n_seeds": 2, "iterations": 3}, blend={"alphas": (0.1, 0.2), "steps": 2,
                                                                      "refine_steps": 1, "n_eval": 40},
                         overhead_repeats=10, nc_speed_rounds=1, scaling=False, resnet18_performance=False,
-                        whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0)), graybox_budgets=((2, 1.0), (3, 3.0)),
+                        whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0, 1.0)),
+                        graybox_budgets=((2, 1.0), (3, 3.0), (3, 1.0, 1.0)),
                         graybox_images=200, purify_per_class=(10,), purify_methods=("fine-pruning",),
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }

@@ -39,17 +39,20 @@ import torch
 from torch import nn
 
 from guard.bench.stream import fresh_noise_rows, memory_figures
-from guard.bench.trigger_param import OptimisedTrigger, as_tensor, through_guard
+from guard.bench.trigger_param import OptimisedTrigger, as_tensor, residual_similarity, through_guard
 from guard.demo.attacks import Attack
 from guard.model import find_classifier, frozen, probe_input
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One optimisation budget: Adam ``steps`` and the ``weight`` of the moment-matching loss."""
+    """One optimisation budget: Adam ``steps``, the ``weight`` of the moment-matching loss and the weight
+    ``evade`` of the memory-evasion loss (:func:`~guard.bench.trigger_param.residual_similarity`; 0: the
+    attacker ignores the memory)."""
 
     steps: int
     weight: float
+    evade: float = 0.0
 
 
 DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
@@ -191,27 +194,35 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             trig = OptimisedTrigger(attack, shape)
             opt = torch.optim.Adam(trig.parameters(), lr=lr)
             losses: list[float] = []
+            repeats: list[float] = []
             for _ in range(int(b.steps)):
                 pick = torch.randint(0, len(x_victims), (min(batch_size, len(x_victims)),), generator=gen)
-                logits, pooled = stats.capture(trig(x_victims[pick]))
+                stamped = trig(x_victims[pick])
+                logits, pooled = stats.capture(stamped)
                 match = moment_loss(pooled, moments)
                 scale = losses[0] if losses else float(match.detach())  # the attack's own trigger's mismatch
                 loss = nn.functional.cross_entropy(logits, yt[:len(pick)]) + b.weight * match / max(scale, 1e-6)
+                if b.evade:  # relative to the attack's own trigger's, as the matching loss
+                    repeat = residual_similarity(stamped)
+                    repeats.append(float(repeat.detach()))
+                    loss = loss + b.evade * repeat / max(abs(repeats[0]), 1e-3)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 losses.append(float(match.detach()))
-            trained.append((b, trig, losses, time.perf_counter() - t0))
-    for b, trig, losses, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
+            trained.append((b, trig, losses, repeats, time.perf_counter() - t0))
+    for b, trig, losses, repeats, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
         figures, _ = through_guard(guard, trig, x_eval, target)
         figures |= with_memory(trig, x_eval, target)
         out["budgets"].append(asdict(b) | figures | {
             "matching_loss_first": round(losses[0], 4) if losses else None,
             "matching_loss_last": round(losses[-1], 4) if losses else None,
+            "residual_similarity_first": round(repeats[0], 4) if repeats else None,
+            "residual_similarity_last": round(repeats[-1], 4) if repeats else None,
             "seconds": round(seconds, 2)})
     out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
-    if memory is not None and trained:  # the strongest budget's trigger, blurred by fresh noise on every query
-        b, trig = trained[-1][:2]
+    if memory is not None and any(not t[0].evade for t in trained):  # the strongest plain budget's, blurred
+        b, trig = [t for t in trained if not t[0].evade][-1][:2]
         out["fresh_noise"] = fresh_noise_rows(guard, trig, b, x_eval, target, with_memory, seed=seed)
     if memory is not None:
         out["max_residual_attack_success_with_memory"] = max(

@@ -102,7 +102,8 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs {peer} {_pct(tpr)}"
             elif bar.startswith(("whitebox_residual", "graybox_residual")):
                 wb = a[bar.split("_")[0]]
-                meas = f"max {_pct(wb['max_residual_attack_success'])} over {len(wb['budgets'])} budgets"
+                key = "max_residual_attack_success" + ("_with_memory" if "with_memory" in bar else "")
+                meas = f"max {_pct(wb[key])} over {len(wb['budgets'])} budgets"
             elif bar.startswith("combined_tpr"):
                 meas = _pct(comb["tpr_at_1pct_fpr"])
             elif bar.startswith("combined_auroc"):
@@ -352,7 +353,8 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
         return []
     floors = {c.get("net", "demo_net"): (c.get("graybox_floor") or {}) for c in results.get("clean_models", [])}
     lines = ["", "Gray-box attacker (weights and its own images, no profile: trigger re-optimised to keep the target "
-             "while matching clean target-class statistics at every layer):", "",
+             "while matching clean target-class statistics at every layer; a budget that evades the memory also "
+             "drives down the residual similarity of its queries, with that weight):", "",
              "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
              "| with the trigger memory: through / clean rejected | clean model: bare / through its guard |",
              "|---|---|---|---|---|---|---|"]
@@ -362,9 +364,12 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
         fb = (floor.get("attacks") or {}).get(a["name"])
         top = floor.get("budget") or {}
         for b in [dict(gb["baseline"], steps=0, weight=0.0)] + gb["budgets"]:
-            same = fb is not None and (b["steps"], b["weight"]) == (top.get("steps"), top.get("weight"))
+            same = fb is not None and not b.get("evade") and (b["steps"], b["weight"]) == (top.get("steps"),
+                                                                                        top.get("weight"))
             ref = f"{_pct(fb['attack_success_bare'])} / {_pct(fb['residual_attack_success'])}" if same else ""
-            lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
+            evade = f", evades the memory ({b['evade']:g})" if b.get("evade") else ""
+            budget = f"{b['steps']}, {b['weight']:g}{evade}"
+            lines.append(f"| {_label(a, results)} | {budget} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
                          f"| {_memory_cell(b)} | {ref} |")
         lines += [line + " |" for line in _noise_lines(a, gb, results, "|")]
@@ -383,8 +388,8 @@ def _stream_lines(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     share = rows[0]["stream"]["default"]["attack_share"]
-    lines = ["", f"On a stream (one triggered query in {round(1 / share)} among the clean test images, after the "
-             "calibration images as history): triggered inputs through, clean rejected:", "",
+    lines = ["", f"On a stream (one triggered query in {round(1 / share)} among clean test images they are not "
+             "stamped on, after the calibration images as history): triggered inputs through, clean rejected:", "",
              "| attack | memory watches | default guard: through / clean rejected (by the memory) "
              "| without the memory: through / clean rejected |", "|---|---|---|---|"]
     for a in rows:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from guard.bench.attackers import graybox_floors, graybox_row, memory_watches, regraftable, whitebox_row
+from guard.bench.attackers import graybox_floors, graybox_row, memory_watches, regraftable, stream_clean, whitebox_row
 from guard.bench.config import BenchConfig, bench_data, log, profile_dir
 from guard.bench.detection import art_figures, offline_verdicts, online_figures, repair_figures, strip_figures
 from guard.bench.models import zoo_model
@@ -62,7 +62,7 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     online = online_figures(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
     repair = repair_figures(Guard(zm.model, profile, mode="repair", verify=False, memory=False), neg, y_neg, pos,
                             pos_target, zm.model)
-    stream = stream_row(zm.model, profile, pos, pos_target, neg, x_cal)
+    stream = stream_row(zm.model, profile, pos, pos_target, stream_clean(d, attack, n_eval), x_cal)
     log(progress, f"{name}: STRIP (N={cfg.strip_n})")
     strip = strip_figures(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
     art, art_error = None, None
@@ -111,7 +111,8 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
 
 def stream_row(model, profile, pos: np.ndarray, pos_target: np.ndarray, neg: np.ndarray, x_cal: np.ndarray
                ) -> dict[str, Any]:
-    """The row's triggered inputs among its clean ones (:mod:`guard.bench.stream`), through the default guard
+    """The row's triggered inputs among clean test images they are not stamped on (:mod:`guard.bench.stream`),
+    through the default guard
     (with the profile's trigger memory, if the scan added one) and through the same guard without the memory."""
     from guard.bench.stream import stream_figures
 
@@ -159,12 +160,13 @@ def row_targets(row: dict[str, Any]) -> dict[str, Any]:
     _, peer_tpr = best_peer(row.get("peers") or {"strip": {"available": True, **row["strip"]}})
     if peer_tpr is not None:
         out["combined_tpr_at_1pct_fpr>=best_peer"] = comb["tpr_at_1pct_fpr"] >= peer_tpr
-    wb = row.get("whitebox")
-    if wb and wb.get("budgets"):
-        out["whitebox_residual_attack_success<=0.25"] = wb["max_residual_attack_success"] <= 0.25
-    gb = row.get("graybox")
-    if gb and gb.get("budgets"):
-        out["graybox_residual_attack_success<=0.25"] = gb["max_residual_attack_success"] <= 0.25
+    for kind in ("whitebox", "graybox"):  # through the per-input checks, and through the default guard (memory on)
+        section = row.get(kind)
+        if section and section.get("budgets"):
+            out[f"{kind}_residual_attack_success<=0.25"] = section["max_residual_attack_success"] <= 0.25
+            if section.get("max_residual_attack_success_with_memory") is not None:
+                out[f"{kind}_residual_attack_success_with_memory<=0.25"] = (
+                    section["max_residual_attack_success_with_memory"] <= 0.25)
     pur = (row.get("purification") or {}).get("per_class") or {}
     for n, size in pur.items():
         auto = next((r for r in size["rows"] if r["method"] == "auto"), None)

@@ -28,6 +28,16 @@ strongest trigger to blur what its queries share (the trigger memory's evidence)
 most this."""
 
 
+def clean_traffic(x: np.ndarray, sources: np.ndarray, n: int) -> np.ndarray:
+    """Up to ``n`` of the clean images ``x`` other than those at ``sources`` (the indices of the images the
+    triggered queries are stamped on). A triggered query whose own clean image passed through the memory
+    shares that image's residual, evidence an attacker sending its own images never gives a deployment; and
+    the clean image would match its triggered twin in turn, a false alarm no real stream has."""
+    keep = np.ones(len(x), dtype=bool)
+    keep[np.asarray(sources, dtype=np.int64)] = False
+    return x[keep][:n]
+
+
 def interleave(n_clean: int, n_triggered: int) -> np.ndarray:
     """``(n_clean + n_triggered,)`` arrival order: True for a triggered query, spread evenly (the first
     triggered query comes after the first gap of clean ones)."""

@@ -109,6 +109,20 @@ class OptimisedTrigger(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True).clamp(0, 1)
 
 
+def residual_similarity(x: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity of a batch's high-frequency residuals (each pixel minus its 3 x 3
+    neighbourhood's median, edges replicated, centred per image), the trigger memory's documented statistic,
+    over every pixel (which positions a deployment compares is its secret). An attacker who knows the memory
+    drives this down: triggered queries whose residuals do not repeat leave the memory nothing to match."""
+    n, c, h, w = x.shape
+    padded = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    med = F.unfold(padded, 3).median(dim=1).values  # (n * c, h * w)
+    res = (x.reshape(n * c, h * w) - med).reshape(n, -1)
+    unit = F.normalize(res - res.mean(1, keepdim=True), dim=1)
+    sim = unit @ unit.T
+    return (sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)
+
+
 def through_guard(guard, trigger: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, target: int, *,
                   batch: int = 256) -> tuple[dict[str, Any], np.ndarray]:
     """The real guard (its own mode; the benchmarks use enforce) on ``x`` stamped with ``trigger``.

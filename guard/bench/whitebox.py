@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from guard.bench.stream import fresh_noise_rows, memory_figures
-from guard.bench.trigger_param import OptimisedTrigger, through_guard
+from guard.bench.trigger_param import OptimisedTrigger, residual_similarity, through_guard
 from guard.bench.trigger_param import as_tensor as _t
 from guard.demo.attacks import Attack
 from guard.model import FeatureTap, feature_layer, pool_features
@@ -57,10 +57,13 @@ from guard.online import Guard
 
 @dataclass(frozen=True)
 class Budget:
-    """One optimisation budget: Adam ``steps`` and the ``weight`` of the surrogate statistic in the loss."""
+    """One optimisation budget: Adam ``steps``, the ``weight`` of the surrogate statistic in the loss and the
+    weight ``evade`` of the memory-evasion loss (:func:`~guard.bench.trigger_param.residual_similarity`,
+    relative to the attack's own trigger's; 0: the attacker ignores the memory)."""
 
     steps: int
     weight: float
+    evade: float = 0.0
 
 
 DEFAULT_BUDGETS = (Budget(50, 0.3), Budget(150, 1.0), Budget(300, 3.0))
@@ -260,37 +263,51 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
     out["baseline"] |= with_memory(lambda xt: _t(attack.stamp(xt.numpy())), x_eval, target)
     xa = _t(x_attacker)
     ya = torch.full((len(xa),), target, dtype=torch.long)
-    trig = None
+    plain = None  # the strongest budget that ignores the memory, and its trigger
     for b in budgets:
         t0 = time.perf_counter()
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         trig = OptimisedTrigger(attack, shape)
         opt = torch.optim.Adam(trig.parameters(), lr=lr)
+        repeats: list[float] = []
         with surrogate._frozen():
             for _ in range(int(b.steps)):
                 pick = torch.randint(0, len(xa), (min(batch_size, len(xa)),), generator=gen)
-                stat, logits = surrogate.statistic(trig(xa[pick]))
+                stamped = trig(xa[pick])
+                stat, logits = surrogate.statistic(stamped)
                 loss = nn.functional.cross_entropy(logits, ya[pick]) + b.weight * stat.mean() / max(
                     abs(surrogate.threshold), 1e-6)
+                if b.evade:
+                    repeat = residual_similarity(stamped)
+                    repeats.append(float(repeat.detach()))
+                    loss = loss + b.evade * repeat / max(abs(repeats[0]), 1e-3)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
         row = asdict(b) | _guard_figures(guard, surrogate, trig, x_eval, target)
         row["seconds"] = round(time.perf_counter() - t0, 2)
+        if repeats:
+            row |= {"residual_similarity_first": round(repeats[0], 4),
+                    "residual_similarity_last": round(repeats[-1], 4)}
         row |= with_memory(trig, x_eval, target)
         out["budgets"].append(row)
-    if memory is not None and trig is not None:
-        out["fresh_noise"] = fresh_noise_rows(guard, trig, budgets[-1], x_eval, target, with_memory, seed=seed)
+        plain = (b, trig) if not b.evade else plain
+    if memory is not None and plain is not None:
+        out["fresh_noise"] = fresh_noise_rows(guard, plain[1], plain[0], x_eval, target, with_memory, seed=seed)
     return out
 
 
 def bench_row(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.ndarray, x_eval: np.ndarray, *,
-              budgets: tuple[tuple[int, float], ...], seed: int = 0, memory=None,
+              budgets: tuple[tuple[float, ...], ...], seed: int = 0, memory=None,
               traffic: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
-    """:func:`attack_guard` as a benchmark row (``budgets`` as ``(steps, weight)`` pairs), with the worst case."""
-    steps = tuple(Budget(int(s), float(w)) for s, w in budgets)
+    """:func:`attack_guard` as a benchmark row (``budgets`` as ``(steps, weight)`` or ``(steps, weight, evade)``),
+    with the worst case through the per-input checks and, with a memory, through the default guard."""
+    steps = tuple(Budget(int(b[0]), *map(float, b[1:])) for b in budgets)
     r = attack_guard(model, attack, guard, x_attacker, x_eval, budgets=steps, seed=seed, memory=memory,
                      traffic=traffic)
     r["max_residual_attack_success"] = max((b["residual_attack_success"] for b in r["budgets"]), default=None)
+    if memory is not None:
+        r["max_residual_attack_success_with_memory"] = max(
+            (b["residual_attack_success_with_memory"] for b in r["budgets"]), default=None)
     return r

@@ -88,7 +88,9 @@ def test_every_attack_row_has_every_field(tiny):
             assert peers[key]["available"] and peers[key]["forwards_per_input"] == 1 and peers[key]["layers"] == 8
             _online_fields(peers[key])
         wb = a["whitebox"]
-        assert [(b["steps"], b["weight"]) for b in wb["budgets"]] == [tuple(b) for b in r["config"]["whitebox_budgets"]]
+        assert [_budget(b) for b in wb["budgets"]] == [_padded(b) for b in r["config"]["whitebox_budgets"]]
+        evading = [b for b in wb["budgets"] if b["evade"]]  # the attacker who also evades the memory
+        assert evading and all(b["residual_similarity_last"] < b["residual_similarity_first"] for b in evading)
         assert sorted(wb["in_surrogate"] + list(wb["not_in_surrogate"])) == sorted(a["online"]["combined"]["checks"])
         for b in [wb["baseline"], *wb["budgets"]]:
             for key in ("attack_success_bare", "residual_attack_success", "rejection_rate"):
@@ -114,15 +116,28 @@ def test_every_attack_row_has_every_field(tiny):
         assert st["without_memory"]["clean_rejected_by_memory"] == 0
         if st["memory_watches"] is None:
             assert st["default"] == st["without_memory"]
-        assert [(b["steps"], b["weight"]) for b in gb["budgets"]] == [tuple(b) for b in r["config"]["graybox_budgets"]]
+        assert [_budget(b) for b in gb["budgets"]] == [_padded(b) for b in r["config"]["graybox_budgets"]]
+        assert [b["residual_similarity_first"] is not None for b in gb["budgets"]] == [
+            bool(b["evade"]) for b in gb["budgets"]]
         for b in [gb["baseline"], *gb["budgets"]]:
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
         assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25",
                 "graybox_residual_attack_success<=0.25"} <= set(a["targets"])
+        if gb["memory_watches"] is not None:  # the default guard's figure is judged too
+            assert a["targets"]["graybox_residual_attack_success_with_memory<=0.25"] == (
+                gb["max_residual_attack_success_with_memory"] <= 0.25)
         if r["art_strip_available"]:
             _online_fields(a["art_strip"])
         else:
             assert a["art_strip"] is None and r["art_strip_reason"]
+
+
+def _budget(b: dict) -> tuple[float, float, float]:
+    return b["steps"], b["weight"], b["evade"]
+
+
+def _padded(b: list) -> tuple[float, ...]:
+    return (*b, 0.0) if len(b) == 2 else tuple(b)
 
 
 def test_clean_models_report_false_positives(tiny):
@@ -132,7 +147,8 @@ def test_clean_models_report_false_positives(tiny):
     assert set(c["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
     assert all(isinstance(v["false_positive"], bool) for v in c["detected"].values())
     floor = c["graybox_floor"]  # the gray-box attacker's strongest budget against the clean model
-    assert floor["budget"] == dict(zip(("steps", "weight"), max(r["config"]["graybox_budgets"])))
+    plain = [b for b in r["config"]["graybox_budgets"] if len(b) == 2]  # the strongest that ignores the memory
+    assert floor["budget"] == dict(zip(("steps", "weight"), max(plain)))
     assert set(floor["attacks"]) == {"badnets"}
     assert 0.0 <= floor["attacks"]["badnets"]["residual_attack_success"] <= 1.0
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from guard.bench.graybox import Budget, LayerStatistics, attack_model, clean_moments, moment_loss
-from guard.bench.trigger_param import OptimisedTrigger, as_tensor, trigger_kind
+from guard.bench.trigger_param import OptimisedTrigger, as_tensor, residual_similarity, trigger_kind
 from guard.demo.attacks import SIG, AdaptiveBlend, AdaptivePatch, BadNets, Blended, RandomBadNets, WaNet
 
 
@@ -101,3 +101,32 @@ def test_moment_loss_is_zero_on_the_clean_statistics_and_grows_with_a_shift(setu
         _, shifted = stats.capture((0.7 * x + 0.3).clamp(0, 1))
     assert float(moment_loss(same, moments)) < 1e-3
     assert float(moment_loss(shifted, moments)) > 0.1
+
+
+def test_residual_similarity_sees_a_repeated_sharp_key_and_not_a_smooth_one():
+    """The memory-evading attacker's loss: a sharp key blended into unlike images repeats in their residuals,
+    the same key blurred hardly does, and the loss has a gradient for the optimiser."""
+    from guard.demo.glyphs import glyphs
+
+    x = as_tensor(glyphs(32, seed=5)[0])
+    key = torch.rand((1, *x.shape[1:]), generator=torch.Generator().manual_seed(0))
+    smooth = torch.nn.functional.avg_pool2d(key, 9, stride=1, padding=4, count_include_pad=False)
+    clean = float(residual_similarity(x))
+    sharp = float(residual_similarity(0.75 * x + 0.25 * key))
+    blurred = float(residual_similarity(0.75 * x + 0.25 * smooth))
+    assert abs(clean) < 0.1 and sharp > 0.5 and blurred < 0.2
+    theta = key.clone().requires_grad_(True)
+    residual_similarity(0.75 * x + 0.25 * theta).backward()
+    assert float(theta.grad.abs().sum()) > 0
+
+
+def test_the_memory_evading_budget_smooths_the_key_out_of_the_memorys_sight(setup):
+    """A budget with ``evade`` drives its queries' residual similarity down (the memory's statistic) while
+    the backdoor's target label holds; the plain budget does not compute it."""
+    model, guard, attack, x_own, y_own, xh, yh = setup
+    r = attack_model(model, attack, guard, x_own, y_own, xh[attack.victims(yh)][:200],
+                     budgets=(Budget(100, 0.0), Budget(100, 0.0, 10.0)))
+    plain, evading = r["budgets"]
+    assert plain["residual_similarity_first"] is None
+    assert evading["residual_similarity_last"] < 0.5 * evading["residual_similarity_first"]
+    assert evading["attack_success_bare"] >= 0.8

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard.bench.stream import interleave, stream_figures
+from guard.bench.stream import clean_traffic, interleave, stream_figures
 from guard.demo.glyphs import glyphs
 from guard.online.memory import TriggerMemory
 
@@ -20,6 +20,12 @@ def test_interleave_spreads_the_triggered_queries(n_clean, n_triggered):
         assert not order[0], "clean traffic comes first"
         gaps = np.diff(np.flatnonzero(order))
         assert gaps.max() - gaps.min() <= 1
+
+
+def test_clean_traffic_leaves_out_the_images_the_triggered_queries_are_stamped_on():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    assert clean_traffic(x, np.array([0, 3, 4]), 5).ravel().tolist() == [1, 2, 5, 6, 7]
+    assert clean_traffic(x, np.array([], dtype=np.int64), 20).ravel().tolist() == list(range(10))
 
 
 def test_a_repeated_key_is_caught_on_the_stream_with_the_memory_only():
