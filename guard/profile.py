@@ -194,6 +194,10 @@ class Profile:
     memory: dict[str, Any] | None = None
     """The trigger memory's calibrated settings (:meth:`guard.online.memory.TriggerMemory.to_settings`), with the
     labels it watches (None: every label); None when the scan did not add it (``--memory off``)."""
+    trajectory: dict[str, Any] | None = None
+    """The trajectory check's settings and threshold (:meth:`guard.online.trajectory.Trajectory.to_profile`;
+    its references and detector are the ``trajectory.*`` tensors); None when the scan did not add it
+    (``guard scan --trajectory`` does)."""
     warp: WarpScan | None = None
     """The warp reversal's result (:class:`WarpScan`); None when the scan did not run it."""
     tensors: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
@@ -225,6 +229,16 @@ class Profile:
         """Store the warp reversal's :meth:`~guard.scan.warp.WarpReversal.to_profile` output."""
         self.warp = WarpScan(**result)
         self.tensors["warp.fields"] = np.asarray(fields, dtype=np.float32)
+
+    def set_trajectory(self, settings: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+        """Store :meth:`guard.online.trajectory.Trajectory.to_profile`'s output."""
+        self.trajectory = dict(settings)
+        self.tensors.update({f"trajectory.{k}": v for k, v in tensors.items()})
+
+    def trajectory_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+        """``(settings, tensors)`` as :meth:`guard.online.trajectory.Trajectory.from_profile` takes them; None
+        when the profile has no trajectory check."""
+        return None if self.trajectory is None else (dict(self.trajectory), self._under("trajectory."))
 
     def set_tokens(self, blocks: list[str], tensors: dict[str, np.ndarray]) -> None:
         """Store :meth:`guard.model.tokens.TokenStatistics.to_profile`'s output."""
@@ -258,6 +272,8 @@ class Profile:
                                "tensor_names": sorted(self.tensors)}
         if self.memory is not None:  # absent, not null, when off: profiles without it stay as they were
             out["memory"] = dict(self.memory)
+        if self.trajectory is not None:  # and when the scan did not add the trajectory check
+            out["trajectory"] = dict(self.trajectory)
         if self.warp is not None:  # likewise absent when the scan did not run the warp reversal
             out["warp"] = asdict(self.warp)
         if self.token_blocks is not None:  # and for models that are not token models
@@ -291,7 +307,8 @@ class Profile:
         return cls(**same | dict(checks={n: _settings_apart(CheckEntry, c) for n, c in m.checks.items()},
                                  ensemble=None if m.ensemble is None else _settings_apart(EnsembleEntry, m.ensemble),
                                  source=dict(m.source or {}),
-                                 memory=None if m.memory is None else m.memory.model_dump()),
+                                 memory=None if m.memory is None else m.memory.model_dump(),
+                                 trajectory=None if m.trajectory is None else m.trajectory.model_dump()),
                    tensors=dict(tensors or {}))
 
     # ------------------------------------------------------------------ files
@@ -423,13 +440,27 @@ class _MemoryJSON(BaseModel):
     fpr: _Fpr
 
 
+class _TrajectoryJSON(BaseModel):
+    """The trajectory check's settings (:meth:`guard.online.trajectory.Trajectory.to_profile`), all required."""
+
+    model_config = _STRICT
+    layers: Annotated[list[str], _rule(lambda v: len(v) >= 2, "must name at least two layers")]
+    spatial: _Positive | None
+    max_dim: _Positive
+    n_components: _Positive | Literal["mle"]
+    per_class: _Positive | None
+    threshold: float
+    fpr: _Fpr
+
+
 # A check's entry and the ensemble's are flat: the fixed fields beside the settings (the check's own, any keys).
 _CheckJSON = _model_of(CheckEntry, omit=("settings",), extra="allow")
 _EnsembleJSON = _model_of(EnsembleEntry, omit=("settings",), extra="allow")
 _ProfileJSON = _model_of(
     Profile, omit=("tensors",), schema_version=(int, ...), tensor_names=(list[str], []),
     checks=(Annotated[dict[str, _CheckJSON], _rule(bool, "must name at least one calibrated check")], ...),
-    ensemble=(_EnsembleJSON | None, None), memory=(_MemoryJSON | None, None), source=(dict[str, Any] | None, None))
+    ensemble=(_EnsembleJSON | None, None), memory=(_MemoryJSON | None, None),
+    trajectory=(_TrajectoryJSON | None, None), source=(dict[str, Any] | None, None))
 """``profile.json``, schema version 2, as :meth:`Profile.to_json` writes it: :class:`Profile`'s fields but the
 tensors, with the file's schema version and tensor names, the flat checks and ensemble, the memory's settings
 and a null source allowed. Open maps by design: ``checks`` (by check name), their and the ensemble's settings,

@@ -24,6 +24,7 @@ from guard.online.checks import (
     OverlapCheck,
 )
 from guard.online.ensemble import FisherEnsemble, UnionRule
+from guard.online.trajectory import Trajectory
 from guard.purify import (
     ANP,
     RNP,
@@ -72,7 +73,7 @@ DOCUMENTED = [NeuralCleanse, DLTND, DFTND, BlendReversal, WarpReversal,
               Purifier, ANP, ANPPruning, RNP, RNPPruning, NCUnlearning, FinePruning, SharedAdversarialUnlearning,
               NormTuning, CombinedUnlearning, Auto,
               Check, FeatureCheck, NeuronCheck, OverlapCheck, KNNCheck, InnerKNNCheck, ConsistencyCheck,
-              FisherEnsemble, UnionRule, TED, TEDPlusPlus, Strip]
+              FisherEnsemble, UnionRule, Trajectory, TED, TEDPlusPlus, Strip]
 
 # an entry line of a numpy-style section: ``name``, ``name, other``, optionally ``name : type``
 ENTRY = re.compile(r"([A-Za-z_]\w*(?:, [A-Za-z_]\w*)*)(?: : .*)?")

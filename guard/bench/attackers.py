@@ -46,8 +46,9 @@ def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guar
 
 
 def stream_clean(d, attack: Attack, n_eval: int) -> np.ndarray:
-    """The clean test images a row's streams interleave its triggered ones with: up to ``n_eval`` of those the
-    triggered inputs (the first ``n_eval`` of the attack's victims) are not stamped on."""
+    """The clean test images a row's streams interleave its triggered ones with: up to ``n_eval`` of those after
+    the last one the triggered inputs (the first ``n_eval`` of the attack's victims) are stamped on
+    (:func:`~guard.bench.stream.clean_traffic`)."""
     from guard.bench.stream import clean_traffic
 
     return clean_traffic(d.x_test, np.flatnonzero(attack.victims(d.y_test))[:n_eval], n_eval)

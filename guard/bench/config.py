@@ -70,6 +70,9 @@ class BenchConfig:
     ts_grid_clients: tuple[int, ...] = (4, 16)
     ts_grid_batch_sizes: tuple[int, ...] = (1, 8)
     knn: bool = True  # the guard's nearest-neighbour feature check (build_profile(knn=...))
+    # the guard's opt-in trajectory check on every row's profile (build_profile(trajectory=...), guard scan
+    # --trajectory): the rows then measure the guard a user who turned it on deploys
+    trajectory: bool = False
     flip_check: bool = True  # evaluate the opt-in mirror-consistency check next to the guard
     scaling: bool = True  # Neural Cleanse's scan seconds at 10, 100 and 1000 classes (composed glyphs)
     # guard scan's seconds at 32x32, 64x64 and 224x224 (guard.bench.input_sizes): the full preset's, with scaling

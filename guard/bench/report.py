@@ -321,14 +321,15 @@ def _whitebox_lines(results: dict[str, Any]) -> list[str]:
     rows = [a for a in _by_net(results) if a.get("whitebox")]
     if not rows:
         return []
-    lines = ["", "White-box attacker (trigger optimised against a differentiable copy of the guard's statistic):", "",
+    lines = ["", "White-box attacker (trigger optimised against a differentiable copy of the guard's statistic; a "
+             "budget that evades the memory also drives down the residual similarity of its queries):", "",
              "| attack | budget (steps, weight) | bare attack success | through the guard | rejected "
              "| statistic mean (surrogate / guard; threshold) | with the trigger memory: through / clean rejected |",
              "|---|---|---|---|---|---|---|"]
     for a in rows:
         wb = a["whitebox"]
         for b in [dict(wb["baseline"], steps=0, weight=0.0)] + wb["budgets"]:
-            lines.append(f"| {_label(a, results)} | {b['steps']}, {b['weight']:g} | {_pct(b['attack_success_bare'])} "
+            lines.append(f"| {_label(a, results)} | {_budget(b)} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
                          f"| {_f(b['surrogate_statistic_mean'], 1)} / {_f(b['guard_statistic_mean'], 1)}; "
                          f"{_f(wb['ensemble_threshold'], 1)} | {_memory_cell(b)} |")
@@ -337,6 +338,12 @@ def _whitebox_lines(results: dict[str, Any]) -> list[str]:
             lines.append(f"| {_label(a, results)} | not in the surrogate: {', '.join(wb['not_in_surrogate'])} "
                          "| | | | | |")
     return lines
+
+
+def _budget(b: dict[str, Any]) -> str:
+    """An adaptive attacker's budget: steps, weight, and the memory-evasion weight where it has one."""
+    evade = f", evades the memory ({b['evade']:g})" if b.get("evade") else ""
+    return f"{b['steps']}, {b['weight']:g}{evade}"
 
 
 def _noise_lines(a: dict[str, Any], section: dict[str, Any], results: dict[str, Any], tail: str) -> list[str]:
@@ -367,9 +374,7 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
             same = fb is not None and not b.get("evade") and (b["steps"], b["weight"]) == (top.get("steps"),
                                                                                         top.get("weight"))
             ref = f"{_pct(fb['attack_success_bare'])} / {_pct(fb['residual_attack_success'])}" if same else ""
-            evade = f", evades the memory ({b['evade']:g})" if b.get("evade") else ""
-            budget = f"{b['steps']}, {b['weight']:g}{evade}"
-            lines.append(f"| {_label(a, results)} | {budget} | {_pct(b['attack_success_bare'])} "
+            lines.append(f"| {_label(a, results)} | {_budget(b)} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
                          f"| {_memory_cell(b)} | {ref} |")
         lines += [line + " |" for line in _noise_lines(a, gb, results, "|")]

@@ -47,7 +47,7 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     t_scan = time.perf_counter()
     profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                     knn=cfg.knn)
+                                     knn=cfg.knn, trajectory=cfg.trajectory)
     scan_seconds = time.perf_counter() - t_scan
     profile.save(profile_dir(profiles, net, name))
     log(progress, f"{name}: DL-TND / DF-TND")
@@ -130,7 +130,7 @@ def clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: np
     nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     log(progress, "scanning the clean model")
     cprofile, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                   knn=cfg.knn)
+                                   knn=cfg.knn, trajectory=cfg.trajectory)
     cmeta = {"scan": {"seconds": csum["seconds"], "steps": nc.steps_}}
     coff = offline_verdicts(cfg, clean.model, csum, cmeta, x_fit, y_fit, -1, k)
     for v in coff.values():

@@ -29,13 +29,14 @@ most this."""
 
 
 def clean_traffic(x: np.ndarray, sources: np.ndarray, n: int) -> np.ndarray:
-    """Up to ``n`` of the clean images ``x`` other than those at ``sources`` (the indices of the images the
-    triggered queries are stamped on). A triggered query whose own clean image passed through the memory
-    shares that image's residual, evidence an attacker sending its own images never gives a deployment; and
-    the clean image would match its triggered twin in turn, a false alarm no real stream has."""
-    keep = np.ones(len(x), dtype=bool)
-    keep[np.asarray(sources, dtype=np.int64)] = False
-    return x[keep][:n]
+    """Up to ``n`` of the clean images ``x`` after the last of those at ``sources`` (the indices of the images
+    the triggered queries are stamped on), so that the traffic keeps the test set's class mix (the sources
+    are the attack's victims, every class but the target). A triggered query whose own clean image passed
+    through the memory shares that image's residual, evidence an attacker sending its own images never
+    gives a deployment; and the clean image would match its triggered twin in turn, a false alarm no real
+    stream has."""
+    sources = np.asarray(sources, dtype=np.int64)
+    return x[int(sources.max()) + 1 if len(sources) else 0:][:n]
 
 
 def interleave(n_clean: int, n_triggered: int) -> np.ndarray:

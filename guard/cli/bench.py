@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-purify", action="store_true",
                    help="skip the purification rows (every method at 20 and 50 clean images per class, with a "
                         "fresh scan of each subset; the longest part of a run after training)")
+    p.add_argument("--trajectory", action="store_true",
+                   help="scan every row as guard scan --trajectory does: the rows measure the guard with the "
+                        "opt-in trajectory check")
     p.add_argument("--cache", metavar="DIR", help="trained-model cache (default DIR/models)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: all cores on an idle machine, 1 on a busy one)")
@@ -96,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = replace(cfg, art=False)
     if args.no_purify:
         cfg = replace(cfg, purify_per_class=None)
+    if args.trajectory:
+        cfg = replace(cfg, trajectory=True)
     out = Path(args.out)
     command = "guard bench " + " ".join(a for a in sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "bench" \
         else f"guard bench --{name} --out {out}"

@@ -71,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
               f"(repeated_trigger over {m['threshold']:.3g}, residual_noise over {energy:.3g})")
     else:
         print("trigger memory: off")
+    if profile.trajectory is not None:
+        t = profile.trajectory
+        refs = len(profile.tensors.get("trajectory.ref_labels", ()))
+        print(f"trajectory check: {len(t['layers'])} layers, {refs} references, over {t['threshold']:.4g} "
+              f"(fpr {t['fpr']:g}; the ensemble has the rest of the profile's)")
     if profile.warp is not None:
         w = profile.warp
         lead = max(w.per_label, key=lambda r: r["lead"])

@@ -34,6 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "it watches the queries assigned to the suspect labels (default; none found: every label at a "
                         "tenth of the FPR), all labels, or is off. About 0.1 ms per query on a 2-core CPU, per "
                         "serving worker")
+    p.add_argument("--trajectory", action="store_true",
+                   help="add the trajectory check: follow each query's rank among clean images of its predicted class "
+                        "through every layer (as TED) and reject one that joins it only late, which catches triggers "
+                        "re-optimised to match clean statistics in aggregate; it hooks every layer and searches up "
+                        "to 20 references per class per layer (cost in docs/benchmarks.md), and shares the FPR with "
+                        "the other checks")
     p.add_argument("--min-per-class", type=int, default=None, metavar="N",
                    help="refuse data with fewer than N clean images of some class (default 2; 0 scans anyway)")
     p.add_argument("--seed", type=int, default=0)
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     profile, summary = build_profile(model, x, y, fpr=args.fpr, seed=args.seed, mode=args.mode,
                                      layer=args.feature_layer, source=source, progress=progress,
                                      consistency=not args.no_consistency, inner=args.inner_layer,
-                                     memory=args.memory, min_per_class=min_per_class,
+                                     memory=args.memory, min_per_class=min_per_class, trajectory=args.trajectory,
                                      nc=NeuralCleanse(seed=args.seed, progress=progress, device=device,
                                                       max_rounds=args.max_rounds, **screen))
     summary["profile"] = str(args.out)

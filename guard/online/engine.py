@@ -20,6 +20,7 @@ from guard.online.checks import CHECKS, Check, Record, pool
 from guard.online.ensemble import RULES, FisherEnsemble, UnionRule
 from guard.online.memory import TriggerMemory
 from guard.online.policy import Decision, validate_mode
+from guard.online.trajectory import Trajectory
 from guard.profile import Profile
 from guard.stats import softmax
 
@@ -30,6 +31,9 @@ REPEATED_TRIGGER = "repeated_trigger"
 RESIDUAL_NOISE = "residual_noise"
 """The reason (and score column) of the trigger memory's energy: a watched query's high-frequency residual
 stronger than clean images' (noise drowning a repeated trigger)."""
+TRAJECTORY = "trajectory"
+"""The reason (and score column) of the trajectory check (:mod:`guard.online.trajectory`): an input that does
+not sit among clean images of its predicted class layer by layer."""
 
 
 @dataclass
@@ -124,6 +128,12 @@ class Guard:
     than clean images' (noise drowning a trigger) with the reason ``residual_noise``; their scores are the
     last two columns of a result's ``scores``. It costs about 0.1 ms per input on a 2-core CPU
     (docs/benchmarks.md, 'Adaptive attackers') and holds the last queries' residuals in memory.
+    ``trajectory`` (``None`` takes the profile's, which ``guard scan --trajectory`` adds; ``False`` turns it off;
+    or a calibrated :class:`~guard.online.trajectory.Trajectory`) adds the trajectory check in the same forward
+    pass: an input that does not sit among clean references of its predicted class layer by layer is rejected
+    (flagged in shadow mode, never repaired) with the reason ``trajectory``, its score the column after the
+    checks' (before the memory's). It hooks every traced layer and searches the references at each, which
+    costs more than the forward pass itself on the ResNet-18 layout (docs/benchmarks.md).
     ``mode`` overrides the profile's policy: ``enforce`` rejects suspect inputs, ``repair`` paints the located
     trigger over and re-classifies (rejecting what stays suspect), ``shadow`` answers as the model did and flags. An
     input is suspect when the checks' calibrated ensemble (:mod:`guard.online.ensemble`) is over its threshold. The
@@ -154,7 +164,8 @@ class Guard:
     """
 
     def __init__(self, model: nn.Module, profile: Profile, *, mode: str | None = None, verify: bool = True,
-                 single_thread_blas: bool = True, memory: TriggerMemory | bool | None = None):
+                 single_thread_blas: bool = True, memory: TriggerMemory | bool | None = None,
+                 trajectory: Trajectory | bool | None = None):
         if verify and fingerprint(model) != profile.model_sha256:
             from guard.errors import ProfileMismatch
 
@@ -190,11 +201,14 @@ class Guard:
         self._one = scoring.scorer(self._kernels, self._rule[0], raw_inner=True)
         self._no_inner = np.zeros((1, 1, 1, 1), np.float32)
         self._tap: FeatureTap | None = None  # held open by session()
+        self.trajectory = _trajectory_of(model, profile, trajectory)
         memory = _memory_of(profile, memory)
         self.memory = memory
-        if memory is not None:
-            self._memory_names = [*self.names, REPEATED_TRIGGER, RESIDUAL_NOISE]
-            self._memory_thresholds = np.append(self.thresholds, [memory.threshold_, memory.energy_threshold_])
+        extra = ([(TRAJECTORY, self.trajectory.threshold_)] if self.trajectory is not None else []) + (
+            [(REPEATED_TRIGGER, memory.threshold_), (RESIDUAL_NOISE, memory.energy_threshold_)] if memory is not None
+            else [])
+        self._extra_names = [*self.names, *(n for n, _ in extra)]
+        self._extra_thresholds = np.append(self.thresholds, [t for _, t in extra])
 
     def _restore(self, name: str, cls, settings: dict, tensors: dict):
         """A check or the ensemble rebuilt from its profile entry; ProfileError when the entry is unusable."""
@@ -297,15 +311,22 @@ class Guard:
             x = x.detach().cpu().numpy()
         x = validate_batch(x, shape=self.input_shape, what="input")
         t1 = time.perf_counter()
-        if len(x) == 1:  # the hot path: one scorer call after the forward, pooling the inner layer itself
-            logits, features, inner = self._tapped(x)
-            t2 = time.perf_counter()
+        traced = self.trajectory.tracing() if self.trajectory is not None else contextlib.nullcontext()
+        with traced as tracer:
+            if len(x) == 1:  # the hot path: one scorer call after the forward, pooling the inner layer itself
+                logits, features, inner = self._tapped(x)
+            else:
+                rec = self._forward(x)
+                logits = rec.logits
+        t2 = time.perf_counter()
+        if len(x) == 1:
             s, strength, stat = self._score_one(x, logits, features, inner)
         else:
-            rec = self._forward(x)
-            logits = rec.logits
-            t2 = time.perf_counter()
             s, strength, stat = self._evaluate(rec)
+        extra = []  # the second-tier checks' (score, hit) columns, after the forward and before any repair
+        if self.trajectory is not None:
+            t = self.trajectory.score_traced(tracer, logits)
+            extra.append((t, t > self.trajectory.threshold_))
         ts = time.perf_counter()
         suspect = stat > self.ensemble.threshold_
         any_suspect = bool(suspect[0]) if len(suspect) == 1 else bool(suspect.any())
@@ -328,15 +349,18 @@ class Guard:
             logits[idx] = fixed
             repaired = {int(i): s2[j] for j, i in enumerate(idx)}
         names, thresholds = self.names, self.thresholds
-        if self.memory is not None:  # the stateful check: rejected (flagged in shadow), never repaired
+        if self.memory is not None:  # the stateful check
             m, e = self.memory.check(x, predicted)
             repeated, noisy = self.memory.hits(m, e)
-            hit = repeated | noisy
-            names, thresholds = self._memory_names, self._memory_thresholds
-            s, over = _with_columns(s, m, e), _with_columns(over, repeated, noisy)
-            # the memory's reasons lead where the checks passed the input, and follow theirs where they did not
+            extra += [(m, repeated), (e, noisy)]
+        if extra:  # second-tier hits are rejected (flagged in shadow), never repaired
+            names, thresholds = self._extra_names, self._extra_thresholds
+            hits = [h for _, h in extra]
+            s, over = _with_columns(s, *(c for c, _ in extra)), _with_columns(over, *hits)
+            # their reasons lead where the checks passed the input, and follow the checks' where they did not
             lead = np.where(suspect, -1.0, np.inf)
-            strength = _with_columns(strength, np.where(repeated, lead, 0.0), np.where(noisy, lead, 0.0))
+            strength = _with_columns(strength, *(np.where(h, lead, 0.0) for h in hits))
+            hit = np.logical_or.reduce(hits)
             if hit.any():
                 codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()
@@ -409,6 +433,27 @@ def _memory_of(profile: Profile, memory: TriggerMemory | bool | None) -> Trigger
     if memory is not None and getattr(memory, "threshold_", None) is None:
         raise ModelError("the trigger memory is not calibrated: call infer_threshold on clean images first")
     return memory
+
+
+def _trajectory_of(model: nn.Module, profile: Profile, trajectory: Trajectory | bool | None) -> Trajectory | None:
+    """The trajectory check a guard runs with: the profile's when ``trajectory`` is None (True: and refuse a
+    profile without one), none when False, else the calibrated one given."""
+    if trajectory is None or trajectory is True:
+        state = profile.trajectory_state()
+        if state is None:
+            if trajectory is True:
+                raise ProfileError("the profile has no trajectory check: rescan with guard scan --trajectory")
+            return None
+        try:
+            return Trajectory.from_profile(model, *state, tuple(profile.input_shape))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ProfileError(f"the profile's trajectory entry is incomplete or malformed ({e!r}): rescan the model"
+                               ) from e
+    if trajectory is False:
+        return None
+    if getattr(trajectory, "threshold_", None) is None:
+        raise ModelError("the trajectory check is not calibrated: call infer_threshold on clean images first")
+    return trajectory
 
 
 def bare_predictions(model: nn.Module, x: np.ndarray | torch.Tensor) -> list[tuple[int, list[float]]]:

@@ -48,6 +48,10 @@ UNSUSPECTED_MEMORY_SHARE = 0.1
 a blend-like backdoor's target can escape Neural Cleanse, and the memory's false alarms then cost about what
 watching one label of ten at the full FPR does."""
 
+TRAJECTORY_SHARE = 0.5
+"""With the trajectory check, the share of the profile's FPR that is its threshold's; the ensemble's is the
+rest, so that the two rejections together stay within the FPR."""
+
 MIN_PER_CLASS = 2
 """Clean images per class ``guard scan`` asks for by default: at 100 classes two per class named the target and
 calibrated the guard as well as ten did (docs/benchmarks.md, 'Measurements behind the defaults'); one per
@@ -74,8 +78,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   nc: NeuralCleanse | None = None, source: dict[str, Any] | None = None,
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
                   inner: str | None = None, folds: int = 5, inner_knn: bool = True,
-                  memory: str = "suspects", tokens: bool = True, min_per_class: int = 0
-                  ) -> tuple[Profile, dict[str, Any]]:
+                  memory: str = "suspects", tokens: bool = True, min_per_class: int = 0,
+                  trajectory: bool = False) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -109,7 +113,12 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     the scan's suspect labels, or, where it suspects none, every label at :data:`UNSUSPECTED_MEMORY_SHARE` of
     ``fpr``; ``"all"`` every label at ``fpr``; ``"off"`` none. Either default way its false alarms cost about
     a tenth of ``fpr`` of all traffic (``fpr`` times the suspects' share); figures and cost in
-    docs/benchmarks.md.
+    docs/benchmarks.md. ``trajectory`` adds the trajectory check (:class:`~guard.online.trajectory.Trajectory`:
+    references from the reversal's share, up to 20 per class; calibrated on the other share), which follows
+    each input's rank among clean images of its predicted class through every layer: it catches triggers
+    re-optimised to match clean statistics in aggregate, at the cost of hooks on every traced layer and a
+    nearest-neighbour search per layer (figures and cost in docs/benchmarks.md, 'Adaptive attackers'). The
+    ensemble and it then share ``fpr``: :data:`TRAJECTORY_SHARE` of it is the trajectory check's.
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -184,7 +193,13 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         c.calibrate(cal_scores[:, j], fpr=fpr)
     stamped = _reversed_trigger_scores(model, checks, nc, x, y, layer=layer_name, inner=inner_name,
                                        tokens=token_stats, seed=seed)
-    ensemble = FisherEnsemble().fit(cal_scores, anomalies=stamped).infer_threshold(cal_scores, fpr=fpr)
+    traj = None
+    if trajectory:
+        from guard.online.trajectory import Trajectory
+
+        traj = Trajectory(seed=seed).fit(model, x_fit, y_fit).infer_threshold(x_cal, fpr=fpr * TRAJECTORY_SHARE)
+    ensemble_fpr = fpr * (1 - TRAJECTORY_SHARE) if traj is not None else fpr
+    ensemble = FisherEnsemble().fit(cal_scores, anomalies=stamped).infer_threshold(cal_scores, fpr=ensemble_fpr)
     realised = float((ensemble.statistic(cal_scores) > ensemble.threshold_).mean())
 
     tensors: dict[str, np.ndarray] = {
@@ -217,6 +232,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     for c in checks:
         profile.add_check(c.name, *c.to_profile())
     profile.set_ensemble(*ensemble.to_profile())
+    if traj is not None:
+        profile.set_trajectory(*traj.to_profile())
     if memory != "off":
         from guard.online.memory import TriggerMemory
 
@@ -237,6 +254,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "model_sha256": meta["model_sha256"],
         "seconds": round(seconds, 2),
         "memory": profile.memory,
+        "trajectory": None if traj is None else {"layers": len(traj.layers_), "references": len(traj.ref_labels_),
+                                                 "threshold": traj.threshold_, "fpr": traj.fpr_},
     }
     return profile, summary
 

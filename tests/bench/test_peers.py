@@ -176,7 +176,7 @@ def test_ted_removes_its_hooks_when_the_model_fails_and_refuses_a_model_without_
         def forward(self, x):
             return x.flatten(1) @ self.w
 
-    with pytest.raises(PeerUnavailable, match="at least two layers"):
+    with pytest.raises(PeerUnavailable, match="at least two layers"):  # the guard's check raises ModelError
         TEDPlusPlus().fit(Bare(), x)
 
 

@@ -24,7 +24,8 @@ def test_interleave_spreads_the_triggered_queries(n_clean, n_triggered):
 
 def test_clean_traffic_leaves_out_the_images_the_triggered_queries_are_stamped_on():
     x = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
-    assert clean_traffic(x, np.array([0, 3, 4]), 5).ravel().tolist() == [1, 2, 5, 6, 7]
+    assert clean_traffic(x, np.array([0, 3, 4]), 5).ravel().tolist() == [5, 6, 7, 8, 9]
+    assert clean_traffic(x, np.array([0, 3, 4]), 2).ravel().tolist() == [5, 6]
     assert clean_traffic(x, np.array([], dtype=np.int64), 20).ravel().tolist() == list(range(10))
 
 
