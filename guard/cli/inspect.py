@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         t = profile.trajectory
         refs = len(profile.tensors.get("trajectory.ref_labels", ()))
         print(f"trajectory check: {len(t['layers'])} layers, {refs} references, over {t['threshold']:.4g} "
-              f"(fpr {t['fpr']:g}; the ensemble has the rest of the profile's)")
+              f"(fpr {t['fpr']:g}, on top of the ensemble's)")
     if profile.warp is not None:
         w = profile.warp
         lead = max(w.per_label, key=lambda r: r["lead"])

@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="add the trajectory check: follow each query's rank among clean images of its predicted class "
                         "through every layer (as TED) and reject one that joins it only late, which catches triggers "
                         "re-optimised to match clean statistics in aggregate; it hooks every layer and searches up "
-                        "to 20 references per class per layer (cost in docs/benchmarks.md), and shares the FPR with "
-                        "the other checks")
+                        "to 20 references per class per layer (cost in docs/benchmarks.md); its false alarms add half "
+                        "the FPR to the other checks'")
     p.add_argument("--min-per-class", type=int, default=None, metavar="N",
                    help="refuse data with fewer than N clean images of some class (default 2; 0 scans anyway)")
     p.add_argument("--seed", type=int, default=0)

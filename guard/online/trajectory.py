@@ -232,8 +232,10 @@ class Trajectory:
     ``per_class`` references kept per class at most (a seeded pick; ``None`` keeps all), ``max_fit``
     clean images used at most (a seeded pick), ``batch_size`` images per forward pass. Learned:
     ``layers_`` (the traced calls, in forward order; a repeated call of one module is ``name#k``),
-    ``ref_labels_`` (the references' classes), ``classes_``, ``ref_`` (per layer, the references'
-    pooled activations), ``trajectories_`` (the references' leave-one-out ranks), ``detector_``.
+    ``ref_labels_`` (the references' classes), ``reference_index_`` (which of the clean images given they
+    are), ``classes_``, ``ref_`` (per layer, the references' pooled activations), ``trajectories_`` (the
+    references' leave-one-out ranks), ``detector_``, and after :meth:`infer_threshold` ``threshold_`` and
+    ``fpr_``.
 
     Parameters
     ----------
@@ -390,6 +392,7 @@ class Trajectory:
         x = np.ascontiguousarray(clean_x, dtype=np.float32)
         y = None if clean_y is None else np.asarray(clean_y)
         rng = np.random.default_rng(self.seed)
+        pick = np.arange(len(x))
         if len(x) > self.max_fit:
             pick = np.sort(rng.choice(len(x), self.max_fit, replace=False))
             x, y = x[pick], None if y is None else y[pick]
@@ -408,6 +411,7 @@ class Trajectory:
         if keep.sum() < 3:
             raise InputError(f"{self.name} needs at least 3 correctly classified clean images, got {keep.sum()}")
         self.ref_labels_ = pred[keep]
+        self.reference_index_ = pick[keep]
         self.classes_ = np.unique(self.ref_labels_)
         self.ref_ = [f[keep] for f in feats]
         self._index_references()

@@ -43,7 +43,7 @@ def test_the_scan_stores_the_check_and_inspect_shows_it(scanned):
     _, profile, out, proc, _, _, _ = scanned
     t = profile.trajectory
     assert len(t["layers"]) >= 4 and t["per_class"] == 20
-    assert t["fpr"] == pytest.approx(profile.fpr / 2)  # the ensemble has the other half
+    assert t["fpr"] == pytest.approx(profile.fpr / 2)  # on top of the ensemble's
     refs = profile.tensors["trajectory.ref_labels"]
     assert 10 * len(np.unique(refs)) <= len(refs) <= 20 * len(np.unique(refs))
     assert json.loads(proc.stdout)["trajectory"]["references"] == len(refs)
@@ -79,6 +79,9 @@ def test_the_guard_rejects_triggered_inputs_by_their_trajectory_within_the_fpr(s
 def test_the_profile_round_trip_scores_as_the_fitted_check(scanned):
     model, profile, _, _, xh, yh, _ = scanned
     fitted = Trajectory().fit(model, xh[:300], yh[:300]).infer_threshold(xh[300:500], fpr=0.02)
+    # the references are correctly classified images of those given, at most 20 per class
+    np.testing.assert_array_equal(yh[:300][fitted.reference_index_], fitted.ref_labels_)
+    assert np.bincount(fitted.ref_labels_).max() <= 20
     settings, tensors = fitted.to_profile()
     again = Trajectory.from_profile(model, settings, tensors, tuple(xh.shape[1:]))
     np.testing.assert_array_equal(again.score(xh[500:540]), fitted.score(xh[500:540]))
