@@ -105,7 +105,7 @@ def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dic
     d, _, _ = bench_data(cfg)
     n_eval = min(cfg.n_eval, len(d.x_test))
     guard = Guard(model, profile, mode="enforce", verify=False, memory=False)
-    plain = [b for b in cfg.graybox_budgets if len(b) < 3 or not b[2]] or list(cfg.graybox_budgets)
+    plain = [b for b in cfg.graybox_budgets if not any(b[2:])] or list(cfg.graybox_budgets)
     steps, weight = max((b[0], b[1]) for b in plain)
     strongest = Budget(int(steps), float(weight))
     out: dict[str, Any] = {"budget": {"steps": strongest.steps, "weight": strongest.weight}, "attacks": {}}

@@ -83,10 +83,11 @@ class BenchConfig:
     # third number where the attacker also evades the trigger memory (that loss's weight); None: skip
     whitebox_budgets: tuple[tuple[float, ...], ...] | None = ((50, 0.3), (150, 1.0), (300, 3.0), (300, 3.0, 10.0))
     # the gray-box attacker on every row whose trigger it can re-optimise (patch, blend key, warp field):
-    # (Adam steps, moment-matching weight[, memory-evasion weight]) per budget, and how many images of its own
-    # it draws; None: skip
+    # (Adam steps, moment-matching weight[, memory-evasion weight[, trajectory-evasion weight]]) per budget, and
+    # how many images of its own it draws; None: skip
     graybox_budgets: tuple[tuple[float, ...], ...] | None = ((100, 1.0), (300, 1.0), (300, 3.0), (300, 10.0),
-                                                             (300, 1.0, 3.0), (300, 10.0, 10.0))
+                                                             (300, 1.0, 3.0), (300, 10.0, 10.0),
+                                                             (300, 1.0, 3.0, 10.0))
     graybox_images: int = 1500
     # purification with this many clean images per class (a fresh scan of each subset), every method of
     # guard.bench.purification.METHODS judged with the real trigger, and the comeback rows; None: skip
@@ -119,7 +120,7 @@ PRESETS: dict[str, BenchConfig] = {
                                                                      "refine_steps": 1, "n_eval": 40},
                         overhead_repeats=10, nc_speed_rounds=1, scaling=False, resnet18_performance=False,
                         whitebox_budgets=((2, 0.3), (3, 1.0), (4, 3.0, 1.0)),
-                        graybox_budgets=((2, 1.0), (3, 3.0), (3, 1.0, 1.0)),
+                        graybox_budgets=((2, 1.0), (3, 3.0), (3, 1.0, 1.0), (2, 1.0, 1.0, 1.0)),
                         graybox_images=200, purify_per_class=(10,), purify_methods=("fine-pruning",),
                         torchserve=False, ts_requests=5, ts_rounds=2, ts_concurrency=2),
 }

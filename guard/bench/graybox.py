@@ -42,17 +42,21 @@ from guard.bench.stream import fresh_noise_rows, memory_figures
 from guard.bench.trigger_param import OptimisedTrigger, as_tensor, residual_similarity, through_guard
 from guard.demo.attacks import Attack
 from guard.model import find_classifier, frozen, probe_input
+from guard.online.trajectory import pool_output, traced_module
 
 
 @dataclass(frozen=True)
 class Budget:
-    """One optimisation budget: Adam ``steps``, the ``weight`` of the moment-matching loss and the weight
+    """One optimisation budget: Adam ``steps``, the ``weight`` of the moment-matching loss, the weight
     ``evade`` of the memory-evasion loss (:func:`~guard.bench.trigger_param.residual_similarity`; 0: the
-    attacker ignores the memory)."""
+    attacker ignores the memory) and the weight ``rank`` of the trajectory-evasion loss."""
 
     steps: int
     weight: float
     evade: float = 0.0
+    rank: float = 0.0
+    """Weight of the trajectory-evasion loss (:func:`rank_loss`, relative to the attack's own trigger's; 0: the
+    attacker ignores the trajectory check)."""
 
 
 DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
@@ -75,11 +79,13 @@ class LayerStatistics:
     ``layers_`` names the hooked layers (a module's output, or ``NAME:input`` for the classifier's input).
     """
 
-    def __init__(self, model: nn.Module, shape: tuple[int, int, int]):
+    def __init__(self, model: nn.Module, shape: tuple[int, int, int], *, grids: bool = False):
         self.model = model
         x = probe_input(model, shape)
         self.classifier_ = find_classifier(model, x)
         self.layers_: list[str] = []
+        self.grids = grids
+        self.grids_: dict[str, torch.Tensor] = {}
         self._pooled: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @contextlib.contextmanager
@@ -91,6 +97,8 @@ class LayerStatistics:
             def hook(module, args, out):
                 if isinstance(out, torch.Tensor) and out.is_floating_point():
                     self._pooled[name] = _pooled(out)
+                    if self.grids and traced_module(module):  # the trajectory check's view of the layer
+                        self.grids_[name] = pool_output(module, out)
             return hook
 
         def in_hook(name):
@@ -112,7 +120,7 @@ class LayerStatistics:
 
     def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
         """Logits of ``x`` and every hooked layer's pooled activations (inside :meth:`hooked`)."""
-        self._pooled = {}
+        self._pooled, self.grids_ = {}, {}
         logits = self.model(x)
         pooled = dict(self._pooled)
         if not self.layers_:
@@ -149,6 +157,31 @@ def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Te
     return torch.stack(terms).mean()
 
 
+def own_grids(stats: LayerStatistics, x: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:
+    """Per traced layer, ``x``'s outputs as the trajectory check pools them (no gradient)."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            stats.capture(x[i:i + batch])
+            for k, v in stats.grids_.items():
+                parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def rank_loss(grids: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], others: dict[str, torch.Tensor]
+              ) -> torch.Tensor:
+    """The trajectory check's rank as the attacker can estimate it with its own images: at each traced layer,
+    by how much each input's nearest own image of another class is nearer than its nearest own image of the
+    target class (a hinge on squared distances, 0 when the target class's is the nearer), relative to the
+    layer's mean squared distance to the target images; the mean over layers and inputs."""
+    terms = []
+    for k, g in grids.items():
+        dt = torch.cdist(g, targets[k]).pow(2)
+        do = torch.cdist(g, others[k]).pow(2).min(1).values
+        terms.append(torch.relu(dt.min(1).values - do).mean() / dt.detach().mean().clamp_min(1e-6))
+    return torch.stack(terms).mean()
+
+
 def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_own: np.ndarray, x_eval: np.ndarray, *,
                  budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
                  seed: int = 0, memory=None, traffic: tuple[np.ndarray, np.ndarray] | None = None
@@ -182,11 +215,15 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     xo = as_tensor(x_own)
     x_victims, x_target = xo[torch.from_numpy(~own_target)], xo[torch.from_numpy(own_target)]
     yt = torch.full((batch_size,), target, dtype=torch.long)
-    stats = LayerStatistics(model, shape)
+    ranked = any(b.rank for b in budgets)
+    stats = LayerStatistics(model, shape, grids=ranked)
     trained = []
     with frozen(model), stats.hooked():
         moments = clean_moments(stats, x_target)
         out["layers_matched"] = len(moments)
+        if ranked:  # the attacker's own references: its target-class images and a draw of the others
+            pick = torch.randperm(len(x_victims), generator=torch.Generator().manual_seed(seed))[:300]
+            targets, others = own_grids(stats, x_target), own_grids(stats, x_victims[pick])
         for b in budgets:
             t0 = time.perf_counter()
             torch.manual_seed(seed)
@@ -195,6 +232,7 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             opt = torch.optim.Adam(trig.parameters(), lr=lr)
             losses: list[float] = []
             repeats: list[float] = []
+            ranks: list[float] = []
             for _ in range(int(b.steps)):
                 pick = torch.randint(0, len(x_victims), (min(batch_size, len(x_victims)),), generator=gen)
                 stamped = trig(x_victims[pick])
@@ -206,12 +244,16 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
                     repeat = residual_similarity(stamped)
                     repeats.append(float(repeat.detach()))
                     loss = loss + b.evade * repeat / max(abs(repeats[0]), 1e-3)
+                if b.rank:
+                    r = rank_loss(stats.grids_, targets, others)
+                    ranks.append(float(r.detach()))
+                    loss = loss + b.rank * r / max(ranks[0], 1e-3)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 losses.append(float(match.detach()))
-            trained.append((b, trig, losses, repeats, time.perf_counter() - t0))
-    for b, trig, losses, repeats, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
+            trained.append((b, trig, losses, repeats, ranks, time.perf_counter() - t0))
+    for b, trig, losses, repeats, ranks, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
         figures, _ = through_guard(guard, trig, x_eval, target)
         figures |= with_memory(trig, x_eval, target)
         out["budgets"].append(asdict(b) | figures | {
@@ -219,10 +261,13 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             "matching_loss_last": round(losses[-1], 4) if losses else None,
             "residual_similarity_first": round(repeats[0], 4) if repeats else None,
             "residual_similarity_last": round(repeats[-1], 4) if repeats else None,
+            "rank_loss_first": round(ranks[0], 4) if ranks else None,
+            "rank_loss_last": round(ranks[-1], 4) if ranks else None,
             "seconds": round(seconds, 2)})
     out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
-    if memory is not None and any(not t[0].evade for t in trained):  # the strongest plain budget's, blurred
-        b, trig = [t for t in trained if not t[0].evade][-1][:2]
+    plain = [t for t in trained if not (t[0].evade or t[0].rank)]
+    if memory is not None and plain:  # the strongest budget that ignores the memory, blurred
+        b, trig = plain[-1][:2]
         out["fresh_noise"] = fresh_noise_rows(guard, trig, b, x_eval, target, with_memory, seed=seed)
     if memory is not None:
         out["max_residual_attack_success_with_memory"] = max(

@@ -343,7 +343,8 @@ def _whitebox_lines(results: dict[str, Any]) -> list[str]:
 def _budget(b: dict[str, Any]) -> str:
     """An adaptive attacker's budget: steps, weight, and the memory-evasion weight where it has one."""
     evade = f", evades the memory ({b['evade']:g})" if b.get("evade") else ""
-    return f"{b['steps']}, {b['weight']:g}{evade}"
+    rank = f", evades the trajectory check ({b['rank']:g})" if b.get("rank") else ""
+    return f"{b['steps']}, {b['weight']:g}{evade}{rank}"
 
 
 def _noise_lines(a: dict[str, Any], section: dict[str, Any], results: dict[str, Any], tail: str) -> list[str]:
@@ -371,8 +372,8 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
         fb = (floor.get("attacks") or {}).get(a["name"])
         top = floor.get("budget") or {}
         for b in [dict(gb["baseline"], steps=0, weight=0.0)] + gb["budgets"]:
-            same = fb is not None and not b.get("evade") and (b["steps"], b["weight"]) == (top.get("steps"),
-                                                                                        top.get("weight"))
+            plain = not (b.get("evade") or b.get("rank"))
+            same = fb is not None and plain and (b["steps"], b["weight"]) == (top.get("steps"), top.get("weight"))
             ref = f"{_pct(fb['attack_success_bare'])} / {_pct(fb['residual_attack_success'])}" if same else ""
             lines.append(f"| {_label(a, results)} | {_budget(b)} | {_pct(b['attack_success_bare'])} "
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "

@@ -96,15 +96,15 @@ def traced_module(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, *ACTIVATIONS))
 
 
-def _pool(module: nn.Module, out: torch.Tensor, spatial: int | None = 4, max_dim: int = 1024) -> torch.Tensor:
-    """One layer's output as ``(N, D)`` float32.
+def pool_output(module: nn.Module, out: torch.Tensor, spatial: int | None = 4, max_dim: int = 1024) -> torch.Tensor:
+    """One layer's output as ``(N, D)`` float32, as the trajectory check compares it (differentiable: an
+    adaptive attacker in the bench matches it; the check's hooks pass a detached output).
 
     A spatial map (a convolution's output, any ``(N, C, H, W)``) is averaged over a grid of at most
     ``spatial`` cells per spatial axis, fewer where ``C`` times the cells would pass ``max_dim`` (one
     mean per channel at least); a token sequence ``(N, T, D)`` is averaged over its tokens; anything
     else is flattened. ``spatial=None`` flattens every output, as the reference code does.
     """
-    out = out.detach()
     if out.ndim <= 2 or spatial is None:
         return out.flatten(1).float()
     if isinstance(module, nn.modules.conv._ConvNd) or out.ndim >= 4:
@@ -141,7 +141,7 @@ class _Tracer(HookSet):
         i = len(self.calls)
         self.calls.append((module, tuple(out.shape) if isinstance(out, torch.Tensor) else None))
         if self.keep is not None and i in self.keep:
-            self.outs.append(_pool(module, out, self.spatial, self.max_dim))
+            self.outs.append(pool_output(module, out.detach(), self.spatial, self.max_dim))
 
     def reset(self) -> None:
         self.calls, self.outs = [], []

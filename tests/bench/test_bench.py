@@ -119,6 +119,7 @@ def test_every_attack_row_has_every_field(tiny):
         assert [_budget(b) for b in gb["budgets"]] == [_padded(b) for b in r["config"]["graybox_budgets"]]
         assert [b["residual_similarity_first"] is not None for b in gb["budgets"]] == [
             bool(b["evade"]) for b in gb["budgets"]]
+        assert [b["rank_loss_first"] is not None for b in gb["budgets"]] == [bool(b["rank"]) for b in gb["budgets"]]
         for b in [gb["baseline"], *gb["budgets"]]:
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
         assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25",
@@ -132,12 +133,12 @@ def test_every_attack_row_has_every_field(tiny):
             assert a["art_strip"] is None and r["art_strip_reason"]
 
 
-def _budget(b: dict) -> tuple[float, float, float]:
-    return b["steps"], b["weight"], b["evade"]
+def _budget(b: dict) -> tuple[float, ...]:
+    return b["steps"], b["weight"], b["evade"], b.get("rank", 0.0)
 
 
 def _padded(b: list) -> tuple[float, ...]:
-    return (*b, 0.0) if len(b) == 2 else tuple(b)
+    return (*b, *(0.0,) * (4 - len(b)))
 
 
 def test_clean_models_report_false_positives(tiny):

@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from guard.bench.graybox import Budget, LayerStatistics, attack_model, clean_moments, moment_loss
+from guard.bench.graybox import (
+    Budget,
+    LayerStatistics,
+    attack_model,
+    clean_moments,
+    moment_loss,
+    own_grids,
+    rank_loss,
+)
 from guard.bench.trigger_param import OptimisedTrigger, as_tensor, residual_similarity, trigger_kind
 from guard.demo.attacks import SIG, AdaptiveBlend, AdaptivePatch, BadNets, Blended, RandomBadNets, WaNet
 
@@ -130,3 +138,21 @@ def test_the_memory_evading_budget_smooths_the_key_out_of_the_memorys_sight(setu
     assert plain["residual_similarity_first"] is None
     assert evading["residual_similarity_last"] < 0.5 * evading["residual_similarity_first"]
     assert evading["attack_success_bare"] >= 0.8
+
+
+def test_rank_loss_is_zero_among_the_target_class_and_positive_elsewhere(setup):
+    """The trajectory-evasion loss: inputs that are the attacker's own target-class images are nearest their
+    class at every traced layer (0); images of other classes are not (> 0), and the loss has a gradient."""
+    model, _, _, x_own, y_own, _, _ = setup
+    stats = LayerStatistics(model, (3, 32, 32), grids=True)
+    x = as_tensor(x_own)
+    with stats.hooked():
+        targets, others = own_grids(stats, x[y_own == 4][:60]), own_grids(stats, x[y_own != 4][:200])
+        assert len(targets) >= 4 and set(targets) == set(others)  # DemoNet's convolutions, ReLUs, Linears
+        stats.capture(x[y_own == 4][:20])
+        assert float(rank_loss(stats.grids_, targets, others).detach()) == 0.0
+        probe = x[y_own != 4][200:220].clone().requires_grad_(True)
+        stats.capture(probe)
+        loss = rank_loss(stats.grids_, targets, others)
+        loss.backward()
+    assert float(loss.detach()) > 0 and float(probe.grad.abs().sum()) > 0
