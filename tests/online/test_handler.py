@@ -363,3 +363,28 @@ def test_refuses_a_missing_profile(unpacked, tmp_path, monkeypatch, caplog):
 
 def test_refuses_an_unknown_mode(unpacked, tmp_path, monkeypatch, caplog):
     _refuses(variant(unpacked, tmp_path, mode="yolo"), monkeypatch, caplog, Exception)
+
+
+def test_a_profile_with_the_trajectory_check_is_served_with_its_reason(demo_world, demo_profile, data, tmp_path,
+                                                                        monkeypatch):
+    """``guard scan --trajectory``'s section travels in the archive and the handler's guard uses it: a triggered
+    request is refused with the check's score in its answer, a clean one passes."""
+    from guard.online.trajectory import Trajectory
+
+    model = load_model(demo_world.model_file, demo_world.weights)
+    profile = Profile.load(demo_profile)
+    xc, yc = load_npz(demo_world.clean)
+    traj = Trajectory().fit(model, xc[:300], yc[:300]).infer_threshold(xc[300:], fpr=profile.fpr / 2)
+    profile.set_trajectory(*traj.to_profile())
+    profile.save(tmp_path / "profile")
+    mar, _ = make_archive(name=NAME, model_file=demo_world.model_file, weights=demo_world.weights,
+                          profile=tmp_path / "profile", export_path=tmp_path, mode="enforce", batch_size=8)
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(tmp_path / NAME)
+    service = load_service(tmp_path / NAME, monkeypatch)
+    assert service._entry_point.__self__.service.guard.trajectory is not None
+    clean, trig = predict(service, [ts_request("c", as_json(data["clean"][:1]), "application/json"),
+                                    ts_request("t", as_json(data["triggered"][:1]), "application/json")])
+    assert clean["status"] == 200 and trig["status"] == 403
+    (p,) = clean["body"]["predictions"]
+    assert "trajectory" in p["scores"] and p["verdict"] == "pass"
