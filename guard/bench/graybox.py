@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from guard.bench.stream import fresh_noise_rows, memory_figures
-from guard.bench.trigger_param import OptimisedTrigger, as_tensor, residual_similarity, through_guard
+from guard.bench.trigger_param import OptimisedTrigger, as_tensor, relative_loss, residual_similarity, through_guard
 from guard.demo.attacks import Attack
 from guard.model import find_classifier, frozen, probe_input
 from guard.online.trajectory import pool_output, traced_module
@@ -241,13 +241,9 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
                 scale = losses[0] if losses else float(match.detach())  # the attack's own trigger's mismatch
                 loss = nn.functional.cross_entropy(logits, yt[:len(pick)]) + b.weight * match / max(scale, 1e-6)
                 if b.evade:  # relative to the attack's own trigger's, as the matching loss
-                    repeat = residual_similarity(stamped)
-                    repeats.append(float(repeat.detach()))
-                    loss = loss + b.evade * repeat / max(abs(repeats[0]), 1e-3)
+                    loss = loss + relative_loss(residual_similarity(stamped), repeats, b.evade)
                 if b.rank:
-                    r = rank_loss(stats.grids_, targets, others)
-                    ranks.append(float(r.detach()))
-                    loss = loss + b.rank * r / max(ranks[0], 1e-3)
+                    loss = loss + relative_loss(rank_loss(stats.grids_, targets, others), ranks, b.rank)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -341,7 +341,8 @@ def _whitebox_lines(results: dict[str, Any]) -> list[str]:
 
 
 def _budget(b: dict[str, Any]) -> str:
-    """An adaptive attacker's budget: steps, weight, and the memory-evasion weight where it has one."""
+    """An adaptive attacker's budget: steps, weight, and the memory- and trajectory-evasion weights where it has
+    them."""
     evade = f", evades the memory ({b['evade']:g})" if b.get("evade") else ""
     rank = f", evades the trajectory check ({b['rank']:g})" if b.get("rank") else ""
     return f"{b['steps']}, {b['weight']:g}{evade}{rank}"
@@ -394,8 +395,9 @@ def _stream_lines(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     share = rows[0]["stream"]["default"]["attack_share"]
-    lines = ["", f"On a stream (one triggered query in {round(1 / share)} among clean test images they are not "
-             "stamped on, after the calibration images as history): triggered inputs through, clean rejected:", "",
+    lines = ["", f"On a stream (one triggered query in {round(1 / share)} among the clean test images after the "
+             "last one they are stamped on, after the calibration images as history): triggered inputs through, "
+             "clean rejected:", "",
              "| attack | memory watches | default guard: through / clean rejected (by the memory) "
              "| without the memory: through / clean rejected |", "|---|---|---|---|"]
     for a in rows:

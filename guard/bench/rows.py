@@ -111,9 +111,9 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
 
 def stream_row(model, profile, pos: np.ndarray, pos_target: np.ndarray, neg: np.ndarray, x_cal: np.ndarray
                ) -> dict[str, Any]:
-    """The row's triggered inputs among clean test images they are not stamped on (:mod:`guard.bench.stream`),
-    through the default guard
-    (with the profile's trigger memory, if the scan added one) and through the same guard without the memory."""
+    """The row's triggered inputs among the clean test images ``neg`` (:mod:`guard.bench.stream`), through the
+    default guard (with the profile's trigger memory, if the scan added one) and through the same guard without
+    the memory."""
     from guard.bench.stream import stream_figures
 
     out: dict[str, Any] = {"memory_watches": memory_watches(profile),

@@ -123,6 +123,13 @@ def residual_similarity(x: torch.Tensor) -> torch.Tensor:
     return (sim.sum() - sim.diagonal().sum()) / max(n * (n - 1), 1)
 
 
+def relative_loss(value: torch.Tensor, history: list[float], weight: float) -> torch.Tensor:
+    """``weight`` times an evasion loss ``value`` over its first value (each step's appended to ``history``), so
+    that one weight means the same trade whatever the attack's own trigger starts from."""
+    history.append(float(value.detach()))
+    return weight * value / max(abs(history[0]), 1e-3)
+
+
 def through_guard(guard, trigger: Callable[[torch.Tensor], torch.Tensor], x: np.ndarray, target: int, *,
                   batch: int = 256) -> tuple[dict[str, Any], np.ndarray]:
     """The real guard (its own mode; the benchmarks use enforce) on ``x`` stamped with ``trigger``.

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from guard.bench.stream import fresh_noise_rows, memory_figures
-from guard.bench.trigger_param import OptimisedTrigger, residual_similarity, through_guard
+from guard.bench.trigger_param import OptimisedTrigger, relative_loss, residual_similarity, through_guard
 from guard.bench.trigger_param import as_tensor as _t
 from guard.demo.attacks import Attack
 from guard.model import FeatureTap, feature_layer, pool_features
@@ -279,9 +279,7 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
                 loss = nn.functional.cross_entropy(logits, ya[pick]) + b.weight * stat.mean() / max(
                     abs(surrogate.threshold), 1e-6)
                 if b.evade:
-                    repeat = residual_similarity(stamped)
-                    repeats.append(float(repeat.detach()))
-                    loss = loss + b.evade * repeat / max(abs(repeats[0]), 1e-3)
+                    loss = loss + relative_loss(residual_similarity(stamped), repeats, b.evade)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
