@@ -355,13 +355,8 @@ class Guard:
             extra += [(m, repeated), (e, noisy)]
         if extra:  # second-tier hits are rejected (flagged in shadow), never repaired
             names, thresholds = self._extra_names, self._extra_thresholds
-            hits = [h for _, h in extra]
-            s, over = _with_columns(s, *(c for c, _ in extra)), _with_columns(over, *hits)
-            # their reasons lead where the checks passed the input, and follow the checks' where they did not
-            lead = np.where(suspect, -1.0, np.inf)
-            strength = _with_columns(strength, *(np.where(h, lead, 0.0) for h in hits))
-            hit = np.logical_or.reduce(hits)
-            if hit.any():
+            s, over, strength, hit = _second_tier(s, over, strength, suspect, extra)
+            if hit is not None:
                 codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()
         return GuardResult(names, logits, s, thresholds, over, codes, repaired, (t2 - t1) * 1e3,
@@ -395,13 +390,29 @@ class Guard:
         return rec.logits, self.scores(rec)
 
 
-def _with_columns(a: np.ndarray, *columns: np.ndarray) -> np.ndarray:
-    """``a`` with ``columns`` appended (one allocation; ``np.column_stack`` costs several times more per call)."""
-    out = np.empty((a.shape[0], a.shape[1] + len(columns)), dtype=a.dtype)
-    out[:, :a.shape[1]] = a
-    for j, c in enumerate(columns):
-        out[:, a.shape[1] + j] = c
-    return out
+def _second_tier(s: np.ndarray, over: np.ndarray, strength: np.ndarray, suspect: np.ndarray,
+                 extra: list[tuple[np.ndarray, np.ndarray]]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The scores, reasons and strengths with the second-tier checks' ``(score, hit)`` columns appended, and which
+    inputs any of them hit (None where none did: the common case costs one allocation per array and no
+    per-column ``np.where``). A hit's reason leads where the ensemble passed the input and follows the
+    checks' reasons where it did not."""
+    n, c = s.shape
+    k = len(extra)
+    s2 = np.empty((n, c + k), dtype=s.dtype)
+    s2[:, :c] = s
+    over2 = np.zeros((n, c + k), dtype=bool)
+    over2[:, :c] = over
+    strength2 = np.zeros((n, c + k), dtype=strength.dtype)
+    strength2[:, :c] = strength
+    hit = None
+    for j, (column, h) in enumerate(extra):
+        s2[:, c + j] = column
+        if h.any():
+            over2[:, c + j] = h
+            strength2[:, c + j] = np.where(h, np.where(suspect, -1.0, np.inf), 0.0)
+            hit = h if hit is None else hit | h
+    return s2, over2, strength2, hit
 
 
 def _tokens_of(profile: Profile, modules: dict[str, nn.Module]) -> TokenStatistics | None:

@@ -2,8 +2,8 @@
 
 Every backdoor whose trigger is one fixed pattern (a patch, a blended key, a key re-optimised by an
 attacker who knows the per-input checks) pastes the *same* pixels into every query it attacks, while
-the content around it changes. The high-frequency residual of an image (each pixel minus the mean of
-its four neighbours) keeps a blended key almost whole and most of a glyph's or photo's content out,
+the content around it changes. The high-frequency residual of an image (each pixel minus the median of
+its 3 x 3 neighbourhood) keeps a blended key almost whole and most of a glyph's or photo's content out,
 so two triggered queries' residuals correlate where two clean queries' hardly do. The memory keeps the
 residuals of the last ``size`` queries the guard saw and scores a new query by its largest cosine
 similarity to them; a near-duplicate of a remembered query (the same image sent again, consecutive
@@ -65,38 +65,68 @@ def _numpy_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, sha
 
 if _numba.njit is not None:
 
+    @_numba.compiled(inline="always")
+    def _median9(v0, v1, v2, v3, v4, v5, v6, v7, v8):  # pragma: no cover - compiled
+        """The median of nine values: a branch-free 19-exchange network."""
+        v1, v2 = min(v1, v2), max(v1, v2)
+        v4, v5 = min(v4, v5), max(v4, v5)
+        v7, v8 = min(v7, v8), max(v7, v8)
+        v0, v1 = min(v0, v1), max(v0, v1)
+        v3, v4 = min(v3, v4), max(v3, v4)
+        v6, v7 = min(v6, v7), max(v6, v7)
+        v1, v2 = min(v1, v2), max(v1, v2)
+        v4, v5 = min(v4, v5), max(v4, v5)
+        v7, v8 = min(v7, v8), max(v7, v8)
+        v0, v3 = min(v0, v3), max(v0, v3)
+        v5, v8 = min(v5, v8), max(v5, v8)
+        v4, v7 = min(v4, v7), max(v4, v7)
+        v3, v6 = min(v3, v6), max(v3, v6)
+        v1, v4 = min(v1, v4), max(v1, v4)
+        v2, v5 = min(v2, v5), max(v2, v5)
+        v4, v7 = min(v4, v7), max(v4, v7)
+        v4, v2 = min(v4, v2), max(v4, v2)
+        v6, v4 = min(v6, v4), max(v6, v4)
+        return min(v4, v2)
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _dense_residual(row, index, pad, med, out, c, h, w):  # pragma: no cover - compiled
+        img = row.reshape(c, h, w)
+        pad[:, 1:-1, 1:-1] = img
+        pad[:, 0, 1:-1] = img[:, 0]
+        pad[:, -1, 1:-1] = img[:, -1]
+        pad[:, :, 0] = pad[:, :, 1]
+        pad[:, :, -1] = pad[:, :, -2]
+        for ch in range(c):
+            for i in range(h):
+                a, b, d, o = pad[ch, i], pad[ch, i + 1], pad[ch, i + 2], med[ch, i]
+                for j in range(w):
+                    o[j] = _median9(a[j], a[j + 1], a[j + 2], b[j], b[j + 1], b[j + 2], d[j], d[j + 1], d[j + 2])
+        flat_med = med.reshape(-1)
+        for p in range(index.shape[0]):
+            out[p] = row[index[p]] - flat_med[index[p]]
+
     @_numba.compiled(nogil=True, fastmath=True)
     def _rows_kernel(flat, index, neighbours, c, h, w):  # pragma: no cover - compiled
         n, f = flat.shape[0], index.shape[0]
         res = np.empty((n, f), np.float32)
         pooled = np.zeros((n, c * 16), np.float32)
         bh, bw = h // 4, w // 4
+        # dense draws (a small image): the 3 x 3 median of every pixel, on a copy with the edges replicated so
+        # that the loop over a row is branch-free and vectorises, then the residual at the drawn positions (on
+        # 32 x 32 inputs four times cheaper than gathering each position's nine neighbours); sparse draws (a
+        # large image): each drawn position's neighbours gathered
+        dense = 8 * f >= c * h * w
+        pad = np.empty((c, h + 2, w + 2) if dense else (1, 1, 1), np.float32)
+        med = np.empty((c, h, w) if dense else (1, 1, 1), np.float32)
         for k in range(n):
             row = flat[k]
-            for p in range(f):
-                nb = neighbours[p]  # median of the 3 x 3 neighbourhood: a branch-free 19-exchange network
-                v0, v1, v2, v3, v4 = row[nb[0]], row[nb[1]], row[nb[2]], row[nb[3]], row[nb[4]]
-                v5, v6, v7, v8 = row[nb[5]], row[nb[6]], row[nb[7]], row[nb[8]]
-                v1, v2 = min(v1, v2), max(v1, v2)
-                v4, v5 = min(v4, v5), max(v4, v5)
-                v7, v8 = min(v7, v8), max(v7, v8)
-                v0, v1 = min(v0, v1), max(v0, v1)
-                v3, v4 = min(v3, v4), max(v3, v4)
-                v6, v7 = min(v6, v7), max(v6, v7)
-                v1, v2 = min(v1, v2), max(v1, v2)
-                v4, v5 = min(v4, v5), max(v4, v5)
-                v7, v8 = min(v7, v8), max(v7, v8)
-                v0, v3 = min(v0, v3), max(v0, v3)
-                v5, v8 = min(v5, v8), max(v5, v8)
-                v4, v7 = min(v4, v7), max(v4, v7)
-                v3, v6 = min(v3, v6), max(v3, v6)
-                v1, v4 = min(v1, v4), max(v1, v4)
-                v2, v5 = min(v2, v5), max(v2, v5)
-                v4, v7 = min(v4, v7), max(v4, v7)
-                v4, v2 = min(v4, v2), max(v4, v2)
-                v6, v4 = min(v6, v4), max(v6, v4)
-                v4, v2 = min(v4, v2), max(v4, v2)
-                res[k, p] = row[index[p]] - v4
+            if not dense:
+                for p in range(f):
+                    nb = neighbours[p]
+                    res[k, p] = row[index[p]] - _median9(row[nb[0]], row[nb[1]], row[nb[2]], row[nb[3]], row[nb[4]],
+                                                         row[nb[5]], row[nb[6]], row[nb[7]], row[nb[8]])
+            else:
+                _dense_residual(row, index, pad, med, res[k], c, h, w)
             for ch in range(c):
                 for bi in range(4):
                     for bj in range(4):
@@ -160,6 +190,25 @@ if _numba.njit is not None:
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:func:`_numpy_unit_rows` in one compiled call."""
         return _unit_rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_content, ring, duplicate
+                      ):  # pragma: no cover - compiled
+        res, content, energy = _unit_rows_kernel(flat, index, neighbours, c, h, w)
+        size = mem_res.shape[0]
+        sim = np.zeros(res.shape[0], np.float32)
+        for i in range(res.shape[0]):
+            filled, nxt = ring[0], ring[1]
+            if not watch[i]:
+                energy[i] = np.float32(0.0)
+            elif filled > 0:
+                sim[i] = _against_kernel(res[i:i + 1], content[i:i + 1], mem_res[:filled], mem_content[:filled],
+                                         duplicate)[0]
+            mem_res[nxt] = res[i]
+            mem_content[nxt] = content[i]
+            ring[1] = (nxt + 1) % size
+            ring[0] = min(filled + 1, size)
+        return sim, energy
 else:  # pragma: no cover - without numba
     _raw_rows = _numpy_rows
 
@@ -238,8 +287,7 @@ class TriggerMemory:
         """Forget every remembered query."""
         self._res = np.zeros((self.size, len(self.index_)), dtype=np.float32)
         self._content = np.zeros((self.size, self._shape[0] * 16), dtype=np.float32)
-        self._filled = 0
-        self._next = 0
+        self._ring = np.zeros(2, dtype=np.int64)  # how many rows are filled, where the next one goes
         self._lock = threading.Lock()  # one memory per serving worker; its threads take turns
         return self
 
@@ -269,6 +317,8 @@ class TriggerMemory:
             return np.ones(n, dtype=bool)
         if labels is None:
             raise ValueError("this memory watches some labels only: pass the inputs' predicted labels")
+        if n == 1:  # the serving path: one query
+            return np.array([int(np.asarray(labels).reshape(-1)[0]) in self.labels])
         return np.fromiter((int(v) in self.labels for v in np.asarray(labels).reshape(-1)), dtype=bool, count=n)
 
     def _against(self, res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray
@@ -282,6 +332,10 @@ class TriggerMemory:
         sim = res @ mem_res.T
         sim[content @ mem_content.T > self.duplicate] = -1.0
         return sim.max(1)
+
+    @property
+    def _filled(self) -> int:
+        return int(self._ring[0])
 
     def _memory(self) -> tuple[np.ndarray, np.ndarray]:
         return self._res[: self._filled], self._content[: self._filled]
@@ -304,11 +358,12 @@ class TriggerMemory:
         return self
 
     def _push(self, res: np.ndarray, content: np.ndarray) -> None:
+        ring = self._ring
         for i in range(max(0, len(res) - self.size), len(res)):
-            self._res[self._next] = res[i]
-            self._content[self._next] = content[i]
-            self._next = (self._next + 1) % self.size
-            self._filled = min(self._filled + 1, self.size)
+            self._res[ring[1]] = res[i]
+            self._content[ring[1]] = content[i]
+            ring[1] = (ring[1] + 1) % self.size
+            ring[0] = min(ring[0] + 1, self.size)
 
     def observe(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Score each input (predicted ``labels``) against the memory and the batch's earlier inputs, then
@@ -317,8 +372,13 @@ class TriggerMemory:
 
     def check(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`observe`'s similarities and each watched input's :meth:`energy` (0 where not watched)."""
+        watch = self.watched(labels, len(x))
+        if _numba.njit is not None:  # rows, comparisons and the ring buffer in one compiled call
+            flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+            with self._lock:
+                return _check_kernel(flat, self.index_, self.neighbours_, *self._shape, watch, self._res,
+                                     self._content, self._ring, np.float32(self.duplicate))
         res, content, energy = self._rows_energy(x)
-        watch = self.watched(labels, len(res))
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
             for i in range(len(res)):

@@ -157,11 +157,12 @@ def test_a_memory_watching_some_labels_compares_only_their_queries_and_remembers
     assert again.labels == (2, 5) and again.threshold_ == mem.threshold_
 
 
-def test_the_compiled_rows_match_numpy():
+@pytest.mark.parametrize("n_features", [500, 100])  # dense draws (a median of every pixel), sparse (gathered)
+def test_the_compiled_rows_match_numpy(n_features):
     from guard.online import memory
 
     x = np.random.default_rng(0).random((4, 3, 30, 26), dtype=np.float32)
-    mem = TriggerMemory(n_features=500).fit(x)
+    mem = TriggerMemory(n_features=n_features).fit(x)
     flat = x.reshape(4, -1)
     for got, want in zip(memory._raw_rows(flat, mem.index_, mem.neighbours_, mem._shape),
                          memory._numpy_rows(flat, mem.index_, mem.neighbours_, mem._shape)):
@@ -218,3 +219,29 @@ def test_a_scan_that_suspects_nothing_watches_every_label_at_a_tenth_of_the_fpr(
     profile = clean_scan.profile
     assert profile.suspect_labels == []
     assert profile.memory["labels"] is None and profile.memory["fpr"] == pytest.approx(profile.fpr / 10)
+
+
+def test_check_matches_comparing_each_query_then_remembering_it():
+    """The compiled check (rows, comparisons and ring buffer in one call) gives what scoring each query against
+    the memory and then remembering it gives, watched labels and a wrapping ring included."""
+    from guard.online import memory
+
+    rng = np.random.default_rng(1)
+    x = rng.random((30, 3, 12, 12), dtype=np.float32)
+    x[10:] = 0.3 * x[10:] + 0.7 * rng.random((1, 3, 12, 12), dtype=np.float32)  # a shared key from query 10 on
+    labels = rng.integers(0, 3, size=30)
+    mem = TriggerMemory(size=8, n_features=200, labels=[1, 2]).fit(x)
+    mem.threshold_, mem.energy_threshold_, mem.fpr_ = 0.5, 1.0, 0.01
+    res, content, energy = memory._numpy_unit_rows(x.reshape(30, -1), mem.index_, mem.neighbours_, mem._shape)
+    want_sim, want_energy = np.zeros(30, np.float32), np.where(labels > 0, energy, 0.0)
+    for i in range(30):
+        lo = max(0, i - 8)
+        if labels[i] > 0 and i > 0:
+            sim = res[lo:i] @ res[i]
+            sim[content[lo:i] @ content[i] > mem.duplicate] = -1.0
+            want_sim[i] = sim.max()
+    got_sim, got_energy = mem.check(x[:17], labels[:17])
+    more_sim, more_energy = mem.check(x[17:], labels[17:])
+    np.testing.assert_allclose(np.concatenate([got_sim, more_sim]), want_sim, atol=1e-4)
+    np.testing.assert_allclose(np.concatenate([got_energy, more_energy]), want_energy, atol=1e-4)
+    assert mem._filled == 8 and (want_sim[10:][labels[10:] > 0] > 0.5).mean() > 0.8
