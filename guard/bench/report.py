@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from guard.bench.provenance import describe
+
 
 def _f(v: Any, nd: int = 3) -> str:
     if v is None:
@@ -153,6 +155,7 @@ def render(results: dict[str, Any]) -> str:
              f"- date: {results['date']}, total {results.get('seconds', 0):.0f} s wall, "
              f"{results.get('cpu_seconds', 0):.0f} s CPU (this process and its workers; TorchServe not counted), "
              f"jobs: {m.get('jobs', 1)}",
+             f"- code: {describe(results.get('code') or {})}",
              f"- machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']} "
              f"(torch threads: {m['torch_threads']}), "
              f"load average {m.get('load_average_1m_at_start')} at start, {m.get('load_average_1m_at_end')} at end "

@@ -37,6 +37,8 @@ from guard.bench.config import SCHEMA_VERSION, BenchConfig, bench_data, log, on_
 from guard.bench.machine import choose_threads, cpu_seconds, machine_facts
 from guard.bench.models import zoo_model
 from guard.bench.performance import performance
+from guard.bench.provenance import code_facts, describe
+from guard.bench.provenance import require_clean as require_clean_tree
 from guard.bench.report import targets
 from guard.bench.rows import attack_row, clean_row
 from guard.bench.strip import art_available
@@ -50,13 +52,21 @@ def _print_progress(msg: str) -> None:
 
 def run_bench(cfg: BenchConfig, *, out_dir: Path, cache: Path | None = None, threads: int | None = None,
               progress: Callable[[str], None] | None = None, command: str = "",
-              jobs: int | None = None) -> dict[str, Any]:
+              jobs: int | None = None, require_clean: bool = False) -> dict[str, Any]:
     """Run the benchmark described by ``cfg``; returns the results (also the caller's to write).
 
     ``jobs`` worker processes (single-threaded) run the attacks side by side; by default two on an
     idle machine with two or more cores, else one (in this process). The performance figures are
-    measured afterwards, in this process, with no job running.
+    measured afterwards, in this process, with no job running. The results name the commit measured and
+    whether the package had uncommitted changes (:mod:`guard.bench.provenance`); ``require_clean`` refuses
+    (InputError) to start on such a tree.
     """
+    code = code_facts()
+    if require_clean:
+        require_clean_tree(code)
+    if code["dirty"]:
+        log(progress, f"warning: measuring uncommitted code ({describe(code)}): "
+                      "these figures belong to no commit")
     previous_threads = torch.get_num_threads()
     threads, threads_reason = choose_threads(threads)
     if jobs is None:
@@ -64,13 +74,13 @@ def run_bench(cfg: BenchConfig, *, out_dir: Path, cache: Path | None = None, thr
     torch.set_num_threads(threads)
     try:
         return _run(cfg, out_dir=out_dir, cache=cache, threads_reason=threads_reason, progress=progress,
-                    command=command, jobs=max(1, int(jobs)))
+                    command=command, jobs=max(1, int(jobs)), code=code)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason: str,
-         progress: Callable[[str], None] | None, command: str, jobs: int) -> dict[str, Any]:
+         progress: Callable[[str], None] | None, command: str, jobs: int, code: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +95,7 @@ def _run(cfg: BenchConfig, *, out_dir: Path, cache: Path | None, threads_reason:
         "schema_version": SCHEMA_VERSION, "command": command,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_facts() | {"threads_reason": threads_reason, "jobs": jobs}, "config": cfg.to_json(),
+        "code": code,
         "art_strip_available": art_ok, "art_strip_reason": None if art_ok else art_reason,
         "clean_models": [], "attacks": [],
     }

@@ -73,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="attacks run side by side in this many single-threaded processes "
                         "(default: 2 on an idle machine with 2+ cores, else 1)")
+    p.add_argument("--require-clean", action="store_true",
+                   help="refuse to run unless guard/ is a git checkout's committed code (figures for the docs)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
 
 
@@ -110,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = run_bench(cfg, out_dir=out, cache=Path(args.cache) if args.cache else None, threads=args.threads,
                         progress=None if os.environ.get("GUARD_BENCH_QUIET") else progress, command=command,
-                        jobs=args.jobs)
+                        jobs=args.jobs, require_clean=args.require_clean)
     text = json.dumps(results, indent=2, sort_keys=False, default=float) + "\n"
     tmp = out / "results.json.tmp"
     tmp.write_text(text)

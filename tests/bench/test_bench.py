@@ -190,6 +190,7 @@ def test_markdown_is_rendered_from_the_json(tiny):
     assert "| attack | guard (1) | STRIP (10) | IBD-PSC (6) | SCALE-UP (6) |" in md and "White-box attacker" in md
     assert "| TED (1) | TED++ (1) |" in md
     assert r["command"] in md
+    assert set(r["code"]) == {"commit", "dirty", "changed", "reason"} and "\n- code: " in md  # which code it measured
     assert (out / "models").is_dir() and any((out / "models").glob("*.safetensors"))
 
 
