@@ -1,9 +1,11 @@
-"""A 224x224 model through a user's whole path: ``guard scan``, ``guard archive``, ``guard serve`` and requests.
+"""224x224 models through a user's whole path: ``guard scan``, ``guard archive``, ``guard serve`` and requests.
 
-The model is torchvision's ResNet-18 layout (ImageNet stem, ``guard/demo/nets/tv_resnet.py``) trained for one
-epoch on 300 glyph images at 224x224 with a 16-pixel BadNets patch: enough to exercise every size-dependent
-part (the scan's masks and hooks at 224, the profile's input shape, the archive's request bound, PNG and JSON
-decoding at 224, the served answer), not to learn the task. Detection at this size needs a trained model,
+The models are torchvision's ResNet-18 layout (ImageNet stem, ``guard/demo/nets/tv_resnet.py``) and the bundled
+vision transformer at patch 16 (196 tokens and a class token, two blocks, ``guard/demo/nets/vit.py``), each
+trained for one epoch on 300 glyph images at 224x224 with a 16-pixel BadNets patch: enough to exercise every
+size-dependent part (the scan's masks and hooks at 224, the transformer's token statistics over 197 tokens, the
+profile's input shape, the archive's request bound, PNG and JSON decoding at 224, the served answer), not to
+learn the task. Detection at this size needs a trained model,
 which takes a minute of two cores: it is measured in the bench (``guard.bench.input_sizes``: the target named
 and every triggered input stopped, figures in docs/benchmarks.md), not here.
 """
@@ -35,23 +37,30 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture(scope="module")
-def world224(tmp_path_factory):
-    return build(tmp_path_factory.mktemp("w224"), net="tv_resnet", size=224, n_train=300, n_clean=120,
-                 n_holdout=10, epochs=1, attack=BadNets(target=6, size=16))
+NETS = {"tv_resnet": {}, "vit": {"IMAGE": 224, "PATCH": 16, "DEPTH": 2}}
+
+
+@pytest.fixture(scope="module", params=sorted(NETS))
+def world224(request, tmp_path_factory):
+    return request.param, build(tmp_path_factory.mktemp(f"w224-{request.param}"), net=request.param, size=224,
+                                n_train=300, n_clean=120, n_holdout=10, epochs=1, attack=BadNets(target=6, size=16),
+                                **NETS[request.param])
 
 
 def test_a_224_model_is_scanned_archived_and_served(world224, tmp_path):
     if shutil.which("java") is None:
         pytest.skip("TorchServe needs java")
-    w = world224
+    net, w = world224
     model_args = ("--model-file", str(w.model_file), "--weights", str(w.weights))
     profile = tmp_path / "profile"
     scan = guard_cli("scan", *model_args, "--data", str(w.clean), "--out", str(profile), "--max-rounds", "1",
                      "--no-warp", "--json")
     assert scan.returncode in (0, 1), scan.stderr  # clean or backdoored: a verdict, not an error
     assert json.loads(scan.stdout)["verdict"] in ("clean", "backdoored")
-    assert json.loads((profile / "profile.json").read_text())["input_shape"] == [3, 224, 224]
+    written = json.loads((profile / "profile.json").read_text())
+    assert written["input_shape"] == [3, 224, 224]
+    if net == "vit":  # a transformer's blocks are read token by token at this size too
+        assert "token" in written["checks"], sorted(written["checks"])
 
     store = tmp_path / "store"
     archived = guard_cli("archive", "--name", "big", *model_args, "--profile", str(profile), "--export-path",
