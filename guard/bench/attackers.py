@@ -26,8 +26,7 @@ def profile_memory(guard: Guard):
     ``--memory off``), empty, for the bench's streams."""
     from guard.online.memory import TriggerMemory
 
-    settings = guard.profile.memory
-    return None if settings is None else TriggerMemory.from_settings(settings, tuple(guard.input_shape))
+    return TriggerMemory.from_profile(guard.profile)
 
 
 def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int, x_fit: np.ndarray,

@@ -437,8 +437,7 @@ def _memory_of(profile: Profile, memory: TriggerMemory | bool | None) -> Trigger
     if memory is None or memory is True:
         if profile.memory is None and memory is True:
             raise ProfileError("the profile has no trigger memory: rescan with guard scan --memory all")
-        memory = None if profile.memory is None else TriggerMemory.from_settings(profile.memory,
-                                                                              tuple(profile.input_shape))
+        memory = TriggerMemory.from_profile(profile)
     elif memory is False:
         memory = None
     if memory is not None and getattr(memory, "threshold_", None) is None:

@@ -416,6 +416,13 @@ class TriggerMemory:
         mem.energy_threshold_ = float("inf") if energy is None else float(energy)
         return mem
 
+    @classmethod
+    def from_profile(cls, profile) -> TriggerMemory | None:
+        """The calibrated, empty memory a profile carries (:meth:`from_settings` of its ``memory`` entry for its
+        input shape); None for a profile scanned with ``--memory off``."""
+        settings = profile.memory
+        return None if settings is None else cls.from_settings(settings, tuple(profile.input_shape))
+
     def infer_threshold(self, x: np.ndarray, *, fpr: float) -> TriggerMemory:
         """Replay clean ``x``: each image scored against a full memory of other clean images; the similarity's
         threshold lets half of ``fpr`` of them through and the energy's the other half (of the watched
