@@ -28,7 +28,7 @@ def test_reasons_are_ordered_by_their_strength():
     over = scores > thresholds
     strength = UnionRule(thresholds).fit().contributions(scores)  # margin over the threshold, relative to it
     res = GuardResult(names, np.zeros((3, 4), np.float32), scores, thresholds, over,
-                      np.array([1, 1, 0]), {}, 0.0, 0.0, strength.max(1), 0.0, strength)
+                      np.array([1, 1, 0]), {}, strength.max(1), 0.0, strength)
     first, second, third = res.decisions
     assert first.reasons == ["knn", "feature"]  # knn 3x its threshold beats feature's 1.2x
     assert second.reasons == ["neuron", "feature"]

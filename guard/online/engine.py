@@ -46,9 +46,10 @@ class GuardResult:
     that give the reasons: those over their own threshold, else the one contributing most.
     ``strength`` orders them (each check's contribution to the statistic, strongest first). For
     repaired inputs ``logits`` are the repaired image's and ``repaired_scores`` its re-scored checks.
-    ``guard_ms`` is the guard's own time (validation, checks, policy, repair), ``forward_ms`` the
-    model's tapped forward pass; ``stages_ms`` splits the call into ``validate``, ``forward``, ``scoring``
-    (the checks and the ensemble) and ``policy`` (verdicts, reasons, repair and the trigger memory).
+    ``stages_ms`` splits the call into ``validate``, ``forward`` (the model's tapped forward pass),
+    ``scoring`` (the checks and the ensemble) and ``policy`` (verdicts, reasons, repair and the trigger
+    memory); ``forward_ms`` is its forward stage and ``guard_ms`` the rest, the guard's own time. All three
+    read ``marks``, ``Guard.run``'s clock readings (0 and None for a result built without them).
     """
 
     names: list[str]
@@ -58,8 +59,6 @@ class GuardResult:
     over: np.ndarray
     verdict_codes: np.ndarray
     repaired_scores: dict[int, np.ndarray]
-    forward_ms: float
-    guard_ms: float
     statistic: np.ndarray
     ensemble_threshold: float
     strength: np.ndarray
@@ -73,6 +72,16 @@ class GuardResult:
         t0, t1, t2, ts, t3 = self.marks
         return {"validate": (t1 - t0) * 1e3, "forward": (t2 - t1) * 1e3, "scoring": (ts - t2) * 1e3,
                 "policy": (t3 - ts) * 1e3}
+
+    @property
+    def forward_ms(self) -> float:
+        stages = self.stages_ms
+        return 0.0 if stages is None else stages["forward"]
+
+    @property
+    def guard_ms(self) -> float:
+        stages = self.stages_ms
+        return 0.0 if stages is None else stages["validate"] + stages["scoring"] + stages["policy"]
 
     @property
     def verdicts(self) -> list[str]:
@@ -359,9 +368,8 @@ class Guard:
             if hit is not None:
                 codes = np.where(hit & (codes != 3), 3 if self.mode == "shadow" else 1, codes)
         t3 = time.perf_counter()
-        return GuardResult(names, logits, s, thresholds, over, codes, repaired, (t2 - t1) * 1e3,
-                           ((t1 - t0) + (t3 - t2)) * 1e3, stat, float(self.ensemble.threshold_), strength,
-                           (t0, t1, t2, ts, t3))
+        return GuardResult(names, logits, s, thresholds, over, codes, repaired, stat, float(self.ensemble.threshold_),
+                           strength, (t0, t1, t2, ts, t3))
 
     def unguarded(self, x: np.ndarray | torch.Tensor) -> list[Decision]:
         """The bare model's answers for a batch, marked verdict ``error`` with reason ``guard_error``:
