@@ -183,3 +183,12 @@ def test_white_box_surrogate_reproduces_the_token_check(tiny, tiny_profile):
         a = tap.inner.reshape(len(batch), tap.inner.shape[1], -1)
         g = torch.cat([a.mean(2), a.amax(2)], 1)
     np.testing.assert_allclose(score(None, None, None, g).numpy(), guard.run(batch).scores[:, j], rtol=1e-4)
+
+
+def test_fit_leaves_no_hook_behind_when_a_block_is_not_a_module_or_not_tokens(tiny):
+    model, x, _ = tiny
+    with pytest.raises(AttributeError):
+        TokenStatistics().fit(model, x[:8], ["blocks.0", "blocks.9"])  # the second does not exist
+    with pytest.raises(ValueError, match="not tokens"):
+        TokenStatistics().fit(model, x[:8], ["blocks.1", "embed"])  # a (N, C, H, W) map, not (N, T, D)
+    assert all(not m._forward_hooks for m in model.modules())

@@ -66,9 +66,11 @@ class TokenStatistics:
             raise ValueError("TokenStatistics needs at least one token block")
         seen: dict[str, torch.Tensor] = {}
         sums: dict[str, list] = {b: [None, None, 0] for b in blocks}  # sum of tokens, of outer products, count
-        handles = [model.get_submodule(b).register_forward_hook(lambda m, a, o, b=b: seen.__setitem__(b, o))
-                   for b in blocks]
-        try:
+        handles = []
+        try:  # registered inside: a block that is not a module (get_submodule raises) leaves no hook behind
+            for b in blocks:
+                handles.append(model.get_submodule(b).register_forward_hook(
+                    lambda m, a, o, b=b: seen.__setitem__(b, o)))
             with frozen(model), torch.inference_mode():
                 for i in range(0, len(x), self.batch_size):
                     model(torch.from_numpy(np.ascontiguousarray(x[i:i + self.batch_size], dtype=np.float32)))
