@@ -12,6 +12,7 @@ from guard.bench.config import BenchConfig, bench_data, log
 from guard.demo.attacks import Attack
 from guard.demo.glyphs import glyphs
 from guard.online import Guard
+from guard.online.memory import TriggerMemory
 
 
 def memory_watches(profile) -> str | list[int] | None:
@@ -19,14 +20,6 @@ def memory_watches(profile) -> str | list[int] | None:
     if profile.memory is None:
         return None
     return "all" if profile.memory.get("labels") is None else list(profile.memory["labels"])
-
-
-def profile_memory(guard: Guard):
-    """The trigger memory the guard's profile carries (what ``guard scan`` ships by default; None with
-    ``--memory off``), empty, for the bench's streams."""
-    from guard.online.memory import TriggerMemory
-
-    return TriggerMemory.from_profile(guard.profile)
 
 
 def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int, x_fit: np.ndarray,
@@ -39,7 +32,7 @@ def whitebox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guar
     own = attack.victims(d.y_test[n_eval:])
     x_att = d.x_test[n_eval:][own] if own.sum() >= 32 else x_fit[attack.victims(y_fit)]
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
-    memory = profile_memory(guard) if x_cal is not None else None
+    memory = TriggerMemory.from_profile(guard.profile) if x_cal is not None else None
     return bench_row(model, attack, guard, x_att[:500], x_eval, budgets=cfg.whitebox_budgets, seed=cfg.zoo.seed,
                      memory=memory, traffic=None if memory is None else (x_cal, stream_clean(d, attack, n_eval)))
 
@@ -81,7 +74,7 @@ def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard
 
     x_own, y_own = attacker_images(cfg)
     x_eval = d.x_test[attack.victims(d.y_test)][:n_eval]
-    memory = profile_memory(guard)
+    memory = TriggerMemory.from_profile(guard.profile)
     out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
                        budgets=tuple(Budget(int(b[0]), *map(float, b[1:])) for b in cfg.graybox_budgets),
                        memory=memory, traffic=(x_cal, stream_clean(d, attack, n_eval)))
