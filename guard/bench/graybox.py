@@ -39,7 +39,14 @@ import torch
 from torch import nn
 
 from guard.bench.stream import fresh_noise_rows, memory_figures
-from guard.bench.trigger_param import OptimisedTrigger, as_tensor, relative_loss, residual_similarity, through_guard
+from guard.bench.trigger_param import (
+    OptimisedTrigger,
+    as_tensor,
+    relative_loss,
+    residual_similarity,
+    seeded_trigger,
+    through_guard,
+)
 from guard.demo.attacks import Attack
 from guard.model import find_classifier, frozen, probe_input
 from guard.online.trajectory import pool_output, traced_module
@@ -226,10 +233,7 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             targets, others = own_grids(stats, x_target), own_grids(stats, x_victims[pick])
         for b in budgets:
             t0 = time.perf_counter()
-            torch.manual_seed(seed)
-            gen = torch.Generator().manual_seed(seed)
-            trig = OptimisedTrigger(attack, shape)
-            opt = torch.optim.Adam(trig.parameters(), lr=lr)
+            trig, opt, gen = seeded_trigger(attack, shape, seed=seed, lr=lr)
             losses: list[float] = []
             repeats: list[float] = []
             ranks: list[float] = []

@@ -109,6 +109,17 @@ class OptimisedTrigger(nn.Module):
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True).clamp(0, 1)
 
 
+def seeded_trigger(attack: Attack, shape: tuple[int, int, int], *, seed: int, lr: float
+                   ) -> tuple[OptimisedTrigger, torch.optim.Optimizer, torch.Generator]:
+    """A budget's starting point, the same for every budget and attacker: ``attack``'s own trigger as
+    parameters, Adam over them at ``lr`` and the generator that draws its batches (torch's global seed set
+    to ``seed`` too)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    trig = OptimisedTrigger(attack, shape)
+    return trig, torch.optim.Adam(trig.parameters(), lr=lr), gen
+
+
 def residual_similarity(x: torch.Tensor) -> torch.Tensor:
     """Mean pairwise cosine similarity of a batch's high-frequency residuals (each pixel minus its 3 x 3
     neighbourhood's median, edges replicated, centred per image), the trigger memory's documented statistic,

@@ -48,8 +48,8 @@ import torch
 from torch import nn
 
 from guard.bench.stream import fresh_noise_rows, memory_figures
-from guard.bench.trigger_param import OptimisedTrigger, relative_loss, residual_similarity, through_guard
 from guard.bench.trigger_param import as_tensor as _t
+from guard.bench.trigger_param import relative_loss, residual_similarity, seeded_trigger, through_guard
 from guard.demo.attacks import Attack
 from guard.model import FeatureTap, feature_layer, pool_features
 from guard.online import Guard
@@ -266,10 +266,7 @@ def attack_guard(model: nn.Module, attack: Attack, guard: Guard, x_attacker: np.
     plain = None  # the strongest budget that ignores the memory, and its trigger
     for b in budgets:
         t0 = time.perf_counter()
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        trig = OptimisedTrigger(attack, shape)
-        opt = torch.optim.Adam(trig.parameters(), lr=lr)
+        trig, opt, gen = seeded_trigger(attack, shape, seed=seed, lr=lr)
         repeats: list[float] = []
         with surrogate._frozen():
             for _ in range(int(b.steps)):
