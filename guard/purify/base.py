@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,11 +89,12 @@ class Candidates:
                 break
 
     def rereverse(self, model: nn.Module, round_: int, *, seed: int = 0, device: str = "cpu",
-                  progress: bool | None = None) -> list[Trigger]:
+                  progress: bool | None = None) -> list[tuple[int, Trigger]]:
         """The suspect labels' triggers reversed again on the partly purified ``model``, the way the
         evidence found them: what still fires the backdoor once the triggers found so far are unlearned
         (a backdoor with several triggers, or one the first reversal only partly found, shows another
-        one here). The new triggers join the scoring list and are returned for unlearning.
+        one here). The new triggers join the scoring list and are returned, with their labels, for
+        unlearning.
 
         Patch evidence: Neural Cleanse for the suspect labels, each trigger where found and pasted
         anywhere; L1 norms to ``details["re_reversed_l1"]``. Blend evidence: a key at the evidence's
@@ -109,9 +111,9 @@ class Candidates:
         new = reversed_triggers(labels, nc.masks_, nc.patterns_)
         moved = anywhere(new)
         self.scoring.extend([(s, Trigger(t.mask, t.pattern)) for s, t in new] + moved)
-        return [t for _, t in new + moved]
+        return new + moved
 
-    def _rereverse_blend(self, model: nn.Module, round_: int, *, seed: int) -> list[Trigger]:
+    def _rereverse_blend(self, model: nn.Module, round_: int, *, seed: int) -> list[tuple[int, Trigger]]:
         from guard.scan.blend import blend_keys
 
         ev, shape = self.evidence, self.x.shape[2:]
@@ -122,28 +124,57 @@ class Candidates:
             for alpha in opacities:
                 keys, success = blend_keys(model, self.x, self.y, [label], alpha=alpha, seed=seed + round_)
                 t = Trigger(torch.full((1, *shape), alpha), torch.from_numpy(keys[0]))
-                found.append(t)
+                found.append((label, t))
                 self.scoring.append((label, t))
                 rows.append({"label": label, "opacity": alpha, "success": round(float(success[0]), 3)})
         self.details.setdefault("re_reversed_blend", []).append(rows)
         return found
 
-    def rereversal(self, triggers: list[Trigger], *, every: int, seed: int = 0, device: str = "cpu",
-                   progress: bool | None = None):
-        """A ``refresh`` for :func:`~guard.purify.tuning.finetune_epochs`: every ``every`` epochs,
-        :meth:`rereverse` on the model being tuned, what it finds added to ``triggers`` (in place). None
-        (no refresh) when ``every`` is 0 or there is no suspect label to reverse again."""
+    def unlearning(self, *, every: int, lead: float | None = None, seed: int = 0, device: str = "cpu",
+                   progress: bool | None = None) -> tuple[list[Trigger], Callable[[nn.Module], list[Trigger]] | None]:
+        r"""The triggers to unlearn from the first epoch and a ``refresh`` for
+        :func:`~guard.purify.tuning.finetune_epochs` that every ``every`` epochs :meth:`rereverse`\ s the
+        suspect labels on the model being tuned and returns the triggers to unlearn from then on (None: no
+        refresh, when ``every`` is 0 or there is no suspect label).
+
+        Every suspect label's reversed trigger is stamped where it was found and pasted anywhere. With
+        ``lead`` and patch evidence naming several labels, the cheapest evidence goes first: a label joins
+        the unlearning once its trigger (the latest found, by mask L1) costs at most ``lead`` times the
+        cheapest label's, and stays in once it has joined. A natural label that Neural Cleanse names beside
+        a backdoor's target costs several times the target's trigger; unlearning both from the start gives
+        it a share of a few hundred images' capacity and of the accuracy bound (docs/benchmarks.md,
+        'Purification'). When the target's trigger is unlearned its re-reversal costs more, and the next
+        label joins; two real targets of similar cost join together."""
+        trigs = self.evidence.triggers()
+        pairs = trigs + anywhere(trigs)
+        cost = None
+        if lead is not None and self.evidence.kind == "patch" and len(self.evidence.labels) > 1:
+            cost = {int(s): float(np.asarray(m).sum()) for s, m in zip(self.evidence.labels, self.evidence.masks)}
+        joined: set[int] = set()
+
+        def current() -> list[Trigger]:
+            if cost is None:
+                return [t for _, t in pairs]
+            cheapest = min(cost.values())
+            joined.update(s for s, v in cost.items() if v <= lead * cheapest)
+            self.details["unlearned_labels"] = sorted(joined)
+            return [t for s, t in pairs if s in joined]
+
         if every <= 0 or not self.evidence:
-            return None
+            return current(), None
         epoch = iter(range(1, 10_000))
 
-        def refresh(current: nn.Module) -> list[Trigger]:
+        def refresh(model: nn.Module) -> list[Trigger]:
             e = next(epoch)
             if e % every == 0:
-                triggers.extend(self.rereverse(current, e // every, seed=seed, device=device, progress=progress))
-            return triggers
+                found = self.rereverse(model, e // every, seed=seed, device=device, progress=progress)
+                pairs.extend(found)
+                if cost is not None:
+                    for label, v in zip(self.evidence.labels, self.details["re_reversed_l1"][-1]):
+                        cost[int(label)] = float(v)
+            return current()
 
-        return refresh
+        return current(), refresh
 
 
 def offer_mask_pruning(tag: str, est, model: nn.Module, c: Candidates, *, threshold: float,

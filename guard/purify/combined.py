@@ -23,7 +23,7 @@ from guard.model import FeatureTap
 from guard.purify.anp import ANPPruning
 from guard.purify.base import Candidates, Purifier
 from guard.purify.neurons import classifier_inputs_off
-from guard.purify.triggers import anywhere, stamp_batch
+from guard.purify.triggers import stamp_batch
 from guard.purify.tuning import finetune_epochs
 
 
@@ -68,10 +68,7 @@ class CombinedUnlearning(Purifier):
             ANPPruning(max_drop=self.max_drop, seed=self.seed, progress=self.progress).propose(model, c)
             return
         self._prune_suspects(model, c)
-        trigs = c.evidence.triggers()
-        triggers = [t for _, t in trigs] + [t for _, t in anywhere(trigs)]
-        refresh = c.rereversal(triggers, every=self.every, seed=self.seed, device=self.device,
-                               progress=self.progress)
+        triggers, refresh = c.unlearning(every=self.every, seed=self.seed, device=self.device, progress=self.progress)
         tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 3 * self.every, seed=self.seed,
                                 triggers=triggers, share=max(self.share, 0.5), lr=self.lr, distill=self.distill,
                                 refresh=refresh, recalibrate=True, teacher_model=c.original, label="unlearn",

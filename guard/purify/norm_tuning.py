@@ -26,7 +26,6 @@ from torch import nn
 
 from guard.purify.base import Candidates, Purifier
 from guard.purify.sau import SharedAdversarialUnlearning
-from guard.purify.triggers import anywhere
 from guard.purify.tuning import finetune_epochs, norm_layers, recalibrate_norms
 
 
@@ -72,6 +71,11 @@ class NormTuning(Purifier):
         the clean images after every epoch). False keeps the running statistics while training, which
         leaves the gradients unnormalised, and on a BatchNorm GapNet a single epoch that way cost many
         points of clean accuracy (figures: docs/benchmarks.md, 'Measurements behind the defaults').
+    lead
+        With several suspect labels, the cheapest evidence is unlearned first and a label joins once its
+        latest reversed trigger costs at most ``lead`` times the cheapest one's
+        (:meth:`~guard.purify.base.Candidates.unlearning`); None unlearns every suspect label from the
+        first epoch. 1.5.
 
     Other keywords go to :class:`~guard.purify.base.Purifier` (``max_drop``, ``holdout_share``, ``seed``,
     ``progress``, ``device``).
@@ -81,7 +85,7 @@ class NormTuning(Purifier):
 
     def __init__(self, *, tail: int = 4, share: float = 0.5, every: int = 5, adversarial: bool | None = None,
                  distill: float = 1.0, epochs: int | None = None, lr: float = 2e-3, batch_size: int = 32,
-                 patience: int = 4, batch_stats: bool = True, **kw):
+                 patience: int = 4, batch_stats: bool = True, lead: float | None = 1.5, **kw):
         super().__init__(**kw)
         self.tail = tail
         self.share = share
@@ -93,22 +97,21 @@ class NormTuning(Purifier):
         self.batch_size = batch_size
         self.patience = patience
         self.batch_stats = batch_stats
+        self.lead = lead
 
     def propose(self, model: nn.Module, c: Candidates) -> None:
         norms = bool(norm_layers(model))
         if norms:
             recalibrate_norms(model, c.x)
             c.offer("recalibrate", model)
-        trigs = c.evidence.triggers()
-        triggers = [t for _, t in trigs] + [t for _, t in anywhere(trigs)]
+        triggers, refresh = c.unlearning(every=self.every, lead=self.lead, seed=self.seed, device=self.device,
+                                         progress=self.progress)
         adversarial = self.adversarial if self.adversarial is not None else not triggers
         extra = None
         if adversarial:
             sau = SharedAdversarialUnlearning(seed=self.seed)
             extra = sau.adversarial_loss(copy.deepcopy(c.original).eval(), torch.Generator().manual_seed(self.seed + 1))
         params = tuned_parameters(model, tail=self.tail)
-        refresh = c.rereversal(triggers, every=self.every, seed=self.seed, device=self.device,
-                               progress=self.progress)
         tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 20, lr=self.lr, batch_size=self.batch_size,
                                 seed=self.seed, triggers=triggers, share=self.share if triggers else 0.0,
                                 distill=self.distill, teacher_model=c.original, params=params, recalibrate=norms,
