@@ -39,8 +39,8 @@ from guard.stats import anomaly_index, family_threshold, log_anomaly_index
 
 SCREEN_ABOVE = 25
 """Label counts above which a scan screens labels first. The full stage then optimises 5 candidates and
-10 references, and the screening stage costs about a tenth of a full label per label, so below about
-25 labels the two stages together cost as much as optimising every label in full."""
+10 references, and the screening stage costs about a fifth of a full label per label, so below about
+20-25 labels the two stages together cost as much as optimising every label in full."""
 
 
 class NeuralCleanse:
@@ -65,7 +65,11 @@ class NeuralCleanse:
     optimisation (``screen_steps`` steps on ``screen_batch`` images per label) under a fixed, heavy L1
     cost, from a faint mask over the whole image (``screen_mask_start``): a backdoor target's pattern
     takes its images to the target within a few steps and then sheds the mask down to a few pixels, a
-    natural label cannot, so the labels with the lowest loss over the steps are the ``candidates``.
+    natural label cannot, so the labels with the lowest loss at the end of the steps (the mean over the
+    last ``screen_tail``) are the ``candidates``. Where the optimisation ends separates a target better
+    than how fast it gets there (the area under the whole loss curve): on a 100-class composed-glyph world
+    the area ranked the target 16th and the end first, and the end's margin over the next label grew with
+    the steps (figures: docs/benchmarks.md, 'Measurements behind the defaults').
     The starting mask 0.1 is the one that ranked the target among the candidates on the composed-glyph
     worlds at both 100 and 1000 labels: fainter masks have to grow before any label is reached, and
     0.2 lost the 1000-class target; the margin at 1000 labels is small (figures: docs/benchmarks.md,
@@ -74,10 +78,11 @@ class NeuralCleanse:
     MAD test a representative median and spread. The candidates are by construction the cheapest of
     all labels, so the MAD test's bar ``threshold_`` is raised for the number of labels they were
     picked from (:func:`guard.stats.family_threshold`: the chance that a natural label passes stays
-    what the published 2.0 gives among 10 labels; 2.84 at 100 labels, 3.51 at 1000). On the
-    composed-glyph worlds at 100 and 1000 labels the raised bar flagged the backdoored models' target
-    and no other label, and nothing in their clean twins (figures: docs/benchmarks.md, 'Measurements
-    behind the defaults'). ``screened_`` records what the first stage chose.
+    what the published 2.0 gives among 10 labels; 2.84 at 100 labels, 3.51 at 1000). On the composed-glyph
+    100-label worlds over six seeds the targets' indices were 8.2-13.3 and the clean twins' largest
+    0.9-3.9: two of six clean twins had a natural label over the bar, and at 1000 labels the target's index
+    was 4.1, so no one bar on this index holds both (figures: docs/benchmarks.md, 'Other networks and
+    class counts'). ``screened_`` records what the first stage chose.
 
     Learned attributes: ``masks_`` (K, 1, H, W), ``patterns_`` (K, C, H, W), ``l1_norms_``,
     ``attack_success_``, ``anomaly_index_``, ``log_anomaly_index_``, ``isolation_``, ``threshold_`` (the bar the
@@ -150,9 +155,11 @@ class NeuralCleanse:
         Labels drawn at random from the rest that run in full beside the candidates, so that the MAD
         test has a representative median and spread; 10.
     screen_steps
-        Adam steps each label gets in the screening; its score is its mean loss over all of them (how fast
-        it gets there). 30: a target's pattern reaches it within a few, and a label's screening costs
-        about a tenth of its full optimisation (:data:`SCREEN_ABOVE`).
+        Adam steps each label gets in the screening; 60 (a label's screening then costs about a fifth of
+        its full optimisation).
+    screen_tail
+        The screening score is a label's mean loss over its last ``screen_tail`` steps: where it ends
+        under the fixed L1 cost; 10.
     screen_batch
         Images per label per screening step; 4, which keeps the screening's cost per label small.
     screen_cost
@@ -189,7 +196,8 @@ class NeuralCleanse:
                  steps_per_round: int = 2, max_rounds: int = 200, cost_multiplier: float = 1.5,
                  threshold: float = 2.0, isolation: float = 0.6, labels: list[int] | None = None, seed: int = 0,
                  progress: bool | None = None, device: str = "cpu", screen_above: int | None = SCREEN_ABOVE,
-                 candidates: int = 5, references: int = 10, screen_steps: int = 30, screen_batch: int = 4,
+                 candidates: int = 5, references: int = 10, screen_steps: int = 60, screen_tail: int = 10,
+                 screen_batch: int = 4,
                  screen_cost: float = 1e-3, screen_chunk: int = 128, screen_mask_start: float = 0.1,
                  channels_last: bool = False):
         self.lr = lr
@@ -212,6 +220,7 @@ class NeuralCleanse:
         self.candidates = candidates
         self.references = references
         self.screen_steps = screen_steps
+        self.screen_tail = screen_tail
         self.screen_batch = screen_batch
         self.screen_cost = screen_cost
         self.screen_chunk = screen_chunk
@@ -364,14 +373,14 @@ class NeuralCleanse:
 
         Every label gets ``screen_steps`` Adam steps on ``screen_batch`` images under the fixed L1 cost
         ``screen_cost`` (labels in chunks of ``screen_chunk`` to bound memory); its score is the mean loss
-        (cross-entropy to the label plus the cost times the mask's L1 norm) over all its steps, the area
-        under its loss curve (how fast a label gets there as much as where it ends). Seeded: the initial
-        triggers and batches come from the CPU generator.
+        (cross-entropy to the label plus the cost times the mask's L1 norm) over its last ``screen_tail``
+        steps: where the label ends. Seeded: the initial triggers and batches come from the CPU
+        generator.
         """
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
         _, c, h, w = xt.shape
         score = np.empty(num_classes)
-        tail = self.screen_steps  # the area under the loss curve: how fast a label gets there
+        tail = max(1, min(self.screen_tail, self.screen_steps))  # where a label ends
         with frozen(model):
             for lo in range(0, num_classes, self.screen_chunk):
                 chunk = torch.arange(lo, min(num_classes, lo + self.screen_chunk), device=dev)
