@@ -147,9 +147,9 @@ class Candidates:
         label joins; two real targets of similar cost join together."""
         trigs = self.evidence.triggers()
         pairs = trigs + anywhere(trigs)
-        cost = None
+        cost = None  # with lead, on patch evidence: each label's latest reversed trigger's mask L1
         if lead is not None and self.evidence.kind == "patch" and len(self.evidence.labels) > 1:
-            cost = {int(s): float(np.asarray(m).sum()) for s, m in zip(self.evidence.labels, self.evidence.masks)}
+            cost = {s: float(t.mask.sum()) for s, t in trigs}
         joined: set[int] = set()
 
         def current() -> list[Trigger]:
@@ -170,8 +170,7 @@ class Candidates:
                 found = self.rereverse(model, e // every, seed=seed, device=device, progress=progress)
                 pairs.extend(found)
                 if cost is not None:
-                    for label, v in zip(self.evidence.labels, self.details["re_reversed_l1"][-1]):
-                        cost[int(label)] = float(v)
+                    cost.update((s, float(t.mask.sum())) for s, t in found)
             return current()
 
         return current(), refresh

@@ -26,7 +26,6 @@ def _fake_rereversal(c: Candidates, rounds: list[dict[int, float]]):
     """Stand in for Neural Cleanse: round r re-reverses each label at the given L1."""
     def rereverse(model, round_, **kw):
         l1 = rounds[round_ - 1]
-        c.details.setdefault("re_reversed_l1", []).append([l1[s] for s in c.evidence.labels])
         return [(s, Trigger.of(_mask(int(l1[s])), np.zeros((3, 8, 8), np.float32))) for s in c.evidence.labels]
     c.rereverse = rereverse
 
