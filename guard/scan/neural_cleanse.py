@@ -197,9 +197,8 @@ class NeuralCleanse:
                  threshold: float = 2.0, isolation: float = 0.6, labels: list[int] | None = None, seed: int = 0,
                  progress: bool | None = None, device: str = "cpu", screen_above: int | None = SCREEN_ABOVE,
                  candidates: int = 5, references: int = 10, screen_steps: int = 60, screen_tail: int = 10,
-                 screen_batch: int = 4,
-                 screen_cost: float = 1e-3, screen_chunk: int = 128, screen_mask_start: float = 0.1,
-                 channels_last: bool = False):
+                 screen_batch: int = 4, screen_cost: float = 1e-3, screen_chunk: int = 128,
+                 screen_mask_start: float = 0.1, channels_last: bool = False):
         self.lr = lr
         self.batch_size = batch_size
         self.init_cost = init_cost
