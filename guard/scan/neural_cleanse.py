@@ -55,9 +55,8 @@ class NeuralCleanse:
     (tests/scan/nc_calibration.py) a clean model's cheapest label cost not much less than its
     cheapest natural one and a patch target a fraction of it, and the default ``isolation`` lies
     between the two (figures: docs/benchmarks.md, 'Measurements behind the defaults').
-    ``isolation=1.0`` gives the published rule alone. A screened scan (below) does not apply it: its
-    candidates are the cheapest of many labels by construction, and on the composed-glyph 100- and
-    1000-class worlds the bar hid the 1000-class target; the raised MAD bar holds them instead.
+    ``isolation=1.0`` gives the published rule alone. A screened scan (below) applies it too, and needs it
+    more: its candidates are the cheapest natural labels of many, which the MAD test alone flags.
 
     With many labels (more than ``screen_above``) the cost of optimising every label's trigger grows
     with the label count, so the scan runs in two stages, as scanners after Neural Cleanse do (K-Arm,
@@ -78,11 +77,13 @@ class NeuralCleanse:
     MAD test a representative median and spread. The candidates are by construction the cheapest of
     all labels, so the MAD test's bar ``threshold_`` is raised for the number of labels they were
     picked from (:func:`guard.stats.family_threshold`: the chance that a natural label passes stays
-    what the published 2.0 gives among 10 labels; 2.84 at 100 labels, 3.51 at 1000). On the composed-glyph
-    100-label worlds over six seeds the targets' indices were 8.2-13.3 and the clean twins' largest
-    0.9-3.9: two of six clean twins had a natural label over the bar, and at 1000 labels the target's index
-    was 4.1, so no one bar on this index holds both (figures: docs/benchmarks.md, 'Other networks and
-    class counts'). ``screened_`` records what the first stage chose.
+    what the published 2.0 gives among 10 labels; 2.84 at 100 labels, 3.51 at 1000). The index alone does
+    not hold many labels: on the composed-glyph 100-label worlds over six seeds the targets' indices were
+    8.2-13.3 and two of six clean twins had a natural label over the bar (2.87, 3.93), while at 1000 labels
+    the target's index was 4.1, so no one bar on it holds both. The isolation bar does: those flagged natural
+    labels cost 0.77 and 0.87 of the next natural label, the targets 0.21-0.30, at 100 and at 1000 labels
+    (figures: docs/benchmarks.md, 'Other networks and class counts'). ``screened_`` records what the first
+    stage chose.
 
     Learned attributes: ``masks_`` (K, 1, H, W), ``patterns_`` (K, C, H, W), ``l1_norms_``,
     ``attack_success_``, ``anomaly_index_``, ``log_anomaly_index_``, ``isolation_``, ``threshold_`` (the bar the
@@ -133,8 +134,8 @@ class NeuralCleanse:
         Bar on the MAD anomaly index (raw or log-scale norms, below the median); the published 2.0. A
         screened scan raises it for the number of labels it screened (``threshold_``).
     isolation
-        A flagged label's L1 norm may be at most this times the cheapest natural label's (unscreened
-        scans only; 1.0 gives the published rule alone). 0.6 lies between clean and patch-backdoored
+        A flagged label's L1 norm may be at most this times the cheapest natural label's (1.0 gives the
+        published rule alone). 0.6 lies between clean and patch-backdoored
         models on the calibration population (docs/benchmarks.md, 'Measurements behind the defaults').
     labels
         Optimise only these labels (no screening); None: every label, or the screened ones. Purification
@@ -435,9 +436,7 @@ class NeuralCleanse:
         natural label's (see the class docstring for why both); sets ``isolation_``."""
         hot = self._outliers()
         self.isolation_ = self._isolation(~hot)
-        if getattr(self, "screened_", None) is None:  # a screened scan's bar is raised instead (family_threshold)
-            hot &= self.isolation_ <= self.isolation
-        return [int(self.labels_[i]) for i in np.flatnonzero(hot)]
+        return [int(self.labels_[i]) for i in np.flatnonzero(hot & (self.isolation_ <= self.isolation))]
 
     def per_label(self) -> list[dict]:
         """One JSON-ready record per label."""

@@ -65,6 +65,27 @@ def test_screened_candidates_are_held_to_the_raised_bar():
     assert unscreened.screened_ is None and len(unscreened.labels_) == 40 and unscreened.threshold_ == 2.0
 
 
+
+def _screened_flags(l1: list[float], labels: list[int], k_all: int) -> list[int]:
+    nc = NeuralCleanse()
+    nc.labels_, nc.l1_norms_ = labels, np.array(l1)
+    nc.anomaly_index_, nc.log_anomaly_index_ = anomaly_index(nc.l1_norms_), log_anomaly_index(nc.l1_norms_)
+    nc.converged_ = np.ones(len(l1), bool)
+    nc.screened_, nc.threshold_ = {"candidates": labels[:5]}, family_threshold(nc.threshold, k_all)
+    return nc._flag()
+
+
+def test_a_screened_scan_flags_a_label_only_where_it_stands_apart():
+    """The full stage's L1 norms of a 100-class composed-glyph world and of its clean twin (seed 5): the
+    twin's cheapest natural label passes the raised MAD bar (index 3.9 > 2.84) but costs 0.77 of the next
+    natural label's, so the isolation bar holds it; the backdoored model's target costs 0.23 of it."""
+    twin = [61.1, 61.1, 33.5, 64.7, 51.8, 61.9, 44.2, 45.8, 43.6, 60.3, 69.1, 51.4, 57.6, 56.1, 56.5]
+    labels = [1, 5, 11, 27, 43, 47, 51, 59, 61, 68, 74, 75, 95, 96, 97]
+    assert max(anomaly_index(np.array(twin))) > family_threshold(2.0, 100)
+    assert _screened_flags(twin, labels, 100) == []
+    backdoored = [53.1, 46.5, 9.1, 49.2, 56.0, 46.9, 52.1, 51.3, 60.9, 51.7, 53.5, 40.1, 41.9, 47.5, 57.7]
+    assert _screened_flags(backdoored, [1, 5, 6, 11, 28, 35, 45, 49, 60, 73, 74, 85, 88, 96, 97], 100) == [6]
+
 def test_anomaly_index_uses_the_consistency_constant():
     v = np.array([1.0, 2, 3, 4, 100])
     med, mad = 3.0, np.median(np.abs(v - 3.0))
