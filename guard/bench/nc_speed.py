@@ -109,13 +109,18 @@ def scan_seconds_by_classes(work_dir: Path, *, classes: tuple[int, ...] = SCALIN
             scan.fit(model, x_fit, num_classes=k)
             took = time.perf_counter() - t0
             index = np.maximum(scan.anomaly_index_, scan.log_anomaly_index_)  # what the flag rule reads
+            top = [int(i) for i in np.argsort(-index, kind="stable")[:3]]
             row[kind] = {"seconds": round(took, 2), "suspect_labels": scan.suspect_labels_,
                          "clean_accuracy": round(float(w.clean_accuracy), 4),
                          "labels_optimised": len(scan.labels_), "steps": int(scan.steps_),
                          "threshold": round(float(scan.threshold_), 3),
                          "candidates": (scan.screened_ or {}).get("candidates"),
-                         "max_anomaly_index": {str(scan.labels_[i]): round(float(index[i]), 2)
-                                               for i in np.argsort(-index, kind="stable")[:3]}}
+                         "max_anomaly_index": {str(scan.labels_[i]): round(float(index[i]), 2) for i in top},
+                         "isolation": {str(scan.labels_[i]): _rounded(scan.isolation_[i]) for i in top}}
+            if scan.screened_ is not None:
+                order = list(scan.screened_["scores"])  # the 20 best screening scores, best first
+                row[kind]["target_screening_rank"] = (order.index(str(DEMO_TARGET)) + 1
+                                                      if str(DEMO_TARGET) in order else None)
             if bd:
                 seconds[str(k)] = round(took, 2)
                 row[kind]["attack_success"] = round(float(w.attack_success), 4)
@@ -127,6 +132,40 @@ def scan_seconds_by_classes(work_dir: Path, *, classes: tuple[int, ...] = SCALIN
     ratio = round(seconds[hi] / max(seconds[lo], 1e-9), 3) if lo != hi else None
     return {"scan_seconds_by_classes": seconds, "ratio_max_over_min_classes": ratio, "by_classes": detail,
             "net": "composed", "input_shape": [3, 32, 32]}
+
+
+def _rounded(v: float) -> float | None:
+    return round(float(v), 3) if np.isfinite(v) else None
+
+
+def screening_rates(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Over seeds (``rows``: seed -> one class count's ``by_classes`` row of :func:`scan_seconds_by_classes`):
+    the share of backdoored models whose scan flagged the target and nothing else, of clean twins with no
+    label flagged, and of seeds right on both sides."""
+    n = len(rows)
+    if not n:
+        raise ValueError("no seeds to rate")
+    target_only = [r["backdoored"]["suspect_labels"] == [r["backdoored"]["target"]] for r in rows.values()]
+    quiet = [not r["clean"]["suspect_labels"] for r in rows.values()]
+    return {"seeds": n, "target_flagged_alone": round(sum(target_only) / n, 3),
+            "clean_twin_quiet": round(sum(quiet) / n, 3),
+            "right_on_both_sides": round(sum(a and b for a, b in zip(target_only, quiet)) / n, 3)}
+
+
+def screening_over_seeds(work_dir: Path, *, classes: int, seeds: tuple[int, ...], **kw: Any) -> dict[str, Any]:
+    """The default scan of the composed-glyph world of ``classes`` classes and of its clean twin for each
+    seed (:func:`scan_seconds_by_classes`; worlds built once in ``work_dir`` and reused), and the rates of
+    :func:`screening_rates`: a screening that holds on one seed may not on the next, so the bench reports
+    the rate over seeds rather than one run."""
+    from guard.demo.world import DEMO_TARGET
+
+    rows = {}
+    for seed in seeds:
+        row = scan_seconds_by_classes(work_dir, classes=(classes,), seed=seed, clean_twins_above=0,
+                                      **kw)["by_classes"][str(classes)]
+        row["backdoored"]["target"] = DEMO_TARGET
+        rows[str(seed)] = row
+    return {"classes": classes, "by_seed": rows} | screening_rates(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,7 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=50,
                    help="rounds for each scan (steps = 2 x rounds; 50 as in guard bench --quick)")
     p.add_argument("--samples", type=int, default=1000, help="clean images the scans draw batches from")
+    p.add_argument("--over-seeds", metavar="A-B", default=None,
+                   help="instead: the default scan of the composed-glyph world of --classes classes and of its "
+                        "clean twin for seeds A to B, with the rate of right verdicts (minutes per seed)")
+    p.add_argument("--classes", type=int, default=100, help="class count for --over-seeds")
+    p.add_argument("--work", default=None, help="where --over-seeds builds and keeps its worlds")
     args = p.parse_args(argv)
+    if args.over_seeds is not None:
+        lo, _, hi = args.over_seeds.partition("-")
+        seeds = tuple(range(int(lo), int(hi or lo) + 1))
+        work = Path(args.work or tempfile.mkdtemp(prefix="guard-screening-"))
+        print(json.dumps(screening_over_seeds(work, classes=args.classes, seeds=seeds, device=args.device),
+                         indent=2))
+        return 0
     with tempfile.TemporaryDirectory(prefix="guard-nc-speed-") as tmp:
         world = build(tmp)
         model = load_model(world.model_file, world.weights)
