@@ -133,6 +133,14 @@ def _img(uri: str, cls: str, label: int, alt: str) -> str:
     return f'<img class="px {cls}" data-label="{label}" alt="{html.escape(alt)}" src="{uri}">'
 
 
+def _isolation_rule(b: dict[str, Any]) -> str:
+    """The isolation bar's clause of the Neural Cleanse rule, where the block records it."""
+    bar = b.get("isolation")
+    if bar is None:
+        return " and its isolation (its L1 norm over the cheapest natural label's) is under the scan's bar"
+    return f" and its L1 norm is at most {bar:g} times the cheapest natural label's (isolation)"
+
+
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
@@ -174,15 +182,18 @@ def _nc_section(s: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
                     f"<td>{imgs[0]}</td><td>{imgs[1]}</td><td>{imgs[2]}</td>"
                     f'<td class="num">{_fmt(r["l1_norm"], 2)}</td><td class="num">{_fmt(r["anomaly_index"], 2)}</td>'
                     f'<td class="num">{_fmt(r.get("log_anomaly_index"), 2)}</td>'
+                    f'<td class="num">{_fmt(r.get("isolation"), 2)}</td>'
                     f'<td class="num">{_fmt(r.get("attack_success"), 3)}</td><td>{flag}</td></tr>')
     src = " (reused from the profile)" if b.get("source") == "profile" else ""
     return (f'<section id="neural-cleanse"><h2>Neural Cleanse{src}</h2>'
             f'<p class="note">For every label the smallest mask and pattern that send clean images to it. '
-            f'A label is suspect when its L1 norm lies below the median and its MAD anomaly index (raw or '
-            f'log scale) exceeds {b["threshold"]:g}. Decision: <b>{b["decision"]}</b>; suspect labels: '
+            f'A label is suspect when its L1 norm lies below the median, its MAD anomaly index (raw or '
+            f'log scale) exceeds {b["threshold"]:g}{_isolation_rule(b)}. Decision: <b>{b["decision"]}</b>; '
+            f'suspect labels: '
             f'{b["suspect_labels"] or "none"}.</p>{chart}{chart_log}'
             '<table id="nc-table"><thead><tr><th>label</th><th>mask</th><th>pattern</th><th>mask × pattern</th>'
-            '<th>L1 norm</th><th>anomaly index</th><th>log-scale index</th><th>attack success</th><th></th>'
+            '<th>L1 norm</th><th>anomaly index</th><th>log-scale index</th><th>isolation</th><th>attack success</th>'
+            '<th></th>'
             f'</tr></thead><tbody>{"".join(body)}</tbody></table></section>')
 
 

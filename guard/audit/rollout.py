@@ -141,7 +141,7 @@ def validate(model: nn.Module, x: np.ndarray | None, y: np.ndarray | None, metho
 
 def _nc_block(nc: NeuralCleanse) -> dict[str, Any]:
     return {"method": "Neural Cleanse", "statistic": "L1 norm of the reversed mask; MAD anomaly index (raw "
-            "and log scale)", "threshold": nc.threshold_, "per_label": nc.per_label(),
+            "and log scale)", "threshold": nc.threshold_, "isolation": nc.isolation, "per_label": nc.per_label(),
             "suspect_labels": list(nc.suspect_labels_), "decision": "backdoored" if nc.suspect_labels_ else "clean",
             "steps": int(nc.steps_), "seconds": round(float(nc.seconds_), 2), "source": "scan",
             "hyperparameters": {"early_stop_patience": nc.early_stop_patience, "max_rounds": nc.max_rounds,

@@ -39,6 +39,7 @@ def test_report_html_is_self_contained(demo_audit):
     imgs = re.findall(r'<img [^>]*src="data:image/png;base64,[A-Za-z0-9+/=]+"', html)
     assert len(imgs) >= 40  # NC's mask, pattern and product per label, the blend patterns, TND images
     assert html.count("<svg") >= 3 and 'class="threshold"' in html
+    assert "<th>isolation</th>" in html and "cheapest natural label" in html  # the whole flag rule is on the page
     assert demo_audit.out.joinpath("report.json").is_file()
     sha = json.loads((demo_audit.out / "report.json").read_text())["model_sha256"]
     assert sha in html
