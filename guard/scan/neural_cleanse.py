@@ -374,12 +374,15 @@ class NeuralCleanse:
         Every label gets ``screen_steps`` Adam steps on ``screen_batch`` images under the fixed L1 cost
         ``screen_cost`` (labels in chunks of ``screen_chunk`` to bound memory); its score is the mean loss
         (cross-entropy to the label plus the cost times the mask's L1 norm) over its last ``screen_tail``
-        steps: where the label ends. Seeded: the initial triggers and batches come from the CPU
-        generator.
+        steps: where the label ends. Every chunk sees the same images at the same step, so that scores
+        compare across chunks (with a batch drawn per chunk, the candidates clustered in the chunk that drew
+        easy images, and a 1000-class target was screened out). Seeded: the initial triggers and batches come
+        from the CPU generator.
         """
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919)
         _, c, h, w = xt.shape
         score = np.empty(num_classes)
+        batches: list[torch.Tensor] = []  # each step's images, drawn with the first chunk
         tail = max(1, min(self.screen_tail, self.screen_steps))  # where a label ends
         with frozen(model):
             for lo in range(0, num_classes, self.screen_chunk):
@@ -391,8 +394,11 @@ class NeuralCleanse:
                 opt = torch.optim.Adam([mask_raw, pattern_raw], lr=self.lr, betas=(0.5, 0.9))
                 target = chunk.repeat_interleave(self.screen_batch)
                 acc = torch.zeros(k, dtype=torch.float64, device=dev)
+                if not batches:
+                    batches = [torch.randint(0, len(xt), (self.screen_batch,), generator=gen).to(dev)
+                               for _ in range(self.screen_steps)]
                 for step in range(self.screen_steps):
-                    idx = torch.randint(0, len(xt), (self.screen_batch,), generator=gen).to(dev)
+                    idx = batches[step]
                     masks, patterns = from_raw(mask_raw), from_raw(pattern_raw)
                     logits = self._forward(model, stamp_all(xt[idx], masks, patterns))
                     ce = nn.functional.cross_entropy(logits, target, reduction="none").view(k, -1).mean(1)

@@ -86,6 +86,27 @@ def test_a_screened_scan_flags_a_label_only_where_it_stands_apart():
     backdoored = [53.1, 46.5, 9.1, 49.2, 56.0, 46.9, 52.1, 51.3, 60.9, 51.7, 53.5, 40.1, 41.9, 47.5, 57.7]
     assert _screened_flags(backdoored, [1, 5, 6, 11, 28, 35, 45, 49, 60, 73, 74, 85, 88, 96, 97], 100) == [6]
 
+
+def test_every_screening_chunk_sees_the_same_images_at_each_step(monkeypatch):
+    """Scores compare across chunks only if every chunk's labels are stamped on the same images: a batch per
+    chunk let one chunk's easy images put its labels first."""
+    import torch
+
+    import guard.scan.neural_cleanse as ncm
+
+    seen: list[torch.Tensor] = []
+    real = ncm.stamp_all
+    monkeypatch.setattr(ncm, "stamp_all", lambda x, m, p: seen.append(x.clone()) or real(x, m, p))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 40)).eval()
+    x = np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+    NeuralCleanse(seed=0, progress=False, screen_above=0, candidates=3, references=5, screen_steps=6,
+                  screen_chunk=16, max_rounds=1).fit(net, x)
+    assert len(seen) > 3 * 6  # the screening's three chunks of at most 16 labels, six steps each, come first
+    for step in range(6):
+        assert torch.equal(seen[step], seen[6 + step]) and torch.equal(seen[step], seen[12 + step])
+    assert not torch.equal(seen[0], seen[1])  # the steps themselves draw new images
+
 def test_anomaly_index_uses_the_consistency_constant():
     v = np.array([1.0, 2, 3, 4, 100])
     med, mad = 3.0, np.median(np.abs(v - 3.0))
