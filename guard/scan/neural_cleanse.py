@@ -82,7 +82,7 @@ class NeuralCleanse:
     natural label over the bar (2.87, 3.93), and at 1000 labels a target's index was as low as 4.1, so no
     one bar on it holds both. The isolation bar does: the natural labels over the raised bar cost 0.77-0.89
     of the next natural label, the targets 0.18-0.34, at 100 and at 1000 labels; right on both sides on 10
-    of 10 seeds at 100 labels and 3 of 4 at 1000, where the screening missed one target (figures:
+    of 10 seeds at 100 labels and 4 of 5 at 1000, where the screening missed one target (figures:
     docs/benchmarks.md, 'Other networks and class counts'). ``screened_`` records what the first stage
     chose.
 
