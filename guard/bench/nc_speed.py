@@ -124,6 +124,7 @@ def scan_seconds_by_classes(work_dir: Path, *, classes: tuple[int, ...] = SCALIN
             if bd:
                 seconds[str(k)] = round(took, 2)
                 row[kind]["attack_success"] = round(float(w.attack_success), 4)
+                row[kind]["target"] = DEMO_TARGET
                 row[kind]["target_found"] = DEMO_TARGET in scan.suspect_labels_
             else:
                 row[kind]["false_alarm"] = bool(scan.suspect_labels_)
@@ -157,14 +158,8 @@ def screening_over_seeds(work_dir: Path, *, classes: int, seeds: tuple[int, ...]
     seed (:func:`scan_seconds_by_classes`; worlds built once in ``work_dir`` and reused), and the rates of
     :func:`screening_rates`: a screening that holds on one seed may not on the next, so the bench reports
     the rate over seeds rather than one run."""
-    from guard.demo.world import DEMO_TARGET
-
-    rows = {}
-    for seed in seeds:
-        row = scan_seconds_by_classes(work_dir, classes=(classes,), seed=seed, clean_twins_above=0,
-                                      **kw)["by_classes"][str(classes)]
-        row["backdoored"]["target"] = DEMO_TARGET
-        rows[str(seed)] = row
+    rows = {str(seed): scan_seconds_by_classes(work_dir, classes=(classes,), seed=seed, clean_twins_above=0,
+                                               **kw)["by_classes"][str(classes)] for seed in seeds}
     return {"classes": classes, "by_seed": rows} | screening_rates(rows)
 
 

@@ -23,7 +23,7 @@ def test_a_screened_scan_row_reports_isolation_and_the_targets_rank(tmp_path):
     out = scan_seconds_by_classes(tmp_path, classes=(100,), seed=0, n_train=600, epochs=1, n_clean=200,
                                   clean_twins_above=100, max_rounds=2, screen_steps=4, screen_tail=2)
     row = out["by_classes"]["100"]["backdoored"]
-    assert row["labels_optimised"] == 15 and len(row["candidates"]) == 5
+    assert row["labels_optimised"] == 15 and len(row["candidates"]) == 5 and row["target"] == 6
     assert set(row["isolation"]) == set(row["max_anomaly_index"])
     assert all(v is None or v > 0 for v in row["isolation"].values())
     rank = row["target_screening_rank"]

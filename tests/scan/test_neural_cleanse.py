@@ -65,13 +65,12 @@ def test_screened_candidates_are_held_to_the_raised_bar():
     assert unscreened.screened_ is None and len(unscreened.labels_) == 40 and unscreened.threshold_ == 2.0
 
 
-
 def _screened_flags(l1: list[float], labels: list[int], k_all: int) -> list[int]:
     nc = NeuralCleanse()
     nc.labels_, nc.l1_norms_ = labels, np.array(l1)
     nc.anomaly_index_, nc.log_anomaly_index_ = anomaly_index(nc.l1_norms_), log_anomaly_index(nc.l1_norms_)
     nc.converged_ = np.ones(len(l1), bool)
-    nc.screened_, nc.threshold_ = {"candidates": labels[:5]}, family_threshold(nc.threshold, k_all)
+    nc.threshold_ = family_threshold(nc.threshold, k_all)  # the bar a scan screened from k_all labels holds
     return nc._flag()
 
 
@@ -106,6 +105,7 @@ def test_every_screening_chunk_sees_the_same_images_at_each_step(monkeypatch):
     for step in range(6):
         assert torch.equal(seen[step], seen[6 + step]) and torch.equal(seen[step], seen[12 + step])
     assert not torch.equal(seen[0], seen[1])  # the steps themselves draw new images
+
 
 def test_anomaly_index_uses_the_consistency_constant():
     v = np.array([1.0, 2, 3, 4, 100])
