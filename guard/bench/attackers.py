@@ -65,11 +65,12 @@ def attacker_images(cfg: BenchConfig) -> tuple[np.ndarray, np.ndarray]:
 
 
 def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard, d, n_eval: int,
-             x_cal: np.ndarray) -> dict[str, Any]:
+             x_cal: np.ndarray, *, keep_stamped: bool = False) -> dict[str, Any]:
     """The gray-box attacker against this row's model, judged by this row's guard on its triggered inputs,
     without and with the profile's trigger memory (what ``guard scan`` ships by default), which sees the
     triggered inputs among the row's clean test images after the defender's clean ``x_cal`` as history
-    (:mod:`guard.bench.stream`)."""
+    (:mod:`guard.bench.stream`). ``keep_stamped``: the row also holds ``stamped``, each budget's triggered
+    inputs (for :func:`after_purification`; not JSON)."""
     from guard.bench.graybox import Budget, attack_model
 
     x_own, y_own = attacker_images(cfg)
@@ -77,9 +78,46 @@ def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard
     memory = TriggerMemory.from_profile(guard.profile)
     out = attack_model(model, attack, guard, x_own, y_own, x_eval, seed=cfg.zoo.seed,
                        budgets=tuple(Budget(int(b[0]), *map(float, b[1:])) for b in cfg.graybox_budgets),
-                       memory=memory, traffic=(x_cal, stream_clean(d, attack, n_eval)))
+                       memory=memory, traffic=(x_cal, stream_clean(d, attack, n_eval)), keep_stamped=keep_stamped)
     return out | {"memory_watches": memory_watches(guard.profile),
                   "memory_size": None if memory is None else memory.size}
+
+
+def after_purification(purified: nn.Module, profile, target: int, budgets: list[dict[str, Any]],
+                       stamped: list[np.ndarray], *, history: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
+    """The gray-box keys against the model that purification made of the attacked one, guarded by a fresh
+    scan of it (``profile``): what a user who follows the advice for a suspected model (``guard purify``,
+    then ``guard scan`` the result and serve that) deploys. The keys were optimised on the weights the
+    attacker trained; the purified weights come from the defender's clean images and the attacker never
+    had them. ``budgets`` are the gray-box row's budget rows and ``stamped`` their triggered inputs (same
+    order); each gets its bare attack success on the purified model, the share through its guard's
+    per-input checks, and through the default guard (with the fresh profile's trigger memory, if it has
+    one) on the stream of ``clean`` test images after ``history`` (:mod:`guard.bench.stream`)."""
+    from guard.bench.stream import stream_figures
+    from guard.bench.trigger_param import through_guard
+
+    checks = Guard(purified, profile, mode="enforce", verify=False, memory=False)
+    default = Guard(purified, profile, mode="enforce", verify=False)
+    rows = []
+    for b, xt in zip(budgets, stamped):
+        figures, _ = through_guard(checks, lambda t: t, xt, target)
+        row = {k: b[k] for k in ("steps", "weight", "evade", "rank")} | {
+            "attack_success_bare": figures["attack_success_bare"],
+            "residual_attack_success": figures["residual_attack_success"],
+            "rejection_rate": figures["rejection_rate"]}
+        if default.memory is not None:
+            f = stream_figures(default, xt, target, clean, history)
+            row |= {"residual_attack_success_with_memory": f["residual_attack_success"],
+                    "clean_rejected_with_memory": f["clean_rejected"]}
+        rows.append(row)
+    out: dict[str, Any] = {"suspect_labels": [int(s) for s in profile.suspect_labels],
+                           "memory_watches": memory_watches(profile), "budgets": rows,
+                           "max_residual_attack_success": max((r["residual_attack_success"] for r in rows),
+                                                              default=None)}
+    if default.memory is not None:
+        out["max_residual_attack_success_with_memory"] = max(
+            (r["residual_attack_success_with_memory"] for r in rows), default=None)
+    return out
 
 
 def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dict[str, Any] | None:

@@ -191,8 +191,8 @@ def rank_loss(grids: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], 
 
 def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_own: np.ndarray, x_eval: np.ndarray, *,
                  budgets: tuple[Budget, ...] = DEFAULT_BUDGETS, lr: float = 0.05, batch_size: int = 32,
-                 seed: int = 0, memory=None, traffic: tuple[np.ndarray, np.ndarray] | None = None
-                 ) -> dict[str, Any]:
+                 seed: int = 0, memory=None, traffic: tuple[np.ndarray, np.ndarray] | None = None,
+                 keep_stamped: bool = False) -> dict[str, Any]:
     """Re-optimise ``attack``'s trigger on the attacker's own images ``(x_own, y_own)`` at every budget and
     measure it with ``guard`` (the defender's) on ``x_eval`` (held-out images of classes the attack changes).
 
@@ -205,6 +205,9 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
     (``..._with_memory``), the triggered inputs arriving among the clean ones (:mod:`guard.bench.stream`),
     and ``fresh_noise`` the strongest budget's trigger with fresh noise on every query
     (:data:`~guard.bench.stream.FRESH_NOISE`), the attacker's answer to the memory.
+
+    ``keep_stamped`` adds ``stamped``: ``x_eval`` stamped with each budget's trigger, in budget order (arrays,
+    not JSON: the caller takes them out), so that the same triggered inputs can be judged by another guard.
     """
     shape = tuple(int(s) for s in x_eval.shape[1:])
     target = int(attack.target)
@@ -253,8 +256,12 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
                 opt.step()
                 losses.append(float(match.detach()))
             trained.append((b, trig, losses, repeats, ranks, time.perf_counter() - t0))
+    kept = []
     for b, trig, losses, repeats, ranks, seconds in trained:  # judged by the real guard, with the attacker's hooks gone
         figures, _ = through_guard(guard, trig, x_eval, target)
+        if keep_stamped:
+            with torch.no_grad():
+                kept.append(trig(as_tensor(x_eval)).clamp(0, 1).numpy())
         figures |= with_memory(trig, x_eval, target)
         out["budgets"].append(asdict(b) | figures | {
             "matching_loss_first": round(losses[0], 4) if losses else None,
@@ -265,6 +272,8 @@ def attack_model(model: nn.Module, attack: Attack, guard, x_own: np.ndarray, y_o
             "rank_loss_last": round(ranks[-1], 4) if ranks else None,
             "seconds": round(seconds, 2)})
     out["max_residual_attack_success"] = max((r["residual_attack_success"] for r in out["budgets"]), default=None)
+    if keep_stamped:
+        out["stamped"] = kept
     plain = [t for t in trained if not (t[0].evade or t[0].rank)]
     if memory is not None and plain:  # the strongest budget that ignores the memory, blurred
         b, trig = plain[-1][:2]

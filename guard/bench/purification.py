@@ -67,13 +67,14 @@ def comeback(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.
 def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.ndarray,
                       y_test: np.ndarray, *, profile=None, methods=METHODS, per_class: int = 20,
                       max_drop: float = 0.02, seed: int = 0, world: str = "", with_comeback: bool = True,
-                      scan=None, progress: bool | None = False) -> list[dict]:
+                      scan=None, progress: bool | None = False, on_fit=None) -> list[dict]:
     """One row per method: the real trigger's attack success and the clean accuracy on the test data
     before and after (drop in points), the held-out figures the method itself measured, what it
     selected, its time, and (``with_comeback``) the real trigger's success while the purified model is
     fine-tuned for one epoch with 1% poisoned images; a row ``"original"`` gives the same for the
     unpurified model. ``profile`` defaults to a fresh scan of the ``per_class`` subset: ``scan(model, x, y)``
-    (default: :func:`guard.scan.build_profile` with its defaults) returning the profile."""
+    (default: :func:`guard.scan.build_profile` with its defaults) returning the profile. ``on_fit(method, est)``
+    is called with each fitted estimator of ``methods`` (its purified model is ``est.model_`` when ``est.ok_``)."""
     from guard.purify import Evidence, make_purifier
 
     xs, ys = per_class_subset(x, y, per_class, seed=seed)
@@ -94,6 +95,8 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
         est = make_purifier(method, max_drop=max_drop, seed=seed, progress=progress).fit(
             model, xs, ys, evidence=evidence)
         fitted.append((method, est))
+        if on_fit is not None:
+            on_fit(method, est)
         if method == "auto":
             fitted += [(f"auto:{e.method}", e) for e in est.runs_]
     rows = []
@@ -131,16 +134,18 @@ def _rounded(row: dict) -> dict:
 
 def purification_section(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.ndarray,
                          y_test: np.ndarray, *, per_class: tuple[int, ...], methods=METHODS, max_drop: float = 0.02,
-                         seed: int = 0, scan=None) -> dict:
+                         seed: int = 0, scan=None, on_fit=None) -> dict:
     """``guard bench``'s ``attacks[*].purification``: :func:`purification_rows` at each ``per_class``
     (a fresh scan of each subset, as a user with that many images would run), rounded, with the best
     row per size (within the bound, the lowest real-trigger success, then the smallest drop) and
     whether ``auto`` is best or tied (within one triggered test image's share of attack success, the
-    figures' resolution, and 0.5 points)."""
+    figures' resolution, and 0.5 points). ``on_fit(per_class, method, est)`` sees every fitted estimator."""
     sizes = {}
     for n in per_class:
         rows = [_rounded(r) for r in purification_rows(model, attack, x, y, x_test, y_test, methods=methods,
-                                                         per_class=n, max_drop=max_drop, seed=seed, scan=scan)]
+                                                         per_class=n, max_drop=max_drop, seed=seed, scan=scan,
+                                                         on_fit=None if on_fit is None else
+                                                         (lambda m, e, n=n: on_fit(n, m, e)))]
         done = [r for r in rows if r["method"] not in ("original",) and r["ok"]]
         best = min(done, key=lambda r: (r["real_asr_after"], r["accuracy_drop_points"]), default=None)
         auto = next((r for r in rows if r["method"] == "auto"), None)

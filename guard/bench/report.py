@@ -200,8 +200,8 @@ def render(results: dict[str, Any]) -> str:
             v = opt.get(key) or {}
             cells.append(f"{_f(v.get('auroc'))} / {_pct(v.get('tpr_at_1pct_fpr'))}")
         lines.append(f"| {_label(a, results)} | " + " | ".join(cells) + " |")
-    lines += (_peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results) + _stream_lines(results)
-              + _purification_lines(results))
+    lines += (_peer_lines(results) + _whitebox_lines(results) + _graybox_lines(results)
+              + _after_purification_lines(results) + _stream_lines(results) + _purification_lines(results))
     if results.get("clean_models"):
         lines += ["", "Clean models (offline false positives):", ""]
         for c in _by_net(results, "clean_models"):
@@ -383,6 +383,30 @@ def _graybox_lines(results: dict[str, Any]) -> list[str]:
                          f"| {_pct(b['residual_attack_success'])} | {_pct(b['rejection_rate'])} "
                          f"| {_memory_cell(b)} | {ref} |")
         lines += [line + " |" for line in _noise_lines(a, gb, results, "|")]
+    return lines
+
+
+def _after_purification_lines(results: dict[str, Any]) -> list[str]:
+    """The gray-box keys (optimised on the attacked weights) against the purified model and a fresh scan of it."""
+    rows = [a for a in _by_net(results) if (a.get("graybox") or {}).get("after_purification")]
+    if not rows:
+        return []
+    lines = ["", "The same gray-box keys against the purified model (purified with the fewest clean images per "
+             "class of the run, rescanned on the row's clean images; the attacker never had these weights):", "",
+             "| attack | purified by | suspects after | budget (steps, weight) | bare attack success "
+             "| through the checks | with the trigger memory |", "|---|---|---|---|---|---|---|"]
+    for a in rows:
+        ap = a["graybox"]["after_purification"]
+        by = f"{ap['method']}" + (f" ({ap['chosen']})" if ap.get("chosen") else "") + f", {ap['per_class']} per class"
+        if not ap.get("ok"):
+            lines.append(f"| {_label(a, results)} | {by} | refused: no state within the bound | | | | |")
+            continue
+        sus = ", ".join(map(str, ap["suspect_labels"])) or "none"
+        for b in ap["budgets"]:
+            mem = _pct(b.get("residual_attack_success_with_memory")) if "residual_attack_success_with_memory" in b \
+                else "no memory"
+            lines.append(f"| {_label(a, results)} | {by} | {sus} | {_budget(b)} | {_pct(b['attack_success_bare'])} "
+                         f"| {_pct(b['residual_attack_success'])} | {mem} |")
     return lines
 
 

@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from guard.bench.attackers import graybox_floors, graybox_row, memory_watches, regraftable, stream_clean, whitebox_row
+from guard.bench.attackers import (
+    after_purification,
+    graybox_floors,
+    graybox_row,
+    memory_watches,
+    regraftable,
+    stream_clean,
+    whitebox_row,
+)
 from guard.bench.config import BenchConfig, bench_data, log, profile_dir
 from guard.bench.detection import art_figures, offline_verdicts, online_figures, repair_figures, strip_figures
 from guard.bench.models import zoo_model
@@ -80,11 +88,21 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     if cfg.whitebox_budgets and name in ("badnets", "blended"):
         log(progress, f"{name}: white-box attacker ({len(cfg.whitebox_budgets)} budgets)")
         whitebox = whitebox_row(cfg, zm.model, attack, guard, d, n_eval, x_fit, y_fit, x_cal)
-    graybox = None
+    graybox, stamped = None, None
     if cfg.graybox_budgets and regraftable(attack, tuple(neg.shape[1:])):
         log(progress, f"{name}: gray-box attacker ({len(cfg.graybox_budgets)} budgets)")
-        graybox = graybox_row(cfg, zm.model, attack, guard, d, n_eval, x_cal)
+        graybox = graybox_row(cfg, zm.model, attack, guard, d, n_eval, x_cal, keep_stamped=bool(cfg.purify_per_class))
+        stamped = graybox.pop("stamped", None)
     purification = None
+    # the purified model the gray-box keys are judged against: auto's (else the first method's) with the fewest images
+    kept: dict[str, Any] = {}
+    keep = ((min(cfg.purify_per_class), "auto" if "auto" in cfg.purify_methods else cfg.purify_methods[0])
+            if cfg.purify_per_class and cfg.purify_methods else None)
+
+    def on_fit(n: int, method: str, est) -> None:
+        if (n, method) == keep:
+            kept["est"] = est
+
     if cfg.purify_per_class:
         from guard.bench.purification import purification_section
 
@@ -94,7 +112,18 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
                                  nc=NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False))[0]
 
         purification = purification_section(zm.model, attack, xc, yc, neg, y_neg, per_class=cfg.purify_per_class,
-                                            methods=cfg.purify_methods, seed=cfg.zoo.seed, scan=scan)
+                                            methods=cfg.purify_methods, seed=cfg.zoo.seed, scan=scan, on_fit=on_fit)
+    if graybox is not None and stamped and kept.get("est") is not None:
+        est = kept["est"]
+        after = {"per_class": keep[0], "method": keep[1], "chosen": getattr(est, "chosen_", None), "ok": est.ok_}
+        if est.ok_:  # rescanned on the row's clean images with the row's settings, as its own profile was
+            log(progress, f"{name}: gray-box keys against the purified model")
+            nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+            pprofile, _ = build_profile(est.model_, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                        knn=cfg.knn, trajectory=cfg.trajectory)
+            after |= after_purification(est.model_, pprofile, target, graybox["budgets"], stamped,
+                                        history=x_cal, clean=stream_clean(d, attack, n_eval))
+        graybox["after_purification"] = after
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
            "attack_success_rate": round(float(zm.attack_success_rate or 0.0), 4),

@@ -122,6 +122,14 @@ def test_every_attack_row_has_every_field(tiny):
         assert [b["rank_loss_first"] is not None for b in gb["budgets"]] == [bool(b["rank"]) for b in gb["budgets"]]
         for b in [gb["baseline"], *gb["budgets"]]:
             assert b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
+        assert "stamped" not in gb  # the kept triggered inputs are not part of the JSON
+        ap = gb["after_purification"]  # the same keys against the purified model (tiny: fine-pruning, 10 per class)
+        assert (ap["per_class"], ap["method"]) == (10, "fine-pruning")
+        if ap["ok"]:
+            assert [_budget(b) for b in ap["budgets"]] == [_budget(b) for b in gb["budgets"]]
+            for b in ap["budgets"]:
+                assert 0 <= b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
+            assert ap["max_residual_attack_success"] == max(b["residual_attack_success"] for b in ap["budgets"])
         assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25",
                 "graybox_residual_attack_success<=0.25"} <= set(a["targets"])
         if gb["memory_watches"] is not None:  # the default guard's figure is judged too

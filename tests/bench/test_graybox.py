@@ -87,6 +87,31 @@ def test_the_patch_attacker_keeps_the_model_and_the_guard_holds(setup):
     assert r["max_residual_attack_success"] == b["residual_attack_success"]
 
 
+def test_kept_triggered_inputs_are_the_ones_judged_and_after_purification_rejudges_them(setup, demo_profile):
+    """``keep_stamped`` hands back each budget's triggered inputs; judged by :func:`after_purification` with the
+    attacked model and its own profile in the purified model's place, they give the row's own figures (so a
+    purified model's figures differ only by the model and its fresh scan)."""
+    from guard.bench.attackers import after_purification
+    from guard.profile import Profile
+
+    model, guard, atk, x_own, y_own, xh, yh = setup
+    x_eval = xh[atk.victims(yh)][:120]
+    r = attack_model(model, atk, guard, x_own, y_own, x_eval, budgets=(Budget(20, 1.0), Budget(20, 0.0)),
+                     keep_stamped=True)
+    kept = r.pop("stamped")
+    assert [k.shape for k in kept] == [x_eval.shape] * 2 and all(k.dtype == np.float32 for k in kept)
+    assert not np.array_equal(kept[0], kept[1])  # two budgets, two keys
+    clean = xh[~atk.victims(yh)][:200]
+    again = after_purification(model, Profile.load(demo_profile), atk.target, r["budgets"], kept,
+                               history=xh[:64], clean=clean)
+    for b, a in zip(r["budgets"], again["budgets"]):
+        assert (a["steps"], a["weight"]) == (b["steps"], b["weight"])
+        assert a["attack_success_bare"] == b["attack_success_bare"]
+        assert a["residual_attack_success"] == b["residual_attack_success"]
+    assert again["max_residual_attack_success"] == r["max_residual_attack_success"]
+    assert again["suspect_labels"] == [atk.target]  # the demo's own scan names the target
+
+
 def test_a_blend_key_at_the_attacks_opacity_hijacks_a_model_without_that_backdoor(setup):
     """The demo model has a patch backdoor, no blended one: its Blended key at opacity 0.15 sends almost
     nothing to the target, yet 100 steps of the attacker's optimisation make a key that does (a universal
