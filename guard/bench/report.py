@@ -102,6 +102,10 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
 
                 peer, tpr = best_peer(a.get("peers") or {"strip": {"available": True, **strip}})
                 meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs {peer} {_pct(tpr)}"
+            elif bar.endswith("after_purification<=0.25"):
+                ap = a["graybox"]["after_purification"]
+                worst = ap.get("max_residual_attack_success_with_memory", ap["max_residual_attack_success"])
+                meas = f"max {_pct(worst)} over {len(ap['budgets'])} budgets (purified: {ap['method']})"
             elif bar.startswith(("whitebox_residual", "graybox_residual")):
                 wb = a[bar.split("_")[0]]
                 key = "max_residual_attack_success" + ("_with_memory" if "with_memory" in bar else "")

@@ -196,6 +196,10 @@ def row_targets(row: dict[str, Any]) -> dict[str, Any]:
             if section.get("max_residual_attack_success_with_memory") is not None:
                 out[f"{kind}_residual_attack_success_with_memory<=0.25"] = (
                     section["max_residual_attack_success_with_memory"] <= 0.25)
+    after = (row.get("graybox") or {}).get("after_purification") or {}
+    if after.get("budgets"):  # the same keys against the purified model and its fresh scan (memory on where it has one)
+        worst = after.get("max_residual_attack_success_with_memory", after["max_residual_attack_success"])
+        out["graybox_residual_attack_success_after_purification<=0.25"] = worst <= 0.25
     pur = (row.get("purification") or {}).get("per_class") or {}
     for n, size in pur.items():
         auto = next((r for r in size["rows"] if r["method"] == "auto"), None)
