@@ -29,9 +29,9 @@ from guard.purify.sau import SharedAdversarialUnlearning
 from guard.purify.tuning import finetune_epochs, norm_layers, recalibrate_norms
 
 
-def tuned_parameters(model: nn.Module, *, tail: int) -> list[nn.Parameter]:
+def tuned_parameters(model: nn.Module, *, tail: int | None) -> list[nn.Parameter]:
     """Normalisation layers' affine parameters and every parameter of the last ``tail`` modules that
-    hold weights (in module order), each once."""
+    hold weights (in module order; None: every one), each once."""
     norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
     chosen: dict[int, nn.Parameter] = {}
     for m in model.modules():
@@ -40,7 +40,7 @@ def tuned_parameters(model: nn.Module, *, tail: int) -> list[nn.Parameter]:
                 chosen[id(p)] = p
     weighted = [m for m in model.modules()
                 if not isinstance(m, norm_types) and any(True for _ in m.parameters(recurse=False))]
-    for m in weighted[-tail:] if tail > 0 else []:
+    for m in weighted if tail is None else weighted[-tail:] if tail > 0 else []:
         for p in m.parameters(recurse=False):
             chosen[id(p)] = p
     return list(chosen.values())
@@ -52,7 +52,10 @@ class NormTuning(Purifier):
     Parameters
     ----------
     tail
-        How many of the last layers with weights are trained besides the normalisation layers; 4.
+        How many of the last layers with weights are trained besides the normalisation layers (None: every
+        one); 4.
+    body
+        The layers before the tail are trained too, at this fraction of ``lr`` (0: left as trained); 0.
     share
         Share of each batch stamped with a reversed trigger (when the profile has one); 0.5.
     every
@@ -83,11 +86,13 @@ class NormTuning(Purifier):
 
     method = "bn-tune"
 
-    def __init__(self, *, tail: int = 4, share: float = 0.5, every: int = 5, adversarial: bool | None = None,
-                 distill: float = 1.0, epochs: int | None = None, lr: float = 2e-3, batch_size: int = 32,
-                 patience: int = 4, batch_stats: bool = True, lead: float | None = 1.5, **kw):
+    def __init__(self, *, tail: int | None = 4, body: float = 0.0, share: float = 0.5, every: int = 5,
+                 adversarial: bool | None = None, distill: float = 1.0, epochs: int | None = None,
+                 lr: float = 2e-3, batch_size: int = 32, patience: int = 4, batch_stats: bool = True,
+                 lead: float | None = 1.5, **kw):
         super().__init__(**kw)
         self.tail = tail
+        self.body = body
         self.share = share
         self.every = every
         self.adversarial = adversarial
@@ -112,12 +117,18 @@ class NormTuning(Purifier):
             sau = SharedAdversarialUnlearning(seed=self.seed)
             extra = sau.adversarial_loss(copy.deepcopy(c.original).eval(), torch.Generator().manual_seed(self.seed + 1))
         params = tuned_parameters(model, tail=self.tail)
+        groups = [{"params": params}]
+        if self.body > 0:  # the layers before the tail, at a fraction of the rate
+            chosen = {id(p) for p in params}
+            rest = [p for p in model.parameters() if id(p) not in chosen]
+            if rest:
+                groups.append({"params": rest, "lr": self.lr * self.body})
         tuned = finetune_epochs(model, c.x, c.y, epochs=self.epochs or 20, lr=self.lr, batch_size=self.batch_size,
                                 seed=self.seed, triggers=triggers, share=self.share if triggers else 0.0,
-                                distill=self.distill, teacher_model=c.original, params=params, recalibrate=norms,
+                                distill=self.distill, teacher_model=c.original, params=groups, recalibrate=norms,
                                 refresh=refresh, extra_loss=extra, frozen_stats=not self.batch_stats,
                                 label="bn-tune", progress=self.progress)
-        c.details["bn_tune"] = {"tuned_parameters": int(sum(p.numel() for p in params)),
+        c.details["bn_tune"] = {"tuned_parameters": int(sum(p.numel() for g in groups for p in g["params"])),
                                 "parameters": int(sum(p.numel() for p in model.parameters())),
                                 "adversarial": bool(adversarial), "batchnorm": norms}
         c.offer_epochs("bn-tune", model, tuned, patience=self.patience)

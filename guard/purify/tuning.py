@@ -38,7 +38,7 @@ def norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 def finetune_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 1e-3,
                     batch_size: int = 32, seed: int = 0, triggers: list[Trigger] | None = None, share: float = 0.0,
                     refresh: Callable[[nn.Module], list[Trigger] | None] | None = None, frozen_stats: bool = True,
-                    distill: float = 0.0, params: Iterable[nn.Parameter] | None = None,
+                    distill: float = 0.0, params: Iterable[nn.Parameter] | Iterable[dict] | None = None,
                     after_step: Callable[[nn.Module], None] | None = None, optimizer: str = "adam",
                     recalibrate: bool = False, teacher_model: nn.Module | None = None,
                     extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -61,7 +61,8 @@ def finetune_epochs(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: i
         Weight of a KL term that keeps every image's prediction close to what ``teacher_model``
         (default: ``model`` before fine-tuning) answered for the unstamped image.
     params
-        What is trained (default: every parameter).
+        What is trained (default: every parameter), or the optimiser's parameter groups (dicts with
+        ``params`` and, where a group has its own rate, ``lr``).
     after_step
         Runs after every optimiser step (e.g. to hold pruned weights at zero).
     recalibrate

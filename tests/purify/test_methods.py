@@ -79,6 +79,29 @@ def test_tuned_parameters_are_the_norms_and_the_tail():
                 net[10].weight, net[10].bias]
     assert chosen == {id(p) for p in expected}
     assert {id(p) for p in tuned_parameters(net, tail=0)} == {id(p) for p in expected[:4]}
+    assert {id(p) for p in tuned_parameters(net, tail=None)} == {id(p) for p in net.parameters()}
+
+
+def test_norm_tuning_trains_the_body_at_its_fraction_of_the_rate():
+    """``body`` > 0 trains the layers before the tail too, at that fraction of the rate; 0 leaves them as
+    trained. One epoch on random data is enough to tell a layer that moved from one that did not."""
+    torch.manual_seed(0)
+    net = _bn_net().eval()
+    x = torch.rand(48, 1, 8, 8).numpy()
+    with torch.no_grad():
+        y = net(torch.from_numpy(x)).argmax(1).numpy()
+    first = net[0].weight.detach().clone()
+    moved = {}
+    for body in (0.0, 0.1):
+        est = NormTuning(tail=2, body=body, epochs=1, seed=0, progress=False, max_drop=1.0, holdout_share=0.25)
+        est.fit(net, x, y)
+        assert est.selected_.startswith("bn-tune:")  # a tuned epoch, not the recalibrated start
+        tuned = est.apply(net)
+        moved[body] = float((tuned[0].weight.detach() - first).abs().max())
+        info = est.details_["bn_tune"]
+        assert (info["tuned_parameters"] == info["parameters"]) == (body > 0)
+    assert moved[0.0] == 0.0 and moved[0.1] > 0.0
+    assert torch.equal(net[0].weight, first)  # the caller's model is untouched
 
 
 def test_shared_perturbation_stays_in_the_ball_and_moves_both_models_together():
