@@ -2,7 +2,8 @@
 scans (Neural Cleanse, DL-TND, DF-TND), the online guard (AUROC and TPR at 1% FPR per check and
 combined), the repair policy, STRIP, IBD-PSC, SCALE-UP, TED and TED++ (and ART's STRIP where installed)
 on the same inputs, the white-box and gray-box attackers, offline purification (every guard purify
-method with 20 and 50 clean images per class, judged with the real trigger), and the performance
+method with 20 and 50 clean images per class, judged with the real trigger; the gray-box keys judged
+again against the purified model and a fresh scan of it), and the performance
 figures (guard overhead, a served request's stages in the worker, batched Neural Cleanse speedup, scan
 time, and in the full preset scan time at 32x32, 64x64 and 224x224; TorchServe throughput guarded over an
 unguarded baseline handler at 4 and 16 clients, batch size 1 and 8, on TorchServe's port and through the
