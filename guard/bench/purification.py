@@ -74,7 +74,10 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
     fine-tuned for one epoch with 1% poisoned images; a row ``"original"`` gives the same for the
     unpurified model. ``profile`` defaults to a fresh scan of the ``per_class`` subset: ``scan(model, x, y)``
     (default: :func:`guard.scan.build_profile` with its defaults) returning the profile. ``on_fit(method, est)``
-    is called with each fitted estimator of ``methods`` (its purified model is ``est.model_`` when ``est.ok_``)."""
+    is called with each fitted estimator of ``methods`` (its purified model is ``est.model_`` when ``est.ok_``).
+    A method that cannot run on the evidence (InputError: unlearning when neither the scan nor the blend
+    reversal found a trigger) gets a row with ``ok`` false and its message in ``refused``."""
+    from guard.errors import InputError
     from guard.purify import Evidence, make_purifier
 
     xs, ys = per_class_subset(x, y, per_class, seed=seed)
@@ -91,9 +94,14 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
     base = {"world": world, "attack": type(attack).__name__, "per_class": per_class,
             "suspect_labels": evidence.labels, "real_asr_before": asr0, "accuracy_before": acc0}
     fitted = []
+    refused: dict[str, str] = {}  # methods that cannot run on this evidence (e.g. unlearning with no trigger)
     for method in methods:
-        est = make_purifier(method, max_drop=max_drop, seed=seed, progress=progress).fit(
-            model, xs, ys, evidence=evidence)
+        try:
+            est = make_purifier(method, max_drop=max_drop, seed=seed, progress=progress).fit(
+                model, xs, ys, evidence=evidence)
+        except InputError as e:
+            refused[method] = str(e)
+            continue
         fitted.append((method, est))
         if on_fit is not None:
             on_fit(method, est)
@@ -118,6 +126,9 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
         if with_comeback and est.ok_ and not name.startswith("auto:"):
             row["comeback_asr"] = comeback(m, attack, xs, ys, x_test, y_test, seed=seed)
         rows.append(row)
+    for name, why in refused.items():  # the row says why, and the model stays as it was
+        rows.append(base | {"method": name, "ok": False, "selected": None, "chosen": None, "refused": why,
+                            "real_asr_after": asr0, "accuracy_after": acc0, "accuracy_drop_points": 0.0})
     return rows
 
 

@@ -329,3 +329,33 @@ def test_purification_targets_show_what_auto_measured():
     assert _purify_measured(row, "purify_auto_accuracy_drop<=2pt_50_per_class") == "0.8 pt"
     row["purification"]["per_class"]["50"]["rows"][1]["ok"] = False
     assert _purify_measured(row, "purify_auto_attack_success<=0.1_50_per_class") == "refused"
+
+
+def test_a_method_that_cannot_run_on_the_evidence_gets_a_refused_row(monkeypatch):
+    """Where neither the scan nor the blend reversal found a trigger, trigger unlearning cannot run: its row says
+    so (``ok`` false, the message in ``refused``) and the other methods' rows are still measured, instead of the
+    whole attack row (and the run) failing."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from guard.bench.purification import purification_rows
+    from guard.demo.attacks import BadNets
+    from guard.purify import Evidence
+
+    monkeypatch.setattr(Evidence, "from_blend_reversal", classmethod(lambda cls, *a, **k: (cls(), {})))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                        nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 3, 32, 32), dtype=np.float32)
+    y = np.arange(60) % 3  # every class, so the attack has victims
+    rows = purification_rows(net, BadNets(target=1), x, y, x, y, profile=SimpleNamespace(suspect_labels=[], tensors={}),
+                             methods=("unlearn", "fine-pruning"), per_class=20, with_comeback=False)
+    by = {r["method"]: r for r in rows}
+    assert set(by) == {"unlearn", "fine-pruning"}
+    assert by["unlearn"]["ok"] is False and "reversed trigger" in by["unlearn"]["refused"]
+    assert by["unlearn"]["real_asr_after"] == by["unlearn"]["real_asr_before"]
+    assert "refused" not in by["fine-pruning"]
