@@ -120,6 +120,12 @@ def after_purification(purified: nn.Module, profile, target: int, budgets: list[
     return out
 
 
+def worst_after_purification(section: dict[str, Any]) -> float:
+    """The figure the after-purification bar judges: the worst budget through the purified model's default
+    guard (with its trigger memory where the fresh scan added one, else through its checks)."""
+    return section.get("max_residual_attack_success_with_memory", section["max_residual_attack_success"])
+
+
 def graybox_floors(cfg: BenchConfig, model: nn.Module, profile, progress) -> dict[str, Any] | None:
     """The gray-box attacker's strongest budget against the *clean* model guarded by its own profile, per
     attack: how often the re-optimised trigger hijacks a model that has no backdoor and passes its guard.

@@ -103,9 +103,11 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 peer, tpr = best_peer(a.get("peers") or {"strip": {"available": True, **strip}})
                 meas = f"{_pct(comb['tpr_at_1pct_fpr'])} vs {peer} {_pct(tpr)}"
             elif bar.endswith("after_purification<=0.25"):
+                from guard.bench.attackers import worst_after_purification
+
                 ap = a["graybox"]["after_purification"]
-                worst = ap.get("max_residual_attack_success_with_memory", ap["max_residual_attack_success"])
-                meas = f"max {_pct(worst)} over {len(ap['budgets'])} budgets (purified: {ap['method']})"
+                meas = (f"max {_pct(worst_after_purification(ap))} over {len(ap['budgets'])} budgets "
+                        f"(purified: {ap['method']})")
             elif bar.startswith(("whitebox_residual", "graybox_residual")):
                 wb = a[bar.split("_")[0]]
                 key = "max_residual_attack_success" + ("_with_memory" if "with_memory" in bar else "")
@@ -398,7 +400,8 @@ def _after_purification_lines(results: dict[str, Any]) -> list[str]:
     lines = ["", "The same gray-box keys against the purified model (purified with the fewest clean images per "
              "class of the run, rescanned on the row's clean images; the attacker never had these weights):", "",
              "| attack | purified by | suspects after | budget (steps, weight) | bare attack success "
-             "| through the checks | with the trigger memory |", "|---|---|---|---|---|---|---|"]
+             "| through the checks | with the trigger memory: through / clean rejected |",
+             "|---|---|---|---|---|---|---|"]
     for a in rows:
         ap = a["graybox"]["after_purification"]
         by = f"{ap['method']}" + (f" ({ap['chosen']})" if ap.get("chosen") else "") + f", {ap['per_class']} per class"
@@ -407,10 +410,8 @@ def _after_purification_lines(results: dict[str, Any]) -> list[str]:
             continue
         sus = ", ".join(map(str, ap["suspect_labels"])) or "none"
         for b in ap["budgets"]:
-            mem = _pct(b.get("residual_attack_success_with_memory")) if "residual_attack_success_with_memory" in b \
-                else "no memory"
             lines.append(f"| {_label(a, results)} | {by} | {sus} | {_budget(b)} | {_pct(b['attack_success_bare'])} "
-                         f"| {_pct(b['residual_attack_success'])} | {mem} |")
+                         f"| {_pct(b['residual_attack_success'])} | {_memory_cell(b)} |")
     return lines
 
 

@@ -19,6 +19,7 @@ from guard.bench.attackers import (
     regraftable,
     stream_clean,
     whitebox_row,
+    worst_after_purification,
 )
 from guard.bench.config import BenchConfig, bench_data, log, profile_dir
 from guard.bench.detection import art_figures, offline_verdicts, online_figures, repair_figures, strip_figures
@@ -30,6 +31,17 @@ from guard.model import num_classes
 from guard.online import Guard
 from guard.scan import build_profile
 from guard.scan.neural_cleanse import NeuralCleanse
+
+
+def run_scan(cfg: BenchConfig, model, x: np.ndarray, y: np.ndarray, *, trajectory: bool | None = None
+             ) -> tuple[Any, dict[str, Any], NeuralCleanse]:
+    """``build_profile`` with the run's scan settings (its FPR, seed, Neural Cleanse rounds, k-NN check and,
+    unless ``trajectory`` says otherwise, trajectory check): the profile, its summary and the Neural Cleanse
+    scan that made it."""
+    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
+    profile, summary = build_profile(model, x, y, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
+                                     knn=cfg.knn, trajectory=cfg.trajectory if trajectory is None else trajectory)
+    return profile, summary, nc
 
 
 def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok: bool,
@@ -52,10 +64,8 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     attack: Attack = zm.attack  # type: ignore[assignment]
     target = int(getattr(attack, "target", -1))
     log(progress, f"{name}: scanning (Neural Cleanse, checks, calibration)")
-    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     t_scan = time.perf_counter()
-    profile, summary = build_profile(zm.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                     knn=cfg.knn, trajectory=cfg.trajectory)
+    profile, summary, _ = run_scan(cfg, zm.model, xc, yc)
     scan_seconds = time.perf_counter() - t_scan
     profile.save(profile_dir(profiles, net, name))
     log(progress, f"{name}: DL-TND / DF-TND")
@@ -70,7 +80,8 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     online = online_figures(guard, x_cal, neg, pos, cfg.fpr, success, cfg.flip_check)
     repair = repair_figures(Guard(zm.model, profile, mode="repair", verify=False, memory=False), neg, y_neg, pos,
                             pos_target, zm.model)
-    stream = stream_row(zm.model, profile, pos, pos_target, stream_clean(d, attack, n_eval), x_cal)
+    clean_stream = stream_clean(d, attack, n_eval)
+    stream = stream_row(zm.model, profile, pos, pos_target, clean_stream, x_cal)
     log(progress, f"{name}: STRIP (N={cfg.strip_n})")
     strip = strip_figures(cfg, zm.model, x_fit, x_cal[:cfg.strip_calibration], neg, pos)
     art, art_error = None, None
@@ -108,8 +119,7 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
 
         log(progress, f"{name}: purification ({', '.join(map(str, cfg.purify_per_class))} clean images per class)")
         def scan(model, x, y):  # the row's own scan settings, on the subset a user with that many images has
-            return build_profile(model, x, y, fpr=cfg.fpr, seed=cfg.zoo.seed, progress=False, knn=cfg.knn,
-                                 nc=NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False))[0]
+            return run_scan(cfg, model, x, y, trajectory=False)[0]
 
         purification = purification_section(zm.model, attack, xc, yc, neg, y_neg, per_class=cfg.purify_per_class,
                                             methods=cfg.purify_methods, seed=cfg.zoo.seed, scan=scan, on_fit=on_fit)
@@ -118,11 +128,8 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
         after = {"per_class": keep[0], "method": keep[1], "chosen": getattr(est, "chosen_", None), "ok": est.ok_}
         if est.ok_:  # rescanned on the row's clean images with the row's settings, as its own profile was
             log(progress, f"{name}: gray-box keys against the purified model")
-            nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
-            pprofile, _ = build_profile(est.model_, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                        knn=cfg.knn, trajectory=cfg.trajectory)
-            after |= after_purification(est.model_, pprofile, target, graybox["budgets"], stamped,
-                                        history=x_cal, clean=stream_clean(d, attack, n_eval))
+            after |= after_purification(est.model_, run_scan(cfg, est.model_, xc, yc)[0], target, graybox["budgets"],
+                                        stamped, history=x_cal, clean=clean_stream)
         graybox["after_purification"] = after
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),
@@ -156,10 +163,8 @@ def stream_row(model, profile, pos: np.ndarray, pos_target: np.ndarray, neg: np.
 def clean_row(cfg: BenchConfig, clean, xc: np.ndarray, yc: np.ndarray, x_fit: np.ndarray, y_fit: np.ndarray,
                k: int, results: dict[str, Any], progress: Callable[[str], None] | None) -> None:
     """The clean model through every offline method: what each flags is a false positive."""
-    nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     log(progress, "scanning the clean model")
-    cprofile, csum = build_profile(clean.model, xc, yc, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                   knn=cfg.knn, trajectory=cfg.trajectory)
+    cprofile, csum, nc = run_scan(cfg, clean.model, xc, yc)
     cmeta = {"scan": {"seconds": csum["seconds"], "steps": nc.steps_}}
     coff = offline_verdicts(cfg, clean.model, csum, cmeta, x_fit, y_fit, -1, k)
     for v in coff.values():
@@ -198,8 +203,7 @@ def row_targets(row: dict[str, Any]) -> dict[str, Any]:
                     section["max_residual_attack_success_with_memory"] <= 0.25)
     after = (row.get("graybox") or {}).get("after_purification") or {}
     if after.get("budgets"):  # the same keys against the purified model and its fresh scan (memory on where it has one)
-        worst = after.get("max_residual_attack_success_with_memory", after["max_residual_attack_success"])
-        out["graybox_residual_attack_success_after_purification<=0.25"] = worst <= 0.25
+        out["graybox_residual_attack_success_after_purification<=0.25"] = worst_after_purification(after) <= 0.25
     pur = (row.get("purification") or {}).get("per_class") or {}
     for n, size in pur.items():
         auto = next((r for r in size["rows"] if r["method"] == "auto"), None)
