@@ -230,6 +230,17 @@ class Profile:
         self.warp = WarpScan(**result)
         self.tensors["warp.fields"] = np.asarray(fields, dtype=np.float32)
 
+    def watched_labels(self) -> list[int]:
+        """Every label this profile holds suspect: Neural Cleanse's suspects, the warp reversal's, and the labels
+        its trigger memory watches (which include those a still earlier profile named). A scan of the model
+        ``guard purify`` made of this one keeps its memory on them (``guard scan --watch-from``)."""
+        out = {int(s) for s in self.suspect_labels}
+        if self.warp is not None:
+            out |= {int(s) for s in self.warp.suspect_labels}
+        if self.memory is not None and self.memory.get("labels") is not None:
+            out |= {int(s) for s in self.memory["labels"]}
+        return sorted(out)
+
     def set_trajectory(self, settings: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
         """Store :meth:`guard.online.trajectory.Trajectory.to_profile`'s output."""
         self.trajectory = dict(settings)

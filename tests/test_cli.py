@@ -46,6 +46,24 @@ def test_scan_json_and_exit_code(demo_scan):
     assert (demo_scan.profile / "profile.json").exists() and (demo_scan.profile / "tensors.safetensors").exists()
 
 
+def test_scan_watches_what_an_earlier_profile_suspected(demo_world, demo_profile, tmp_path):
+    """The rescan of a purified model keeps its trigger memory on the attacked model's suspects."""
+    x, y = load_npz(demo_world.clean)
+    small = tmp_path / "small.npz"
+    np.savez(small, x=x[:200], y=y[:200])
+    base = ("scan", *model_args(demo_world), "--data", small, "--max-rounds", "2", "--no-warp")
+    p = guard(*base, "--out", tmp_path / "p", "--watch", "2", "--watch-from", demo_profile, "--json")
+    assert p.returncode in (0, 1), p.stderr
+    earlier = json.loads((demo_profile / "profile.json").read_text())
+    assert 6 in earlier["suspect_labels"]
+    assert set(json.loads(p.stdout)["memory"]["labels"]) >= {2, 6}
+    assert set(json.loads((tmp_path / "p" / "profile.json").read_text())["memory"]["labels"]) >= {2, 6}
+    for bad in (["--watch", "two"], ["--watch", "-1"], ["--watch", "10"], ["--watch-from", tmp_path / "none"],
+                ["--watch", "2", "--memory", "off"]):
+        one_line_error(guard(*base, "--out", tmp_path / "o", *bad), 2)
+    assert not (tmp_path / "o").exists()
+
+
 def test_scan_device_is_checked_before_any_work(demo_world, tmp_path):
     import torch
 

@@ -33,14 +33,15 @@ from guard.scan import build_profile
 from guard.scan.neural_cleanse import NeuralCleanse
 
 
-def run_scan(cfg: BenchConfig, model, x: np.ndarray, y: np.ndarray, *, trajectory: bool | None = None
-             ) -> tuple[Any, dict[str, Any], NeuralCleanse]:
+def run_scan(cfg: BenchConfig, model, x: np.ndarray, y: np.ndarray, *, trajectory: bool | None = None,
+             watch: list[int] | tuple[int, ...] = ()) -> tuple[Any, dict[str, Any], NeuralCleanse]:
     """``build_profile`` with the run's scan settings (its FPR, seed, Neural Cleanse rounds, k-NN check and,
-    unless ``trajectory`` says otherwise, trajectory check): the profile, its summary and the Neural Cleanse
-    scan that made it."""
+    unless ``trajectory`` says otherwise, trajectory check; the memory also on the labels in ``watch``): the
+    profile, its summary and the Neural Cleanse scan that made it."""
     nc = NeuralCleanse(seed=cfg.zoo.seed, max_rounds=cfg.nc_max_rounds, progress=False)
     profile, summary = build_profile(model, x, y, fpr=cfg.fpr, seed=cfg.zoo.seed, nc=nc, progress=False,
-                                     knn=cfg.knn, trajectory=cfg.trajectory if trajectory is None else trajectory)
+                                     knn=cfg.knn, trajectory=cfg.trajectory if trajectory is None else trajectory,
+                                     watch=watch)
     return profile, summary, nc
 
 
@@ -126,10 +127,12 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
     if graybox is not None and stamped and kept.get("est") is not None:
         est = kept["est"]
         after = {"per_class": keep[0], "method": keep[1], "chosen": getattr(est, "chosen_", None), "ok": est.ok_}
-        if est.ok_:  # rescanned on the row's clean images with the row's settings, as its own profile was
+        if est.ok_:  # rescanned on the row's clean images with the row's settings, as its own profile was, the
+            # memory kept on what the row's profile suspected (guard scan --watch-from)
             log(progress, f"{name}: gray-box keys against the purified model")
-            after |= after_purification(est.model_, run_scan(cfg, est.model_, xc, yc)[0], target, graybox["budgets"],
-                                        stamped, history=x_cal, clean=clean_stream)
+            rescan = run_scan(cfg, est.model_, xc, yc, watch=profile.watched_labels())[0]
+            after |= after_purification(est.model_, rescan, target, graybox["budgets"], stamped, history=x_cal,
+                                        clean=clean_stream)
         graybox["after_purification"] = after
     row = {"name": name, "net": net, "seed": cfg.zoo.seed, "target": target,
            "clean_accuracy": round(zm.clean_accuracy, 4),

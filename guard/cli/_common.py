@@ -59,6 +59,17 @@ def open_interval(low: float, high: float):
 fpr_arg = open_interval(0, 0.5)
 
 
+def label_list(text: str) -> list[int]:
+    """An argparse type: comma-separated class labels, each an integer >= 0 (one readable error otherwise)."""
+    try:
+        labels = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of labels: {text!r}") from None
+    if not labels or min(labels) < 0:
+        raise argparse.ArgumentTypeError(f"labels are integers >= 0, got {text!r}")
+    return labels
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=float) + "\n")
 

@@ -10,7 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from guard.cli._common import add_model_arguments, fpr_arg, load_model_from, model_class_name, parse_device, print_json
+from guard.cli._common import (
+    add_model_arguments,
+    fpr_arg,
+    label_list,
+    load_model_from,
+    model_class_name,
+    parse_device,
+    print_json,
+)
 from guard.model import validate_input_shape
 from guard.modes import MEMORY_WATCH, MODES
 
@@ -34,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "it watches the queries assigned to the suspect labels (default; none found: every label at a "
                         "tenth of the FPR), all labels, or is off. About 0.1 ms per query on a 2-core CPU, per "
                         "serving worker")
+    p.add_argument("--watch", type=label_list, default=[], metavar="LABELS",
+                   help="labels the trigger memory watches beside the scan's suspects, comma-separated (e.g. 6 or "
+                        "3,6)")
+    p.add_argument("--watch-from", metavar="PROFILE",
+                   help="watch every label an earlier profile holds suspect: scanning the model guard purify made "
+                        "of that profile's model, keep the memory on the original suspects (a key optimised on the "
+                        "attacked weights can still reach its target on the purified ones)")
     p.add_argument("--trajectory", action="store_true",
                    help="add the trajectory check: follow each query's rank among clean images of its predicted class "
                         "through every layer (as TED) and reject one that joins it only late, which catches triggers "
@@ -70,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-rounds must be >= 1, got {args.max_rounds}")
     if args.screen_above is not None and args.screen_above < 0:
         raise InputError(f"--screen-above must be >= 0, got {args.screen_above}")
+    watch = set(args.watch)
+    if args.watch_from:
+        from guard.profile import Profile
+
+        watch |= set(Profile.load(args.watch_from).watched_labels())
     model = load_model_from(args)
     x, y = load_data(args.data)
     validate_input_shape(model, x.shape[1:])
@@ -81,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                                      layer=args.feature_layer, source=source, progress=progress,
                                      consistency=not args.no_consistency, inner=args.inner_layer,
                                      memory=args.memory, min_per_class=min_per_class, trajectory=args.trajectory,
+                                     watch=watch,
                                      nc=NeuralCleanse(seed=args.seed, progress=progress, device=device,
                                                       max_rounds=args.max_rounds, **screen))
     summary["profile"] = str(args.out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -80,7 +81,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
                   inner: str | None = None, folds: int = 5, inner_knn: bool = True,
                   memory: str = "suspects", tokens: bool = True, min_per_class: int = 0,
-                  trajectory: bool = False) -> tuple[Profile, dict[str, Any]]:
+                  trajectory: bool = False, watch: Sequence[int] = ()) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -119,7 +120,11 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     follows each input's rank among clean images of its predicted class through every layer: it catches triggers
     re-optimised to match clean statistics in aggregate, at the cost of hooks on every traced layer and a
     nearest-neighbour search per layer (figures and cost in docs/benchmarks.md, 'Adaptive attackers'); its
-    false alarms add :data:`TRAJECTORY_SHARE` of ``fpr`` to the ensemble's.
+    false alarms add :data:`TRAJECTORY_SHARE` of ``fpr`` to the ensemble's. ``watch`` names labels the memory
+    watches beside the scan's suspects at the full ``fpr``: the labels an earlier scan suspected, when this
+    model is the one ``guard purify`` made of that one. A purified model's scan may suspect nothing, or a
+    cheap natural label instead of the attack's target, and a key optimised on the attacked weights still
+    reaches its target on the purified one (figures in docs/benchmarks.md, 'Against the purified model').
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -139,6 +144,9 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         raise InputError(f"--fpr must be in (0, 0.5), got {fpr}")
     if memory not in MEMORY_WATCH:
         raise InputError(f"--memory must be one of {', '.join(MEMORY_WATCH)}, got {memory!r}")
+    watch = sorted({int(w) for w in watch})
+    if watch and memory == "off":
+        raise InputError("--watch names labels for the trigger memory, which --memory off leaves out")
     validate_mode(mode)
     t0 = time.perf_counter()
     model.eval()
@@ -155,6 +163,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         checks_off["inner_knn"] = "turned off (inner_knn=False)"
     validate_labels(y, k)
     validate_per_class(y, k, min_per_class)
+    if watch and not 0 <= watch[0] <= watch[-1] < k:
+        raise InputError(f"--watch labels must be in 0..{k - 1} (the model has {k} classes), got {watch}")
     token_stats = None
     if tokens and inner_name is not None:
         blocks = token_blocks(model, probe, layer_name)
@@ -239,9 +249,10 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     if memory != "off":
         from guard.online.memory import TriggerMemory
 
-        watch = [int(s) for s in suspects] if memory == "suspects" and suspects else None
-        mem_fpr = fpr if memory == "all" or watch else fpr * UNSUSPECTED_MEMORY_SHARE
-        profile.memory = TriggerMemory(seed=seed, labels=watch).fit(x).infer_threshold(x, fpr=mem_fpr).to_settings()
+        watched = sorted({int(s) for s in suspects} | set(watch)) if memory == "suspects" else []
+        labels = watched or None  # None: every label
+        mem_fpr = fpr if memory == "all" or watched else fpr * UNSUSPECTED_MEMORY_SHARE
+        profile.memory = TriggerMemory(seed=seed, labels=labels).fit(x).infer_threshold(x, fpr=mem_fpr).to_settings()
     meta = profile.to_json()
     summary = {
         "suspect_labels": suspects,

@@ -130,6 +130,8 @@ def test_every_attack_row_has_every_field(tiny):
             for b in ap["budgets"]:
                 assert 0 <= b["residual_attack_success"] <= b["attack_success_bare"] + 1e-9
             assert ap["max_residual_attack_success"] == max(b["residual_attack_success"] for b in ap["budgets"])
+            if a["suspect_labels"] and ap["memory_watches"] != "all":  # the rescan keeps watching the row's suspects
+                assert set(a["suspect_labels"]) <= set(ap["memory_watches"])
             worst = ap.get("max_residual_attack_success_with_memory", ap["max_residual_attack_success"])
             assert a["targets"]["graybox_residual_attack_success_after_purification<=0.25"] == (worst <= 0.25)
         assert {"combined_tpr_at_1pct_fpr>=best_peer", "whitebox_residual_attack_success<=0.25",

@@ -139,6 +139,40 @@ def test_the_profile_carries_the_memory_and_the_guard_takes_it_from_there(tmp_pa
         Profile.from_json(meta, loaded.tensors)
 
 
+def test_the_scan_keeps_its_memory_on_labels_an_earlier_profile_suspected(tmp_path):
+    """``watch`` adds labels to the suspects' memory at the full FPR (the purified model's rescan keeps the
+    attacked model's suspects), and a profile hands every label it holds suspect to the next scan."""
+    from guard.profile import Profile
+    from guard.scan import build_profile
+    from guard.scan.neural_cleanse import NeuralCleanse
+
+    net, _, x = _tiny_guard_parts()
+    y = net(torch.from_numpy(x)).argmax(1).numpy()
+
+    def scan(**kw):
+        return build_profile(net, x, y, consistency=False, progress=False,
+                             nc=NeuralCleanse(max_rounds=2, progress=False), **kw)[0]
+
+    plain = scan()
+    suspects = sorted(int(s) for s in plain.suspect_labels)
+    unwatched = [k for k in range(3) if k not in suspects]
+    watched = scan(watch=[unwatched[0], unwatched[0]])
+    assert watched.memory["labels"] == sorted(set(suspects) | {unwatched[0]})
+    assert watched.memory["fpr"] == 0.01, "a watched label is compared at the full FPR"
+    if not suspects:
+        assert plain.memory["labels"] is None and plain.memory["fpr"] < 0.01
+    assert scan(memory="all", watch=[unwatched[0]]).memory["labels"] is None, "all labels already"
+    with pytest.raises(InputError, match="--memory off"):
+        scan(memory="off", watch=[1])
+    with pytest.raises(InputError, match=r"--watch labels must be in 0\.\.2"):
+        scan(watch=[3])
+    loaded = Profile.load(watched.save(tmp_path / "w"))
+    assert loaded.watched_labels() == watched.memory["labels"]
+    loaded.suspect_labels = [2]
+    loaded.memory = None
+    assert loaded.watched_labels() == [2], "the scan's suspects, without a memory"
+
+
 def test_a_memory_watching_some_labels_compares_only_their_queries_and_remembers_all(traffic):
     """Queries the model assigns to other labels score 0 and are still remembered, so a watched query meets
     the traffic's whole mix; an input watched without its predicted label is refused."""
