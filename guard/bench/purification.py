@@ -71,14 +71,17 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
     """One row per method: the real trigger's attack success and the clean accuracy on the test data
     before and after (drop in points), the held-out figures the method itself measured, what it
     selected, its time, and (``with_comeback``) the real trigger's success while the purified model is
-    fine-tuned for one epoch with 1% poisoned images; a row ``"original"`` gives the same for the
-    unpurified model. ``profile`` defaults to a fresh scan of the ``per_class`` subset: ``scan(model, x, y)``
-    (default: :func:`guard.scan.build_profile` with its defaults) returning the profile. ``on_fit(method, est)``
-    is called with each fitted estimator of ``methods`` (its purified model is ``est.model_`` when ``est.ok_``).
-    A method that cannot run on the evidence (InputError: unlearning when neither the scan nor the blend
-    reversal found a trigger) gets a row with ``ok`` false and its message in ``refused``."""
+    fine-tuned for one epoch with 1% poisoned images, beside ``relapse``, what ``guard purify`` can see of
+    that (the reversed triggers' success after the same re-tuning with them: :mod:`guard.purify.relapse`);
+    a row ``"original"`` gives the same for the unpurified model. ``profile`` defaults to a fresh scan of the
+    ``per_class`` subset: ``scan(model, x, y)`` (default: :func:`guard.scan.build_profile` with its defaults)
+    returning the profile. ``on_fit(method, est)`` is called with each fitted estimator of ``methods`` (its
+    purified model is ``est.model_`` when ``est.ok_``). A method that cannot run on the evidence (InputError:
+    unlearning when neither the scan nor the blend reversal found a trigger) gets a row with ``ok`` false and
+    its message in ``refused``."""
     from guard.errors import InputError
     from guard.purify import Evidence, make_purifier
+    from guard.purify.relapse import relapse
 
     xs, ys = per_class_subset(x, y, per_class, seed=seed)
     if profile is None and scan is not None:
@@ -108,10 +111,16 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
         if method == "auto":
             fitted += [(f"auto:{e.method}", e) for e in est.runs_]
     rows = []
+    probe = evidence.triggers(jitter=0)
+
+    def relapsed(mdl: nn.Module) -> float | None:  # what guard purify can see of the comeback: reversed triggers
+        return relapse(mdl, xs, ys, x_test, y_test, probe, seed=seed)
+
     if with_comeback:
         rows.append(base | {"method": "original", "ok": True, "selected": None, "real_asr_after": asr0,
                             "accuracy_after": acc0, "accuracy_drop_points": 0.0,
-                            "comeback_asr": comeback(model, attack, xs, ys, x_test, y_test, seed=seed)})
+                            "comeback_asr": comeback(model, attack, xs, ys, x_test, y_test, seed=seed),
+                            "relapse": relapsed(model)})
     for name, est in fitted:
         m = est.model_ if est.ok_ else model
         acc1 = accuracy(m, x_test, y_test)
@@ -125,6 +134,7 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
             "seconds": est.seconds_}
         if with_comeback and est.ok_ and not name.startswith("auto:"):
             row["comeback_asr"] = comeback(m, attack, xs, ys, x_test, y_test, seed=seed)
+            row["relapse"] = relapsed(m)
         rows.append(row)
     for name, why in refused.items():  # the row says why, and the model stays as it was
         rows.append(base | {"method": name, "ok": False, "selected": None, "chosen": None, "refused": why,

@@ -451,9 +451,10 @@ def _purification_lines(results: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = ["", "Purification (`guard purify` methods; real trigger never seen by any method; comeback: the real "
-             "trigger's success after each quarter of one epoch of fine-tuning with 1% poisoned images):", "",
-             "| attack | images per class | method | selected | real attack success | test accuracy lost (points) "
-             "| comeback |", "|---|---|---|---|---|---|---|"]
+             "trigger's success after each quarter of one epoch of fine-tuning with 1% poisoned images; relapse: "
+             "the reversed triggers' success after the same epoch poisoned with them, what `guard purify` reports):",
+             "", "| attack | images per class | method | selected | real attack success | test accuracy lost (points) "
+             "| comeback | relapse |", "|---|---|---|---|---|---|---|---|"]
     for a in rows:
         for n, size in a["purification"]["per_class"].items():
             for r in size["rows"]:
@@ -462,5 +463,5 @@ def _purification_lines(results: dict[str, Any]) -> list[str]:
                 best = " (best)" if r["method"] == size["best"] else ""
                 lines.append(f"| {_label(a, results)} | {n} | {r['method']}{best} | {r.get('selected') or ''} "
                              f"| {_pct(r['real_asr_before'])} -> {after} | {_f(r['accuracy_drop_points'], 1)} "
-                             f"| {come} |")
+                             f"| {come} | {_pct(r['relapse']) if r.get('relapse') is not None else ''} |")
     return lines

@@ -34,6 +34,7 @@ from guard.purify.combined import CombinedUnlearning
 from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
 from guard.purify.norm_tuning import NormTuning
+from guard.purify.relapse import relapse
 from guard.purify.residual import blend_residual, residual_evidence
 from guard.purify.result import PurifyResult
 from guard.purify.rnp import RNPPruning
@@ -101,7 +102,7 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
            max_drop: float = 0.02, holdout_share: float = 0.25, share: float | None = None,
            epochs: int | None = None, lr: float | None = None, seed: int = 0, rescan: bool = True,
            online: bool = True, nc=None, progress: bool | None = None, device: str = "cpu",
-           blend_evidence: bool = True) -> PurifyResult:
+           blend_evidence: bool = True, probe_relapse: bool = True) -> PurifyResult:
     """Purify ``model`` with ``method`` (:data:`METHODS`) within ``max_drop`` of clean accuracy and measure
     before and after on the held-out part: clean accuracy, the reversed triggers' attack success where
     they were found and pasted anywhere, the online checks' rejection of held-out images stamped with
@@ -111,9 +112,11 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     the verdict at ``backdoored``. When the profile names no suspect label and ``blend_evidence`` is on,
     :meth:`Evidence.from_blend_reversal` looks for a whole-image trigger on the learning images (Neural
     Cleanse's scan misses blended and warped ones); what it flags is unlearned, and judged after by the
-    same reversal on the purified model. ``share``, ``epochs`` and ``lr`` go to the methods that take
-    them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where the Neural Cleanse
-    optimisations run: the combined method's re-reversals and the rescan.
+    same reversal on the purified model. ``probe_relapse`` adds, for both models, the reversed triggers'
+    success after one epoch of re-tuning with 1% of the learning images stamped with them
+    (:func:`~guard.purify.relapse.relapse`: how deep the repair went). ``share``, ``epochs`` and ``lr`` go to
+    the methods that take them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where
+    the Neural Cleanse optimisations run: the combined method's re-reversals and the rescan.
     """
     from guard.scan.neural_cleanse import NeuralCleanse
 
@@ -150,6 +153,9 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     after = side(purified, est.accuracy_after_) if purified is not None else {
         "clean_accuracy": est.accuracy_after_, "attack_success": None, "attack_success_anywhere": None}
     after |= {"verdict": None, "suspect_labels": None, "anomaly_index": None, "log_anomaly_index": None}
+    if probe_relapse:
+        before["relapse"] = relapse(model, x_tr, y_tr, xv, yv, fixed, seed=seed)
+        after["relapse"] = relapse(purified, x_tr, y_tr, xv, yv, fixed, seed=seed) if purified is not None else None
     if online:
         before["online_rejection"], before["online_false_rejection"] = online_rejection(
             model, profile, xv, yv, fixed, seed=seed)

@@ -37,6 +37,7 @@ class PurifyResult:
         rows = [("clean accuracy (held out)", pct(b["clean_accuracy"]), pct(a["clean_accuracy"])),
                 ("reversed-trigger attack success", pct(b["attack_success"]), pct(a["attack_success"])),
                 ("  same, pasted anywhere", pct(b["attack_success_anywhere"]), pct(a["attack_success_anywhere"])),
+                ("  after one poisoned re-tuning epoch", pct(b.get("relapse")), pct(a.get("relapse"))),
                 ("online rejection of stamped images", pct(b.get("online_rejection")), pct(a.get("online_rejection"))),
                 ("online rejection of clean images", pct(b.get("online_false_rejection")),
                  pct(a.get("online_false_rejection"))),

@@ -59,6 +59,9 @@ def test_every_attack_row_has_every_field(tiny):
         for row in pur["rows"]:
             assert 0 <= row["real_asr_before"] <= 1 and 0 <= row["accuracy_after"] <= 1
             assert row["per_class"] == 10 and len(row.get("comeback_asr") or [0, 0, 0, 0]) == 4
+            if "comeback_asr" in row:  # beside it, what guard purify sees of it (None: no reversed trigger)
+                assert "relapse" in row and (row["relapse"] is None) == (not row["suspect_labels"])
+                assert row["relapse"] is None or 0 <= row["relapse"] <= 1
         assert 0 <= a["clean_accuracy"] <= 1 and 0 <= a["attack_success_rate"] <= 1
         assert set(a["detected"]) == {"neural_cleanse", "dl_tnd", "df_tnd", "blend"}
         for method in a["detected"].values():

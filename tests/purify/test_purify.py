@@ -103,7 +103,8 @@ def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world,
     assert set(details["auto"]) == {"combined", "bn-tune"}  # DemoNet has no BatchNorm: rnp not tried
     for side in (before, after):
         for key in ("clean_accuracy", "attack_success", "attack_success_anywhere", "online_rejection",
-                    "online_false_rejection", "verdict", "suspect_labels", "anomaly_index", "log_anomaly_index"):
+                    "online_false_rejection", "verdict", "suspect_labels", "anomaly_index", "log_anomaly_index",
+                    "relapse"):
             assert key in side, key
     assert details["held_out"] == 120 and details["trained_on"] == 380  # a quarter of each class, rounded down
     assert details["max_accuracy_drop"] == 0.02 and details["accuracy_drop"] <= 0.02 + 1e-9
@@ -142,7 +143,8 @@ def test_purify_rescans_and_measures_the_online_checks(demo, badnets_world):
     assert 0 <= res.after["online_false_rejection"] <= 1 and 0 <= res.after["online_rejection"] <= 1
     assert res.before["clean_accuracy"] - res.after["clean_accuracy"] <= 0.02 + 1e-9
     assert "rescan" in res.details["online_note"]
-    assert "guard scan verdict" in res.format_table()
+    assert "guard scan verdict" in res.format_table() and "poisoned re-tuning" in res.format_table()
+    assert 0 <= res.after["relapse"] <= 1 and res.before["relapse"] > 0.9  # the original keeps its backdoor
 
 
 def test_purify_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_path, guard_cli):

@@ -1,0 +1,62 @@
+"""How deep a purification went: the reversed triggers' success after a short poisoned re-tuning.
+
+A purification can bring a backdoor's attack success low and leave the backdoor's features in place; a
+short fine-tuning with a few poisoned images then brings it back (PAM, NeurIPS 2024: the repair was
+superficial). The bench measures that with the attacker's trigger (``comeback``); a defender has only the
+reversed triggers. :func:`relapse` asks the same question with them: a copy of the model is fine-tuned for
+one epoch on the learning images with a share ``rate`` of them stamped with a reversed trigger and
+labelled with its suspect label, and the reversed triggers' success on the held-out images is measured
+after. ``guard purify`` reports it for the original and the purified model side by side: a purified model
+that relapses as far as the original one was repaired on the surface (figures: docs/benchmarks.md,
+Purification).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from guard.purify.triggers import Trigger, stamp_one, worst_success
+from guard.purify.tuning import finetune_epochs
+
+
+def poisoned_copy(x: np.ndarray, y: np.ndarray, trigs: list[tuple[int, Trigger]], *, rate: float,
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` with ``rate`` of the images (at least one per trigger, seeded, none already of the trigger's
+    label) stamped with a trigger of ``trigs`` in turn and relabelled with its label."""
+    xp, yp = x.copy(), y.copy()
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    n = max(len(trigs), int(round(rate * len(x))))
+    taken: set[int] = set()
+    for i in range(n):
+        label, trig = trigs[i % len(trigs)]
+        free = np.setdiff1d(np.flatnonzero(y != label), np.fromiter(taken, int, len(taken)))
+        if len(free) == 0:
+            continue
+        j = int(rng.choice(free))
+        taken.add(j)
+        xp[j] = stamp_one(torch.from_numpy(np.ascontiguousarray(x[j])), trig, g).numpy()
+        yp[j] = label
+    return xp, yp
+
+
+def relapse(model: nn.Module, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+            trigs: list[tuple[int, Trigger]], *, rate: float = 0.01, epochs: int = 1, lr: float = 1e-3,
+            seed: int = 0) -> float | None:
+    """The highest success of ``trigs`` on ``(x_val, y_val)`` after fine-tuning a copy of ``model`` for
+    ``epochs`` on ``(x, y)`` with ``rate`` of it poisoned by ``trigs`` (:func:`poisoned_copy`; Adam at
+    ``lr``, train mode, as the bench's ``comeback`` re-tunes with the attacker's trigger). ``model`` is not
+    changed. None when there is no trigger."""
+    if not trigs:
+        return None
+    xp, yp = poisoned_copy(x, y, trigs, rate=rate, seed=seed)
+    m = copy.deepcopy(model)
+    for _ in finetune_epochs(m, xp, yp, epochs=epochs, lr=lr, seed=seed, frozen_stats=False, label="relapse",
+                             progress=False):
+        pass
+    m.eval()
+    return worst_success(m, x_val, y_val, trigs, seed=seed)
