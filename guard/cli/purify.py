@@ -19,8 +19,10 @@ it 50 per class where you can (docs/benchmarks.md, Purification). "guard prune" 
 of this command and still works.
 
 Prints a before/after table (or --json): held-out clean accuracy, the reversed triggers' attack
-success, the online checks' rejection of held-out images stamped with them, and a rescan's verdict
-and anomaly index. Writes a state_dict that loads into the original model file.
+success, their success after one epoch of re-tuning with 1% of the images stamped with them (how deep
+the repair went: a purified model that relapses as far as the original one was repaired on the surface),
+the online checks' rejection of held-out images stamped with them, and a rescan's verdict and anomaly
+index. Writes a state_dict that loads into the original model file.
 Exit 0 when purified within the bound and the rescan is clean, 1 when the purification was refused
 (over the bound) or a backdoor is still suspected, 2 on bad input."""
 
@@ -128,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"held-out clean accuracy drop {drop:.1f} points on {d['held_out']} images (bound "
                   f"{args.max_drop:g}); 95% upper bound on unseen images {100 * d['accuracy_drop_upper_95']:.1f} "
                   f"points; purified weights written to {out} (load them into {Path(args.model_file).name})")
-            if table["details"]["resolution_note"]:
-                print(f"note: {table['details']['resolution_note']}")
+            for note in ("resolution_note", "relapse_note"):
+                if table["details"].get(note):
+                    print(f"note: {table['details'][note]}")
     if not result.ok:
         b, a = table["before"]["clean_accuracy"], table["after"]["clean_accuracy"]
         if any(c["within"] for c in table["details"]["candidates"][1:]):

@@ -34,7 +34,7 @@ from guard.purify.combined import CombinedUnlearning
 from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
 from guard.purify.norm_tuning import NormTuning
-from guard.purify.relapse import relapse
+from guard.purify.relapse import relapse, shallow_note
 from guard.purify.residual import blend_residual, residual_evidence
 from guard.purify.result import PurifyResult
 from guard.purify.rnp import RNPPruning
@@ -186,7 +186,8 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
                "held_out_broken": broken, "held_out_fixed": mended,
                "resolution_note": resolution_note(len(yv), max_drop), "selected": est.selected_,
                "triggers": evidence.labels, "candidates": est.history_, "seconds": est.seconds_,
-               "residual": residual, "evidence": source, **est.details_}
+               "residual": residual, "evidence": source,
+               "relapse_note": shallow_note(before.get("relapse"), after.get("relapse")), **est.details_}
     if online:
         details["online_note"] = ("the profile's checks as calibrated on the original model, applied to the "
                                   "purified one unchanged (rescan before serving the purified model)")

@@ -109,6 +109,7 @@ def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world,
     assert details["held_out"] == 120 and details["trained_on"] == 380  # a quarter of each class, rounded down
     assert details["max_accuracy_drop"] == 0.02 and details["accuracy_drop"] <= 0.02 + 1e-9
     assert details["resolution_note"] is None  # 120 held-out images: 0.8 points each, finer than half the bound
+    assert "relapse_note" in details and (details["relapse_note"] is None) == (after["relapse"] < 0.3)
     # the confidence bound: at least the measured drop, and what 120 images can vouch for (under 10 points)
     assert details["accuracy_drop"] - 1e-9 <= details["accuracy_drop_upper_95"] <= 0.10
     assert before["verdict"] == "backdoored" and before["attack_success"] > 0.9

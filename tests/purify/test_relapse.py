@@ -12,7 +12,7 @@ from guard.data import load_npz
 from guard.model import fingerprint, load_model
 from guard.profile import Profile
 from guard.purify import Evidence
-from guard.purify.relapse import poisoned_copy, relapse
+from guard.purify.relapse import SHALLOW, poisoned_copy, relapse, shallow_note
 from guard.purify.triggers import Trigger
 
 
@@ -44,6 +44,13 @@ def test_the_poisoned_copy_stamps_a_share_of_other_labels_images_and_relabels_th
     one, _ = poisoned_copy(x, y, trigs, rate=0.001, seed=1)
     assert int(np.any(one != x, axis=(1, 2, 3)).sum()) == 2, "at least one image per trigger"
     assert relapse(torch.nn.Flatten(), x, y, x, y, [], seed=0) is None
+
+
+def test_a_relapse_over_the_bar_says_the_repair_may_be_shallow():
+    assert shallow_note(0.9, SHALLOW - 0.01) is None and shallow_note(None, None) is None
+    note = shallow_note(0.9, 0.5)
+    assert "back to 50%" in note and "original model: 90%" in note and "--method" in note
+    assert "original" not in shallow_note(None, 0.5)
 
 
 def test_a_backdoor_relapses_and_a_clean_model_learns_nothing_in_one_epoch(probe):
