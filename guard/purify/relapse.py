@@ -28,7 +28,9 @@ note that its repair may be shallow. On the purification worlds of ``python -m g
 (DemoNet with BadNets and with Blended, GapNet with BadNets; 20 images per class, 14 purified models;
 docs/benchmarks.md, Purification) the purified models at or over it relapsed to 36-100%
 and the attacker's real trigger, re-tuned the same way, succeeded 53-100% after the epoch; those under it
-relapsed to 5-23% and the real trigger 9-50%. Chosen on those rows, not on held-out ones."""
+relapsed to 5-23% and the real trigger 9-50%. Chosen on those rows, not on held-out ones. On the ResNet-18
+layout the reversed triggers relapse far less than the real one comes back (0-19% against 24-92% on its
+shallow repairs), so there the note stays quiet on repairs that are not deep."""
 
 
 def shallow_note(before: float | None, after: float | None) -> str | None:
