@@ -128,9 +128,10 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
         est = kept["est"]
         after = {"per_class": keep[0], "method": keep[1], "chosen": getattr(est, "chosen_", None), "ok": est.ok_}
         if est.ok_:  # rescanned on the row's clean images with the row's settings, as its own profile was, the
-            # memory kept on what the row's profile suspected (guard scan --watch-from)
+            # memory kept on what the row's profile and the purification's evidence suspected (guard scan --watch)
             log(progress, f"{name}: gray-box keys against the purified model")
-            rescan = run_scan(cfg, est.model_, xc, yc, watch=profile.watched_labels())[0]
+            watch = sorted(set(profile.watched_labels()) | {int(s) for s, _ in est.scoring_})
+            rescan = run_scan(cfg, est.model_, xc, yc, watch=watch)[0]
             after |= after_purification(est.model_, rescan, target, graybox["budgets"], stamped, history=x_cal,
                                         clean=clean_stream)
         graybox["after_purification"] = after

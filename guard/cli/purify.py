@@ -115,8 +115,11 @@ def run(args: argparse.Namespace) -> int:
         result.save(out)
     table = result.table()
     drop = 100 * table["details"]["accuracy_drop"]
+    # what the rescan's trigger memory should keep watching: a key optimised on the attacked weights still
+    # aims at these labels, and the purified model's own scan rarely names them
+    watch = sorted(set(profile.watched_labels()) | set(table["before"]["suspect_labels"] or []))
     if args.json:
-        print_json({"method": args.method, "out": str(out) if result.ok else None, **table})
+        print_json({"method": args.method, "out": str(out) if result.ok else None, "rescan_watch": watch, **table})
     else:
         print(result.format_table())
         ev = table["details"].get("evidence") or {}
@@ -133,6 +136,12 @@ def run(args: argparse.Namespace) -> int:
             for note in ("resolution_note", "relapse_note"):
                 if table["details"].get(note):
                     print(f"note: {table['details'][note]}")
+            same = "".join(f" --{flag} {v}" for flag, v in (("model-class", args.model_class),
+                                                            ("normalize", args.normalize),
+                                                            ("feature-layer", args.feature_layer)) if v)
+            print(f"rescan before serving (the profile is bound to the old weights): guard scan --model-file "
+                  f"{args.model_file}{same} --weights {out} --data {args.data} --out PROFILE"
+                  + (f" --watch {','.join(map(str, watch))}" if watch else ""))
     if not result.ok:
         b, a = table["before"]["clean_accuracy"], table["after"]["clean_accuracy"]
         if any(c["within"] for c in table["details"]["candidates"][1:]):

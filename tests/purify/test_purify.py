@@ -100,6 +100,7 @@ def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world,
     table = json.loads(proc.stdout)
     before, after, details = table["before"], table["after"], table["details"]
     assert table["ok"] is True and table["method"] == "auto"
+    assert table["rescan_watch"] == [6]  # what the rescan's memory should keep watching (guard scan --watch)
     assert set(details["auto"]) == {"combined", "bn-tune"}  # DemoNet has no BatchNorm: rnp not tried
     for side in (before, after):
         for key in ("clean_accuracy", "attack_success", "attack_success_anywhere", "online_rejection",
@@ -146,6 +147,23 @@ def test_purify_rescans_and_measures_the_online_checks(demo, badnets_world):
     assert "rescan" in res.details["online_note"]
     assert "guard scan verdict" in res.format_table() and "poisoned re-tuning" in res.format_table()
     assert 0 <= res.after["relapse"] <= 1 and res.before["relapse"] > 0.9  # the original keeps its backdoor
+
+
+def test_purify_cli_prints_the_table_and_the_rescan_to_run(badnets_world, badnets_profile, tmp_path, guard_cli):
+    """Without --json: the before/after table with the relapse row, where the weights went, and the rescan
+    command with the labels its trigger memory should keep watching."""
+    data = _per_class(badnets_world.clean, 20, tmp_path / "c20.npz")
+    out = tmp_path / "p.pt"
+    proc = guard_cli("purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
+                     "--data", str(data), "--profile", str(badnets_profile), "--out", str(out), "--method",
+                     "fine-pruning", "--epochs", "0", "--no-rescan", "--no-online")
+    assert proc.returncode in (0, 1), proc.stderr[-2000:]
+    if out.exists():
+        assert "after one poisoned re-tuning epoch" in proc.stdout and f"written to {out}" in proc.stdout
+        rescan = [line for line in proc.stdout.splitlines() if line.startswith("rescan before serving")]
+        assert len(rescan) == 1 and f"--weights {out}" in rescan[0] and rescan[0].endswith("--watch 6")
+    else:
+        assert "refused" in proc.stderr
 
 
 def test_purify_cli_refuses_over_the_bound(badnets_world, badnets_profile, tmp_path, guard_cli):
