@@ -86,8 +86,9 @@ def graybox_row(cfg: BenchConfig, model: nn.Module, attack: Attack, guard: Guard
 def after_purification(purified: nn.Module, profile, target: int, budgets: list[dict[str, Any]],
                        stamped: list[np.ndarray], *, history: np.ndarray, clean: np.ndarray) -> dict[str, Any]:
     """The gray-box keys against the model that purification made of the attacked one, guarded by a fresh
-    scan of it (``profile``): what a user who follows the advice for a suspected model (``guard purify``,
-    then ``guard scan`` the result and serve that) deploys. The keys were optimised on the weights the
+    scan of it (``profile``, its memory kept on the labels the attacked model's evidence named): what a user
+    who follows the advice for a suspected model (``guard purify``, then the ``guard scan --watch`` it prints,
+    and serve that) deploys. The keys were optimised on the weights the
     attacker trained; the purified weights come from the defender's clean images and the attacker never
     had them. ``budgets`` are the gray-box row's budget rows and ``stamped`` their triggered inputs (same
     order); each gets its bare attack success on the purified model, the share through its guard's
