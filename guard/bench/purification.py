@@ -12,8 +12,6 @@ DemoNet Blended, GapNet BadNets).
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 from torch import nn
 
@@ -39,10 +37,9 @@ def comeback(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.
     quarter of the steps (four figures per epoch)."""
     import torch
 
-    from guard.purify.tuning import finetune_epochs
+    from guard.purify.relapse import retuned
 
     xp, yp = attack.poison(x, y, rate=rate, seed=seed)
-    m = copy.deepcopy(model)
     out: list[float] = []
     steps = max(1, (len(xp) + 31) // 32)  # finetune_epochs' batches of 32
     marks = [-(-steps * q // 4) for q in range(1, 5)]  # the step ending each quarter (ceil), per epoch
@@ -58,9 +55,7 @@ def comeback(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_test: np.
                 out.append(attack_success(mdl, attack, x_test, y_test))
         mdl.train(was)
 
-    for _ in finetune_epochs(m, xp, yp, epochs=epochs, lr=lr, seed=seed, frozen_stats=False, after_step=measure,
-                             label="comeback", progress=False):
-        pass
+    retuned(model, xp, yp, epochs=epochs, lr=lr, seed=seed, after_step=measure, label="comeback")
     return out
 
 

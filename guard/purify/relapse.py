@@ -14,6 +14,7 @@ Purification).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -65,6 +66,18 @@ def poisoned_copy(x: np.ndarray, y: np.ndarray, trigs: list[tuple[int, Trigger]]
     return xp, yp
 
 
+def retuned(model: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int = 1, lr: float = 1e-3, seed: int = 0,
+            after_step: Callable[[nn.Module], None] | None = None, label: str = "retune") -> nn.Module:
+    """A copy of ``model`` fine-tuned on ``(x, y)`` for ``epochs`` (Adam at ``lr``, train mode: batch statistics
+    move, as in a user's later fine-tuning), in eval mode; ``after_step`` as :func:`finetune_epochs` takes it.
+    The one re-tuning both :func:`relapse` and the bench's comeback rows run, so the two read the same epoch."""
+    m = copy.deepcopy(model)
+    for _ in finetune_epochs(m, x, y, epochs=epochs, lr=lr, seed=seed, frozen_stats=False, after_step=after_step,
+                             label=label, progress=False):
+        pass
+    return m.eval()
+
+
 def relapse(model: nn.Module, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
             trigs: list[tuple[int, Trigger]], *, rate: float = 0.01, epochs: int = 1, lr: float = 1e-3,
             seed: int = 0) -> float | None:
@@ -75,9 +88,5 @@ def relapse(model: nn.Module, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y
     if not trigs:
         return None
     xp, yp = poisoned_copy(x, y, trigs, rate=rate, seed=seed)
-    m = copy.deepcopy(model)
-    for _ in finetune_epochs(m, xp, yp, epochs=epochs, lr=lr, seed=seed, frozen_stats=False, label="relapse",
-                             progress=False):
-        pass
-    m.eval()
+    m = retuned(model, xp, yp, epochs=epochs, lr=lr, seed=seed, label="relapse")
     return worst_success(m, x_val, y_val, trigs, seed=seed)
