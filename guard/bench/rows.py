@@ -29,6 +29,7 @@ from guard.data import split
 from guard.demo.attacks import Attack
 from guard.model import num_classes
 from guard.online import Guard
+from guard.purify.purify import rescan_watch
 from guard.scan import build_profile
 from guard.scan.neural_cleanse import NeuralCleanse
 
@@ -130,7 +131,7 @@ def attack_row(cfg: BenchConfig, name: str, cache: Path, profiles: Path, art_ok:
         if est.ok_:  # rescanned on the row's clean images with the row's settings, as its own profile was, the
             # memory kept on what the row's profile and the purification's evidence suspected (guard scan --watch)
             log(progress, f"{name}: gray-box keys against the purified model")
-            watch = sorted(set(profile.watched_labels()) | {int(s) for s, _ in est.scoring_})
+            watch = rescan_watch(profile, (s for s, _ in est.scoring_))
             rescan = run_scan(cfg, est.model_, xc, yc, watch=watch)[0]
             after |= after_purification(est.model_, rescan, target, graybox["budgets"], stamped, history=x_cal,
                                         clean=clean_stream)

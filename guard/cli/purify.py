@@ -115,9 +115,7 @@ def run(args: argparse.Namespace) -> int:
         result.save(out)
     table = result.table()
     drop = 100 * table["details"]["accuracy_drop"]
-    # what the rescan's trigger memory should keep watching: a key optimised on the attacked weights still
-    # aims at these labels, and the purified model's own scan rarely names them
-    watch = sorted(set(profile.watched_labels()) | set(table["before"]["suspect_labels"] or []))
+    watch = table["details"]["rescan_watch"]
     if args.json:
         print_json({"method": args.method, "out": str(out) if result.ok else None, "rescan_watch": watch, **table})
     else:

@@ -20,6 +20,7 @@ out, so the bound is measured on at least 2 per class).
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable
 
 import numpy as np
 from torch import nn
@@ -186,12 +187,20 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
                "held_out_broken": broken, "held_out_fixed": mended,
                "resolution_note": resolution_note(len(yv), max_drop), "selected": est.selected_,
                "triggers": evidence.labels, "candidates": est.history_, "seconds": est.seconds_,
-               "residual": residual, "evidence": source,
+               "residual": residual, "evidence": source, "rescan_watch": rescan_watch(profile, evidence.labels),
                "relapse_note": shallow_note(before.get("relapse"), after.get("relapse")), **est.details_}
     if online:
         details["online_note"] = ("the profile's checks as calibrated on the original model, applied to the "
                                   "purified one unchanged (rescan before serving the purified model)")
     return PurifyResult(method, est.ok_, before, after, est.state_dict_, details)
+
+
+def rescan_watch(profile, labels: Iterable[int]) -> list[int]:
+    """The labels the purified model's rescan keeps its trigger memory on (``guard scan --watch``): every label
+    ``profile`` holds suspect (:meth:`~guard.profile.Profile.watched_labels`) and the purification evidence's
+    ``labels``. A key optimised on the attacked weights still aims at them, and the purified model's own scan
+    rarely names them (docs/benchmarks.md, 'The rescan watching the original target')."""
+    return sorted(set(profile.watched_labels()) | {int(s) for s in labels})
 
 
 def resolution_note(held_out: int, max_drop: float) -> str | None:
