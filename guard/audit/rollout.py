@@ -328,11 +328,26 @@ def write_metrics(result: AuditResult, path: str | Path) -> Path:
     series carries ``model`` (the first 16 hex digits of the model's SHA-256). The write is atomic
     (``write_to_textfile`` renames a temporary file), so the collector never reads half a file.
     """
-    from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
+    from prometheus_client import write_to_textfile
 
-    s = result.summary
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    write_to_textfile(str(path), _registry(result))
+    return path
+
+
+def metrics_text(result: AuditResult) -> str:
+    """The series of :func:`write_metrics` as Prometheus text exposition (what a fleet audit's worker sends back)."""
+    from prometheus_client import generate_latest
+
+    return generate_latest(_registry(result)).decode()
+
+
+def _registry(result: AuditResult):
+    """A registry holding the audit's series (see :func:`write_metrics`)."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    s = result.summary
     reg = CollectorRegistry()
     model = s["model_sha256"][:16]
     Gauge("guard_audit_verdict", "Audit verdict: 1 backdoor suspected, 0 clean", ["model"],
@@ -368,5 +383,4 @@ def write_metrics(result: AuditResult, path: str | Path) -> Path:
             md.labels(model, method).set(secs)
     Gauge("guard_audit_last_run_timestamp_seconds", "Unix time the audit finished", ["model"],
           registry=reg).labels(model).set(time.time())
-    write_to_textfile(str(path), reg)
-    return path
+    return reg

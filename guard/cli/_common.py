@@ -8,11 +8,13 @@ import sys
 from typing import Any
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The model's arguments; ``required=False`` where the command can name its models another way
+    (``guard audit --models``), which then checks them itself."""
     g = p.add_argument_group("model")
-    g.add_argument("--model-file", required=True, help="Python file defining the nn.Module class")
+    g.add_argument("--model-file", required=required, help="Python file defining the nn.Module class")
     g.add_argument("--model-class", help="class to use when the file defines several")
-    g.add_argument("--weights", required=True, help="state_dict file (loaded with weights_only=True)")
+    g.add_argument("--weights", required=required, help="state_dict file (loaded with weights_only=True)")
     g.add_argument("--normalize", metavar="MEAN,STD",
                    help="normalisation the model expects, applied inside guard's wrapper (e.g. 0.5,0.25)")
     g.add_argument("--feature-layer", metavar="NAME",

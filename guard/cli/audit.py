@@ -1,7 +1,13 @@
 """Audit a model before rollout: run Neural Cleanse, DL-TND and/or DF-TND, combine their decisions,
 and write DIR/report.json and a self-contained DIR/report.html (optionally Prometheus metrics).
 Exit 0 when the model looks clean, 1 when a backdoor is suspected, 2 on bad input, 3 when --profile
-belongs to another model, so a CI job can gate a rollout on it."""
+belongs to another model, so a CI job can gate a rollout on it.
+
+With ``--models DIR`` (one folder per model, each with ``model.py`` and ``weights.pt``) or ``--manifest
+FILE`` it audits every model, one Ray task each (a local Ray instance unless ``--address`` names a
+cluster; ``--local`` runs them in this process), writes each model's reports into ``OUT/NAME/`` and the
+run's ``summary.json``, ``summary.html`` and ``metrics.prom``, and exits with the worst model's code
+(2 when a model could not be audited)."""
 
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model_arguments(p)
+    add_model_arguments(p, required=False)
     p.add_argument("--data", help="clean images: .npz (x, y) or a folder of class subfolders "
                    "(needed by nc, dl-tnd, blend and warp; df-tnd runs without)")
     p.add_argument("--out", required=True, help="report directory (must not exist or be empty, unless --force)")
@@ -41,10 +47,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
                    "cuda[:N]")
     p.add_argument("--force", action="store_true", help="write into a non-empty report directory")
-    p.add_argument("--json", action="store_true", help="print report.json on stdout (progress stays on stderr)")
+    p.add_argument("--json", action="store_true", help="print report.json on stdout (progress stays on stderr); "
+                   "with --models, one document with a row per model")
+    g = p.add_argument_group("many models (instead of --model-file and --weights)")
+    g.add_argument("--models", metavar="DIR", help="audit every model in DIR: one folder per model, each holding "
+                   "model.py and weights.pt; the folder's name names the model")
+    g.add_argument("--manifest", metavar="FILE", help="audit the models a JSON or YAML file lists: objects with name, "
+                   "model_file, weights (relative to the file) and optionally model_class, normalize, feature_layer")
+    g.add_argument("--address", help="Ray cluster to run on (auto, or the head's HOST:PORT; default: start a local "
+                   "Ray instance and stop it after)")
+    g.add_argument("--local", action="store_true", help="no Ray: audit the models one after another in this process")
+    g.add_argument("--cpus-per-model", type=float, default=1.0, metavar="N",
+                   help="CPUs each model's task asks Ray for, and its audit's torch threads (default 1)")
+    g.add_argument("--gpus-per-model", type=float, default=0.0, metavar="N",
+                   help="GPUs each model's task asks Ray for (default 0)")
+    g.add_argument("--max-retries", type=int, default=3, metavar="N",
+                   help="times Ray reruns a model whose worker was lost mid-audit (default 3)")
+    g.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up on a model whose audit runs longer (its row says so; Ray only)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from guard.errors import InputError
+
+    many = args.models is not None or args.manifest is not None
+    if many:
+        if args.model_file or args.weights or args.profile or args.normalize or args.model_class:
+            raise InputError("--models/--manifest name the models: leave out --model-file, --weights, --profile, "
+                             "--normalize and --model-class (a manifest entry may set model_class and normalize)")
+        return _run_fleet(args)
+    if args.local or args.address or args.timeout is not None:
+        raise InputError("--address, --local and --timeout go with --models or --manifest")
+    if not (args.model_file and args.weights):
+        raise InputError("give --model-file and --weights (or --models DIR / --manifest FILE for many models)")
     from guard.audit.report import prepare_out_dir, write_report
     from guard.audit.rollout import METHODS, parse_methods, run_audit, write_metrics
     from guard.cli._common import parse_device
@@ -86,3 +121,64 @@ def run(args: argparse.Namespace) -> int:
                       f"  {s['timings'][key]:.1f}s")
         print(f"report: {hpath} ({jpath.name}); {s['timings']['total']:.1f}s in all")
     return result.exit_code
+
+
+def _run_fleet(args: argparse.Namespace) -> int:
+    import sys
+
+    from guard.audit.executors import LocalExecutor, RayExecutor
+    from guard.audit.fleet import AuditOptions, entries_of, run_fleet
+    from guard.audit.fleet_report import summary, write_summary
+    from guard.audit.report import prepare_out_dir
+    from guard.audit.rollout import parse_methods
+    from guard.data import load_data
+    from guard.errors import InputError
+
+    methods = parse_methods(args.methods)
+    entries = entries_of(args.models, args.manifest)
+    if args.local and args.address:
+        raise InputError("--local runs in this process: leave out --address")
+    out = prepare_out_dir(args.out, force=args.force)
+    x = y = None
+    if args.data:
+        x, y = load_data(args.data, need_labels="dl-tnd" in methods)
+    options = AuditOptions(tuple(methods), args.seed, max(1, int(args.cpus_per_model)))
+    executor = LocalExecutor() if args.local else RayExecutor(
+        address=args.address, cpus_per_model=args.cpus_per_model, gpus_per_model=args.gpus_per_model,
+        max_retries=args.max_retries, timeout_s=args.timeout)
+    with executor:
+        print(f"guard audit: {len(entries)} models on {_where(executor.describe())}", file=sys.stderr)
+        result = run_fleet(entries, x, y, options=options, executor=executor, out=out, progress=_progress)
+    paths = write_summary(result, out)
+    if args.json:
+        print_json(summary(result))
+    else:
+        c = result.counts
+        for r in result.rows:
+            what = (f"suspect {r['suspect_labels']}" if r["suspect_labels"] else "") if r["verdict"] != "error" \
+                else r["error"]
+            print(f"  {r['name']:<24} {r['verdict']:<10} {what}")
+        print(f"{len(result.rows)} models: {c['backdoored']} backdoored, {c['clean']} clean, {c['error']} not audited "
+              f"in {result.seconds:.1f}s; summary: {paths['html']} ({paths['json'].name})")
+    return result.exit_code
+
+
+def _where(ex: dict) -> str:
+    if ex["kind"] == "local":
+        return "this process (--local)"
+    return f"Ray ({ex['address']}: {ex['nodes']} node(s), {ex['slots']} audit(s) at a time)"
+
+
+def _progress(row: dict, so_far, total: int) -> None:
+    """One stderr line per finished model: which, its verdict, the counts so far and the time left."""
+    import sys
+
+    done = len(so_far.rows)
+    c = so_far.counts
+    elapsed = so_far.elapsed()
+    eta = elapsed / done * (total - done) if done else 0.0
+    what = row["error"] if row["verdict"] == "error" else (f"suspect {row['suspect_labels']}"
+                                                           if row["suspect_labels"] else "")
+    print(f"[{done}/{total}] {row['name']}: {row['verdict']} {what} ({row['seconds']:.1f}s) | so far "
+          f"{c['backdoored']} backdoored, {c['clean']} clean, {c['error']} errors | about {eta:.0f}s left",
+          file=sys.stderr, flush=True)
