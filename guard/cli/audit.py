@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_fleet(args: argparse.Namespace) -> int:
+    import contextlib
     import sys
 
     from guard.audit.executors import LocalExecutor, RayExecutor
@@ -146,7 +147,8 @@ def _run_fleet(args: argparse.Namespace) -> int:
     executor = LocalExecutor() if args.local else RayExecutor(
         address=args.address, cpus_per_model=args.cpus_per_model, gpus_per_model=args.gpus_per_model,
         max_retries=args.max_retries, timeout_s=args.timeout)
-    with executor:
+    # Ray prints its workers' deaths on stdout; stdout carries only the --json document
+    with contextlib.redirect_stdout(sys.stderr), executor:
         print(f"guard audit: {len(entries)} models on {_where(executor.describe())}", file=sys.stderr)
         result = run_fleet(entries, x, y, options=options, executor=executor, out=out, progress=_progress)
     paths = write_summary(result, out)
