@@ -31,6 +31,10 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_uri", nargs="?", metavar="MODEL_URI",
+                   help="a registered version to audit instead of --model-file/--weights: models:/NAME/VERSION or "
+                        "models:/NAME@ALIAS (MLflow; its state_dict.pth and model.py); the verdict is written back as "
+                        "tags on the version")
     add_model_arguments(p, required=False)
     p.add_argument("--data", help="clean images: .npz (x, y) or a folder of class subfolders "
                    "(needed by nc, dl-tnd, blend and warp; df-tnd runs without)")
@@ -65,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="times Ray reruns a model whose worker was lost mid-audit (default 3)")
     g.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="give up on a model whose audit runs longer (its row says so; Ray only)")
+    r = p.add_argument_group("model registry (with MODEL_URI)")
+    r.add_argument("--tracking-uri", help="MLflow tracking and registry server (default: MLFLOW_TRACKING_URI, else "
+                   "MLflow's local default)")
+    r.add_argument("--set-alias", metavar="ALIAS", help="point ALIAS (e.g. guarded) at the version when the verdict is "
+                   "clean; a suspect version that holds it loses it")
+    r.add_argument("--experiment", default="guard-audit", help="MLflow experiment of the run that keeps the report and "
+                   "profile (default guard-audit)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,8 +89,44 @@ def run(args: argparse.Namespace) -> int:
         return _run_fleet(args)
     if args.local or args.address or args.timeout is not None:
         raise InputError("--address, --local and --timeout go with --models or --manifest")
+    if args.model_uri is not None:
+        return _run_registered(args)
+    if args.set_alias or args.tracking_uri:
+        raise InputError("--set-alias and --tracking-uri go with a MODEL_URI (models:/NAME/VERSION)")
     if not (args.model_file and args.weights):
-        raise InputError("give --model-file and --weights (or --models DIR / --manifest FILE for many models)")
+        raise InputError("give --model-file and --weights (or MODEL_URI, or --models DIR / --manifest FILE)")
+    return _run_one(args)[0]
+
+
+def _run_registered(args: argparse.Namespace) -> int:
+    """Audit a registered version: fetch its files, audit them as --model-file/--weights, write the verdict back."""
+    import sys
+    from pathlib import Path
+
+    from guard.errors import InputError
+    from guard.registry.mlflow_registry import fetch, is_registry_uri, record_verdict
+
+    if not is_registry_uri(args.model_uri):
+        raise InputError(f"MODEL_URI must be models:/NAME/VERSION or models:/NAME@ALIAS, got {args.model_uri!r} "
+                         "(a local model takes --model-file and --weights)")
+    if args.model_file or args.weights:
+        raise InputError("MODEL_URI names the model: leave out --model-file and --weights")
+    version = fetch(args.model_uri, tracking_uri=args.tracking_uri)
+    try:
+        args.model_file, args.weights = str(version.model_file), str(version.weights)
+        code, result, out = _run_one(args, source={"registry": version.uri, "registry_source": version.source})
+    finally:
+        version.cleanup()
+    written = record_verdict(version, result.summary, out, profile_dir=Path(args.profile) if args.profile else None,
+                             alias=args.set_alias, experiment=args.experiment, tracking_uri=args.tracking_uri)
+    alias = written["alias"]
+    print(f"registry: tagged {version.uri} guard.verdict={result.summary['verdict']}; report and profile in run "
+          f"{written['run_id']}" + (f"; alias {alias['name']} {alias['action']}" if alias else ""), file=sys.stderr)
+    return code
+
+
+def _run_one(args: argparse.Namespace, *, source: dict | None = None):
+    """The single-model audit: ``(exit code, AuditResult, report folder)``."""
     from guard.audit.report import prepare_out_dir, write_report
     from guard.audit.rollout import METHODS, parse_methods, run_audit, write_metrics
     from guard.cli._common import parse_device
@@ -102,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         validate_input_shape(model, args.input_shape)
     source = {"model_file": Path(args.model_file).name, "weights": Path(args.weights).name,
               "data": str(args.data) if args.data else None, "profile": args.profile,
-              "normalize": args.normalize, "model_class": args.model_class}
+              "normalize": args.normalize, "model_class": args.model_class, **(source or {})}
     result = run_audit(model, x, y, methods=methods, seed=args.seed, profile=profile,
                        layer=args.feature_layer, source=source, input_shape=args.input_shape,
                        progress=None, nc=NeuralCleanse(seed=args.seed, device=device) if device != "cpu" else None)
@@ -120,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {s[key]['method']:<15} {s[key]['decision']:<10} suspect {s[key]['suspect_labels'] or '-'}"
                       f"  {s['timings'][key]:.1f}s")
         print(f"report: {hpath} ({jpath.name}); {s['timings']['total']:.1f}s in all")
-    return result.exit_code
+    return result.exit_code, result, out
 
 
 def _run_fleet(args: argparse.Namespace) -> int:
