@@ -60,11 +60,18 @@ def _seconds(text: str) -> float:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", "--model-name", dest="name", required=True,
                    help="model name: the archive is NAME.mar, served at /predictions/NAME")
-    p.add_argument("--model-file", required=True, help="Python file defining the nn.Module class")
+    p.add_argument("model_uri", nargs="?", metavar="MODEL_URI",
+                   help="a registered version instead of --model-file/--weights: models:/NAME/VERSION or "
+                        "models:/NAME@ALIAS, audited by guard audit with a profile; the archive carries that "
+                        "profile (checked against the version's guard.profile_sha256 tag)")
+    p.add_argument("--model-file", help="Python file defining the nn.Module class")
     p.add_argument("--model-class", help="class to use when the file defines several")
-    p.add_argument("--weights", required=True, help="state_dict file (loaded with weights_only=True)")
+    p.add_argument("--weights", help="state_dict file (loaded with weights_only=True)")
     p.add_argument("--normalize", metavar="MEAN,STD", help="normalisation the model expects (as given to guard scan)")
-    p.add_argument("--profile", required=True, help="profile directory written by guard scan")
+    p.add_argument("--profile", help="profile directory written by guard scan (with MODEL_URI: default the one its "
+                   "audit logged)")
+    p.add_argument("--tracking-uri", help="MLflow tracking and registry server for MODEL_URI (default: "
+                   "MLFLOW_TRACKING_URI, else MLflow's local default)")
     p.add_argument("--export-path", required=True, help="directory to write NAME.mar to (created if missing)")
     p.add_argument("--mode", choices=MODES,
                    help="policy served (default: the profile's own mode)")
@@ -94,6 +101,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from guard.errors import InputError
+
+    if args.model_uri is None:
+        missing = [f for f, v in (("--model-file", args.model_file), ("--weights", args.weights),
+                                  ("--profile", args.profile)) if not v]
+        if missing:
+            raise InputError(f"give {', '.join(missing)} (or a MODEL_URI, models:/NAME/VERSION)")
+        return _archive(args)
+    from guard.registry.mlflow_registry import audited_profile, check_profile, fetch, is_registry_uri
+
+    if not is_registry_uri(args.model_uri):
+        raise InputError(f"MODEL_URI must be models:/NAME/VERSION or models:/NAME@ALIAS, got {args.model_uri!r}")
+    if args.model_file or args.weights:
+        raise InputError("MODEL_URI names the model: leave out --model-file and --weights")
+    version = fetch(args.model_uri, tracking_uri=args.tracking_uri)
+    try:
+        if args.profile:
+            check_profile(version, args.profile)
+        else:
+            args.profile = str(audited_profile(version, tracking_uri=args.tracking_uri))
+        args.model_file, args.weights = str(version.model_file), str(version.weights)
+        print(f"archiving {version.uri} (audited {version.tags.get('guard.verdict')}, suspect labels "
+              f"{version.tags.get('guard.suspect_labels')})", file=sys.stderr)
+        return _archive(args)
+    finally:
+        version.cleanup()
+
+
+def _archive(args: argparse.Namespace) -> int:
     from guard.torchserve.archive import make_archive
 
     target, config = make_archive(

@@ -24,7 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ class RegisteredVersion:
     weights: Path
     source: str
     folder: Path
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -120,7 +121,37 @@ def fetch(uri: str, *, tracking_uri: str | None = None) -> RegisteredVersion:
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    return RegisteredVersion(name, str(mv.version), model_file, weights, mv.source, folder)
+    return RegisteredVersion(name, str(mv.version), model_file, weights, mv.source, folder, dict(mv.tags or {}))
+
+
+def audited_profile(version: RegisteredVersion, *, tracking_uri: str | None = None) -> Path:
+    """The profile the version's guard audit logged (``guard.audit_run_id``'s ``profile/``), downloaded beside its
+    files and checked against the ``guard.profile_sha256`` tag: what ``guard archive MODEL_URI`` binds the
+    endpoint to. InputError when the version was not audited with a profile, or the artifacts do not match."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    run_id, digest = version.tags.get("guard.audit_run_id"), version.tags.get("guard.profile_sha256")
+    if not run_id or not digest:
+        raise InputError(f"{version.uri} has no audited profile: run guard audit {version.uri} --profile DIR first "
+                         "(or pass --profile to guard archive)")
+    _client(tracking_uri)
+    try:
+        local = Path(download_artifacts(run_id=run_id, artifact_path="profile", dst_path=str(version.folder / "audit")))
+    except MlflowException as e:
+        raise _mlflow_error(e, f"cannot download the profile of {version.uri}'s audit (run {run_id})") from None
+    check_profile(version, local)
+    return local
+
+
+def check_profile(version: RegisteredVersion, profile_dir: str | Path) -> None:
+    """InputError unless ``profile_dir`` is the profile the version's audit recorded (its ``guard.profile_sha256``)."""
+    digest = version.tags.get("guard.profile_sha256")
+    if digest is None:
+        raise InputError(f"{version.uri} carries no guard.profile_sha256 tag: audit it with --profile first")
+    if profile_sha256(profile_dir) != digest:
+        raise InputError(f"the profile {profile_dir} is not the one {version.uri}'s audit recorded "
+                         f"(guard.profile_sha256 {digest[:12]}…)")
 
 
 def profile_sha256(profile_dir: str | Path) -> str:

@@ -134,6 +134,19 @@ def test_registered_versions_get_their_verdict_and_the_alias_only_when_clean(
     assert v.tags["guard.verdict"] == "clean" and v.tags["guard.suspect_labels"] == "[]"
     assert client.get_model_version_by_alias("vision", "guarded").version == good
 
+    # the endpoint is bound to the audited version: its files and the profile its audit logged
+    proc = guard_cli("archive", "models:/vision@guarded", "--tracking-uri", tracking, "--name", "vision",
+                     "--export-path", str(tmp_path / "store"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "store" / "vision.mar") as z:
+        for f in Path(clean_profile).iterdir():
+            assert z.read(f"guard-profile/{f.name}") == f.read_bytes()
+    proc = guard_cli("archive", f"models:/vision/{good}", "--tracking-uri", tracking, "--name", "other",
+                     "--export-path", str(tmp_path / "store"), "--profile", str(demo_profile))
+    assert proc.returncode == 2 and "is not the one models:/vision/" in proc.stderr, proc.stderr[-1500:]
+
 
 def test_what_guard_does_not_load_is_refused_in_one_line(tracking, demo_world, demo_profile, clean_world, tmp_path,
                                                          guard_cli):
@@ -162,3 +175,6 @@ def test_what_guard_does_not_load_is_refused_in_one_line(tracking, demo_world, d
                   str(demo_profile), "--data", str(demo_world.clean))
     assert proc.returncode == 3, proc.stderr[-1500:]
     assert "guard.verdict" not in _client(url).get_model_version("other", other).tags
+    proc = guard_cli("archive", f"models:/other/{other}", "--tracking-uri", url, "--name", "other", "--export-path",
+                     str(tmp_path / "store"))
+    assert proc.returncode == 2 and "has no audited profile" in proc.stderr, proc.stderr[-1500:]
