@@ -121,7 +121,8 @@ class RayExecutor:
         ray = self._ray
         from ray.exceptions import GetTimeoutError, RayError, TaskCancelledError
 
-        options = AuditOptions(options.methods, options.seed, max(1, int(self.cpus_per_model)))
+        options = AuditOptions(options.methods, options.seed, max(1, int(self.cpus_per_model)), options.max_rounds,
+                               "cuda" if self.gpus_per_model > 0 else "cpu")  # Ray sets the task's CUDA_VISIBLE_DEVICES
         task = ray.remote(_ray_audit).options(num_cpus=self.cpus_per_model, num_gpus=self.gpus_per_model,
                                               max_retries=self.max_retries, retry_exceptions=False)
         data = ray.put((x, y))

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where Neural Cleanse optimises the triggers: cpu (default) or "
                    "cuda[:N]")
+    p.add_argument("--max-rounds", type=int, default=None, metavar="N",
+                   help="Neural Cleanse's optimisation budget in rounds of two steps (default 200, as published)")
     p.add_argument("--force", action="store_true", help="write into a non-empty report directory")
     p.add_argument("--json", action="store_true", help="print report.json on stdout (progress stays on stderr); "
                    "with --models, one document with a row per model")
@@ -86,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if args.model_file or args.weights or args.profile or args.normalize or args.model_class:
             raise InputError("--models/--manifest name the models: leave out --model-file, --weights, --profile, "
                              "--normalize and --model-class (a manifest entry may set model_class and normalize)")
+        if args.device != "cpu":
+            raise InputError("--models audits on the CPUs Ray gives each model: ask for GPUs with --gpus-per-model")
         return _run_fleet(args)
     if args.local or args.address or args.timeout is not None:
         raise InputError("--address, --local and --timeout go with --models or --manifest")
@@ -133,7 +137,6 @@ def _run_one(args: argparse.Namespace, *, source: dict | None = None):
     from guard.data import load_data
     from guard.model import fingerprint
     from guard.profile import Profile
-    from guard.scan import NeuralCleanse
 
     device = parse_device(args.device)
     methods = parse_methods(args.methods)
@@ -152,7 +155,7 @@ def _run_one(args: argparse.Namespace, *, source: dict | None = None):
               "normalize": args.normalize, "model_class": args.model_class, **(source or {})}
     result = run_audit(model, x, y, methods=methods, seed=args.seed, profile=profile,
                        layer=args.feature_layer, source=source, input_shape=args.input_shape,
-                       progress=None, nc=NeuralCleanse(seed=args.seed, device=device) if device != "cpu" else None)
+                       progress=None, nc=_neural_cleanse(args.seed, device, args.max_rounds))
     jpath, hpath = write_report(result, out, force=True)
     if args.metrics_file:
         write_metrics(result, args.metrics_file)
@@ -168,6 +171,18 @@ def _run_one(args: argparse.Namespace, *, source: dict | None = None):
                       f"  {s['timings'][key]:.1f}s")
         print(f"report: {hpath} ({jpath.name}); {s['timings']['total']:.1f}s in all")
     return result.exit_code, result, out
+
+
+def _neural_cleanse(seed: int, device: str, max_rounds: int | None):
+    """The audit's Neural Cleanse where the CLI changes it (device or budget), else None (run_audit's default)."""
+    from guard.errors import InputError
+    from guard.scan import NeuralCleanse
+
+    if max_rounds is not None and max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
+    if device == "cpu" and max_rounds is None:
+        return None
+    return NeuralCleanse(seed=seed, device=device, **({} if max_rounds is None else {"max_rounds": max_rounds}))
 
 
 def _run_fleet(args: argparse.Namespace) -> int:
@@ -186,11 +201,12 @@ def _run_fleet(args: argparse.Namespace) -> int:
     entries = entries_of(args.models, args.manifest)
     if args.local and args.address:
         raise InputError("--local runs in this process: leave out --address")
+    _neural_cleanse(args.seed, "cpu", args.max_rounds)  # refuse a bad budget before starting anything
     out = prepare_out_dir(args.out, force=args.force)
     x = y = None
     if args.data:
         x, y = load_data(args.data, need_labels="dl-tnd" in methods)
-    options = AuditOptions(tuple(methods), args.seed, max(1, int(args.cpus_per_model)))
+    options = AuditOptions(tuple(methods), args.seed, max(1, int(args.cpus_per_model)), args.max_rounds)
     executor = LocalExecutor() if args.local else RayExecutor(
         address=args.address, cpus_per_model=args.cpus_per_model, gpus_per_model=args.gpus_per_model,
         max_retries=args.max_retries, timeout_s=args.timeout)

@@ -173,6 +173,7 @@ def test_local_fleet_audit_matches_one_audit_per_model(demo_world, clean_world, 
     (["--model-file", "m.py"], "leave out --model-file"),
     (["--address", "auto"], None),
     (["--manifest", "x.json"], "exactly one of --models DIR and --manifest FILE"),
+    (["--local", "--max-rounds", "0"], "--max-rounds must be >= 1"),
 ])
 def test_fleet_cli_refuses_mixed_arguments(tmp_path, guard_cli, extra, message):
     (tmp_path / "m" / "a").mkdir(parents=True)
