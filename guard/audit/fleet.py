@@ -42,11 +42,13 @@ class ModelEntry:
     """One model to audit: a name unique in the run (its report folder's name) and where its files are."""
 
     name: str
-    model_file: Path
-    weights: Path
+    model_file: Path | None
+    weights: Path | None
     model_class: str | None = None
     normalize: str | None = None
     feature_layer: str | None = None
+    uri: str | None = None
+    """A registered version (``models:/NAME/VERSION`` or ``@ALIAS``) instead of the two files."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class Payload:
     origin: str = ""
     """Where the model file was read from, for the messages of its error row."""
     problem: str | None = None
+    registry: str | None = None
+    """The registered version the files came from (``models:/NAME/VERSION``), whose tags get the verdict."""
 
 
 @dataclass
@@ -125,9 +129,10 @@ def discover(models_dir: str | Path) -> list[ModelEntry]:
 
 
 def read_manifest(path: str | Path) -> list[ModelEntry]:
-    """The models a JSON or YAML manifest lists: a list (or ``{"models": [...]}``) of objects with ``name``,
-    ``model_file`` and ``weights`` (paths relative to the manifest's folder) and optionally ``model_class``,
-    ``normalize`` and ``feature_layer``. InputError, naming the entry, for anything else."""
+    """The models a JSON or YAML manifest lists: a list (or ``{"models": [...]}``) of objects with ``name`` and
+    either ``model_file`` and ``weights`` (paths relative to the manifest's folder) or ``uri`` (a registered
+    version, ``models:/NAME/VERSION`` or ``models:/NAME@ALIAS``), and optionally ``model_class``, ``normalize``
+    and ``feature_layer``. InputError, naming the entry, for anything else."""
     import yaml
 
     path = Path(path)
@@ -140,15 +145,20 @@ def read_manifest(path: str | Path) -> list[ModelEntry]:
     items = doc.get("models") if isinstance(doc, dict) else doc
     if not isinstance(items, list) or not items:
         raise InputError(f"the manifest {path} must list models: a list, or {{\"models\": [...]}}")
-    known = {"name", "model_file", "weights", "model_class", "normalize", "feature_layer"}
+    known = {"name", "model_file", "weights", "uri", "model_class", "normalize", "feature_layer"}
     entries, seen = [], set()
     for i, item in enumerate(items):
         where = f"the manifest {path}, entry {i + 1}"
         if not isinstance(item, dict):
             raise InputError(f"{where} is not an object with name, model_file and weights")
-        missing = [k for k in ("name", "model_file", "weights") if not isinstance(item.get(k), str) or not item[k]]
+        wanted = ("name", "uri") if "uri" in item else ("name", "model_file", "weights")
+        missing = [k for k in wanted if not isinstance(item.get(k), str) or not item[k]]
         if missing:
             raise InputError(f"{where} lacks {', '.join(missing)}")
+        if "uri" in item and ("model_file" in item or "weights" in item):
+            raise InputError(f"{where} names both a uri and files: give one")
+        if "uri" in item and not item["uri"].startswith("models:/"):
+            raise InputError(f"{where}: uri must be models:/NAME/VERSION or models:/NAME@ALIAS, got {item['uri']!r}")
         unknown = sorted(set(item) - known)
         if unknown:
             raise InputError(f"{where} has unknown keys {unknown} (known: {sorted(known)})")
@@ -159,8 +169,9 @@ def read_manifest(path: str | Path) -> list[ModelEntry]:
                              "of its name)")
         seen.add(name)
         base = path.parent
-        entries.append(ModelEntry(name, base / item["model_file"], base / item["weights"], item.get("model_class"),
-                                  item.get("normalize"), item.get("feature_layer")))
+        files = (None, None) if "uri" in item else (base / item["model_file"], base / item["weights"])
+        entries.append(ModelEntry(name, *files, item.get("model_class"), item.get("normalize"),
+                                  item.get("feature_layer"), item.get("uri")))
     return entries
 
 
@@ -170,9 +181,12 @@ def _check_name(name: str, where: str) -> None:
                          "start with a letter or digit (it names the model's report folder)")
 
 
-def payload(entry: ModelEntry) -> Payload:
+def payload(entry: ModelEntry, *, tracking_uri: str | None = None) -> Payload:
     """The entry's files read into a :class:`Payload` (a problem reading them goes into the payload's
-    ``problem``, to become that model's error row)."""
+    ``problem``, to become that model's error row). A registered version is fetched here, by the driver, from
+    the registry at ``tracking_uri``; its workers need no access to the registry."""
+    if entry.uri is not None:
+        return _registered_payload(entry, tracking_uri)
     base = dict(name=entry.name, model_class=entry.model_class, normalize=entry.normalize,
                 feature_layer=entry.feature_layer, origin=str(entry.model_file.parent))
     for what, p in (("model file", entry.model_file), ("weights", entry.weights)):
@@ -184,6 +198,22 @@ def payload(entry: ModelEntry) -> Payload:
     except (OSError, UnicodeDecodeError) as e:
         return Payload(**base, problem=f"cannot read the model's files: {e}")
     return Payload(**base, model_file_name=entry.model_file.name, model_source=source, weights=weights)
+
+
+def _registered_payload(entry: ModelEntry, tracking_uri: str | None) -> Payload:
+    from guard.registry.mlflow_registry import fetch
+
+    base = dict(name=entry.name, model_class=entry.model_class, normalize=entry.normalize,
+                feature_layer=entry.feature_layer, origin=entry.uri)
+    try:
+        version = fetch(entry.uri, tracking_uri=tracking_uri)
+    except InputError as e:
+        return Payload(**base, problem=str(e))
+    try:
+        return Payload(**base, model_source=version.model_file.read_text(encoding="utf-8"),
+                       weights=version.weights.read_bytes(), registry=version.uri)
+    finally:
+        version.cleanup()
 
 
 def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, options: AuditOptions) -> dict[str, Any]:
@@ -203,7 +233,7 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
     t0 = time.perf_counter()
     where = {"host": socket.gethostname(), "pid": os.getpid()}
     if p.problem is not None:
-        return error_row(p.name, p.problem, seconds=time.perf_counter() - t0, **where)
+        return {**error_row(p.name, p.problem, seconds=time.perf_counter() - t0, **where), "registry": p.registry}
     retain_freed_memory()  # as the CLI does: a worker scans as fast as `guard audit` (guard/_malloc.py)
     torch.set_num_threads(max(1, options.threads))
     tmp = ""
@@ -227,47 +257,71 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
         text = str(e) if isinstance(e, GuardError) else f"{type(e).__name__}: {e}"
         if tmp:  # name the folder the user gave, not the worker's copy
             text = text.replace(tmp, p.origin or p.name)
-        return error_row(p.name, text.strip().splitlines()[0][:500] if text.strip() else type(e).__name__,
-                         seconds=time.perf_counter() - t0, **where)
+        return {**error_row(p.name, text.strip().splitlines()[0][:500] if text.strip() else type(e).__name__,
+                            seconds=time.perf_counter() - t0, **where), "registry": p.registry}
     s = result.summary
     return {"name": p.name, "verdict": s["verdict"], "suspect_labels": list(s["suspect_labels"]),
             "exit_code": result.exit_code, "model_sha256": s["model_sha256"], "error": None,
-            "seconds": round(time.perf_counter() - t0, 3), **where, "summary": s, "html": html, "metrics": metrics}
+            "seconds": round(time.perf_counter() - t0, 3), **where, "registry": p.registry, "summary": s,
+            "html": html, "metrics": metrics}
 
 
 def error_row(name: str, message: str, *, seconds: float = 0.0, host: str | None = None,
               pid: int | None = None) -> dict[str, Any]:
     """The row of a model that could not be audited."""
     return {"name": name, "verdict": "error", "suspect_labels": [], "exit_code": EXIT_ERROR, "model_sha256": None,
-            "error": message, "seconds": round(seconds, 3), "host": host, "pid": pid}
+            "error": message, "seconds": round(seconds, 3), "host": host, "pid": pid, "registry": None}
 
 
 def run_fleet(entries: list[ModelEntry], x: np.ndarray | None, y: np.ndarray | None, *, options: AuditOptions,
-              executor, out: Path, progress: Callable[[dict[str, Any], FleetResult, int], None] | None = None
-              ) -> FleetResult:
+              executor, out: Path, progress: Callable[[dict[str, Any], FleetResult, int], None] | None = None,
+              registry: dict[str, Any] | None = None) -> FleetResult:
     """Audit every entry with ``executor`` (:mod:`guard.audit.executors`), writing each model's reports into
     ``out/NAME/`` as its row arrives; ``progress(row, result_so_far, total)`` after each. Rows come back in
-    the entries' order."""
+    the entries' order. ``registry`` (``tracking_uri``, ``alias``, ``experiment``) is where entries with a
+    ``uri`` come from; each such model's verdict is written back to its version as its row arrives
+    (:func:`guard.registry.mlflow_registry.record_verdict`; a failure to write it is the row's
+    ``registry_error``)."""
     from guard.audit.fleet_report import write_model
 
     names = [e.name for e in entries]
     rows: dict[str, dict[str, Any]] = {}
     state = FleetResult([], executor=executor.describe())
-    for row in executor.run((payload(e) for e in entries), x, y, options):
+    registry = registry or {}
+    tracking_uri = registry.get("tracking_uri")
+    for row in executor.run((payload(e, tracking_uri=tracking_uri) for e in entries), x, y, options):
         name = row.get("name")
         if name not in names or name in rows:  # a second delivery of a model: its first row stands
             state.duplicates_dropped += 1
             continue
         row["report"] = write_model(row, out)
+        if row.get("registry") and row["verdict"] != "error":
+            row["registry_error"] = _write_back(row, out / name, registry)
         rows[name] = _public(row)
         state.rows = list(rows.values())
         if progress is not None:
             progress(rows[name], state, len(entries))
     for name in names:  # an executor that lost a model without a row: say so rather than drop it
         if name not in rows:
-            rows[name] = _public(error_row(name, "the executor returned no result for this model"))
+            row = error_row(name, "the executor returned no result for this model")
+            row["report"] = write_model(row, out)
+            rows[name] = _public(row)
     return FleetResult([rows[n] for n in names], executor=state.executor, seconds=state.elapsed(),
                        duplicates_dropped=state.duplicates_dropped, started=state.started)
+
+
+def _write_back(row: dict[str, Any], report_dir: Path, registry: dict[str, Any]) -> str | None:
+    """Tag the row's registered version with its verdict (None when written, else why not)."""
+    from guard.registry.mlflow_registry import RegisteredVersion, record_verdict
+
+    name, version = row["registry"][len("models:/"):].rsplit("/", 1)
+    v = RegisteredVersion(name, version, Path(), Path(), "", report_dir)
+    try:
+        record_verdict(v, row["summary"], report_dir, alias=registry.get("alias"),
+                       experiment=registry.get("experiment", "guard-audit"), tracking_uri=registry.get("tracking_uri"))
+    except InputError as e:
+        return str(e)
+    return None
 
 
 def _public(row: dict[str, Any]) -> dict[str, Any]:

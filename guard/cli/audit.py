@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model_uri is not None:
         return _run_registered(args)
     if args.set_alias or args.tracking_uri:
-        raise InputError("--set-alias and --tracking-uri go with a MODEL_URI (models:/NAME/VERSION)")
+        raise InputError("--set-alias and --tracking-uri go with a MODEL_URI (models:/NAME/VERSION) or --manifest")
     if not (args.model_file and args.weights):
         raise InputError("give --model-file and --weights (or MODEL_URI, or --models DIR / --manifest FILE)")
     return _run_one(args)[0]
@@ -213,7 +213,9 @@ def _run_fleet(args: argparse.Namespace) -> int:
     # Ray prints its workers' deaths on stdout; stdout carries only the --json document
     with contextlib.redirect_stdout(sys.stderr), executor:
         print(f"guard audit: {len(entries)} models on {_where(executor.describe())}", file=sys.stderr)
-        result = run_fleet(entries, x, y, options=options, executor=executor, out=out, progress=_progress)
+        result = run_fleet(entries, x, y, options=options, executor=executor, out=out, progress=_progress,
+                           registry={"tracking_uri": args.tracking_uri, "alias": args.set_alias,
+                                     "experiment": args.experiment})
     paths = write_summary(result, out)
     if args.json:
         print_json(summary(result))

@@ -70,8 +70,10 @@ def test_manifest_paths_are_relative_to_it_and_bad_entries_are_named(tmp_path):
     assert a == ModelEntry("a", m.parent / "a" / "model.py", m.parent / "a" / "w.pt", None, "0.5,0.25")
     assert b.model_file == Path("/abs/model.py") and b.model_class == "Net"
     j = tmp_path / "fleet.json"
-    j.write_text(json.dumps([{"name": "x", "model_file": "m.py", "weights": "w.pt"}]))
-    assert [e.name for e in read_manifest(j)] == ["x"]
+    j.write_text(json.dumps([{"name": "x", "model_file": "m.py", "weights": "w.pt"},
+                             {"name": "r", "uri": "models:/vision@guarded"}]))
+    x, r = read_manifest(j)
+    assert x.name == "x" and x.uri is None and r.uri == "models:/vision@guarded" and r.model_file is None
     cases = {
         "[]": "must list models",
         '[{"name": "x", "model_file": "m.py"}]': "entry 1 lacks weights",
@@ -81,6 +83,8 @@ def test_manifest_paths_are_relative_to_it_and_bad_entries_are_named(tmp_path):
         '[{"name": "../x", "model_file": "m.py", "weights": "w"}]': "model name",
         "models: [": "not valid JSON or YAML",
         '["m.py"]': "not an object",
+        '[{"name": "x", "uri": "models:/a/1", "weights": "w"}]': "both a uri and files",
+        '[{"name": "x", "uri": "runs:/abc/model"}]': "uri must be models:/NAME/VERSION",
     }
     for text, message in cases.items():
         j.write_text(text)
@@ -115,6 +119,7 @@ def test_every_model_gets_exactly_one_row(tmp_path):
     assert [r["error"] for r in result.rows] == ["first", "the executor returned no result for this model", "only"]
     assert result.duplicates_dropped == 2 and seen == [("a", 3), ("c", 3)]
     assert json.loads((tmp_path / "out" / "a" / "error.json").read_text())["error"] == "first"
+    assert all(Path(r["report"]).is_file() for r in result.rows)  # the lost model's row has its file too
     assert result.exit_code == 2 and result.counts == {"clean": 0, "backdoored": 0, "error": 3}
     assert FleetResult([]).exit_code == 0
 

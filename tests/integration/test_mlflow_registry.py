@@ -178,3 +178,31 @@ def test_what_guard_does_not_load_is_refused_in_one_line(tracking, demo_world, d
     proc = guard_cli("archive", f"models:/other/{other}", "--tracking-uri", url, "--name", "other", "--export-path",
                      str(tmp_path / "store"))
     assert proc.returncode == 2 and "has no audited profile" in proc.stderr, proc.stderr[-1500:]
+
+
+def test_a_manifest_of_registered_versions_tags_each_one(tracking, demo_world, clean_world, tmp_path, guard_cli):
+    """`guard audit --manifest` with registry URIs beside a local model: the driver fetches each version, the
+    audits run as any other, and each version gets its own verdict tags; a URI the registry lacks is its row."""
+    client = _client(tracking)
+    bad = _register(tracking, "fleet", demo_world, tmp_path)
+    good = _register(tracking, "fleet", clean_world, tmp_path)
+    manifest = tmp_path / "fleet.yaml"
+    manifest.write_text(f"models:\n  - {{name: bad, uri: 'models:/fleet/{bad}'}}\n"
+                        f"  - {{name: good, uri: 'models:/fleet/{good}'}}\n"
+                        "  - {name: gone, uri: 'models:/fleet/77'}\n"
+                        f"  - {{name: local, model_file: {demo_world.model_file}, weights: {demo_world.weights}}}\n")
+    proc = guard_cli("audit", "--manifest", str(manifest), "--tracking-uri", tracking, "--methods", "df-tnd",
+                     "--out", str(tmp_path / "out"), "--local", "--json", "--set-alias", "guarded")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    rows = {r["name"]: r for r in json.loads(proc.stdout)["rows"]}
+    assert rows["gone"]["verdict"] == "error" and "the registry has no models:/fleet/77" in rows["gone"]["error"]
+    assert rows["local"]["registry"] is None and rows["bad"]["registry"] == f"models:/fleet/{bad}"
+    assert rows["bad"]["model_sha256"] == rows["local"]["model_sha256"]  # the same weights, fetched or read
+    for name, version in (("bad", bad), ("good", good)):
+        assert rows[name]["registry_error"] is None
+        tags = client.get_model_version("fleet", version).tags
+        assert tags["guard.verdict"] == rows[name]["verdict"]
+        assert tags["guard.model_sha256"] == rows[name]["model_sha256"]
+        assert json.loads(tags["guard.suspect_labels"]) == rows[name]["suspect_labels"]
+    holder = [v for v in (bad, good) if "guarded" in client.get_model_version("fleet", v).aliases]
+    assert holder == ([good] if rows["good"]["verdict"] == "clean" else [])

@@ -78,7 +78,7 @@ def test_local_ray_retries_lost_workers_and_gives_every_model_one_row(demo_world
     (models / "broken" / "model.py").write_text("raise ImportError('no such layer')\n")
     shutil.copy(demo_world.weights, models / "broken" / "weights.pt")
 
-    proc = _fleet(env, models, tmp_path / "out", "--max-retries", "1", "--timeout", "25")
+    proc = _fleet(env, models, tmp_path / "out", "--max-retries", "1", "--timeout", "20")
     assert proc.returncode == 2, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     rows = {r["name"]: r for r in doc["rows"]}
@@ -91,7 +91,7 @@ def test_local_ray_retries_lost_workers_and_gives_every_model_one_row(demo_world
     assert rows["crash-once"]["suspect_labels"] == rows["backdoored"]["suspect_labels"]
     assert rows["crash-once"]["pid"] != crashed_pid
     assert rows["always-crash"]["verdict"] == "error" and "lost on each of 2 attempts" in rows["always-crash"]["error"]
-    assert rows["hangs"]["verdict"] == "error" and "timed out after 25 s" in rows["hangs"]["error"]
+    assert rows["hangs"]["verdict"] == "error" and "timed out after 20 s" in rows["hangs"]["error"]
     assert rows["broken"]["error"].endswith("ImportError: no such layer")
     assert rows["clean"]["verdict"] in ("clean", "backdoored")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
@@ -149,7 +149,7 @@ def test_two_node_cluster_loses_a_node_mid_run_and_loses_no_model(demo_world, ra
     markers = tmp_path / "started"
     markers.mkdir()
     slow = ("import os, pathlib, time\n"
-            f"pathlib.Path({str(markers)!r}, f'{{os.getpid()}}-{{time.time_ns()}}').write_text('')\ntime.sleep(6)\n")
+            f"pathlib.Path({str(markers)!r}, f'{{os.getpid()}}-{{time.time_ns()}}').write_text('')\ntime.sleep(4)\n")
     models = _model_dir(tmp_path / "models", demo_world, {f"m{i}": slow for i in range(4)})
     common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"]
     logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed in finally
