@@ -38,7 +38,12 @@ def _dotted(text: str) -> set[str]:
 
 
 def _resolves(name: str) -> bool:
-    """``guard.a.b.C.meth``: import the longest module prefix, then walk the attributes."""
+    """``guard.a.b.C.meth``: import the longest module prefix, then walk the attributes. The MLflow tag keys guard
+    writes (``guard.verdict``, ...) look like names and are checked against the list the code writes."""
+    from guard.registry.mlflow_registry import TAGS
+
+    if name in TAGS:
+        return True
     parts = name.split(".")
     for i in range(len(parts), 0, -1):
         try:

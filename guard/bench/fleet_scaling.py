@@ -16,84 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-class LoopbackCluster:
-    """``nodes`` Ray nodes of ``cpus`` CPUs each on this host (``ray start --head`` and ``ray start --address``),
-    with a fresh auth token; every process they started is killed on exit."""
-
-    def __init__(self, nodes: int, *, cpus: int = 1):
-        self.nodes, self.cpus = nodes, cpus
-        self.tmp = tempfile.mkdtemp(prefix="gb", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=self.tmp,
-                        RAY_USAGE_STATS_ENABLED="0")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.address = f"127.0.0.1:{s.getsockname()[1]}"
-        self._procs: list[subprocess.Popen] = []
-
-    def _alive(self) -> int:
-        code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
-                "print(sum(1 for n in ray.nodes() if n['Alive']))")
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=self.env, timeout=120)
-        return int(p.stdout.split()[-1]) if p.returncode == 0 and p.stdout.strip() else 0
-
-    def __enter__(self) -> LoopbackCluster:
-        ray = str(Path(sys.executable).with_name("ray"))
-        common = [f"--num-cpus={self.cpus}", "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"]
-        head = [ray, "start", "--head", f"--port={self.address.rsplit(':', 1)[1]}", "--include-dashboard=false",
-                f"--temp-dir={self.tmp}", *common]
-        try:
-            for i in range(self.nodes):
-                cmd = head if i == 0 else [ray, "start", f"--address={self.address}", *common]
-                self._procs.append(subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL,
-                                                    stderr=subprocess.DEVNULL, start_new_session=True))
-                deadline = time.monotonic() + 120
-                while self._alive() < i + 1:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"Ray node {i + 1} did not join within 120 s")
-                    time.sleep(1)
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for p in self._procs:
-            for pid in reversed(_descendants(p.pid)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            p.wait(timeout=30)
-        self._procs = []
-        shutil.rmtree(self.tmp, ignore_errors=True)
+from guard.bench.ray_cluster import LoopbackCluster
 
 
 def _audit(models: Path, data: Path, out: Path, max_rounds: int, extra: list[str], env: dict | None) -> dict:

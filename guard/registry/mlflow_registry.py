@@ -33,6 +33,9 @@ from guard.errors import InputError
 STATE_DICT = "state_dict.pth"
 MODEL_FILE = "model.py"
 EXPERIMENT = "guard-audit"
+TAGS = ("guard.verdict", "guard.suspect_labels", "guard.model_sha256", "guard.profile_sha256", "guard.audit_run_id",
+        "guard.model_name", "guard.model_version")
+"""The tag keys guard writes: the first five on the audited version, the last two on the audit's own run."""
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 

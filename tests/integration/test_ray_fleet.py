@@ -4,8 +4,8 @@ and a two-node cluster on loopback with a node killed mid-run. Every model gets 
 Every Ray process here is started by the test with token authentication (a fresh token), under a short
 temporary directory of its own, and is killed by pid at the end. The local instance runs in Ray's single-host
 mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: it advertises 127.0.0.1, so its traffic stays on loopback).
-A multi-node cluster refuses that mode, and Ray replaces a loopback ``--node-ip-address`` by the host's own
-address; the two nodes then talk over this host's own interface address, which never leaves the machine.
+The two-node cluster is :class:`guard.bench.ray_cluster.LoopbackCluster`: a multi-node cluster refuses that
+mode, and its nodes talk over this host's own interface address, which never leaves the machine.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -100,100 +98,41 @@ def test_local_ray_retries_lost_workers_and_gives_every_model_one_row(demo_world
     assert len(progress) == 6 and progress[-1].startswith("[6/6]")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
-def _kill_tree(pid: int) -> None:
-    for p in reversed(_descendants(pid)):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _nodes_alive(env, address: str) -> int:
-    code = (f"import ray; ray.init(address={address!r}, logging_level='ERROR', log_to_driver=False); "
-            "print(sum(1 for n in ray.nodes() if n['Alive']))")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    return int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else 0
-
-
-def test_two_node_cluster_loses_a_node_mid_run_and_loses_no_model(demo_world, ray_env, tmp_path):
+def test_two_node_cluster_loses_a_node_mid_run_and_loses_no_model(demo_world, tmp_path):
     """`ray start --head` and a second node, one CPU each; while a model's audit runs on the second node that
     node is killed (its raylet and workers, SIGKILL). Ray reruns the model on the head: one row per model."""
-    env, tmp = ray_env
-    env = {k: v for k, v in env.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}  # refused by multi-node Ray
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
+    from guard.bench.ray_cluster import LoopbackCluster
+
     markers = tmp_path / "started"
     markers.mkdir()
     slow = ("import os, pathlib, time\n"
             f"pathlib.Path({str(markers)!r}, f'{{os.getpid()}}-{{time.time_ns()}}').write_text('')\ntime.sleep(4)\n")
     models = _model_dir(tmp_path / "models", demo_world, {f"m{i}": slow for i in range(4)})
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"]
-    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]  # noqa: SIM115 - closed in finally
-    started: list[subprocess.Popen] = []
-    driver = None
-    try:
-        started.append(subprocess.Popen([str(RAY), "start", "--head", f"--port={port}", "--include-dashboard=false",
-                                         f"--temp-dir={tmp}", *common], env=env, stdout=logs[0],
-                                        stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + 90
-        while _nodes_alive(env, address) < 1:
-            assert time.monotonic() < deadline, (tmp_path / "node0.log").read_text()[-2000:]
-            time.sleep(1)
-        started.append(subprocess.Popen([str(RAY), "start", f"--address={address}", *common], env=env,
-                                        stdout=logs[1], stderr=subprocess.STDOUT, start_new_session=True))
-        while _nodes_alive(env, address) < 2:
-            assert time.monotonic() < deadline, (tmp_path / "node1.log").read_text()[-2000:]
-            time.sleep(1)
+    health = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+    with LoopbackCluster(2, extra_env=health) as cluster:
         driver = subprocess.Popen([sys.executable, "-m", "guard.cli", "audit", "--models", str(models), "--methods",
-                                   "df-tnd", "--out", str(tmp_path / "out"), "--json", "--address", address],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        victim = None
-        deadline = time.monotonic() + 120
-        while victim is None:  # a model started on the second node: kill that node under it
-            assert time.monotonic() < deadline and driver.poll() is None, "no audit ran on the second node"
-            on_node2 = set(_descendants(started[1].pid))
-            victim = next((pid for pid in (int(m.name.split("-")[0]) for m in markers.iterdir()) if pid in on_node2),
-                          None)
-            time.sleep(0.2)
-        _kill_tree(started[1].pid)
-        out, err = driver.communicate(timeout=400)
-        assert driver.returncode in (0, 1), err[-3000:]
-        doc = json.loads(out)
-        assert [r["name"] for r in doc["rows"]] == ["m0", "m1", "m2", "m3"] and doc["duplicates_dropped"] == 0
-        assert doc["executor"]["nodes"] == 2
-        assert all(r["verdict"] != "error" for r in doc["rows"]), doc["rows"]
-        assert len({(r["verdict"], tuple(r["suspect_labels"])) for r in doc["rows"]}) == 1  # four copies, one answer
-        assert victim not in {r["pid"] for r in doc["rows"]}  # the killed worker's audit was redone elsewhere
-        assert len(list(markers.iterdir())) >= 5  # four audits and at least one rerun started (one file each)
-    finally:
-        if driver is not None and driver.poll() is None:
-            driver.kill()
-        for p in started:
-            _kill_tree(p.pid)
-            p.wait(timeout=30)
-        for f in logs:
-            f.close()
+                                   "df-tnd", "--out", str(tmp_path / "out"), "--json", "--address", cluster.address],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.env)
+        try:
+            victim = None
+            deadline = time.monotonic() + 120
+            while victim is None:  # a model started on the second node: kill that node under it
+                assert time.monotonic() < deadline and driver.poll() is None, "no audit ran on the second node"
+                on_node2 = cluster.node_processes(1)
+                victim = next((pid for pid in (int(m.name.split("-")[0]) for m in markers.iterdir())
+                               if pid in on_node2), None)
+                time.sleep(0.2)
+            cluster.kill_node(1)
+            out, err = driver.communicate(timeout=400)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait(timeout=30)
+    assert driver.returncode in (0, 1), err[-3000:]
+    doc = json.loads(out)
+    assert [r["name"] for r in doc["rows"]] == ["m0", "m1", "m2", "m3"] and doc["duplicates_dropped"] == 0
+    assert doc["executor"]["nodes"] == 2
+    assert all(r["verdict"] != "error" for r in doc["rows"]), doc["rows"]
+    assert len({(r["verdict"], tuple(r["suspect_labels"])) for r in doc["rows"]}) == 1  # four copies, one answer
+    assert victim not in {r["pid"] for r in doc["rows"]}  # the killed worker's audit was redone elsewhere
+    assert len(list(markers.iterdir())) >= 5  # four audits and at least one rerun started (one file each)
