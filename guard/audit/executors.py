@@ -30,6 +30,13 @@ class LocalExecutor:
     def __exit__(self, *exc) -> None:
         return None
 
+    def _capacity(self) -> int:
+        """The slots now, at least one (a cluster that lost every node still runs what Ray can place later)."""
+        try:
+            return self._slots()
+        except InputError:
+            return 1
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "nodes": 1, "slots": 1}
 
@@ -52,7 +59,8 @@ class RayExecutor:
     on exit; otherwise it connects to that cluster (``auto``, or ``HOST:PORT`` of its head) and leaves it
     running. At most as many tasks are in flight as the cluster has slots, so the driver holds only those
     models' files at once and ``timeout_s`` (per model) counts from a task's submission, close to its
-    start. A task whose worker dies is resubmitted up to ``max_retries`` times by Ray; its model's row then
+    start (the slots are re-read every few seconds, so a cluster that lost a node gets fewer tasks). A task
+    whose worker dies is resubmitted up to ``max_retries`` times by Ray; its model's row then
     comes once, from the attempt that finished.
     """
 
@@ -109,6 +117,13 @@ class RayExecutor:
                              f"no room for one audit at {self.cpus_per_model:g} CPUs and {self.gpus_per_model:g} GPUs")
         return slots
 
+    def _capacity(self) -> int:
+        """The slots now, at least one (a cluster that lost every node still runs what Ray can place later)."""
+        try:
+            return self._slots()
+        except InputError:
+            return 1
+
     def describe(self) -> dict[str, Any]:
         ray = self._ray
         nodes = [n for n in ray.nodes() if n.get("Alive")]
@@ -126,15 +141,20 @@ class RayExecutor:
         task = ray.remote(_ray_audit).options(num_cpus=self.cpus_per_model, num_gpus=self.gpus_per_model,
                                               max_retries=self.max_retries, retry_exceptions=False)
         data = ray.put((x, y))
-        limit = self._slots()
+        capacity = {"slots": self._slots(), "at": time.monotonic()}
         todo = iter(payloads)
         pending: dict[Any, tuple[str, float]] = {}  # ref -> (model name, submitted at)
 
         def submit() -> None:
-            for p in todo:
-                pending[task.remote(p, data, options)] = (p.name, time.monotonic())
-                if len(pending) >= limit:
+            # the cluster's slots, re-read every 5 s: after a node is lost, no more tasks than the rest can run
+            # wait in Ray's queue, where --timeout's clock (from submission) would run while they wait
+            if time.monotonic() - capacity["at"] > 5:
+                capacity.update(slots=self._capacity(), at=time.monotonic())
+            while len(pending) < capacity["slots"]:
+                p = next(todo, None)
+                if p is None:
                     return
+                pending[task.remote(p, data, options)] = (p.name, time.monotonic())
 
         submit()
         while pending:

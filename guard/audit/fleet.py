@@ -235,6 +235,7 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
     if p.problem is not None:
         return {**error_row(p.name, p.problem, seconds=time.perf_counter() - t0, **where), "registry": p.registry}
     retain_freed_memory()  # as the CLI does: a worker scans as fast as `guard audit` (guard/_malloc.py)
+    threads = torch.get_num_threads()  # the audit's own count, put back after: this may be the caller's process
     torch.set_num_threads(max(1, options.threads))
     tmp = ""
     try:
@@ -259,6 +260,8 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
             text = text.replace(tmp, p.origin or p.name)
         return {**error_row(p.name, text.strip().splitlines()[0][:500] if text.strip() else type(e).__name__,
                             seconds=time.perf_counter() - t0, **where), "registry": p.registry}
+    finally:
+        torch.set_num_threads(threads)
     s = result.summary
     return {"name": p.name, "verdict": s["verdict"], "suspect_labels": list(s["suspect_labels"]),
             "exit_code": result.exit_code, "model_sha256": s["model_sha256"], "error": None,
@@ -295,8 +298,8 @@ def run_fleet(entries: list[ModelEntry], x: np.ndarray | None, y: np.ndarray | N
             state.duplicates_dropped += 1
             continue
         row["report"] = write_model(row, out)
-        if row.get("registry") and row["verdict"] != "error":
-            row["registry_error"] = _write_back(row, out / name, registry)
+        row["registry_error"] = (_write_back(row, out / name, registry)
+                                 if row.get("registry") and row["verdict"] != "error" else None)
         rows[name] = _public(row)
         state.rows = list(rows.values())
         if progress is not None:
@@ -304,7 +307,7 @@ def run_fleet(entries: list[ModelEntry], x: np.ndarray | None, y: np.ndarray | N
     for name in names:  # an executor that lost a model without a row: say so rather than drop it
         if name not in rows:
             row = error_row(name, "the executor returned no result for this model")
-            row["report"] = write_model(row, out)
+            row["report"], row["registry_error"] = write_model(row, out), None
             rows[name] = _public(row)
     return FleetResult([rows[n] for n in names], executor=state.executor, seconds=state.elapsed(),
                        duplicates_dropped=state.duplicates_dropped, started=state.started)

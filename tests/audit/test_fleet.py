@@ -120,6 +120,7 @@ def test_every_model_gets_exactly_one_row(tmp_path):
     assert result.duplicates_dropped == 2 and seen == [("a", 3), ("c", 3)]
     assert json.loads((tmp_path / "out" / "a" / "error.json").read_text())["error"] == "first"
     assert all(Path(r["report"]).is_file() for r in result.rows)  # the lost model's row has its file too
+    assert all(r["registry"] is None and r["registry_error"] is None for r in result.rows)
     assert result.exit_code == 2 and result.counts == {"clean": 0, "backdoored": 0, "error": 3}
     assert FleetResult([]).exit_code == 0
 
@@ -199,7 +200,13 @@ def test_single_audit_still_needs_its_model(tmp_path, guard_cli):
 
 def test_row_data_shapes_are_checked_per_model(demo_world, tmp_path):
     """A model that does not take the fleet's images gets an error row, not a crash of the run."""
+    import torch
+
     e = ModelEntry("m", Path(demo_world.model_file), Path(demo_world.weights))
     x = np.zeros((40, 1, 8, 8), np.float32)
-    row = audit_payload(payload(e), x, np.zeros(40, np.int64), AuditOptions(("df-tnd",)))
+    threads = torch.get_num_threads()
+    row = audit_payload(payload(e), x, np.zeros(40, np.int64), AuditOptions(("df-tnd",), threads=threads + 1))
     assert row["verdict"] == "error" and "shape" in row["error"], row
+    row = audit_payload(payload(e), None, None, AuditOptions(("df-tnd",), threads=threads + 1))
+    assert row["verdict"] in ("clean", "backdoored") and row["exit_code"] in (0, 1)
+    assert torch.get_num_threads() == threads  # the audit's thread count does not outlive it (the caller's process)
