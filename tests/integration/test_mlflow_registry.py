@@ -159,16 +159,19 @@ def test_what_guard_does_not_load_is_refused_in_one_line(tracking, demo_world, d
     logged = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=300)
     assert logged.returncode == 0, logged.stderr[-2000:]
     other = _register(url, "other", clean_world, tmp_path)
-    cases = [
-        ("models:/pickled/1", 2, "holds a pickled model (mlflow.pytorch.log_model)"),
-        ("models:/vision/99", 2, "the registry has no models:/vision/99"),
-        ("models:/vision@nobody", 2, "the registry has no models:/vision@nobody"),
-        ("models:/vision", 2, "expected models:/NAME/VERSION or models:/NAME@ALIAS"),
-        ("runs:/abc/model", 2, "MODEL_URI must be models:/NAME/VERSION"),
-    ]
-    for i, (uri, code, message) in enumerate(cases):
+    from guard.errors import InputError
+    from guard.registry.mlflow_registry import fetch
+
+    for uri, message in [("models:/vision/99", "the registry has no models:/vision/99"),
+                         ("models:/vision@nobody", "the registry has no models:/vision@nobody"),
+                         ("models:/vision", "expected models:/NAME/VERSION or models:/NAME@ALIAS")]:
+        with pytest.raises(InputError, match=message):
+            fetch(uri, tracking_uri=url)
+    # through the CLI: exit 2 and one line on stderr, whatever MLflow logs while it downloads
+    for i, (uri, message) in enumerate([("models:/pickled/1", "holds a pickled model (mlflow.pytorch.log_model)"),
+                                        ("runs:/abc/model", "MODEL_URI must be models:/NAME/VERSION")]):
         proc = _audit(guard_cli, url, uri, tmp_path / f"x{i}", "--methods", "df-tnd")
-        assert proc.returncode == code and message in proc.stderr, (uri, proc.stderr[-1500:])
+        assert proc.returncode == 2 and message in proc.stderr, (uri, proc.stderr[-1500:])
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     # a profile of another model: the audit refuses it (exit 3) and writes nothing back
     proc = _audit(guard_cli, url, f"models:/other/{other}", tmp_path / "y", "--methods", "nc", "--profile",
