@@ -30,13 +30,6 @@ class LocalExecutor:
     def __exit__(self, *exc) -> None:
         return None
 
-    def _capacity(self) -> int:
-        """The slots now, at least one (a cluster that lost every node still runs what Ray can place later)."""
-        try:
-            return self._slots()
-        except InputError:
-            return 1
-
     def describe(self) -> dict[str, Any]:
         return {"kind": "local", "nodes": 1, "slots": 1}
 
