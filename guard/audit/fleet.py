@@ -226,9 +226,8 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
 
     from guard._malloc import retain_freed_memory
     from guard.audit.report import render_html
-    from guard.audit.rollout import metrics_text, run_audit
+    from guard.audit.rollout import metrics_text, neural_cleanse, run_audit
     from guard.model import load_model, validate_input_shape
-    from guard.scan import NeuralCleanse
 
     t0 = time.perf_counter()
     where = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -246,9 +245,7 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
             model = load_model(model_file, weights, model_class_name=p.model_class, normalize=p.normalize)
         if x is not None:
             validate_input_shape(model, x.shape[1:])
-        budget = {} if options.max_rounds is None else {"max_rounds": options.max_rounds}
-        nc = (NeuralCleanse(seed=options.seed, device=options.device, progress=False, **budget)
-              if budget or options.device != "cpu" else None)
+        nc = neural_cleanse(seed=options.seed, device=options.device, max_rounds=options.max_rounds, progress=False)
         result = run_audit(model, x, y, methods=options.methods, seed=options.seed, layer=p.feature_layer, nc=nc,
                            source={"model_file": p.model_file_name, "weights": WEIGHTS_FILE, "name": p.name,
                                    "normalize": p.normalize, "model_class": p.model_class},

@@ -46,6 +46,18 @@ DECISIVE = ("neural_cleanse", "df_tnd", "blend", "warp")  # calibrated on clean 
 NC_MIN_IMAGES = 20
 
 
+def neural_cleanse(*, seed: int = 0, device: str = "cpu", max_rounds: int | None = None,
+                   progress: bool | None = None) -> NeuralCleanse | None:
+    """The audit's Neural Cleanse where a caller changes its device or budget (``--device``, ``--max-rounds``),
+    else None (:func:`run_audit` builds the default one). InputError for a budget under one round."""
+    if max_rounds is not None and max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
+    if device == "cpu" and max_rounds is None:
+        return None
+    budget = {} if max_rounds is None else {"max_rounds": max_rounds}
+    return NeuralCleanse(seed=seed, device=device, progress=progress, **budget)
+
+
 def parse_methods(text: str | Sequence[str]) -> list[str]:
     """``"nc,dl-tnd"`` -> ``["nc", "dl-tnd"]`` in canonical order; unknown names are an input error."""
     names = [t.strip().lower() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]

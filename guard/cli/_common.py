@@ -22,6 +22,20 @@ def add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) ->
                         "classifier a probe forward finds, e.g. a 1x1 convolution before global pooling)")
 
 
+def fetch_registered(args: argparse.Namespace):
+    """The registered version ``args.model_uri`` names, fetched (``guard audit`` and ``guard archive``);
+    InputError for a URI that is not a registry's or given beside ``--model-file``/``--weights``."""
+    from guard.errors import InputError
+    from guard.registry.mlflow_registry import fetch, is_registry_uri
+
+    if not is_registry_uri(args.model_uri):
+        raise InputError(f"MODEL_URI must be models:/NAME/VERSION or models:/NAME@ALIAS, got {args.model_uri!r} "
+                         "(a local model takes --model-file and --weights)")
+    if args.model_file or args.weights:
+        raise InputError("MODEL_URI names the model: leave out --model-file and --weights")
+    return fetch(args.model_uri, tracking_uri=args.tracking_uri)
+
+
 def load_model_from(args: argparse.Namespace):
     """The model the arguments name; when the file defines several classes, say on stderr which one was
     picked and why (the choice is recorded in the profile and the archive)."""

@@ -109,13 +109,10 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise InputError(f"give {', '.join(missing)} (or a MODEL_URI, models:/NAME/VERSION)")
         return _archive(args)
-    from guard.registry.mlflow_registry import audited_profile, check_profile, fetch, is_registry_uri
+    from guard.cli._common import fetch_registered
+    from guard.registry.mlflow_registry import audited_profile, check_profile
 
-    if not is_registry_uri(args.model_uri):
-        raise InputError(f"MODEL_URI must be models:/NAME/VERSION or models:/NAME@ALIAS, got {args.model_uri!r}")
-    if args.model_file or args.weights:
-        raise InputError("MODEL_URI names the model: leave out --model-file and --weights")
-    version = fetch(args.model_uri, tracking_uri=args.tracking_uri)
+    version = fetch_registered(args)
     try:
         if args.profile:
             check_profile(version, args.profile)

@@ -107,15 +107,10 @@ def _run_registered(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from guard.errors import InputError
-    from guard.registry.mlflow_registry import fetch, is_registry_uri, record_verdict
+    from guard.cli._common import fetch_registered
+    from guard.registry.mlflow_registry import record_verdict
 
-    if not is_registry_uri(args.model_uri):
-        raise InputError(f"MODEL_URI must be models:/NAME/VERSION or models:/NAME@ALIAS, got {args.model_uri!r} "
-                         "(a local model takes --model-file and --weights)")
-    if args.model_file or args.weights:
-        raise InputError("MODEL_URI names the model: leave out --model-file and --weights")
-    version = fetch(args.model_uri, tracking_uri=args.tracking_uri)
+    version = fetch_registered(args)
     try:
         args.model_file, args.weights = str(version.model_file), str(version.weights)
         code, result, out = _run_one(args, source={"registry": version.uri, "registry_source": version.source})
@@ -132,7 +127,7 @@ def _run_registered(args: argparse.Namespace) -> int:
 def _run_one(args: argparse.Namespace, *, source: dict | None = None):
     """The single-model audit: ``(exit code, AuditResult, report folder)``."""
     from guard.audit.report import prepare_out_dir, write_report
-    from guard.audit.rollout import METHODS, parse_methods, run_audit, write_metrics
+    from guard.audit.rollout import METHODS, neural_cleanse, parse_methods, run_audit, write_metrics
     from guard.cli._common import parse_device
     from guard.data import load_data
     from guard.model import fingerprint
@@ -155,7 +150,7 @@ def _run_one(args: argparse.Namespace, *, source: dict | None = None):
               "normalize": args.normalize, "model_class": args.model_class, **(source or {})}
     result = run_audit(model, x, y, methods=methods, seed=args.seed, profile=profile,
                        layer=args.feature_layer, source=source, input_shape=args.input_shape,
-                       progress=None, nc=_neural_cleanse(args.seed, device, args.max_rounds))
+                       progress=None, nc=neural_cleanse(seed=args.seed, device=device, max_rounds=args.max_rounds))
     jpath, hpath = write_report(result, out, force=True)
     if args.metrics_file:
         write_metrics(result, args.metrics_file)
@@ -173,18 +168,6 @@ def _run_one(args: argparse.Namespace, *, source: dict | None = None):
     return result.exit_code, result, out
 
 
-def _neural_cleanse(seed: int, device: str, max_rounds: int | None):
-    """The audit's Neural Cleanse where the CLI changes it (device or budget), else None (run_audit's default)."""
-    from guard.errors import InputError
-    from guard.scan import NeuralCleanse
-
-    if max_rounds is not None and max_rounds < 1:
-        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
-    if device == "cpu" and max_rounds is None:
-        return None
-    return NeuralCleanse(seed=seed, device=device, **({} if max_rounds is None else {"max_rounds": max_rounds}))
-
-
 def _run_fleet(args: argparse.Namespace) -> int:
     import contextlib
     import sys
@@ -193,7 +176,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     from guard.audit.fleet import AuditOptions, entries_of, run_fleet
     from guard.audit.fleet_report import summary, write_summary
     from guard.audit.report import prepare_out_dir
-    from guard.audit.rollout import parse_methods
+    from guard.audit.rollout import neural_cleanse, parse_methods
     from guard.data import load_data
     from guard.errors import InputError
 
@@ -201,7 +184,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     entries = entries_of(args.models, args.manifest)
     if args.local and args.address:
         raise InputError("--local runs in this process: leave out --address")
-    _neural_cleanse(args.seed, "cpu", args.max_rounds)  # refuse a bad budget before starting anything
+    neural_cleanse(max_rounds=args.max_rounds)  # refuse a bad budget before starting anything
     out = prepare_out_dir(args.out, force=args.force)
     x = y = None
     if args.data:
