@@ -5,7 +5,7 @@ on a two-node Ray cluster (one CPU per node, one single-threaded audit per CPU),
 copies it into ``--models`` folders, and runs ``guard audit --models`` (Neural Cleanse at ``--max-rounds``, on the
 demo's clean images) three ways, each as a user runs it (a CLI process, timed whole): ``--local``; against a
 cluster started here with ``ray start --head`` (one CPU); against a head and a second node (one CPU each). The
-clusters run on this host (Ray advertises the host's own address) and are killed by pid after their run. It
+clusters run on this host (each node on a loopback address of its own) and are killed by pid after their run. It
 prints one JSON document: each run's wall seconds, audits per hour and the rows' own audit seconds; the
 two-node speed-up over one node; and Ray's cost per model (one node's wall time over the local run's, per
 model, also as a share of one model's audit).

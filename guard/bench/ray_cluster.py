@@ -39,8 +39,10 @@ class LoopbackCluster:
     earlier, as a node that dies does). ``env`` holds what a driver needs to reach it; ``extra_env`` is added
     to it (Ray's own settings, e.g. a faster health check).
 
-    Ray replaces a loopback ``--node-ip-address`` by the host's own address for a cluster of several nodes, so
-    the nodes talk over this host's own interface address (which never leaves the machine)."""
+    Every node has a loopback address of its own (the head 127.0.0.2, the next 127.0.0.3, ...), as the machines of
+    a real cluster do, so all of the cluster's traffic stays on the loopback interface. Not 127.0.0.1: Ray
+    replaces that address (and ``localhost``) by the host's interface address for a node that joins a cluster
+    and for the cluster address it joins; other loopback addresses it keeps as given."""
 
     def __init__(self, nodes: int, *, cpus: int = 1, extra_env: dict[str, str] | None = None):
         self.nodes, self.cpus = nodes, cpus
@@ -48,9 +50,16 @@ class LoopbackCluster:
         self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=self.tmp,
                         RAY_USAGE_STATS_ENABLED="0", **(extra_env or {}))
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.address = f"127.0.0.1:{s.getsockname()[1]}"
+            s.bind((self.node_ip(0), 0))
+            self.address = f"{self.node_ip(0)}:{s.getsockname()[1]}"
         self._procs: list[subprocess.Popen] = []
+
+    @staticmethod
+    def node_ip(i: int) -> str:
+        """Node ``i``'s own loopback address (0: the head)."""
+        if not 0 <= i < 250:
+            raise ValueError(f"node index {i} is outside 0..249")
+        return f"127.0.0.{i + 2}"
 
     def _alive(self) -> int:
         code = (f"import ray; ray.init(address={self.address!r}, logging_level='ERROR', log_to_driver=False); "
@@ -60,12 +69,13 @@ class LoopbackCluster:
 
     def __enter__(self) -> LoopbackCluster:
         ray = str(Path(sys.executable).with_name("ray"))
-        common = [f"--num-cpus={self.cpus}", "--node-ip-address=127.0.0.1", "--block", "--disable-usage-stats"]
+        common = [f"--num-cpus={self.cpus}", "--block", "--disable-usage-stats"]
         head = [ray, "start", "--head", f"--port={self.address.rsplit(':', 1)[1]}", "--include-dashboard=false",
                 f"--temp-dir={self.tmp}", *common]
         try:
             for i in range(self.nodes):
                 cmd = head if i == 0 else [ray, "start", f"--address={self.address}", *common]
+                cmd.append(f"--node-ip-address={self.node_ip(i)}")
                 self._procs.append(subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL, start_new_session=True))
                 deadline = time.monotonic() + 120

@@ -5,11 +5,13 @@ Every Ray process here is started by the test with token authentication (a fresh
 temporary directory of its own, and is killed by pid at the end. The local instance runs in Ray's single-host
 mode (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: it advertises 127.0.0.1, so its traffic stays on loopback).
 The two-node cluster is :class:`guard.bench.ray_cluster.LoopbackCluster`: a multi-node cluster refuses that
-mode, and its nodes talk over this host's own interface address, which never leaves the machine.
+mode, so each node has a loopback address of its own (127.0.0.2, 127.0.0.3), and the test checks that every
+connection its processes hold stays on the loopback interface.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -27,6 +29,31 @@ pytest.importorskip("ray")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RAY = Path(sys.executable).with_name("ray")
+
+
+def _address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp{,6} writes it (little-endian 32-bit words), IPv4-mapped IPv6 unwrapped."""
+    raw = b"".join(int(hex_address[i:i + 8], 16).to_bytes(4, "little") for i in range(0, len(hex_address), 8))
+    address = ipaddress.ip_address(raw)
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def _connections(pids: set[int]) -> list[tuple[str, str]]:
+    """(local, remote) address of every established TCP connection the processes ``pids`` hold."""
+    inodes = set()
+    for pid in pids:
+        try:
+            inodes.update(os.readlink(fd)[8:-1] for fd in Path(f"/proc/{pid}/fd").iterdir()
+                          if os.readlink(fd).startswith("socket:["))
+        except OSError:  # the process ended meanwhile
+            continue
+    out = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[9] in inodes and cols[3] == "01":  # 01: ESTABLISHED
+                out.append((str(_address(cols[1].split(":")[0])), str(_address(cols[2].split(":")[0]))))
+    return out
 
 
 @pytest.fixture
@@ -122,6 +149,7 @@ def test_two_node_cluster_loses_a_node_mid_run_and_loses_no_model(demo_world, tm
                 victim = next((pid for pid in (int(m.name.split("-")[0]) for m in markers.iterdir())
                                if pid in on_node2), None)
                 time.sleep(0.2)
+            held = _connections(cluster.node_processes(0) | cluster.node_processes(1) | {driver.pid})
             cluster.kill_node(1)
             out, err = driver.communicate(timeout=400)
         finally:
@@ -129,6 +157,8 @@ def test_two_node_cluster_loses_a_node_mid_run_and_loses_no_model(demo_world, tm
                 driver.kill()
                 driver.wait(timeout=30)
     assert driver.returncode in (0, 1), err[-3000:]
+    assert held and all(ipaddress.ip_address(a).is_loopback for pair in held for a in pair), held
+    assert {a for pair in held for a in pair} >= {"127.0.0.2", "127.0.0.3"}  # both nodes' own addresses in use
     doc = json.loads(out)
     assert [r["name"] for r in doc["rows"]] == ["m0", "m1", "m2", "m3"] and doc["duplicates_dropped"] == 0
     assert doc["executor"]["nodes"] == 2
