@@ -2,21 +2,32 @@
 
 A fixture that takes minutes of CPU starts its jobs as niced child processes as soon as collection
 shows a test that needs it; the fixture waits for them (bounded), and the session's end stops
-whatever still runs. A job writes its result as JSON under its own directory; nothing is unpickled.
-Measured on a 2-core AMD EPYC: the suite keeps both cores about 95% busy, so a background job buys
-little wall time by overlap; the population gains by running as two single-threaded jobs (twelve
-glyph models: 5.7 minutes as two such jobs, 6.7 as one two-threaded process), and the tests that wait
-for a job run last (tests/conftest.py), so the job has the whole run to finish in.
+whatever still runs. A job writes its result as JSON (or a world's files) under its own directory;
+nothing is unpickled. The tests that wait for a job run last (tests/conftest.py), so the jobs have the
+whole run to finish in. Jobs: the scan population (tests/scan/conftest.py), the zoo's trained models
+(tests/attacks/conftest.py) and the trained transformer world (tests/conftest.py).
+
+Why: sampled every 10 s on a 2-core AMD EPYC, the suite's first half keeps both cores busy, but its
+second half (servers starting, Ray workers, timeouts running out) leaves about a sixth of the CPU idle
+(a tenth over the whole run); work that no test needs until the end fills that time instead of adding
+to the suite's length.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+#: Fixtures that wait for a background job: the tests that use them run last (tests/conftest.py).
+WAITING_FIXTURES = ("population", "zoo_models", "vit_world")
+
+_BUILD = ("import json, sys\nfrom guard.demo.world import build\n"
+          "build(sys.argv[1], **json.loads(sys.argv[2]))\n")
 
 
 class Jobs:
@@ -50,6 +61,19 @@ class Jobs:
         rc = proc.wait(timeout=timeout)
         assert rc == 0, f"background job {name} exited {rc}: " + (d / "job.log").read_text()[-4000:]
         return d
+
+    def start_world(self, name: str, *, threads: int, **build_kwargs: object) -> None:
+        """Job ``name`` writes :func:`guard.demo.world.build` (``build_kwargs``, JSON values) under its directory."""
+        self.start(name, ["-c", _BUILD, str(self.directory(name) / "world"), json.dumps(build_kwargs)],
+                   threads=threads)
+
+    def world(self, name: str, timeout: float = 2400):
+        """The world job ``name`` built (:func:`guard.demo.world.built`; its attack is not kept)."""
+        from guard.demo.world import built
+
+        w = built(self.wait(name, timeout) / "world")
+        assert w is not None, f"background job {name} wrote no world"
+        return w
 
     def stop(self) -> None:
         for proc, _ in self.procs.values():

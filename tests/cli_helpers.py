@@ -12,3 +12,21 @@ def run_cli(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, GUARD_PROGRESS="1")
     return subprocess.run([sys.executable, "-m", "guard.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def run_cli_here(capfd, *args: object) -> subprocess.CompletedProcess:
+    """``guard ARGS`` in this process, its output read from the file descriptors (pytest's ``capfd``).
+
+    For the many refusals a test checks in a row: each costs a process start and torch's import as a
+    subprocess (about 2.5 s). Each such test still runs one of its cases through :func:`run_cli`, so the
+    process's own exit code and stderr are checked too."""
+    from guard.cli.main import main
+
+    capfd.readouterr()
+    argv = [str(a) for a in args]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code if isinstance(e.code, int) else 2
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["guard", *argv], code, out, err)

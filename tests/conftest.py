@@ -26,9 +26,39 @@ retain_freed_memory()  # as every guard command does: the scans trained and run 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """Run the tests that wait for a background job (tests/background.py) last, so that the job has the
     whole run to finish beside the other tests instead of holding both cores while the suite waits."""
-    waits = [item for item in items if "population" in getattr(item, "fixturenames", ())]
+    from background import WAITING_FIXTURES
+
+    waits = [item for item in items if set(WAITING_FIXTURES) & set(getattr(item, "fixturenames", ()))]
     if waits:
         items[:] = [item for item in items if item not in waits] + waits
+
+
+#: The transformer of another layout than the bundled ViT (timm's names, tokens averaged instead of a class
+#: token: ``tests/nets/timm_vit.py``, patch 4, width 64, depth 2), trained on the glyph task with the BadNets
+#: patch: 25 epochs of 4000 images, about 75 s of two cores, so it is built by a background job.
+VIT_WORLD = {"seed": 1, "epochs": 25, "lr": 3e-3, "n_train": 4000, "n_clean": 1000, "n_holdout": 1000}
+
+
+def _start_vit_world() -> None:
+    from background import JOBS
+
+    source = (Path(__file__).parent / "nets" / "timm_vit.py").read_text()
+    JOBS.start_world("vit-world", threads=2, source=source, **VIT_WORLD)
+
+
+def pytest_collection_finish(session) -> None:
+    if not session.config.option.collectonly and any("vit_world" in getattr(item, "fixturenames", ())
+                                                      for item in session.items):
+        _start_vit_world()
+
+
+@pytest.fixture(scope="session")
+def vit_world():
+    """:data:`VIT_WORLD`, built by a background job (tests/background.py) beside the rest of the suite."""
+    from background import JOBS
+
+    _start_vit_world()
+    return JOBS.world("vit-world")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

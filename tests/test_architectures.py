@@ -8,7 +8,7 @@ flag. The ViT is checked for what guard must do with a token model (find its hea
 block's tokens as the inner layer and every block's token statistics, scan and guard it) on a briefly
 trained copy; detection is asserted on a transformer of another layout (timm's names, tokens averaged
 instead of a class token, ``tests/nets/timm_vit.py``) trained to the glyph task (depth 2, 4000 images,
-25 epochs: about 75 s on two cores).
+25 epochs: about 75 s on two cores, so tests/conftest.py's ``vit_world`` is built by a background job).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ ARCHS = {
     "normalized": ({}, 6, 4e-3),
 }
 TRAIN = {"n_train": 2500, "n_clean": 1200, "n_holdout": 500}
-VIT_TRAIN = {"epochs": 25, "lr": 3e-3, "n_train": 4000, "n_clean": 1000, "n_holdout": 1000}
 
 
 @pytest.fixture(scope="session")
@@ -185,18 +184,6 @@ def test_guard_stops_the_trigger_at_a_calibrated_clean_rate(arch_worlds, arch_pr
     stopped = np.mean([d.verdict != "pass" for d in guard.predict(xt)])
     assert stopped >= 0.9, (name, stopped)
     assert clean_flagged <= 0.04, (name, clean_flagged)
-
-
-@pytest.fixture(scope="session")
-def vit_world(tmp_path_factory):
-    """A ViT laid out as timm names it, tokens averaged (no class token; ``tests/nets/timm_vit.py``: patch 4,
-    width 64, depth 2), trained on the glyph task with a BadNets patch: not the bundled ViT's layout."""
-    from pathlib import Path
-
-    from guard.demo.world import build
-
-    source = (Path(__file__).parent / "nets" / "timm_vit.py").read_text()
-    return build(tmp_path_factory.mktemp("vit-trained"), source=source, seed=1, **VIT_TRAIN)
 
 
 def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_helpers import run_cli_here
 
 from guard.cli import COMMANDS
 from guard.data import load_npz
@@ -18,6 +19,13 @@ def guard(*args):
 
 def model_args(world):
     return ["--model-file", world.model_file, "--weights", world.weights]
+
+
+@pytest.fixture
+def here(capfd):
+    """``here(ARGS)``: ``guard ARGS`` in this process (:func:`cli_helpers.run_cli_here`), for a test's refusals
+    after its first, which runs as a process."""
+    return lambda *args: run_cli_here(capfd, *args)
 
 
 def one_line_error(p, code):
@@ -46,7 +54,7 @@ def test_scan_json_and_exit_code(demo_scan):
     assert (demo_scan.profile / "profile.json").exists() and (demo_scan.profile / "tensors.safetensors").exists()
 
 
-def test_scan_watches_what_an_earlier_profile_suspected(demo_world, demo_profile, tmp_path):
+def test_scan_watches_what_an_earlier_profile_suspected(demo_world, demo_profile, tmp_path, here):
     """The rescan of a purified model keeps its trigger memory on the attacked model's suspects."""
     x, y = load_npz(demo_world.clean)
     small = tmp_path / "small.npz"
@@ -60,16 +68,16 @@ def test_scan_watches_what_an_earlier_profile_suspected(demo_world, demo_profile
     assert set(json.loads((tmp_path / "p" / "profile.json").read_text())["memory"]["labels"]) >= {2, 6}
     for bad in (["--watch", "two"], ["--watch", "-1"], ["--watch", "10"], ["--watch-from", tmp_path / "none"],
                 ["--watch", "2", "--memory", "off"]):
-        one_line_error(guard(*base, "--out", tmp_path / "o", *bad), 2)
+        one_line_error(here(*base, "--out", tmp_path / "o", *bad), 2)
     assert not (tmp_path / "o").exists()
 
 
-def test_scan_device_is_checked_before_any_work(demo_world, tmp_path):
+def test_scan_device_is_checked_before_any_work(demo_world, tmp_path, here):
     import torch
 
-    for dev in ("tpu", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",)):
-        p = guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "p",
-                  "--device", dev)
+    for i, dev in enumerate(("tpu", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",))):
+        p = (guard if i == 0 else here)("scan", *model_args(demo_world), "--data", demo_world.clean, "--out",
+                                        tmp_path / "p", "--device", dev)
         one_line_error(p, 2)
         assert "--device" in p.stderr
     assert not (tmp_path / "p").exists()
@@ -85,37 +93,38 @@ def test_check_counts_verdicts(demo_world, demo_profile):
     assert r["pass"] >= 0.97 * r["n"] and r["accuracy"] >= 0.9
 
 
-def test_bad_inputs_exit_2_with_one_line(demo_world, tmp_path):
+def test_bad_inputs_exit_2_with_one_line(demo_world, tmp_path, here):
+    """Every bad input: exit 2, one line. The first case runs as a process, the others in this one."""
     bad = tmp_path / "bad.npz"
     np.savez(bad, x=np.zeros((4, 3, 7, 7), np.float32), y=np.zeros(4, np.int64))
     one_line_error(guard("scan", *model_args(demo_world), "--data", bad, "--out", tmp_path / "o"), 2)
     missing = tmp_path / "missing.npz"
-    one_line_error(guard("scan", *model_args(demo_world), "--data", missing, "--out", tmp_path / "o"), 2)
+    one_line_error(here("scan", *model_args(demo_world), "--data", missing, "--out", tmp_path / "o"), 2)
     nan = tmp_path / "nan.npz"
     np.savez(nan, x=np.full((4, 3, 32, 32), np.nan, np.float32), y=np.zeros(4, np.int64))
-    one_line_error(guard("scan", *model_args(demo_world), "--data", nan, "--out", tmp_path / "o"), 2)
+    one_line_error(here("scan", *model_args(demo_world), "--data", nan, "--out", tmp_path / "o"), 2)
     rng = tmp_path / "range.npz"
     np.savez(rng, x=np.full((4, 3, 32, 32), 3.0, np.float32), y=np.zeros(4, np.int64))
-    one_line_error(guard("scan", *model_args(demo_world), "--data", rng, "--out", tmp_path / "o"), 2)
+    one_line_error(here("scan", *model_args(demo_world), "--data", rng, "--out", tmp_path / "o"), 2)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not an npz")
-    one_line_error(guard("scan", *model_args(demo_world), "--data", junk, "--out", tmp_path / "o"), 2)
+    one_line_error(here("scan", *model_args(demo_world), "--data", junk, "--out", tmp_path / "o"), 2)
     nomod = tmp_path / "m.py"
     nomod.write_text("import torch\n")
-    one_line_error(guard("scan", "--model-file", nomod, "--weights", demo_world.weights, "--data", demo_world.clean,
-                         "--out", tmp_path / "o"), 2)
-    one_line_error(guard("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "o",
-                         "--fpr", "2"), 2)
+    one_line_error(here("scan", "--model-file", nomod, "--weights", demo_world.weights, "--data", demo_world.clean,
+                        "--out", tmp_path / "o"), 2)
+    one_line_error(here("scan", *model_args(demo_world), "--data", demo_world.clean, "--out", tmp_path / "o",
+                        "--fpr", "2"), 2)
     x, y = load_npz(demo_world.clean)
     few = tmp_path / "few.npz"  # class 3 has one image: the scan refuses, names it and says what helps
     keep = np.concatenate([np.flatnonzero(y != 3)[:120], np.flatnonzero(y == 3)[:1]])
     np.savez(few, x=x[keep], y=y[keep])
-    p = guard("scan", *model_args(demo_world), "--data", few, "--out", tmp_path / "o")
+    p = here("scan", *model_args(demo_world), "--data", few, "--out", tmp_path / "o")
     one_line_error(p, 2)
     assert "1 of 10 classes have fewer than 2 clean images (class (images): 3 (1))" in p.stderr
     assert "--min-per-class" in p.stderr
-    one_line_error(guard("scan", *model_args(demo_world), "--data", few, "--out", tmp_path / "o",
-                         "--min-per-class", "-1"), 2)
+    one_line_error(here("scan", *model_args(demo_world), "--data", few, "--out", tmp_path / "o",
+                        "--min-per-class", "-1"), 2)
     assert not (tmp_path / "o").exists()
 
 
@@ -137,7 +146,9 @@ def test_inspect_verifies(demo_world, demo_profile):
     assert meta["memory"]["labels"] == [6] and "trigger memory: watches labels [6] at fpr 0.01" in text
 
 
-@pytest.mark.parametrize("argv", [["scan"], ["check", "--profile"], ["nonsense"]])
-def test_usage_errors_exit_2(argv):
-    p = guard(*argv)
+def test_usage_errors_exit_2(here):
+    p = guard("scan")
     assert p.returncode == 2 and "Traceback" not in p.stderr
+    for argv in (["check", "--profile"], ["nonsense"]):
+        p = here(*argv)
+        assert p.returncode == 2 and "Traceback" not in p.stderr
