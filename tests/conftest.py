@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 #: The transformer of another layout than the bundled ViT (timm's names, tokens averaged instead of a class
 #: token: ``tests/nets/timm_vit.py``, patch 4, width 64, depth 2), trained on the glyph task with the BadNets
-#: patch: 25 epochs of 4000 images, about 75 s of two cores, so it is built by a background job.
+#: patch: 25 epochs of 4000 images, about 75 s of two cores, so it is built by a background job (one thread).
 VIT_WORLD = {"seed": 1, "epochs": 25, "lr": 3e-3, "n_train": 4000, "n_clean": 1000, "n_holdout": 1000}
 
 
@@ -43,7 +43,7 @@ def _start_vit_world() -> None:
     from background import JOBS
 
     source = (Path(__file__).parent / "nets" / "timm_vit.py").read_text()
-    JOBS.start_world("vit-world", threads=2, source=source, **VIT_WORLD)
+    JOBS.start_world("vit-world", threads=1, source=source, **VIT_WORLD)
 
 
 def pytest_collection_finish(session) -> None:
