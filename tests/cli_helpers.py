@@ -26,7 +26,7 @@ def run_cli_here(capfd, *args: object) -> subprocess.CompletedProcess:
     argv = [str(a) for a in args]
     try:
         code = main(argv)
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code if isinstance(e.code, int) else 2
+    except SystemExit as e:  # argparse's usage errors (and --help); the process's exit status for any code
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(["guard", *argv], code, out, err)

@@ -188,7 +188,8 @@ def test_guard_stops_the_trigger_at_a_calibrated_clean_rate(arch_worlds, arch_pr
 
 def test_guard_stops_a_patch_trigger_on_a_vit(vit_world):
     """Triggered inputs stopped at <= 3% of held-out clean ones, calibrated at 1% (measured on this
-    world: 100% stopped at 1.0% of clean; the floor leaves room for another CPU's rounding).
+    world, trained on one thread: 100% stopped at 1.3% of clean, accuracy 0.886; on two threads 1.0%;
+    the floor leaves room for another CPU's rounding).
 
     The head's features of a triggered input look like the target class's; the trigger's token stands
     out from the clean tokens at its position at every block (the token check), and the ensemble

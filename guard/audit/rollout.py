@@ -46,12 +46,17 @@ DECISIVE = ("neural_cleanse", "df_tnd", "blend", "warp")  # calibrated on clean 
 NC_MIN_IMAGES = 20
 
 
+def validate_max_rounds(max_rounds: int | None) -> None:
+    """InputError for a Neural Cleanse budget (``--max-rounds``) under one round; None is the default budget."""
+    if max_rounds is not None and max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
+
+
 def neural_cleanse(*, seed: int = 0, device: str = "cpu", max_rounds: int | None = None,
                    progress: bool | None = None) -> NeuralCleanse | None:
     """The audit's Neural Cleanse where a caller changes its device or budget (``--device``, ``--max-rounds``),
     else None (:func:`run_audit` builds the default one). InputError for a budget under one round."""
-    if max_rounds is not None and max_rounds < 1:
-        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
+    validate_max_rounds(max_rounds)
     if device == "cpu" and max_rounds is None:
         return None
     budget = {} if max_rounds is None else {"max_rounds": max_rounds}

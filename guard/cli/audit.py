@@ -176,7 +176,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     from guard.audit.fleet import AuditOptions, entries_of, run_fleet
     from guard.audit.fleet_report import summary, write_summary
     from guard.audit.report import prepare_out_dir
-    from guard.audit.rollout import neural_cleanse, parse_methods
+    from guard.audit.rollout import parse_methods, validate_max_rounds
     from guard.data import load_data
     from guard.errors import InputError
 
@@ -184,7 +184,7 @@ def _run_fleet(args: argparse.Namespace) -> int:
     entries = entries_of(args.models, args.manifest)
     if args.local and args.address:
         raise InputError("--local runs in this process: leave out --address")
-    neural_cleanse(max_rounds=args.max_rounds)  # refuse a bad budget before starting anything
+    validate_max_rounds(args.max_rounds)  # refuse a bad budget before starting anything
     out = prepare_out_dir(args.out, force=args.force)
     x = y = None
     if args.data:
