@@ -30,6 +30,13 @@ from pathlib import Path
 #: Fixtures that wait for a background job: the tests that use them run last (tests/conftest.py).
 WAITING_FIXTURES = ("population", "vit_world")
 
+def needed(session, fixture: str) -> bool:
+    """Whether the collected session (not ``--collect-only``) has a test that uses ``fixture``: its job is
+    worth starting as soon as collection ends."""
+    return not session.config.option.collectonly and any(fixture in getattr(item, "fixturenames", ())
+                                                         for item in session.items)
+
+
 _BUILD = ("import json, sys\nfrom guard.demo.world import build\n"
           "build(sys.argv[1], **json.loads(sys.argv[2]))\n")
 

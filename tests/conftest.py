@@ -47,9 +47,19 @@ def _start_vit_world() -> None:
 
 
 def pytest_collection_finish(session) -> None:
-    if not session.config.option.collectonly and any("vit_world" in getattr(item, "fixturenames", ())
-                                                      for item in session.items):
+    from background import needed
+
+    if needed(session, "vit_world"):
         _start_vit_world()
+
+
+@pytest.fixture
+def here(capfd):
+    """``here(ARGS)``: ``guard ARGS`` in this process (:func:`cli_helpers.run_cli_here`), for a test's refusals
+    after its first, which runs as a process."""
+    from cli_helpers import run_cli_here
+
+    return lambda *args: run_cli_here(capfd, *args)
 
 
 @pytest.fixture(scope="session")

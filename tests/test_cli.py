@@ -5,8 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
-from cli_helpers import run_cli_here
 
 from guard.cli import COMMANDS
 from guard.data import load_npz
@@ -19,13 +17,6 @@ def guard(*args):
 
 def model_args(world):
     return ["--model-file", world.model_file, "--weights", world.weights]
-
-
-@pytest.fixture
-def here(capfd):
-    """``here(ARGS)``: ``guard ARGS`` in this process (:func:`cli_helpers.run_cli_here`), for a test's refusals
-    after its first, which runs as a process."""
-    return lambda *args: run_cli_here(capfd, *args)
 
 
 def one_line_error(p, code):

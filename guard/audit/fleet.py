@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -35,6 +36,35 @@ WEIGHTS_FILE = "weights.pt"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 EXIT_ERROR = 2
 """A row's exit code when its model could not be audited (the CLI's code for bad input)."""
+_COPY_PREFIX = "guard-fleet-"
+"""A worker's copy of a model's files lives in ``TMPDIR/guard-fleet-PID-*`` while the model loads."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_orphaned_copies(root: str | Path | None = None) -> int:
+    """Remove the model copies (:data:`_COPY_PREFIX`) whose worker process is gone, and return how many.
+
+    A worker writes a model's code and weights into a temporary folder to load them and removes it after;
+    a worker that the model's own code kills (``os._exit``, a segfault) or that the executor kills for a
+    hang or a lost node cannot, and would leave an untrusted model's files behind. Every audit on a host
+    and the driver at the end of a run sweep them (a folder whose process id is alive, possibly reused,
+    waits for a later sweep)."""
+    removed = 0
+    for d in Path(root or tempfile.gettempdir()).glob(f"{_COPY_PREFIX}*-*"):
+        pid = d.name[len(_COPY_PREFIX):].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed += not d.exists()
+    return removed
 
 
 @dataclass(frozen=True)
@@ -234,11 +264,12 @@ def audit_payload(p: Payload, x: np.ndarray | None, y: np.ndarray | None, option
     if p.problem is not None:
         return {**error_row(p.name, p.problem, seconds=time.perf_counter() - t0, **where), "registry": p.registry}
     retain_freed_memory()  # as the CLI does: a worker scans as fast as `guard audit` (guard/_malloc.py)
+    sweep_orphaned_copies()  # what workers on this host that died while loading a model left
     threads = torch.get_num_threads()  # the audit's own count, put back after: this may be the caller's process
     torch.set_num_threads(max(1, options.threads))
     tmp = ""
     try:
-        with tempfile.TemporaryDirectory(prefix="guard-fleet-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"{_COPY_PREFIX}{os.getpid()}-") as tmp:
             model_file, weights = Path(tmp) / p.model_file_name, Path(tmp) / WEIGHTS_FILE
             model_file.write_text(p.model_source, encoding="utf-8")
             weights.write_bytes(p.weights)
@@ -306,6 +337,7 @@ def run_fleet(entries: list[ModelEntry], x: np.ndarray | None, y: np.ndarray | N
             row = error_row(name, "the executor returned no result for this model")
             row["report"], row["registry_error"] = write_model(row, out), None
             rows[name] = _public(row)
+    sweep_orphaned_copies()  # a local executor's workers share this host's temporary folder
     return FleetResult([rows[n] for n in names], executor=state.executor, seconds=state.elapsed(),
                        duplicates_dropped=state.duplicates_dropped, started=state.started)
 

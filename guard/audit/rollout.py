@@ -35,7 +35,7 @@ from guard.model import feature_layer, fingerprint, validate_labels
 from guard.model import num_classes as count_classes
 from guard.profile import Profile
 from guard.scan.blend import BlendReversal
-from guard.scan.neural_cleanse import NeuralCleanse
+from guard.scan.neural_cleanse import NeuralCleanse, validate_max_rounds
 from guard.scan.tnd import DFTND, DLTND, infer_input_shape
 from guard.scan.warp import WarpReversal
 from guard.stats import anomaly_index
@@ -44,12 +44,6 @@ METHODS = {"nc": "neural_cleanse", "dl-tnd": "dl_tnd", "df-tnd": "df_tnd", "blen
 NEEDS_DATA = ("nc", "dl-tnd", "blend", "warp")
 DECISIVE = ("neural_cleanse", "df_tnd", "blend", "warp")  # calibrated on clean models: their flag alone decides
 NC_MIN_IMAGES = 20
-
-
-def validate_max_rounds(max_rounds: int | None) -> None:
-    """InputError for a Neural Cleanse budget (``--max-rounds``) under one round; None is the default budget."""
-    if max_rounds is not None and max_rounds < 1:
-        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
 
 
 def neural_cleanse(*, seed: int = 0, device: str = "cpu", max_rounds: int | None = None,

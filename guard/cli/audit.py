@@ -176,9 +176,10 @@ def _run_fleet(args: argparse.Namespace) -> int:
     from guard.audit.fleet import AuditOptions, entries_of, run_fleet
     from guard.audit.fleet_report import summary, write_summary
     from guard.audit.report import prepare_out_dir
-    from guard.audit.rollout import parse_methods, validate_max_rounds
+    from guard.audit.rollout import parse_methods
     from guard.data import load_data
     from guard.errors import InputError
+    from guard.scan.neural_cleanse import validate_max_rounds
 
     methods = parse_methods(args.methods)
     entries = entries_of(args.models, args.manifest)

@@ -75,14 +75,14 @@ def run(args: argparse.Namespace) -> int:
     from guard.data import load_data
     from guard.errors import InputError
     from guard.scan import NeuralCleanse, build_profile
+    from guard.scan.neural_cleanse import validate_max_rounds
     from guard.scan.profile_builder import MIN_PER_CLASS
 
     device = parse_device(args.device)
     min_per_class = MIN_PER_CLASS if args.min_per_class is None else args.min_per_class
     if min_per_class < 0:
         raise InputError(f"--min-per-class must be >= 0, got {args.min_per_class}")
-    if args.max_rounds < 1:
-        raise InputError(f"--max-rounds must be >= 1, got {args.max_rounds}")
+    validate_max_rounds(args.max_rounds)
     if args.screen_above is not None and args.screen_above < 0:
         raise InputError(f"--screen-above must be >= 0, got {args.screen_above}")
     watch = set(args.watch)

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from guard._progress import Progress
+from guard.errors import InputError
 from guard.model import FeatureTap, frozen
 from guard.model import num_classes as count_classes
 from guard.scan.trigger import from_raw, stamp_all, to_raw
@@ -41,6 +42,12 @@ SCREEN_ABOVE = 25
 """Label counts above which a scan screens labels first. The full stage then optimises 5 candidates and
 10 references, and the screening stage costs about a fifth of a full label per label, so below about
 20-25 labels the two stages together cost as much as optimising every label in full."""
+
+
+def validate_max_rounds(max_rounds: int | None) -> None:
+    """InputError for a Neural Cleanse budget (``--max-rounds``) under one round; None is the default budget."""
+    if max_rounds is not None and max_rounds < 1:
+        raise InputError(f"--max-rounds must be >= 1, got {max_rounds}")
 
 
 class NeuralCleanse:

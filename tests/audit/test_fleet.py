@@ -210,3 +210,25 @@ def test_row_data_shapes_are_checked_per_model(demo_world, tmp_path):
     row = audit_payload(payload(e), None, None, AuditOptions(("df-tnd",), threads=threads + 1))
     assert row["verdict"] in ("clean", "backdoored") and row["exit_code"] in (0, 1)
     assert torch.get_num_threads() == threads  # the audit's thread count does not outlive it (the caller's process)
+
+
+def test_orphaned_model_copies_of_dead_workers_are_swept(tmp_path):
+    """A worker killed while it loads a model leaves the model's files in its temporary folder: a later
+    audit on the host (or the driver at the end of the run) removes them, and only those."""
+    import os
+    import subprocess
+    import sys
+
+    from guard.audit.fleet import sweep_orphaned_copies
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    gone = tmp_path / f"guard-fleet-{int(dead.stdout)}-abc"
+    mine = tmp_path / f"guard-fleet-{os.getpid()}-def"
+    other = tmp_path / "guard-fleet-notapid-ghi"
+    for d in (gone, mine, other):
+        d.mkdir()
+        (d / "weights.pt").write_bytes(b"x")
+    assert sweep_orphaned_copies(tmp_path) == 1
+    assert not gone.exists() and mine.exists() and other.exists()
+    assert sweep_orphaned_copies(tmp_path) == 0

@@ -60,7 +60,7 @@ def _connections(pids: set[int]) -> list[tuple[str, str]]:
 def ray_env():
     """The environment every Ray process and the driver of one test share, and its temporary directory."""
     tmp = tempfile.mkdtemp(prefix="gr", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=tmp,
+    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=tmp, TMPDIR=tmp,
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
                RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3", GUARD_PROGRESS="1")
     try:
@@ -91,7 +91,7 @@ def _fleet(env, models: Path, out: Path, *extra: str, timeout: float = 600) -> s
 
 
 def test_local_ray_retries_lost_workers_and_gives_every_model_one_row(demo_world, clean_world, ray_env, tmp_path):
-    env, _ = ray_env
+    env, tmp = ray_env
     marker = tmp_path / "crashed-once"
     models = _model_dir(tmp_path / "models", demo_world, {
         "backdoored": "", "crash-once": _crash_once(marker), "always-crash": "import os\nos._exit(1)\n",
@@ -115,6 +115,8 @@ def test_local_ray_retries_lost_workers_and_gives_every_model_one_row(demo_world
     assert rows["crash-once"]["verdict"] == rows["backdoored"]["verdict"] != "error"
     assert rows["crash-once"]["suspect_labels"] == rows["backdoored"]["suspect_labels"]
     assert rows["crash-once"]["pid"] != crashed_pid
+    # the copy of the model's files that the crashed worker could not remove was swept
+    assert not list(Path(tmp).glob(f"guard-fleet-{crashed_pid}-*")), sorted(Path(tmp).iterdir())
     assert rows["always-crash"]["verdict"] == "error" and "lost on each of 2 attempts" in rows["always-crash"]["error"]
     assert rows["hangs"]["verdict"] == "error" and "timed out after 20 s" in rows["hangs"]["error"]
     assert rows["broken"]["error"].endswith("ImportError: no such layer")

@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import run_cli_here
 
 from guard.data import load_npz
 from guard.demo.train import attack_success
@@ -218,7 +217,7 @@ def test_purify_cli_refuses_below_the_minimum_per_class(badnets_world, badnets_p
     assert not (tmp_path / "r.pt").exists()
 
 
-def test_purify_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli, capfd):
+def test_purify_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli, here):
     """The first refusal runs as a process, the others in this one (:func:`cli_helpers.run_cli_here`)."""
     base = ["purify", "--model-file", str(badnets_world.model_file), "--data", str(badnets_world.clean),
             "--profile", str(badnets_profile)]
@@ -228,23 +227,23 @@ def test_purify_cli_refusals(badnets_world, badnets_profile, tmp_path, guard_cli
     proc = guard_cli(*base, "--weights", str(tmp_path / "other.pt"), "--out", str(tmp_path / "r.pt"))
     assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     (tmp_path / "exists.pt").write_bytes(b"x")
-    proc = run_cli_here(capfd, *base, "--weights", str(badnets_world.weights), "--out", str(tmp_path / "exists.pt"))
+    proc = here(*base, "--weights", str(badnets_world.weights), "--out", str(tmp_path / "exists.pt"))
     assert proc.returncode == 2 and "exists" in proc.stderr
     x, y = load_npz(badnets_world.clean)
     y = y.copy()
     y[0] = 10
     np.savez(tmp_path / "bad.npz", x=x, y=y)
-    proc = run_cli_here(capfd, "purify", "--model-file", str(badnets_world.model_file), "--weights",
+    proc = here("purify", "--model-file", str(badnets_world.model_file), "--weights",
                         str(badnets_world.weights), "--data", str(tmp_path / "bad.npz"), "--profile",
                         str(badnets_profile), "--out", str(tmp_path / "r2.pt"), "--no-rescan")
     assert proc.returncode == 2 and "classes" in proc.stderr, proc.stderr
 
 
-def test_purify_device_is_checked_before_any_work(badnets_world, badnets_profile, tmp_path, guard_cli, capfd):
+def test_purify_device_is_checked_before_any_work(badnets_world, badnets_profile, tmp_path, guard_cli, here):
     base = ["purify", "--model-file", str(badnets_world.model_file), "--weights", str(badnets_world.weights),
             "--data", str(badnets_world.clean), "--profile", str(badnets_profile), "--out", str(tmp_path / "r.pt")]
     for i, dev in enumerate(("tpu", "cuda:99") + (() if torch.cuda.is_available() else ("cuda",))):
-        proc = guard_cli(*base, "--device", dev) if i == 0 else run_cli_here(capfd, *base, "--device", dev)
+        proc = guard_cli(*base, "--device", dev) if i == 0 else here(*base, "--device", dev)
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert "--device" in proc.stderr
     assert not (tmp_path / "r.pt").exists()

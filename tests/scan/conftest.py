@@ -118,8 +118,9 @@ def _start_population() -> None:
 
 
 def pytest_collection_finish(session) -> None:
-    if not session.config.option.collectonly and any("population" in getattr(item, "fixturenames", ())
-                                                      for item in session.items):
+    from background import needed
+
+    if needed(session, "population"):
         _start_population()
 
 
