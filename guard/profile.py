@@ -446,6 +446,7 @@ class _MemoryJSON(BaseModel):
     duplicate: float
     seed: int
     labels: list[int] | None = None
+    matches: _Positive | None = None
     threshold: float
     energy_threshold: float | None = None
     fpr: _Fpr

@@ -67,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         m = profile.memory
         watch = "every label" if m.get("labels") is None else f"labels {m['labels']}"
         energy = m.get("energy_threshold") or float("inf")  # absent in profiles from before the energy
+        matches = m.get("matches") or 1  # absent in profiles from before it: one match
         print(f"trigger memory: watches {watch} at fpr {m['fpr']:g}, remembers {m['size']} queries "
-              f"(repeated_trigger over {m['threshold']:.3g}, residual_noise over {energy:.3g})")
+              f"(repeated_trigger: {matches} of them over {m['threshold']:.3g}, residual_noise over {energy:.3g})")
     else:
         print("trigger memory: off")
     if profile.trajectory is not None:

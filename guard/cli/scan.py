@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "found by a probe forward); --no-consistency leaves the check out")
     p.add_argument("--no-consistency", action="store_true", help="do not add the inner-layer consistency check")
     p.add_argument("--memory", choices=MEMORY_WATCH, default="suspects",
-                   help="the stateful trigger memory: reject a query whose trigger-like residual matches a recent "
-                        "query's (reason repeated_trigger), catching a fixed trigger from its second query on; "
+                   help="the stateful trigger memory: reject a query whose trigger-like residual matches three recent "
+                        "queries' (reason repeated_trigger), catching a fixed trigger from its fourth query on; "
                         "it watches the queries assigned to the suspect labels (default; none found: every label at a "
                         "tenth of the FPR), all labels, or is off. About 0.1 ms per query on a 2-core CPU, per "
                         "serving worker")

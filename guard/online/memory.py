@@ -5,9 +5,14 @@ attacker who knows the per-input checks) pastes the *same* pixels into every que
 the content around it changes. The high-frequency residual of an image (each pixel minus the median of
 its 3 x 3 neighbourhood) keeps a blended key almost whole and most of a glyph's or photo's content out,
 so two triggered queries' residuals correlate where two clean queries' hardly do. The memory keeps the
-residuals of the last ``size`` queries the guard saw and scores a new query by its largest cosine
-similarity to them; a near-duplicate of a remembered query (the same image sent again, consecutive
-video frames) is not counted, since its content matches too.
+residuals of the last ``size`` queries the guard saw and scores a new query by its ``matches``-th largest
+cosine similarity to them (default 3: the query must repeat three remembered queries); a near-duplicate of a
+remembered query (the same image sent again, consecutive video frames) is not counted, since its content
+matches too. Why three and not one: clean images that share part of their pixels exactly (crops of one
+photo, a fixed camera's background) match one remembered query now and then, which makes the largest
+similarity's tail heavy and impossible to calibrate at a small FPR from a few hundred images, while a
+trigger that an attacker sends often matches many; measured in docs/benchmarks.md ('The trigger memory's
+calibration').
 
 A backdoor's triggered queries all reach its target label, and the scan names the suspect labels: the
 memory can ``watch`` just those (``labels``). It still remembers every query (the replayed calibration
@@ -21,15 +26,17 @@ rejected as well (``energy``: the residual's root mean square, calibrated on cle
 bench's Adap-Blend key the similarity catches the queries up to noise of +-0.125 and the energy from
 +-0.125 on; a fainter key leaves a gap between the two (docs/benchmarks.md, 'Adaptive attackers').
 
-What it cannot see: the first triggered query (nothing to match yet), triggers that change with the
+What it cannot see: the first ``matches`` triggered queries (nothing to match yet), triggers that change with the
 input (WaNet's warp moves each image's own edges; input-aware generators), a trigger smooth enough to
 leave the high-frequency residual alone, and a trigger too rare in the traffic to be among the
 remembered queries. It is per process: a serving worker remembers its own share of the traffic.
 
 The residual is read at ``n_features`` pixel-channel positions drawn from ``seed`` when the memory is
 fitted (a deployment's secret: an attacker without the profile cannot tell which pixels are compared).
-``infer_threshold`` replays clean images against a memory of other clean images and sets the thresholds
-of the similarity and of the energy that each let half of ``fpr`` of them through.
+``infer_threshold`` sets the thresholds of the similarity and of the energy that each let half of ``fpr``
+of clean queries through: the similarity's from every pair of the clean images (how often two clean images
+match, and so how often a clean query matches ``matches`` of ``size`` remembered ones) and from a replay of
+them against a memory of other clean images, whichever is higher.
 
 >>> import numpy as np
 >>> from guard.demo.glyphs import glyphs
@@ -37,8 +44,8 @@ of the similarity and of the energy that each let half of ``fpr`` of them throug
 >>> mem = TriggerMemory(size=64).fit(clean[:200]).infer_threshold(clean[200:], fpr=0.01)
 >>> key = np.random.default_rng(0).random(clean.shape[1:], dtype=np.float32)
 >>> triggered = (0.75 * clean[:20] + 0.25 * key).astype(np.float32)
->>> _ = mem.update(triggered[:1])  # one triggered query seen
->>> bool((mem.score(triggered[1:]) > mem.threshold_).mean() > 0.9)
+>>> _ = mem.update(triggered[:3])  # three triggered queries seen
+>>> bool((mem.score(triggered[3:]) > mem.threshold_).mean() > 0.9)
 True
 """
 
@@ -50,6 +57,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from guard import _numba
+
+PAIR_IMAGES = 3000
+"""Calibration images whose pairs :meth:`TriggerMemory.infer_threshold` measures (evenly spaced past that:
+3000 images hold 4.5 million pairs, a 36 MB similarity matrix)."""
 
 
 def _numpy_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
@@ -153,10 +164,11 @@ if _numba.njit is not None:
         return out, norms
 
     @_numba.compiled(nogil=True, fastmath=True)
-    def _against_kernel(res, content, mem_res, mem_content, duplicate):  # pragma: no cover - compiled
+    def _against_kernel(res, content, mem_res, mem_content, duplicate, matches):  # pragma: no cover - compiled
         out = np.empty(res.shape[0], np.float32)
+        top = np.empty(matches, np.float32)  # the largest similarities so far, in falling order
         for k in range(res.shape[0]):
-            best = np.float32(-1.0)
+            top[:] = np.float32(-1.0)
             for m in range(mem_res.shape[0]):
                 same = np.float32(0.0)
                 for p in range(content.shape[1]):
@@ -166,8 +178,13 @@ if _numba.njit is not None:
                 sim = np.float32(0.0)
                 for p in range(res.shape[1]):
                     sim += res[k, p] * mem_res[m, p]
-                best = max(best, sim)
-            out[k] = best
+                j = matches - 1
+                if sim > top[j]:
+                    while j > 0 and top[j - 1] < sim:
+                        top[j] = top[j - 1]
+                        j -= 1
+                    top[j] = sim
+            out[k] = top[matches - 1]
         return out
 
     def _raw_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
@@ -192,7 +209,7 @@ if _numba.njit is not None:
         return _unit_rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
 
     @_numba.compiled(nogil=True, fastmath=True)
-    def _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_content, ring, duplicate
+    def _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_content, ring, duplicate, matches
                       ):  # pragma: no cover - compiled
         res, content, energy = _unit_rows_kernel(flat, index, neighbours, c, h, w)
         size = mem_res.shape[0]
@@ -203,7 +220,7 @@ if _numba.njit is not None:
                 energy[i] = np.float32(0.0)
             elif filled > 0:
                 sim[i] = _against_kernel(res[i:i + 1], content[i:i + 1], mem_res[:filled], mem_content[:filled],
-                                         duplicate)[0]
+                                         duplicate, matches)[0]
             mem_res[nxt] = res[i]
             mem_content[nxt] = content[i]
             ring[1] = (nxt + 1) % size
@@ -211,6 +228,45 @@ if _numba.njit is not None:
         return sim, energy
 else:  # pragma: no cover - without numba
     _raw_rows = _numpy_rows
+
+
+def _similarities(res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray,
+                  duplicate: float) -> np.ndarray:
+    """Each row's residual similarity to each remembered row, -1 where the contents match (a re-sent image)."""
+    sim = res @ mem_res.T
+    sim[content @ mem_content.T > duplicate] = -1.0
+    return sim
+
+
+def _kth_largest(sim: np.ndarray, k: int) -> np.ndarray:
+    """Each row's ``k``-th largest value (-1 for a row of fewer than ``k`` values)."""
+    if sim.shape[1] < k:
+        return np.full(len(sim), -1.0, dtype=np.float32)
+    return np.partition(sim, sim.shape[1] - k, axis=1)[:, sim.shape[1] - k].astype(np.float32)
+
+
+def pair_threshold(pairs: np.ndarray, *, size: int, matches: int, alpha: float) -> float:
+    """The smallest similarity ``t`` at which a clean query, compared with ``size`` remembered clean ones, has
+    at most an ``alpha`` chance of matching ``matches`` or more of them (binomial in ``size`` draws), each
+    pair matching at the rate measured on ``pairs`` (every distinct pair of the calibration images).
+
+    A query's score is a largest-of-``size`` (or ``matches``-th largest) statistic, so its tail is set by
+    the far tail of the pairs: replaying a few hundred images resolves only their own count's quantile, while
+    ``n`` images hold ``n (n - 1) / 2`` pairs."""
+    from scipy.stats import binom
+
+    v = np.sort(np.asarray(pairs, dtype=np.float64))[::-1]
+    n = len(v)
+    if n == 0:
+        raise ValueError("no pairs of distinct calibration images")
+    lo, hi = 0, n - 1  # v[j] has j pairs above it; the largest j whose rate j / n still holds
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if binom.sf(matches - 1, size, mid / n) <= alpha:
+            lo = mid
+        else:
+            hi = mid - 1
+    return float(v[lo])
 
 
 def _numpy_unit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +292,8 @@ if _numba.njit is None:  # pragma: no cover - without numba
 
 class TriggerMemory:
     """The repeated-trigger check: ``fit`` on clean images, ``infer_threshold(x, fpr=...)``, then per batch
-    ``score(x)`` (largest residual similarity to the remembered queries, higher = more suspect) and
+    ``score(x)`` (the ``matches``-th largest residual similarity to the remembered queries, higher = more
+    suspect) and
     ``update(x)`` (remember them); :meth:`observe` does both, comparing each input with the memory and
     with the inputs before it in the same batch.
 
@@ -254,6 +311,8 @@ class TriggerMemory:
     labels:
         The watched labels (``None``: every label). Only a query whose predicted label is watched is
         compared and scored; the others score 0 and are remembered all the same.
+    matches:
+        How many remembered queries a query must repeat: its score is its ``matches``-th largest similarity.
 
     Learned: ``index_`` (the positions, flat in ``(C, H, W)``), ``neighbours_`` (their 3 x 3 neighbourhoods,
     flat in ``(C, H, W)``, edges replicated), ``threshold_`` (the similarity's), ``energy_threshold_`` and
@@ -261,8 +320,11 @@ class TriggerMemory:
     """
 
     def __init__(self, *, size: int = 256, n_features: int = 1536, duplicate: float = 0.98, seed: int = 0,
-                 labels: Iterable[int] | None = None):
+                 labels: Iterable[int] | None = None, matches: int = 3):
+        if not 1 <= int(matches) <= int(size):
+            raise ValueError(f"matches must be between 1 and size ({size}), got {matches}")
         self.size = size
+        self.matches = int(matches)
         self.n_features = n_features
         self.duplicate = duplicate
         self.seed = seed
@@ -323,15 +385,13 @@ class TriggerMemory:
 
     def _against(self, res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray
                  ) -> np.ndarray:
-        """Each row's largest residual similarity to the memory's rows whose content differs (re-sent images
-        do not count; -1 when every remembered row is a duplicate), 0 against an empty memory."""
+        """Each row's ``matches``-th largest residual similarity to the memory's rows whose content differs
+        (re-sent images do not count; -1 when fewer than ``matches`` rows are left), 0 against an empty memory."""
         if len(mem_res) == 0:
             return np.zeros(len(res), dtype=np.float32)
         if _numba.njit is not None:
-            return _against_kernel(res, content, mem_res, mem_content, np.float32(self.duplicate))
-        sim = res @ mem_res.T
-        sim[content @ mem_content.T > self.duplicate] = -1.0
-        return sim.max(1)
+            return _against_kernel(res, content, mem_res, mem_content, np.float32(self.duplicate), self.matches)
+        return _kth_largest(_similarities(res, content, mem_res, mem_content, self.duplicate), self.matches)
 
     @property
     def _filled(self) -> int:
@@ -341,8 +401,8 @@ class TriggerMemory:
         return self._res[: self._filled], self._content[: self._filled]
 
     def score(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        """``(N,)`` each input's largest residual similarity to the remembered queries (memory unchanged);
-        0 for an input whose predicted label (``labels``) is not watched."""
+        """``(N,)`` each input's ``matches``-th largest residual similarity to the remembered queries (memory
+        unchanged); 0 for an input whose predicted label (``labels``) is not watched."""
         res, content = self._rows(x)
         watch = self.watched(labels, len(res))
         out = np.zeros(len(res), dtype=np.float32)
@@ -377,7 +437,7 @@ class TriggerMemory:
             flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
             with self._lock:
                 return _check_kernel(flat, self.index_, self.neighbours_, *self._shape, watch, self._res,
-                                     self._content, self._ring, np.float32(self.duplicate))
+                                     self._content, self._ring, np.float32(self.duplicate), self.matches)
         res, content, energy = self._rows_energy(x)
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
@@ -393,7 +453,7 @@ class TriggerMemory:
         residual stronger than clean images'."""
         return similarity > self.threshold_, energy > self.energy_threshold_
 
-    SETTINGS = ("size", "n_features", "duplicate", "seed", "labels")
+    SETTINGS = ("size", "n_features", "duplicate", "seed", "labels", "matches")
 
     def to_settings(self) -> dict[str, float | int | list[int] | None]:
         """The calibrated memory as a profile stores it (JSON numbers): its parameters, threshold and FPR."""
@@ -409,7 +469,8 @@ class TriggerMemory:
         """A calibrated, empty memory for inputs of ``input_shape`` from :meth:`to_settings`' output (the
         positions are drawn again from the seed; no ``labels`` entry: every label watched)."""
         mem = cls(size=int(settings["size"]), n_features=int(settings["n_features"]),
-                  duplicate=float(settings["duplicate"]), seed=int(settings["seed"]), labels=settings.get("labels"))
+                  duplicate=float(settings["duplicate"]), seed=int(settings["seed"]), labels=settings.get("labels"),
+                  matches=int(settings.get("matches") or 1))  # absent in older profiles: calibrated for one match
         mem.fit(np.zeros((1, *input_shape), dtype=np.float32))
         mem.threshold_, mem.fpr_ = float(settings["threshold"]), float(settings["fpr"])
         energy = settings.get("energy_threshold")  # absent in profiles from before the energy: no such check
@@ -424,21 +485,31 @@ class TriggerMemory:
         return None if settings is None else cls.from_settings(settings, tuple(profile.input_shape))
 
     def infer_threshold(self, x: np.ndarray, *, fpr: float) -> TriggerMemory:
-        """Replay clean ``x``: each image scored against a full memory of other clean images; the similarity's
-        threshold lets half of ``fpr`` of them through and the energy's the other half (of the watched
-        queries: the replay is every label's, the labels sharing the thresholds). The memory is empty
-        afterwards."""
+        """Calibrate on clean ``x``: the similarity's threshold lets half of ``fpr`` of clean queries through,
+        the energy's the other half (of the watched queries: the labels share the thresholds).
+
+        The similarity's threshold is the larger of two estimates: the replay (each image's score against a
+        memory of the ``size`` other clean images before it) and :func:`pair_threshold` on every distinct pair
+        of up to :data:`PAIR_IMAGES` of them. With a few hundred images the replay resolves only about a
+        1 / n quantile of a score that is a largest-of-256 statistic, and clean images that share part of
+        their content pixel for pixel (crops of one photo, a fixed camera's background) make its tail heavy:
+        calibrated on 200 glyph images by replay alone, one match at 0.05% rejected 6.5% of held-out clean
+        queries (docs/benchmarks.md, 'The trigger memory's calibration'). The memory is empty afterwards."""
         from guard.stats import upper_threshold
 
         res, content, energy = self._rows_energy(x)
         n = len(res)
-        if n < 2:
-            raise ValueError("infer_threshold needs at least two clean images")
+        if n < max(2, self.matches + 1):
+            raise ValueError(f"infer_threshold needs at least {max(2, self.matches + 1)} clean images")
         scores = np.empty(n, dtype=np.float32)
         for i in range(n):  # the memory: the `size` images before i (wrapping round), never i itself
             others = (i + 1 + np.arange(min(self.size, n - 1))) % n
             scores[i] = self._against(res[i:i + 1], content[i:i + 1], res[others], content[others])[0]
-        self.threshold_ = float(upper_threshold(scores, fpr / 2))
+        pick = np.unique(np.linspace(0, n - 1, min(n, PAIR_IMAGES)).astype(np.int64))
+        upper = np.triu_indices(len(pick), 1)
+        sim, same = (res[pick] @ res[pick].T)[upper], (content[pick] @ content[pick].T)[upper] > self.duplicate
+        paired = pair_threshold(sim[~same], size=self.size, matches=self.matches, alpha=fpr / 2)
+        self.threshold_ = max(float(upper_threshold(scores, fpr / 2)), paired)
         self.energy_threshold_ = float(upper_threshold(energy, fpr / 2))
         self.fpr_ = float(fpr)
         self.reset()

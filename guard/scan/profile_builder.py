@@ -111,7 +111,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     ``min_per_class`` refuses (InputError) data with fewer clean images of some class (0, the default here:
     no minimum; ``guard scan`` asks for :data:`MIN_PER_CLASS`). ``memory`` adds the stateful trigger memory
     (:class:`~guard.online.memory.TriggerMemory`, seeded with ``seed``, calibrated on all the clean images
-    at ``fpr``), which catches a fixed trigger from its second query on: ``"suspects"`` (the default) watches
+    at ``fpr``), which catches a fixed trigger from its fourth query on: ``"suspects"`` (the default) watches
     the scan's suspect labels, or, where it suspects none, every label at :data:`UNSUSPECTED_MEMORY_SHARE` of
     ``fpr``; ``"all"`` every label at ``fpr``; ``"off"`` none. Either default way its false alarms cost about
     a tenth of ``fpr`` of all traffic (``fpr`` times the suspects' share); figures and cost in
