@@ -447,6 +447,7 @@ class _MemoryJSON(BaseModel):
     seed: int
     labels: list[int] | None = None
     matches: _Positive | None = None
+    coarse: _Positive | None = None
     threshold: float
     energy_threshold: float | None = None
     fpr: _Fpr

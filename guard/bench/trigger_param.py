@@ -120,11 +120,20 @@ def seeded_trigger(attack: Attack, shape: tuple[int, int, int], *, seed: int, lr
     return trig, torch.optim.Adam(trig.parameters(), lr=lr), gen
 
 
-def residual_similarity(x: torch.Tensor) -> torch.Tensor:
+def residual_similarity(x: torch.Tensor, *, coarse: int | None = 2) -> torch.Tensor:
     """Mean pairwise cosine similarity of a batch's high-frequency residuals (each pixel minus its 3 x 3
     neighbourhood's median, edges replicated, centred per image), the trigger memory's documented statistic,
-    over every pixel (which positions a deployment compares is its secret). An attacker who knows the memory
-    drives this down: triggered queries whose residuals do not repeat leave the memory nothing to match."""
+    over every pixel (which positions a deployment compares is its secret), averaged with the same on the
+    images average-pooled by ``coarse`` (the memory's second band; None: the pixel band only). An attacker
+    who knows the memory drives this down: triggered queries whose residuals do not repeat in either band
+    leave the memory nothing to match."""
+    bands = [_pairwise_residual_cosine(x)]
+    if coarse is not None and min(x.shape[-2:]) // coarse >= 3:
+        bands.append(_pairwise_residual_cosine(F.avg_pool2d(x, coarse)))
+    return sum(bands) / len(bands)
+
+
+def _pairwise_residual_cosine(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     padded = F.pad(x.reshape(n * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
     med = F.unfold(padded, 3).median(dim=1).values  # (n * c, h * w)

@@ -68,8 +68,10 @@ def run(args: argparse.Namespace) -> int:
         watch = "every label" if m.get("labels") is None else f"labels {m['labels']}"
         energy = m.get("energy_threshold") or float("inf")  # absent in profiles from before the energy
         matches = m.get("matches") or 1  # absent in profiles from before it: one match
+        bands = "pixels" if not m.get("coarse") else f"pixels and {m['coarse']}x{m['coarse']}-pooled"
         print(f"trigger memory: watches {watch} at fpr {m['fpr']:g}, remembers {m['size']} queries "
-              f"(repeated_trigger: {matches} of them over {m['threshold']:.3g}, residual_noise over {energy:.3g})")
+              f"(repeated_trigger: {matches} of them over {m['threshold']:.3g} in the residual of {bands}, "
+              f"residual_noise over {energy:.3g})")
     else:
         print("trigger memory: off")
     if profile.trajectory is not None:

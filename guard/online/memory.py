@@ -26,6 +26,13 @@ rejected as well (``energy``: the residual's root mean square, calibrated on cle
 bench's Adap-Blend key the similarity catches the queries up to noise of +-0.125 and the energy from
 +-0.125 on; a fainter key leaves a gap between the two (docs/benchmarks.md, 'Adaptive attackers').
 
+An attacker who knows the residual smooths its key out of it (a key smooth over 3 x 3 pixels leaves the
+residual alone). So the memory has a second band (``coarse``, default 2): the same memory, with positions
+of its own, on the images average-pooled by two, where a key smoothed at the pixel scale is sharp again; a
+query's score is the larger of the two bands' and one threshold holds both (each band's pairs calibrated at
+half the similarity's share). To leave both bands nothing, a key must be smooth over about 6 x 6 pixels,
+which costs the bench's gray-box attacker part of its attack success (docs/benchmarks.md, 'The coarse band').
+
 What it cannot see: the first ``matches`` triggered queries (nothing to match yet), triggers that change with the
 input (WaNet's warp moves each image's own edges; input-aware generators), a trigger smooth enough to
 leave the high-frequency residual alone, and a trigger too rare in the traffic to be among the
@@ -230,6 +237,36 @@ else:  # pragma: no cover - without numba
     _raw_rows = _numpy_rows
 
 
+def _numpy_pool(x: np.ndarray, factor: int) -> np.ndarray:
+    """``(N, C, H // factor, W // factor)``: each image average-pooled by ``factor`` (the edge remainder dropped)."""
+    x = np.asarray(x, dtype=np.float32)
+    n, c, h, w = x.shape
+    h, w = h - h % factor, w - w % factor
+    return x[:, :, :h, :w].reshape(n, c, h // factor, factor, w // factor, factor).mean((3, 5), dtype=np.float32)
+
+
+if _numba.njit is not None:
+
+    @_numba.compiled(nogil=True, fastmath=True)
+    def _pool_kernel(x, factor):  # pragma: no cover - compiled
+        n, c, h, w = x.shape
+        ho, wo = h // factor, w // factor
+        out = np.zeros((n, c, ho, wo), np.float32)
+        scale = np.float32(1.0 / (factor * factor))
+        for k in range(n):
+            for ch in range(c):
+                for i in range(ho * factor):
+                    for j in range(wo * factor):
+                        out[k, ch, i // factor, j // factor] += x[k, ch, i, j]
+        return out * scale
+
+    def _pool(x: np.ndarray, factor: int) -> np.ndarray:
+        """:func:`_numpy_pool`, compiled (numpy's strided mean takes about 30 us per 3x32x32 image)."""
+        return _pool_kernel(np.ascontiguousarray(x, dtype=np.float32), factor)
+else:  # pragma: no cover - without numba
+    _pool = _numpy_pool
+
+
 def _similarities(res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray,
                   duplicate: float) -> np.ndarray:
     """Each row's residual similarity to each remembered row, -1 where the contents match (a re-sent image)."""
@@ -313,6 +350,9 @@ class TriggerMemory:
         compared and scored; the others score 0 and are remembered all the same.
     matches:
         How many remembered queries a query must repeat: its score is its ``matches``-th largest similarity.
+    coarse:
+        Pooling factor of the second band (None: the pixel band only; images whose pooled side would be under
+        3 pixels have no second band). Learned: ``coarse_``, the second band's memory (seed ``seed + 1``).
 
     Learned: ``index_`` (the positions, flat in ``(C, H, W)``), ``neighbours_`` (their 3 x 3 neighbourhoods,
     flat in ``(C, H, W)``, edges replicated), ``threshold_`` (the similarity's), ``energy_threshold_`` and
@@ -320,11 +360,14 @@ class TriggerMemory:
     """
 
     def __init__(self, *, size: int = 256, n_features: int = 1536, duplicate: float = 0.98, seed: int = 0,
-                 labels: Iterable[int] | None = None, matches: int = 3):
+                 labels: Iterable[int] | None = None, matches: int = 3, coarse: int | None = 2):
         if not 1 <= int(matches) <= int(size):
             raise ValueError(f"matches must be between 1 and size ({size}), got {matches}")
+        if coarse is not None and int(coarse) < 2:
+            raise ValueError(f"coarse must be a pooling factor >= 2 or None, got {coarse}")
         self.size = size
         self.matches = int(matches)
+        self.coarse = None if coarse is None else int(coarse)
         self.n_features = n_features
         self.duplicate = duplicate
         self.seed = seed
@@ -342,6 +385,11 @@ class TriggerMemory:
         self._shape = (c, h, w)
         for stale in ("threshold_", "energy_threshold_", "fpr_"):  # thresholds from before this fit no longer hold
             self.__dict__.pop(stale, None)
+        self.coarse_ = None  # the second band: the same memory on images pooled by `coarse`
+        if self.coarse is not None and min(h, w) // self.coarse >= 3:
+            self.coarse_ = TriggerMemory(size=self.size, n_features=self.n_features, duplicate=self.duplicate,
+                                         seed=self.seed + 1, labels=self.labels, matches=self.matches,
+                                         coarse=None).fit(_pool(x[:1], self.coarse))
         self.reset()
         return self
 
@@ -351,6 +399,8 @@ class TriggerMemory:
         self._content = np.zeros((self.size, self._shape[0] * 16), dtype=np.float32)
         self._ring = np.zeros(2, dtype=np.int64)  # how many rows are filled, where the next one goes
         self._lock = threading.Lock()  # one memory per serving worker; its threads take turns
+        if getattr(self, "coarse_", None) is not None:
+            self.coarse_.reset()
         return self
 
     def residual(self, x: np.ndarray) -> np.ndarray:
@@ -408,6 +458,8 @@ class TriggerMemory:
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
             out[watch] = self._against(res[watch], content[watch], *self._memory())
+        if self.coarse_ is not None:
+            out = np.maximum(out, self.coarse_.score(_pool(x, self.coarse), labels))
         return out
 
     def update(self, x: np.ndarray) -> TriggerMemory:
@@ -415,6 +467,8 @@ class TriggerMemory:
         res, content = self._rows(x)
         with self._lock:
             self._push(res, content)
+        if self.coarse_ is not None:
+            self.coarse_.update(_pool(x, self.coarse))
         return self
 
     def _push(self, res: np.ndarray, content: np.ndarray) -> None:
@@ -431,7 +485,14 @@ class TriggerMemory:
         return self.check(x, labels)[0]
 
     def check(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`observe`'s similarities and each watched input's :meth:`energy` (0 where not watched)."""
+        """:meth:`observe`'s similarities (the larger of the two bands') and each watched input's :meth:`energy`
+        (0 where not watched)."""
+        sim, energy = self._check_band(x, labels)
+        if self.coarse_ is not None:
+            sim = np.maximum(sim, self.coarse_._check_band(_pool(x, self.coarse), labels)[0])
+        return sim, energy
+
+    def _check_band(self, x: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         watch = self.watched(labels, len(x))
         if _numba.njit is not None:  # rows, comparisons and the ring buffer in one compiled call
             flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
@@ -453,7 +514,7 @@ class TriggerMemory:
         residual stronger than clean images'."""
         return similarity > self.threshold_, energy > self.energy_threshold_
 
-    SETTINGS = ("size", "n_features", "duplicate", "seed", "labels", "matches")
+    SETTINGS = ("size", "n_features", "duplicate", "seed", "labels", "matches", "coarse")
 
     def to_settings(self) -> dict[str, float | int | list[int] | None]:
         """The calibrated memory as a profile stores it (JSON numbers): its parameters, threshold and FPR."""
@@ -470,7 +531,8 @@ class TriggerMemory:
         positions are drawn again from the seed; no ``labels`` entry: every label watched)."""
         mem = cls(size=int(settings["size"]), n_features=int(settings["n_features"]),
                   duplicate=float(settings["duplicate"]), seed=int(settings["seed"]), labels=settings.get("labels"),
-                  matches=int(settings.get("matches") or 1))  # absent in older profiles: calibrated for one match
+                  matches=int(settings.get("matches") or 1),  # absent in older profiles: calibrated for one match
+                  coarse=settings.get("coarse"))  # absent in older profiles: the pixel band only
         mem.fit(np.zeros((1, *input_shape), dtype=np.float32))
         mem.threshold_, mem.fpr_ = float(settings["threshold"]), float(settings["fpr"])
         energy = settings.get("energy_threshold")  # absent in profiles from before the energy: no such check
@@ -497,10 +559,26 @@ class TriggerMemory:
         queries (docs/benchmarks.md, 'The trigger memory's calibration'). The memory is empty afterwards."""
         from guard.stats import upper_threshold
 
+        bands = [self] + ([self.coarse_] if self.coarse_ is not None else [])
+        need = max(2, self.matches + 1)
+        if len(x) < need:
+            raise ValueError(f"infer_threshold needs at least {need} clean images")
+        replayed, paired = [], []
+        for band, xb in zip(bands, (x, *(_pool(x, self.coarse) for _ in bands[1:]))):
+            scores, pair, energy = band._calibration(xb, fpr / 2 / len(bands))
+            replayed.append(scores)
+            paired.append(pair)
+            if band is self:
+                self.energy_threshold_ = float(upper_threshold(energy, fpr / 2))
+        self.threshold_ = max(float(upper_threshold(np.max(replayed, axis=0), fpr / 2)), *paired)
+        self.fpr_ = float(fpr)
+        self.reset()
+        return self
+
+    def _calibration(self, x: np.ndarray, alpha: float) -> tuple[np.ndarray, float, np.ndarray]:
+        """This band's replay scores of clean ``x``, its :func:`pair_threshold` at ``alpha`` and ``x``'s energy."""
         res, content, energy = self._rows_energy(x)
         n = len(res)
-        if n < max(2, self.matches + 1):
-            raise ValueError(f"infer_threshold needs at least {max(2, self.matches + 1)} clean images")
         scores = np.empty(n, dtype=np.float32)
         for i in range(n):  # the memory: the `size` images before i (wrapping round), never i itself
             others = (i + 1 + np.arange(min(self.size, n - 1))) % n
@@ -508,9 +586,4 @@ class TriggerMemory:
         pick = np.unique(np.linspace(0, n - 1, min(n, PAIR_IMAGES)).astype(np.int64))
         upper = np.triu_indices(len(pick), 1)
         sim, same = (res[pick] @ res[pick].T)[upper], (content[pick] @ content[pick].T)[upper] > self.duplicate
-        paired = pair_threshold(sim[~same], size=self.size, matches=self.matches, alpha=fpr / 2)
-        self.threshold_ = max(float(upper_threshold(scores, fpr / 2)), paired)
-        self.energy_threshold_ = float(upper_threshold(energy, fpr / 2))
-        self.fpr_ = float(fpr)
-        self.reset()
-        return self
+        return scores, pair_threshold(sim[~same], size=self.size, matches=self.matches, alpha=alpha), energy

@@ -251,8 +251,8 @@ def test_fresh_noise_on_a_repeated_key_does_not_hide_it(traffic, amplitude, by_s
     assert (repeated | noisy).mean() <= 0.04
     assert mem.to_settings()["energy_threshold"] == mem.energy_threshold_
     old = {k: v for k, v in mem.to_settings().items() if k not in ("energy_threshold", "matches")}
-    older = TriggerMemory.from_settings(old, t.shape[1:])
-    assert older.energy_threshold_ == float("inf") and older.matches == 1, "an older profile"
+    older = TriggerMemory.from_settings({k: v for k, v in old.items() if k != "coarse"}, t.shape[1:])
+    assert older.energy_threshold_ == float("inf") and older.matches == 1 and older.coarse_ is None, "older"
 
 
 def test_a_scan_that_suspects_nothing_watches_every_label_at_a_tenth_of_the_fpr(clean_scan):
@@ -273,7 +273,7 @@ def test_check_matches_comparing_each_query_then_remembering_it(matches):
     x = rng.random((30, 3, 12, 12), dtype=np.float32)
     x[10:] = 0.3 * x[10:] + 0.7 * rng.random((1, 3, 12, 12), dtype=np.float32)  # a shared key from query 10 on
     labels = rng.integers(0, 3, size=30)
-    mem = TriggerMemory(size=8, n_features=200, labels=[1, 2], matches=matches).fit(x)
+    mem = TriggerMemory(size=8, n_features=200, labels=[1, 2], matches=matches, coarse=None).fit(x)
     mem.threshold_, mem.energy_threshold_, mem.fpr_ = 0.5, 1.0, 0.01
     res, content, energy = memory._numpy_unit_rows(x.reshape(30, -1), mem.index_, mem.neighbours_, mem._shape)
     want_sim, want_energy = np.zeros(30, np.float32), np.where(labels > 0, energy, 0.0)
@@ -323,3 +323,42 @@ def test_the_pair_threshold_follows_the_binomial_tail():
         assert abs((1 - t) - p) < 3e-4
     with pytest.raises(ValueError, match="between 1 and size"):
         TriggerMemory(size=4, matches=5)
+
+
+@pytest.mark.parametrize("cell, alpha, with_coarse, without", [(2, 0.25, 0.95, 0.4), (3, 0.33, 0.9, 0.4)])
+def test_the_coarse_band_sees_a_key_smoothed_out_of_the_pixel_band(traffic, cell, alpha, with_coarse, without):
+    """A repeated key smooth at the pixel scale (random noise in cells of 2 or 3 pixels, bilinearly
+    interpolated) leaves the 3 x 3 residual little to match; on images pooled by 2 it is sharp again.
+    Measured (three matches, fpr 1%): 100% / 96% caught with the coarse band, 23% / 18% without."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    cells = torch.from_numpy(rng.random((1, 3, 32 // cell, 32 // cell), dtype=np.float32))
+    key = F.interpolate(cells, size=(32, 32), mode="bilinear", align_corners=False)[0].numpy()
+    t = ((1 - alpha) * traffic[600:700] + alpha * key).astype(np.float32)
+    caught = {}
+    for coarse in (2, None):
+        mem = TriggerMemory(coarse=coarse).fit(traffic[:300]).infer_threshold(traffic[:300], fpr=0.01)
+        mem.update(traffic[300:553])
+        caught[coarse] = np.logical_or(*mem.hits(*mem.check(t)))[3:].mean()
+        mem.reset().update(traffic[300:556])
+        assert np.logical_or(*mem.hits(*mem.check(traffic[556:856]))).mean() <= 0.03
+    assert caught[2] >= with_coarse and caught[None] <= without, caught
+
+
+def test_the_coarse_band_is_the_same_memory_on_pooled_images(traffic):
+    """A two-band memory scores each query by the larger of its pixel band's and its coarse band's score, and
+    its coarse band is a pixel-band memory of its own (seed + 1) on the images pooled by two."""
+    from guard.online.memory import _numpy_pool
+
+    both = TriggerMemory(size=32, coarse=2, seed=5).fit(traffic[:10])
+    fine = TriggerMemory(size=32, coarse=None, seed=5).fit(traffic[:10])
+    pooled = TriggerMemory(size=32, coarse=None, seed=6).fit(_numpy_pool(traffic[:10], 2))
+    x = traffic[100:160]
+    got = both.observe(x)
+    want = np.maximum(fine.observe(x), pooled.observe(_numpy_pool(x, 2)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert both.coarse_._filled == both._filled == 32
+    assert TriggerMemory(coarse=2).fit(np.zeros((1, 3, 5, 5), np.float32)).coarse_ is None, "too small to pool"
+    with pytest.raises(ValueError, match="coarse"):
+        TriggerMemory(coarse=1)
