@@ -557,7 +557,7 @@ class TriggerMemory:
         their content pixel for pixel (crops of one photo, a fixed camera's background) make its tail heavy:
         calibrated on 200 glyph images by replay alone, one match at 0.05% rejected 6.5% of held-out clean
         queries (docs/benchmarks.md, 'The trigger memory's calibration'). The memory is empty afterwards."""
-        from guard.stats import upper_threshold
+        from guard.stats import tail_threshold, upper_threshold
 
         bands = [self] + ([self.coarse_] if self.coarse_ is not None else [])
         need = max(2, self.matches + 1)
@@ -569,7 +569,7 @@ class TriggerMemory:
             replayed.append(scores)
             paired.append(pair)
             if band is self:
-                self.energy_threshold_ = float(upper_threshold(energy, fpr / 2))
+                self.energy_threshold_ = tail_threshold(energy, fpr / 2)  # a far quantile of a few hundred
         self.threshold_ = max(float(upper_threshold(np.max(replayed, axis=0), fpr / 2)), *paired)
         self.fpr_ = float(fpr)
         self.reset()
