@@ -555,8 +555,11 @@ class TriggerMemory:
         of up to :data:`PAIR_IMAGES` of them. With a few hundred images the replay resolves only about a
         1 / n quantile of a score that is a largest-of-256 statistic, and clean images that share part of
         their content pixel for pixel (crops of one photo, a fixed camera's background) make its tail heavy:
-        calibrated on 200 glyph images by replay alone, one match at 0.05% rejected 6.5% of held-out clean
-        queries (docs/benchmarks.md, 'The trigger memory's calibration'). The memory is empty afterwards."""
+        calibrated on 200 glyph images by replay alone, one match at 0.05% rejected 6.6% of held-out clean
+        queries (docs/benchmarks.md, 'The trigger memory's calibration'). With the second band each band's
+        pairs get half of the similarity's share, and the replay scores the larger of the two bands'. The
+        energy's threshold extrapolates its tail where ``x`` cannot resolve its quantile
+        (:func:`guard.stats.tail_threshold`). The memory is empty afterwards."""
         from guard.stats import tail_threshold, upper_threshold
 
         bands = [self] + ([self.coarse_] if self.coarse_ is not None else [])
