@@ -344,8 +344,7 @@ if _numba.njit is None:  # pragma: no cover - without numba
 class TriggerMemory:
     """The repeated-trigger check: ``fit`` on clean images, ``infer_threshold(x, fpr=...)``, then per batch
     ``score(x)`` (the ``matches``-th largest residual similarity to the remembered queries, higher = more
-    suspect) and
-    ``update(x)`` (remember them); :meth:`observe` does both, comparing each input with the memory and
+    suspect) and ``update(x)`` (remember them); :meth:`observe` does both, comparing each input with the memory and
     with the inputs before it in the same batch.
 
     Parameters
@@ -501,27 +500,23 @@ class TriggerMemory:
     def check(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`observe`'s similarities (the larger of the two bands') and each watched input's :meth:`energy`
         (0 where not watched)."""
-        if _numba.njit is not None and self.coarse_ is not None:  # both bands and the pooling in one compiled call
-            watch = self.watched(labels, len(x))
+        watch = self.watched(labels, len(x))
+        if _numba.njit is not None:  # rows, comparisons, the pooling and the ring buffers in one compiled call
             flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
-            fine, coarse = self, self.coarse_
+            band = (self.index_, self.neighbours_, *self._shape, watch, self._res, self._content, self._ring)
             with self._lock:
-                return _check_bands_kernel(flat, fine.index_, fine.neighbours_, *fine._shape, watch, fine._res,
-                                           fine._content, fine._ring, coarse.index_, coarse.neighbours_,
-                                           self.coarse, coarse._res, coarse._content, coarse._ring,
-                                           np.float32(self.duplicate), self.matches)
-        sim, energy = self._check_band(x, labels)
+                if self.coarse_ is None:
+                    return _check_kernel(flat, *band, np.float32(self.duplicate), self.matches)
+                c = self.coarse_
+                return _check_bands_kernel(flat, *band, c.index_, c.neighbours_, self.coarse, c._res, c._content,
+                                           c._ring, np.float32(self.duplicate), self.matches)
+        sim, energy = self._numpy_check(x, watch)
         if self.coarse_ is not None:
-            sim = np.maximum(sim, self.coarse_._check_band(_pool(x, self.coarse), labels)[0])
+            sim = np.maximum(sim, self.coarse_._numpy_check(_pool(x, self.coarse), watch)[0])
         return sim, energy
 
-    def _check_band(self, x: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        watch = self.watched(labels, len(x))
-        if _numba.njit is not None:  # rows, comparisons and the ring buffer in one compiled call
-            flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
-            with self._lock:
-                return _check_kernel(flat, self.index_, self.neighbours_, *self._shape, watch, self._res,
-                                     self._content, self._ring, np.float32(self.duplicate), self.matches)
+    def _numpy_check(self, x: np.ndarray, watch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """This band's :meth:`check` without numba: each input scored against the memory, then remembered."""
         res, content, energy = self._rows_energy(x)
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
@@ -585,18 +580,14 @@ class TriggerMemory:
         (:func:`guard.stats.tail_threshold`). The memory is empty afterwards."""
         from guard.stats import tail_threshold, upper_threshold
 
-        bands = [self] + ([self.coarse_] if self.coarse_ is not None else [])
         need = max(2, self.matches + 1)
         if len(x) < need:
             raise ValueError(f"infer_threshold needs at least {need} clean images")
-        replayed, paired = [], []
-        for band, xb in zip(bands, (x, *(_pool(x, self.coarse) for _ in bands[1:]))):
-            scores, pair, energy = band._calibration(xb, fpr / 2 / len(bands))
-            replayed.append(scores)
-            paired.append(pair)
-            if band is self:
-                self.energy_threshold_ = tail_threshold(energy, fpr / 2)  # a far quantile of a few hundred
-        self.threshold_ = max(float(upper_threshold(np.max(replayed, axis=0), fpr / 2)), *paired)
+        bands = [(self, x)] + ([(self.coarse_, _pool(x, self.coarse))] if self.coarse_ is not None else [])
+        calibrated = [band._calibration(xb, fpr / 2 / len(bands)) for band, xb in bands]
+        replayed = np.max([scores for scores, _, _ in calibrated], axis=0)  # a query's score: the larger band's
+        self.threshold_ = max(float(upper_threshold(replayed, fpr / 2)), *(pair for _, pair, _ in calibrated))
+        self.energy_threshold_ = tail_threshold(calibrated[0][2], fpr / 2)  # the pixel band's; a far quantile
         self.fpr_ = float(fpr)
         self.reset()
         return self
