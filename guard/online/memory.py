@@ -65,6 +65,9 @@ import numpy as np
 
 from guard import _numba
 
+MAX_FEATURES = 131072
+"""The most positions a memory compares: two int8 rows' product is summed in int32 (127 * 127 * 131072 < 2 ** 31)."""
+
 PAIR_IMAGES = 3000
 """Calibration images whose pairs :meth:`TriggerMemory.infer_threshold` measures (evenly spaced past that:
 3000 images hold 4.5 million pairs, a 36 MB similarity matrix)."""
@@ -171,10 +174,19 @@ if _numba.njit is not None:
         return out, norms
 
     @_numba.compiled(nogil=True, fastmath=True)
-    def _against_kernel(res, content, mem_res, mem_content, duplicate, matches):  # pragma: no cover - compiled
+    def _against_kernel(res, scale, content, mem_res, mem_scale, mem_content, duplicate, matches
+                        ):  # pragma: no cover - compiled
         out = np.empty(res.shape[0], np.float32)
         top = np.empty(matches, np.float32)  # the largest similarities so far, in falling order
+        dots = np.empty(mem_res.shape[0], np.int32)
         for k in range(res.shape[0]):
+            row = res[k]
+            # the int8 products first, in a loop of their own: LLVM vectorises it only so (three times faster)
+            for m in range(mem_res.shape[0]):
+                dot = np.int32(0)
+                for p in range(row.shape[0]):
+                    dot += np.int32(row[p]) * np.int32(mem_res[m, p])
+                dots[m] = dot
             top[:] = np.float32(-1.0)
             for m in range(mem_res.shape[0]):
                 same = np.float32(0.0)
@@ -182,9 +194,7 @@ if _numba.njit is not None:
                     same += content[k, p] * mem_content[m, p]
                 if same > duplicate:  # the same image sent again: its content matches too
                     continue
-                sim = np.float32(0.0)
-                for p in range(res.shape[1]):
-                    sim += res[k, p] * mem_res[m, p]
+                sim = np.float32(dots[m]) * scale[k] * mem_scale[m]
                 j = matches - 1
                 if sim > top[j]:
                     while j > 0 and top[j - 1] < sim:
@@ -204,11 +214,26 @@ if _numba.njit is not None:
         return _unit_kernel(np.ascontiguousarray(v, dtype=np.float32))
 
     @_numba.compiled(nogil=True, fastmath=True)
+    def _quantize_kernel(v):  # pragma: no cover - compiled
+        q = np.empty(v.shape, np.int8)
+        scale = np.empty(v.shape[0], np.float32)
+        for k in range(v.shape[0]):
+            top = np.float32(0.0)
+            for p in range(v.shape[1]):
+                top = max(top, abs(v[k, p]))
+            scale[k] = top / np.float32(127.0) if top > 0 else np.float32(1.0)
+            inv = np.float32(1.0) / scale[k]
+            for p in range(v.shape[1]):
+                q[k, p] = np.int8(np.rint(v[k, p] * inv))
+        return q, scale
+
+    @_numba.compiled(nogil=True, fastmath=True)
     def _unit_rows_kernel(flat, index, neighbours, c, h, w):  # pragma: no cover - compiled
         res, pooled = _rows_kernel(flat, index, neighbours, c, h, w)
         unit_res, norms = _unit_kernel(res)
         unit_pooled, _ = _unit_kernel(pooled)
-        return unit_res, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
+        q, scale = _quantize_kernel(unit_res)
+        return q, scale, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
 
     def _unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,9 +241,9 @@ if _numba.njit is not None:
         return _unit_rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
 
     @_numba.compiled(nogil=True, fastmath=True)
-    def _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_content, ring, duplicate, matches
-                      ):  # pragma: no cover - compiled
-        res, content, energy = _unit_rows_kernel(flat, index, neighbours, c, h, w)
+    def _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_scale, mem_content, ring, duplicate,
+                      matches):  # pragma: no cover - compiled
+        res, scale, content, energy = _unit_rows_kernel(flat, index, neighbours, c, h, w)
         size = mem_res.shape[0]
         sim = np.zeros(res.shape[0], np.float32)
         for i in range(res.shape[0]):
@@ -226,9 +251,10 @@ if _numba.njit is not None:
             if not watch[i]:
                 energy[i] = np.float32(0.0)
             elif filled > 0:
-                sim[i] = _against_kernel(res[i:i + 1], content[i:i + 1], mem_res[:filled], mem_content[:filled],
-                                         duplicate, matches)[0]
+                sim[i] = _against_kernel(res[i:i + 1], scale[i:i + 1], content[i:i + 1], mem_res[:filled],
+                                         mem_scale[:filled], mem_content[:filled], duplicate, matches)[0]
             mem_res[nxt] = res[i]
+            mem_scale[nxt] = scale[i]
             mem_content[nxt] = content[i]
             ring[1] = (nxt + 1) % size
             ring[0] = min(filled + 1, size)
@@ -251,25 +277,32 @@ if _numba.njit is not None:
     def _pool_kernel(x, factor):  # pragma: no cover - compiled
         n, c, h, w = x.shape
         ho, wo = h // factor, w // factor
-        out = np.zeros((n, c, ho, wo), np.float32)
+        out = np.empty((n, c, ho, wo), np.float32)
         scale = np.float32(1.0 / (factor * factor))
         for k in range(n):
             for ch in range(c):
-                for i in range(ho * factor):
-                    for j in range(wo * factor):
-                        out[k, ch, i // factor, j // factor] += x[k, ch, i, j]
-        return out * scale
+                for i in range(ho):
+                    o = out[k, ch, i]
+                    o[:] = np.float32(0.0)
+                    for di in range(factor):  # rows of the input, each summed into the output row by factor
+                        r = x[k, ch, i * factor + di]
+                        for j in range(wo):
+                            for dj in range(factor):
+                                o[j] += r[j * factor + dj]
+                    for j in range(wo):
+                        o[j] *= scale
+        return out
 
     @_numba.compiled(nogil=True, fastmath=True)
-    def _check_bands_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_content, ring,
-                            coarse_index, coarse_neighbours, factor, coarse_res, coarse_content, coarse_ring,
-                            duplicate, matches):  # pragma: no cover - compiled
-        sim, energy = _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_content, ring, duplicate,
-                                    matches)
+    def _check_bands_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_scale, mem_content, ring,
+                            coarse_index, coarse_neighbours, factor, coarse_res, coarse_scale, coarse_content,
+                            coarse_ring, duplicate, matches):  # pragma: no cover - compiled
+        sim, energy = _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_scale, mem_content, ring,
+                                    duplicate, matches)
         n, ho, wo = flat.shape[0], h // factor, w // factor
         pooled = _pool_kernel(flat.reshape(n, c, h, w), factor).reshape(n, c * ho * wo)
         coarse, _ = _check_kernel(pooled, coarse_index, coarse_neighbours, c, ho, wo, watch, coarse_res,
-                                  coarse_content, coarse_ring, duplicate, matches)
+                                  coarse_scale, coarse_content, coarse_ring, duplicate, matches)
         for i in range(n):
             sim[i] = max(sim[i], coarse[i])
         return sim, energy
@@ -281,10 +314,11 @@ else:  # pragma: no cover - without numba
     _pool = _numpy_pool
 
 
-def _similarities(res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray,
-                  duplicate: float) -> np.ndarray:
-    """Each row's residual similarity to each remembered row, -1 where the contents match (a re-sent image)."""
-    sim = res @ mem_res.T
+def _similarities(res: np.ndarray, scale: np.ndarray, content: np.ndarray, mem_res: np.ndarray,
+                  mem_scale: np.ndarray, mem_content: np.ndarray, duplicate: float) -> np.ndarray:
+    """Each quantised row's residual similarity to each remembered row, -1 where the contents match (a re-sent
+    image)."""
+    sim = _dequantize(res, scale) @ _dequantize(mem_res, mem_scale).T
     sim[content @ mem_content.T > duplicate] = -1.0
     return sim
 
@@ -328,12 +362,27 @@ def _numpy_unit(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (v / np.maximum(norms, 1e-8)[:, None]).astype(np.float32), norms.astype(np.float32)
 
 
+def _numpy_quantize(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row as int8 and its scale (``q * scale`` is the row to half a step): a remembered row takes a quarter
+    of the memory, so that 256 of them stay in a core's cache beside the model (measured in docs/benchmarks.md,
+    'Cost')."""
+    top = np.abs(v).max(1)
+    scale = np.where(top > 0, top / np.float32(127.0), np.float32(1.0)).astype(np.float32)
+    return np.rint(v * (np.float32(1.0) / scale)[:, None]).astype(np.int8), scale
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """The float rows that int8 rows ``q`` and their scales stand for."""
+    return q.astype(np.float32) * scale[:, None]
+
+
 def _numpy_unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The unit residual rows, the unit pooled-content rows and each residual's root mean square."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The unit residual rows quantised (int8 and a scale per row), the unit pooled-content rows and each
+    residual's root mean square."""
     res, pooled = _raw_rows(flat, index, neighbours, shape)
     (unit_res, norms), (unit_pooled, _) = _unit(res), _unit(pooled)
-    return unit_res, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
+    return (*_numpy_quantize(unit_res), unit_pooled, norms / np.float32(np.sqrt(res.shape[1])))
 
 
 if _numba.njit is None:  # pragma: no cover - without numba
@@ -376,6 +425,8 @@ class TriggerMemory:
                  labels: Iterable[int] | None = None, matches: int = 3, coarse: int | None = 2):
         if not 1 <= int(matches) <= int(size):
             raise ValueError(f"matches must be between 1 and size ({size}), got {matches}")
+        if not 1 <= int(n_features) <= MAX_FEATURES:
+            raise ValueError(f"n_features must be between 1 and {MAX_FEATURES}, got {n_features}")
         if coarse is not None and int(coarse) < 2:
             raise ValueError(f"coarse must be a pooling factor >= 2 or None, got {coarse}")
         self.size = size
@@ -408,7 +459,8 @@ class TriggerMemory:
 
     def reset(self) -> TriggerMemory:
         """Forget every remembered query."""
-        self._res = np.zeros((self.size, len(self.index_)), dtype=np.float32)
+        self._res = np.zeros((self.size, len(self.index_)), dtype=np.int8)  # quantised unit residuals
+        self._scale = np.ones(self.size, dtype=np.float32)
         self._content = np.zeros((self.size, self._shape[0] * 16), dtype=np.float32)
         self._ring = np.zeros(2, dtype=np.int64)  # how many rows are filled, where the next one goes
         self._lock = threading.Lock()  # one memory per serving worker; its threads take turns
@@ -425,16 +477,16 @@ class TriggerMemory:
         flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
         return _raw_rows(flat, self.index_, self.neighbours_, self._shape)
 
-    def _rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self._rows_energy(x)[:2]
+    def _rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._rows_energy(x)[:3]
 
-    def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
         return _unit_rows(flat, self.index_, self.neighbours_, self._shape)
 
     def energy(self, x: np.ndarray) -> np.ndarray:
         """``(N,)`` the root mean square of each input's centred residual at the drawn positions."""
-        return self._rows_energy(x)[2]
+        return self._rows_energy(x)[3]
 
     def watched(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """``(n,)`` which inputs, predicted ``labels``, the memory compares (all when it watches every label)."""
@@ -446,48 +498,51 @@ class TriggerMemory:
             return np.array([int(np.asarray(labels).reshape(-1)[0]) in self.labels])
         return np.fromiter((int(v) in self.labels for v in np.asarray(labels).reshape(-1)), dtype=bool, count=n)
 
-    def _against(self, res: np.ndarray, content: np.ndarray, mem_res: np.ndarray, mem_content: np.ndarray
-                 ) -> np.ndarray:
+    def _against(self, res: np.ndarray, scale: np.ndarray, content: np.ndarray, mem_res: np.ndarray,
+                 mem_scale: np.ndarray, mem_content: np.ndarray) -> np.ndarray:
         """Each row's ``matches``-th largest residual similarity to the memory's rows whose content differs
         (re-sent images do not count; -1 when fewer than ``matches`` rows are left), 0 against an empty memory."""
         if len(mem_res) == 0:
             return np.zeros(len(res), dtype=np.float32)
         if _numba.njit is not None:
-            return _against_kernel(res, content, mem_res, mem_content, np.float32(self.duplicate), self.matches)
-        return _kth_largest(_similarities(res, content, mem_res, mem_content, self.duplicate), self.matches)
+            return _against_kernel(res, scale, content, mem_res, mem_scale, mem_content, np.float32(self.duplicate),
+                                   self.matches)
+        return _kth_largest(_similarities(res, scale, content, mem_res, mem_scale, mem_content, self.duplicate),
+                            self.matches)
 
     @property
     def _filled(self) -> int:
         return int(self._ring[0])
 
-    def _memory(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._res[: self._filled], self._content[: self._filled]
+    def _memory(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self._res[: self._filled], self._scale[: self._filled], self._content[: self._filled]
 
     def score(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """``(N,)`` each input's ``matches``-th largest residual similarity to the remembered queries (memory
         unchanged); 0 for an input whose predicted label (``labels``) is not watched."""
-        res, content = self._rows(x)
+        res, scale, content = self._rows(x)
         watch = self.watched(labels, len(res))
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
-            out[watch] = self._against(res[watch], content[watch], *self._memory())
+            out[watch] = self._against(res[watch], scale[watch], content[watch], *self._memory())
         if self.coarse_ is not None:
             out = np.maximum(out, self.coarse_.score(_pool(x, self.coarse), labels))
         return out
 
     def update(self, x: np.ndarray) -> TriggerMemory:
         """Remember the inputs of ``x`` (the oldest are forgotten past ``size``)."""
-        res, content = self._rows(x)
+        rows = self._rows(x)
         with self._lock:
-            self._push(res, content)
+            self._push(*rows)
         if self.coarse_ is not None:
             self.coarse_.update(_pool(x, self.coarse))
         return self
 
-    def _push(self, res: np.ndarray, content: np.ndarray) -> None:
+    def _push(self, res: np.ndarray, scale: np.ndarray, content: np.ndarray) -> None:
         ring = self._ring
         for i in range(max(0, len(res) - self.size), len(res)):
             self._res[ring[1]] = res[i]
+            self._scale[ring[1]] = scale[i]
             self._content[ring[1]] = content[i]
             ring[1] = (ring[1] + 1) % self.size
             ring[0] = min(ring[0] + 1, self.size)
@@ -503,13 +558,14 @@ class TriggerMemory:
         watch = self.watched(labels, len(x))
         if _numba.njit is not None:  # rows, comparisons, the pooling and the ring buffers in one compiled call
             flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
-            band = (self.index_, self.neighbours_, *self._shape, watch, self._res, self._content, self._ring)
+            band = (self.index_, self.neighbours_, *self._shape, watch, self._res, self._scale, self._content,
+                    self._ring)
             with self._lock:
                 if self.coarse_ is None:
                     return _check_kernel(flat, *band, np.float32(self.duplicate), self.matches)
                 c = self.coarse_
-                return _check_bands_kernel(flat, *band, c.index_, c.neighbours_, self.coarse, c._res, c._content,
-                                           c._ring, np.float32(self.duplicate), self.matches)
+                return _check_bands_kernel(flat, *band, c.index_, c.neighbours_, self.coarse, c._res, c._scale,
+                                           c._content, c._ring, np.float32(self.duplicate), self.matches)
         sim, energy = self._numpy_check(x, watch)
         if self.coarse_ is not None:
             sim = np.maximum(sim, self.coarse_._numpy_check(_pool(x, self.coarse), watch)[0])
@@ -517,13 +573,14 @@ class TriggerMemory:
 
     def _numpy_check(self, x: np.ndarray, watch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """This band's :meth:`check` without numba: each input scored against the memory, then remembered."""
-        res, content, energy = self._rows_energy(x)
+        res, scale, content, energy = self._rows_energy(x)
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
             for i in range(len(res)):
+                one = (res[i:i + 1], scale[i:i + 1], content[i:i + 1])
                 if watch[i]:
-                    out[i] = self._against(res[i:i + 1], content[i:i + 1], *self._memory())[0]
-                self._push(res[i:i + 1], content[i:i + 1])
+                    out[i] = self._against(*one, *self._memory())[0]
+                self._push(*one)
         energy[~watch] = 0.0
         return out, energy
 
@@ -594,13 +651,15 @@ class TriggerMemory:
 
     def _calibration(self, x: np.ndarray, alpha: float) -> tuple[np.ndarray, float, np.ndarray]:
         """This band's replay scores of clean ``x``, its :func:`pair_threshold` at ``alpha`` and ``x``'s energy."""
-        res, content, energy = self._rows_energy(x)
+        res, scale, content, energy = self._rows_energy(x)
         n = len(res)
         scores = np.empty(n, dtype=np.float32)
         for i in range(n):  # the memory: the `size` images before i (wrapping round), never i itself
             others = (i + 1 + np.arange(min(self.size, n - 1))) % n
-            scores[i] = self._against(res[i:i + 1], content[i:i + 1], res[others], content[others])[0]
+            scores[i] = self._against(res[i:i + 1], scale[i:i + 1], content[i:i + 1], res[others], scale[others],
+                                      content[others])[0]
         pick = np.unique(np.linspace(0, n - 1, min(n, PAIR_IMAGES)).astype(np.int64))
         upper = np.triu_indices(len(pick), 1)
-        sim, same = (res[pick] @ res[pick].T)[upper], (content[pick] @ content[pick].T)[upper] > self.duplicate
+        rows = _dequantize(res[pick], scale[pick])
+        sim, same = (rows @ rows.T)[upper], (content[pick] @ content[pick].T)[upper] > self.duplicate
         return scores, pair_threshold(sim[~same], size=self.size, matches=self.matches, alpha=alpha), energy

@@ -275,7 +275,8 @@ def test_check_matches_comparing_each_query_then_remembering_it(matches):
     labels = rng.integers(0, 3, size=30)
     mem = TriggerMemory(size=8, n_features=200, labels=[1, 2], matches=matches, coarse=None).fit(x)
     mem.threshold_, mem.energy_threshold_, mem.fpr_ = 0.5, 1.0, 0.01
-    res, content, energy = memory._numpy_unit_rows(x.reshape(30, -1), mem.index_, mem.neighbours_, mem._shape)
+    q, scale, content, energy = memory._numpy_unit_rows(x.reshape(30, -1), mem.index_, mem.neighbours_, mem._shape)
+    res = memory._dequantize(q, scale)
     want_sim, want_energy = np.zeros(30, np.float32), np.where(labels > 0, energy, 0.0)
     for i in range(30):
         lo = max(0, i - 8)
