@@ -464,7 +464,7 @@ class TriggerMemory:
         self._content = np.zeros((self.size, self._shape[0] * 16), dtype=np.float32)
         self._ring = np.zeros(2, dtype=np.int64)  # how many rows are filled, where the next one goes
         self._lock = threading.Lock()  # one memory per serving worker; its threads take turns
-        if getattr(self, "coarse_", None) is not None:
+        if self.coarse_ is not None:
             self.coarse_.reset()
         return self
 
