@@ -363,3 +363,27 @@ def test_the_coarse_band_is_the_same_memory_on_pooled_images(traffic):
     assert TriggerMemory(coarse=2).fit(np.zeros((1, 3, 5, 5), np.float32)).coarse_ is None, "too small to pool"
     with pytest.raises(ValueError, match="coarse"):
         TriggerMemory(coarse=1)
+
+
+def test_the_remembered_rows_are_int8_and_their_similarity_is_the_cosine(traffic):
+    """The memory keeps each residual as int8 and a scale (a quarter of the float32 rows' bytes); a query's
+    similarity to a remembered one is their residuals' cosine to within 2e-3 (measured: about 5e-4)."""
+    from guard.online import memory
+
+    mem = TriggerMemory(matches=1, coarse=None).fit(traffic[:10])
+    mem.threshold_, mem.energy_threshold_, mem.fpr_ = 0.5, 1.0, 0.01
+    mem.update(traffic[:1])
+    assert mem._res.dtype == np.int8 and mem._scale.dtype == np.float32
+    raw = mem.residual(traffic[:6]).astype(np.float64)
+    raw -= raw.mean(1, keepdims=True)
+    unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    want = unit[1:] @ unit[0]
+    np.testing.assert_allclose(mem.score(traffic[1:6]), want, atol=2e-3)
+    q, scale, _, _ = memory._numpy_unit_rows(traffic[:6].reshape(6, -1), mem.index_, mem.neighbours_, mem._shape)
+    assert np.abs(q).max() == 127 and np.abs(memory._dequantize(q, scale) - unit).max() < 2e-3
+
+
+@pytest.mark.parametrize("n_features", [0, 131073])
+def test_a_memory_refuses_a_count_of_positions_its_int32_sums_cannot_hold(n_features):
+    with pytest.raises(ValueError, match="n_features"):
+        TriggerMemory(n_features=n_features)
