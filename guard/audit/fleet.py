@@ -23,12 +23,13 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from guard.audit.fleet_result import FleetResult
 from guard.errors import GuardError, InputError
 
 MODEL_FILE = "model.py"
@@ -112,33 +113,6 @@ class Payload:
     problem: str | None = None
     registry: str | None = None
     """The registered version the files came from (``models:/NAME/VERSION``), whose tags get the verdict."""
-
-
-@dataclass
-class FleetResult:
-    """The rows of a fleet audit in the order the models were given, and what ran them."""
-
-    rows: list[dict[str, Any]]
-    executor: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    duplicates_dropped: int = 0
-    started: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        """Seconds since the run started (for the progress line's estimate while it runs)."""
-        return time.perf_counter() - self.started
-
-    @property
-    def counts(self) -> dict[str, int]:
-        out = {"clean": 0, "backdoored": 0, "error": 0}
-        for r in self.rows:
-            out[r["verdict"]] += 1
-        return out
-
-    @property
-    def exit_code(self) -> int:
-        """The worst row's: 0 every model clean, 1 a backdoor suspected, 2 a model that could not be audited."""
-        return max((r["exit_code"] for r in self.rows), default=0)
 
 
 def discover(models_dir: str | Path) -> list[ModelEntry]:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from guard.audit.fleet import FleetResult
+from guard.audit.fleet_result import FleetResult
 from guard.audit.report import _atomic_write
 
 
