@@ -236,7 +236,7 @@ if _numba.njit is not None:
         return q, scale, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
 
     def _unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:func:`_numpy_unit_rows` in one compiled call."""
         return _unit_rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
 
