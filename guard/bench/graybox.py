@@ -7,7 +7,7 @@ defender's clean images nor the deployed profile, so it cannot copy the guard's 
 white-box attacker, :mod:`guard.bench.whitebox`, can). What it can do is make the triggered inputs'
 activations match its own clean target-class images' at *every* layer it can hook.
 
-:class:`LayerStatistics` hooks every leaf module of the model (convolutions, normalisations,
+:class:`~guard.scan.moments.LayerStatistics` hooks every leaf module of the model (convolutions, normalisations,
 activations, pooling) and the classifier's input, and pools each output per channel: the spatial
 mean of each channel (the mean over tokens for a token layer), and for feature maps also each
 channel's spatial standard deviation. On the attacker's clean target-class images it records, per
@@ -28,9 +28,7 @@ passes).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -48,8 +46,8 @@ from guard.bench.trigger_param import (
     through_guard,
 )
 from guard.demo.attacks import Attack
-from guard.model import find_classifier, frozen, probe_input
-from guard.online.trajectory import pool_output, traced_module
+from guard.model import frozen
+from guard.scan.moments import LayerStatistics, clean_moments, moment_loss
 
 
 @dataclass(frozen=True)
@@ -67,101 +65,6 @@ class Budget:
 
 
 DEFAULT_BUDGETS = (Budget(100, 1.0), Budget(300, 1.0), Budget(300, 10.0))
-
-
-def _pooled(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per input and channel: the mean over space (or tokens) and, for feature maps, the spatial std."""
-    if a.ndim == 4:
-        flat = a.flatten(2)
-        return flat.mean(2), flat.std(2, unbiased=False)
-    if a.ndim == 3:  # tokens (N, T, D)
-        return a.mean(1), None
-    return a.flatten(1), None
-
-
-class LayerStatistics:
-    """Forward hooks on every leaf module and the classifier's input; :meth:`capture` records their pooled
-    activations for one forward. Used as a context manager (:meth:`hooked`) that always removes its hooks.
-
-    ``layers_`` names the hooked layers (a module's output, or ``NAME:input`` for the classifier's input).
-    """
-
-    def __init__(self, model: nn.Module, shape: tuple[int, int, int], *, grids: bool = False):
-        self.model = model
-        x = probe_input(model, shape)
-        self.classifier_ = find_classifier(model, x)
-        self.layers_: list[str] = []
-        self.grids = grids
-        self.grids_: dict[str, torch.Tensor] = {}
-        self._pooled: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-
-    @contextlib.contextmanager
-    def hooked(self) -> Iterator[LayerStatistics]:
-        handles = []
-        modules = dict(self.model.named_modules())
-
-        def out_hook(name):
-            def hook(module, args, out):
-                if isinstance(out, torch.Tensor) and out.is_floating_point():
-                    self._pooled[name] = _pooled(out)
-                    if self.grids and traced_module(module):  # the trajectory check's view of the layer
-                        self.grids_[name] = pool_output(module, out)
-            return hook
-
-        def in_hook(name):
-            def hook(module, args):
-                if args and isinstance(args[0], torch.Tensor):
-                    self._pooled[name] = _pooled(args[0])
-            return hook
-
-        try:
-            for name, m in modules.items():
-                if name and name != self.classifier_ and not list(m.children()):
-                    handles.append(m.register_forward_hook(out_hook(name)))
-            handles.append(modules[self.classifier_].register_forward_pre_hook(in_hook(self.classifier_ + ":input")))
-            yield self
-        finally:
-            for h in handles:
-                h.remove()
-            self._pooled = {}
-
-    def capture(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
-        """Logits of ``x`` and every hooked layer's pooled activations (inside :meth:`hooked`)."""
-        self._pooled, self.grids_ = {}, {}
-        logits = self.model(x)
-        pooled = dict(self._pooled)
-        if not self.layers_:
-            self.layers_ = sorted(pooled)
-        return logits, pooled
-
-
-def clean_moments(stats: LayerStatistics, x: torch.Tensor, batch: int = 256) -> dict[str, tuple]:
-    """Per layer: mean and spread over ``x`` of each channel's pooled mean (and spatial std where there is one)."""
-    parts: dict[str, list] = {}
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            _, pooled = stats.capture(x[i:i + batch])
-            for k, v in pooled.items():
-                parts.setdefault(k, []).append(v)
-    out = {}
-    for k, vs in parts.items():
-        m = torch.cat([v[0] for v in vs])
-        s = torch.cat([v[1] for v in vs]) if vs[0][1] is not None else None
-        out[k] = (m.mean(0), m.std(0).clamp_min(1e-3),
-                  None if s is None else s.mean(0), None if s is None else s.std(0).clamp_min(1e-3))
-    return out
-
-
-def moment_loss(pooled: dict[str, tuple], moments: dict[str, tuple]) -> torch.Tensor:
-    """Mean over layers of the moment mismatch between a batch's pooled activations and the clean moments."""
-    terms = []
-    for k, (mu, sd, smu, ssd) in moments.items():
-        m, s = pooled[k]
-        t = (((m.mean(0) - mu) / sd) ** 2).mean() + (torch.log(m.std(0).clamp_min(1e-3) / sd) ** 2).mean()
-        if s is not None and smu is not None:
-            t = t + (((s.mean(0) - smu) / ssd) ** 2).mean() + (torch.log(s.std(0).clamp_min(1e-3) / ssd) ** 2).mean()
-        terms.append(t)
-    return torch.stack(terms).mean()
 
 
 def own_grids(stats: LayerStatistics, x: torch.Tensor, batch: int = 256) -> dict[str, torch.Tensor]:

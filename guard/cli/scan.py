@@ -66,6 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--screen-above", type=int, metavar="K",
                    help="with more than K classes, screen labels first and optimise only the candidates and "
                         "random references in full (default 25; 0 screens always)")
+    p.add_argument("--adaptive-steps", type=int, default=None, metavar="N",
+                   help="Adam steps of the scan's own adaptive key per suspect label, which weights the online "
+                        "checks by what still sees a trigger adapted to guard (default 0: off; 300 as measured in "
+                        "docs/benchmarks.md)")
     p.add_argument("--no-warp", action="store_true",
                    help="skip the warp reversal (then only Neural Cleanse decides the exit code)")
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -83,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
     if min_per_class < 0:
         raise InputError(f"--min-per-class must be >= 0, got {args.min_per_class}")
     validate_max_rounds(args.max_rounds)
+    adaptive = {} if args.adaptive_steps is None else {"adaptive_steps": args.adaptive_steps}
+    if args.adaptive_steps is not None and args.adaptive_steps < 0:
+        raise InputError(f"--adaptive-steps must be >= 0, got {args.adaptive_steps}")
     if args.screen_above is not None and args.screen_above < 0:
         raise InputError(f"--screen-above must be >= 0, got {args.screen_above}")
     watch = set(args.watch)
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                                      layer=args.feature_layer, source=source, progress=progress,
                                      consistency=not args.no_consistency, inner=args.inner_layer,
                                      memory=args.memory, min_per_class=min_per_class, trajectory=args.trajectory,
-                                     watch=watch,
+                                     watch=watch, **adaptive,
                                      nc=NeuralCleanse(seed=args.seed, progress=progress, device=device,
                                                       max_rounds=args.max_rounds, **screen))
     summary["profile"] = str(args.out)

@@ -108,7 +108,11 @@ class FisherEnsemble(_Rule):
     reversed triggers stamped on clean images. A check's weight is how well it separates them from
     the clean scores, ``2 * AUROC - 1`` floored at 0 (a check they leave at clean levels only adds its
     clean spread to the sum) and divided by the largest weight. Without anomalies, or when no check
-    separates them, every weight is 1 (the plain Fisher sum). The weights matter where one check alone
+    separates them, every weight is 1 (the plain Fisher sum). ``adaptive`` are the scores of inputs
+    stamped with the scan's own adaptive key (a trigger that matched clean statistics at every layer,
+    :mod:`guard.scan.adaptive_key`); each weight is then also multiplied by the share of them the check
+    sees (:func:`separation_weights`), so that the checks an adapted trigger dilutes weigh less. The
+    weights matter where one check alone
     sees the trigger: on the small ViT only the first-block k-NN check sees a patch trigger, and the
     three blind checks' noise drowns it in the plain sum but not in the weighted one; on the DemoNet,
     ResNet-18 and all-convolutional rows the two agree (figures: docs/benchmarks.md, 'Measurements
@@ -129,6 +133,9 @@ class FisherEnsemble(_Rule):
         ``(n_checks,)`` where each check's exponential tail starts and its mean excess (``t0``, ``beta``).
     weights_
         ``(n_checks,)`` each check's weight (``weights``).
+    adaptive_rates_
+        ``(n_checks,)`` the share of the ``adaptive`` inputs each check sees (:func:`detection_rates`), or
+        None without them (not saved in the profile: the weights carry it).
     threshold_, fpr_
         The threshold on the statistic and the clean rate it lets through (:meth:`infer_threshold`).
     """
@@ -143,12 +150,14 @@ class FisherEnsemble(_Rule):
         if not 0 < self.tail_share < 1:
             raise ValueError(f"tail_share must be in (0, 1), got {self.tail_share}")
 
-    def fit(self, scores: np.ndarray, *, anomalies: np.ndarray | None = None) -> FisherEnsemble:
+    def fit(self, scores: np.ndarray, *, anomalies: np.ndarray | None = None,
+            adaptive: np.ndarray | None = None) -> FisherEnsemble:
         self._validate()
         s = np.asarray(scores, dtype=np.float64)
         if s.ndim != 2 or len(s) < 20:
             raise ValueError(f"need (N >= 20, n_checks) calibration scores, got shape {s.shape}")
-        self.weights_ = separation_weights(s, anomalies)
+        self.adaptive_rates_ = None if adaptive is None or len(adaptive) == 0 else detection_rates(s, adaptive)
+        self.weights_ = separation_weights(s, anomalies, adaptive=adaptive)
         n = len(s)
         self.refs_ = np.sort(s, axis=0).T.astype(np.float32)  # (n_checks, n), ascending
         m = self._tail_count(n)
@@ -205,18 +214,58 @@ class FisherEnsemble(_Rule):
         return e
 
 
-def separation_weights(clean: np.ndarray, anomalies: np.ndarray | None) -> np.ndarray:
+def separation_weights(clean: np.ndarray, anomalies: np.ndarray | None, *,
+                       adaptive: np.ndarray | None = None) -> np.ndarray:
     """``(n_checks,)`` each check's ``2 * AUROC - 1`` between ``clean`` and ``anomalies`` scores,
-    floored at 0 and scaled so the largest is 1; all ones without anomalies or when none separates."""
+    floored at 0 and scaled so the largest is 1; all ones without anomalies or when none separates.
+
+    With ``adaptive`` (the scores of inputs stamped with the scan's own adaptive key,
+    :mod:`guard.scan.adaptive_key`), each weight is also multiplied by ``ADAPTIVE_FLOOR`` plus the share
+    of them the check sees over its clean ``1 - ADAPTIVE_FPR`` quantile (:func:`detection_rates`) relative
+    to the largest share, and the products scaled so the largest is 1: a check the adapted trigger slips
+    past keeps a third of its weight (the floor), so that a check which sees the real trigger and not the
+    scan's stand-in still counts. Where no check sees the adaptive key (every share at most 0.05), the
+    separation weights stand alone."""
     n_checks = clean.shape[1]
     if anomalies is None or len(anomalies) == 0:
-        return np.ones(n_checks)
-    a = np.asarray(anomalies, dtype=np.float64)
+        w = np.ones(n_checks)
+    else:
+        a = _scores(anomalies, n_checks, "anomalies")
+        gini = np.array([2 * roc_auc(clean[:, j], a[:, j]) - 1 for j in range(n_checks)])
+        gini = np.where(np.isfinite(gini), np.maximum(gini, 0.0), 0.0)
+        w = gini / gini.max() if gini.max() > 0.05 else np.ones(n_checks)
+    if adaptive is None or len(adaptive) == 0:
+        return w
+    r = detection_rates(clean, adaptive)
+    if r.max() <= 0.05:
+        return w
+    both = w * (ADAPTIVE_FLOOR + r / r.max())
+    return both / both.max() if both.max() > 0 else w
+
+
+#: The clean rate above which :func:`detection_rates` counts an adaptive input as seen by a check.
+ADAPTIVE_FPR = 0.01
+
+#: What a check keeps of its separation weight, relative to the check that sees the adaptive key best
+#: (``ADAPTIVE_FLOOR / (1 + ADAPTIVE_FLOOR)``), when it sees none of it. Without a floor the product zeroed
+#: the ``feature`` check on the DemoNet patch rows (the key is a blend it does not see) and cost them up to
+#: 1.8 points of TPR@1%; at 0.5 they lose at most 0.5 and the ResNet-18 layout's evading key still gains 6
+#: (figures: docs/benchmarks.md, 'The scan's own adaptive attacker').
+ADAPTIVE_FLOOR = 0.5
+
+
+def detection_rates(clean: np.ndarray, adaptive: np.ndarray) -> np.ndarray:
+    """``(n_checks,)`` the share of ``adaptive`` scores over each check's clean upper ``ADAPTIVE_FPR`` quantile."""
+    c = np.asarray(clean, dtype=np.float64)
+    a = _scores(adaptive, c.shape[1], "adaptive")
+    return np.array([float(np.mean(a[:, j] > upper_threshold(c[:, j], ADAPTIVE_FPR))) for j in range(c.shape[1])])
+
+
+def _scores(a: np.ndarray, n_checks: int, what: str) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
     if a.ndim != 2 or a.shape[1] != n_checks:
-        raise ValueError(f"anomalies must be (M, {n_checks}) scores, got shape {a.shape}")
-    gini = np.array([2 * roc_auc(clean[:, j], a[:, j]) - 1 for j in range(n_checks)])
-    gini = np.where(np.isfinite(gini), np.maximum(gini, 0.0), 0.0)
-    return gini / gini.max() if gini.max() > 0.05 else np.ones(n_checks)
+        raise ValueError(f"{what} must be (M, {n_checks}) scores, got shape {a.shape}")
+    return a
 
 
 class UnionRule(_Rule):

@@ -54,6 +54,19 @@ TRAJECTORY_SHARE = 0.5
 the trigger memory's does): splitting the FPR between the two instead cost the ensemble more on DemoNet than
 the trajectory check caught there (docs/benchmarks.md, 'Adaptive attackers')."""
 
+ADAPTIVE_STEPS = 0
+"""Adam steps of the scan's own adaptive key per suspect label (:mod:`guard.scan.adaptive_key`; 0, the default,
+leaves it off; 300 is what it was measured with, the bench's strongest gray-box budget: at 100 or 50 steps the
+ResNet-18 layout's key stayed unmatched and the weights did not move). Off by default because what it gains
+is narrow and it costs: on the ResNet-18 layout it raised the share of an evading Adap-Blend key stopped at 1%
+of clean from 44% to 50% for 27 s of scan; on DemoNet's patch rows it cost up to half a point; where Neural
+Cleanse suspects no label (the blend rows) it does not run; its cost grows with the input (a batch of 32
+forward and backward per step). Figures: docs/benchmarks.md, 'The scan's own adaptive attacker'."""
+
+ADAPTIVE_LABELS = 3
+"""At most this many suspect labels (in the scan's order) get an adaptive key: each costs ``adaptive_steps``
+forward and backward passes of a batch of 32."""
+
 MIN_PER_CLASS = 2
 """Clean images per class ``guard scan`` asks for by default: at 100 classes two per class named the target and
 calibrated the guard as well as ten did (docs/benchmarks.md, 'Measurements behind the defaults'); one per
@@ -81,7 +94,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
                   progress: bool | None = None, knn: bool = True, consistency: bool = True,
                   inner: str | None = None, folds: int = 5, inner_knn: bool = True,
                   memory: str = "suspects", tokens: bool = True, min_per_class: int = 0,
-                  trajectory: bool = False, watch: Sequence[int] = ()) -> tuple[Profile, dict[str, Any]]:
+                  trajectory: bool = False, watch: Sequence[int] = (),
+                  adaptive_steps: int = ADAPTIVE_STEPS) -> tuple[Profile, dict[str, Any]]:
     """Scan ``model`` on clean (x, y) and return the profile and a JSON summary.
 
     A share ``1 - calibration_share`` of the clean data (stratified, seeded) drives the trigger
@@ -125,6 +139,11 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     model is the one ``guard purify`` made of that one. A purified model's scan may suspect nothing, or a
     cheap natural label instead of the attack's target, and a key optimised on the attacked weights still
     reaches its target on the purified one (figures in docs/benchmarks.md, 'Against the purified model').
+    ``adaptive_steps`` (default :data:`ADAPTIVE_STEPS`, off; 300 as measured) has the scan play the attacker who knows
+    guard, for each of up to :data:`ADAPTIVE_LABELS` suspect labels: a blend key optimised to reach the label
+    while matching the clean label's statistics at every layer (:class:`~guard.scan.adaptive_key.AdaptiveKey`),
+    whose stamped images weight the ensemble's checks beside the reversed triggers (a check an adapted trigger
+    dilutes weighs less); it costs ``adaptive_steps`` forward and backward passes of 32 images per label.
 
     >>> import numpy as np, torch
     >>> from guard import build_profile
@@ -148,6 +167,8 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     if watch and memory == "off":
         raise InputError("--watch names labels for the trigger memory, which --memory off leaves out")
     validate_mode(mode)
+    if adaptive_steps < 0:
+        raise InputError(f"--adaptive-steps must be >= 0, got {adaptive_steps}")
     t0 = time.perf_counter()
     model.eval()
     layer_name, _ = feature_layer(model, layer, input_shape=x.shape[1:])
@@ -211,7 +232,17 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         traj = Trajectory(seed=seed).fit(model, x_fit, y_fit)
         others = np.delete(np.arange(len(x_fit)), traj.reference_index_)  # every clean image but the references
         traj.infer_threshold(np.concatenate([x_fit[others], x_cal]), fpr=fpr * TRAJECTORY_SHARE)
-    ensemble = FisherEnsemble().fit(cal_scores, anomalies=stamped).infer_threshold(cal_scores, fpr=fpr)
+    adaptive, keys = None, []
+    if suspects and adaptive_steps:
+        from guard.scan.adaptive_key import adaptive_stamped
+
+        xs, keys = adaptive_stamped(model, x, y, [int(s) for s in suspects[:ADAPTIVE_LABELS]],
+                                    steps=adaptive_steps, seed=seed)
+        if len(xs):
+            adaptive = score_checks(checks, records(model, xs, layer=layer_name, inner=inner_name,
+                                                    tokens=token_stats))
+    ensemble = FisherEnsemble().fit(cal_scores, anomalies=stamped, adaptive=adaptive)
+    ensemble.infer_threshold(cal_scores, fpr=fpr)
     realised = float((ensemble.statistic(cal_scores) > ensemble.threshold_).mean())
 
     tensors: dict[str, np.ndarray] = {
@@ -262,6 +293,11 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
         "thresholds": {n: {"threshold": e.threshold, "fpr": profile.fpr} for n, e in profile.checks.items()},
         "ensemble": meta["ensemble"] | {"fpr": profile.fpr, "checks": list(profile.checks),
                                         "weights": dict(zip(profile.checks, np.round(ensemble.weights_, 4).tolist()))},
+        "adaptive_key": None if not keys else {
+            "labels": [k.label_ for k in keys], "success": [round(k.success_, 4) for k in keys],
+            "steps": int(adaptive_steps), "alpha": keys[0].alpha,
+            "seen": None if ensemble.adaptive_rates_ is None else
+            dict(zip(profile.checks, np.round(ensemble.adaptive_rates_, 4).tolist()))},
         "fpr": fpr,
         "calibration_realised_fpr": realised,
         "model_sha256": meta["model_sha256"],

@@ -8,17 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from guard.bench.graybox import (
-    Budget,
-    LayerStatistics,
-    attack_model,
-    clean_moments,
-    moment_loss,
-    own_grids,
-    rank_loss,
-)
+from guard.bench.graybox import Budget, attack_model, own_grids, rank_loss
 from guard.bench.trigger_param import OptimisedTrigger, as_tensor, residual_similarity, trigger_kind
 from guard.demo.attacks import SIG, AdaptiveBlend, AdaptivePatch, BadNets, Blended, RandomBadNets, WaNet
+from guard.scan.moments import LayerStatistics, clean_moments, moment_loss
 
 
 @pytest.fixture(scope="module")

@@ -118,3 +118,39 @@ def test_weights_survive_the_profile_and_old_profiles_sum_alike():
     np.testing.assert_allclose(again.statistic(x), e.statistic(x), rtol=1e-6)
     old = FisherEnsemble.from_profile(settings, {k: v for k, v in tensors.items() if k != "weights"}, fpr=0.05)
     np.testing.assert_array_equal(old.weights_, np.ones(3))
+
+
+def test_an_adaptive_key_lowers_the_checks_it_slips_past():
+    """Reversed triggers that every check separates weigh the checks alike; inputs stamped with the scan's own
+    adaptive key that only the first check sees fully leave it the largest weight, the others the floor plus
+    what they see of it (a check that sees none keeps a third); a key no check sees leaves the separation
+    weights as they were."""
+    cal = _clean(1000, 0)
+    reversed_ = _clean(300, 7) + 4.0  # every check separates them
+    adaptive = _clean(300, 8)
+    adaptive[:, 0] += 8.0  # seen by the first check only
+    adaptive[:150, 2] += 8.0  # half of it by the third
+    e = FisherEnsemble().fit(cal, anomalies=reversed_, adaptive=adaptive)
+    assert e.adaptive_rates_[0] == 1.0 and e.adaptive_rates_[1] <= 0.05 and 0.45 <= e.adaptive_rates_[2] <= 0.55
+    assert e.weights_[0] == 1.0 and 0.32 <= e.weights_[1] <= 0.36 and 0.62 <= e.weights_[2] <= 0.71
+    assert FisherEnsemble().fit(cal, anomalies=reversed_).adaptive_rates_ is None
+    unseen = FisherEnsemble().fit(cal, anomalies=reversed_, adaptive=_clean(300, 9) - 3.0)
+    np.testing.assert_array_equal(unseen.weights_, FisherEnsemble().fit(cal, anomalies=reversed_).weights_)
+    with pytest.raises(ValueError, match="adaptive"):
+        FisherEnsemble().fit(cal, anomalies=reversed_, adaptive=adaptive[:, :2])
+
+
+def test_weighting_by_the_adaptive_key_recovers_the_check_it_does_not_dilute():
+    """The ResNet-18 layout's case in small: the adapted trigger is seen by one check and diluted by three
+    that the reversed triggers also light up; weighted by what sees the scan's own key, the sum stops more
+    of it at the same 1% point."""
+    rng = np.random.default_rng(0)
+    cal = rng.normal(size=(1000, 4)).astype(np.float32)
+    neg = rng.normal(size=(2000, 4)).astype(np.float32)
+    reversed_ = rng.normal(size=(300, 4)).astype(np.float32) + 4.0
+    pos, own = _one_strong_check(2000, 1), _one_strong_check(300, 2)
+    plain = FisherEnsemble().fit(cal, anomalies=reversed_).infer_threshold(cal, fpr=0.01)
+    adapted = FisherEnsemble().fit(cal, anomalies=reversed_, adaptive=own).infer_threshold(cal, fpr=0.01)
+    tpr = {e: float((e.statistic(pos) > e.threshold_).mean()) for e in (plain, adapted)}
+    assert tpr[adapted] >= tpr[plain] + 0.2
+    assert (adapted.statistic(neg) > adapted.threshold_).mean() <= 0.02
