@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/guard demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q --durations=30
 
 bench: $(STAMP)
 	$(BIN)/guard bench --quick --out bench-out

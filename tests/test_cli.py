@@ -58,7 +58,7 @@ def test_scan_watches_what_an_earlier_profile_suspected(demo_world, demo_profile
     assert set(json.loads(p.stdout)["memory"]["labels"]) >= {2, 6}
     assert set(json.loads((tmp_path / "p" / "profile.json").read_text())["memory"]["labels"]) >= {2, 6}
     for bad in (["--watch", "two"], ["--watch", "-1"], ["--watch", "10"], ["--watch-from", tmp_path / "none"],
-                ["--watch", "2", "--memory", "off"]):
+                ["--watch", "2", "--memory", "off"], ["--adaptive-steps", "-1"]):
         one_line_error(here(*base, "--out", tmp_path / "o", *bad), 2)
     assert not (tmp_path / "o").exists()
 
