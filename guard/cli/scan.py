@@ -80,16 +80,15 @@ def run(args: argparse.Namespace) -> int:
     from guard.errors import InputError
     from guard.scan import NeuralCleanse, build_profile
     from guard.scan.neural_cleanse import validate_max_rounds
-    from guard.scan.profile_builder import MIN_PER_CLASS
+    from guard.scan.profile_builder import MIN_PER_CLASS, validate_adaptive_steps
 
     device = parse_device(args.device)
     min_per_class = MIN_PER_CLASS if args.min_per_class is None else args.min_per_class
     if min_per_class < 0:
         raise InputError(f"--min-per-class must be >= 0, got {args.min_per_class}")
     validate_max_rounds(args.max_rounds)
+    validate_adaptive_steps(args.adaptive_steps)  # refuse a bad budget before loading anything
     adaptive = {} if args.adaptive_steps is None else {"adaptive_steps": args.adaptive_steps}
-    if args.adaptive_steps is not None and args.adaptive_steps < 0:
-        raise InputError(f"--adaptive-steps must be >= 0, got {args.adaptive_steps}")
     if args.screen_above is not None and args.screen_above < 0:
         raise InputError(f"--screen-above must be >= 0, got {args.screen_above}")
     watch = set(args.watch)

@@ -23,10 +23,11 @@ def validate_labels(y: np.ndarray | None, k: int) -> None:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    """Predicted labels of ``x`` in eval mode, batched."""
+    """Predicted labels of ``x`` in eval mode, batched, each batch on the model's device."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = []
     for i in range(0, len(x), batch_size):
-        out.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size]))).argmax(1))
+        out.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch_size])).to(device)).argmax(1).cpu())
     return torch.cat(out).numpy()
 
 

@@ -110,9 +110,9 @@ class FisherEnsemble(_Rule):
     clean spread to the sum) and divided by the largest weight. Without anomalies, or when no check
     separates them, every weight is 1 (the plain Fisher sum). ``adaptive`` are the scores of inputs
     stamped with the scan's own adaptive key (a trigger that matched clean statistics at every layer,
-    :mod:`guard.scan.adaptive_key`); each weight is then also multiplied by the share of them the check
-    sees (:func:`separation_weights`), so that the checks an adapted trigger dilutes weigh less. The
-    weights matter where one check alone
+    :mod:`guard.scan.adaptive_key`); each weight is then also scaled by the share of them the check
+    sees (:func:`detection_rates`, :func:`separation_weights`), so that the checks an adapted trigger
+    dilutes weigh less. The weights matter where one check alone
     sees the trigger: on the small ViT only the first-block k-NN check sees a patch trigger, and the
     three blind checks' noise drowns it in the plain sum but not in the weighted one; on the DemoNet,
     ResNet-18 and all-convolutional rows the two agree (figures: docs/benchmarks.md, 'Measurements
@@ -157,7 +157,7 @@ class FisherEnsemble(_Rule):
         if s.ndim != 2 or len(s) < 20:
             raise ValueError(f"need (N >= 20, n_checks) calibration scores, got shape {s.shape}")
         self.adaptive_rates_ = None if adaptive is None or len(adaptive) == 0 else detection_rates(s, adaptive)
-        self.weights_ = separation_weights(s, anomalies, adaptive=adaptive)
+        self.weights_ = separation_weights(s, anomalies, adaptive_rates=self.adaptive_rates_)
         n = len(s)
         self.refs_ = np.sort(s, axis=0).T.astype(np.float32)  # (n_checks, n), ascending
         m = self._tail_count(n)
@@ -215,14 +215,14 @@ class FisherEnsemble(_Rule):
 
 
 def separation_weights(clean: np.ndarray, anomalies: np.ndarray | None, *,
-                       adaptive: np.ndarray | None = None) -> np.ndarray:
+                       adaptive_rates: np.ndarray | None = None) -> np.ndarray:
     """``(n_checks,)`` each check's ``2 * AUROC - 1`` between ``clean`` and ``anomalies`` scores,
     floored at 0 and scaled so the largest is 1; all ones without anomalies or when none separates.
 
-    With ``adaptive`` (the scores of inputs stamped with the scan's own adaptive key,
-    :mod:`guard.scan.adaptive_key`), each weight is also multiplied by ``ADAPTIVE_FLOOR`` plus the share
-    of them the check sees over its clean ``1 - ADAPTIVE_FPR`` quantile (:func:`detection_rates`) relative
-    to the largest share, and the products scaled so the largest is 1: a check the adapted trigger slips
+    With ``adaptive_rates`` (:func:`detection_rates` of the scores of inputs stamped with the scan's own
+    adaptive key, :mod:`guard.scan.adaptive_key`: the share of them each check sees over its clean
+    ``1 - ADAPTIVE_FPR`` quantile), each weight is also multiplied by ``ADAPTIVE_FLOOR`` plus its check's
+    share relative to the largest share, and the products scaled so the largest is 1: a check the adapted trigger slips
     past keeps a third of its weight (the floor), so that a check which sees the real trigger and not the
     scan's stand-in still counts. Where no check sees the adaptive key (every share at most 0.05), the
     separation weights stand alone."""
@@ -234,13 +234,11 @@ def separation_weights(clean: np.ndarray, anomalies: np.ndarray | None, *,
         gini = np.array([2 * roc_auc(clean[:, j], a[:, j]) - 1 for j in range(n_checks)])
         gini = np.where(np.isfinite(gini), np.maximum(gini, 0.0), 0.0)
         w = gini / gini.max() if gini.max() > 0.05 else np.ones(n_checks)
-    if adaptive is None or len(adaptive) == 0:
+    r = adaptive_rates
+    if r is None or r.max() <= 0.05:
         return w
-    r = detection_rates(clean, adaptive)
-    if r.max() <= 0.05:
-        return w
-    both = w * (ADAPTIVE_FLOOR + r / r.max())
-    return both / both.max() if both.max() > 0 else w
+    both = w * (ADAPTIVE_FLOOR + r / r.max())  # w's largest is 1 and each factor at least the floor: max > 0
+    return both / both.max()
 
 
 #: The clean rate above which :func:`detection_rates` counts an adaptive input as seen by a check.

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from guard.model import frozen
+from guard.model import frozen, predict
 from guard.scan.moments import LayerStatistics, clean_moments, moment_loss
 
 
@@ -54,8 +54,11 @@ class AdaptiveKey:
         ``(C, H, W)`` float32 in [0, 1], the optimised key.
     label_
         The label it was optimised for.
+    reached_
+        ``(M,)`` bool over the ``M`` clean images of other labels (in ``x``'s order): whether the stamped key
+        sends each to ``label_``.
     success_
-        Share of the clean images of other labels that the stamped key sends to ``label_``.
+        Share of the clean images of other labels that the stamped key sends to ``label_`` (``reached_``'s mean).
     layers_
         How many layers' moments it matched.
     matching_loss_
@@ -115,22 +118,14 @@ class AdaptiveKey:
         self.key_ = torch.sigmoid(theta.detach()).cpu().numpy().astype(np.float32)
         self.label_ = int(label)
         self.matching_loss_ = (losses[0], losses[-1])
-        others = x[~own]
-        self.success_ = float((_predict(model, self.stamp(others)) == self.label_).mean())
+        with frozen(model):
+            self.reached_ = predict(model, self.stamp(x[~own])) == self.label_
+        self.success_ = float(self.reached_.mean())
         return self
 
     def stamp(self, x: np.ndarray) -> np.ndarray:
         """``x`` with the key blended in at ``alpha``, float32 in [0, 1]."""
         return ((1 - self.alpha) * np.asarray(x, dtype=np.float32) + self.alpha * self.key_).astype(np.float32)
-
-
-def _predict(model: nn.Module, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    out = []
-    with frozen(model), torch.inference_mode():
-        for i in range(0, len(x), batch):
-            out.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch])).to(device)).argmax(1).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def adaptive_stamped(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[int], *, steps: int,
@@ -144,8 +139,7 @@ def adaptive_stamped(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: lis
         if own.sum() < 2 or (~own).sum() < 2:
             continue
         key = AdaptiveKey(steps=steps, seed=seed).fit(model, x, y, int(lab))
-        stamped = key.stamp(x[~own])
-        parts.append(stamped[_predict(model, stamped) == key.label_])
+        parts.append(key.stamp(x[~own][key.reached_]))
         keys.append(key)
     shape = (0, *x.shape[1:])
     return (np.concatenate(parts) if parts else np.zeros(shape, np.float32)), keys

@@ -67,10 +67,17 @@ ADAPTIVE_LABELS = 3
 """At most this many suspect labels (in the scan's order) get an adaptive key: each costs ``adaptive_steps``
 forward and backward passes of a batch of 32."""
 
+
 MIN_PER_CLASS = 2
 """Clean images per class ``guard scan`` asks for by default: at 100 classes two per class named the target and
 calibrated the guard as well as ten did (docs/benchmarks.md, 'Measurements behind the defaults'); one per
 class leaves the trigger reversal or the calibration without the class."""
+
+
+def validate_adaptive_steps(steps: int | None) -> None:
+    """InputError for a negative ``--adaptive-steps``; None is the default (:data:`ADAPTIVE_STEPS`)."""
+    if steps is not None and steps < 0:
+        raise InputError(f"--adaptive-steps must be >= 0, got {steps}")
 
 
 def records(model: nn.Module, x: np.ndarray, *, layer: str | None = None, inner: str | None = None,
@@ -167,8 +174,7 @@ def build_profile(model: nn.Module, x: np.ndarray, y: np.ndarray, *, fpr: float 
     if watch and memory == "off":
         raise InputError("--watch names labels for the trigger memory, which --memory off leaves out")
     validate_mode(mode)
-    if adaptive_steps < 0:
-        raise InputError(f"--adaptive-steps must be >= 0, got {adaptive_steps}")
+    validate_adaptive_steps(adaptive_steps)
     t0 = time.perf_counter()
     model.eval()
     layer_name, _ = feature_layer(model, layer, input_shape=x.shape[1:])
