@@ -16,8 +16,11 @@ The bar, 0.175, was set on the calibration population of ``tests/scan/blend_cali
 models, seeds disjoint from the test population): midway between the clean models' largest leads and
 the blended ones' (the blended models' largest lead was their target every time). A few patch models'
 targets also led, below the bar; the rest stayed in the pack, which is Neural Cleanse's and DF-TND's
-ground. A scan of a 10-class glyph model takes seconds on two cores (figures: docs/benchmarks.md,
-'Measurements behind the defaults').
+ground. The grid starts at 0.01: on the less robust layouts (a width-8 ResNet-18, an all-convolutional
+net) a blended target is reached below 0.02, and a grid that starts higher floors it beside the natural
+labels it should lead. A scan of a 10-class glyph model takes seconds on two cores (figures:
+docs/benchmarks.md, 'Measurements behind the defaults', where the false alarms this bar still gives on
+those layouts' clean models are measured).
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from guard.model import frozen
 from guard.scan.reversal import crossing, leads, reversal_data
 from guard.scan.trigger import from_raw, stamp_all
 
+ALPHAS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2)
+"""The default opacity grid: from 0.01, where a blended backdoor's target on a less robust layout is already
+reached, to 0.2, where a robust model's natural labels are."""
+
 
 class BlendReversal:
     """Reverse-engineer a blended trigger per label at fixed opacities and flag a label that leads.
@@ -41,8 +48,8 @@ class BlendReversal:
     Parameters
     ----------
     alphas
-        The opacity grid the success curve is read on (increasing, each in (0, 1)); 0.04 to 0.2 in steps
-        of 0.02. A label that needs more than the last is censored there.
+        The opacity grid the success curve is read on (increasing, each in (0, 1)); :data:`ALPHAS`, 0.01
+        to 0.2. A label that needs more than the last is censored there, less than the first floored.
     steps
         Adam steps at the first opacity; 60.
     refine_steps
@@ -74,7 +81,7 @@ class BlendReversal:
     ``steps_``, ``seconds_``.
     """
 
-    def __init__(self, *, alphas: Sequence[float] = (0.04, 0.06, 0.08, 0.1, 0.12, 0.14, 0.16, 0.18, 0.2),
+    def __init__(self, *, alphas: Sequence[float] = ALPHAS,
                  steps: int = 60, refine_steps: int = 20, batch_size: int = 16, lr: float = 0.1,
                  n_fit: int = 100, n_eval: int = 300, success: float = 0.5, threshold: float = 0.175,
                  seed: int = 0, progress: bool | None = None):
