@@ -23,7 +23,8 @@ def validate_labels(y: np.ndarray | None, k: int) -> None:
 
 @torch.no_grad()
 def predict(model: nn.Module, x: np.ndarray, *, batch_size: int = 512) -> np.ndarray:
-    """Predicted labels of ``x`` in eval mode, batched, each batch on the model's device."""
+    """Predicted labels of ``x``, batched, each batch on the model's device, in the mode the caller left the
+    model in: callers put it in eval mode (:func:`frozen`, ``guard.purify.triggers.model_labels``)."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = []
     for i in range(0, len(x), batch_size):

@@ -67,7 +67,6 @@ ADAPTIVE_LABELS = 3
 """At most this many suspect labels (in the scan's order) get an adaptive key: each costs ``adaptive_steps``
 forward and backward passes of a batch of 32."""
 
-
 MIN_PER_CLASS = 2
 """Clean images per class ``guard scan`` asks for by default: at 100 classes two per class named the target and
 calibrated the guard as well as ten did (docs/benchmarks.md, 'Measurements behind the defaults'); one per
