@@ -85,6 +85,14 @@ def demo_world(tmp_path_factory):
     return build(tmp_path_factory.mktemp("demo"))
 
 
+@pytest.fixture(scope="session")
+def arch_worlds(tmp_path_factory):
+    """The other layouts' worlds by name (tests/arch_helpers.py), each built when a test first asks for it."""
+    from arch_helpers import ArchWorlds
+
+    return ArchWorlds(tmp_path_factory.mktemp("arch"))
+
+
 @dataclass
 class DemoScan:
     """``guard scan --json`` of the demo model, as a user runs it (default budget, FPR 1%, seed 0)."""

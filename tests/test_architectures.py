@@ -19,29 +19,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from arch_helpers import ARCHS
 
 from guard import Guard, load_model
 from guard.data import load_npz
 from guard.model import FeatureTap, feature_layer, inner_layer, inner_layer_reason, token_blocks, token_map
-
-# (bundled model file, module constants, training epochs, learning rate)
-ARCHS = {
-    "resnet": ({"WIDTH": 8}, 4, 4e-3),
-    "allconv": ({}, 5, 4e-3),
-    "normalized": ({}, 6, 4e-3),
-}
-TRAIN = {"n_train": 2500, "n_clean": 1200, "n_holdout": 500}
-
-
-@pytest.fixture(scope="session")
-def arch_worlds(tmp_path_factory):
-    from guard.demo.world import build
-
-    worlds = {}
-    for name, (constants, epochs, lr) in ARCHS.items():
-        worlds[name] = build(tmp_path_factory.mktemp(name), net=name, seed=1, epochs=epochs, lr=lr, **TRAIN,
-                             **constants)
-    return worlds
 
 
 @pytest.fixture(scope="session")

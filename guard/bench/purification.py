@@ -72,7 +72,7 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
     ``per_class`` subset: ``scan(model, x, y)`` (default: :func:`guard.scan.build_profile` with its defaults)
     returning the profile. ``on_fit(method, est)`` is called with each fitted estimator of ``methods`` (its
     purified model is ``est.model_`` when ``est.ok_``). A method that cannot run on the evidence (InputError:
-    unlearning when neither the scan nor the blend reversal found a trigger) gets a row with ``ok`` false and
+    unlearning when neither the scan nor the blend and warp reversals found a trigger) gets a row with ``ok`` false and
     its message in ``refused``."""
     from guard.errors import InputError
     from guard.purify import Evidence, make_purifier
@@ -85,12 +85,11 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
         from guard.scan import build_profile
 
         profile, _ = build_profile(model, xs, ys, seed=seed, progress=progress)
-    evidence = Evidence.from_profile(profile)
-    if not evidence:  # as guard purify does: a whole-image trigger the patch scan missed
-        evidence, _ = Evidence.from_blend_reversal(model, xs, ys, seed=seed)
+    evidence, source = Evidence.gather(model, xs, ys, profile, seed=seed)  # as guard purify does
     acc0, asr0 = accuracy(model, x_test, y_test), attack_success(model, attack, x_test, y_test)
     base = {"world": world, "attack": type(attack).__name__, "per_class": per_class,
-            "suspect_labels": evidence.labels, "real_asr_before": asr0, "accuracy_before": acc0}
+            "suspect_labels": evidence.labels, "evidence": source["source"], "real_asr_before": asr0,
+            "accuracy_before": acc0}
     fitted = []
     refused: dict[str, str] = {}  # methods that cannot run on this evidence (e.g. unlearning with no trigger)
     for method in methods:

@@ -120,12 +120,7 @@ def run(args: argparse.Namespace) -> int:
         print_json({"method": args.method, "out": str(out) if result.ok else None, "rescan_watch": watch, **table})
     else:
         print(result.format_table())
-        ev = table["details"].get("evidence") or {}
-        if ev.get("source") != "profile":
-            flagged = (ev.get("blend_reversal") or {}).get("suspect_labels") or []
-            print("the profile names no suspect label; a blend reversal on the clean images "
-                  + (f"flagged label(s) {flagged}: purified against its reversed key" if flagged
-                     else "flagged none: purified without a reversed trigger"))
+        print(evidence_line(table["details"].get("evidence") or {}))
         if result.ok:
             d = table["details"]
             print(f"held-out clean accuracy drop {drop:.1f} points on {d['held_out']} images (bound "
@@ -151,3 +146,20 @@ def run(args: argparse.Namespace) -> int:
               f"--method may help)", file=sys.stderr)
         return 1
     return 1 if table["after"]["verdict"] == "backdoored" else 0
+
+
+def evidence_line(ev: dict) -> str:
+    """One line on where the purification's evidence came from (:meth:`guard.purify.Evidence.gather`)."""
+    source = ev.get("source")
+    if source == "profile":
+        return "purified against the profile's reversed triggers (Neural Cleanse)"
+    if source == "profile-warp":
+        return "purified against the warp fields the profile's warp reversal flagged"
+    ran = [(name, (ev.get(key) or {}).get("suspect_labels") or [])
+           for name, key in (("a blend reversal", "blend_reversal"), ("a warp reversal", "warp_reversal"))
+           if key in ev]
+    found = [f"{name} on the clean images flagged label(s) {labels}" for name, labels in ran if labels]
+    if found:
+        return f"the profile names no suspect label; {found[0]}: purified against what it reversed"
+    tried = " and ".join(name for name, _ in ran) or "no reversal"
+    return f"the profile names no suspect label; {tried} flagged none: purified without a reversed trigger"

@@ -22,7 +22,7 @@ from torch import nn
 from guard.data import split
 from guard.errors import InputError
 from guard.model import num_classes
-from guard.purify.evidence import Evidence
+from guard.purify.evidence import WARP_SPREAD, Evidence
 from guard.purify.selection import Selection
 from guard.purify.triggers import Trigger, anywhere, reversed_triggers, trigger_success
 from guard.purify.tuning import bare, state_of
@@ -99,9 +99,12 @@ class Candidates:
         Patch evidence: Neural Cleanse for the suspect labels, each trigger where found and pasted
         anywhere; L1 norms to ``details["re_reversed_l1"]``. Blend evidence: a key at the evidence's
         opacity and one at the opacity natural labels need (:func:`~guard.scan.blend.blend_keys`);
-        their success to ``details["re_reversed_blend"]``."""
+        their success to ``details["re_reversed_blend"]``. Warp evidence: the warp reversal, each suspect
+        label's field at the strength it now needs; strength and lead to ``details["re_reversed_warp"]``."""
         if self.evidence.kind == "blend":
             return self._rereverse_blend(model, round_, seed=seed)
+        if self.evidence.kind == "warp":
+            return self._rereverse_warp(model, round_, seed=seed)
         from guard.scan.neural_cleanse import NeuralCleanse
 
         labels = self.evidence.labels
@@ -128,6 +131,17 @@ class Candidates:
                 self.scoring.append((label, t))
                 rows.append({"label": label, "opacity": alpha, "success": round(float(success[0]), 3)})
         self.details.setdefault("re_reversed_blend", []).append(rows)
+        return found
+
+    def _rereverse_warp(self, model: nn.Module, round_: int, *, seed: int) -> list[tuple[int, Trigger]]:
+        from guard.scan.warp import WarpReversal
+
+        wr = WarpReversal(seed=seed + round_, progress=False).fit(model, self.x, self.y, num_classes=self.num_classes)
+        self.scoring.extend((label, Trigger.warping(wr.fields_[label])) for label in self.evidence.labels)
+        found = [(label, Trigger.warping(wr.fields_[label], spread=WARP_SPREAD)) for label in self.evidence.labels]
+        self.details.setdefault("re_reversed_warp", []).append(
+            [{"label": label, "strength": round(float(wr.strength_needed_[label]), 3),
+              "lead": round(float(wr.lead_[label]), 3)} for label in self.evidence.labels])
         return found
 
     def unlearning(self, *, every: int, lead: float | None = None, seed: int = 0, device: str = "cpu",

@@ -36,7 +36,7 @@ from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
 from guard.purify.norm_tuning import NormTuning
 from guard.purify.relapse import relapse, shallow_note
-from guard.purify.residual import blend_residual, residual_evidence
+from guard.purify.residual import blend_residual, residual_evidence, warp_residual
 from guard.purify.result import PurifyResult
 from guard.purify.rnp import RNPPruning
 from guard.purify.sau import SharedAdversarialUnlearning
@@ -103,16 +103,17 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
            max_drop: float = 0.02, holdout_share: float = 0.25, share: float | None = None,
            epochs: int | None = None, lr: float | None = None, seed: int = 0, rescan: bool = True,
            online: bool = True, nc=None, progress: bool | None = None, device: str = "cpu",
-           blend_evidence: bool = True, probe_relapse: bool = True) -> PurifyResult:
+           search_evidence: bool = True, probe_relapse: bool = True) -> PurifyResult:
     """Purify ``model`` with ``method`` (:data:`METHODS`) within ``max_drop`` of clean accuracy and measure
     before and after on the held-out part: clean accuracy, the reversed triggers' attack success where
     they were found and pasted anywhere, the online checks' rejection of held-out images stamped with
     them (``online``), and (``rescan``) a fresh Neural Cleanse scan of the result (verdict, suspect
     labels, largest anomaly index) with the suspect labels' triggers reversed again from two starts and
     judged against the original scan's other labels (:mod:`guard.purify.residual`): either finding keeps
-    the verdict at ``backdoored``. When the profile names no suspect label and ``blend_evidence`` is on,
-    :meth:`Evidence.from_blend_reversal` looks for a whole-image trigger on the learning images (Neural
-    Cleanse's scan misses blended and warped ones); what it flags is unlearned, and judged after by the
+    the verdict at ``backdoored``. The evidence is :meth:`Evidence.gather`'s: the profile's reversed triggers
+    (Neural Cleanse's, else the warp fields ``guard scan`` stored), else, with ``search_evidence``, what the
+    blend reversal and then the warp reversal flag on the learning images (Neural Cleanse's scan misses
+    blended and warped backdoors); what it holds is unlearned, and a reversal's finding is judged after by the
     same reversal on the purified model. ``probe_relapse`` adds, for both models, the reversed triggers'
     success after one epoch of re-tuning with 1% of the learning images stamped with them
     (:func:`~guard.purify.relapse.relapse`: how deep the repair went). ``share``, ``epochs`` and ``lr`` go to
@@ -127,13 +128,9 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     est = make_purifier(method, max_drop=max_drop, seed=seed, progress=progress, device=device, share=share,
                         epochs=epochs, lr=lr)
     validate_data(y, k, method)
-    evidence = Evidence.from_profile(profile)
     x_tr, y_tr, xv, yv = split(x, y, 1 - holdout_share, seed=seed)
-    source = {"source": "profile" if evidence else None}
-    if not evidence and blend_evidence:
-        evidence, source["blend_reversal"] = Evidence.from_blend_reversal(model, x_tr, y_tr, seed=seed,
-                                                                          progress=progress)
-        source["source"] = "blend-reversal" if evidence else None
+    evidence, source = Evidence.gather(model, x_tr, y_tr, profile, search=search_evidence, seed=seed,
+                                       progress=progress)
     est.fit(model, x_tr, y_tr, evidence=evidence, validation=(xv, yv))
     fixed = evidence.triggers(jitter=0)
     moved = anywhere(fixed)
@@ -168,8 +165,10 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
         scanner = nc or NeuralCleanse(seed=seed, progress=progress, device=device)
         scanner.fit(purified, x_tr, num_classes=k)
         suspects = [int(s) for s in scanner.suspect_labels_]
-        if source["source"] == "blend-reversal":
+        if evidence.kind == "blend":
             residual = blend_residual(purified, x_tr, y_tr, evidence.labels, seed=seed)
+        elif evidence.kind == "warp":
+            residual = warp_residual(purified, x_tr, y_tr, evidence.labels, seed=seed)
         else:
             residual = residual_evidence(purified, x_tr, profile, evidence.labels, num_classes=k, seed=seed,
                                          device=device, threshold=float(scanner.threshold_))

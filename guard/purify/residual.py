@@ -65,3 +65,17 @@ def blend_residual(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[
     suspected = any(f["suspected"] for f in found.values())
     return {"suspected": suspected, "labels": found, "threshold": br.threshold, "method": "blend-reversal"}
 
+
+
+def warp_residual(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[int], *, seed: int = 0) -> dict:
+    """The warp reversal again on the purified ``model``: a label of ``labels`` that a smooth warp still
+    reaches with clearly less displacement than every other label (lead over the reversal's threshold) is
+    still a backdoor target. Returns ``{"suspected", "labels": {label: {"lead", "strength_needed",
+    "suspected"}}, "threshold", "method"}``."""
+    from guard.scan.warp import WarpReversal
+
+    wr = WarpReversal(seed=seed + 101, progress=False).fit(model, x, y)
+    found = {str(s): {"lead": round(float(wr.lead_[s]), 3), "strength_needed": round(float(wr.strength_needed_[s]), 3),
+                      "suspected": bool(wr.lead_[s] > wr.threshold)} for s in labels}
+    suspected = any(f["suspected"] for f in found.values())
+    return {"suspected": suspected, "labels": found, "threshold": wr.threshold, "method": "warp-reversal"}

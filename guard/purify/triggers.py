@@ -1,5 +1,6 @@
 """Triggers to unlearn and to score a purified model with: the profile's reversed triggers, stamped
-where they were found or pasted anywhere, and the one function that measures a trigger's success.
+where they were found or pasted anywhere (or, for a warping trigger, the reversed displacement field
+applied), and the one function that measures a trigger's success.
 
 A reversed trigger is *one* trigger that works, not the attacker's (docs/design.md). On a model that
 pools globally the backdoor fires wherever its pattern sits, and the reversal often settles on a
@@ -16,21 +17,40 @@ import numpy as np
 import torch
 from torch import nn
 
+from guard.scan.warp import warp
+
 
 @dataclass
 class Trigger:
     """A mask ``(1, H, W)`` and pattern ``(C, H, W)`` in raw pixel space, stamped where it was found
-    (moved by up to ``jitter`` pixels) or, with ``anywhere``, its bounding box pasted at a random place."""
+    (moved by up to ``jitter`` pixels) or, with ``anywhere``, its bounding box pasted at a random place.
+
+    A warping trigger (:meth:`warping`) has a displacement ``field`` ``(2, H, W)`` in pixels instead
+    (:func:`guard.scan.warp.warp`), applied scaled by a factor drawn log-uniformly from ``1/spread`` to
+    ``spread``; its mask and pattern are empty and it has no place to move."""
 
     mask: torch.Tensor
     pattern: torch.Tensor
     anywhere: bool = False
     jitter: int = 0
+    field: torch.Tensor | None = None
+    spread: float = 1.0
 
     @classmethod
     def of(cls, mask: np.ndarray, pattern: np.ndarray, **kw) -> Trigger:
         m, p = (torch.as_tensor(np.asarray(a, np.float32)) for a in (mask, pattern))
         return cls(m, p, **kw)
+
+    @classmethod
+    def warping(cls, field: np.ndarray | torch.Tensor, *, spread: float = 1.0) -> Trigger:
+        """A warping trigger: every image resampled through the displacement ``field`` ``(2, H, W)``, scaled
+        by up to ``spread`` times either way (1: as found)."""
+        f = torch.as_tensor(np.asarray(field, np.float32))
+        if f.ndim != 3 or f.shape[0] != 2:
+            raise ValueError(f"a warp field is (2, H, W), got {tuple(f.shape)}")
+        if spread < 1:
+            raise ValueError(f"spread must be at least 1, got {spread}")
+        return cls(torch.zeros((0,)), torch.zeros((0,)), field=f, spread=float(spread))
 
     def crop(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bounding box of the mask's support (pixels at >= 10% of its maximum)."""
@@ -54,6 +74,11 @@ def shift(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 def stamp_one(x: torch.Tensor, trig: Trigger, g: torch.Generator) -> torch.Tensor:
     """One image ``(C, H, W)`` with ``trig`` stamped (its place drawn from ``g``)."""
+    if trig.field is not None:
+        f = trig.field
+        if trig.spread > 1:
+            f = f * trig.spread ** (2 * float(torch.rand((), generator=g)) - 1)
+        return warp(x[None], f[None].to(x.dtype))[0]
     h, w = x.shape[-2:]
     if trig.anywhere:
         m, p = trig.crop()
@@ -115,8 +140,9 @@ def reversed_triggers(labels, masks, patterns, *, jitter: int = 2) -> list[tuple
 
 
 def anywhere(trigs: list[tuple[int, Trigger]]) -> list[tuple[int, Trigger]]:
-    """The same triggers with their footprint pasted at a random place instead."""
-    return [(s, Trigger(t.mask, t.pattern, anywhere=True)) for s, t in trigs]
+    """The same triggers with their footprint pasted at a random place instead (a warping trigger has no
+    footprint: it is left out)."""
+    return [(s, Trigger(t.mask, t.pattern, anywhere=True)) for s, t in trigs if t.field is None]
 
 
 def worst_success(model: nn.Module, x: np.ndarray, y: np.ndarray, trigs: list[tuple[int, Trigger]], *,

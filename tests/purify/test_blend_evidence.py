@@ -33,11 +33,18 @@ def blended(tmp_path_factory):
     return model, w.attack, xs, ys, xt, yt
 
 
-def test_blend_reversal_names_the_target_and_a_key(blended):
+@pytest.fixture(scope="module")
+def reversed_blend(blended):
+    """The blend reversal's evidence on the 20-per-class subset (once for the tests that read it)."""
     from guard.purify import Evidence
 
-    model, attack, xs, ys, _, _ = blended
-    evidence, info = Evidence.from_blend_reversal(model, xs, ys, seed=0)
+    model, _, xs, ys, _, _ = blended
+    return Evidence.from_blend_reversal(model, xs, ys, seed=0)
+
+
+def test_blend_reversal_names_the_target_and_a_key(blended, reversed_blend):
+    _, attack, xs, _, _, _ = blended
+    evidence, info = reversed_blend
     assert evidence.labels == [attack.target] == info["suspect_labels"]
     mask = evidence.masks[0]
     assert mask.shape == (1, *xs.shape[2:]) and np.ptp(mask) == 0 and 0 < mask.max() <= 0.2  # one opacity
@@ -75,16 +82,15 @@ def test_purify_unlearns_the_blend_key_when_the_profile_names_no_label(blended, 
     assert blend_residual(model, xs, ys, [attack.target], seed=0)["suspected"]  # the original still leads
 
 
-def test_blend_evidence_is_reversed_again_as_a_blend(blended):
+def test_blend_evidence_is_reversed_again_as_a_blend(blended, reversed_blend):
     """A purification tuning on blend evidence asks the blend question again of the model it tunes: one key
     at the opacity the scan found, one at the opacity natural labels need, both full-image masks, recorded
     in the details and added to the triggers that score the candidates. On the backdoored model the key at
     the natural opacity still carries most images to the target."""
-    from guard.purify import Evidence
     from guard.purify.base import Candidates
 
     model, attack, xs, ys, _, _ = blended
-    evidence, _ = Evidence.from_blend_reversal(model, xs, ys, seed=0)
+    evidence, _ = reversed_blend
     assert evidence.kind == "blend" and 0 < evidence.masks.max() < evidence.natural_opacity < 0.5
     c = Candidates(xs, ys, evidence, selection=None, original=model, num_classes=10)
     found = c.rereverse(model, 1, seed=0)

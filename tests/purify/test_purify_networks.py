@@ -18,13 +18,12 @@ from guard.model import accuracy, fingerprint
 
 
 @pytest.fixture(scope="module")
-def resnet_world(tmp_path_factory):
+def resnet_world(arch_worlds):
+    """The architecture tests' ResNet-18 layout world (tests/arch_helpers.py), trained once per session."""
     from guard.data import load_npz
-    from guard.demo.world import build
     from guard.model import load_model
 
-    w = build(tmp_path_factory.mktemp("resnet-purify"), net="resnet", seed=1, epochs=4, lr=4e-3, n_train=2500,
-              n_clean=400, n_holdout=500, WIDTH=8)
+    w = arch_worlds["resnet"]
     x, y = load_npz(w.clean)
     xt, yt = load_npz(w.holdout)
     return load_model(w.model_file, w.weights), w.attack, x, y, xt, yt

@@ -113,7 +113,7 @@ def test_purify_end_to_end_without_a_reversed_trigger(gap):
     profile = Profile(model_sha256=sha, input_shape=tuple(xs.shape[1:]), num_classes=10,
                       feature_layer="classifier", fpr=0.01, checks={})
     res = purify(model, xs, ys, profile, method="rnp", seed=0, rescan=False, online=False, progress=False,
-                 blend_evidence=False)
+                 search_evidence=False)
     assert fingerprint(model) == sha
     assert res.ok and res.details["method"] == "rnp" and res.details["selected"].startswith("rnp:")
     assert res.details["accuracy_drop"] <= 0.02 + 1e-9

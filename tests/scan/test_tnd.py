@@ -60,8 +60,8 @@ def test_dl_tnd_estimator_shapes(demo):
 
 def test_df_tnd_needs_no_data_and_is_seeded(demo):
     model, _, _ = demo
-    a = DFTND(seed=1, iterations=40, progress=False).fit(model, (3, 32, 32))
-    b = DFTND(seed=1, iterations=40, progress=False).fit(model)  # shape probed from the model
+    a = DFTND(seed=1, iterations=15, progress=False).fit(model, (3, 32, 32))
+    b = DFTND(seed=1, iterations=15, progress=False).fit(model)  # shape probed from the model
     np.testing.assert_allclose(a.logit_increase_, b.logit_increase_, rtol=1e-5, atol=1e-5)
     assert a.logit_increase_.shape == (10,) and a.mask_.shape == (1, 32, 32) and a.pattern_.shape == (3, 32, 32)
     assert abs(a.weights_.sum() - 1) < 1e-5 and (a.weights_ >= 0).all()
