@@ -60,16 +60,16 @@ def test_bad_settings_are_refused(demo, kw, match):
 
 
 def test_the_scan_weights_its_checks_with_the_key(demo):
-    """``build_profile(adaptive_steps=300)`` on the demo model (Neural Cleanse at 100 rounds names the target)
+    """``build_profile(adaptive_steps=100)`` on the demo model (Neural Cleanse at 100 rounds names the target)
     plays the adaptive attacker against the suspect label and reports which share of the key's stamped images
     each check saw; the profile's weights are the ones it reports (the floor: tests/online/test_ensemble.py)."""
     from guard.scan import NeuralCleanse, build_profile
 
     model, x, y, target = demo
-    profile, summary = build_profile(model, x, y, progress=False, adaptive_steps=300,
+    profile, summary = build_profile(model, x, y, progress=False, adaptive_steps=100,
                                      nc=NeuralCleanse(seed=0, max_rounds=100, progress=False))
     key = summary["adaptive_key"]
-    assert target in key["labels"] and key["success"][key["labels"].index(target)] >= 0.2 and key["steps"] == 300
+    assert target in key["labels"] and key["success"][key["labels"].index(target)] >= 0.2 and key["steps"] == 100
     assert list(key["seen"]) == list(profile.checks) and max(key["seen"].values()) >= 0.3
     weights = profile.tensors["ensemble.weights"]
     np.testing.assert_allclose(weights, list(summary["ensemble"]["weights"].values()), atol=1e-4)
