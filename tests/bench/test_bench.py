@@ -337,9 +337,9 @@ def test_purification_targets_show_what_auto_measured():
 
 
 def test_a_method_that_cannot_run_on_the_evidence_gets_a_refused_row(monkeypatch):
-    """Where neither the scan nor the blend reversal found a trigger, trigger unlearning cannot run: its row says
-    so (``ok`` false, the message in ``refused``) and the other methods' rows are still measured, instead of the
-    whole attack row (and the run) failing."""
+    """Where neither the scan nor the blend and warp reversals found a trigger, trigger unlearning cannot run: its
+    row says so (``ok`` false, the message in ``refused``) and the other methods' rows are still measured, instead
+    of the whole attack row (and the run) failing."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -350,7 +350,8 @@ def test_a_method_that_cannot_run_on_the_evidence_gets_a_refused_row(monkeypatch
     from guard.demo.attacks import BadNets
     from guard.purify import Evidence
 
-    monkeypatch.setattr(Evidence, "from_blend_reversal", classmethod(lambda cls, *a, **k: (cls(), {})))
+    for reversal in ("from_blend_reversal", "from_warp_reversal"):
+        monkeypatch.setattr(Evidence, reversal, classmethod(lambda cls, *a, **k: (cls(), {})))
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
                         nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
