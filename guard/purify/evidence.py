@@ -73,9 +73,7 @@ class Evidence:
 
         br = BlendReversal(seed=seed, progress=progress).fit(model, x, y)
         opacity = br.opacity_
-        labels = [int(s) for s in br.suspect_labels_]
-        info = {"suspect_labels": labels, "lead": [round(float(v), 3) for v in br.lead_],
-                "threshold": br.threshold, "seconds": round(br.seconds_, 1)}
+        labels, info = _found(br)
         if not labels:
             return cls(), info
         h, w = x.shape[-2:]
@@ -117,9 +115,7 @@ class Evidence:
         from guard.scan.warp import WarpReversal
 
         wr = WarpReversal(seed=seed, progress=progress).fit(model, x, y)
-        labels = [int(s) for s in wr.suspect_labels_]
-        info = {"suspect_labels": labels, "lead": [round(float(v), 3) for v in wr.lead_],
-                "threshold": wr.threshold, "seconds": round(wr.seconds_, 1)}
+        labels, info = _found(wr)
         return (cls.from_warps(labels, wr.fields_[labels]) if labels else cls()), info
 
     @classmethod
@@ -167,3 +163,10 @@ class Evidence:
         """What the selection scores candidates with: each trigger where it was found and pasted anywhere."""
         fixed = self.triggers(jitter=0)
         return fixed + anywhere(fixed)
+
+
+def _found(reversal) -> tuple[list[int], dict]:
+    """A fitted reversal's (blend, warp) suspect labels and what the report keeps of it."""
+    labels = [int(s) for s in reversal.suspect_labels_]
+    return labels, {"suspect_labels": labels, "lead": [round(float(v), 3) for v in reversal.lead_],
+                    "threshold": reversal.threshold, "seconds": round(reversal.seconds_, 1)}

@@ -7,7 +7,9 @@ starting points (several reversed triggers per label: a backdoor that was only p
 often found again from another start), and the cheapest one is judged against the *original* scan's
 norms of the labels it did not suspect, with Neural Cleanse's own rule: an anomaly index above the
 scan's threshold means the label is still as cheap to reach as a backdoor target was, so the purified
-model is still suspected.
+model is still suspected. Evidence found by the blend or the warp reversal is judged by the same reversal
+on the purified model (:func:`blend_residual`, :func:`warp_residual`): a label that still leads is still a
+target.
 """
 
 from __future__ import annotations
@@ -60,11 +62,7 @@ def blend_residual(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[
     from guard.scan.blend import BlendReversal
 
     br = BlendReversal(seed=seed + 101, progress=False).fit(model, x, y)
-    found = {str(s): {"lead": round(float(br.lead_[s]), 3), "opacity_needed": round(float(br.alpha_needed_[s]), 3),
-                      "suspected": bool(br.lead_[s] > br.threshold)} for s in labels}
-    suspected = any(f["suspected"] for f in found.values())
-    return {"suspected": suspected, "labels": found, "threshold": br.threshold, "method": "blend-reversal"}
-
+    return _leads(br, br.alpha_needed_, "opacity_needed", labels, "blend-reversal")
 
 
 def warp_residual(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[int], *, seed: int = 0) -> dict:
@@ -75,7 +73,12 @@ def warp_residual(model: nn.Module, x: np.ndarray, y: np.ndarray, labels: list[i
     from guard.scan.warp import WarpReversal
 
     wr = WarpReversal(seed=seed + 101, progress=False).fit(model, x, y)
-    found = {str(s): {"lead": round(float(wr.lead_[s]), 3), "strength_needed": round(float(wr.strength_needed_[s]), 3),
-                      "suspected": bool(wr.lead_[s] > wr.threshold)} for s in labels}
-    suspected = any(f["suspected"] for f in found.values())
-    return {"suspected": suspected, "labels": found, "threshold": wr.threshold, "method": "warp-reversal"}
+    return _leads(wr, wr.strength_needed_, "strength_needed", labels, "warp-reversal")
+
+
+def _leads(reversal, needed: np.ndarray, name: str, labels: list[int], method: str) -> dict:
+    """A fitted reversal's verdict on ``labels``: each label's lead and what it needed (as ``name``)."""
+    found = {str(s): {"lead": round(float(reversal.lead_[s]), 3), name: round(float(needed[s]), 3),
+                      "suspected": bool(reversal.lead_[s] > reversal.threshold)} for s in labels}
+    return {"suspected": any(f["suspected"] for f in found.values()), "labels": found,
+            "threshold": reversal.threshold, "method": method}
