@@ -156,7 +156,7 @@ def evidence_line(ev: dict) -> str:
     if source == "profile-warp":
         return "purified against the warp fields the profile's warp reversal flagged"
     ran = [(name, (ev.get(key) or {}).get("suspect_labels") or [])
-           for name, key in (("a blend reversal", "blend_reversal"), ("a warp reversal", "warp_reversal"))
+           for name, key in (("a warp reversal", "warp_reversal"), ("a blend reversal", "blend_reversal"))
            if key in ev]
     found = [f"{name} on the clean images flagged label(s) {labels}" for name, labels in ran if labels]
     if found:

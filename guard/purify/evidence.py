@@ -4,7 +4,7 @@ Every method reads the same :class:`Evidence` (suspect labels and their reversed
 ``guard scan`` wrote them) and never the attacker's trigger. A profile with no suspect label gives
 empty evidence; methods that need a reversed trigger refuse it, the others (ANP, RNP, adversarial
 unlearning, BatchNorm-aware tuning, Fine-Pruning) run on clean images alone. :meth:`Evidence.gather`
-adds what the blend and warp reversals find where Neural Cleanse found nothing.
+adds what the warp and blend reversals find where Neural Cleanse found nothing.
 """
 
 from __future__ import annotations
@@ -122,12 +122,15 @@ class Evidence:
     def gather(cls, model, x: np.ndarray, y: np.ndarray, profile, *, search: bool = True, seed: int = 0,
                progress: bool | None = None) -> tuple[Evidence, dict]:
         """Everything a purification may unlearn, first found first: the profile's Neural Cleanse triggers,
-        else the warp fields ``guard scan`` stored in it, else (``search``) what the blend reversal flags on
-        the clean ``x``, ``y``, else what the warp reversal flags (when the profile holds no warp result:
-        the scan did not run it). Neural Cleanse looks for the smallest region and misses blended, warped
-        and signal backdoors; without the reversals a purification of such a model has nothing to unlearn.
-        Returns the evidence and ``{"source": "profile" | "profile-warp" | "blend-reversal" |
-        "warp-reversal" | None, "blend_reversal": ..., "warp_reversal": ...}`` (what each reversal run
+        else the warp fields ``guard scan`` stored in it, else (``search``) what the warp reversal flags on the
+        clean ``x``, ``y`` (when the profile holds no warp result: the scan did not run it), else what the
+        blend reversal flags. Neural Cleanse looks for the smallest region and misses blended, warped and
+        signal backdoors; without the reversals a purification of such a model has nothing to unlearn. The
+        warp reversal goes before the blend reversal because it flagged no clean, patch or blended model of
+        the layouts measured, where the blend reversal flags a natural sink on 4 of 10 clean models of the
+        less robust ones (docs/benchmarks.md, guard/scan/warp.py): asked first, a blend reversal's sink would
+        hide a warp. Returns the evidence and ``{"source": "profile" | "profile-warp" | "warp-reversal" |
+        "blend-reversal" | None, "warp_reversal": ..., "blend_reversal": ...}`` (what each reversal run
         measured)."""
         evidence = cls.from_profile(profile)
         if evidence:
@@ -138,12 +141,13 @@ class Evidence:
         source: dict = {"source": None}
         if not search:
             return evidence, source
-        evidence, source["blend_reversal"] = cls.from_blend_reversal(model, x, y, seed=seed, progress=progress)
-        if evidence:
-            source["source"] = "blend-reversal"
-        elif getattr(profile, "warp", None) is None:
+        if getattr(profile, "warp", None) is None:
             evidence, source["warp_reversal"] = cls.from_warp_reversal(model, x, y, seed=seed, progress=progress)
-            source["source"] = "warp-reversal" if evidence else None
+            if evidence:
+                source["source"] = "warp-reversal"
+                return evidence, source
+        evidence, source["blend_reversal"] = cls.from_blend_reversal(model, x, y, seed=seed, progress=progress)
+        source["source"] = "blend-reversal" if evidence else None
         return evidence, source
 
     def __bool__(self) -> bool:

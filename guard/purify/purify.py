@@ -112,10 +112,10 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     judged against the original scan's other labels (:mod:`guard.purify.residual`): either finding keeps
     the verdict at ``backdoored``. The evidence is :meth:`Evidence.gather`'s: the profile's reversed triggers
     (Neural Cleanse's, else the warp fields ``guard scan`` stored), else, with ``search_evidence``, what the
-    blend reversal and then the warp reversal flag on the learning images (Neural Cleanse's scan misses
-    blended and warped backdoors); what it holds is unlearned, and a reversal's finding is judged after by the
-    same reversal on the purified model. ``probe_relapse`` adds, for both models, the reversed triggers'
-    success after one epoch of re-tuning with 1% of the learning images stamped with them
+    warp reversal (when the scan did not run it) and then the blend reversal flag on the learning images
+    (Neural Cleanse's scan misses blended and warped backdoors); what it holds is unlearned, and a reversal's
+    finding is judged after by the same reversal on the purified model. ``probe_relapse`` adds, for both models,
+    the reversed triggers' success after one epoch of re-tuning with 1% of the learning images stamped with them
     (:func:`~guard.purify.relapse.relapse`: how deep the repair went). ``share``, ``epochs`` and ``lr`` go to
     the methods that take them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where
     the Neural Cleanse optimisations run: the combined method's re-reversals and the rescan.

@@ -78,4 +78,31 @@ def test_the_evidence_line_names_its_source():
     assert "a warp reversal on the clean images flagged label(s) [6]" in line
     line = evidence_line({"source": None, "blend_reversal": {"suspect_labels": []},
                           "warp_reversal": {"suspect_labels": []}})
-    assert "a blend reversal and a warp reversal flagged none" in line
+    assert "a warp reversal and a blend reversal flagged none" in line
+
+
+def test_the_warp_reversal_is_asked_before_the_blend_reversal(profile, monkeypatch):
+    """Without a stored warp result the warp reversal goes first (a blend reversal's natural sink would hide a
+    warp); the blend reversal runs only when it flags nothing, and not at all with ``search=False``."""
+    shape = tuple(profile.input_shape[1:])
+    asked: list[str] = []
+
+    def reversal(name, labels):
+        def fake(cls, *a, **k):
+            asked.append(name)
+            if not labels:
+                return cls(), {"suspect_labels": []}
+            return cls.from_warps(labels, np.zeros((len(labels), 2, *shape), np.float32)), {"suspect_labels": labels}
+        return classmethod(fake)
+
+    quiet = dataclasses.replace(profile, suspect_labels=[], warp=None)
+    monkeypatch.setattr(Evidence, "from_warp_reversal", reversal("warp", [4]))
+    monkeypatch.setattr(Evidence, "from_blend_reversal", reversal("blend", [5]))
+    ev, source = Evidence.gather(None, None, None, quiet)
+    assert asked == ["warp"] and source["source"] == "warp-reversal" and ev.labels == [4]
+    monkeypatch.setattr(Evidence, "from_warp_reversal", reversal("warp", []))
+    asked.clear()
+    ev, source = Evidence.gather(None, None, None, quiet)
+    assert asked == ["warp", "blend"] and source["source"] == "blend-reversal" and ev.labels == [5]
+    asked.clear()
+    assert not Evidence.gather(None, None, None, quiet, search=False)[0] and asked == []

@@ -6,9 +6,10 @@ two cores).
 Trains, like the suite's architecture worlds (2500 training images, 1000 clean images scanned), clean
 models of seeds 1-5 and Blended models (opacity 0.15; targets 5, 2, 7 on seeds 1, 2, 3) of the width-8
 ResNet-18 and the all-convolutional layouts, a BadNets and an Adap-Blend model of each (target 6, seed 1),
-and prints per model the three leading labels' leads and needed opacities and the labels flagged. The
-DemoNet side is tests/scan/blend_calibration.py's population. Figures: docs/benchmarks.md, 'Measurements
-behind the defaults', guard/scan/blend.py.
+and prints per model the three leading labels' leads and needed opacities and the labels flagged. With
+``--warp`` the warp reversal is asked of the same models too (its largest lead and the labels it flags; about
+40 s more per model). The DemoNet side is tests/scan/blend_calibration.py's population. Figures:
+docs/benchmarks.md, 'Measurements behind the defaults', guard/scan/blend.py and guard/scan/warp.py.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", type=Path, help="also write every model's per-label record here")
+    ap.add_argument("--warp", action="store_true", help="also run the warp reversal on every model")
     args = ap.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory(prefix="guard-blend-sink-") as tmp:
@@ -60,6 +62,14 @@ def main() -> None:
                   + f" | flagged {br.suspect_labels_}", flush=True)
             rows[name] = {"target": getattr(atk, "target", None), "accuracy": w.clean_accuracy,
                           "per_label": br.per_label(), "suspect_labels": br.suspect_labels_}
+            if args.warp:
+                from guard.scan.warp import WarpReversal
+
+                wr = WarpReversal(seed=0, progress=False).fit(load_model(w.model_file, w.weights), x, y)
+                j = int(wr.lead_.argmax())
+                print(f"{'':24s} warp: largest lead {wr.lead_[j]:.3f} at {j} | flagged {wr.suspect_labels_}",
+                      flush=True)
+                rows[name]["warp"] = {"per_label": wr.per_label(), "suspect_labels": wr.suspect_labels_}
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
