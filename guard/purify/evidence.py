@@ -51,10 +51,7 @@ class Evidence:
         if not labels:
             return cls()
         if "all_masks" in t and "all_patterns" in t:
-            k = len(t["all_masks"])
-            bad = [s for s in labels if not 0 <= s < k]
-            if bad:
-                raise InputError(f"suspect label(s) {bad} are outside the profile's {k} reversed triggers")
+            _validate_rows(labels, len(t["all_masks"]), "suspect label(s)", "reversed triggers")
             return cls(labels, t["all_masks"][labels], t["all_patterns"][labels])
         if "masks" in t and "patterns" in t and len(t["masks"]) == len(profile.suspect_labels):
             rows = [profile.suspect_labels.index(s) for s in labels]
@@ -101,17 +98,15 @@ class Evidence:
         if w is None or not w.suspect_labels or fields is None:
             return cls()
         labels = [int(s) for s in w.suspect_labels]
-        bad = [s for s in labels if not 0 <= s < len(fields)]
-        if bad:
-            raise InputError(f"warp suspect label(s) {bad} are outside the profile's {len(fields)} warp fields")
+        _validate_rows(labels, len(fields), "warp suspect label(s)", "warp fields")
         return cls.from_warps(labels, np.asarray(fields)[labels])
 
     @classmethod
     def from_warp_reversal(cls, model, x: np.ndarray, y: np.ndarray, *, seed: int = 0,
                            progress: bool | None = None) -> tuple[Evidence, dict]:
-        """Evidence of a warping backdoor (WaNet) when neither the profile nor the blend reversal has one:
-        :class:`~guard.scan.warp.WarpReversal` on the clean images, each label it flags with its reversed
-        field. Returns the evidence and what the reversal measured (for the report)."""
+        """Evidence of a warping backdoor (WaNet) when the profile has none (:meth:`gather` asks it before the
+        blend reversal): :class:`~guard.scan.warp.WarpReversal` on the clean images, each label it flags with its
+        reversed field. Returns the evidence and what the reversal measured (for the report)."""
         from guard.scan.warp import WarpReversal
 
         wr = WarpReversal(seed=seed, progress=progress).fit(model, x, y)
@@ -174,3 +169,10 @@ def _found(reversal) -> tuple[list[int], dict]:
     labels = [int(s) for s in reversal.suspect_labels_]
     return labels, {"suspect_labels": labels, "lead": [round(float(v), 3) for v in reversal.lead_],
                     "threshold": reversal.threshold, "seconds": round(reversal.seconds_, 1)}
+
+
+def _validate_rows(labels: list[int], k: int, what: str, rows: str) -> None:
+    """InputError when a label of ``labels`` has no row among the profile's ``k`` ``rows``."""
+    bad = [s for s in labels if not 0 <= s < k]
+    if bad:
+        raise InputError(f"{what} {bad} are outside the profile's {k} {rows}")

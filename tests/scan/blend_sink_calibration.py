@@ -55,7 +55,8 @@ def main() -> None:
             w = build(Path(tmp) / name, net=net, attack=atk, backdoored=atk is not None, seed=seed, epochs=epochs,
                       lr=lr, **TRAIN, **constants)
             x, y = load_npz(w.clean)
-            br = BlendReversal(seed=0, progress=False).fit(load_model(w.model_file, w.weights), x, y)
+            model = load_model(w.model_file, w.weights)
+            br = BlendReversal(seed=0, progress=False).fit(model, x, y)
             top = np.argsort(-br.lead_)[:3]
             print(f"{name:24s} acc {w.clean_accuracy:.3f} target {getattr(atk, 'target', None)} | "
                   + "  ".join(f"{j}: lead {br.lead_[j]:.3f} at {br.alpha_needed_[j]:.3f}" for j in top)
@@ -65,7 +66,7 @@ def main() -> None:
             if args.warp:
                 from guard.scan.warp import WarpReversal
 
-                wr = WarpReversal(seed=0, progress=False).fit(load_model(w.model_file, w.weights), x, y)
+                wr = WarpReversal(seed=0, progress=False).fit(model, x, y)
                 j = int(wr.lead_.argmax())
                 print(f"{'':24s} warp: largest lead {wr.lead_[j]:.3f} at {j} | flagged {wr.suspect_labels_}",
                       flush=True)
