@@ -1,4 +1,4 @@
-"""Datasets: validated ``.npz`` and image-folder loaders, and a seeded stratified split.
+"""Datasets: validated ``.npz`` and image-folder loaders, a seeded stratified split and stratified folds.
 
 The data contract (docs/design.md): ``x`` float32 ``(N, C, H, W)`` in [0, 1] and ``y`` int64 ``(N,)``;
 the same range and shape checks as every guarded call (:func:`guard.inputs.validate_batch`). The
@@ -105,6 +105,22 @@ def split(x: np.ndarray, y: np.ndarray, fraction: float, *, seed: int = 0):
     a = np.sort(np.concatenate(a_idx))
     b = np.sort(np.concatenate(b_idx))
     return x[a], y[a], x[b], y[b]
+
+
+def stratified_folds(y: np.ndarray, folds: int, *, seed: int = 0) -> list[np.ndarray]:
+    """Seeded stratified partition of ``range(len(y))`` into ``folds`` index arrays (each sorted): every class's
+    images are shuffled and dealt round-robin from a random fold on, so fold sizes per class differ by at most
+    one and every image is in exactly one fold."""
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in range(folds)]
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        start = int(rng.integers(folds))
+        for f in range(folds):
+            parts[(start + f) % folds].append(idx[f::folds])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, np.int64) for p in parts]
 
 
 def validate_per_class(y: np.ndarray, k: int, minimum: int) -> None:

@@ -7,7 +7,8 @@ it draws ``per_class`` clean images per class (seeded), scans them as ``guard sc
 profile is given), runs ``auto`` (whose candidate methods each report their own row, measured from the
 same run) and the published baselines within the same accuracy bound, and returns one row per
 method. ``python -m guard.bench.purification`` prints the rows for the demo worlds (DemoNet BadNets,
-DemoNet Blended, GapNet BadNets).
+DemoNet Blended, GapNet BadNets); with ``--cross-fit FOLDS`` it prints :func:`cross_fit_row` instead: how the
+held-out quarter's and the cross-fitted drop (:mod:`guard.purify.bound`) compare with the test images' drop.
 """
 
 from __future__ import annotations
@@ -136,6 +137,41 @@ def purification_rows(model: nn.Module, attack, x: np.ndarray, y: np.ndarray, x_
     return rows
 
 
+def cross_fit_row(model: nn.Module, x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, *,
+                  method: str = "auto", folds: int = 4, per_class: int = 20, max_drop: float = 0.02, seed: int = 0,
+                  world: str = "") -> dict:
+    """What each estimate of the accuracy drop says beside the truth: ``per_class`` clean images per class
+    (seeded), a fresh scan of them, ``guard purify``'s run (:func:`guard.purify.purify`, no rescan) and the
+    cross-fitted drop over the same images with the same evidence (what ``purify(cross_fit=folds)`` adds), and
+    the drop of the model the held-out quarter selected on ``(x_test, y_test)``, which nothing saw."""
+    import copy
+
+    from guard.data import split
+    from guard.purify import Evidence, make_purifier, purify
+    from guard.purify.bound import cross_fitted_drop
+    from guard.purify.tuning import bare
+    from guard.scan import build_profile
+
+    xs, ys = per_class_subset(x, y, per_class, seed=seed)
+    profile, _ = build_profile(model, xs, ys, seed=seed, progress=False)
+    res = purify(model, xs, ys, profile, method=method, max_drop=max_drop, seed=seed, rescan=False, online=False,
+                 probe_relapse=False, progress=False)
+    x_tr, y_tr, _, _ = split(xs, ys, 0.75, seed=seed)  # purify's learning part: where it gathered its evidence
+    evidence, _ = Evidence.gather(model, x_tr, y_tr, profile, seed=seed)
+    cf = cross_fitted_drop(model, xs, ys, lambda: make_purifier(method, max_drop=max_drop, seed=seed, progress=False),
+                           evidence=evidence, folds=folds, seed=seed)
+    test = None
+    if res.ok:
+        purified = copy.deepcopy(model)
+        bare(purified).load_state_dict(res.state_dict)
+        test = accuracy(model, x_test, y_test) - accuracy(purified, x_test, y_test)
+    d = res.details
+    return {"world": world, "seed": seed, "method": method, "per_class": per_class, "selected": d["selected"],
+            "held_out": d["held_out"], "held_out_drop": d["accuracy_drop"] if res.ok else None,
+            "held_out_upper_95": d["accuracy_drop_upper_95"], "cross_fitted": cf.as_dict(),
+            "test_drop": test, "test_images": int(len(y_test))}
+
+
 def _rounded(row: dict) -> dict:
     out = {}
     for k, v in row.items():
@@ -229,15 +265,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--per-class", type=int, default=20)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--cross-fit", type=int, default=0, metavar="FOLDS",
+                   help="instead of the method rows: the held-out and the cross-fitted drop beside the test drop")
+    p.add_argument("--seeds", default="0", help="subset and scan seeds of the --cross-fit rows")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, model, atk, x, y, xt, yt in demo_worlds(d, args.worlds.split(",")):
+            if args.cross_fit:
+                for seed in (int(v) for v in args.seeds.split(",")):
+                    rows.append(cross_fit_row(model, x, y, xt, yt, method=args.methods.split(",")[0],
+                                              folds=args.cross_fit, per_class=args.per_class, seed=seed, world=name))
+                    print(json.dumps(rows[-1]), flush=True)
+                continue
             rows += purification_rows(model, atk, x, y, xt, yt, methods=args.methods.split(","),
                                       per_class=args.per_class, world=name)
             if not args.json:
                 print(format_rows([r for r in rows if r["world"] == name]), flush=True)
-    if args.json:
+    if args.json and not args.cross_fit:
         print(json.dumps(rows, indent=2))
     return 0
 

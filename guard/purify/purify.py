@@ -10,8 +10,9 @@ candidate's clean accuracy on the held-out part is measured, candidates whose dr
 and the CLI writes nothing and exits 1 with the figures.
 
 The held-out images resolve the drop in steps of one image; the result also carries a one-sided 95%
-upper confidence bound of the drop on unseen images (:func:`drop_upper_bound`), which says how much
-the measured figure can be trusted with the images given.
+upper confidence bound of the drop on unseen images (:func:`~guard.purify.bound.drop_upper_bound`), which says
+how much the measured figure can be trusted with the images given, and, with ``cross_fit``, the drop measured
+on every clean image by cross-fitting (:mod:`guard.purify.bound`).
 
 Minimum clean data: :data:`~guard.purify.base.MIN_PER_CLASS` images per class (a quarter is held
 out, so the bound is measured on at least 2 per class).
@@ -31,6 +32,7 @@ from guard.model import num_classes, validate_labels
 from guard.purify.anp import ANPPruning
 from guard.purify.auto import Auto
 from guard.purify.base import Purifier, validate_data
+from guard.purify.bound import cross_fitted_drop, drop_upper_bound, resolution_note, validate_folds
 from guard.purify.combined import CombinedUnlearning
 from guard.purify.evidence import Evidence
 from guard.purify.fine_pruning import FinePruning
@@ -63,22 +65,6 @@ def make_purifier(method: str, **params) -> Purifier:
     return cls(**{k: v for k, v in params.items() if k in accepted and v is not None})
 
 
-def drop_upper_bound(n: int, broken: int, fixed: int, *, confidence: float = 0.95) -> float | None:
-    """A one-sided upper confidence bound of the clean-accuracy drop on unseen images, from ``n``
-    held-out images of which the purification ``broke`` (right before, wrong after) and ``fixed``
-    (the reverse) some. The drop is the difference of two per-image probabilities; each gets an exact
-    (Clopper-Pearson) bound at half the error rate, so the pair holds at ``confidence``. With 50 images
-    and none broken it is 7.1 points: what 50 images can vouch for. None without images."""
-    from scipy.stats import beta
-
-    if n <= 0:
-        return None
-    a = (1 - confidence) / 2
-    hi = 1.0 if broken >= n else float(beta.ppf(1 - a, broken + 1, n - broken))
-    lo = 0.0 if fixed <= 0 else float(beta.ppf(a, fixed, n - fixed + 1))
-    return max(hi - lo, (broken - fixed) / n)
-
-
 def online_rejection(model: nn.Module, profile, x: np.ndarray, y: np.ndarray,
                      trigs: list[tuple[int, Trigger]], *, seed: int = 0) -> tuple[float | None, float]:
     """Share of ``x`` stamped with ``trigs`` (images not of the trigger's label) and of clean ``x`` that a
@@ -103,7 +89,7 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
            max_drop: float = 0.02, holdout_share: float = 0.25, share: float | None = None,
            epochs: int | None = None, lr: float | None = None, seed: int = 0, rescan: bool = True,
            online: bool = True, nc=None, progress: bool | None = None, device: str = "cpu",
-           search_evidence: bool = True, probe_relapse: bool = True) -> PurifyResult:
+           search_evidence: bool = True, probe_relapse: bool = True, cross_fit: int = 0) -> PurifyResult:
     """Purify ``model`` with ``method`` (:data:`METHODS`) within ``max_drop`` of clean accuracy and measure
     before and after on the held-out part: clean accuracy, the reversed triggers' attack success where
     they were found and pasted anywhere, the online checks' rejection of held-out images stamped with
@@ -119,15 +105,22 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
     (:func:`~guard.purify.relapse.relapse`: how deep the repair went). ``share``, ``epochs`` and ``lr`` go to
     the methods that take them (None: each method's default). ``device`` (``cpu`` or ``cuda[:N]``) is where
     the Neural Cleanse optimisations run: the combined method's re-reversals and the rescan.
+
+    ``cross_fit`` (0: off, else a number of folds, at least 2) measures the method's drop on every clean image as
+    well (:func:`~guard.purify.bound.cross_fitted_drop`: the method run again once per fold, learning and selecting
+    on the other folds, judged on the fold): ``details["cross_fitted"]``, reported beside the held-out figure
+    (the held-out images still decide what is kept; :mod:`guard.purify.bound` says why).
     """
     from guard.scan.neural_cleanse import NeuralCleanse
 
     model.eval()
     k = num_classes(model, x)
     validate_labels(y, k)
-    est = make_purifier(method, max_drop=max_drop, seed=seed, progress=progress, device=device, share=share,
-                        epochs=epochs, lr=lr)
+    params = {"max_drop": max_drop, "holdout_share": holdout_share, "seed": seed, "progress": progress,
+              "device": device, "share": share, "epochs": epochs, "lr": lr}
+    est = make_purifier(method, **params)
     validate_data(y, k, method)
+    validate_folds(y, k, cross_fit)
     x_tr, y_tr, xv, yv = split(x, y, 1 - holdout_share, seed=seed)
     evidence, source = Evidence.gather(model, x_tr, y_tr, profile, search=search_evidence, seed=seed,
                                        progress=progress)
@@ -188,6 +181,10 @@ def purify(model: nn.Module, x: np.ndarray, y: np.ndarray, profile, *, method: s
                "triggers": evidence.labels, "candidates": est.history_, "seconds": est.seconds_,
                "residual": residual, "evidence": source, "rescan_watch": rescan_watch(profile, evidence.labels),
                "relapse_note": shallow_note(before.get("relapse"), after.get("relapse")), **est.details_}
+    if cross_fit:  # only worth running when the held-out images kept a state
+        cf = cross_fitted_drop(model, x, y, lambda: make_purifier(method, **params), evidence=evidence,
+                               folds=cross_fit, seed=seed) if est.ok_ else None
+        details["cross_fitted"] = None if cf is None else cf.as_dict() | {"summary": cf.summary()}
     if online:
         details["online_note"] = ("the profile's checks as calibrated on the original model, applied to the "
                                   "purified one unchanged (rescan before serving the purified model)")
@@ -200,16 +197,6 @@ def rescan_watch(profile, labels: Iterable[int]) -> list[int]:
     ``labels``. A key optimised on the attacked weights still aims at them, and the purified model's own scan
     rarely names them (docs/benchmarks.md, 'The rescan watching the original target')."""
     return sorted(set(profile.watched_labels()) | {int(s) for s in labels})
-
-
-def resolution_note(held_out: int, max_drop: float) -> str | None:
-    """A warning when the held-out images are too few to resolve the bound: one image's share of them is
-    at least half of ``max_drop`` (with 50 held-out images one image is 2 points)."""
-    if held_out <= 0 or 1 / held_out < max_drop / 2:
-        return None
-    return (f"{held_out} held-out images measure the accuracy drop in steps of {100 / held_out:.1f} points "
-            f"against a bound of {100 * max_drop:g}: the drop on unseen data can be several times larger; "
-            f"give more clean images (or a larger --holdout) for a bound that means what it says")
 
 
 def _max_or_none(values) -> float | None:

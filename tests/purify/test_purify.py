@@ -14,16 +14,7 @@ import torch
 from guard.data import load_npz
 from guard.demo.train import attack_success
 from guard.model import accuracy, fingerprint, load_model
-from guard.profile import Profile
 from guard.purify import Evidence, FinePruning, NCUnlearning
-
-
-@pytest.fixture(scope="module")
-def demo(badnets_world, badnets_profile):
-    model = load_model(badnets_world.model_file, badnets_world.weights)
-    x, y = load_npz(badnets_world.clean)
-    xh, yh = load_npz(badnets_world.holdout)
-    return model, x, y, xh, yh, Profile.load(badnets_profile), badnets_world.attack
 
 
 def test_unlearning_removes_the_true_trigger(demo):
