@@ -450,6 +450,7 @@ class _MemoryJSON(BaseModel):
     coarse: _Positive | None = None
     threshold: float
     energy_threshold: float | None = None
+    floor_threshold: float | None = None
     fpr: _Fpr
 
 

@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
         energy = m.get("energy_threshold") or float("inf")  # absent in profiles from before the energy
         matches = m.get("matches") or 1  # absent in profiles from before it: one match
         bands = "pixels" if not m.get("coarse") else f"pixels and {m['coarse']}x{m['coarse']}-pooled"
+        floor = m.get("floor_threshold")  # absent in profiles from before the noise floor
+        floor = f" or its noise floor over {floor:.3g}" if floor is not None else ""
         print(f"trigger memory: watches {watch} at fpr {m['fpr']:g}, remembers {m['size']} queries "
               f"(repeated_trigger: {matches} of them over {m['threshold']:.3g} in the residual of {bands}, "
-              f"residual_noise over {energy:.3g})")
+              f"residual_noise: its RMS over {energy:.3g}{floor})")
     else:
         print("trigger memory: off")
     if profile.trajectory is not None:

@@ -22,9 +22,12 @@ compared and can be rejected, so the clean traffic of other labels pays no false
 An attacker who knows this adds fresh noise to every query, so that what its queries share drowns in
 what they do not. To drown the trigger's residual the noise must be as strong in the same band, and
 clean images are smooth there: so a watched query whose residual is stronger than clean images' is
-rejected as well (``energy``: the residual's root mean square, calibrated on clean images). On the
-bench's Adap-Blend key the similarity catches the queries up to noise of +-0.125 and the energy from
-+-0.125 on; a fainter key leaves a gap between the two (docs/benchmarks.md, 'Adaptive attackers').
+rejected as well (``energy``: the residual's root mean square, calibrated on clean images). Clean images'
+RMS has a long tail (their edges and texture), so strong noise also raises the residual's *floor* (``floor``:
+its median absolute value, which edges do not move), calibrated the same way; a watched query is rejected when
+either is over its threshold. On the bench's Adap-Blend key the similarity catches the queries up to noise of
++-0.125 and the energy from +-0.125 on; a fainter key leaves a gap between the two (docs/benchmarks.md,
+'Adaptive attackers').
 
 An attacker who knows the residual smooths its key out of it (a key smooth over 3 x 3 pixels leaves the
 residual alone). So the memory has a second band (``coarse``, default 2): the same memory, with positions
@@ -40,8 +43,8 @@ remembered queries. It is per process: a serving worker remembers its own share 
 
 The residual is read at ``n_features`` pixel-channel positions drawn from ``seed`` when the memory is
 fitted (a deployment's secret: an attacker without the profile cannot tell which pixels are compared).
-``infer_threshold`` sets the thresholds of the similarity and of the energy that each let half of ``fpr``
-of clean queries through: the similarity's from every pair of the clean images (how often two clean images
+``infer_threshold`` sets the thresholds of the similarity (half of ``fpr`` of clean queries through) and of the
+energy and the floor (a quarter each): the similarity's from every pair of the clean images (how often two clean images
 match, and so how often a clean query matches ``matches`` of ``size`` remembered ones) and from a replay of
 them against a memory of other clean images, whichever is higher.
 
@@ -67,6 +70,14 @@ from guard import _numba
 
 MAX_FEATURES = 131072
 """The most positions a memory compares: two int8 rows' product is summed in int32 (127 * 127 * 131072 < 2 ** 31)."""
+
+FLOOR_STRIDE = 6
+"""Every this many of the drawn positions give the residual's noise floor (:meth:`TriggerMemory.floor`): 256 of the
+default 1536, spread over the image, enough for a median."""
+
+MIN_FLOOR_THRESHOLD = 1 / 255
+"""The noise floor's threshold is at least one 8-bit step: clean images that are flat almost everywhere (synthetic
+renders, scans) have a floor of 0, and a threshold of 0 would reject any query with the least noise."""
 
 PAIR_IMAGES = 3000
 """Calibration images whose pairs :meth:`TriggerMemory.infer_threshold` measures (evenly spaced past that:
@@ -228,29 +239,44 @@ if _numba.njit is not None:
         return q, scale
 
     @_numba.compiled(nogil=True, fastmath=True)
+    def _floor_kernel(res):  # pragma: no cover - compiled
+        n, f = res.shape
+        out = np.empty(n, np.float32)
+        sub = np.empty((f + FLOOR_STRIDE - 1) // FLOOR_STRIDE, np.float32)
+        for k in range(n):
+            mean = np.float32(res[k].mean())
+            for i in range(sub.shape[0]):
+                sub[i] = abs(res[k, i * FLOOR_STRIDE] - mean)
+            out[k] = np.median(sub)
+        return out
+
+    @_numba.compiled(nogil=True, fastmath=True)
     def _unit_rows_kernel(flat, index, neighbours, c, h, w):  # pragma: no cover - compiled
         res, pooled = _rows_kernel(flat, index, neighbours, c, h, w)
+        floor = _floor_kernel(res)
         unit_res, norms = _unit_kernel(res)
         unit_pooled, _ = _unit_kernel(pooled)
         q, scale = _quantize_kernel(unit_res)
-        return q, scale, unit_pooled, norms / np.float32(np.sqrt(res.shape[1]))
+        return q, scale, unit_pooled, norms / np.float32(np.sqrt(res.shape[1])), floor
 
     def _unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """:func:`_numpy_unit_rows` in one compiled call."""
         return _unit_rows_kernel(np.ascontiguousarray(flat), index, neighbours, *shape)
 
     @_numba.compiled(nogil=True, fastmath=True)
     def _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_scale, mem_content, ring, duplicate,
-                      matches):  # pragma: no cover - compiled
-        res, scale, content, energy = _unit_rows_kernel(flat, index, neighbours, c, h, w)
+                      matches, floor_scale):  # pragma: no cover - compiled
+        res, scale, content, energy, floor = _unit_rows_kernel(flat, index, neighbours, c, h, w)
         size = mem_res.shape[0]
         sim = np.zeros(res.shape[0], np.float32)
         for i in range(res.shape[0]):
             filled, nxt = ring[0], ring[1]
             if not watch[i]:
                 energy[i] = np.float32(0.0)
-            elif filled > 0:
+            else:  # the residual's strength as scored: its RMS, or its noise floor in the RMS threshold's units
+                energy[i] = max(energy[i], floor[i] * floor_scale)
+            if watch[i] and filled > 0:
                 sim[i] = _against_kernel(res[i:i + 1], scale[i:i + 1], content[i:i + 1], mem_res[:filled],
                                          mem_scale[:filled], mem_content[:filled], duplicate, matches)[0]
             mem_res[nxt] = res[i]
@@ -296,13 +322,13 @@ if _numba.njit is not None:
     @_numba.compiled(nogil=True, fastmath=True)
     def _check_bands_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_scale, mem_content, ring,
                             coarse_index, coarse_neighbours, factor, coarse_res, coarse_scale, coarse_content,
-                            coarse_ring, duplicate, matches):  # pragma: no cover - compiled
+                            coarse_ring, duplicate, matches, floor_scale):  # pragma: no cover - compiled
         sim, energy = _check_kernel(flat, index, neighbours, c, h, w, watch, mem_res, mem_scale, mem_content, ring,
-                                    duplicate, matches)
+                                    duplicate, matches, floor_scale)
         n, ho, wo = flat.shape[0], h // factor, w // factor
         pooled = _pool_kernel(flat.reshape(n, c, h, w), factor).reshape(n, c * ho * wo)
         coarse, _ = _check_kernel(pooled, coarse_index, coarse_neighbours, c, ho, wo, watch, coarse_res,
-                                  coarse_scale, coarse_content, coarse_ring, duplicate, matches)
+                                  coarse_scale, coarse_content, coarse_ring, duplicate, matches, np.float32(0.0))
         for i in range(n):
             sim[i] = max(sim[i], coarse[i])
         return sim, energy
@@ -376,13 +402,20 @@ def _dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[:, None]
 
 
+def _numpy_floor(res: np.ndarray) -> np.ndarray:
+    """``(N,)`` each residual row's noise floor: the median absolute value of the centred residual at every
+    :data:`FLOOR_STRIDE`-th position."""
+    centred = res - res.mean(1, keepdims=True, dtype=np.float32)
+    return np.median(np.abs(centred[:, ::FLOOR_STRIDE]), axis=1).astype(np.float32)
+
+
 def _numpy_unit_rows(flat: np.ndarray, index: np.ndarray, neighbours: np.ndarray, shape: tuple[int, int, int]
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The unit residual rows quantised (int8 and a scale per row), the unit pooled-content rows and each
-    residual's root mean square."""
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The unit residual rows quantised (int8 and a scale per row), the unit pooled-content rows, each
+    residual's root mean square and its noise floor (:func:`_numpy_floor`)."""
     res, pooled = _raw_rows(flat, index, neighbours, shape)
     (unit_res, norms), (unit_pooled, _) = _unit(res), _unit(pooled)
-    return (*_numpy_quantize(unit_res), unit_pooled, norms / np.float32(np.sqrt(res.shape[1])))
+    return (*_numpy_quantize(unit_res), unit_pooled, norms / np.float32(np.sqrt(res.shape[1])), _numpy_floor(res))
 
 
 if _numba.njit is None:  # pragma: no cover - without numba
@@ -417,8 +450,8 @@ class TriggerMemory:
         3 pixels have no second band). Learned: ``coarse_``, the second band's memory (seed ``seed + 1``).
 
     Learned: ``index_`` (the positions, flat in ``(C, H, W)``), ``neighbours_`` (their 3 x 3 neighbourhoods,
-    flat in ``(C, H, W)``, edges replicated), ``threshold_`` (the similarity's), ``energy_threshold_`` and
-    ``fpr_`` (both together).
+    flat in ``(C, H, W)``, edges replicated), ``threshold_`` (the similarity's), ``energy_threshold_``,
+    ``floor_threshold_`` and ``fpr_`` (all together).
     """
 
     def __init__(self, *, size: int = 256, n_features: int = 1536, duplicate: float = 0.98, seed: int = 0,
@@ -447,7 +480,8 @@ class TriggerMemory:
         self.neighbours_ = np.ravel_multi_index((ch[:, None], np.clip(i[:, None] + di.ravel(), 0, h - 1),
                                                  np.clip(j[:, None] + dj.ravel(), 0, w - 1)), (c, h, w))
         self._shape = (c, h, w)
-        for stale in ("threshold_", "energy_threshold_", "fpr_"):  # thresholds from before this fit no longer hold
+        # thresholds from before this fit no longer hold
+        for stale in ("threshold_", "energy_threshold_", "floor_threshold_", "fpr_"):
             self.__dict__.pop(stale, None)
         self.coarse_ = None  # the second band: the same memory on images pooled by `coarse`
         if self.coarse is not None and min(h, w) // self.coarse >= 3:
@@ -480,13 +514,32 @@ class TriggerMemory:
     def _rows(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self._rows_energy(x)[:3]
 
-    def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _rows_energy(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
         return _unit_rows(flat, self.index_, self.neighbours_, self._shape)
 
     def energy(self, x: np.ndarray) -> np.ndarray:
         """``(N,)`` the root mean square of each input's centred residual at the drawn positions."""
         return self._rows_energy(x)[3]
+
+    def floor(self, x: np.ndarray) -> np.ndarray:
+        """``(N,)`` each input's noise floor: the median absolute centred residual at every
+        :data:`FLOOR_STRIDE`-th drawn position. Edges and texture raise the root mean square of a clean image's
+        residual but not its median; noise spread over the whole image raises both."""
+        return self._rows_energy(x)[4]
+
+    def residual_noise(self, x: np.ndarray) -> np.ndarray:
+        """``(N,)`` the energy as :meth:`check` scores it: the larger of :meth:`energy` and :meth:`floor` scaled
+        into the energy threshold's units (``energy_threshold_ / floor_threshold_``)."""
+        rows = self._rows_energy(x)
+        return np.maximum(rows[3], rows[4] * self._floor_scale)
+
+    @property
+    def _floor_scale(self) -> np.float32:
+        """``energy_threshold_ / floor_threshold_``: a floor over its threshold scores over the energy's (0 for a
+        memory calibrated before the floor, or without an energy threshold)."""
+        e, f = getattr(self, "energy_threshold_", np.inf), getattr(self, "floor_threshold_", np.inf)
+        return np.float32(e / f if np.isfinite(e) and np.isfinite(f) and f > 0 else 0.0)
 
     def watched(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """``(n,)`` which inputs, predicted ``labels``, the memory compares (all when it watches every label)."""
@@ -553,8 +606,8 @@ class TriggerMemory:
         return self.check(x, labels)[0]
 
     def check(self, x: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`observe`'s similarities (the larger of the two bands') and each watched input's :meth:`energy`
-        (0 where not watched)."""
+        """:meth:`observe`'s similarities (the larger of the two bands') and each watched input's
+        :meth:`residual_noise` (0 where not watched)."""
         watch = self.watched(labels, len(x))
         if _numba.njit is not None:  # rows, comparisons, the pooling and the ring buffers in one compiled call
             flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
@@ -562,10 +615,11 @@ class TriggerMemory:
                     self._ring)
             with self._lock:
                 if self.coarse_ is None:
-                    return _check_kernel(flat, *band, np.float32(self.duplicate), self.matches)
+                    return _check_kernel(flat, *band, np.float32(self.duplicate), self.matches, self._floor_scale)
                 c = self.coarse_
                 return _check_bands_kernel(flat, *band, c.index_, c.neighbours_, self.coarse, c._res, c._scale,
-                                           c._content, c._ring, np.float32(self.duplicate), self.matches)
+                                           c._content, c._ring, np.float32(self.duplicate), self.matches,
+                                           self._floor_scale)
         sim, energy = self._numpy_check(x, watch)
         if self.coarse_ is not None:
             sim = np.maximum(sim, self.coarse_._numpy_check(_pool(x, self.coarse), watch)[0])
@@ -573,7 +627,8 @@ class TriggerMemory:
 
     def _numpy_check(self, x: np.ndarray, watch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """This band's :meth:`check` without numba: each input scored against the memory, then remembered."""
-        res, scale, content, energy = self._rows_energy(x)
+        res, scale, content, energy, floor = self._rows_energy(x)
+        energy = np.maximum(energy, floor * self._floor_scale)
         out = np.zeros(len(res), dtype=np.float32)
         with self._lock:
             for i in range(len(res)):
@@ -586,7 +641,7 @@ class TriggerMemory:
 
     def hits(self, similarity: np.ndarray, energy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Which inputs :meth:`check` found repeating a remembered query's residual, and which had a
-        residual stronger than clean images'."""
+        residual stronger than clean images' (its RMS, or its noise floor: :meth:`residual_noise`)."""
         return similarity > self.threshold_, energy > self.energy_threshold_
 
     SETTINGS = ("size", "n_features", "duplicate", "seed", "labels", "matches", "coarse")
@@ -598,7 +653,7 @@ class TriggerMemory:
         labels = None if self.labels is None else list(self.labels)
         return {k: getattr(self, k) for k in self.SETTINGS} | {
             "labels": labels, "threshold": self.threshold_, "energy_threshold": self.energy_threshold_,
-            "fpr": self.fpr_}
+            "floor_threshold": self.floor_threshold_, "fpr": self.fpr_}
 
     @classmethod
     def from_settings(cls, settings: dict, input_shape: tuple[int, ...]) -> TriggerMemory:
@@ -612,6 +667,8 @@ class TriggerMemory:
         mem.threshold_, mem.fpr_ = float(settings["threshold"]), float(settings["fpr"])
         energy = settings.get("energy_threshold")  # absent in profiles from before the energy: no such check
         mem.energy_threshold_ = float("inf") if energy is None else float(energy)
+        floor = settings.get("floor_threshold")  # absent in profiles from before the noise floor: the RMS alone
+        mem.floor_threshold_ = float("inf") if floor is None else float(floor)
         return mem
 
     @classmethod
@@ -623,7 +680,8 @@ class TriggerMemory:
 
     def infer_threshold(self, x: np.ndarray, *, fpr: float) -> TriggerMemory:
         """Calibrate on clean ``x``: the similarity's threshold lets half of ``fpr`` of clean queries through,
-        the energy's the other half (of the watched queries: the labels share the thresholds).
+        the energy's and the noise floor's a quarter each (of the watched queries: the labels share the
+        thresholds).
 
         The similarity's threshold is the larger of two estimates: the replay (each image's score against a
         memory of the ``size`` other clean images before it) and :func:`pair_threshold` on every distinct pair
@@ -633,8 +691,9 @@ class TriggerMemory:
         calibrated on 200 glyph images by replay alone, one match at 0.05% rejected 6.6% of held-out clean
         queries (docs/benchmarks.md, 'The trigger memory's calibration'). With the second band each band's
         pairs get half of the similarity's share, and the replay scores the larger of the two bands'. The
-        energy's threshold extrapolates its tail where ``x`` cannot resolve its quantile
-        (:func:`guard.stats.tail_threshold`). The memory is empty afterwards."""
+        energy's and the floor's thresholds extrapolate their tails where ``x`` cannot resolve the quantile
+        (:func:`guard.stats.tail_threshold`); the floor's is at least :data:`MIN_FLOOR_THRESHOLD`. The memory is
+        empty afterwards."""
         from guard.stats import tail_threshold, upper_threshold
 
         need = max(2, self.matches + 1)
@@ -644,14 +703,17 @@ class TriggerMemory:
         calibrated = [band._calibration(xb, fpr / 2 / len(bands)) for band, xb in bands]
         replayed = np.max([scores for scores, _, _ in calibrated], axis=0)  # a query's score: the larger band's
         self.threshold_ = max(float(upper_threshold(replayed, fpr / 2)), *(pair for _, pair, _ in calibrated))
-        self.energy_threshold_ = tail_threshold(calibrated[0][2], fpr / 2)  # the pixel band's; a far quantile
+        energy, floor = calibrated[0][2]  # the pixel band's; far quantiles, a quarter of the FPR each
+        self.energy_threshold_ = tail_threshold(energy, fpr / 4)
+        self.floor_threshold_ = max(tail_threshold(floor, fpr / 4), MIN_FLOOR_THRESHOLD)
         self.fpr_ = float(fpr)
         self.reset()
         return self
 
-    def _calibration(self, x: np.ndarray, alpha: float) -> tuple[np.ndarray, float, np.ndarray]:
-        """This band's replay scores of clean ``x``, its :func:`pair_threshold` at ``alpha`` and ``x``'s energy."""
-        res, scale, content, energy = self._rows_energy(x)
+    def _calibration(self, x: np.ndarray, alpha: float) -> tuple[np.ndarray, float, tuple[np.ndarray, np.ndarray]]:
+        """This band's replay scores of clean ``x``, its :func:`pair_threshold` at ``alpha`` and ``x``'s energy and
+        noise floor."""
+        res, scale, content, energy, floor = self._rows_energy(x)
         n = len(res)
         scores = np.empty(n, dtype=np.float32)
         for i in range(n):  # the memory: the `size` images before i (wrapping round), never i itself
@@ -662,4 +724,4 @@ class TriggerMemory:
         upper = np.triu_indices(len(pick), 1)
         rows = _dequantize(res[pick], scale[pick])
         sim, same = (rows @ rows.T)[upper], (content[pick] @ content[pick].T)[upper] > self.duplicate
-        return scores, pair_threshold(sim[~same], size=self.size, matches=self.matches, alpha=alpha), energy
+        return scores, pair_threshold(sim[~same], size=self.size, matches=self.matches, alpha=alpha), (energy, floor)

@@ -205,6 +205,9 @@ def test_the_compiled_rows_match_numpy(n_features):
         np.testing.assert_allclose(got, want, atol=1e-5)
         for a, b in zip(memory._unit(got), memory._numpy_unit(want)):
             np.testing.assert_allclose(a, b, atol=1e-4)
+    compiled, plain = (f(flat, mem.index_, mem.neighbours_, mem._shape)[4]
+                       for f in (memory._unit_rows, memory._numpy_unit_rows))
+    np.testing.assert_allclose(compiled, plain, atol=1e-5)  # the noise floor
 
 
 def test_the_default_scan_watches_its_suspect_labels(demo_world, demo_profile):
@@ -255,6 +258,34 @@ def test_fresh_noise_on_a_repeated_key_does_not_hide_it(traffic, amplitude, by_s
     assert older.energy_threshold_ == float("inf") and older.matches == 1 and older.coarse_ is None, "older"
 
 
+@pytest.mark.parametrize("amplitude", [0.1, 0.15, 0.2])
+def test_the_noise_floor_sees_fresh_noise_that_hides_a_smooth_key(traffic, amplitude):
+    """A key smooth at the pixel scale (the kind that evades the similarity; cells of 3 pixels at opacity 0.33)
+    under fresh uniform noise on every query: the noise drowns what the queries share, and the residual's
+    root mean square stays under clean images' (their edges make its tail long), but its median does not.
+    Measured: the floor catches 98% / 100% / 100% at +-0.1 / +-0.15 / +-0.2 where the RMS alone catches none;
+    the floor's threshold lets 0.07% of 3000 held-out glyphs over (its share: a quarter of 1%)."""
+    import torch.nn.functional as F
+
+    mem = _memory(traffic)
+    assert np.isfinite(mem.floor_threshold_) and mem.to_settings()["floor_threshold"] == mem.floor_threshold_
+    cells = torch.from_numpy(np.random.default_rng(3).random((1, 3, 10, 10), dtype=np.float32))
+    key = F.interpolate(cells, size=(32, 32), mode="bilinear", align_corners=False)[0].numpy()
+    noise = np.random.default_rng(4).uniform(-amplitude, amplitude, (100, *traffic.shape[1:]))
+    t = np.clip(0.67 * traffic[600:700] + 0.33 * key + noise, 0, 1).astype(np.float32)
+    mem.update(traffic[300:553])
+    repeated, noisy = mem.hits(*mem.check(t))
+    assert noisy.mean() >= 0.9 and (repeated | noisy)[3:].mean() >= 0.95
+    assert (mem.energy(t) > mem.energy_threshold_).mean() <= 0.1  # the RMS alone: under the clean tail
+    np.testing.assert_allclose(mem.residual_noise(t), np.maximum(mem.energy(t), mem.floor(t) * mem._floor_scale),
+                               rtol=1e-6)
+    held, _ = glyphs(1500, seed=900)
+    assert (mem.floor(held) > mem.floor_threshold_).mean() <= 0.01
+    older = TriggerMemory.from_settings({k: v for k, v in mem.to_settings().items() if k != "floor_threshold"},
+                                        t.shape[1:])
+    assert older.floor_threshold_ == float("inf") and older._floor_scale == 0  # a profile from before: RMS alone
+
+
 def test_a_scan_that_suspects_nothing_watches_every_label_at_a_tenth_of_the_fpr(clean_scan):
     """A blend-like backdoor's target can escape Neural Cleanse, so the default memory still watches: every
     label, at a tenth of the profile's FPR, which costs about what one suspect label of ten does."""
@@ -274,10 +305,17 @@ def test_check_matches_comparing_each_query_then_remembering_it(matches):
     x[10:] = 0.3 * x[10:] + 0.7 * rng.random((1, 3, 12, 12), dtype=np.float32)  # a shared key from query 10 on
     labels = rng.integers(0, 3, size=30)
     mem = TriggerMemory(size=8, n_features=200, labels=[1, 2], matches=matches, coarse=None).fit(x)
+    q, scale, content, energy, floor = memory._numpy_unit_rows(x.reshape(30, -1), mem.index_, mem.neighbours_,
+                                                               mem._shape)
+    # the energy as scored: the RMS or the noise floor in the RMS threshold's units (energy_threshold_ /
+    # floor_threshold_), here set so that the floor wins on about half of the queries
     mem.threshold_, mem.energy_threshold_, mem.fpr_ = 0.5, 1.0, 0.01
-    q, scale, content, energy = memory._numpy_unit_rows(x.reshape(30, -1), mem.index_, mem.neighbours_, mem._shape)
+    mem.floor_threshold_ = float(np.median(floor / energy))
+    ratio = 1.0 / mem.floor_threshold_
+    want_energy = np.where(labels > 0, np.maximum(energy, ratio * floor), 0.0)
+    assert (ratio * floor > energy).any() and (ratio * floor < energy).any()  # both sides of the max are exercised
     res = memory._dequantize(q, scale)
-    want_sim, want_energy = np.zeros(30, np.float32), np.where(labels > 0, energy, 0.0)
+    want_sim = np.zeros(30, np.float32)
     for i in range(30):
         lo = max(0, i - 8)
         if labels[i] > 0 and i > 0:
@@ -379,7 +417,7 @@ def test_the_remembered_rows_are_int8_and_their_similarity_is_the_cosine(traffic
     unit = raw / np.linalg.norm(raw, axis=1, keepdims=True)
     want = unit[1:] @ unit[0]
     np.testing.assert_allclose(mem.score(traffic[1:6]), want, atol=2e-3)
-    q, scale, _, _ = memory._numpy_unit_rows(traffic[:6].reshape(6, -1), mem.index_, mem.neighbours_, mem._shape)
+    q, scale, *_ = memory._numpy_unit_rows(traffic[:6].reshape(6, -1), mem.index_, mem.neighbours_, mem._shape)
     assert np.abs(q).max() == 127 and np.abs(memory._dequantize(q, scale) - unit).max() < 2e-3
 
 
