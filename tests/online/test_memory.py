@@ -213,8 +213,8 @@ def test_the_compiled_rows_match_numpy(n_features):
 def test_the_default_scan_watches_its_suspect_labels(demo_world, demo_profile):
     """``guard scan``'s default memory watches exactly the labels the scan suspects: the demo's target. Its
     triggered queries repeat the trigger and match from the second on (67% of the demo's small patch queries
-    here, at half the FPR each for the similarity and the energy; the per-input checks stop all of them
-    anyway); clean queries of other labels are never compared."""
+    here, at half the FPR for the similarity and a quarter each for the energy's RMS and floor; the per-input
+    checks stop all of them anyway); clean queries of other labels are never compared."""
     from guard import load_model
     from guard.data import load_npz
     from guard.online import Guard
