@@ -61,6 +61,7 @@ True
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterable
 
@@ -538,8 +539,8 @@ class TriggerMemory:
     def _floor_scale(self) -> np.float32:
         """``energy_threshold_ / floor_threshold_``: a floor over its threshold scores over the energy's (0 for a
         memory calibrated before the floor, or without an energy threshold)."""
-        e, f = getattr(self, "energy_threshold_", np.inf), getattr(self, "floor_threshold_", np.inf)
-        return np.float32(e / f if np.isfinite(e) and np.isfinite(f) and f > 0 else 0.0)
+        e, f = getattr(self, "energy_threshold_", math.inf), getattr(self, "floor_threshold_", math.inf)
+        return np.float32(e / f if math.isfinite(e) and math.isfinite(f) and f > 0 else 0.0)  # on every check
 
     def watched(self, labels: np.ndarray | None, n: int) -> np.ndarray:
         """``(n,)`` which inputs, predicted ``labels``, the memory compares (all when it watches every label)."""
