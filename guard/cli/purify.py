@@ -24,7 +24,8 @@ the repair went: a purified model that relapses as far as the original one was r
 the online checks' rejection of held-out images stamped with them, and a rescan's verdict and anomaly
 index. Writes a state_dict that loads into the original model file.
 Exit 0 when purified within the bound and the rescan is clean, 1 when the purification was refused
-(over the bound) or a backdoor is still suspected, 2 on bad input."""
+(over the bound) or a backdoor is still suspected (the rescan's verdict, or the reversed triggers still
+reaching their label on half the held-out images or more, rescanned or not), 2 on bad input."""
 
 from __future__ import annotations
 
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
     drop = 100 * table["details"]["accuracy_drop"]
     watch = table["details"]["rescan_watch"]
     if args.json:
-        print_json({"method": args.method, "out": str(out) if result.ok else None, "rescan_watch": watch, **table})
+        print_json({"method": args.method, "out": str(out) if result.ok else None, "rescan_watch": watch,
+                    "still_suspected": result.suspicions(), **table})
     else:
         print(result.format_table())
         print(evidence_line(table["details"].get("evidence") or {}))
@@ -152,7 +154,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"guard {args.command}: refused: {why}; nothing written (more clean images or another "
               f"--method may help)", file=sys.stderr)
         return 1
-    return 1 if table["after"]["verdict"] == "backdoored" else 0
+    suspected = result.suspicions()
+    if suspected:
+        print(f"guard {args.command}: backdoor still suspected: {'; '.join(suspected)} (serve neither model; "
+              "another --method or more clean images may help)", file=sys.stderr)
+        return 1
+    if args.no_rescan and not args.json:
+        print("note: not rescanned (--no-rescan): exit 0 rests on the reversed triggers and the held-out images "
+              "alone")
+    return 0
 
 
 def evidence_line(ev: dict) -> str:

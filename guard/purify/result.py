@@ -7,6 +7,12 @@ import torch
 
 from guard.errors import InputError
 
+STILL_SUCCEEDS = 0.5
+"""A purified model on which the reversed triggers (where they were found or pasted anywhere) still turn at
+least this share of the held-out images to their label is still suspected, whatever the rescan says or when
+it did not run: the repair missed even the trigger it was shown. Repairs that worked leave them at a few
+percent (docs/benchmarks.md, Purification), so half is far from either."""
+
 
 class PurifyResult:
     """Before/after figures of a purification on the held-out clean images, and the purified weights.
@@ -22,6 +28,23 @@ class PurifyResult:
         self.after = after
         self.state_dict = state_dict
         self.details = details
+
+    def suspicions(self) -> list[str]:
+        """Why the purified model is still suspected of a backdoor, one readable reason each (empty: nothing
+        the purification measured says so): the rescan's verdict, and the reversed triggers' success after
+        at or over :data:`STILL_SUCCEEDS`. Empty when nothing was kept (``ok`` false: nothing is written)."""
+        if not self.ok:
+            return []
+        a, why = self.after, []
+        if a.get("verdict") == "backdoored":
+            why.append(f"the rescan suspects label(s) {a.get('suspect_labels') or []}")
+        for key, where in (("attack_success", "where they were found"),
+                           ("attack_success_anywhere", "pasted anywhere")):
+            v = a.get(key)
+            if v is not None and v >= STILL_SUCCEEDS:
+                why.append(f"the reversed triggers {where} still reach their label on {100 * v:.1f}% of the "
+                           f"held-out images")
+        return why
 
     def table(self) -> dict:
         return {"ok": self.ok, "before": self.before, "after": self.after, "details": self.details}

@@ -153,6 +153,11 @@ def test_purify_cli_prints_the_table_and_the_rescan_to_run(badnets_world, badnet
         assert "after one poisoned re-tuning epoch" in proc.stdout and f"written to {out}" in proc.stdout
         rescan = [line for line in proc.stdout.splitlines() if line.startswith("rescan before serving")]
         assert len(rescan) == 1 and f"--weights {out}" in rescan[0] and rescan[0].endswith("--watch 6")
+        # not rescanned: the exit code still follows the reversed triggers (fine-pruning without its tuning
+        # epochs leaves them at 96%), and an exit 0 says what it rests on
+        suspected = "backdoor still suspected" in proc.stderr
+        assert proc.returncode == (1 if suspected else 0), proc.stderr[-2000:]
+        assert suspected or "not rescanned (--no-rescan)" in proc.stdout
     else:
         assert "refused" in proc.stderr
 
