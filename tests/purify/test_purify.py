@@ -91,6 +91,7 @@ def test_purify_cli_default_50_per_class_removes_the_real_trigger(badnets_world,
     table = json.loads(proc.stdout)
     before, after, details = table["before"], table["after"], table["details"]
     assert table["ok"] is True and table["method"] == "auto"
+    assert table["still_suspected"] == []  # exit 0: nothing the purification measured suspects it
     assert table["rescan_watch"] == [6]  # what the rescan's memory should keep watching (guard scan --watch)
     assert set(details["auto"]) == {"combined", "bn-tune"}  # DemoNet has no BatchNorm: rnp not tried
     for side in (before, after):
