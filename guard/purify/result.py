@@ -11,7 +11,9 @@ STILL_SUCCEEDS = 0.5
 """A purified model on which the reversed triggers (where they were found or pasted anywhere) still turn at
 least this share of the held-out images to their label is still suspected, whatever the rescan says or when
 it did not run: the repair missed even the trigger it was shown. Repairs that worked leave them at a few
-percent (docs/benchmarks.md, Purification), so half is far from either."""
+percent, and states that kept the backdoor at most of the images (86.7% on a DemoNet subset in
+docs/benchmarks.md, Purification; 95.6% after fine-pruning without its tuning in tests/purify): half sits
+well between the two."""
 
 
 class PurifyResult:
