@@ -122,9 +122,10 @@ def run(args: argparse.Namespace) -> int:
     table = result.table()
     drop = 100 * table["details"]["accuracy_drop"]
     watch = table["details"]["rescan_watch"]
+    suspected = result.suspicions()
     if args.json:
         print_json({"method": args.method, "out": str(out) if result.ok else None, "rescan_watch": watch,
-                    "still_suspected": result.suspicions(), **table})
+                    "still_suspected": suspected, **table})
     else:
         print(result.format_table())
         print(evidence_line(table["details"].get("evidence") or {}))
@@ -154,7 +155,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"guard {args.command}: refused: {why}; nothing written (more clean images or another "
               f"--method may help)", file=sys.stderr)
         return 1
-    suspected = result.suspicions()
     if suspected:
         print(f"guard {args.command}: backdoor still suspected: {'; '.join(suspected)} (serve neither model; "
               "another --method or more clean images may help)", file=sys.stderr)
